@@ -1,0 +1,287 @@
+"""YAML + ``${ENV}`` secrets → validated, frozen settings.
+
+Every error is a :class:`ConfigError` whose message names the file and the key, on one line.
+Each source type validates its own block (see ``digest.sources.registry``); the provider block
+is validated here because every provider shares its shape.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from digest.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+PROVIDERS = ("outbox", "postmark", "sendgrid", "mailgun", "ses", "resend", "smtp")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Newsletter(_Strict):
+    name: str = "Field Notes Digest"
+    from_: str = Field("Field Notes <digest@example.org>", alias="from")
+    reply_to: str | None = None
+    postal_address: str = "Field Notes, 12 Example Lane, Springfield"
+    public_url: str = "http://127.0.0.1:8080"
+    timezone: str = "UTC"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Paris)")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class Database(_Strict):
+    url: str = "sqlite:///digest.db"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not (value.startswith("sqlite") or value.startswith("postgresql")):
+            raise ValueError("must start with sqlite:/// or postgresql+psycopg://")
+        return value
+
+
+class Ranking(_Strict):
+    min_score: float = 0
+    per_essay: int = Field(3, ge=0)
+    max_comments: int = Field(12, ge=0)
+    min_words: int = Field(0, ge=0)
+    max_words: int = Field(400, ge=1)
+    one_per_author: bool = True
+
+
+class Approval(_Strict):
+    required: bool = True
+    approvers: tuple[str, ...] = ()
+    deadline: str = "24h"
+    on_deadline: Literal["skip", "approve"] = "skip"
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class DigestSettings(_Strict):
+    schedule: str = "0 7 * * mon"
+    collect_schedule: str = "0 * * * *"
+    send_schedule: str = "*/5 * * * *"
+    subject: str = "{name}: {first_title}"
+    intro: str = ""
+    approval: Approval = Approval()
+
+
+class Delivery(_Strict):
+    provider: Literal["outbox", "postmark", "sendgrid", "mailgun", "ses", "resend", "smtp"] = "outbox"
+    api_key: str | None = None
+    base_url: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    rate_per_second: float = Field(50, gt=0)
+    timeout: float = Field(30, gt=0)
+    max_retries: int = Field(5, ge=0)
+    outbox_dir: str = "outbox"
+    message_stream: str = "broadcast"
+
+    @model_validator(mode="after")
+    def _needs_key(self) -> Delivery:
+        if self.provider in ("postmark", "sendgrid", "mailgun", "resend") and not self.api_key:
+            raise ValueError(f"provider {self.provider} needs delivery.api_key")
+        return self
+
+
+class Web(_Strict):
+    listen: str = "127.0.0.1:8080"
+    secret_key: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port, got {value!r}")
+        return value
+
+
+class Settings(_Strict):
+    """The whole validated configuration."""
+
+    newsletter: Newsletter = Newsletter()
+    database: Database = Database()
+    templates: str | None = None
+    sources: tuple[dict[str, Any], ...] = ()
+    ranking: Ranking = Ranking()
+    digest: DigestSettings = DigestSettings()
+    delivery: Delivery = Delivery()
+    web: Web = Web()
+
+    # Where the config came from; relative paths resolve against its folder.
+    path: str | None = Field(None, exclude=True)
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        p = Path(value).expanduser()
+        if p.is_absolute() or self.path is None:
+            return p
+        return Path(self.path).parent / p
+
+
+def parse_duration(value: str) -> float:
+    """``90s``, ``30m``, ``24h``, ``2d`` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+    if not match:
+        raise ValueError(f"bad duration {value!r} (use e.g. 30m, 24h, 2d)")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def _substitute(node: Any, where: str, file: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute(v, f"{where}.{k}" if where else str(k), file) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, f"{where}[{i}]", file) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            value = os.environ.get(name)
+            if value is None or value == "":
+                if default is not None:
+                    return default
+                raise ConfigError(f"{file}: {where}: environment variable {name} is not set")
+            return value
+
+        return _ENV_RE.sub(repl, node)
+    return node
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out.replace("from_", "from")
+
+
+def _validation_message(exc: ValidationError, file: str) -> str:
+    err = exc.errors()[0]
+    loc = _loc(tuple(p for p in err["loc"] if p not in ("function-after",)))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{file}: {loc}: unknown key"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "missing":
+        msg = "required key is missing"
+    return f"{file}: {loc}: {msg}" if loc else f"{file}: {msg}"
+
+
+def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str | None = None) -> Settings:
+    """Validate a raw mapping (already parsed YAML) into :class:`Settings`."""
+    raw = dict(raw or {})
+    raw = _substitute(raw, "", file)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, file)) from exc
+    settings = settings.model_copy(update={"path": path})
+    _check_schedules(settings, file)
+    _check_sources(settings, file)
+    return settings
+
+
+def _check_schedules(settings: Settings, file: str) -> None:
+    from digest.scheduler import parse_cron
+
+    for key in ("schedule", "collect_schedule", "send_schedule"):
+        expr = getattr(settings.digest, key)
+        try:
+            parse_cron(expr, settings.newsletter.timezone)
+        except ValueError as exc:
+            raise ConfigError(f"{file}: digest.{key}: bad cron {expr!r}: {exc}") from exc
+
+
+def _check_sources(settings: Settings, file: str) -> None:
+    from digest.sources.registry import validate_source_block
+
+    names: set[str] = set()
+    for i, block in enumerate(settings.sources):
+        where = f"sources[{i}]"
+        if not isinstance(block, dict):
+            raise ConfigError(f"{file}: {where}: must be a mapping with name and type")
+        try:
+            validate_source_block(block)
+        except ValidationError as exc:
+            raise ConfigError(_validation_message(exc, file).replace(f"{file}: ", f"{file}: {where}.", 1)) from exc
+        except ValueError as exc:
+            raise ConfigError(f"{file}: {where}: {exc}") from exc
+        name = block["name"]
+        if name in names:
+            raise ConfigError(f"{file}: {where}.name: duplicate source name {name!r}")
+        names.add(name)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load ``path``, else ``$DIGEST_CONFIG``, else ``./config.yaml``, else the embedded defaults."""
+    explicit = path is not None or bool(os.environ.get("DIGEST_CONFIG"))
+    chosen = Path(path or os.environ.get("DIGEST_CONFIG") or DEFAULT_CONFIG_NAME)
+    if not chosen.exists():
+        if explicit:
+            raise ConfigError(f"{chosen}: config file not found", hint="run `digest init` to write one")
+        return defaults()
+    file = str(chosen)
+    try:
+        raw = yaml.safe_load(chosen.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of keys")
+    return from_dict(raw, file=file, path=str(chosen.resolve()))
+
+
+def defaults(workdir: str | os.PathLike[str] | None = None) -> Settings:
+    """The embedded defaults: SQLite in ``workdir``, the bundled sample, the outbox provider."""
+    from digest.sources.folder import SAMPLE_DIR
+
+    base = Path(workdir) if workdir is not None else Path.cwd()
+    raw: dict[str, Any] = {
+        "database": {"url": f"sqlite:///{base / 'digest.db'}"},
+        "sources": [{"name": "sample", "type": "folder", "path": str(SAMPLE_DIR)}],
+        "delivery": {"provider": "outbox", "outbox_dir": str(base / "outbox")},
+    }
+    return from_dict(raw, file="<embedded defaults>", path=str(base / DEFAULT_CONFIG_NAME))

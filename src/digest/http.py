@@ -1,0 +1,137 @@
+"""The only place a ``requests.Session`` is built: user agent, timeouts, size caps, retries.
+
+Sources call :func:`fetch` (bounded GET with conditional-GET validators); providers call
+:func:`build_session` and handle retries themselves through the sender, because only the
+send ledger knows whether a retry is safe.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from digest import __version__
+from digest.errors import SourceError
+
+USER_AGENT = f"digest/{__version__} (+https://github.com/digest-newsletter/digest; newsletter digest bot)"
+DEFAULT_TIMEOUT = (5.0, 30.0)  # connect, read
+MAX_BYTES = 10 * 1024 * 1024  # decompressed body cap
+MAX_REDIRECTS = 5
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def build_session(*, pool_size: int = 10, user_agent: str = USER_AGENT) -> requests.Session:
+    """A session with our user agent, a redirect cap and a connection pool of ``pool_size``."""
+    session = requests.Session()
+    session.headers["User-Agent"] = user_agent
+    session.max_redirects = MAX_REDIRECTS
+    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None, cap: float = 300.0) -> float | None:
+    """Parse a ``Retry-After`` header (seconds or an HTTP date), capped at ``cap`` seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), cap)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(delta, 0.0), cap)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A bounded HTTP GET's outcome."""
+
+    url: str
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    not_modified: bool = False
+    wire_bytes: int = 0
+
+    @property
+    def etag(self) -> str | None:
+        return self.headers.get("etag")
+
+    @property
+    def last_modified(self) -> str | None:
+        return self.headers.get("last-modified")
+
+
+def fetch(
+    session: requests.Session,
+    url: str,
+    *,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+    max_bytes: int = MAX_BYTES,
+    retries: int = 3,
+    backoff: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Fetched:
+    """GET ``url`` with conditional validators, a size cap, and retries on 429/5xx/network errors.
+
+    Raises :class:`SourceError` for anything that is not a 2xx or 304 after the retries.
+    """
+    request_headers = dict(headers or {})
+    if etag:
+        request_headers["If-None-Match"] = etag
+    if last_modified:
+        request_headers["If-Modified-Since"] = last_modified
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            response = session.get(url, headers=request_headers, timeout=timeout, stream=True)
+        except requests.TooManyRedirects as exc:
+            raise SourceError(f"{url}: more than {MAX_REDIRECTS} redirects") from exc
+        except requests.RequestException as exc:
+            if attempt <= retries:
+                sleep(backoff * 2 ** (attempt - 1))
+                continue
+            raise SourceError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        with response:
+            if response.status_code in RETRY_STATUSES and attempt <= retries:
+                wait = retry_after_seconds(response.headers.get("Retry-After"), cap=60.0)
+                sleep(wait if wait is not None else backoff * 2 ** (attempt - 1))
+                continue
+            lowered = {k.lower(): v for k, v in response.headers.items()}
+            if response.status_code == 304:
+                return Fetched(url=response.url, status=304, headers=lowered, not_modified=True)
+            if not 200 <= response.status_code < 300:
+                raise SourceError(f"{url}: HTTP {response.status_code}")
+            declared = lowered.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise SourceError(f"{url}: body of {declared} bytes is over the {max_bytes}-byte cap")
+            chunks: list[bytes] = []
+            size = 0
+            try:
+                for chunk in response.iter_content(65536):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise SourceError(f"{url}: body is over the {max_bytes}-byte cap")
+                    chunks.append(chunk)
+            except requests.RequestException as exc:
+                raise SourceError(f"{url}: {type(exc).__name__} while reading: {exc}") from exc
+            raw = response.raw
+            wire = int(getattr(raw, "tell", lambda: size)() or size)
+            return Fetched(url=response.url, status=response.status_code, body=b"".join(chunks),
+                           headers=lowered, wire_bytes=wire)

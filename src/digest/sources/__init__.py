@@ -1,0 +1,1 @@
+"""Sources: one module per site. ``fetch()`` does network, ``parse()`` is pure."""

@@ -1,0 +1,165 @@
+"""Frozen values that cross stage boundaries.
+
+Rows and dicts stay inside ``digest.store``; every other module speaks in these types.
+This module imports nothing else from ``digest``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+DraftStatus = Literal["pending_review", "approved", "sending", "sent", "rejected", "skipped", "failed"]
+LedgerStatus = Literal[
+    "pending", "claimed", "sent", "failed", "rejected", "invalid", "suppressed", "uncertain", "skipped"
+]
+ResultStatus = Literal["sent", "rejected", "invalid", "suppressed", "failed"]
+
+
+@dataclass(frozen=True)
+class Essay:
+    """One essay as a source reports it. ``key`` is stable across fetches (guid, else link)."""
+
+    source: str
+    key: str
+    url: str
+    title: str
+    html: str = ""
+    summary: str = ""
+    author: str = ""
+    published: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Comment:
+    """One reader comment on an essay.
+
+    ``score`` is the source's own rating (likes, points, reactions); ``None`` means the source
+    has none or hides it. ``position`` is the source's display order when it has no score.
+    """
+
+    source: str
+    essay_key: str
+    key: str
+    author: str
+    html: str
+    url: str = ""
+    score: float | None = None
+    published: datetime | None = None
+    parent_key: str | None = None
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceCursor:
+    """What a source remembers between fetches (conditional GET validators)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+@dataclass(frozen=True)
+class CollectResult:
+    """The outcome of collecting one source: items, the new cursor, or an error as a value."""
+
+    source: str
+    essays: tuple[Essay, ...] = ()
+    comments: tuple[Comment, ...] = ()
+    cursor: SourceCursor = SourceCursor()
+    not_modified: bool = False
+    error: str | None = None
+    bytes_read: int = 0
+
+
+@dataclass(frozen=True)
+class RankedComment:
+    """A comment chosen for a digest, with the score it was ranked by."""
+
+    comment: Comment
+    rank_score: float
+    words: int
+
+
+@dataclass(frozen=True)
+class DraftItem:
+    """One essay in a digest and the comments picked for it."""
+
+    essay: Essay
+    comments: tuple[RankedComment, ...] = ()
+    is_new: bool = True
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A composed digest. Once approved its content never changes."""
+
+    period_key: str
+    subject: str
+    intro: str
+    items: tuple[DraftItem, ...]
+    id: int | None = None
+    status: DraftStatus = "pending_review"
+    created_at: datetime | None = None
+    send_at: datetime | None = None
+    content_hash: str = ""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A subscriber as the sender sees one at claim time."""
+
+    subscriber_id: int
+    email: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    """A draft compiled once; ``personalize`` fills in the per-recipient parts."""
+
+    subject: str
+    html: str
+    text: str
+    preheader: str = ""
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One message for one recipient, ready for a provider."""
+
+    ledger_id: int
+    draft_id: int
+    to_email: str
+    to_name: str
+    from_addr: str
+    subject: str
+    html: str
+    text: str
+    headers: tuple[tuple[str, str], ...] = ()
+    reply_to: str | None = None
+    message_id: str = ""
+    tag: str = "digest"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The provider's verdict on one message."""
+
+    ledger_id: int
+    status: ResultStatus
+    provider_message_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    """Something a provider reported back about a message (bounce, complaint, delivery ...)."""
+
+    provider: str
+    event_id: str
+    event_type: str
+    email: str
+    occurred_at: datetime | None = None
+    ledger_id: int | None = None
+    detail: dict[str, str] = field(default_factory=dict)
