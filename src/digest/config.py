@@ -95,6 +95,7 @@ class DigestSettings(_Strict):
     schedule: str = "0 7 * * mon"
     collect_schedule: str = "0 * * * *"
     send_schedule: str = "*/5 * * * *"
+    max_essays: int = Field(10, ge=1)
     subject: str = "{name}: {first_title}"
     intro: str = ""
     approval: Approval = Approval()

@@ -42,7 +42,9 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None, cap: 
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isascii(): str.isdigit() is also true for "²" and other Unicode digits that float()
+    # rejects, and header values arrive decoded as Latin-1, so a hostile server can send one.
+    if value.isascii() and value.isdigit():
         return min(float(value), cap)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -119,7 +121,7 @@ def fetch(
             if not 200 <= response.status_code < 300:
                 raise SourceError(f"{url}: HTTP {response.status_code}")
             declared = lowered.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
+            if declared and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
                 raise SourceError(f"{url}: body of {declared} bytes is over the {max_bytes}-byte cap")
             chunks: list[bytes] = []
             size = 0

@@ -49,6 +49,8 @@ class Comment:
     published: datetime | None = None
     parent_key: str | None = None
     position: int | None = None
+    # The source the essay came from, when comments come from elsewhere (Discourse for a feed).
+    essay_source: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,418 @@
+"""The ``digest`` command: a thin click shell over ``digest.pipeline``.
+
+A user's mistake (bad config, unknown draft, invalid address ...) prints one line starting
+with ``error:`` and exits 1; a bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from digest import __version__, clock, pipeline, resources, subscribers
+from digest.config import Settings, load
+from digest.errors import DigestError
+from digest.store import db
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DigestError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+class _Context:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._settings: Settings | None = None
+        self._app: pipeline.App | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load(self.config_path)
+        return self._settings
+
+    @property
+    def app(self) -> pipeline.App:
+        if self._app is None:
+            self._app = pipeline.App.open(self.settings)
+        return self._app
+
+    def close(self) -> None:
+        if self._app is not None:
+            self._app.close()
+
+
+pass_ctx = click.make_pass_decorator(_Context)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DIGEST_CONFIG",
+              help="Config file. Default: ./config.yaml, else the embedded defaults.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+@click.version_option(__version__, prog_name="digest")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+    """Turn an author's new essays and the best reader comments into an approved email digest."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    obj = _Context(config_path)
+    ctx.obj = obj
+    ctx.call_on_close(obj.close)
+
+
+def _when(value: datetime | None, tz: Any = None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z") if tz else value.strftime("%Y-%m-%d %H:%M")
+
+
+# -- demo and setup ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to put the database, preview and .eml files (default: a new temporary folder).")
+def demo(workdir: str | None) -> None:
+    """Run collect → draft → approve → send once on the bundled sample."""
+    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="digest-demo-"))
+    result = pipeline.demo(folder.resolve())
+    collected = sum(o.stats.new_essays for o in result.collected)
+    comments = sum(len(i.comments) for i in result.draft.items)
+    click.echo(f"Collected {collected} essays from the bundled sample.")
+    click.echo(f"Drafted #{result.draft.id}: {result.draft.subject!r} "
+               f"({len(result.draft.items)} essays, {comments} reader comments), approved.")
+    click.echo(f"Sent to {result.summary.sent} demo subscribers through the outbox provider.")
+    click.echo("")
+    click.echo(f"  HTML preview:  {result.preview_html}")
+    click.echo(f"  Text preview:  {result.preview_text}")
+    click.echo(f"  Sent emails:   {result.eml_files[0].parent if result.eml_files else '-'}/ "
+               f"({len(result.eml_files)} .eml files)")
+    click.echo("")
+    click.echo("Open the HTML preview in a browser, or an .eml file in your mail program.")
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.argument("path", default="config.yaml", type=click.Path(dir_okay=False))
+def init(path: str, force: bool) -> None:
+    """Write a starter config.yaml (every key, commented)."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise DigestError(f"{target} already exists", hint="use --force to overwrite it")
+    target.write_text(resources.read_text("config.example.yaml"), encoding="utf-8")
+    click.echo(f"Wrote {target}. Edit it, then run `digest check`.")
+
+
+@cli.command()
+@pass_ctx
+def check(obj: _Context) -> None:
+    """Validate the config and reach each source and the provider (sends nothing)."""
+    settings = obj.settings
+    click.echo(f"config: ok ({settings.path or 'embedded defaults'})")
+    failed = False
+    for what, ok, detail in pipeline.check(obj.app):
+        click.echo(f"{what}: {'ok' if ok else 'FAILED'} ({detail})")
+        failed |= not ok
+    if failed:
+        sys.exit(1)
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@pass_ctx
+def db_upgrade(obj: _Context) -> None:
+    """Create or migrate the database to this version's schema."""
+    engine = db.make_engine(obj.settings.database.url)
+    before, after = db.upgrade(engine)
+    engine.dispose()
+    click.echo(f"database at {after}" + (f" (was {before})" if before != after else " (already current)"))
+
+
+# -- the flow ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_ctx
+def collect(obj: _Context) -> None:
+    """Fetch new essays and comments from every source."""
+    failed = 0
+    for o in pipeline.collect(obj.app):
+        if o.error:
+            failed += 1
+            click.echo(f"{o.source}: FAILED: {o.error}")
+        elif o.not_modified:
+            click.echo(f"{o.source}: not modified")
+        else:
+            s = o.stats
+            click.echo(f"{o.source}: {s.new_essays} new essays, {s.updated_essays} updated; "
+                       f"{s.new_comments} new comments, {s.updated_comments} updated, {s.deleted_comments} gone")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@pass_ctx
+def draft(obj: _Context) -> None:
+    """Compose the next draft and ask the approvers to review it."""
+    outcome = pipeline.make_draft(obj.app)
+    click.echo(outcome.message)
+    if outcome.draft is not None and outcome.created:
+        d = outcome.draft
+        click.echo(f"  subject: {d.subject}")
+        for item in d.items:
+            click.echo(f"  - {item.essay.title} ({len(item.comments)} comments)")
+        if outcome.notified:
+            click.echo(f"  asked {', '.join(outcome.notified)} to review it")
+        if outcome.notify_error:
+            click.echo(f"  warning: {outcome.notify_error}")
+        if d.status == "pending_review":
+            click.echo(f"  preview: digest preview {d.id}   approve: digest approve {d.id}")
+
+
+@cli.command()
+@pass_ctx
+def drafts(obj: _Context) -> None:
+    """List drafts and their state."""
+    rows = obj.app.store.list_drafts()
+    if not rows:
+        click.echo("no drafts yet: run `digest collect` then `digest draft`")
+        return
+    for d in rows:
+        click.echo(f"#{d.id:<4} {d.status:<15} {d.period_key}  {d.essays} essays, {d.comments} comments  "
+                   f"{d.subject}" + (f"  [{d.note}]" if d.note else ""))
+
+
+@cli.command()
+@click.argument("draft_id", type=int)
+@click.option("--out", type=click.Path(file_okay=False), default="preview", show_default=True,
+              help="Folder to write draft-ID.html and draft-ID.txt into.")
+@pass_ctx
+def preview(obj: _Context, draft_id: int, out: str) -> None:
+    """Write the rendered HTML and text of a draft."""
+    html_path, text_path = pipeline.preview(obj.app, draft_id, Path(out))
+    click.echo(f"{html_path}\n{text_path}")
+
+
+def _parse_at(value: str | None, settings: Settings) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise DigestError(f"--at {value!r} is not a time", hint="use e.g. 2026-12-01T07:00") from None
+    return at if at.tzinfo else at.replace(tzinfo=settings.newsletter.tz)
+
+
+@cli.command()
+@click.argument("draft_id", type=int)
+@click.option("--at", "at", default=None, help="Send at this time (ISO 8601; newsletter timezone if none given).")
+@pass_ctx
+def approve(obj: _Context, draft_id: int, at: str | None) -> None:
+    """Approve a draft (optionally for a later time)."""
+    when = _parse_at(at, obj.settings)
+    d = pipeline.approve(obj.app, draft_id, at=when)
+    click.echo(f"draft {d.id} approved; " + (f"it goes out at {_when(when, obj.settings.newsletter.tz)}"
+                                             if when else "the next `digest send` sends it"))
+
+
+@cli.command()
+@click.argument("draft_id", type=int)
+@click.option("--reason", default="", help="Why (kept with the draft).")
+@pass_ctx
+def reject(obj: _Context, draft_id: int, reason: str) -> None:
+    """Reject a draft; its essays return for the next one."""
+    d = pipeline.reject(obj.app, draft_id, reason=reason)
+    click.echo(f"draft {d.id} rejected")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Render and batch everything, send nothing.")
+@click.option("--resolve-uncertain", type=click.Choice(["resend", "mark-sent"]), default=None,
+              help="Settle messages whose fate is unknown after a crash, then send.")
+@click.option("--draft", "draft_id", type=int, default=None, help="With --resolve-uncertain: which draft.")
+@pass_ctx
+def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: int | None) -> None:
+    """Send approved, due drafts; resume unfinished sends."""
+    app = obj.app
+    if resolve_uncertain:
+        targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
+        for target in targets:
+            n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+            if n:
+                click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}")
+        if resolve_uncertain == "mark-sent":
+            return
+    interactive = sys.stderr.isatty()
+
+    def progress(summary: pipeline.SendSummary, size: int) -> None:
+        line = (f"draft {summary.draft_id}: batch {summary.batches} ({size}) — {summary.sent} sent, "
+                f"{sum(summary.failed.values())} failed, {summary.uncertain} uncertain")
+        click.echo(("\r" + line) if interactive else line, err=True, nl=not interactive)
+
+    summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress)
+    if interactive and summaries:
+        click.echo("", err=True)
+    if not summaries:
+        click.echo("nothing to send: no approved draft is due")
+        return
+    for s in summaries:
+        verb = "would send" if s.dry_run else "sent"
+        failed = ", ".join(f"{n} {why}" for why, n in sorted(s.failed.items())) or "0"
+        click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {s.batches} batches, failed {failed}, "
+                   f"uncertain {s.uncertain}, {s.seconds:.2f}s ({s.rate:.0f}/s)"
+                   + (" — finished" if s.finished else ""))
+        if s.stopped:
+            click.echo(f"draft {s.draft_id}: {s.stopped}")
+    if any(s.stopped and "credentials" in s.stopped for s in summaries):
+        sys.exit(1)
+
+
+@cli.command()
+@pass_ctx
+def run(obj: _Context) -> None:
+    """One full cycle: collect, draft, send what is due."""
+    outcome = pipeline.run_cycle(obj.app)
+    for o in outcome.collected:
+        click.echo(f"collect {o.source}: " + (f"FAILED: {o.error}" if o.error else
+                                              f"{o.stats.new_essays} new essays, {o.stats.new_comments} new comments"))
+    click.echo(f"draft: {outcome.draft.message}")
+    for s in outcome.sends:
+        click.echo(f"send draft {s.draft_id}: {s.sent} sent, {sum(s.failed.values())} failed, "
+                   f"{s.uncertain} uncertain" + (f" ({s.stopped})" if s.stopped else ""))
+
+
+@cli.command()
+@click.option("--host", default=None, help="Override web.listen's host.")
+@click.option("--port", type=int, default=None, help="Override web.listen's port.")
+@pass_ctx
+def serve(obj: _Context, host: str | None, port: int | None) -> None:
+    """Run the scheduled jobs and the web app until SIGTERM."""
+    from digest.scheduler import serve as run_service
+
+    logging.getLogger().setLevel(logging.INFO)
+
+    def ready(bound: int) -> None:
+        click.echo(f"digest serving on port {bound}", err=True)
+
+    run_service(obj.app, host=host, port=port, ready=ready)
+
+
+@cli.command()
+@pass_ctx
+def status(obj: _Context) -> None:
+    """Sources, drafts, sends in progress, next runs, recent errors."""
+    report = pipeline.status(obj.app)
+    tz = obj.settings.newsletter.tz
+    click.echo("Sources:")
+    known = {s.source: s for s in report.sources}
+    for name in report.configured_sources:
+        s = known.get(name)
+        if s is None:
+            click.echo(f"  {name}: never fetched")
+            continue
+        state = f"ERROR since {_when(s.last_error_at, tz)}: {s.last_error}" if s.last_error else "ok"
+        click.echo(f"  {name}: last fetch {_when(s.last_fetch_at, tz)}, {s.essays} essays, "
+                   f"{s.comments} comments — {state}")
+    click.echo("Drafts:")
+    for d in report.drafts or []:
+        line = f"  #{d.id} {d.status:<15} {d.subject}"
+        counts = report.ledgers.get(d.id)
+        if counts:
+            failed = sum(v for k, v in counts.items() if k in ("failed", "rejected", "invalid", "suppressed"))
+            line += (f"  — sent {counts.get('sent', 0)}, failed {failed}, uncertain {counts.get('uncertain', 0)}, "
+                     f"pending {counts.get('pending', 0) + counts.get('claimed', 0)}, skipped {counts.get('skipped', 0)}")
+        click.echo(line)
+        if counts and counts.get("uncertain"):
+            click.echo(f"    {counts['uncertain']} uncertain: resolve with "
+                       f"`digest send --resolve-uncertain resend|mark-sent --draft {d.id}`")
+    if not report.drafts:
+        click.echo("  none")
+    subs = report.subscribers
+    click.echo("Subscribers: " + (", ".join(f"{n} {k}" for k, n in sorted(subs.items())) or "none"))
+    if report.events:
+        click.echo("Delivery events: " + ", ".join(f"{n} {k}" for k, n in sorted(report.events.items())))
+    click.echo("Next runs:")
+    for job, when in report.next_runs.items():
+        click.echo(f"  {job}: {_when(when, tz)}")
+
+
+# -- subscribers -------------------------------------------------------------------------------
+
+
+@cli.group("subscribers")
+def subscribers_group() -> None:
+    """Add, import, export, list and remove subscribers."""
+
+
+@subscribers_group.command("add")
+@click.argument("email")
+@click.option("--name", default="", help="The subscriber's name, used in the greeting.")
+@pass_ctx
+def subscribers_add(obj: _Context, email: str, name: str) -> None:
+    """Add one subscriber."""
+    sub = subscribers.add(obj.app.store, email, name, clock.now())
+    click.echo(f"added {sub.email}")
+
+
+@subscribers_group.command("import")
+@click.argument("csv_file", type=click.File("r", encoding="utf-8-sig"))
+@pass_ctx
+def subscribers_import(obj: _Context, csv_file: Any) -> None:
+    """Import a CSV of email,name (a header row is optional)."""
+    report = subscribers.import_csv(obj.app.store, csv_file, clock.now())
+    click.echo(f"imported: {report.added} added, {report.updated} updated, {report.duplicates} duplicates merged, "
+               f"{len(report.kept_unsubscribed)} left unsubscribed, {len(report.invalid)} invalid")
+    for line, reason in report.invalid:
+        click.echo(f"  line {line}: {reason}")
+    for email in report.kept_unsubscribed:
+        click.echo(f"  {email}: unsubscribed earlier, not re-added")
+
+
+@subscribers_group.command("export")
+@click.option("--out", type=click.File("w", encoding="utf-8"), default="-", help="File (default: stdout).")
+@pass_ctx
+def subscribers_export(obj: _Context, out: Any) -> None:
+    """Write every subscriber as CSV."""
+    for line in subscribers.export_csv(obj.app.store.list_subscribers()):
+        out.write(line)
+
+
+@subscribers_group.command("list")
+@click.option("--status", type=click.Choice(["active", "unsubscribed", "bounced", "complained", "removed"]),
+              default=None)
+@pass_ctx
+def subscribers_list(obj: _Context, status: str | None) -> None:
+    """List subscribers."""
+    count = 0
+    for s in obj.app.store.list_subscribers(status=status):
+        click.echo(f"{s.email}\t{s.name}\t{s.status}")
+        count += 1
+    click.echo(f"{count} subscribers", err=True)
+
+
+@subscribers_group.command("remove")
+@click.argument("email")
+@pass_ctx
+def subscribers_remove(obj: _Context, email: str) -> None:
+    """Stop all mail to an address and forget its name."""
+    changed = subscribers.remove(obj.app.store, email, clock.now())
+    click.echo(f"removed {email.strip().lower()}" if changed else f"{email.strip().lower()} was already removed")
+
+
+def main() -> None:
+    cli(prog_name="digest")

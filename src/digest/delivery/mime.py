@@ -1,0 +1,208 @@
+"""Standards-correct MIME messages for an :class:`~digest.types.OutgoingMessage`.
+
+:func:`build_mime` makes a ``multipart/alternative`` message (text/plain, then text/html, both
+UTF-8) with From, To, Subject, Date, Message-ID, optional Reply-To, MIME-Version and the
+message's own headers (List-Unsubscribe, List-Unsubscribe-Post ...). :func:`as_bytes`
+serializes it with CRLF line endings, 7-bit clean, ready for SMTP or an ``.eml`` file.
+
+Rule 5 of DESIGN.md lives here too: :func:`clean_header_value` removes CR, LF and every other
+control character from anything that goes into a header, so a subject, a display name or a
+header value can never start a new header. Providers that build headers themselves (Postmark's
+JSON ``Headers`` array) use the same helpers.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import EmailPolicy
+from typing import Any
+
+from digest import clock
+from digest.types import OutgoingMessage
+
+# C0 controls (CR, LF, TAB, NUL ...), DEL, C1 controls (including NEL, U+0085) and the Unicode
+# line and paragraph separators: everything that str.splitlines() or a mail parser could treat
+# as a line break, plus the rest of the controls, which have no business in a header either.
+_CONTROLS = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+_CONTROL_RUN_RE = re.compile(f"[ ]*[{_CONTROLS}][{_CONTROLS} ]*")
+# RFC 5322 field names: printable ASCII except the colon.
+_HEADER_NAME_RE = re.compile(r"[!-9;-~]+\Z")
+_ADDRESS_FORBIDDEN = frozenset(' <>()[],;:"\\')
+
+#: Header names build_mime and the providers set themselves; ``OutgoingMessage.headers`` may not
+#: carry them (a second From or Content-Type would make the message ambiguous).
+RESERVED_HEADERS = frozenset(
+    {
+        "from", "sender", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id",
+        "mime-version", "content-type", "content-transfer-encoding", "return-path",
+    }
+)
+
+_FOLD_AT = 78  # RFC 5322: lines SHOULD be at most 78 characters (and MUST be at most 998)
+
+
+def clean_header_value(value: str) -> str:
+    """``value`` made safe for a header: every run of control characters becomes one space.
+
+    CR and LF are the header-injection risk; TAB, NUL, DEL, the C1 controls and U+2028/U+2029
+    go too. Leading and trailing spaces are stripped. Printable text is returned unchanged.
+    """
+    if value.isprintable():  # the common case; every control character is non-printable
+        return value.strip()
+    return _CONTROL_RUN_RE.sub(" ", value).strip()
+
+
+def normalize_address(address: str) -> str:
+    """A bare ``local@domain`` address, cleaned, with a non-ASCII domain IDNA-encoded.
+
+    Raises :class:`ValueError` for anything that is not one plain address: no ``@``, spaces,
+    angle brackets, commas, quotes, or a non-ASCII local part (that needs SMTPUTF8, which
+    ``digest`` does not use). Subscriber addresses were validated on the way in; this is the
+    last line of defence before a header.
+    """
+    cleaned = clean_header_value(address)
+    local, at, domain = cleaned.rpartition("@")
+    if not at or not local or not domain or _ADDRESS_FORBIDDEN.intersection(cleaned) or "@" in local:
+        raise ValueError(f"not a single email address: {address!r}")
+    if not local.isascii():
+        raise ValueError(f"non-ASCII local part needs SMTPUTF8, which is not supported: {address!r}")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"domain cannot be IDNA-encoded: {address!r}") from exc
+    return f"{local}@{domain}"
+
+
+def parse_mailbox(value: str) -> tuple[str, str]:
+    """Split ``"Name <addr>"`` (or a bare address) into a cleaned name and a normalized address."""
+    name, addr = email.utils.parseaddr(clean_header_value(value))
+    if not addr:
+        raise ValueError(f"not an email address: {value!r}")
+    return clean_header_value(name), normalize_address(addr)
+
+
+def format_address(name: str, address: str) -> str:
+    """``Name <local@domain>`` for a header or a provider's JSON ``To``/``From`` field.
+
+    The name is cleaned, quoted when it holds specials (``"Smith, Jo"``) and RFC 2047-encoded
+    when it is not ASCII, so the result is always one ASCII line.
+    """
+    return email.utils.formataddr((clean_header_value(name), normalize_address(address)))
+
+
+def custom_headers(msg: OutgoingMessage) -> list[tuple[str, str]]:
+    """``msg.headers`` with names checked and values cleaned.
+
+    Raises :class:`ValueError` for a malformed name or a reserved one (see
+    :data:`RESERVED_HEADERS`): both are bugs in whoever built the message, not bad input.
+    """
+    out: list[tuple[str, str]] = []
+    for name, value in msg.headers:
+        if not _HEADER_NAME_RE.match(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is set from the message's own fields")
+        out.append((name, clean_header_value(value)))
+    return out
+
+
+class _Verbatim(str):
+    """A header value to write exactly as given (already cleaned, ASCII, folded by us)."""
+
+
+class _DigestPolicy(EmailPolicy):
+    """``email.policy.SMTP``, 7-bit clean, that leaves :class:`_Verbatim` header values alone.
+
+    Why: the email package folds an unstructured header whose single token is longer than 78
+    characters by turning it into RFC 2047 encoded-words, so a long List-Unsubscribe URL came
+    out as ``=?utf-8?q?=3Chttps=3A//...?=``, which mail clients do not decode in that header and
+    one-click unsubscribe then breaks. We fold such values ourselves, only at spaces.
+    """
+
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        if isinstance(value, _Verbatim):
+            return (name, str(value))
+        return super().header_store_parse(name, value)  # type: ignore[no-any-return]
+
+
+# cte_type="7bit": bodies become 7bit, quoted-printable or base64 (never raw 8bit), so the
+# message passes through any SMTP server. refold_source="none": a stored raw string (only our
+# _Verbatim values, since we never parse messages here) is written as is.
+POLICY = _DigestPolicy(linesep="\r\n", cte_type="7bit", refold_source="none")
+
+
+def _fold_at_spaces(name: str, value: str, limit: int = _FOLD_AT) -> str:
+    """Break ``value`` at spaces so header lines stay under ``limit`` where a break exists."""
+    if len(name) + 2 + len(value) <= limit or " " not in value:
+        return value
+    lines: list[str] = []
+    current = ""
+    width = len(name) + 2
+    for word in value.split(" "):
+        if current and width + len(current) + 1 + len(word) > limit:
+            lines.append(current)
+            current, width = word, 1  # continuation lines start with the space we broke at
+        else:
+            current = f"{current} {word}" if current else word
+    lines.append(current)
+    # "\n " is a fold: the generator writes it as CRLF + space, and unfolding restores the space.
+    return "\n ".join(lines)
+
+
+def _verbatim(name: str, value: str) -> str | _Verbatim:
+    """Write an ASCII value verbatim (folded at spaces); leave non-ASCII to RFC 2047."""
+    if value.isascii():
+        return _Verbatim(_fold_at_spaces(name, value))
+    return value
+
+
+def _message_id(msg: OutgoingMessage, from_addr: str) -> str:
+    if msg.message_id:
+        value = clean_header_value(msg.message_id)
+        if not value.startswith("<"):
+            value = f"<{value}>"
+        if not value.isascii() or " " in value or not value.endswith(">"):
+            raise ValueError(f"invalid Message-ID {msg.message_id!r}")
+        return value
+    return email.utils.make_msgid(domain=from_addr.rpartition("@")[2])
+
+
+def build_mime(msg: OutgoingMessage, *, now: datetime | None = None) -> EmailMessage:
+    """The message as a ``multipart/alternative`` :class:`EmailMessage` (text part first).
+
+    ``now`` sets the Date header (UTC); it defaults to :func:`digest.clock.now`. The Message-ID
+    is ``msg.message_id`` when set, else a fresh one at the From domain. Raises
+    :class:`ValueError` when an address cannot be put in a header (see :func:`normalize_address`).
+    """
+    from_name, from_addr = parse_mailbox(msg.from_addr)
+    to_addr = normalize_address(msg.to_email)
+    when = (now or clock.now()).astimezone(UTC)
+
+    out = EmailMessage(policy=POLICY)
+    out["From"] = Address(display_name=from_name, addr_spec=from_addr)
+    out["To"] = Address(display_name=clean_header_value(msg.to_name), addr_spec=to_addr)
+    out["Subject"] = clean_header_value(msg.subject)
+    out["Date"] = email.utils.format_datetime(when)
+    out["Message-ID"] = _Verbatim(_message_id(msg, from_addr))
+    if msg.reply_to:
+        reply_name, reply_addr = parse_mailbox(msg.reply_to)
+        out["Reply-To"] = Address(display_name=reply_name, addr_spec=reply_addr)
+    for name, value in custom_headers(msg):
+        out[name] = _verbatim(name, value)
+    out["MIME-Version"] = "1.0"
+    out.set_content(msg.text, subtype="plain", charset="utf-8")
+    out.add_alternative(msg.html, subtype="html", charset="utf-8")
+    # add_alternative leaves a MIME-Version header on the parts; it belongs only at the top.
+    for part in out.iter_parts():
+        del part["MIME-Version"]
+    return out
+
+
+def as_bytes(message: EmailMessage) -> bytes:
+    """The message serialized for SMTP or an ``.eml`` file: CRLF line endings, 7-bit clean."""
+    return message.as_bytes(policy=POLICY)

@@ -1,0 +1,253 @@
+"""Postmark: ``POST /email/batch``, up to 500 messages per call, one result per message.
+
+Request: a JSON array of ``{From, To, Subject, HtmlBody, TextBody, MessageStream, Tag,
+Metadata, Headers, ReplyTo}`` with the server token in ``X-Postmark-Server-Token``. Answer:
+HTTP 200 with an array in request order, one ``{ErrorCode, Message, MessageID, To}`` per
+message, even when some failed; a failure of the whole call is HTTP 401, 422 (with an
+``ErrorCode``), 429 or 5xx. The token ``POSTMARK_API_TEST`` makes Postmark validate without
+delivering. Reference: shared/reference/APIS.md section A.1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import requests
+
+from digest.config import Delivery
+from digest.delivery.mime import clean_header_value, custom_headers, format_address, parse_mailbox
+from digest.delivery.providers.base import (
+    HttpProvider,
+    PreparedCall,
+    UncertainDeliveryError,
+    json_escape,
+    json_string,
+    response_text,
+)
+from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.types import OutgoingMessage, ResultStatus, SendResult
+
+API_URL = "https://api.postmarkapp.com"
+TEST_TOKEN = "POSTMARK_API_TEST"
+
+# Per-message ErrorCode → our status, for codes with a meaning of their own (see _result).
+_INACTIVE = 406  # the recipient hard-bounced or complained earlier: Postmark will not send
+_INVALID_REQUEST = 300
+_RETRY_LATER = frozenset({100, 429})  # maintenance, rate limit
+_INVALID_TO_RE = re.compile(r"^\s*(Invalid|Error\s+parsing)\s+'To'", re.IGNORECASE)
+_INACTIVE_OK_RE = re.compile(
+    r"will not deliver to these inactive addresses:\s*(.*?)\.\s*Inactive recipients", re.IGNORECASE | re.DOTALL
+)
+
+# Whole-call 422 ErrorCodes that need a hint for the operator.
+_CALL_HINTS: dict[int, str] = {
+    10: "check delivery.api_key: it must be a Postmark server token",
+    400: "the From address needs a confirmed sender signature or domain in Postmark",
+    401: "the From address needs a confirmed sender signature or domain in Postmark",
+    405: "the Postmark account is not allowed to send; see its activity page",
+    410: "lower delivery.batch_size (Postmark takes at most 500 messages per batch)",
+    412: "the Postmark account is pending approval",
+    413: "the Postmark account may not send",
+}
+
+
+class PostmarkProvider(HttpProvider):
+    """Sends through Postmark's batch endpoint; see the module docstring for the wire format."""
+
+    name: ClassVar[str] = "postmark"
+    max_batch: ClassVar[int] = 500
+    default_base_url: ClassVar[str] = API_URL
+    # 50 MB per batch, counted by Postmark after base64 (we send no attachments).
+    max_request_bytes: ClassVar[int | None] = 50_000_000
+
+    def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
+        if not settings.api_key:
+            raise ConfigError("delivery.api_key: provider postmark needs a server token")
+        super().__init__(settings, session)
+        self.token = settings.api_key
+        self.batch_url = f"{self.base_url}/email/batch"
+        self._read_headers = {"X-Postmark-Server-Token": self.token, "Accept": "application/json"}
+        self._post_headers = {**self._read_headers, "Content-Type": "application/json"}
+        self._stream = json_string(settings.message_stream)
+
+    def build_request(self, messages: Sequence[OutgoingMessage]) -> PreparedCall:
+        """The ``/email/batch`` request: a JSON array, one object per message. Pure.
+
+        Built as bytes pieces joined once: values shared across the batch (From, Subject, Tag,
+        header names and values) are encoded once, and each body is escaped with
+        :func:`json_escape` instead of going through ``json.dumps`` on a dict of dicts.
+        """
+        memo: dict[tuple[str, str], bytes] = {}
+
+        def shared(kind: str, value: str) -> bytes:
+            key = (kind, value)
+            encoded = memo.get(key)
+            if encoded is None:
+                encoded = memo[key] = json_string(self._header_text(kind, value))
+            return encoded
+
+        parts: list[bytes] = [b"["]
+        included: list[OutgoingMessage] = []
+        refused: list[SendResult] = []
+        for m in messages:
+            try:
+                to = json_string(format_address(m.to_name, m.to_email))
+            except ValueError as exc:
+                refused.append(SendResult(ledger_id=m.ledger_id, status="invalid", error=str(exc)))
+                continue
+            if included:
+                parts.append(b",")
+            included.append(m)
+            parts += (b'{"From":', shared("from", m.from_addr), b',"To":', to,
+                      b',"Subject":', shared("subject", m.subject))
+            if m.html:
+                parts += (b',"HtmlBody":"', json_escape(m.html), b'"')
+            if m.text:
+                parts += (b',"TextBody":"', json_escape(m.text), b'"')
+            parts += (b',"MessageStream":', self._stream)
+            if m.tag:
+                parts += (b',"Tag":', shared("tag", m.tag))
+            # Metadata values are strings in Postmark; the ledger id comes back on webhooks.
+            parts.append(b',"Metadata":{"ledger_id":"%d","draft_id":"%d"}' % (m.ledger_id, m.draft_id))
+            # Why no Message-ID: Postmark assigns its own and reports it as MessageID, which is
+            # the id its webhooks carry; m.message_id is only used by the outbox and SMTP.
+            headers = custom_headers(m)
+            if headers:
+                parts.append(b',"Headers":[')
+                parts.append(b",".join(
+                    b'{"Name":' + shared("name", name) + b',"Value":' + shared("value", value) + b"}"
+                    for name, value in headers
+                ))
+                parts.append(b"]")
+            if m.reply_to:
+                parts += (b',"ReplyTo":', shared("reply_to", m.reply_to))
+            parts.append(b"}")
+        parts.append(b"]")
+        return PreparedCall(
+            method="POST",
+            url=self.batch_url,
+            headers=self._post_headers,
+            body=b"".join(parts),
+            messages=tuple(included),
+            refused=tuple(refused),
+        )
+
+    def _header_text(self, kind: str, value: str) -> str:
+        """A shared value made ready for the JSON: addresses formatted, text cleaned."""
+        if kind in ("from", "reply_to"):
+            try:
+                name, addr = parse_mailbox(value)
+                return format_address(name, addr)
+            except ValueError as exc:
+                key = "newsletter.from" if kind == "from" else "newsletter.reply_to"
+                raise DeliveryError(f"postmark: bad {kind} address: {exc}", hint=f"check {key}") from exc
+        return clean_header_value(value)  # custom_headers already cleaned values; cheap if so
+
+    def parse_response(
+        self, status: int, headers: Mapping[str, str], body: bytes, messages: Sequence[OutgoingMessage]
+    ) -> list[SendResult]:
+        """Read the per-message array; turn a whole-call 422 into the matching error."""
+        if status == 422:
+            # Why 422 is not just "a 4xx": Postmark reports most whole-call errors this way,
+            # with an ErrorCode that tells auth (10) from maintenance (100) from bad requests.
+            raise self.api_error(status, body)
+        if not 200 <= status < 300:
+            raise self.status_error(status, body)
+        data = self.decode_json(status, body)
+        if not isinstance(data, list):
+            raise UncertainDeliveryError(
+                f"postmark: HTTP {status} but the answer is not a per-message array; "
+                "the messages may have been accepted",
+                status=status,
+                response_text=response_text(body),
+            )
+        if len(data) != len(messages):
+            raise UncertainDeliveryError(
+                f"postmark: {len(data)} results for {len(messages)} messages; "
+                "cannot tell which were accepted",
+                status=status,
+                response_text=response_text(body),
+            )
+        return [self._result(m, item, status, body) for m, item in zip(messages, data)]
+
+    def _result(self, msg: OutgoingMessage, item: Any, status: int, body: bytes) -> SendResult:
+        if not isinstance(item, dict):
+            raise UncertainDeliveryError(
+                f"postmark: result for ledger row {msg.ledger_id} is not an object",
+                status=status,
+                response_text=response_text(body),
+            )
+        # Why the default 0: "Message accepted, but delivery may be delayed." comes without an
+        # ErrorCode, and it is a success (queued at Postmark).
+        code = _as_int(item.get("ErrorCode", 0))
+        text = str(item.get("Message", ""))
+        message_id = item.get("MessageID")
+        provider_id = str(message_id) if message_id else None
+        if code == 0:
+            # Why read the text of a success: Postmark answers "Message OK, but will not deliver
+            # to these inactive addresses: ..." when a recipient is inactive. Our messages have
+            # one recipient, so if it is listed nothing is delivered. Addresses come lower-cased.
+            inactive = _INACTIVE_OK_RE.search(text)
+            if inactive and msg.to_email.strip().lower() in _address_list(inactive.group(1)):
+                return SendResult(msg.ledger_id, "suppressed", provider_id, response_text(text))
+            return SendResult(msg.ledger_id, "sent", provider_id)
+        result: ResultStatus
+        if code == _INACTIVE:
+            result = "suppressed"
+        elif code == _INVALID_REQUEST and _INVALID_TO_RE.match(text):
+            result = "invalid"  # "Invalid 'To' address: ..." / "Error parsing 'To': ..."
+        elif code in _RETRY_LATER:
+            result = "failed"  # not sent, and a later call may succeed
+        else:
+            result = "rejected"
+        return SendResult(msg.ledger_id, result, None, response_text(f"Postmark ErrorCode {code}: {text}"))
+
+    def api_error(self, status: int, body: bytes) -> DeliveryError:
+        """The error for a whole-call failure that carries a Postmark ``ErrorCode`` (HTTP 422)."""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return self.status_error(status, body, "the body is not JSON")
+        code = _as_int(data.get("ErrorCode")) if isinstance(data, dict) else None
+        text = str(data.get("Message", "")) if isinstance(data, dict) else ""
+        what = f"postmark: HTTP {status}, ErrorCode {code}: {text}"
+        shown = response_text(body)
+        if code == 10:
+            return AuthError(what, status=status, response_text=shown, hint=_CALL_HINTS[10])
+        if code in _RETRY_LATER:
+            return DeliveryError(what, retryable=True, status=status, response_text=shown)
+        hint = _CALL_HINTS.get(code) if code is not None else None
+        return DeliveryError(what, retryable=False, status=status, response_text=shown, hint=hint)
+
+    def check(self) -> str:
+        """``GET /server`` with the token: proves the URL and the token without sending."""
+        url = f"{self.base_url}/server"
+        status, headers, body = self.request("GET", url, self._read_headers)
+        self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, body)
+        if status == 422:
+            raise self.api_error(status, body)
+        if status != 200:
+            raise self.status_error(status, body)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise self.status_error(status, body, "the body is not JSON") from None
+        server = data.get("Name") if isinstance(data, dict) else None
+        line = f"postmark: reached server {server or '?'!r} at {self.base_url}, stream {self.settings.message_stream!r}"
+        if self.token == TEST_TOKEN:
+            line += " (test token: Postmark validates messages but delivers none)"
+        return line
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _address_list(text: str) -> set[str]:
+    return {part.strip().lower() for part in text.split(",") if part.strip()}

@@ -1,0 +1,292 @@
+"""The send loop: audience, batching, rate limit, retries, and the send ledger.
+
+For each batch: claim rows in a committed transaction (rule 1), build one personalized
+message per row without recompiling MJML, hand the batch to the provider, and settle each
+row with the provider's verdict. Whatever happens in between is covered:
+
+* a retryable error (network failure before the request went out, 429, 5xx) is retried with
+  exponential backoff and jitter, honouring ``Retry-After`` (capped);
+* an error after the provider may have accepted the batch marks its rows ``uncertain``;
+  they are never resent silently (``digest send --resolve-uncertain``);
+* an auth error releases the batch and stops the send with a clear message;
+* a permanent error settles the batch as ``failed``;
+* too many failures in a row release the batch and pause; the next ``digest send`` resumes;
+* a database error stops at once (rule 9): rows left claimed become ``uncertain`` next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import make_msgid
+from typing import Protocol
+
+from digest.config import Settings
+from digest.delivery.providers.base import Provider, UncertainDeliveryError
+from digest.errors import AuthError, DeliveryError
+from digest.render import CompiledEmail, personalize
+from digest.store import Store
+from digest.store.store import Claimed
+from digest.types import Draft, OutgoingMessage, Recipient, SendResult
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 600
+MAX_BACKOFF = 60.0
+
+
+class LinkMaker(Protocol):
+    """Builds a recipient's signed links (unsubscribe, preferences)."""
+
+    def __call__(self, recipient: Recipient) -> tuple[str, str]: ...
+
+
+@dataclass
+class SendSummary:
+    """What one run of the sender did."""
+
+    draft_id: int
+    sent: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    uncertain: int = 0
+    skipped: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    stopped: str | None = None
+    finished: bool = False
+    dry_run: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+
+class TokenBucket:
+    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.sleep = sleep
+        self.last = clock()
+
+    def acquire(self) -> None:
+        while True:
+            now = self.clock()
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            self.sleep((1 - self.tokens) / self.rate)
+
+
+def build_message(draft: Draft, compiled: CompiledEmail, settings: Settings, ledger_id: int,
+                  recipient: Recipient, links: tuple[str, str]) -> OutgoingMessage:
+    """One recipient's message: personalized body, one-click unsubscribe headers (RFC 8058)."""
+    unsubscribe_url, preferences_url = links
+    html, text = personalize(compiled, name=recipient.name, unsubscribe_url=unsubscribe_url,
+                             preferences_url=preferences_url)
+    domain = settings.newsletter.from_.rpartition("@")[2].strip("> ") or "digest.local"
+    assert draft.id is not None
+    return OutgoingMessage(
+        ledger_id=ledger_id,
+        draft_id=draft.id,
+        to_email=recipient.email,
+        to_name=recipient.name,
+        from_addr=settings.newsletter.from_,
+        subject=compiled.subject,
+        html=html,
+        text=text,
+        headers=(
+            ("List-Unsubscribe", f"<{unsubscribe_url}>"),
+            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+            ("X-Digest-Ledger-Id", str(ledger_id)),
+        ),
+        reply_to=settings.newsletter.reply_to,
+        message_id=make_msgid(idstring=f"digest.{draft.id}.{ledger_id}", domain=domain),
+        tag=f"digest-{draft.id}",
+    )
+
+
+class Sender:
+    """Sends one draft through one provider, resumably."""
+
+    def __init__(
+        self,
+        store: Store,
+        provider: Provider,
+        settings: Settings,
+        draft: Draft,
+        compiled: CompiledEmail,
+        links: LinkMaker,
+        *,
+        now: Callable[[], datetime],
+        sleep: Callable[[float], None] = time.sleep,
+        on_batch: Callable[[SendSummary, int], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        max_consecutive_failures: int = 3,
+    ) -> None:
+        assert draft.id is not None
+        self.store = store
+        self.provider = provider
+        self.settings = settings
+        self.draft = draft
+        self.compiled = compiled
+        self.links = links
+        self.now = now
+        self.sleep = sleep
+        self.on_batch = on_batch
+        self.should_stop = should_stop
+        self.max_consecutive_failures = max_consecutive_failures
+        self.holder = f"sender-{uuid.uuid4().hex}"
+        size = settings.delivery.batch_size or provider.max_batch
+        self.batch_size = max(1, min(size, provider.max_batch))
+        self.bucket = TokenBucket(settings.delivery.rate_per_second, sleep=sleep)
+
+    # -- dry run -----------------------------------------------------------------------------
+
+    def dry_run(self) -> SendSummary:
+        """Render and batch everything for the current audience; send and write nothing."""
+        summary = SendSummary(self.draft.id or 0, dry_run=True)
+        started = time.perf_counter()
+        batch: list[OutgoingMessage] = []
+        for n, sub in enumerate(self.store.list_subscribers(status="active")):
+            recipient = Recipient(sub.id, sub.email, sub.name)
+            batch.append(build_message(self.draft, self.compiled, self.settings, -(n + 1), recipient,
+                                       self.links(recipient)))
+            if len(batch) >= self.batch_size:
+                summary.batches += 1
+                summary.sent += len(batch)
+                batch = []
+        if batch:
+            summary.batches += 1
+            summary.sent += len(batch)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    # -- the real thing ----------------------------------------------------------------------
+
+    def run(self) -> SendSummary:
+        """Send every pending row of the draft; safe to call again after any failure."""
+        draft_id = self.draft.id
+        assert draft_id is not None
+        summary = SendSummary(draft_id)
+        started = time.perf_counter()
+        lease = f"send:{draft_id}"
+        if not self.store.acquire_lease(lease, self.holder, self.now(),
+                                        self.now() + timedelta(seconds=LEASE_SECONDS)):
+            summary.stopped = "another sender is working on this draft"
+            return summary
+        try:
+            self.store.start_send(draft_id, self.now())
+            stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
+            if stale:
+                log.warning("draft %s: %d messages were in flight when a sender stopped; marked uncertain",
+                            draft_id, stale)
+            self._loop(summary, lease)
+        finally:
+            self.store.release_lease(lease, self.holder)
+            summary.seconds = time.perf_counter() - started
+        counts = self.store.ledger_counts(draft_id)
+        summary.uncertain = counts.get("uncertain", 0)
+        if summary.stopped is None and not counts.get("pending") and not counts.get("claimed"):
+            self.store.transition(draft_id, ("sending",), "sent", self.now(), finished_at=self.now())
+            summary.finished = True
+        return summary
+
+    def _loop(self, summary: SendSummary, lease: str) -> None:
+        draft_id = self.draft.id
+        assert draft_id is not None
+        consecutive_failures = 0
+        while True:
+            claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now())
+            if not claimed:
+                return
+            messages = [build_message(self.draft, self.compiled, self.settings, c.ledger_id, c.recipient,
+                                      self.links(c.recipient)) for c in claimed]
+            outcome = self._deliver(messages, claimed, summary)
+            summary.batches += 1
+            if outcome == "stop":
+                return
+            if outcome == "failed":
+                consecutive_failures += 1
+                if consecutive_failures >= self.max_consecutive_failures:
+                    summary.stopped = (f"paused after {consecutive_failures} failed batches in a row; "
+                                       "run `digest send` to resume")
+                    return
+            else:
+                consecutive_failures = 0
+            if self.on_batch:
+                self.on_batch(summary, len(claimed))
+            if self.should_stop():
+                summary.stopped = "stopped on request after the batch in flight; `digest send` resumes"
+                return
+            self.store.acquire_lease(lease, self.holder, self.now(),
+                                     self.now() + timedelta(seconds=LEASE_SECONDS))
+
+    def _deliver(self, messages: Sequence[OutgoingMessage], claimed: Sequence[Claimed],
+                 summary: SendSummary) -> str:
+        ids = [c.ledger_id for c in claimed]
+        name = self.provider.name
+        attempt = 0
+        while True:
+            attempt += 1
+            self.bucket.acquire()
+            try:
+                results = self.provider.send_batch(messages)
+            except UncertainDeliveryError as exc:
+                # The provider may have taken the batch: resending could double-send (rule 1).
+                self.store.mark_uncertain(ids, str(exc), self.now())
+                summary.uncertain += len(ids)
+                return "failed"
+            except AuthError as exc:
+                self.store.release(ids, str(exc), self.now())
+                summary.stopped = f"{name} refused the credentials: {exc}; fix delivery.api_key and run `digest send`"
+                return "stop"
+            except DeliveryError as exc:
+                if exc.retryable and attempt <= self.settings.delivery.max_retries:
+                    delay = exc.retry_after if exc.retry_after is not None else min(
+                        MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
+                    self.sleep(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25))
+                    continue
+                if exc.retryable:
+                    self.store.release(ids, str(exc), self.now())
+                    summary.stopped = (f"{name} kept failing ({exc}); paused with {len(ids)} messages "
+                                       "back in the queue; run `digest send` to resume")
+                    return "stop"
+                self.store.settle([SendResult(i, "failed", None, str(exc)) for i in ids], name, self.now())
+                summary.failed[_reason(str(exc))] += len(ids)
+                return "failed"
+            self._settle(results, claimed, summary)
+            return "ok"
+
+    def _settle(self, results: Sequence[SendResult], claimed: Sequence[Claimed], summary: SendSummary) -> None:
+        by_id = {r.ledger_id: r for r in results}
+        complete = [by_id.get(c.ledger_id) or SendResult(c.ledger_id, "failed", None,
+                                                         "the provider returned no result for it")
+                    for c in claimed]
+        self.store.settle(complete, self.provider.name, self.now())
+        emails = {c.ledger_id: c.recipient.email for c in claimed}
+        for r in complete:
+            if r.status == "sent":
+                summary.sent += 1
+            else:
+                summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1
+            if r.status == "suppressed":
+                # The provider will not deliver to this address (earlier bounce or complaint):
+                # stop trying here too, for every future digest.
+                self.store.suppress(emails[r.ledger_id], "provider_suppressed", self.provider.name, self.now())
+
+
+def _reason(error: str) -> str:
+    return error.split(":", 1)[0][:60] or "failed"

@@ -1,0 +1,44 @@
+"""Thin job functions the scheduler calls. Each triggers one idempotent use case and logs;
+an exception is logged and never escapes, so one failed run leaves the service up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from digest import pipeline
+
+log = logging.getLogger("digest.jobs")
+
+
+def collect_job(app: pipeline.App) -> None:
+    try:
+        for outcome in pipeline.collect(app):
+            if outcome.error:
+                log.warning("collect %s: %s", outcome.source, outcome.error)
+            else:
+                s = outcome.stats
+                log.info("collect %s: %d new essays, %d new comments%s", outcome.source, s.new_essays,
+                         s.new_comments, " (not modified)" if outcome.not_modified else "")
+    except Exception:
+        log.exception("collect job failed")
+
+
+def draft_job(app: pipeline.App) -> None:
+    try:
+        outcome = pipeline.make_draft(app)
+        log.info("draft: %s", outcome.message)
+        if outcome.notify_error:
+            log.warning("draft: %s", outcome.notify_error)
+    except Exception:
+        log.exception("draft job failed")
+
+
+def send_job(app: pipeline.App, should_stop: Callable[[], bool] = lambda: False) -> None:
+    try:
+        for summary in pipeline.send(app, should_stop=should_stop):
+            log.info("send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s", summary.draft_id,
+                     summary.sent, sum(summary.failed.values()), summary.uncertain, summary.seconds,
+                     f" ({summary.stopped})" if summary.stopped else "")
+    except Exception:
+        log.exception("send job failed")

@@ -1,0 +1,362 @@
+"""The use cases. The one module that wires the stages together.
+
+The CLI, the scheduler and the web app call only what is here. Each use case reads from the
+store, runs pure stages, and writes one status change back; a draft's status drives the flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import requests
+
+from digest import approval, clock, drafting, ranking, subscribers
+from digest.config import Delivery, Settings
+from digest.delivery.providers.base import Provider
+from digest.delivery.providers.registry import build_provider
+from digest.delivery.sender import Sender, SendSummary
+from digest.errors import DeliveryError, DigestError, DraftError
+from digest.http import build_session
+from digest.render import CompiledEmail, compile_draft, compile_draft_ready, personalize
+from digest.scheduler import next_run, previous_run
+from digest.sources.registry import build_source
+from digest.store import Store, open_store
+from digest.store.store import CollectStats, DraftSummary, SourceStatus
+from digest.types import Draft, OutgoingMessage, Recipient
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    """Settings, the store and lazily built clients, for one process."""
+
+    def __init__(self, settings: Settings, store: Store, now: Callable[[], datetime] = clock.now) -> None:
+        self.settings = settings
+        self.store = store
+        self.now = now
+        self._session: requests.Session | None = None
+        self._provider: Provider | None = None
+        self._secret: str | None = None
+
+    @classmethod
+    def open(cls, settings: Settings, now: Callable[[], datetime] = clock.now) -> App:
+        return cls(settings, open_store(settings.database.url), now)
+
+    @property
+    def session(self) -> requests.Session:
+        if self._session is None:
+            self._session = build_session()
+        return self._session
+
+    @property
+    def provider(self) -> Provider:
+        if self._provider is None:
+            self._provider = build_provider(self._delivery_settings(), build_session(pool_size=4))
+        return self._provider
+
+    def _delivery_settings(self) -> Delivery:
+        delivery = self.settings.delivery
+        if delivery.provider == "outbox":
+            return delivery.model_copy(update={"outbox_dir": str(self.settings.resolve(delivery.outbox_dir))})
+        return delivery
+
+    @property
+    def secret(self) -> str:
+        """The key that signs links: ``web.secret_key``, else one kept in the database."""
+        if self._secret is None:
+            self._secret = self.settings.web.secret_key or self.store.secret()
+        return self._secret
+
+    @property
+    def templates_dir(self) -> str | None:
+        return str(self.settings.resolve(self.settings.templates)) if self.settings.templates else None
+
+    def links(self, recipient: Recipient) -> tuple[str, str]:
+        """A recipient's unsubscribe and preferences URLs (signed, purpose-bound)."""
+        base = self.settings.newsletter.public_url
+        unsub = subscribers.token_for(self.secret, subscribers.UNSUBSCRIBE, recipient.subscriber_id,
+                                      recipient.email)
+        prefs = subscribers.token_for(self.secret, subscribers.PREFERENCES, recipient.subscriber_id,
+                                      recipient.email)
+        return f"{base}/u/{unsub}", f"{base}/preferences/{prefs}"
+
+    def close(self) -> None:
+        if self._provider is not None:
+            self._provider.close()
+        if self._session is not None:
+            self._session.close()
+        self.store.close()
+
+
+# -- collect ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectOutcome:
+    """One source's collect: what changed, or why it failed."""
+
+    source: str
+    stats: CollectStats
+    error: str | None = None
+    not_modified: bool = False
+
+
+def collect(app: App) -> list[CollectOutcome]:
+    """Fetch every source; a failing source is recorded and the others go on (rule 8)."""
+    outcomes = []
+    for block in app.settings.sources:
+        now = app.now()
+        source = build_source(block, app.session)
+        result = source.collect(app.store.cursor(source.name), now)
+        stats = app.store.record_collect(result, now)
+        if result.error:
+            log.warning("source %s failed: %s", source.name, result.error)
+        outcomes.append(CollectOutcome(source.name, stats, result.error, result.not_modified))
+    return outcomes
+
+
+# -- draft -----------------------------------------------------------------------------------
+
+
+def period_key(settings: Settings, now: datetime) -> str:
+    """The digest period ``now`` falls in: the latest scheduled time at or before it."""
+    tz = settings.newsletter.tz
+    last = previous_run(settings.digest.schedule, settings.newsletter.timezone, now)
+    when = (last or now).astimezone(tz)
+    return when.strftime("%Y-%m-%dT%H:%M")
+
+
+@dataclass(frozen=True)
+class DraftOutcome:
+    """What ``make_draft`` did."""
+
+    draft: Draft | None
+    created: bool
+    message: str
+    notified: tuple[str, ...] = ()
+    notify_error: str | None = None
+
+
+def make_draft(app: App) -> DraftOutcome:
+    """Compose the period's draft, if there is anything new, and ask the approvers to review it."""
+    now = app.now()
+    settings = app.settings
+    approval.apply_deadlines(app.store, settings, now)
+    key = period_key(settings, now)
+    existing = app.store.live_draft_for_period(key)
+    if existing is not None:
+        return DraftOutcome(existing, False, f"draft {existing.id} already covers the period {key} "
+                                             f"({existing.status})")
+    since = app.store.last_sent_at()
+    essays = app.store.candidate_essays(since, settings.digest.max_essays)
+    essay_ids = [i for i, _ in essays]
+    by_essay = app.store.comments_for(essay_ids)
+    ranked = ranking.rank({i: [c for _, c in by_essay[i]] for i in essay_ids}, settings.ranking,
+                          {i: e.author for i, e in essays})
+    composed = drafting.compose(key, essays, ranked, settings)
+    if composed is None:
+        return DraftOutcome(None, False, "nothing new since the last digest: no draft made")
+    draft_value, refs = composed
+    draft, created = app.store.create_draft(draft_value, refs, now)
+    if not created:  # another process drafted this period a moment ago
+        return DraftOutcome(draft, False, f"draft {draft.id} already covers the period {key}")
+    if not settings.digest.approval.required:
+        draft = approval.approve(app.store, draft.id or 0, now, by="auto-approve")
+        return DraftOutcome(draft, True, f"draft {draft.id} created and approved automatically")
+    notified, error = notify_approvers(app, draft)
+    return DraftOutcome(draft, True, f"draft {draft.id} is ready for review", notified, error)
+
+
+def notify_approvers(app: App, draft: Draft) -> tuple[tuple[str, ...], str | None]:
+    """Email each approver that a draft is ready. A failure is reported, never fatal."""
+    approvers = app.settings.digest.approval.approvers
+    if not approvers:
+        return (), None
+    base = app.settings.newsletter.public_url
+    review_url = f"{base}/drafts/{draft.id}"
+    try:
+        subject, html, text = compile_draft_ready(draft, app.settings.newsletter, review_url,
+                                                  templates_dir=app.templates_dir)
+        messages = [
+            OutgoingMessage(ledger_id=0, draft_id=draft.id or 0, to_email=address, to_name="",
+                            from_addr=app.settings.newsletter.from_, subject=subject, html=html, text=text,
+                            tag="draft-ready")
+            for address in approvers
+        ]
+        results = app.provider.send_batch(messages)
+    except DigestError as exc:
+        return (), f"could not email the approvers: {exc}"
+    failed = [r.error or r.status for r in results if r.status != "sent"]
+    return tuple(approvers), ("; ".join(failed) if failed else None)
+
+
+# -- approve, reject, preview ----------------------------------------------------------------
+
+
+def approve(app: App, draft_id: int, at: datetime | None = None, by: str = "cli") -> Draft:
+    return approval.approve(app.store, draft_id, app.now(), at=at, by=by)
+
+
+def reject(app: App, draft_id: int, reason: str = "", by: str = "cli") -> Draft:
+    return approval.reject(app.store, draft_id, app.now(), reason=reason, by=by)
+
+
+def compile_for(app: App, draft: Draft) -> CompiledEmail:
+    return compile_draft(draft, app.settings.newsletter, templates_dir=app.templates_dir)
+
+
+def preview(app: App, draft_id: int, out: Path) -> tuple[Path, Path]:
+    """Write the draft's HTML and text (as a sample reader would get them) to ``out``."""
+    draft = app.store.get_draft(draft_id)
+    compiled = compile_for(app, draft)
+    base = app.settings.newsletter.public_url
+    html, text = personalize(compiled, name="Reader", unsubscribe_url=f"{base}/u/preview",
+                             preferences_url=f"{base}/preferences/preview")
+    out.mkdir(parents=True, exist_ok=True)
+    html_path = out / f"draft-{draft_id}.html"
+    text_path = out / f"draft-{draft_id}.txt"
+    html_path.write_text(html, encoding="utf-8")
+    text_path.write_text(text, encoding="utf-8")
+    return html_path, text_path
+
+
+# -- send ------------------------------------------------------------------------------------
+
+
+def send(app: App, *, dry_run: bool = False,
+         on_batch: Callable[[SendSummary, int], None] | None = None,
+         should_stop: Callable[[], bool] = lambda: False) -> list[SendSummary]:
+    """Send approved, due drafts and resume unfinished sends."""
+    summaries = []
+    for draft_id in app.store.due_drafts(app.now()):
+        draft = app.store.get_draft(draft_id)
+        compiled = compile_for(app, draft)
+        sender = Sender(app.store, app.provider, app.settings, draft, compiled, app.links, now=app.now,
+                        on_batch=on_batch, should_stop=should_stop)
+        summary = sender.dry_run() if dry_run else sender.run()
+        summaries.append(summary)
+        if summary.stopped and (should_stop() or "credentials" in summary.stopped):
+            break  # shutting down, or the next draft would fail the same way
+    return summaries
+
+
+def resolve_uncertain(app: App, draft_id: int, how: str) -> int:
+    if how not in ("resend", "mark-sent"):
+        raise DraftError(f"unknown resolution {how!r}: use resend or mark-sent")
+    app.store.get_draft(draft_id)
+    return app.store.resolve_uncertain(draft_id, how, app.now())
+
+
+# -- one cycle, status, check ------------------------------------------------------------------
+
+
+@dataclass
+class CycleOutcome:
+    collected: list[CollectOutcome]
+    draft: DraftOutcome
+    sends: list[SendSummary]
+
+
+def run_cycle(app: App) -> CycleOutcome:
+    """collect → draft → send what is due."""
+    collected = collect(app)
+    drafted = make_draft(app)
+    return CycleOutcome(collected, drafted, send(app))
+
+
+@dataclass
+class StatusReport:
+    sources: list[SourceStatus]
+    configured_sources: list[str]
+    drafts: list[DraftSummary]
+    ledgers: dict[int, dict[str, int]]
+    subscribers: dict[str, int]
+    events: dict[str, int]
+    next_runs: dict[str, datetime | None] = field(default_factory=dict)
+
+
+def status(app: App) -> StatusReport:
+    now = app.now()
+    tz = app.settings.newsletter.timezone
+    d = app.settings.digest
+    return StatusReport(
+        sources=app.store.source_statuses(),
+        configured_sources=[str(b["name"]) for b in app.settings.sources],
+        drafts=app.store.list_drafts(limit=10),
+        ledgers={i: app.store.ledger_counts(i) for i in app.store.drafts_with_ledger()[-10:]},
+        subscribers=app.store.count_subscribers(),
+        events=app.store.event_counts(),
+        next_runs={"collect": next_run(d.collect_schedule, tz, now), "draft": next_run(d.schedule, tz, now),
+                   "send": next_run(d.send_schedule, tz, now)},
+    )
+
+
+def check(app: App) -> list[tuple[str, bool, str]]:
+    """Reach every source and the provider without sending: (what, ok, detail)."""
+    rows: list[tuple[str, bool, str]] = [("database", True, app.settings.database.url.split("@")[-1])]
+    for block in app.settings.sources:
+        source = build_source(block, app.session)
+        result = source.collect(app.store.cursor(source.name), app.now())
+        if result.error:
+            rows.append((f"source {source.name}", False, result.error))
+        else:
+            detail = "not modified" if result.not_modified else (
+                f"{len(result.essays)} essays, {len(result.comments)} comments")
+            rows.append((f"source {source.name}", True, detail))
+    try:
+        rows.append((f"provider {app.settings.delivery.provider}", True, app.provider.check()))
+    except DeliveryError as exc:
+        rows.append((f"provider {app.settings.delivery.provider}", False, str(exc)))
+    return rows
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+DEMO_SUBSCRIBERS = (
+    ("ada@example.com", "Ada Quill"),
+    ("ben@example.org", "Ben Okafor"),
+    ("chloe@example.net", "Chloé Martin"),
+)
+
+
+@dataclass
+class DemoResult:
+    workdir: Path
+    draft: Draft
+    preview_html: Path
+    preview_text: Path
+    eml_files: list[Path]
+    collected: list[CollectOutcome]
+    summary: SendSummary
+
+
+def demo(workdir: Path, now: Callable[[], datetime] = clock.now) -> DemoResult:
+    """collect → draft → approve → send on the bundled sample, in ``workdir``."""
+    from digest.config import defaults
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    for stale in ("digest.db", "digest.db-wal", "digest.db-shm"):
+        (workdir / stale).unlink(missing_ok=True)
+    shutil.rmtree(workdir / "outbox", ignore_errors=True)
+    settings = defaults(workdir)
+    app = App.open(settings, now)
+    try:
+        for email, name in DEMO_SUBSCRIBERS:
+            subscribers.add(app.store, email, name, app.now())
+        collected = collect(app)
+        drafted = make_draft(app)
+        if drafted.draft is None or drafted.draft.id is None:
+            raise DraftError(f"the sample produced no draft: {drafted.message}")
+        approve(app, drafted.draft.id, by="demo")
+        html_path, text_path = preview(app, drafted.draft.id, workdir / "preview")
+        summaries = send(app)
+        emls = sorted((workdir / "outbox").rglob("*.eml"))
+        return DemoResult(workdir, app.store.get_draft(drafted.draft.id), html_path, text_path, emls,
+                          collected, summaries[0])
+    finally:
+        app.close()

@@ -1,0 +1,112 @@
+"""The Jinja2 environment for email templates.
+
+Lookup order, file by file: the operator's ``templates:`` folder (if any), then the bundled
+templates. An override folder may therefore hold just ``digest.mjml.j2`` and inherit the rest.
+
+Escaping: autoescape is ON for every template except plain-text ones (``*.txt.j2``,
+``*.txt``). Jinja's ``select_autoescape`` only knows html/htm/xml by extension, so
+``*.mjml.j2`` would silently be unescaped with it; we decide by name ourselves and default to
+escaping. Undefined variables raise (``StrictUndefined``) so a typo in an override template
+fails the compile instead of mailing a blank.
+
+Templates are operator-owned and trusted; user content only ever arrives as *values* in the
+render context, never as template source.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, tzinfo
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from digest.errors import RenderError
+
+__all__ = ["bundled_templates_dir", "make_env", "longdate", "quote_lines"]
+
+_MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
+
+def bundled_templates_dir() -> Path:
+    """The folder holding the default templates.
+
+    In a wheel, pyproject force-includes the repository's ``templates/`` as
+    ``digest/templates``; in an editable install the package has no such folder and the
+    templates sit at the repository root, three levels above this file's package.
+    """
+    try:
+        packaged = resources.files("digest") / "templates"
+        if isinstance(packaged, Path) and packaged.is_dir():
+            return packaged
+    except (ModuleNotFoundError, OSError):  # pragma: no cover - only odd import setups
+        pass
+    return Path(__file__).resolve().parents[3] / "templates"
+
+
+def longdate(value: datetime | None, tz: tzinfo | None = None) -> str:
+    """``3 November 2026`` (English month names, whatever the process locale); ``""`` for None.
+
+    An aware ``value`` is first converted to ``tz`` (the newsletter's time zone) so the date
+    is the one the readers live in.
+    """
+    if value is None:
+        return ""
+    if tz is not None and value.tzinfo is not None:
+        value = value.astimezone(tz)
+    return f"{value.day} {_MONTHS[value.month - 1]} {value.year}"
+
+
+def quote_lines(text: str, prefix: str = "> ") -> str:
+    """Prefix every line of ``text`` (plain-text quoting); blank lines keep a bare ``>``."""
+    return "\n".join((prefix + line) if line else prefix.rstrip() for line in text.split("\n"))
+
+
+def _autoescape(name: str | None) -> bool:
+    # Escape unless the template is known to be plain text: forgetting to escape HTML is a
+    # security bug, escaping plain text by mistake is only a visible one.
+    return not (name or "").endswith((".txt.j2", ".txt"))
+
+
+def make_env(templates_dir: str | os.PathLike[str] | None = None) -> jinja2.Environment:
+    """A Jinja2 environment that looks in ``templates_dir`` first, then the bundled templates.
+
+    Environments are cached per folder (they cache compiled templates); ``auto_reload``
+    stays on, so an operator who edits an override while ``digest serve`` runs sees the change.
+    Raises :class:`RenderError` when ``templates_dir`` is given but is not a folder.
+    """
+    override = None
+    if templates_dir:
+        folder = Path(templates_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise RenderError(
+                f"templates folder {folder} does not exist or is not a folder",
+                hint="fix the `templates:` setting or remove it to use the bundled templates",
+            )
+        override = str(folder)
+    return _make_env(override)
+
+
+@lru_cache(maxsize=16)
+def _make_env(override: str | None) -> jinja2.Environment:
+    loaders: list[jinja2.BaseLoader] = []
+    if override is not None:
+        loaders.append(jinja2.FileSystemLoader(override, encoding="utf-8"))
+    loaders.append(jinja2.FileSystemLoader(str(bundled_templates_dir()), encoding="utf-8"))
+    env = jinja2.Environment(
+        loader=jinja2.ChoiceLoader(loaders),
+        autoescape=_autoescape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        auto_reload=True,
+    )
+    env.filters["longdate"] = longdate
+    env.filters["quote_lines"] = quote_lines
+    return env

@@ -1,0 +1,116 @@
+"""The scheduled service: APScheduler 3.11 jobs for collect, draft and send.
+
+This is the only module that imports APScheduler. Jobs are thin calls into ``digest.jobs``;
+they only trigger idempotent use cases, so a late or repeated run is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
+
+from apscheduler.triggers.cron import CronTrigger
+
+if TYPE_CHECKING:
+    from digest.pipeline import App
+
+
+def parse_cron(expr: str, timezone: str) -> CronTrigger:
+    """A five-field crontab expression in ``timezone``; ``ValueError`` if it is malformed."""
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(fields)}")
+    return CronTrigger.from_crontab(expr, timezone=ZoneInfo(timezone))
+
+
+def next_run(expr: str, timezone: str, now: datetime) -> datetime | None:
+    """The next time ``expr`` fires after ``now``."""
+    trigger = parse_cron(expr, timezone)
+    result: datetime | None = trigger.get_next_fire_time(None, now)
+    return result
+
+
+def previous_run(expr: str, timezone: str, now: datetime) -> datetime | None:
+    """The latest time ``expr`` fired at or before ``now`` (within a year), else ``None``.
+
+    Searches growing windows so that an hourly schedule costs a few steps, not thousands.
+    """
+    trigger = parse_cron(expr, timezone)
+    for window in (timedelta(hours=2), timedelta(days=2), timedelta(days=9), timedelta(days=33),
+                   timedelta(days=367)):
+        start = now - window
+        last: datetime | None = None
+        fire: datetime | None = trigger.get_next_fire_time(None, start)
+        steps = 0
+        while fire is not None and fire <= now and steps < 10000:
+            last = fire
+            fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+            steps += 1
+        if last is not None:
+            return last
+    return None
+
+
+def serve(app: App, *, host: str | None = None, port: int | None = None,
+          ready: Callable[[int], None] | None = None) -> None:
+    """Run the jobs on their schedules and the web app until SIGTERM or SIGINT.
+
+    On a signal: no new job starts, a send in progress finishes its current batch and stops
+    (the rest resumes at the next start), then the process exits.
+    """
+    import logging
+    import signal
+    import threading
+
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from waitress import create_server
+
+    from digest import jobs
+    from digest.web.app import create_app
+
+    log = logging.getLogger("digest.serve")
+    settings = app.settings
+    tz = settings.newsletter.timezone
+    stop = threading.Event()
+
+    # One worker: jobs never overlap, so a collect never races a draft over the same rows.
+    scheduler = BackgroundScheduler(
+        executors={"default": ThreadPoolExecutor(1)},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+        timezone=ZoneInfo(tz),
+    )
+    d = settings.digest
+    scheduler.add_job(jobs.collect_job, parse_cron(d.collect_schedule, tz), args=[app], id="collect",
+                      next_run_time=datetime.now(ZoneInfo(tz)))
+    scheduler.add_job(jobs.draft_job, parse_cron(d.schedule, tz), args=[app], id="draft")
+    scheduler.add_job(jobs.send_job, parse_cron(d.send_schedule, tz), args=[app, stop.is_set], id="send",
+                      next_run_time=datetime.now(ZoneInfo(tz)))
+
+    listen_host, _, listen_port = settings.web.listen.rpartition(":")
+    server = create_server(create_app(app), host=host or listen_host,
+                           port=port if port is not None else int(listen_port), threads=4)
+    bound_port = int(server.effective_port)  # type: ignore[union-attr]
+    web_thread = threading.Thread(target=server.run, name="web", daemon=True)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received signal %d: finishing the work in flight, then stopping", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        scheduler.start()
+        web_thread.start()
+        log.info("serving on http://%s:%d; jobs: %s", host or listen_host, bound_port,
+                 ", ".join(f"{j.id} next at {j.next_run_time:%Y-%m-%d %H:%M %Z}" for j in scheduler.get_jobs()))
+        if ready is not None:
+            ready(bound_port)
+        stop.wait()
+    finally:
+        scheduler.shutdown(wait=True)  # waits for the running job, which stops after its batch
+        server.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log.info("stopped")

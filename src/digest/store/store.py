@@ -1,0 +1,705 @@
+"""Queries. Every method is one transaction; rows never leave this module, only frozen values.
+
+The send ledger methods implement DESIGN.md rules 1 and 2: a row is claimed in a committed
+transaction before the provider call, eligibility is re-checked in the claim itself, and a
+row still claimed when a new sender takes the lease becomes ``uncertain``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Integer, String, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from digest.clock import as_utc
+from digest.errors import DraftError, StoreError
+from digest.store import db
+from digest.store.schema import (
+    comments,
+    delivery_events,
+    draft_items,
+    drafts,
+    essays,
+    leases,
+    meta,
+    send_ledger,
+    source_state,
+    subscribers,
+    suppressions,
+)
+from digest.types import (
+    CollectResult,
+    Comment,
+    DeliveryEvent,
+    Draft,
+    DraftItem,
+    Essay,
+    RankedComment,
+    Recipient,
+    SendResult,
+    SourceCursor,
+)
+
+# Drafts whose essays count as already featured.
+FEATURING_STATUSES = ("pending_review", "approved", "sending", "sent")
+INELIGIBLE = ("unsubscribed", "bounced", "complained", "removed")
+
+
+@dataclass(frozen=True)
+class CollectStats:
+    """What one source's results changed in the store."""
+
+    new_essays: int = 0
+    updated_essays: int = 0
+    new_comments: int = 0
+    updated_comments: int = 0
+    deleted_comments: int = 0
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """A source's fetch history, for ``digest status``."""
+
+    source: str
+    last_fetch_at: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+    essays: int
+    comments: int
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """A subscriber row as the CLI and web app see it."""
+
+    id: int
+    email: str
+    name: str
+    status: str
+    created_at: datetime
+    unsubscribed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class DraftSummary:
+    """A draft's state without its content, for listings."""
+
+    id: int
+    period_key: str
+    status: str
+    subject: str
+    created_at: datetime
+    send_at: datetime | None
+    essays: int
+    comments: int
+    note: str | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A ledger row claimed for sending, with the recipient as of the claim."""
+
+    ledger_id: int
+    recipient: Recipient
+
+
+def _dt(value: Any) -> datetime | None:
+    return as_utc(value) if isinstance(value, datetime) else None
+
+
+# -- snapshot (de)serialization: the frozen content of a draft ---------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _from_iso(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def snapshot_json(items: Sequence[DraftItem]) -> str:
+    """The canonical JSON of a draft's items (sorted keys: equal content, equal text)."""
+    out = []
+    for item in items:
+        essay = asdict(item.essay)
+        essay["published"] = _iso(item.essay.published)
+        comment_rows = []
+        for rc in item.comments:
+            c = asdict(rc.comment)
+            c["published"] = _iso(rc.comment.published)
+            comment_rows.append({"comment": c, "rank_score": rc.rank_score, "words": rc.words})
+        out.append({"essay": essay, "comments": comment_rows, "is_new": item.is_new})
+    return json.dumps(out, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def items_from_snapshot(text: str) -> tuple[DraftItem, ...]:
+    """Inverse of :func:`snapshot_json`."""
+    items = []
+    for row in json.loads(text):
+        e = dict(row["essay"])
+        e["published"] = _from_iso(e["published"])
+        ranked = []
+        for rc in row["comments"]:
+            c = dict(rc["comment"])
+            c["published"] = _from_iso(c["published"])
+            ranked.append(RankedComment(Comment(**c), rc["rank_score"], rc["words"]))
+        items.append(DraftItem(Essay(**e), tuple(ranked), row.get("is_new", True)))
+    return tuple(items)
+
+
+def content_hash(subject: str, intro: str, snapshot: str) -> str:
+    """What approval binds to: any change to subject, intro or items changes the hash."""
+    h = hashlib.sha256()
+    for part in (subject, intro, snapshot):
+        h.update(part.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class Store:
+    """The database behind digest. Build with :func:`open_store`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (IntegrityError, DraftError):
+            raise
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {exc.__class__.__name__}: {exc}".splitlines()[0]) from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def secret(self, name: str = "secret_key") -> str:
+        """A random secret generated on first use and kept in the database."""
+        with self._tx() as conn:
+            value = conn.execute(select(meta.c.value).where(meta.c.key == name)).scalar()
+            if value is not None:
+                return str(value)
+        candidate = secrets.token_urlsafe(32)
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(meta).values(key=name, value=candidate))
+            return candidate
+        except IntegrityError:  # another process created it first
+            with self._tx() as conn:
+                return str(conn.execute(select(meta.c.value).where(meta.c.key == name)).scalar_one())
+
+    # -- sources ----------------------------------------------------------------------------
+
+    def cursor(self, source: str) -> SourceCursor:
+        with self._tx() as conn:
+            row = conn.execute(select(source_state).where(source_state.c.source == source)).first()
+        if row is None:
+            return SourceCursor()
+        return SourceCursor(etag=row.etag, last_modified=row.last_modified)
+
+    def record_collect(self, result: CollectResult, now: datetime) -> CollectStats:
+        """Upsert a source's essays and comments and its fetch state, in one transaction."""
+        with self._tx() as conn:
+            self._touch_source(conn, result, now)
+            if result.error or result.not_modified:
+                return CollectStats()
+            stats = self._upsert_essays(conn, result, now)
+            cstats = self._upsert_comments(conn, result, now)
+            counts = {
+                "essays_seen": select(func.count()).select_from(essays)
+                .where(essays.c.source == result.source).scalar_subquery(),
+                "comments_seen": select(func.count()).select_from(comments)
+                .where(and_(comments.c.source == result.source, comments.c.deleted_at.is_(None)))
+                .scalar_subquery(),
+            }
+            conn.execute(update(source_state).where(source_state.c.source == result.source).values(**counts))
+        return CollectStats(stats[0], stats[1], *cstats)
+
+    def _touch_source(self, conn: Connection, result: CollectResult, now: datetime) -> None:
+        exists = conn.execute(
+            select(source_state.c.source).where(source_state.c.source == result.source)
+        ).first()
+        if exists is None:
+            conn.execute(insert(source_state).values(source=result.source))
+        values: dict[str, Any] = {"last_fetch_at": now}
+        if result.error:
+            values.update(last_error=result.error[:2000], last_error_at=now)
+        else:
+            values.update(last_success_at=now, last_error=None, last_error_at=None,
+                          etag=result.cursor.etag, last_modified=result.cursor.last_modified)
+        conn.execute(update(source_state).where(source_state.c.source == result.source).values(**values))
+
+    def _upsert_essays(self, conn: Connection, result: CollectResult, now: datetime) -> tuple[int, int]:
+        new = updated = 0
+        for essay in result.essays:
+            row = conn.execute(
+                select(essays).where(and_(essays.c.source == essay.source, essays.c.key == essay.key))
+            ).first()
+            values = {"url": essay.url, "title": essay.title, "author": essay.author,
+                      "html": essay.html, "summary": essay.summary, "published_at": essay.published}
+            if row is None:
+                conn.execute(insert(essays).values(source=essay.source, key=essay.key,
+                                                   first_seen_at=now, updated_at=now, **values))
+                new += 1
+            elif any(getattr(row, k) != v for k, v in values.items() if k != "published_at") or (
+                _dt(row.published_at) != essay.published
+            ):
+                conn.execute(update(essays).where(essays.c.id == row.id).values(updated_at=now, **values))
+                updated += 1
+        return new, updated
+
+    def _upsert_comments(self, conn: Connection, result: CollectResult, now: datetime) -> tuple[int, int, int]:
+        new = updated = deleted = 0
+        essay_ids: dict[tuple[str, str], int | None] = {}
+        seen_by_essay: dict[int, set[str]] = {}
+        for essay in result.essays:  # a full essay listing lets us notice deleted comments
+            seen_by_essay.setdefault(self._essay_id(conn, essay_ids, essay.source, essay.key) or -1, set())
+        for c in result.comments:
+            essay_id = self._essay_id(conn, essay_ids, c.essay_source or c.source, c.essay_key)
+            if essay_id is None:
+                continue  # a comment on an essay we do not have: nothing to attach it to
+            seen_by_essay.setdefault(essay_id, set()).add(c.key)
+            row = conn.execute(
+                select(comments).where(and_(comments.c.source == c.source, comments.c.key == c.key))
+            ).first()
+            values = {"essay_id": essay_id, "author": c.author, "html": c.html, "url": c.url,
+                      "score": c.score, "position": c.position, "parent_key": c.parent_key,
+                      "published_at": c.published, "deleted_at": None}
+            if row is None:
+                conn.execute(insert(comments).values(source=c.source, key=c.key, first_seen_at=now,
+                                                     updated_at=now, **values))
+                new += 1
+            elif (row.html, row.score, row.author, row.position, row.deleted_at) != (
+                c.html, c.score, c.author, c.position, None
+            ):
+                conn.execute(update(comments).where(comments.c.id == row.id).values(updated_at=now, **values))
+                updated += 1
+        for essay_id, keys in seen_by_essay.items():
+            if essay_id < 0:
+                continue
+            stmt = (
+                update(comments)
+                .where(and_(comments.c.essay_id == essay_id, comments.c.source == result.source,
+                            comments.c.deleted_at.is_(None),
+                            comments.c.key.not_in(keys) if keys else True))
+                .values(deleted_at=now, updated_at=now)
+            )
+            deleted += conn.execute(stmt).rowcount or 0
+        return new, updated, deleted
+
+    @staticmethod
+    def _essay_id(conn: Connection, cache: dict[tuple[str, str], int | None], source: str, key: str) -> int | None:
+        if (source, key) not in cache:
+            cache[(source, key)] = conn.execute(
+                select(essays.c.id).where(and_(essays.c.source == source, essays.c.key == key))
+            ).scalar()
+        return cache[(source, key)]
+
+    def source_statuses(self) -> list[SourceStatus]:
+        with self._tx() as conn:
+            rows = conn.execute(select(source_state).order_by(source_state.c.source)).all()
+        return [SourceStatus(r.source, _dt(r.last_fetch_at), _dt(r.last_success_at), r.last_error,
+                             _dt(r.last_error_at), r.essays_seen, r.comments_seen) for r in rows]
+
+    # -- drafting ---------------------------------------------------------------------------
+
+    def last_sent_at(self) -> datetime | None:
+        with self._tx() as conn:
+            value = conn.execute(
+                select(func.max(drafts.c.started_at)).where(drafts.c.status.in_(("sending", "sent")))
+            ).scalar()
+        return _dt(value)
+
+    def candidate_essays(self, since: datetime | None, limit: int) -> list[tuple[int, Essay]]:
+        """Essays no live draft has featured, newest first; with ``since``, only those after it."""
+        featured = (
+            select(draft_items.c.essay_id)
+            .join(drafts, drafts.c.id == draft_items.c.draft_id)
+            .where(drafts.c.status.in_(FEATURING_STATUSES))
+        )
+        stmt = select(essays).where(essays.c.id.not_in(featured))
+        if since is not None:
+            stmt = stmt.where(or_(essays.c.published_at > since,
+                                  and_(essays.c.published_at.is_(None), essays.c.first_seen_at > since)))
+        stmt = stmt.order_by(essays.c.published_at.desc().nulls_last(), essays.c.id.desc()).limit(limit)
+        with self._tx() as conn:
+            rows = conn.execute(stmt).all()
+        return [(r.id, Essay(r.source, r.key, r.url, r.title, r.html, r.summary, r.author, _dt(r.published_at)))
+                for r in rows]
+
+    def comments_for(self, essay_ids: Sequence[int]) -> dict[int, list[tuple[int, Comment]]]:
+        """Live (not deleted) comments of these essays, by essay id."""
+        out: dict[int, list[tuple[int, Comment]]] = {i: [] for i in essay_ids}
+        if not essay_ids:
+            return out
+        stmt = (
+            select(comments, essays.c.key.label("essay_key"), essays.c.source.label("essay_source"))
+            .join(essays, essays.c.id == comments.c.essay_id)
+            .where(and_(comments.c.essay_id.in_(essay_ids), comments.c.deleted_at.is_(None)))
+            .order_by(comments.c.id)
+        )
+        with self._tx() as conn:
+            for r in conn.execute(stmt):
+                out[r.essay_id].append((r.id, Comment(
+                    source=r.source, essay_key=r.essay_key, key=r.key, author=r.author, html=r.html,
+                    url=r.url, score=r.score, published=_dt(r.published_at), parent_key=r.parent_key,
+                    position=r.position,
+                    essay_source=r.essay_source if r.essay_source != r.source else None,
+                )))
+        return out
+
+    def create_draft(self, draft: Draft, refs: Sequence[tuple[int, int | None]], now: datetime,
+                     status: str = "pending_review") -> tuple[Draft, bool]:
+        """Insert a draft and its item references; returns (draft with id and hash, created).
+
+        If a live draft already holds the period (rule 3), that one is returned, uncreated.
+        """
+        snap = snapshot_json(draft.items)
+        digest_hash = content_hash(draft.subject, draft.intro, snap)
+        try:
+            with self._tx() as conn:
+                draft_id = conn.execute(
+                    insert(drafts).values(period_key=draft.period_key, status=status, subject=draft.subject,
+                                          intro=draft.intro, snapshot=snap, content_hash=digest_hash,
+                                          created_at=now, updated_at=now)
+                    .returning(drafts.c.id)
+                ).scalar_one()
+                if refs:
+                    conn.execute(insert(draft_items), [
+                        {"draft_id": draft_id, "position": i, "essay_id": e, "comment_id": c}
+                        for i, (e, c) in enumerate(refs)
+                    ])
+        except IntegrityError:
+            existing = self.live_draft_for_period(draft.period_key)
+            if existing is None:
+                raise
+            return existing, False
+        return self.get_draft(draft_id), True
+
+    def live_draft_for_period(self, period_key: str) -> Draft | None:
+        with self._tx() as conn:
+            draft_id = conn.execute(
+                select(drafts.c.id).where(and_(drafts.c.period_key == period_key,
+                                               drafts.c.status.not_in(("rejected", "skipped"))))
+            ).scalar()
+        return self.get_draft(draft_id) if draft_id is not None else None
+
+    def get_draft(self, draft_id: int) -> Draft:
+        with self._tx() as conn:
+            row = conn.execute(select(drafts).where(drafts.c.id == draft_id)).first()
+        if row is None:
+            raise DraftError(f"no draft with id {draft_id}", hint="`digest drafts` lists them")
+        return Draft(period_key=row.period_key, subject=row.subject, intro=row.intro,
+                     items=items_from_snapshot(row.snapshot), id=row.id, status=row.status,
+                     created_at=_dt(row.created_at), send_at=_dt(row.send_at), content_hash=row.content_hash)
+
+    def list_drafts(self, limit: int = 50) -> list[DraftSummary]:
+        with self._tx() as conn:
+            rows = conn.execute(select(drafts).order_by(drafts.c.id.desc()).limit(limit)).all()
+        out = []
+        for r in rows:
+            items = json.loads(r.snapshot)
+            out.append(DraftSummary(r.id, r.period_key, r.status, r.subject, as_utc(r.created_at),
+                                    _dt(r.send_at), len(items), sum(len(i["comments"]) for i in items), r.note))
+        return out
+
+    def transition(self, draft_id: int, from_statuses: Iterable[str], to_status: str, now: datetime,
+                   **values: Any) -> Draft:
+        """Move a draft between states atomically; ``DraftError`` if it is not in ``from_statuses``."""
+        allowed = tuple(from_statuses)
+        with self._tx() as conn:
+            changed = conn.execute(
+                update(drafts).where(and_(drafts.c.id == draft_id, drafts.c.status.in_(allowed)))
+                .values(status=to_status, updated_at=now, **values)
+            ).rowcount
+        if not changed:
+            current = self.get_draft(draft_id)  # raises if missing
+            raise DraftError(f"draft {draft_id} is {current.status}; it must be {' or '.join(allowed)} "
+                             f"to become {to_status}")
+        return self.get_draft(draft_id)
+
+    def due_drafts(self, now: datetime) -> list[int]:
+        """Approved drafts whose send time has come, and sends left unfinished."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(drafts.c.id).where(or_(
+                    and_(drafts.c.status == "approved",
+                         or_(drafts.c.send_at.is_(None), drafts.c.send_at <= now)),
+                    drafts.c.status == "sending",
+                )).order_by(drafts.c.id)
+            ).all()
+        return [r.id for r in rows]
+
+    def pending_review_before(self, created_before: datetime) -> list[int]:
+        with self._tx() as conn:
+            rows = conn.execute(select(drafts.c.id).where(and_(
+                drafts.c.status == "pending_review", drafts.c.created_at <= created_before))).all()
+        return [r.id for r in rows]
+
+    # -- subscribers ------------------------------------------------------------------------
+
+    def subscriber_by_email(self, email: str) -> Subscriber | None:
+        with self._tx() as conn:
+            row = conn.execute(select(subscribers).where(subscribers.c.email == email.lower())).first()
+        return self._subscriber(row) if row else None
+
+    def subscriber(self, subscriber_id: int) -> Subscriber | None:
+        with self._tx() as conn:
+            row = conn.execute(select(subscribers).where(subscribers.c.id == subscriber_id)).first()
+        return self._subscriber(row) if row else None
+
+    @staticmethod
+    def _subscriber(row: Any) -> Subscriber:
+        return Subscriber(row.id, row.email, row.name, row.status, as_utc(row.created_at),
+                          _dt(row.unsubscribed_at))
+
+    def upsert_subscribers(self, rows: Sequence[tuple[str, str]], origin: str, now: datetime,
+                           reactivate_removed: bool = False) -> tuple[int, int, list[str]]:
+        """Add (email, name) rows. Returns (added, updated, skipped emails).
+
+        An address that unsubscribed, bounced or complained is never re-activated here.
+        """
+        added = updated = 0
+        skipped: list[str] = []
+        with self._tx() as conn:
+            for email, name in rows:
+                email = email.lower()
+                row = conn.execute(select(subscribers).where(subscribers.c.email == email)).first()
+                if row is None:
+                    conn.execute(insert(subscribers).values(email=email, name=name, status="active",
+                                                            origin=origin, created_at=now, updated_at=now))
+                    added += 1
+                elif row.status == "removed" and reactivate_removed:
+                    conn.execute(update(subscribers).where(subscribers.c.id == row.id).values(
+                        status="active", name=name, updated_at=now, unsubscribed_at=None))
+                    added += 1
+                elif row.status != "active":
+                    skipped.append(email)
+                elif name and name != row.name:
+                    conn.execute(update(subscribers).where(subscribers.c.id == row.id)
+                                 .values(name=name, updated_at=now))
+                    updated += 1
+        return added, updated, skipped
+
+    def list_subscribers(self, status: str | None = None) -> Iterator[Subscriber]:
+        """Stream subscribers in id order (never all in memory at once)."""
+        last = 0
+        while True:
+            stmt = select(subscribers).where(subscribers.c.id > last).order_by(subscribers.c.id).limit(1000)
+            if status:
+                stmt = stmt.where(subscribers.c.status == status)
+            with self._tx() as conn:
+                rows = conn.execute(stmt).all()
+            if not rows:
+                return
+            for r in rows:
+                yield self._subscriber(r)
+            last = rows[-1].id
+
+    def set_subscriber_status(self, subscriber_id: int, status: str, now: datetime) -> bool:
+        """Set status; returns False when it already had it (so callers stay idempotent)."""
+        values: dict[str, Any] = {"status": status, "updated_at": now}
+        if status in INELIGIBLE:
+            values["unsubscribed_at"] = now
+        if status == "removed":
+            values["name"] = ""
+        with self._tx() as conn:
+            changed = conn.execute(update(subscribers).where(and_(
+                subscribers.c.id == subscriber_id, subscribers.c.status != status)).values(**values)).rowcount
+        return bool(changed)
+
+    def count_subscribers(self) -> dict[str, int]:
+        with self._tx() as conn:
+            rows = conn.execute(select(subscribers.c.status, func.count()).group_by(subscribers.c.status)).all()
+        return {r[0]: r[1] for r in rows}
+
+    def suppress(self, email: str, reason: str, origin: str, now: datetime) -> None:
+        """Add an address to the suppression list (idempotent) and mark its subscriber."""
+        email = email.lower()
+        with self._tx() as conn:
+            if conn.execute(select(suppressions.c.email).where(suppressions.c.email == email)).first() is None:
+                conn.execute(insert(suppressions).values(email=email, reason=reason, origin=origin, created_at=now))
+            status = {"hard_bounce": "bounced", "complaint": "complained"}.get(reason, "unsubscribed")
+            conn.execute(update(subscribers).where(and_(subscribers.c.email == email,
+                                                        subscribers.c.status == "active"))
+                         .values(status=status, updated_at=now, unsubscribed_at=now))
+
+    def record_event(self, event: DeliveryEvent, now: datetime) -> bool:
+        """Store a provider event once; returns False for a replay of one already stored."""
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(delivery_events).values(
+                    provider=event.provider, event_id=event.event_id, event_type=event.event_type,
+                    email=event.email.lower(), ledger_id=event.ledger_id, occurred_at=event.occurred_at,
+                    received_at=now, detail=json.dumps(event.detail, sort_keys=True)))
+        except IntegrityError:
+            return False
+        return True
+
+    def event_counts(self) -> dict[str, int]:
+        with self._tx() as conn:
+            rows = conn.execute(select(delivery_events.c.event_type, func.count())
+                                .group_by(delivery_events.c.event_type)).all()
+        return {r[0]: r[1] for r in rows}
+
+    # -- the send ledger ---------------------------------------------------------------------
+
+    def start_send(self, draft_id: int, now: datetime) -> int:
+        """approved → sending, freezing the audience as ledger rows, in one transaction.
+
+        Returns how many rows the audience has. A draft already ``sending`` is left alone.
+        """
+        with self._tx() as conn:
+            changed = conn.execute(
+                update(drafts).where(and_(drafts.c.id == draft_id, drafts.c.status == "approved"))
+                .values(status="sending", started_at=now, updated_at=now)
+            ).rowcount
+            if changed:
+                audience = select(
+                    literal(draft_id, Integer), subscribers.c.id, subscribers.c.email, literal("pending", String),
+                ).where(and_(subscribers.c.status == "active",
+                             subscribers.c.email.not_in(select(suppressions.c.email))))
+                conn.execute(insert(send_ledger).from_select(
+                    ["draft_id", "subscriber_id", "email", "status"], audience))
+            total = conn.execute(select(func.count()).select_from(send_ledger)
+                                 .where(send_ledger.c.draft_id == draft_id)).scalar_one()
+        return int(total)
+
+    def mark_stale_claims_uncertain(self, draft_id: int, now: datetime) -> int:
+        """Rows still ``claimed`` from a sender that died: their fate is unknown (rule 1)."""
+        with self._tx() as conn:
+            return int(conn.execute(
+                update(send_ledger).where(and_(send_ledger.c.draft_id == draft_id,
+                                               send_ledger.c.status == "claimed"))
+                .values(status="uncertain", settled_at=now,
+                        error="the sender stopped while this message was in flight")
+            ).rowcount or 0)
+
+    def claim_batch(self, draft_id: int, size: int, token: str, now: datetime) -> list[Claimed]:
+        """Claim up to ``size`` pending rows, skipping (rule 2) those no longer eligible."""
+        with self._tx() as conn:
+            eligible = and_(subscribers.c.status == "active",
+                            send_ledger.c.email.not_in(select(suppressions.c.email)))
+            ineligible_ids = select(send_ledger.c.id).join(
+                subscribers, subscribers.c.id == send_ledger.c.subscriber_id
+            ).where(and_(send_ledger.c.draft_id == draft_id, send_ledger.c.status == "pending",
+                         ~eligible))
+            conn.execute(update(send_ledger).where(send_ledger.c.id.in_(ineligible_ids))
+                         .values(status="skipped", settled_at=now, error="no longer eligible at claim time"))
+            stmt = (
+                select(send_ledger.c.id, send_ledger.c.subscriber_id, subscribers.c.email, subscribers.c.name)
+                .join(subscribers, subscribers.c.id == send_ledger.c.subscriber_id)
+                .where(and_(send_ledger.c.draft_id == draft_id, send_ledger.c.status == "pending", eligible))
+                .order_by(send_ledger.c.id).limit(size)
+            )
+            if self.dialect == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True, of=send_ledger)
+            rows = conn.execute(stmt).all()
+            if not rows:
+                return []
+            conn.execute(update(send_ledger).where(send_ledger.c.id.in_([r.id for r in rows]))
+                         .values(status="claimed", claim_token=token, claimed_at=now,
+                                 attempts=send_ledger.c.attempts + 1))
+        return [Claimed(r.id, Recipient(r.subscriber_id, r.email, r.name)) for r in rows]
+
+    def settle(self, results: Sequence[SendResult], provider: str, now: datetime) -> None:
+        """Record each message's fate. Failing here stops the send (rule 9)."""
+        if not results:
+            return
+        with self._tx() as conn:
+            for r in results:
+                conn.execute(update(send_ledger).where(send_ledger.c.id == r.ledger_id).values(
+                    status=r.status, provider=provider, provider_message_id=r.provider_message_id,
+                    error=(r.error or None) and r.error[:1000], settled_at=now))
+
+    def release(self, ledger_ids: Sequence[int], error: str, now: datetime) -> None:
+        """Put claimed rows back to pending: the provider certainly did not take them."""
+        if not ledger_ids:
+            return
+        with self._tx() as conn:
+            conn.execute(update(send_ledger).where(and_(send_ledger.c.id.in_(ledger_ids),
+                                                        send_ledger.c.status == "claimed"))
+                         .values(status="pending", claim_token=None, error=error[:1000]))
+
+    def mark_uncertain(self, ledger_ids: Sequence[int], error: str, now: datetime) -> None:
+        if not ledger_ids:
+            return
+        with self._tx() as conn:
+            conn.execute(update(send_ledger).where(send_ledger.c.id.in_(ledger_ids))
+                         .values(status="uncertain", error=error[:1000], settled_at=now))
+
+    def resolve_uncertain(self, draft_id: int, how: str, now: datetime) -> int:
+        """``resend``: back to pending; ``mark-sent``: count them as delivered."""
+        values: dict[str, Any] = ({"status": "pending", "claim_token": None} if how == "resend"
+                                  else {"status": "sent", "settled_at": now})
+        with self._tx() as conn:
+            n = conn.execute(update(send_ledger).where(and_(send_ledger.c.draft_id == draft_id,
+                                                            send_ledger.c.status == "uncertain"))
+                             .values(error=f"uncertain, resolved by {how}", **values)).rowcount or 0
+            if n and how == "resend":
+                conn.execute(update(drafts).where(and_(drafts.c.id == draft_id, drafts.c.status == "sent"))
+                             .values(status="sending", finished_at=None, updated_at=now))
+        return int(n)
+
+    def ledger_counts(self, draft_id: int) -> dict[str, int]:
+        with self._tx() as conn:
+            rows = conn.execute(select(send_ledger.c.status, func.count())
+                                .where(send_ledger.c.draft_id == draft_id)
+                                .group_by(send_ledger.c.status)).all()
+        return {r[0]: r[1] for r in rows}
+
+    def drafts_with_ledger(self) -> list[int]:
+        with self._tx() as conn:
+            rows = conn.execute(select(send_ledger.c.draft_id).distinct().order_by(send_ledger.c.draft_id)).all()
+        return [r[0] for r in rows]
+
+    def ledger_rows(self, draft_id: int) -> list[tuple[int, str, str]]:
+        """(ledger id, email, status) for every row of a draft, in id order (tests and status)."""
+        with self._tx() as conn:
+            rows = conn.execute(select(send_ledger.c.id, send_ledger.c.email, send_ledger.c.status)
+                                .where(send_ledger.c.draft_id == draft_id).order_by(send_ledger.c.id)).all()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    # -- leases (rule 3: two `digest serve` processes never send the same draft at once) -----
+
+    def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
+        try:
+            with self._tx() as conn:
+                row = conn.execute(select(leases).where(leases.c.name == name)).first()
+                if row is None:
+                    conn.execute(insert(leases).values(name=name, holder=holder, expires_at=until))
+                    return True
+                if row.holder == holder or as_utc(row.expires_at) <= now:
+                    changed = conn.execute(update(leases).where(and_(
+                        leases.c.name == name, leases.c.holder == row.holder,
+                        leases.c.expires_at == row.expires_at)).values(holder=holder, expires_at=until)).rowcount
+                    return bool(changed)
+                return False
+        except IntegrityError:
+            return False
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._tx() as conn:
+            conn.execute(delete(leases).where(and_(leases.c.name == name, leases.c.holder == holder)))
+
+
+def open_store(url: str) -> Store:
+    """Open (and on first use create) the database at ``url``."""
+    engine = db.make_engine(url)
+    db.ensure_schema(engine)
+    return Store(engine)

@@ -1,0 +1,170 @@
+"""Subscribers: add, import, export, remove, unsubscribe. Addresses are kept lower-cased.
+
+Nothing here ever re-activates an address that unsubscribed, bounced or complained: that
+takes the subscriber's own new consent, which a CSV file cannot show.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO
+
+from email_validator import EmailNotValidError, validate_email
+
+from digest import tokens
+from digest.errors import SubscriberError, TokenError
+from digest.store import Store
+from digest.store.store import Subscriber
+
+UNSUBSCRIBE = "unsubscribe"
+PREFERENCES = "preferences"
+
+
+def normalize_email(raw: str) -> str:
+    """A valid address, lower-cased; ``SubscriberError`` naming the problem otherwise."""
+    candidate = raw.strip()
+    if not candidate:
+        raise SubscriberError("empty address")
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in candidate):
+        raise SubscriberError(f"{candidate!r}: control characters are not allowed")
+    try:
+        info = validate_email(candidate, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise SubscriberError(f"{candidate}: {exc}") from exc
+    return info.normalized.lower()
+
+
+def clean_name(raw: str) -> str:
+    """A display name without control characters (they could break headers, rule 5)."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in raw).split())[:200]
+
+
+@dataclass
+class ImportReport:
+    """What an import did, with each rejected row's line number and reason."""
+
+    added: int = 0
+    updated: int = 0
+    duplicates: int = 0
+    kept_unsubscribed: list[str] = field(default_factory=list)
+    invalid: list[tuple[int, str]] = field(default_factory=list)
+
+
+def add(store: Store, email: str, name: str, now: datetime) -> Subscriber:
+    """Add one subscriber; refuses to re-activate one who left."""
+    address = normalize_email(email)
+    existing = store.subscriber_by_email(address)
+    if existing is not None and existing.status not in ("active", "removed"):
+        raise SubscriberError(f"{address} is {existing.status} and will not be re-added",
+                              hint="only the subscriber can subscribe again")
+    store.upsert_subscribers([(address, clean_name(name))], "cli", now, reactivate_removed=True)
+    result = store.subscriber_by_email(address)
+    assert result is not None
+    return result
+
+
+def read_csv(stream: IO[str]) -> tuple[list[tuple[int, str, str]], list[tuple[int, str]]]:
+    """Rows of (line, email, name) and invalid rows of (line, reason).
+
+    Accepts a header row (``email,name`` in any order and case) or none; a missing name is empty.
+    """
+    rows: list[tuple[int, str, str]] = []
+    invalid: list[tuple[int, str]] = []
+    reader = csv.reader(stream)
+    email_col, name_col = 0, 1
+    for record in reader:
+        line = reader.line_num
+        if not record or all(not cell.strip() for cell in record):
+            continue
+        lowered = [cell.strip().lower() for cell in record]
+        if line == 1 and "email" in lowered:
+            email_col = lowered.index("email")
+            name_col = lowered.index("name") if "name" in lowered else -1
+            continue
+        raw_email = record[email_col] if email_col < len(record) else ""
+        raw_name = record[name_col] if 0 <= name_col < len(record) else ""
+        try:
+            rows.append((line, normalize_email(raw_email), clean_name(raw_name)))
+        except SubscriberError as exc:
+            invalid.append((line, str(exc)))
+    return rows, invalid
+
+
+def import_csv(store: Store, stream: IO[str], now: datetime) -> ImportReport:
+    """Import a CSV of email,name. Invalid rows are reported, the rest imported."""
+    report = ImportReport()
+    try:
+        rows, report.invalid = read_csv(stream)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise SubscriberError(f"not a readable CSV file: {exc}") from exc
+    merged: dict[str, str] = {}
+    for _line, email, name in rows:
+        if email in merged:
+            report.duplicates += 1
+            merged[email] = merged[email] or name
+        else:
+            merged[email] = name
+    batch = list(merged.items())
+    for start in range(0, len(batch), 1000):
+        added, updated, skipped = store.upsert_subscribers(batch[start:start + 1000], "import", now)
+        report.added += added
+        report.updated += updated
+        report.kept_unsubscribed.extend(skipped)
+    return report
+
+
+def export_csv(subscribers: Iterable[Subscriber]) -> Iterator[str]:
+    """CSV lines (header first) for a stream of subscribers."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["email", "name", "status", "created_at", "unsubscribed_at"])
+    yield buffer.getvalue()
+    for s in subscribers:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow([s.email, s.name, s.status, s.created_at.isoformat(),
+                         s.unsubscribed_at.isoformat() if s.unsubscribed_at else ""])
+        yield buffer.getvalue()
+
+
+def remove(store: Store, email: str, now: datetime) -> bool:
+    """Stop all mail to an address and forget its name; False if it was not subscribed."""
+    existing = store.subscriber_by_email(email.strip().lower())
+    if existing is None:
+        raise SubscriberError(f"{email.strip()} is not a subscriber")
+    return store.set_subscriber_status(existing.id, "removed", now)
+
+
+def _email_tag(email: str) -> str:
+    # Binds the token to the address too, so a recycled id never unsubscribes someone else.
+    return hashlib.sha256(email.lower().encode()).hexdigest()[:12]
+
+
+def token_for(secret: str, purpose: str, subscriber_id: int, email: str) -> str:
+    """The opaque token in a subscriber's unsubscribe or preferences link."""
+    return tokens.sign(secret, purpose, [subscriber_id, _email_tag(email)])
+
+
+def subscriber_for_token(store: Store, secret: str, purpose: str, token: str) -> Subscriber:
+    """The subscriber a token names; ``TokenError`` if it is forged or names nobody."""
+    payload = tokens.verify(secret, purpose, token)
+    if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], int)):
+        raise TokenError("this link is not valid")
+    found = store.subscriber(payload[0])
+    if found is None or _email_tag(found.email) != payload[1]:
+        raise TokenError("this link no longer matches a subscription")
+    return found
+
+
+def unsubscribe(store: Store, subscriber: Subscriber, now: datetime) -> bool:
+    """Unsubscribe at once (idempotent): True if this call changed anything."""
+    if subscriber.status != "active":
+        return False
+    changed = store.set_subscriber_status(subscriber.id, "unsubscribed", now)
+    store.suppress(subscriber.email, "unsubscribed", "link", now)
+    return changed

@@ -1,0 +1,1 @@
+"""The small server-rendered web app (unsubscribe, preferences, health)."""

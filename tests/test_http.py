@@ -1,0 +1,203 @@
+"""digest.http: Retry-After parsing and the bounded, retrying, conditional fetch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import requests
+import responses
+
+from digest import __version__
+from digest.errors import SourceError
+from digest.http import (
+    DEFAULT_TIMEOUT,
+    USER_AGENT,
+    Fetched,
+    build_session,
+    fetch,
+    retry_after_seconds,
+)
+
+URL = "https://api.example.org/feed"
+NOW = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
+
+
+# --- retry_after_seconds ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [("120", 120.0), (" 7 ", 7.0), ("0", 0.0)])
+def test_retry_after_seconds(value: str, expected: float) -> None:
+    assert retry_after_seconds(value, now=NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Tue, 10 Nov 2026 12:01:30 GMT", 90.0),
+        ("Tue, 10 Nov 2026 12:01:30 -0000", 90.0),  # "-0000" parses naive: read as UTC
+        ("Tue, 10 Nov 2026 13:01:30 +0100", 90.0),
+        ("Tue, 10 Nov 2026 11:00:00 GMT", 0.0),  # already past: retry now, never negative
+    ],
+)
+def test_retry_after_http_date(value: str, expected: float) -> None:
+    assert retry_after_seconds(value, now=NOW) == expected
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "1.5", "-5", "Tuesday", "²", "٣"])
+def test_retry_after_garbage_is_none(value: str | None) -> None:
+    # "²" and "٣" are str.isdigit() but not something float() takes: they must not raise.
+    assert retry_after_seconds(value, now=NOW) is None
+
+
+def test_retry_after_cap() -> None:
+    assert retry_after_seconds("100000", now=NOW) == 300.0
+    assert retry_after_seconds("100000", now=NOW, cap=60.0) == 60.0
+    assert retry_after_seconds("Fri, 01 Jan 2100 00:00:00 GMT", now=NOW, cap=60.0) == 60.0
+    assert retry_after_seconds("59", now=NOW, cap=60.0) == 59.0
+
+
+# --- fetch ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mocked() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+def no_sleep(_seconds: float) -> None:
+    raise AssertionError("fetch slept when it should not have")
+
+
+def test_user_agent_is_digests(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, body=b"ok")
+    fetch(build_session(), URL, sleep=no_sleep)
+    agent = mocked.calls[0].request.headers["User-Agent"]
+    assert agent == USER_AGENT
+    assert agent.startswith(f"digest/{__version__} ")
+
+
+def test_timeouts_are_passed(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, body=b"ok")
+    fetch(build_session(), URL, sleep=no_sleep)
+    fetch(build_session(), URL, timeout=(1.5, 4.0), sleep=no_sleep)
+    kwargs = [call.request.req_kwargs for call in mocked.calls]  # type: ignore[attr-defined]
+    assert [k["timeout"] for k in kwargs] == [DEFAULT_TIMEOUT, (1.5, 4.0)]
+    assert all(k["stream"] is True for k in kwargs)  # streamed, so the size cap can stop it early
+
+
+def test_ok_response(mocked: responses.RequestsMock) -> None:
+    mocked.get(
+        URL,
+        body=b"<rss/>",
+        headers={
+            "ETag": '"a"',
+            "Last-Modified": "Mon, 02 Nov 2026 07:30:00 GMT",
+            "X-Odd-Case": "kept",
+        },
+    )
+    got = fetch(build_session(), URL, headers={"Accept": "application/rss+xml"}, sleep=no_sleep)
+    assert (got.url, got.status, got.body, got.not_modified) == (URL, 200, b"<rss/>", False)
+    assert got.etag == '"a"' and got.last_modified == "Mon, 02 Nov 2026 07:30:00 GMT"
+    assert got.headers["x-odd-case"] == "kept"  # header names are lower-cased
+    assert got.wire_bytes == 6
+    request = mocked.calls[0].request
+    assert request.headers["Accept"] == "application/rss+xml"
+    assert "If-None-Match" not in request.headers and "If-Modified-Since" not in request.headers
+
+
+def test_conditional_get(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, status=304, headers={"ETag": '"a"'})
+    got = fetch(
+        build_session(),
+        URL,
+        etag='"a"',
+        last_modified="Mon, 02 Nov 2026 07:30:00 GMT",
+        sleep=no_sleep,
+    )
+    assert got == Fetched(url=URL, status=304, headers=got.headers, not_modified=True)
+    assert got.body == b"" and got.etag == '"a"'
+    request = mocked.calls[0].request
+    assert request.headers["If-None-Match"] == '"a"'
+    assert request.headers["If-Modified-Since"] == "Mon, 02 Nov 2026 07:30:00 GMT"
+
+
+def test_client_errors_are_not_retried(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, status=404)
+    with pytest.raises(SourceError, match=f"^{URL}: HTTP 404$"):
+        fetch(build_session(), URL, sleep=no_sleep)
+    assert len(mocked.calls) == 1
+
+
+def test_5xx_backs_off_then_succeeds(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, status=503)
+    mocked.get(URL, status=502)
+    mocked.get(URL, body=b"ok")
+    sleeps: list[float] = []
+    got = fetch(build_session(), URL, sleep=sleeps.append)
+    assert got.body == b"ok"
+    assert sleeps == [0.5, 1.0]
+
+
+def test_retry_after_is_obeyed_and_capped_at_a_minute(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, status=429, headers={"Retry-After": "3"})
+    mocked.get(URL, status=503, headers={"Retry-After": "86400"})
+    mocked.get(URL, body=b"ok")
+    sleeps: list[float] = []
+    fetch(build_session(), URL, sleep=sleeps.append)
+    assert sleeps == [3.0, 60.0]
+
+
+def test_retries_exhausted(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, status=503)
+    sleeps: list[float] = []
+    with pytest.raises(SourceError, match=f"^{URL}: HTTP 503$"):
+        fetch(build_session(), URL, sleep=sleeps.append)
+    assert len(mocked.calls) == 4 and sleeps == [0.5, 1.0, 2.0]
+    with pytest.raises(SourceError, match="HTTP 503"):
+        fetch(build_session(), URL, retries=0, sleep=no_sleep)
+
+
+def test_network_errors_are_retried_then_raised(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, body=requests.ConnectTimeout("timed out"))
+    sleeps: list[float] = []
+    with pytest.raises(SourceError, match=f"^{URL}: ConnectTimeout: timed out$") as caught:
+        fetch(build_session(), URL, sleep=sleeps.append)
+    assert isinstance(caught.value.__cause__, requests.ConnectTimeout)
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_redirects_are_followed_and_capped(mocked: responses.RequestsMock) -> None:
+    final = "https://cdn.example.org/feed"
+    mocked.get(URL, status=301, headers={"Location": final})
+    mocked.get(final, body=b"moved")
+    got = fetch(build_session(), URL, sleep=no_sleep)
+    assert (got.url, got.body) == (final, b"moved")
+
+    loop = "https://loop.example.org/a"
+    mocked.get(loop, status=302, headers={"Location": loop})
+    with pytest.raises(SourceError, match=f"^{loop}: more than 5 redirects$"):
+        fetch(build_session(), loop, sleep=no_sleep)
+
+
+def test_size_cap(mocked: responses.RequestsMock) -> None:
+    mocked.get(URL, body=b"x" * 1000, auto_calculate_content_length=True)
+    with pytest.raises(SourceError, match="body of 1000 bytes is over the 999-byte cap"):
+        fetch(build_session(), URL, max_bytes=999, sleep=no_sleep)
+    assert (
+        fetch(build_session(), URL, max_bytes=1000, sleep=no_sleep).body == b"x" * 1000
+    )  # boundary
+
+    streamed = "https://api.example.org/streamed"
+    mocked.get(streamed, body=b"x" * 1000)  # no Content-Length: counted while streaming
+    with pytest.raises(SourceError, match="body is over the 999-byte cap"):
+        fetch(build_session(), streamed, max_bytes=999, sleep=no_sleep)
+
+
+def test_non_ascii_digit_content_length_does_not_crash(mocked: responses.RequestsMock) -> None:
+    # Header values are decoded as Latin-1, so "\xb2" arrives as "²", which str.isdigit()
+    # accepts and int() rejects. It must count as "no length", not raise ValueError.
+    mocked.get(URL, body=b"fine", headers={"Content-Length": "\xb2"})
+    assert fetch(build_session(), URL, sleep=no_sleep).body == b"fine"
