@@ -105,6 +105,9 @@ def fetch(
             response = session.get(url, headers=request_headers, timeout=timeout, stream=True)
         except requests.TooManyRedirects as exc:
             raise SourceError(f"{url}: more than {MAX_REDIRECTS} redirects") from exc
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema) as exc:
+            raise SourceError(f"{url}: not a usable URL: {exc}") from exc  # retrying cannot help
         except requests.RequestException as exc:
             if attempt <= retries:
                 sleep(backoff * 2 ** (attempt - 1))
@@ -120,8 +123,8 @@ def fetch(
                 return Fetched(url=response.url, status=304, headers=lowered, not_modified=True)
             if not 200 <= response.status_code < 300:
                 raise SourceError(f"{url}: HTTP {response.status_code}")
-            declared = lowered.get("content-length")
-            if declared and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+            declared = lowered.get("content-length", "")
+            if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
                 raise SourceError(f"{url}: body of {declared} bytes is over the {max_bytes}-byte cap")
             chunks: list[bytes] = []
             size = 0

@@ -47,10 +47,10 @@ def rows(result: CollectResult) -> list[tuple[str, str, str, str, datetime | Non
     return [(e.key, e.url, e.title, e.author, e.published) for e in result.essays]
 
 
-def rss(items: str, channel_extra: str = "") -> bytes:
+def rss(items: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel><title>T</title>'
-        f"<link>https://fieldnotes.example.org/</link>{channel_extra}{items}</channel></rss>"
+        f"<link>https://fieldnotes.example.org/</link>{items}</channel></rss>"
     ).encode()
 
 
@@ -188,7 +188,8 @@ def test_atom_relative_links_and_xml_base() -> None:
     sharpening, div = result.essays
     assert (
         sharpening.html
-        == '<p>See <a href="https://fieldnotes.example.org/blog/2026/stones">the stones</a> first.</p>'
+        == '<p>See <a href="https://fieldnotes.example.org/blog/2026/stones">the stones</a>'
+        " first.</p>"
     )
     assert sharpening.summary == "A short note on keeping edges."
     assert 'href="https://archive.example.net/old/posts/semantics"' in div.html
@@ -227,8 +228,8 @@ def test_json_feed_11() -> None:
     ]
     collab, note, _ = result.essays
     assert (
-        collab.html
-        == '<p>We wrote this <a href="https://fieldnotes.example.org/essays/kitchens">in two kitchens</a>.</p>'
+        collab.html == '<p>We wrote this <a href="https://fieldnotes.example.org/essays/kitchens">'
+        "in two kitchens</a>.</p>"
     )
     assert collab.summary == "A collaboration, written in two kitchens."
     # content_text becomes escaped paragraphs; the summary falls back to the text
@@ -344,7 +345,8 @@ def test_hostile_content_is_data() -> None:
 
 def test_title_control_characters_never_survive() -> None:
     body = rss(
-        "<item><title>Subject&#13;&#10;Bcc: all\u2028 done&#9;</title><link>https://fieldnotes.example.org/a</link></item>"
+        "<item><title>Subject&#13;&#10;Bcc: all\u2028 done&#9;</title>"
+        "<link>https://fieldnotes.example.org/a</link></item>"
     )
     assert parse_bytes(body).essays[0].title == "Subject Bcc: all done"
 
@@ -352,13 +354,17 @@ def test_title_control_characters_never_survive() -> None:
 def test_dates_within_a_day_of_now_are_not_clamped() -> None:
     soon = "Tue, 10 Nov 2026 20:00:00 GMT"  # eight hours ahead: a time-zone slip, kept
     body = rss(
-        f"<item><title>Soon</title><link>https://fieldnotes.example.org/soon</link><pubDate>{soon}</pubDate></item>"
+        "<item><title>Soon</title><link>https://fieldnotes.example.org/soon</link>"
+        f"<pubDate>{soon}</pubDate></item>"
     )
     assert parse_bytes(body).essays[0].published == datetime(2026, 11, 10, 20, 0, tzinfo=UTC)
 
 
 def test_items_without_guid_or_link_get_a_stable_hash_key() -> None:
-    item = "<item><title>{}</title><pubDate>Mon, 02 Nov 2026 07:30:00 GMT</pubDate><description>{}</description></item>"
+    item = (
+        "<item><title>{}</title><pubDate>Mon, 02 Nov 2026 07:30:00 GMT</pubDate>"
+        "<description>{}</description></item>"
+    )
     first = parse_bytes(rss(item.format("Untethered", "v1"))).essays[0]
     edited = parse_bytes(rss(item.format("Untethered", "v2, typo fixed"))).essays[0]
     other = parse_bytes(rss(item.format("Another", "v1"))).essays[0]
@@ -376,7 +382,10 @@ def test_entries_are_capped_and_duplicates_dropped() -> None:
     result = parse_bytes(rss(items))
     assert len(result.essays) == 500
     assert result.essays[-1].key == "https://fieldnotes.example.org/499"
-    dup = "<item><title>{}</title><guid isPermaLink='false'>same</guid><link>https://fieldnotes.example.org/x</link></item>"
+    dup = (
+        "<item><title>{}</title><guid isPermaLink='false'>same</guid>"
+        "<link>https://fieldnotes.example.org/x</link></item>"
+    )
     result = parse_bytes(rss(dup.format("newest") + dup.format("older copy")))
     assert [e.title for e in result.essays] == ["newest"]
 

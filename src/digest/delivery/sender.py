@@ -84,8 +84,8 @@ class TokenBucket:
             now = self.clock()
             self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
             self.last = now
-            if self.tokens >= 1:
-                self.tokens -= 1
+            if self.tokens >= 1 - 1e-9:  # tolerance: float sums of waits land a hair under 1
+                self.tokens = max(0.0, self.tokens - 1)
                 return
             self.sleep((1 - self.tokens) / self.rate)
 
@@ -181,6 +181,10 @@ class Sender:
         draft_id = self.draft.id
         assert draft_id is not None
         summary = SendSummary(draft_id)
+        current = self.store.get_draft(draft_id).status
+        if current not in ("approved", "sending"):
+            summary.stopped = f"draft {draft_id} is {current}; nothing to send"
+            return summary
         started = time.perf_counter()
         lease = f"send:{draft_id}"
         if not self.store.acquire_lease(lease, self.holder, self.now(),

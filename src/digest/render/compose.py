@@ -49,12 +49,12 @@ from digest.render.sanitize import (
 from digest.types import Draft, DraftItem, RankedComment
 
 __all__ = [
-    "CommentView",
-    "CompiledEmail",
     "EMAIL_STYLES",
-    "EssayView",
     "NAME_FALLBACK",
     "SLOT_NAMES",
+    "CommentView",
+    "CompiledEmail",
+    "EssayView",
     "compile_draft",
     "compile_draft_ready",
     "personalize",
@@ -280,7 +280,8 @@ def _render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> s
         raise RenderError(f"template {name} not found ({exc.message or exc.name})") from exc
     except jinja2.TemplateSyntaxError as exc:
         raise RenderError(
-            f"template {exc.filename or name} line {exc.lineno}: {exc.message}", hint=f"fix it in {where}"
+            f"template {exc.filename or name} line {exc.lineno}: {exc.message}",
+            hint=f"fix it in {where}",
         ) from exc
     except jinja2.TemplateError as exc:
         raise RenderError(f"template {name}: {exc}") from exc
@@ -292,7 +293,9 @@ def _render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> s
             hint=f"fix it in {where}",
         ) from exc
     except jinja2.TemplateError as exc:
-        raise RenderError(f"template {template.filename or name}: {exc}", hint=f"fix it in {where}") from exc
+        raise RenderError(
+            f"template {template.filename or name}: {exc}", hint=f"fix it in {where}"
+        ) from exc
     except Exception as exc:  # operator templates can fail in any way (a bad filter argument ...)
         raise RenderError(
             f"template {template.filename or name} failed: {type(exc).__name__}: {exc}",
@@ -300,7 +303,20 @@ def _render(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> s
         ) from exc
 
 
+_HEAD = re.compile(r"<mj-head\b.*?</mj-head>", re.DOTALL)
+_INLINE_GAP = re.compile(r">[ \t]+<")
+
+
+def _fix_head_whitespace(source: str) -> str:
+    # MRML 6 rejects whitespace without a newline between tags inside <mj-head>
+    # ("unexpected token"), e.g. "</mj-attributes>  </mj-head>" — which Jinja's trim_blocks
+    # produces after an {% include %} of a partial without a final newline. Head content is
+    # tags and escaped text only, so turning such gaps into a newline changes nothing else.
+    return _HEAD.sub(lambda m: _INLINE_GAP.sub(">\n<", m.group(0)), source, count=1)
+
+
 def _compile_mjml(source: str, name: str) -> str:
+    source = _fix_head_whitespace(source)
     try:
         # fonts={}: no Google Fonts <link>; the templates use the system font stack.
         return mjml2html(source, disable_comments=False, fonts={})
@@ -309,6 +325,35 @@ def _compile_mjml(source: str, name: str) -> str:
             f"MJML compile of {name} failed: {exc}",
             hint="check the MJML structure of the template (mj-* tags must nest as MJML requires)",
         ) from exc
+
+
+# Where a character reference would not be decoded: CSS, scripts, comments (MSO conditionals).
+_RAW_SEGMENTS = re.compile(r"<style\b.*?</style>|<script\b.*?</script>|<!--.*?-->", re.DOTALL)
+NARROW_GROWTH_MAX = 1.10
+
+
+def _is_latin1(value: str) -> bool:
+    return value.isascii() or max(value) <= "\xff"
+
+
+def _narrow_html(html: str) -> str:
+    """``html`` with characters beyond Latin-1 as ``&#NNNN;`` when that costs ≤ 10 % in size.
+
+    Why: CPython stores a string at two bytes per character as soon as it holds one character
+    beyond Latin-1 (a curly quote, a dash), which doubles the memory ``personalize`` copies
+    per recipient. English and Western European prose has few such characters, so references
+    keep the HTML one byte per character at a small size cost. Mostly non-Latin text (Greek,
+    Cyrillic, CJK) would grow two to three times, and size matters more (Gmail clips messages
+    over 102 KB), so it is left as it is.
+    """
+    if _is_latin1(html):
+        return html
+    if any(not _is_latin1(segment) for segment in _RAW_SEGMENTS.findall(html)):
+        return html  # e.g. an operator's CSS with non-Latin content: references would break it
+    converted = html.encode("latin-1", "xmlcharrefreplace").decode("latin-1")
+    if len(converted.encode("utf-8")) > len(html.encode("utf-8")) * NARROW_GROWTH_MAX:
+        return html
+    return converted
 
 
 def _tidy_text(text: str) -> str:
@@ -320,9 +365,11 @@ def _split(rendered: str, nonce: str, name: str) -> tuple[tuple[str, ...], tuple
     pattern = re.compile(f"DIGESTSLOT{nonce}({'|'.join(SLOT_NAMES)}){nonce}")
     pieces = pattern.split(rendered)
     parts, slots = tuple(pieces[0::2]), tuple(pieces[1::2])
-    if any(nonce in part for part in parts):
+    if any(re.search(nonce, part, re.IGNORECASE) for part in parts):
         # A marker was altered on the way (a filter, MRML): refuse rather than leak it.
-        raise RenderError(f"template {name}: a per-recipient slot marker was altered by the template")
+        raise RenderError(
+            f"template {name}: a per-recipient slot marker was altered by the template"
+        )
     missing = [slot for slot in REQUIRED_SLOTS if slot not in slots]
     if missing:
         raise RenderError(
@@ -349,7 +396,7 @@ def compile_draft(
     nonce = secrets.token_hex(8)
     context["slots"] = {slot: f"DIGESTSLOT{nonce}{slot}{nonce}" for slot in SLOT_NAMES}
 
-    html_out = _compile_mjml(_render(env, DIGEST_HTML, context), DIGEST_HTML)
+    html_out = _narrow_html(_compile_mjml(_render(env, DIGEST_HTML, context), DIGEST_HTML))
     text_out = _tidy_text(_render(env, DIGEST_TEXT, context))
     html_parts, html_slots = _split(html_out, nonce, DIGEST_HTML)
     text_parts, text_slots = _split(text_out, nonce, DIGEST_TEXT)
@@ -374,7 +421,10 @@ def _escape(value: str) -> str:
     # Most values (our signed URLs, ordinary names) contain nothing to escape; five substring
     # scans are cheaper than html.escape's five replaces.
     if "&" in value or "<" in value or ">" in value or '"' in value or "'" in value:
-        return _html.escape(value, quote=True)
+        value = _html.escape(value, quote=True)
+    if not value.isascii() and not _is_latin1(value):
+        # "李" as "&#26446;": one wide character would widen the whole joined string.
+        value = value.encode("latin-1", "xmlcharrefreplace").decode("latin-1")
     return value
 
 
@@ -385,7 +435,8 @@ def personalize(
 
     ``name`` loses control characters and is capped at 80 characters; when nothing is left
     the greeting uses ``"reader"``. HTML values are escaped with ``html.escape`` (right for
-    text and for the double-quoted attributes MRML writes); text values go in as they are.
+    text and for the double-quoted attributes MRML writes) and characters beyond Latin-1
+    become character references; text values go in as they are.
     The URLs must be http(s) (they are our own signed links); anything else raises
     :class:`RenderError`.
     """
@@ -421,7 +472,9 @@ def compile_draft_ready(
         raise RenderError(f"review URL must be an http(s) URL, got {review_url!r}")
     env = make_env(templates_dir)
     context = _base_context(draft, newsletter)
-    context["preheader"] = truncate_text(preview_text, PREHEADER_MAX) if preview_text else context["preheader"]
+    context["preheader"] = (
+        truncate_text(preview_text, PREHEADER_MAX) if preview_text else context["preheader"]
+    )
     context["review_url"] = review
     context["approve_command"] = f"digest approve {draft.id if draft.id is not None else '<id>'}"
     context["send_at"] = longdate(draft.send_at, newsletter.tz)
@@ -430,4 +483,3 @@ def compile_draft_ready(
     html_out = _compile_mjml(_render(env, READY_HTML, context), READY_HTML)
     text_out = _tidy_text(_render(env, READY_TEXT, context))
     return subject, html_out, text_out
-

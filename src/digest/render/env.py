@@ -16,16 +16,18 @@ render context, never as template source.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import datetime, tzinfo
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import jinja2
+from jinja2.loaders import split_template_path
 
 from digest.errors import RenderError
 
-__all__ = ["bundled_templates_dir", "make_env", "longdate", "quote_lines"]
+__all__ = ["bundled_templates_dir", "longdate", "make_env", "quote_lines"]
 
 _MONTHS = (
     "January", "February", "March", "April", "May", "June",
@@ -67,6 +69,45 @@ def quote_lines(text: str, prefix: str = "> ") -> str:
     return "\n".join((prefix + line) if line else prefix.rstrip() for line in text.split("\n"))
 
 
+class _LayeredLoader(jinja2.BaseLoader):
+    """Folders in priority order; the first that has a template wins (like ChoiceLoader).
+
+    Unlike ChoiceLoader, a template found in a later folder stays up to date only while no
+    earlier folder has gained a file of that name: an operator who *adds* an override while
+    ``digest serve`` runs gets it on the next render, not after a restart.
+    """
+
+    def __init__(self, folders: list[str]) -> None:
+        self.folders = folders
+        self.loaders = [jinja2.FileSystemLoader(folder, encoding="utf-8") for folder in folders]
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        for i, loader in enumerate(self.loaders):
+            try:
+                source, filename, uptodate = loader.get_source(environment, template)
+            except jinja2.TemplateNotFound:
+                continue
+            pieces = split_template_path(template)
+            shadows = [os.path.join(folder, *pieces) for folder in self.folders[:i]]
+
+            def check(
+                uptodate: Callable[[], bool] | None = uptodate, shadows: list[str] = shadows
+            ) -> bool:
+                fresh = uptodate() if uptodate is not None else True
+                return fresh and not any(os.path.isfile(path) for path in shadows)
+
+            return source, filename, check
+        raise jinja2.TemplateNotFound(template)
+
+    def list_templates(self) -> list[str]:
+        names: set[str] = set()
+        for loader in self.loaders:
+            names.update(loader.list_templates())
+        return sorted(names)
+
+
 def _autoescape(name: str | None) -> bool:
     # Escape unless the template is known to be plain text: forgetting to escape HTML is a
     # security bug, escaping plain text by mistake is only a visible one.
@@ -94,12 +135,10 @@ def make_env(templates_dir: str | os.PathLike[str] | None = None) -> jinja2.Envi
 
 @lru_cache(maxsize=16)
 def _make_env(override: str | None) -> jinja2.Environment:
-    loaders: list[jinja2.BaseLoader] = []
-    if override is not None:
-        loaders.append(jinja2.FileSystemLoader(override, encoding="utf-8"))
-    loaders.append(jinja2.FileSystemLoader(str(bundled_templates_dir()), encoding="utf-8"))
+    folders = [override] if override is not None else []
+    folders.append(str(bundled_templates_dir()))
     env = jinja2.Environment(
-        loader=jinja2.ChoiceLoader(loaders),
+        loader=_LayeredLoader(folders),
         autoescape=_autoescape,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -163,7 +163,9 @@ def sanitize_html(
 
 
 def _escape_attr(value: str) -> str:
-    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    return (
+        value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    )
 
 
 def clean_line(value: str) -> str:
@@ -201,7 +203,7 @@ _VOID_TAGS = frozenset({"br", "hr", "img", "input", "meta", "link", "wbr", "area
 class _Block:
     """One paragraph of output: its text and where it sits (quote depth, list nesting)."""
 
-    __slots__ = ("quote", "indent", "marker", "text", "tight", "in_list")
+    __slots__ = ("in_list", "indent", "marker", "quote", "text", "tight")
 
     def __init__(
         self, quote: int, indent: int, marker: str, text: str, tight: bool, in_list: bool

@@ -513,7 +513,7 @@ def _text_to_html(text: str) -> str:
 
 
 def _excerpt(text: str, limit: int = SUMMARY_CHARS) -> str:
-    """At most ``limit`` characters: cut back to a word boundary, with an ellipsis, when too long."""
+    """At most ``limit`` characters; when cut, cut at a word boundary and add an ellipsis."""
     if len(text) <= limit:
         return text
     cut = text[:limit]

@@ -68,8 +68,11 @@ def response_text(body: bytes | str | None, limit: int = RESPONSE_TEXT_LIMIT) ->
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-# Everything JSON forbids raw inside a string except TAB, LF and CR, which json_escape handles.
-_JSON_CONTROLS = bytes(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D))
+# Every byte except the controls JSON forbids raw in a string (TAB, LF and CR aside, which
+# json_escape replaces itself). Deleting these leaves only the offending bytes: an empty result,
+# the usual case, means none. Why delete the complement: it writes nothing, so it is ~40% faster
+# than deleting the controls and comparing lengths, and this check is a large part of the cost.
+_ALL_BUT_JSON_CONTROLS = bytes(c for c in range(256) if c >= 0x20 or c in (0x09, 0x0A, 0x0D))
 
 
 def json_escape(value: str) -> bytes:
@@ -84,7 +87,7 @@ def json_escape(value: str) -> bytes:
         raw = value.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8", "replace")
-    if len(raw.translate(None, _JSON_CONTROLS)) != len(raw):  # rare: let json escape \x00 ...
+    if raw.translate(None, _ALL_BUT_JSON_CONTROLS):  # rare: let json escape \x00, \x0b ...
         return json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8")
     # bytes.replace returns the same object when there is nothing to replace, so absent
     # characters cost one scan and no copy. Backslash first, so we do not double our own.

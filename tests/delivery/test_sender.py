@@ -1,0 +1,191 @@
+"""The send loop against a scripted provider: exactly-once under every failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from digest import pipeline
+from digest.delivery.providers.base import UncertainDeliveryError
+from digest.delivery.sender import Sender, TokenBucket
+from digest.errors import AuthError, DeliveryError, StoreError
+from digest.store import Store
+from digest.types import SendResult
+from tests.conftest import FrozenClock, make_settings
+from tests.fakes.scripted_provider import ScriptedProvider
+
+EMAILS = [f"r{i}@example.com" for i in range(5)]
+
+
+@pytest.fixture
+def app(tmp_path: Path, db_url: str, clock: FrozenClock) -> pipeline.App:
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}},
+                             delivery={"max_retries": 2, "rate_per_second": 1000})
+    a = pipeline.App.open(settings, clock)
+    a.store.upsert_subscribers([(e, f"Name {i}") for i, e in enumerate(EMAILS)], "cli", clock())
+    pipeline.collect(a)
+    outcome = pipeline.make_draft(a)
+    assert outcome.draft is not None and outcome.draft.status == "approved"
+    yield a
+    a.close()
+
+
+def sender(app: pipeline.App, provider: ScriptedProvider, sleeps: list[float] | None = None) -> Sender:
+    (draft_id,) = app.store.due_drafts(app.now())
+    draft = app.store.get_draft(draft_id)
+    return Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.links,
+                  now=app.now, sleep=(sleeps.append if sleeps is not None else lambda s: None))
+
+
+def received(provider: ScriptedProvider) -> list[str]:
+    return sorted(m.to_email for m in provider.delivered)
+
+
+def test_sends_everyone_once_in_provider_sized_batches(app: pipeline.App) -> None:
+    provider = ScriptedProvider()
+    summary = sender(app, provider).run()
+    assert summary.sent == 5 and summary.finished
+    assert [len(c) for c in provider.calls] == [2, 2, 1]
+    assert received(provider) == sorted(EMAILS)
+    msg = provider.delivered[0]
+    headers = dict(msg.headers)
+    assert headers["List-Unsubscribe"].startswith("<https://news.example.org/u/")
+    assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "Name 0" in msg.html and "/u/" in msg.html and "/preferences/" in msg.text
+    # Running again sends nothing: the draft is sent and the ledger remembers.
+    assert app.store.due_drafts(app.now()) == []
+    again = ScriptedProvider()
+    rerun = Sender(app.store, again, app.settings, app.store.get_draft(summary.draft_id),
+                   pipeline.compile_for(app, app.store.get_draft(summary.draft_id)), app.links, now=app.now).run()
+    assert rerun.sent == 0 and again.calls == [] and rerun.stopped == f"draft {summary.draft_id} is sent; nothing to send"
+
+
+def test_retryable_errors_are_retried_with_backoff(app: pipeline.App) -> None:
+    sleeps: list[float] = []
+    provider = ScriptedProvider([DeliveryError("HTTP 503", retryable=True, status=503),
+                                 DeliveryError("HTTP 429", retryable=True, status=429, retry_after=7)])
+    summary = sender(app, provider, sleeps).run()
+    assert summary.sent == 5 and summary.finished
+    assert received(provider) == sorted(EMAILS)
+    assert 0.5 <= sleeps[0] <= 0.5 * 1.25 and 7 <= sleeps[1] <= 7 * 1.25
+
+
+def test_exhausted_retries_pause_and_resume_without_duplicates(app: pipeline.App) -> None:
+    outage = [DeliveryError("HTTP 500", retryable=True, status=500) for _ in range(3)]
+    first = ScriptedProvider(outage)
+    summary = sender(app, first).run()
+    assert summary.sent == 0 and not summary.finished and summary.stopped and "resume" in summary.stopped
+    assert app.store.ledger_counts(summary.draft_id) == {"pending": 5}
+    second = ScriptedProvider()
+    resumed = sender(app, second).run()
+    assert resumed.sent == 5 and resumed.finished
+    assert received(first) == [] and received(second) == sorted(EMAILS)
+
+
+def test_auth_error_stops_with_a_clear_message(app: pipeline.App) -> None:
+    provider = ScriptedProvider([AuthError("HTTP 401: bad token", status=401)])
+    summary = sender(app, provider).run()
+    assert summary.stopped and "credentials" in summary.stopped and "delivery.api_key" in summary.stopped
+    assert len(provider.calls) == 1
+    assert app.store.ledger_counts(summary.draft_id) == {"pending": 5}
+
+
+def test_permanent_error_fails_the_batch_and_moves_on(app: pipeline.App) -> None:
+    provider = ScriptedProvider([DeliveryError("HTTP 400: bad request", retryable=False, status=400)])
+    summary = sender(app, provider).run()
+    assert summary.failed == {"HTTP 400": 2} and summary.sent == 3 and summary.finished
+    assert len(provider.calls) == 3
+
+
+def test_uncertain_batch_is_never_resent_silently(app: pipeline.App) -> None:
+    provider = ScriptedProvider([UncertainDeliveryError("read timeout after sending", retryable=True)])
+    summary = sender(app, provider).run()
+    assert summary.uncertain == 2 and summary.sent == 3 and summary.finished
+    counts = app.store.ledger_counts(summary.draft_id)
+    assert counts == {"sent": 3, "uncertain": 2}
+    # An operator decides: resend puts them back, and only they are sent.
+    assert pipeline.resolve_uncertain(app, summary.draft_id, "resend") == 2
+    again = ScriptedProvider()
+    resent = sender(app, again).run()
+    assert resent.sent == 2 and len(again.delivered) == 2
+
+
+def test_per_message_results_are_applied_one_by_one(app: pipeline.App) -> None:
+    def mixed(messages):  # type: ignore[no-untyped-def]
+        return [SendResult(messages[0].ledger_id, "sent", "ok"),
+                SendResult(messages[1].ledger_id, "suppressed", None, "inactive recipient")]
+
+    provider = ScriptedProvider([mixed])
+    summary = sender(app, provider).run()
+    assert summary.sent == 4 and summary.failed == {"suppressed": 1}
+    suppressed_email = provider.calls[0][1].to_email
+    sub = app.store.subscriber_by_email(suppressed_email)
+    assert sub is not None and sub.status == "unsubscribed"
+
+
+def test_unsubscribe_during_send_is_honoured_at_claim(app: pipeline.App) -> None:
+    def unsubscribe_later(messages):  # type: ignore[no-untyped-def]
+        sub = app.store.subscriber_by_email(EMAILS[4])
+        assert sub is not None
+        app.store.set_subscriber_status(sub.id, "unsubscribed", app.now())
+        return None
+
+    provider = ScriptedProvider([unsubscribe_later])
+    summary = sender(app, provider).run()
+    assert EMAILS[4] not in received(provider)
+    assert app.store.ledger_counts(summary.draft_id) == {"sent": 4, "skipped": 1}
+
+
+def test_store_failure_stops_at_once_and_leaves_rows_uncertain(app: pipeline.App,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = ScriptedProvider()
+    s = sender(app, provider)
+    original = Store.settle
+
+    def broken(self, results, provider_name, now):  # type: ignore[no-untyped-def]
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(Store, "settle", broken)
+    with pytest.raises(StoreError):
+        s.run()
+    assert len(provider.calls) == 1  # stopped after the first batch (rule 9)
+    monkeypatch.setattr(Store, "settle", original)
+    later = ScriptedProvider()
+    summary = sender(app, later).run()
+    counts = app.store.ledger_counts(summary.draft_id)
+    assert counts == {"uncertain": 2, "sent": 3}
+    assert not {m.to_email for m in later.delivered} & {m.to_email for m in provider.delivered}
+
+
+def test_dry_run_sends_and_writes_nothing(app: pipeline.App) -> None:
+    provider = ScriptedProvider()
+    summary = sender(app, provider).dry_run()
+    assert summary.dry_run and summary.sent == 5 and summary.batches == 3
+    assert provider.calls == []
+    (draft_id,) = app.store.due_drafts(app.now())
+    assert app.store.get_draft(draft_id).status == "approved"
+    assert app.store.ledger_counts(draft_id) == {}
+
+
+def test_a_second_sender_waits_for_the_lease(app: pipeline.App) -> None:
+    first = sender(app, ScriptedProvider())
+    (draft_id,) = app.store.due_drafts(app.now())
+    assert app.store.acquire_lease(f"send:{draft_id}", "someone-else", app.now(),
+                                   app.now().replace(year=2100))
+    summary = first.run()
+    assert summary.stopped == "another sender is working on this draft" and summary.sent == 0
+
+
+def test_token_bucket_limits_rate() -> None:
+    t = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        t[0] += s
+
+    bucket = TokenBucket(10, burst=1, clock=lambda: t[0], sleep=sleep)
+    for _ in range(11):
+        bucket.acquire()
+    assert t[0] == pytest.approx(1.0)

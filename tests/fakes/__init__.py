@@ -1,0 +1,1 @@
+"""Fakes for tests: real local servers that play outside services (fakes over mocks)."""

@@ -1,0 +1,188 @@
+"""The store on every backend: upserts, drafts, the send ledger, leases, migrations."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import inspect
+
+from digest.errors import DraftError, StoreError
+from digest.store import Store, db, open_store
+from digest.types import CollectResult, Comment, Draft, DraftItem, Essay, RankedComment, SendResult, SourceCursor
+from tests.conftest import NOW
+
+
+def essay(key: str, title: str = "T", published=NOW) -> Essay:  # type: ignore[no-untyped-def]
+    return Essay(source="s", key=key, url=f"https://x.org/{key}", title=title, html="<p>x</p>",
+                 published=published)
+
+
+def comment(essay_key: str, key: str, score: float | None = 1, html: str = "<p>some words here</p>") -> Comment:
+    return Comment(source="s", essay_key=essay_key, key=key, author=f"a{key}", html=html, score=score)
+
+
+def test_fresh_database_is_created_at_head(store: Store) -> None:
+    assert db.current_revision(store.engine) == db.head_revision(store.engine)
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"essays", "comments", "drafts", "send_ledger", "subscribers", "suppressions",
+            "delivery_events", "source_state", "draft_items", "leases", "meta"} <= tables
+
+
+def test_sqlite_runs_in_wal_mode(sqlite_store: Store) -> None:
+    with sqlite_store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_outdated_schema_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    s = open_store(url)
+    with s.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'older'")
+    s.close()
+    with pytest.raises(StoreError, match="digest db upgrade"):
+        open_store(url)
+
+
+def test_upsert_counts_new_updated_and_deleted(store: Store) -> None:
+    first = CollectResult("s", essays=(essay("e1"),), comments=(comment("e1", "c1", 3), comment("e1", "c2", 5)),
+                          cursor=SourceCursor(etag='"v1"'))
+    stats = store.record_collect(first, NOW)
+    assert (stats.new_essays, stats.new_comments) == (1, 2)
+    assert store.cursor("s") == SourceCursor(etag='"v1"')
+    # Same data again: nothing changes.
+    again = store.record_collect(first, NOW)
+    assert (again.new_essays, again.updated_essays, again.new_comments, again.updated_comments) == (0, 0, 0, 0)
+    # A score changes and c2 disappears from the source.
+    second = CollectResult("s", essays=(essay("e1"),), comments=(comment("e1", "c1", 9),))
+    stats = store.record_collect(second, NOW + timedelta(hours=1))
+    assert (stats.updated_comments, stats.deleted_comments) == (1, 1)
+    (eid, _), = store.candidate_essays(None, 10)
+    live = store.comments_for([eid])[eid]
+    assert [(c.key, c.score) for _, c in live] == [("c1", 9.0)]
+
+
+def test_collect_error_is_recorded_and_keeps_cursor(store: Store) -> None:
+    store.record_collect(CollectResult("s", cursor=SourceCursor(etag="e")), NOW)
+    store.record_collect(CollectResult("s", error="boom: HTTP 500"), NOW + timedelta(minutes=5))
+    (status,) = store.source_statuses()
+    assert status.last_error == "boom: HTTP 500"
+    assert status.last_success_at == NOW
+    assert store.cursor("s").etag == "e"
+
+
+def test_comment_on_unknown_essay_is_ignored(store: Store) -> None:
+    stats = store.record_collect(CollectResult("s", comments=(comment("nope", "c1"),)), NOW)
+    assert stats.new_comments == 0
+
+
+def _draft(store: Store, period: str = "P1") -> Draft:
+    store.record_collect(CollectResult("s", essays=(essay("e1", "One"),), comments=(comment("e1", "c1"),)), NOW)
+    (eid, e), = store.candidate_essays(None, 10)
+    (cid, c), = store.comments_for([eid])[eid]
+    d = Draft(period, "Subject", "", (DraftItem(e, (RankedComment(c, 1, 3),)),))
+    created, was_new = store.create_draft(d, [(eid, None)], NOW)
+    assert was_new
+    return created
+
+
+def test_draft_round_trips_and_freezes_content(store: Store) -> None:
+    d = _draft(store)
+    assert d.id is not None and d.status == "pending_review" and len(d.content_hash) == 64
+    # A later change to the comment never alters the stored draft.
+    store.record_collect(CollectResult("s", essays=(essay("e1", "One (edited)"),),
+                                       comments=(comment("e1", "c1", 99, "<p>changed text now</p>"),)), NOW)
+    again = store.get_draft(d.id)
+    assert again.items[0].essay.title == "One"
+    assert again.items[0].comments[0].comment.html == "<p>some words here</p>"
+    assert again.content_hash == d.content_hash
+
+
+def test_one_live_draft_per_period(store: Store) -> None:
+    d = _draft(store)
+    dup, created = store.create_draft(Draft("P1", "Other", "", ()), [], NOW)
+    assert not created and dup.id == d.id
+    store.transition(d.id or 0, ("pending_review",), "rejected", NOW)
+    redo, created = store.create_draft(Draft("P1", "Redo", "", ()), [], NOW)
+    assert created and redo.id != d.id
+
+
+def test_featured_essays_are_not_candidates_again(store: Store) -> None:
+    _draft(store)
+    assert store.candidate_essays(None, 10) == []
+
+
+def test_transition_guards_state(store: Store) -> None:
+    d = _draft(store)
+    with pytest.raises(DraftError, match="is pending_review; it must be approved"):
+        store.transition(d.id or 0, ("approved",), "sending", NOW)
+    with pytest.raises(DraftError, match="no draft with id 999"):
+        store.get_draft(999)
+
+
+def _sending(store: Store, emails: list[str]) -> int:
+    d = _draft(store)
+    store.upsert_subscribers([(e, e.split("@")[0]) for e in emails], "cli", NOW)
+    store.transition(d.id or 0, ("pending_review",), "approved", NOW)
+    assert d.id is not None
+    return d.id
+
+
+def test_ledger_freezes_audience_and_claims_once(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    assert store.start_send(draft_id, NOW) == 3
+    store.upsert_subscribers([("late@x.org", "")], "cli", NOW)
+    assert store.start_send(draft_id, NOW) == 3  # the audience was frozen at send start
+    first = store.claim_batch(draft_id, 2, "t1", NOW)
+    second = store.claim_batch(draft_id, 2, "t1", NOW)
+    assert len(first) == 2 and len(second) == 1
+    assert not {c.ledger_id for c in first} & {c.ledger_id for c in second}
+    assert store.claim_batch(draft_id, 2, "t1", NOW) == []
+
+
+def test_claim_skips_addresses_that_became_ineligible(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    sub = store.subscriber_by_email("a@x.org")
+    assert sub is not None
+    store.set_subscriber_status(sub.id, "unsubscribed", NOW)
+    store.suppress("b@x.org", "hard_bounce", "postmark", NOW)
+    claimed = store.claim_batch(draft_id, 10, "t", NOW)
+    assert [c.recipient.email for c in claimed] == ["c@x.org"]
+    assert store.ledger_counts(draft_id) == {"skipped": 2, "claimed": 1}
+
+
+def test_settle_release_uncertain_and_resolve(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    a, b, c = store.claim_batch(draft_id, 3, "t", NOW)
+    store.settle([SendResult(a.ledger_id, "sent", "m1")], "outbox", NOW)
+    store.release([b.ledger_id], "429", NOW)
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 1  # c was in flight
+    assert store.ledger_counts(draft_id) == {"sent": 1, "pending": 1, "uncertain": 1}
+    assert store.resolve_uncertain(draft_id, "resend", NOW) == 1
+    assert store.ledger_counts(draft_id) == {"sent": 1, "pending": 2}
+
+
+def test_leases_exclude_a_second_holder_until_expiry(store: Store) -> None:
+    until = NOW + timedelta(minutes=10)
+    assert store.acquire_lease("send:1", "A", NOW, until)
+    assert not store.acquire_lease("send:1", "B", NOW, until)
+    assert store.acquire_lease("send:1", "A", NOW, until)  # renewal
+    assert store.acquire_lease("send:1", "B", until + timedelta(seconds=1), until + timedelta(minutes=10))
+    store.release_lease("send:1", "B")
+    assert store.acquire_lease("send:1", "C", NOW, until)
+
+
+def test_events_are_stored_once(store: Store) -> None:
+    from digest.types import DeliveryEvent
+
+    ev = DeliveryEvent("postmark", "ev-1", "bounce", "A@x.org", NOW)
+    assert store.record_event(ev, NOW)
+    assert not store.record_event(ev, NOW)
+    assert store.event_counts() == {"bounce": 1}
+
+
+def test_secret_is_generated_once(store: Store) -> None:
+    assert store.secret() == store.secret()
+    assert len(store.secret()) >= 40

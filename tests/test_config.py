@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from digest import config
+from digest.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_example_config_loads_and_documents_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = config.load(ROOT / "config.example.yaml")
+    assert [s["type"] for s in settings.sources] == ["folder", "feed"]
+    example = (ROOT / "config.example.yaml").read_text()
+    # Every settings field appears in the example file (undocumented keys fail here).
+    for section in ("newsletter", "database", "ranking", "delivery", "web"):
+        model = type(getattr(settings, section))
+        for field_name, field in model.model_fields.items():
+            key = field.alias or field_name
+            assert f"{key}:" in example, f"{section}.{key} is not documented in config.example.yaml"
+    for field_name in config.DigestSettings.model_fields:
+        assert f"{field_name}:" in example
+    for field_name in config.Approval.model_fields:
+        assert f"{field_name}:" in example
+
+
+def test_example_config_is_valid_yaml_mapping() -> None:
+    raw = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    assert set(raw) == {"newsletter", "database", "templates", "sources", "ranking", "digest", "delivery", "web"}
+
+
+def test_no_config_file_gives_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DIGEST_CONFIG", raising=False)
+    settings = config.load()
+    assert settings.delivery.provider == "outbox"
+    assert settings.sources[0]["type"] == "folder"
+    assert str(tmp_path) in settings.database.url
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("newsletter:\n  nmae: x\n", "config.yaml: newsletter.nmae: unknown key"),
+        ("bogus: 1\n", "config.yaml: bogus: unknown key"),
+        ("ranking:\n  per_essay: lots\n", "config.yaml: ranking.per_essay: Input should be a valid integer"),
+        ("digest:\n  schedule: '61 * * * *'\n", "config.yaml: digest.schedule: bad cron '61 * * * *'"),
+        ("digest:\n  schedule: 'every monday'\n", "config.yaml: digest.schedule: bad cron"),
+        ("newsletter:\n  timezone: Mars/Olympus\n", "config.yaml: newsletter.timezone: unknown timezone 'Mars/Olympus'"),
+        ("delivery:\n  provider: postmark\n", "config.yaml: delivery: provider postmark needs delivery.api_key"),
+        ("delivery:\n  provider: carrier-pigeon\n", "config.yaml: delivery.provider: Input should be"),
+        ("sources:\n  - {name: a, type: rss}\n", "config.yaml: sources[0]: unknown source type 'rss'"),
+        ("sources:\n  - {name: a, type: feed}\n", "config.yaml: sources[0].url: required key is missing"),
+        ("sources:\n  - {name: a, type: folder, path: x, colour: red}\n", "config.yaml: sources[0].colour: unknown key"),
+        ("sources:\n  - {name: a, type: folder, path: x}\n  - {name: a, type: folder, path: y}\n",
+         "config.yaml: sources[1].name: duplicate source name 'a'"),
+        ("digest:\n  approval:\n    deadline: soon\n", "config.yaml: digest.approval.deadline: bad duration 'soon'"),
+        ("web:\n  listen: localhost\n", "config.yaml: web.listen: must be host:port"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+        ("newsletter: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_errors_are_one_line_naming_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text))
+    rendered = str(info.value)
+    assert message in rendered
+    assert "\n" not in rendered
+
+
+def test_env_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "delivery:\n  provider: postmark\n  api_key: ${PM_TOKEN}\n")
+    monkeypatch.delenv("PM_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"config.yaml: delivery.api_key: environment variable PM_TOKEN is not set"):
+        config.load(path)
+    monkeypatch.setenv("PM_TOKEN", "secret-token")
+    assert config.load(path).delivery.api_key == "secret-token"
+
+
+def test_env_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIGEST_NAME", raising=False)
+    path = write(tmp_path, "newsletter:\n  name: ${DIGEST_NAME:-Weekly Notes}\n")
+    assert config.load(path).newsletter.name == "Weekly Notes"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, "templates: ./mine\n")
+    settings = config.load(path)
+    assert settings.templates is not None
+    assert settings.resolve(settings.templates) == tmp_path / "mine"
+
+
+def test_parse_duration() -> None:
+    assert config.parse_duration("90s") == 90
+    assert config.parse_duration("30m") == 1800
+    assert config.parse_duration("24h") == 86400
+    assert config.parse_duration("2d") == 172800
+    with pytest.raises(ValueError):
+        config.parse_duration("1 week")
