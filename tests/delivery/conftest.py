@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# `tests.fakes` is imported as a package from the repository root. pytest's default import
-# mode only puts this folder on sys.path, so add the root unless pytest already did
-# (`pythonpath = ["."]` in pyproject.toml makes this a no-op).
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from digest.config import Delivery
+from digest.types import OutgoingMessage
+from tests.fakes.provider_server import FakeProviderServer
 
-from digest.config import Delivery  # noqa: E402
-from digest.types import OutgoingMessage  # noqa: E402
-from tests.fakes.provider_server import FakeProviderServer  # noqa: E402
-
-DATA = ROOT / "tests" / "data" / "postmark"
+DATA = Path(__file__).resolve().parents[1] / "data" / "postmark"
 TOKEN = "test-server-token"
 
 MessageFactory = Callable[..., OutgoingMessage]

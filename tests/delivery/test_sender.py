@@ -189,3 +189,15 @@ def test_token_bucket_limits_rate() -> None:
     for _ in range(11):
         bucket.acquire()
     assert t[0] == pytest.approx(1.0)
+
+
+def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App) -> None:
+    provider = ScriptedProvider()
+    s = sender(app, provider)
+    s.should_stop = lambda: len(provider.calls) >= 1
+    summary = s.run()
+    assert summary.sent == 2 and not summary.finished and summary.stopped and "resumes" in summary.stopped
+    assert app.store.ledger_counts(summary.draft_id) == {"sent": 2, "pending": 3}
+    rest = ScriptedProvider()
+    assert sender(app, rest).run().sent == 3
+    assert sorted(received(provider) + received(rest)) == sorted(EMAILS)

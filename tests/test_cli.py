@@ -1,0 +1,171 @@
+"""Every command through click's runner, and the main ones through a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from digest.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config_file(tmp_path: Path, extra: str = "") -> Path:
+    from digest.sources.folder import SAMPLE_DIR
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"""
+database: {{url: "sqlite:///{tmp_path / 'd.db'}"}}
+newsletter: {{public_url: https://news.example.org}}
+sources:
+  - {{name: sample, type: folder, path: "{SAMPLE_DIR}"}}
+delivery: {{provider: outbox, outbox_dir: out}}
+{extra}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def invoke(*args: str, input: str | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_help_lists_every_command() -> None:
+    code, out = invoke("--help")
+    assert code == 0
+    for name in ("demo", "init", "check", "collect", "draft", "drafts", "preview", "approve", "reject",
+                 "send", "run", "serve", "status", "subscribers", "db"):
+        assert f"  {name}" in out
+
+
+def test_the_whole_flow_through_the_runner(tmp_path: Path) -> None:
+    cfg = str(config_file(tmp_path))
+    assert invoke("--config", cfg, "db", "upgrade")[0] == 0
+    code, out = invoke("--config", cfg, "subscribers", "add", "ann@example.com", "--name", "Ann")
+    assert code == 0 and "added ann@example.com" in out
+    csv_path = tmp_path / "subs.csv"
+    csv_path.write_text("email,name\nbo@example.org,Bo\nbad-address,X\n")
+    code, out = invoke("--config", cfg, "subscribers", "import", str(csv_path))
+    assert code == 0 and "1 added" in out and "line 3:" in out
+    code, out = invoke("--config", cfg, "collect")
+    assert code == 0 and "sample: 4 new essays" in out
+    code, out = invoke("--config", cfg, "draft")
+    assert code == 0 and "draft 1 is ready for review" in out and "digest approve 1" in out
+    code, out = invoke("--config", cfg, "drafts")
+    assert "#1" in out and "pending_review" in out
+    code, out = invoke("--config", cfg, "preview", "1", "--out", str(tmp_path / "pv"))
+    assert code == 0 and (tmp_path / "pv" / "draft-1.html").exists()
+    code, out = invoke("--config", cfg, "send", "--dry-run")
+    assert "nothing to send" in out
+    code, out = invoke("--config", cfg, "approve", "1")
+    assert code == 0 and "draft 1 approved" in out
+    code, out = invoke("--config", cfg, "send", "--dry-run")
+    assert "would send 2" in out
+    code, out = invoke("--config", cfg, "send")
+    assert code == 0 and "sent 2 in 1 batches" in out and "finished" in out
+    assert len(list((tmp_path / "out" / "1").glob("*.eml"))) == 2
+    code, out = invoke("--config", cfg, "send")
+    assert "nothing to send" in out
+    code, out = invoke("--config", cfg, "status")
+    assert "sample: last fetch" in out and "#1 sent" in out and "sent 2, failed 0, uncertain 0" in out
+    assert "Next runs:" in out
+    code, out = invoke("--config", cfg, "subscribers", "export")
+    assert out.splitlines()[0] == "email,name,status,created_at,unsubscribed_at" and "ann@example.com,Ann" in out
+    code, out = invoke("--config", cfg, "subscribers", "remove", "ann@example.com")
+    assert "removed ann@example.com" in out
+    code, out = invoke("--config", cfg, "subscribers", "list", "--status", "active")
+    assert "bo@example.org" in out and "ann@example.com" not in out
+
+
+def test_reject_and_run(tmp_path: Path) -> None:
+    cfg = str(config_file(tmp_path, "digest: {approval: {required: false}}"))
+    code, out = invoke("--config", cfg, "subscribers", "add", "ann@example.com")
+    code, out = invoke("--config", cfg, "run")
+    assert code == 0 and "created and approved automatically" in out and "1 sent" in out
+    code, out = invoke("--config", cfg, "reject", "1")
+    assert code == 1 and out.startswith("error: draft 1 is sent")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("approve", "42"), "error: no draft with id 42"),
+        (("approve", "1", "--at", "tomorrow"), "error: --at 'tomorrow' is not a time"),
+        (("subscribers", "add", "nope"), "error: nope: "),
+        (("send", "--resolve-uncertain", "resend", "--draft", "9"), "error: no draft with id 9"),
+    ],
+)
+def test_user_mistakes_print_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    cfg = str(config_file(tmp_path))
+    code, out = invoke("--config", cfg, *args)
+    assert code == 1
+    assert out.startswith(message) and out.count("\n") == 1 and "Traceback" not in out
+
+
+def test_bad_config_prints_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ranking:\n  per_esay: 3\n")
+    code, out = invoke("--config", str(bad), "status")
+    assert code == 1 and out == f"error: {bad}: ranking.per_esay: unknown key\n"
+
+
+def test_init_writes_the_example_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "config.yaml"
+    code, out = invoke("init", str(target))
+    assert code == 0 and target.read_text() == (ROOT / "config.example.yaml").read_text()
+    code, out = invoke("init", str(target))
+    assert code == 1 and "already exists" in out
+
+
+def test_check_reports_each_part(tmp_path: Path) -> None:
+    cfg = config_file(tmp_path)
+    code, out = invoke("--config", str(cfg), "check")
+    assert code == 0 and "source sample: ok (4 essays" in out and "provider outbox: ok" in out
+    broken = config_file(tmp_path, "")
+    broken.write_text(broken.read_text().replace(str(Path(__file__).parent.parent), "/nowhere"))
+    code, out = invoke("--config", str(broken), "check")
+    assert code == 1 and "source sample: FAILED" in out
+
+
+def test_demo_through_the_runner(tmp_path: Path) -> None:
+    code, out = invoke("demo", "--dir", str(tmp_path / "demo"))
+    assert code == 0
+    assert "Collected 4 essays" in out and "Sent to 3 demo subscribers" in out
+    assert (tmp_path / "demo" / "preview" / "draft-1.html").exists()
+    assert len(list((tmp_path / "demo" / "outbox").rglob("*.eml"))) == 3
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "digest", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_demo_in_a_real_process_twice(tmp_path: Path) -> None:
+    for _ in range(2):  # a rerun into the same folder starts fresh
+        proc = run_cli("demo", "--dir", "demo-out", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "HTML preview:" in proc.stdout
+    assert len(list((tmp_path / "demo-out" / "outbox").rglob("*.eml"))) == 3
+
+
+def test_commands_in_a_real_process_with_default_config_file(tmp_path: Path) -> None:
+    config_file(tmp_path)
+    for args, expect in ((("collect",), "4 new essays"), (("draft",), "ready for review"),
+                         (("approve", "1"), "approved"), (("send",), "sent 0"), (("status",), "#1 sent")):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert expect in proc.stdout
+
+
+def test_real_process_error_has_no_traceback(tmp_path: Path) -> None:
+    proc = run_cli("--config", "missing.yaml", "status", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: missing.yaml: config file not found (run `digest init` to write one)"
