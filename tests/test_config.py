@@ -111,3 +111,8 @@ def test_parse_duration() -> None:
     assert config.parse_duration("2d") == 172800
     with pytest.raises(ValueError):
         config.parse_duration("1 week")
+
+
+def test_relative_sqlite_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "database:\n  url: sqlite:///data/digest.db\n")
+    assert config.load(path).database.url == f"sqlite:///{tmp_path / 'data' / 'digest.db'}"

@@ -215,6 +215,13 @@ def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str
     except ValidationError as exc:
         raise ConfigError(_validation_message(exc, file)) from exc
     settings = settings.model_copy(update={"path": path})
+    url = settings.database.url
+    if url.startswith("sqlite:///") and path is not None:
+        # Like every path in the config, a relative SQLite file is relative to the config file.
+        db_path = url.removeprefix("sqlite:///")
+        if db_path and db_path != ":memory:" and not Path(db_path).is_absolute():
+            resolved = Database(url=f"sqlite:///{Path(path).parent / db_path}")
+            settings = settings.model_copy(update={"database": resolved})
     _check_schedules(settings, file)
     _check_sources(settings, file)
     return settings

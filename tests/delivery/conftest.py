@@ -43,7 +43,8 @@ def make_message() -> MessageFactory:
             "subject": "Field Notes Digest: The slow build",
             "html": f"<html><body><p>Hello reader {ledger_id}</p>"
             f'<a href="https://news.example.org/u/{token}">Unsubscribe</a></body></html>',
-            "text": f"Hello reader {ledger_id}\n\nUnsubscribe: https://news.example.org/u/{token}\n",
+            "text": f"Hello reader {ledger_id}\n\n"
+            f"Unsubscribe: https://news.example.org/u/{token}\n",
             "headers": (
                 ("List-Unsubscribe", f"<https://news.example.org/u/{token}>"),
                 ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),

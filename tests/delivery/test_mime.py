@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import email
-import email.policy
 import email.header
+import email.policy
 import email.utils
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -89,7 +89,9 @@ def test_required_headers(make_message) -> None:
 
 def test_date_is_converted_to_utc(make_message) -> None:
     paris = timezone(timedelta(hours=1))
-    parsed = parse(as_bytes(build_mime(make_message(), now=datetime(2026, 11, 2, 8, 0, tzinfo=paris))))
+    parsed = parse(
+        as_bytes(build_mime(make_message(), now=datetime(2026, 11, 2, 8, 0, tzinfo=paris)))
+    )
     assert parsed["Date"] == "Mon, 02 Nov 2026 07:00:00 +0000"
 
 
@@ -99,7 +101,10 @@ def test_no_reply_to_unless_set(make_message) -> None:
 
 @pytest.mark.parametrize(
     ("given_id", "expected"),
-    [("<abc.123@news.example.org>", "<abc.123@news.example.org>"), ("abc.123@news.example.org", "<abc.123@news.example.org>")],
+    [
+        ("<abc.123@news.example.org>", "<abc.123@news.example.org>"),
+        ("abc.123@news.example.org", "<abc.123@news.example.org>"),
+    ],
 )
 def test_message_id_from_the_message(make_message, given_id: str, expected: str) -> None:
     parsed = parse(as_bytes(build_mime(make_message(message_id=given_id), now=NOW)))
@@ -122,13 +127,20 @@ def test_long_list_unsubscribe_is_folded_not_encoded(make_message) -> None:
     https = "<https://news.example.org/u/" + "A" * 180 + ">"
     value = f"{https}, <mailto:unsubscribe@news.example.org?subject=unsub-842>"
     data = as_bytes(build_mime(make_message(headers=(("List-Unsubscribe", value),)), now=NOW))
-    assert b"=?" not in data.split(b"\r\n\r\n", 1)[0].split(b"List-Unsubscribe:", 1)[1].split(b"\r\nMIME", 1)[0]
+    assert (
+        b"=?"
+        not in data.split(b"\r\n\r\n", 1)[0]
+        .split(b"List-Unsubscribe:", 1)[1]
+        .split(b"\r\nMIME", 1)[0]
+    )
     assert ("List-Unsubscribe: " + https + ",\r\n <mailto:").encode() in data
     assert parse(data)["List-Unsubscribe"] == value
 
 
 def test_message_is_crlf_and_7bit_with_short_lines(make_message) -> None:
-    msg = make_message(subject="Ünïcödé " * 30, to_name="Zoë " * 40, html="<p>" + "x" * 3000 + "</p>")
+    msg = make_message(
+        subject="Ünïcödé " * 30, to_name="Zoë " * 40, html="<p>" + "x" * 3000 + "</p>"
+    )
     data = as_bytes(build_mime(msg, now=NOW))
     assert data.isascii()
     assert b"\n" not in data.replace(b"\r\n", b"")
@@ -173,7 +185,9 @@ def test_idn_domain_is_punycoded(make_message) -> None:
         "Hi\x00\x0bBcc: victim@example.net",
     ],
 )
-def test_header_injection_in_subject_and_name_is_stripped(make_message, field: str, attack: str) -> None:
+def test_header_injection_in_subject_and_name_is_stripped(
+    make_message, field: str, attack: str
+) -> None:
     data = as_bytes(build_mime(make_message(**{field: attack}), now=NOW))
     names = header_names(data)
     assert "Bcc" not in names
@@ -186,7 +200,9 @@ def test_header_injection_in_subject_and_name_is_stripped(make_message, field: s
 
 
 def test_header_injection_in_header_values_is_stripped(make_message) -> None:
-    msg = make_message(headers=(("List-Unsubscribe", "<https://x.example/u/1>\r\nBcc: victim@example.net"),))
+    msg = make_message(
+        headers=(("List-Unsubscribe", "<https://x.example/u/1>\r\nBcc: victim@example.net"),)
+    )
     data = as_bytes(build_mime(msg, now=NOW))
     assert "Bcc" not in header_names(data)
     assert parse(data)["List-Unsubscribe"] == "<https://x.example/u/1> Bcc: victim@example.net"
@@ -211,7 +227,18 @@ def test_reserved_header_names_are_refused(make_message, name: str) -> None:
         custom_headers(make_message(headers=((name, "x@example.com"),)))
 
 
-@pytest.mark.parametrize("bad", ["no-at-sign", "a@", "@b.example", "a b@example.com", "<a@example.com>", "a@b@c", "ü@example.com"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "no-at-sign",
+        "a@",
+        "@b.example",
+        "a b@example.com",
+        "<a@example.com>",
+        "a@b@c",
+        "ü@example.com",
+    ],
+)
 def test_bad_addresses_raise(make_message, bad: str) -> None:
     with pytest.raises(ValueError):
         normalize_address(bad)
@@ -225,7 +252,9 @@ def test_format_address() -> None:
     assert format_address("Smith, Jo", "a@example.com") == '"Smith, Jo" <a@example.com>'
     encoded = format_address("Zoë\r\n", "a@example.com")
     assert encoded.isascii() and "\r" not in encoded and "\n" not in encoded
-    assert email.utils.parseaddr(str(email.header.make_header(email.header.decode_header(encoded)))) == ("Zoë", "a@example.com")
+    assert email.utils.parseaddr(
+        str(email.header.make_header(email.header.decode_header(encoded)))
+    ) == ("Zoë", "a@example.com")
 
 
 @pytest.mark.parametrize(
@@ -262,11 +291,19 @@ def test_any_subject_and_name_keep_one_header_each(subject: str, name: str) -> N
     from digest.types import OutgoingMessage
 
     msg = OutgoingMessage(
-        ledger_id=1, draft_id=1, to_email="r@example.com", to_name=name, from_addr="d@example.org",
-        subject=subject, html="<p>x</p>", text="x",
+        ledger_id=1,
+        draft_id=1,
+        to_email="r@example.com",
+        to_name=name,
+        from_addr="d@example.org",
+        subject=subject,
+        html="<p>x</p>",
+        text="x",
     )
     data = as_bytes(build_mime(msg, now=NOW))
     names = header_names(data)
-    assert sorted(names) == sorted(["From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type"])
+    assert sorted(names) == sorted(
+        ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type"]
+    )
     parsed = parse(data)
     assert parsed["Subject"] == clean_header_value(subject)

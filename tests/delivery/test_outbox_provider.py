@@ -19,8 +19,13 @@ def outbox(tmp_path: Path) -> OutboxProvider:
     return OutboxProvider(Delivery(provider="outbox", outbox_dir=str(tmp_path / "outbox")))
 
 
-def test_writes_one_eml_per_message(outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path) -> None:
-    messages = [make_message(1), make_message(2, to_email="o'brien+digest@example.com", to_name="Zoë O'Brien")]
+def test_writes_one_eml_per_message(
+    outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path
+) -> None:
+    messages = [
+        make_message(1),
+        make_message(2, to_email="o'brien+digest@example.com", to_name="Zoë O'Brien"),
+    ]
     results = outbox.send_batch(messages)
     assert [r.ledger_id for r in results] == [1, 2]
     assert [r.status for r in results] == ["sent", "sent"]
@@ -38,7 +43,9 @@ def test_writes_one_eml_per_message(outbox: OutboxProvider, make_message: Messag
         assert html.get_content().replace("\r\n", "\n").rstrip("\n") == msg.html
 
 
-def test_files_use_crlf_and_leave_no_temporary_files(outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path) -> None:
+def test_files_use_crlf_and_leave_no_temporary_files(
+    outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path
+) -> None:
     outbox.send_batch([make_message(i) for i in range(1, 6)])
     files = list((tmp_path / "outbox").rglob("*"))
     assert not [f for f in files if f.name.startswith(".") or f.suffix == ".tmp"]
@@ -46,19 +53,28 @@ def test_files_use_crlf_and_leave_no_temporary_files(outbox: OutboxProvider, mak
     assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
 
 
-def test_sending_a_row_again_replaces_its_file(outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path) -> None:
+def test_sending_a_row_again_replaces_its_file(
+    outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path
+) -> None:
     outbox.send_batch([make_message(1, subject="First")])
     outbox.send_batch([make_message(1, subject="Second")])
     (only,) = (tmp_path / "outbox" / "7").iterdir()
-    assert email.message_from_bytes(only.read_bytes(), policy=email.policy.default)["Subject"] == "Second"
+    assert (
+        email.message_from_bytes(only.read_bytes(), policy=email.policy.default)["Subject"]
+        == "Second"
+    )
 
 
-def test_message_id_is_kept_when_given(outbox: OutboxProvider, make_message: MessageFactory) -> None:
+def test_message_id_is_kept_when_given(
+    outbox: OutboxProvider, make_message: MessageFactory
+) -> None:
     (result,) = outbox.send_batch([make_message(1, message_id="<fixed.1@news.example.org>")])
     assert result.provider_message_id == "<fixed.1@news.example.org>"
 
 
-def test_invalid_address_is_a_result_not_an_error(outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path) -> None:
+def test_invalid_address_is_a_result_not_an_error(
+    outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path
+) -> None:
     results = outbox.send_batch([make_message(1, to_email="not-an-address"), make_message(2)])
     assert [r.status for r in results] == ["invalid", "sent"]
     assert results[0].error and "not-an-address" in results[0].error
@@ -77,7 +93,9 @@ def test_unwritable_folder_fails_the_call(tmp_path: Path, make_message: MessageF
 
 
 def test_check_creates_the_folder(tmp_path: Path) -> None:
-    provider = OutboxProvider(Delivery(provider="outbox", outbox_dir=str(tmp_path / "new" / "outbox")))
+    provider = OutboxProvider(
+        Delivery(provider="outbox", outbox_dir=str(tmp_path / "new" / "outbox"))
+    )
     line = provider.check()
     assert line.startswith("outbox: writing .eml files to ")
     assert (tmp_path / "new" / "outbox").is_dir()

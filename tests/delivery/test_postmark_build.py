@@ -36,13 +36,20 @@ def test_request_line_and_headers(provider: PostmarkProvider, make_message: Mess
 def test_default_base_url() -> None:
     provider = PostmarkProvider(Delivery(provider="postmark", api_key="t"))
     assert provider.batch_url == "https://api.postmarkapp.com/email/batch"
-    trailing = PostmarkProvider(Delivery(provider="postmark", api_key="t", base_url="https://eu.example/"))
+    trailing = PostmarkProvider(
+        Delivery(provider="postmark", api_key="t", base_url="https://eu.example/")
+    )
     assert trailing.batch_url == "https://eu.example/email/batch"
 
 
 def test_payload_shape(provider: PostmarkProvider, make_message: MessageFactory) -> None:
-    msg = make_message(41, draft_id=9, reply_to="Editor <editor@news.example.org>", tag="weekly-digest",
-                       message_id="<ignored@news.example.org>")
+    msg = make_message(
+        41,
+        draft_id=9,
+        reply_to="Editor <editor@news.example.org>",
+        tag="weekly-digest",
+        message_id="<ignored@news.example.org>",
+    )
     call = provider.build_request([msg])
     assert call.messages == (msg,) and call.refused == ()
     (item,) = json.loads(call.body)
@@ -63,28 +70,45 @@ def test_payload_shape(provider: PostmarkProvider, make_message: MessageFactory)
     }
 
 
-def test_batch_keeps_order_and_per_message_values(provider: PostmarkProvider, make_message: MessageFactory) -> None:
+def test_batch_keeps_order_and_per_message_values(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
     messages = [make_message(i) for i in range(1, 6)]
     items = json.loads(provider.build_request(messages).body)
     assert [i["Metadata"]["ledger_id"] for i in items] == ["1", "2", "3", "4", "5"]
     assert [i["To"] for i in items] == [f"Reader {i} <reader{i}@example.com>" for i in range(1, 6)]
-    assert [i["Headers"][0]["Value"] for i in items] == [f"<https://news.example.org/u/tok{i:04d}>" for i in range(1, 6)]
+    assert [i["Headers"][0]["Value"] for i in items] == [
+        f"<https://news.example.org/u/tok{i:04d}>" for i in range(1, 6)
+    ]
     assert all(i["HtmlBody"] == m.html for i, m in zip(items, messages))
 
 
-def test_optional_fields_are_left_out(provider: PostmarkProvider, make_message: MessageFactory) -> None:
-    (item,) = json.loads(provider.build_request([make_message(1, tag="", html="", headers=(), to_name="")]).body)
-    assert "Tag" not in item and "HtmlBody" not in item and "Headers" not in item and "ReplyTo" not in item
+def test_optional_fields_are_left_out(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    (item,) = json.loads(
+        provider.build_request([make_message(1, tag="", html="", headers=(), to_name="")]).body
+    )
+    assert (
+        "Tag" not in item
+        and "HtmlBody" not in item
+        and "Headers" not in item
+        and "ReplyTo" not in item
+    )
     assert item["To"] == "reader1@example.com"
 
 
 def test_message_stream_comes_from_settings(make_message: MessageFactory) -> None:
-    provider = PostmarkProvider(Delivery(provider="postmark", api_key="t", message_stream="digest-broadcast"))
+    provider = PostmarkProvider(
+        Delivery(provider="postmark", api_key="t", message_stream="digest-broadcast")
+    )
     (item,) = json.loads(provider.build_request([make_message(1)]).body)
     assert item["MessageStream"] == "digest-broadcast"
 
 
-def test_no_message_id_header_is_passed(provider: PostmarkProvider, make_message: MessageFactory) -> None:
+def test_no_message_id_header_is_passed(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
     # Postmark assigns its own Message-ID; ours is only for the outbox and SMTP.
     (item,) = json.loads(provider.build_request([make_message(1, message_id="<x@y.example>")]).body)
     assert all(h["Name"].lower() != "message-id" for h in item["Headers"])
@@ -92,14 +116,20 @@ def test_no_message_id_header_is_passed(provider: PostmarkProvider, make_message
         provider.build_request([make_message(1, headers=(("Message-ID", "<x@y.example>"),))])
 
 
-def test_non_ascii_name_and_subject(provider: PostmarkProvider, make_message: MessageFactory) -> None:
-    (item,) = json.loads(provider.build_request([make_message(1, to_name="Zoë Ñúñez", subject="Café — 日本")]).body)
+def test_non_ascii_name_and_subject(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    (item,) = json.loads(
+        provider.build_request([make_message(1, to_name="Zoë Ñúñez", subject="Café — 日本")]).body
+    )
     assert item["Subject"] == "Café — 日本"
     decoded = str(email.header.make_header(email.header.decode_header(item["To"])))
     assert email.utils.parseaddr(decoded) == ("Zoë Ñúñez", "reader1@example.com")
 
 
-def test_header_injection_is_cleaned(provider: PostmarkProvider, make_message: MessageFactory) -> None:
+def test_header_injection_is_cleaned(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
     msg = make_message(
         1,
         subject="Hi\r\nBcc: victim@example.net",
@@ -112,14 +142,20 @@ def test_header_injection_is_cleaned(provider: PostmarkProvider, make_message: M
     assert item["Headers"][0]["Value"] == "<https://x.example/u/1> Bcc: victim@example.net"
 
 
-def test_invalid_recipient_is_refused_not_sent(provider: PostmarkProvider, make_message: MessageFactory) -> None:
-    call = provider.build_request([make_message(1), make_message(2, to_email="broken"), make_message(3)])
+def test_invalid_recipient_is_refused_not_sent(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    call = provider.build_request(
+        [make_message(1), make_message(2, to_email="broken"), make_message(3)]
+    )
     assert [m.ledger_id for m in call.messages] == [1, 3]
     assert [(r.ledger_id, r.status) for r in call.refused] == [(2, "invalid")]
     assert [i["Metadata"]["ledger_id"] for i in json.loads(call.body)] == ["1", "3"]
 
 
-def test_bad_from_fails_the_whole_call(provider: PostmarkProvider, make_message: MessageFactory) -> None:
+def test_bad_from_fails_the_whole_call(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
     with pytest.raises(DeliveryError, match="bad from address") as info:
         provider.build_request([make_message(1, from_addr="Field Notes <not an address>")])
     assert not info.value.retryable

@@ -51,7 +51,7 @@ from email.utils import parseaddr
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 Fault = tuple[Any, ...]
 
@@ -92,7 +92,9 @@ Route = Callable[["FakeProviderServer", Request], Reply]
 class FakeProviderServer:
     """A threaded fake provider API; see the module docstring. Start with ``with`` or start()."""
 
-    def __init__(self, *, token: str = "test-token", light: bool = False, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, *, token: str = "test-token", light: bool = False, host: str = "127.0.0.1"
+    ) -> None:
         self.token = token
         self.light = light
         self.faults: deque[Fault] = deque()
@@ -114,9 +116,12 @@ class FakeProviderServer:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def start(self) -> FakeProviderServer:
+    def start(self) -> Self:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-provider", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fake-provider",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -130,11 +135,14 @@ class FakeProviderServer:
         self._server.close_connections()
         self._server.server_close()
 
-    def __enter__(self) -> FakeProviderServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -162,7 +170,9 @@ class FakeProviderServer:
     def _record(self, request: Request) -> None:
         kept = request
         if self.light:  # a benchmark sends gigabytes; keep only the sizes
-            kept = Request(request.method, request.path, request.query, request.headers, b"", request.size)
+            kept = Request(
+                request.method, request.path, request.query, request.headers, b"", request.size
+            )
         with self.lock:
             self.requests.append(kept)
 
@@ -175,7 +185,9 @@ class FakeProviderServer:
     def _dispatch(self, request: Request) -> Reply:
         handler = self.routes.get((request.method, request.path))
         if handler is None:
-            return Reply.of_json(404, {"ErrorCode": 404, "Message": f"no route {request.method} {request.path}"})
+            return Reply.of_json(
+                404, {"ErrorCode": 404, "Message": f"no route {request.method} {request.path}"}
+            )
         return handler(self, request)
 
 
@@ -183,7 +195,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a thread stuck in a "delay" fault must not block close()
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeProviderServer):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        fake: FakeProviderServer,
+    ):
         self.fake = fake
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
@@ -218,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60  # an idle keep-alive connection's thread ends after this
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _handle(self) -> None:
@@ -244,7 +261,11 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and kind == "status":
             code = int(fault[1])
             headers = dict(fault[2]) if len(fault) > 2 else {}
-            data = fault[3] if len(fault) > 3 else {"ErrorCode": code, "Message": f"injected HTTP {code}"}
+            data = (
+                fault[3]
+                if len(fault) > 3
+                else {"ErrorCode": code, "Message": f"injected HTTP {code}"}
+            )
             self._write(Reply.of_json(code, data, headers))
             return
         reply = fake._dispatch(request)
@@ -252,7 +273,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
             return
         if kind == "garbage":
-            reply = Reply(200, b"<html><body>502 Bad Gateway (not JSON)</body></html>", content_type="text/html")
+            reply = Reply(
+                200,
+                b"<html><body>502 Bad Gateway (not JSON)</body></html>",
+                content_type="text/html",
+            )
         if fault is not None and kind == "delay":
             fake._stopping.wait(float(fault[1]))
         self._write(reply)
@@ -300,7 +325,12 @@ def install_postmark(srv: FakeProviderServer) -> None:
 def _postmark_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
     if request.headers.get("x-postmark-server-token") != srv.token:
         return Reply.of_json(
-            401, {"ErrorCode": 10, "Message": "The Server Token you provided in the X-Postmark-Server-Token header was invalid."}
+            401,
+            {
+                "ErrorCode": 10,
+                "Message": "The Server Token you provided in the X-Postmark-Server-Token "
+                "header was invalid.",
+            },
         )
     return None
 
@@ -321,10 +351,14 @@ def postmark_batch(srv: FakeProviderServer, request: Request) -> Reply:
         return Reply.of_json(422, {"ErrorCode": 402, "Message": "Received invalid JSON input."})
     if len(data) > POSTMARK_MAX_BATCH:
         return Reply.of_json(422, {"ErrorCode": 410, "Message": "Too many batch messages."})
-    return Reply.of_json(200, [_postmark_one(srv, item, overrides.get(i)) for i, item in enumerate(data)])
+    return Reply.of_json(
+        200, [_postmark_one(srv, item, overrides.get(i)) for i, item in enumerate(data)]
+    )
 
 
-def _postmark_batch_light(srv: FakeProviderServer, request: Request, overrides: dict[int, tuple[int, str]]) -> Reply:
+def _postmark_batch_light(
+    srv: FakeProviderServer, request: Request, overrides: dict[int, tuple[int, str]]
+) -> Reply:
     out: list[bytes] = []
     for i, match in enumerate(_LEDGER_ID_RE.finditer(request.body)):
         if i in overrides:
@@ -332,11 +366,15 @@ def _postmark_batch_light(srv: FakeProviderServer, request: Request, overrides: 
             out.append(json.dumps({"ErrorCode": code, "Message": text}).encode())
             continue
         srv.accept(None, int(match.group(1)))
-        out.append(b'{"ErrorCode":0,"Message":"OK","MessageID":"%s","To":""}' % uuid.uuid4().hex.encode())
+        out.append(
+            b'{"ErrorCode":0,"Message":"OK","MessageID":"%s","To":""}' % uuid.uuid4().hex.encode()
+        )
     return Reply(200, b"[" + b",".join(out) + b"]")
 
 
-def _postmark_one(srv: FakeProviderServer, item: Any, override: tuple[int, str] | None) -> dict[str, Any]:
+def _postmark_one(
+    srv: FakeProviderServer, item: Any, override: tuple[int, str] | None
+) -> dict[str, Any]:
     if override is not None:
         return {"ErrorCode": override[0], "Message": override[1]}
     if not isinstance(item, dict):
@@ -359,7 +397,9 @@ def _postmark_one(srv: FakeProviderServer, item: Any, override: tuple[int, str] 
     message_id = str(uuid.uuid4())
     metadata = item.get("Metadata") or {}
     ledger = metadata.get("ledger_id") if isinstance(metadata, dict) else None
-    srv.accept({**item, "MessageID": message_id}, int(ledger) if str(ledger or "").isdigit() else None)
+    srv.accept(
+        {**item, "MessageID": message_id}, int(ledger) if str(ledger or "").isdigit() else None
+    )
     return {
         "ErrorCode": 0,
         "Message": "OK",
@@ -387,4 +427,6 @@ def postmark_server(srv: FakeProviderServer, request: Request) -> Reply:
     refused = _postmark_auth(srv, request)
     if refused is not None:
         return refused
-    return Reply.of_json(200, {"ID": 1, "Name": "Fake Postmark", "Color": "Blue", "DeliveryType": "Live"})
+    return Reply.of_json(
+        200, {"ID": 1, "Name": "Fake Postmark", "Color": "Blue", "DeliveryType": "Live"}
+    )

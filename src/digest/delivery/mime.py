@@ -37,8 +37,19 @@ _ADDRESS_FORBIDDEN = frozenset(' <>()[],;:"\\')
 #: carry them (a second From or Content-Type would make the message ambiguous).
 RESERVED_HEADERS = frozenset(
     {
-        "from", "sender", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id",
-        "mime-version", "content-type", "content-transfer-encoding", "return-path",
+        "from",
+        "sender",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "return-path",
     }
 )
 
@@ -66,10 +77,18 @@ def normalize_address(address: str) -> str:
     """
     cleaned = clean_header_value(address)
     local, at, domain = cleaned.rpartition("@")
-    if not at or not local or not domain or _ADDRESS_FORBIDDEN.intersection(cleaned) or "@" in local:
+    if (
+        not at
+        or not local
+        or not domain
+        or _ADDRESS_FORBIDDEN.intersection(cleaned)
+        or "@" in local
+    ):
         raise ValueError(f"not a single email address: {address!r}")
     if not local.isascii():
-        raise ValueError(f"non-ASCII local part needs SMTPUTF8, which is not supported: {address!r}")
+        raise ValueError(
+            f"non-ASCII local part needs SMTPUTF8, which is not supported: {address!r}"
+        )
     if not domain.isascii():
         try:
             domain = domain.encode("idna").decode("ascii")
@@ -127,7 +146,7 @@ class _DigestPolicy(EmailPolicy):
     def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
         if isinstance(value, _Verbatim):
             return (name, str(value))
-        return super().header_store_parse(name, value)  # type: ignore[no-any-return]
+        return super().header_store_parse(name, value)
 
 
 # cte_type="7bit": bodies become 7bit, quoted-printable or base64 (never raw 8bit), so the

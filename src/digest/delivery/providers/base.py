@@ -28,10 +28,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import requests
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import NewConnectionError
 
 from digest.config import Delivery
 from digest.errors import AuthError, DeliveryError
@@ -145,17 +145,22 @@ class Provider(ABC):
     def close(self) -> None:
         """Release network resources. The default has none."""
 
-    def __enter__(self) -> Provider:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
     def _check_batch(self, messages: Sequence[OutgoingMessage]) -> None:
         if len(messages) > self.max_batch:
-            raise ValueError(f"{self.name}: {len(messages)} messages in one call; the limit is {self.max_batch}")
+            raise ValueError(
+                f"{self.name}: {len(messages)} messages in one call; the limit is {self.max_batch}"
+            )
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,11 @@ class HttpProvider(Provider):
 
     @abstractmethod
     def parse_response(
-        self, status: int, headers: Mapping[str, str], body: bytes, messages: Sequence[OutgoingMessage]
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        messages: Sequence[OutgoingMessage],
     ) -> list[SendResult]:
         """Turn the provider's answer into one result per message of the request. Pure.
 
@@ -275,23 +284,41 @@ class HttpProvider(Provider):
             # Why no redirects: requests would replay a POST as a GET on 301/302, and a provider
             # API that redirects is misconfigured (base_url); report it instead.
             response = self.session.request(
-                method, url, headers=dict(headers), data=body, timeout=self.timeout, allow_redirects=False
+                method,
+                url,
+                headers=dict(headers),
+                data=body,
+                timeout=self.timeout,
+                allow_redirects=False,
             )
             content = response.content  # read it all here so a truncated body is a network error
         except requests.RequestException as exc:
             raise self.transport_error(exc, url, sends_mail=sends_mail) from exc
         return response.status_code, response.headers, content
 
-    def transport_error(self, exc: requests.RequestException, url: str, *, sends_mail: bool) -> DeliveryError:
+    def transport_error(
+        self, exc: requests.RequestException, url: str, *, sends_mail: bool
+    ) -> DeliveryError:
         """Map a requests exception: was the request certainly not sent, or may it have been?"""
         what = f"{self.name}: {type(exc).__name__} calling {url}: {exc}"
-        if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                            requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader)):
-            return DeliveryError(what, retryable=False, hint="check delivery.base_url and delivery.api_key")
+        if isinstance(
+            exc,
+            (
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidHeader,
+            ),
+        ):
+            return DeliveryError(
+                what, retryable=False, hint="check delivery.base_url and delivery.api_key"
+            )
         causes = _causes(exc)
         if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
             # The TLS handshake failed, so nothing was sent; retrying will not fix a certificate.
-            return DeliveryError(what, retryable=False, hint="check the TLS certificate of delivery.base_url")
+            return DeliveryError(
+                what, retryable=False, hint="check the TLS certificate of delivery.base_url"
+            )
         if isinstance(exc, requests.exceptions.ConnectTimeout) or any(
             isinstance(c, NewConnectionError) for c in causes
         ):
@@ -309,7 +336,11 @@ class HttpProvider(Provider):
         )
 
     def handle_response(
-        self, status: int, headers: Mapping[str, str], body: bytes, messages: Sequence[OutgoingMessage]
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        messages: Sequence[OutgoingMessage],
     ) -> list[SendResult]:
         """Classify auth, rate-limit and server errors; hand everything else to parse_response.
 
@@ -347,7 +378,10 @@ class HttpProvider(Provider):
         """A not-retryable :class:`DeliveryError` for a status the provider does not document."""
         suffix = f": {detail}" if detail else ""
         return DeliveryError(
-            f"{self.name}: HTTP {status}{suffix}", retryable=False, status=status, response_text=response_text(body)
+            f"{self.name}: HTTP {status}{suffix}",
+            retryable=False,
+            status=status,
+            response_text=response_text(body),
         )
 
     def decode_json(self, status: int, body: bytes) -> Any:
@@ -372,13 +406,17 @@ class HttpProvider(Provider):
 
 
 def _causes(exc: BaseException, limit: int = 20) -> list[BaseException]:
-    """``exc``'s wrapped exceptions: requests and urllib3 nest them in args, reason and __cause__."""
+    """Exceptions wrapped in ``exc``: requests and urllib3 nest them in args, reason, __cause__."""
     found: list[BaseException] = []
     todo: list[BaseException] = [exc]
     while todo and len(found) < limit:
         current = todo.pop()
-        for candidate in (getattr(current, "reason", None), current.__cause__, current.__context__,
-                          current.args[0] if current.args else None):
+        for candidate in (
+            getattr(current, "reason", None),
+            current.__cause__,
+            current.__context__,
+            current.args[0] if current.args else None,
+        ):
             if isinstance(candidate, BaseException) and candidate not in found:
                 found.append(candidate)
                 todo.append(candidate)

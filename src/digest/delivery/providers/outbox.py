@@ -82,7 +82,9 @@ class OutboxProvider(Provider):
             try:
                 mime = build_mime(msg, now=now)
             except ValueError as exc:
-                results.append(SendResult(ledger_id=msg.ledger_id, status="invalid", error=str(exc)))
+                results.append(
+                    SendResult(ledger_id=msg.ledger_id, status="invalid", error=str(exc))
+                )
                 continue
             path = eml_path(self.root, msg)
             try:
@@ -90,9 +92,17 @@ class OutboxProvider(Provider):
                 write_atomic(path, as_bytes(mime))
             except OSError as exc:
                 raise DeliveryError(
-                    f"outbox: cannot write {path}: {exc.strerror or exc}", retryable=True, hint=_HINT
+                    f"outbox: cannot write {path}: {exc.strerror or exc}",
+                    retryable=True,
+                    hint=_HINT,
                 ) from exc
-            results.append(SendResult(ledger_id=msg.ledger_id, status="sent", provider_message_id=str(mime["Message-ID"])))
+            results.append(
+                SendResult(
+                    ledger_id=msg.ledger_id,
+                    status="sent",
+                    provider_message_id=str(mime["Message-ID"]),
+                )
+            )
         return results
 
     def check(self) -> str:
@@ -103,5 +113,7 @@ class OutboxProvider(Provider):
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise DeliveryError(f"outbox: {self.root} is not writable: {exc.strerror or exc}", hint=_HINT) from exc
+            raise DeliveryError(
+                f"outbox: {self.root} is not writable: {exc.strerror or exc}", hint=_HINT
+            ) from exc
         return f"outbox: writing .eml files to {self.root.resolve()}"

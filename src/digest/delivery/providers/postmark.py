@@ -39,7 +39,8 @@ _INVALID_REQUEST = 300
 _RETRY_LATER = frozenset({100, 429})  # maintenance, rate limit
 _INVALID_TO_RE = re.compile(r"^\s*(Invalid|Error\s+parsing)\s+'To'", re.IGNORECASE)
 _INACTIVE_OK_RE = re.compile(
-    r"will not deliver to these inactive addresses:\s*(.*?)\.\s*Inactive recipients", re.IGNORECASE | re.DOTALL
+    r"will not deliver to these inactive addresses:\s*(.*?)\.\s*Inactive recipients",
+    re.IGNORECASE | re.DOTALL,
 )
 
 # Whole-call 422 ErrorCodes that need a hint for the operator.
@@ -101,8 +102,14 @@ class PostmarkProvider(HttpProvider):
             if included:
                 parts.append(b",")
             included.append(m)
-            parts += (b'{"From":', shared("from", m.from_addr), b',"To":', to,
-                      b',"Subject":', shared("subject", m.subject))
+            parts += (
+                b'{"From":',
+                shared("from", m.from_addr),
+                b',"To":',
+                to,
+                b',"Subject":',
+                shared("subject", m.subject),
+            )
             if m.html:
                 parts += (b',"HtmlBody":"', json_escape(m.html), b'"')
             if m.text:
@@ -111,16 +118,22 @@ class PostmarkProvider(HttpProvider):
             if m.tag:
                 parts += (b',"Tag":', shared("tag", m.tag))
             # Metadata values are strings in Postmark; the ledger id comes back on webhooks.
-            parts.append(b',"Metadata":{"ledger_id":"%d","draft_id":"%d"}' % (m.ledger_id, m.draft_id))
+            parts.append(
+                b',"Metadata":{"ledger_id":"%d","draft_id":"%d"}' % (m.ledger_id, m.draft_id)
+            )
             # Why no Message-ID: Postmark assigns its own and reports it as MessageID, which is
             # the id its webhooks carry; m.message_id is only used by the outbox and SMTP.
             headers = custom_headers(m)
             if headers:
                 parts.append(b',"Headers":[')
-                parts.append(b",".join(
-                    b'{"Name":' + shared("name", name) + b',"Value":' + shared("value", value) + b"}"
-                    for name, value in headers
-                ))
+                for i, (name, value) in enumerate(headers):
+                    parts += (
+                        b',{"Name":' if i else b'{"Name":',
+                        shared("name", name),
+                        b',"Value":',
+                        shared("value", value),
+                        b"}",
+                    )
                 parts.append(b"]")
             if m.reply_to:
                 parts += (b',"ReplyTo":', shared("reply_to", m.reply_to))
@@ -143,11 +156,17 @@ class PostmarkProvider(HttpProvider):
                 return format_address(name, addr)
             except ValueError as exc:
                 key = "newsletter.from" if kind == "from" else "newsletter.reply_to"
-                raise DeliveryError(f"postmark: bad {kind} address: {exc}", hint=f"check {key}") from exc
+                raise DeliveryError(
+                    f"postmark: bad {kind} address: {exc}", hint=f"check {key}"
+                ) from exc
         return clean_header_value(value)  # custom_headers already cleaned values; cheap if so
 
     def parse_response(
-        self, status: int, headers: Mapping[str, str], body: bytes, messages: Sequence[OutgoingMessage]
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        messages: Sequence[OutgoingMessage],
     ) -> list[SendResult]:
         """Read the per-message array; turn a whole-call 422 into the matching error."""
         if status == 422:
@@ -203,7 +222,9 @@ class PostmarkProvider(HttpProvider):
             result = "failed"  # not sent, and a later call may succeed
         else:
             result = "rejected"
-        return SendResult(msg.ledger_id, result, None, response_text(f"Postmark ErrorCode {code}: {text}"))
+        return SendResult(
+            msg.ledger_id, result, None, response_text(f"Postmark ErrorCode {code}: {text}")
+        )
 
     def api_error(self, status: int, body: bytes) -> DeliveryError:
         """The error for a whole-call failure that carries a Postmark ``ErrorCode`` (HTTP 422)."""
@@ -236,7 +257,8 @@ class PostmarkProvider(HttpProvider):
         except ValueError:
             raise self.status_error(status, body, "the body is not JSON") from None
         server = data.get("Name") if isinstance(data, dict) else None
-        line = f"postmark: reached server {server or '?'!r} at {self.base_url}, stream {self.settings.message_stream!r}"
+        stream = self.settings.message_stream
+        line = f"postmark: reached server {server or '?'!r} at {self.base_url}, stream {stream!r}"
         if self.token == TEST_TOKEN:
             line += " (test token: Postmark validates messages but delivers none)"
         return line

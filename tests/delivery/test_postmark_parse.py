@@ -1,0 +1,230 @@
+"""PostmarkProvider.parse_response / handle_response on saved payloads: pure, no HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from digest.config import Delivery
+from digest.delivery.providers.base import UncertainDeliveryError, maybe_delivered
+from digest.delivery.providers.postmark import PostmarkProvider
+from digest.errors import AuthError, DeliveryError
+from digest.types import OutgoingMessage
+from tests.delivery.conftest import MessageFactory, payload_bytes
+
+
+@pytest.fixture
+def provider(postmark_settings: Delivery) -> PostmarkProvider:
+    return PostmarkProvider(postmark_settings)
+
+
+def batch(make_message: MessageFactory, *emails: str) -> list[OutgoingMessage]:
+    return [make_message(i, to_email=e) for i, e in enumerate(emails, start=1)]
+
+
+def test_all_sent(provider: PostmarkProvider, make_message: MessageFactory) -> None:
+    messages = batch(make_message, "ada@example.com", "bo@example.com", "cy@example.com")
+    results = provider.handle_response(
+        200, {"Content-Type": "application/json"}, payload_bytes("batch_ok.json"), messages
+    )
+    assert [(r.ledger_id, r.status, r.error) for r in results] == [
+        (1, "sent", None),
+        (2, "sent", None),
+        (3, "sent", None),
+    ]
+    assert [r.provider_message_id for r in results] == [
+        "0a4c1f52-0f4e-4d7b-9a55-6f0e1b2c3d01",
+        "0a4c1f52-0f4e-4d7b-9a55-6f0e1b2c3d02",
+        "0a4c1f52-0f4e-4d7b-9a55-6f0e1b2c3d03",
+    ]
+
+
+def test_every_per_message_case(provider: PostmarkProvider, make_message: MessageFactory) -> None:
+    messages = batch(
+        make_message,
+        "ok@example.com",
+        "gone@example.com",
+        "nobody@invalid",
+        "x@exa-mple.com",
+        "from-problem@example.com",
+        "slow@example.com",
+        "Bounced@Example.com",
+        "later@example.com",
+        "limit@example.com",
+    )
+    results = provider.parse_response(200, {}, payload_bytes("batch_mixed.json"), messages)
+    assert [r.status for r in results] == [
+        "sent",  # ErrorCode 0
+        "suppressed",  # 406 inactive recipient
+        "invalid",  # 300 "Invalid 'To' address"
+        "invalid",  # 300 "Error parsing 'To'"
+        "rejected",  # 300 about something else (the From)
+        "sent",  # no ErrorCode: "delivery may be delayed" is still a success
+        "suppressed",  # "Message OK, but will not deliver to these inactive addresses" naming ours
+        "failed",  # per-message 429: not sent, may work later
+        "rejected",  # any other code
+    ]
+    assert [r.ledger_id for r in results] == list(range(1, 10))
+    assert results[0].provider_message_id == "7f0c2a9e-1111-4c3b-8d2e-000000000001"
+    assert results[5].provider_message_id == "7f0c2a9e-1111-4c3b-8d2e-000000000006"
+    assert results[1].provider_message_id is None
+    assert results[1].error is not None and results[1].error.startswith("Postmark ErrorCode 406: ")
+    assert (
+        results[4].error
+        == "Postmark ErrorCode 300: Invalid 'From' address: 'digest@unverified.example'."
+    )
+    assert results[0].error is None
+
+
+def test_ok_with_other_inactive_address_is_sent(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    item = {
+        "ErrorCode": 0,
+        "Message": "Message OK, but will not deliver to these inactive addresses: "
+        "other@example.com. "
+        "Inactive recipients are ones that have generated a hard bounce or a spam complaint.",
+        "MessageID": "m-1",
+        "To": "ada@example.com",
+    }
+    (result,) = provider.parse_response(
+        200, {}, json.dumps([item]).encode(), batch(make_message, "ada@example.com")
+    )
+    assert result.status == "sent"
+
+
+def test_wrong_length_is_uncertain(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(UncertainDeliveryError, match="3 results for 2 messages") as info:
+        provider.parse_response(
+            200,
+            {},
+            payload_bytes("batch_ok.json"),
+            batch(make_message, "a@x.example", "b@x.example"),
+        )
+    assert maybe_delivered(info.value)
+    assert info.value.status == 200
+
+
+@pytest.mark.parametrize("body", [b'{"ErrorCode": 0, "Message": "OK"}', b"[1, 2]", b"null"])
+def test_unexpected_json_shape_is_uncertain(
+    provider: PostmarkProvider, make_message: MessageFactory, body: bytes
+) -> None:
+    messages = batch(make_message, "a@x.example", "b@x.example")
+    with pytest.raises(UncertainDeliveryError):
+        provider.parse_response(200, {}, body, messages)
+
+
+def test_garbage_on_200_is_uncertain_and_not_retryable(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(UncertainDeliveryError) as info:
+        provider.parse_response(
+            200, {}, b"<html>Bad Gateway</html>", batch(make_message, "a@x.example")
+        )
+    err = info.value
+    assert isinstance(err, DeliveryError) and maybe_delivered(err)
+    assert not err.retryable
+    assert err.status == 200 and err.response_text == "<html>Bad Gateway</html>"
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind", "retryable", "hint"),
+    [
+        (
+            "error_422_bad_token.json",
+            AuthError,
+            False,
+            "check delivery.api_key: it must be a Postmark server token",
+        ),
+        ("error_422_maintenance.json", DeliveryError, True, None),
+        ("error_422_rate_limit.json", DeliveryError, True, None),
+        ("error_422_invalid_request.json", DeliveryError, False, None),
+        (
+            "error_422_too_many_messages.json",
+            DeliveryError,
+            False,
+            "lower delivery.batch_size (Postmark takes at most 500 messages per batch)",
+        ),
+        (
+            "error_422_sender_signature.json",
+            DeliveryError,
+            False,
+            "the From address needs a confirmed sender signature or domain in Postmark",
+        ),
+    ],
+)
+def test_whole_call_422_by_error_code(
+    provider: PostmarkProvider,
+    make_message: MessageFactory,
+    payload: str,
+    kind: type[DeliveryError],
+    retryable: bool,
+    hint: str | None,
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(
+            422, {}, payload_bytes(payload), batch(make_message, "a@x.example")
+        )
+    err = info.value
+    assert type(err) is kind
+    assert err.retryable is retryable
+    assert err.status == 422
+    assert err.hint == hint
+    assert not maybe_delivered(err)
+    assert err.response_text == payload_bytes(payload).decode()
+
+
+def test_422_without_json_is_not_retryable(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(422, {}, b"nope", batch(make_message, "a@x.example"))
+    assert not info.value.retryable and not maybe_delivered(info.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_statuses(
+    provider: PostmarkProvider, make_message: MessageFactory, status: int
+) -> None:
+    with pytest.raises(AuthError) as info:
+        provider.handle_response(
+            status,
+            {},
+            b'{"ErrorCode":10,"Message":"bad token"}',
+            batch(make_message, "a@x.example"),
+        )
+    assert info.value.status == status and info.value.hint == "check delivery.api_key"
+
+
+def test_429_reads_retry_after_case_insensitively(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(
+            429, {"RETRY-AFTER": "12"}, b"{}", batch(make_message, "a@x.example")
+        )
+    assert info.value.retryable and info.value.retry_after == 12.0 and info.value.status == 429
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_server_errors_are_retryable(
+    provider: PostmarkProvider, make_message: MessageFactory, status: int
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(status, {}, b"x" * 5000, batch(make_message, "a@x.example"))
+    err = info.value
+    assert err.retryable and not maybe_delivered(err)
+    assert err.response_text is not None and len(err.response_text) <= 500
+
+
+@pytest.mark.parametrize("status", [301, 400, 404, 413])
+def test_other_statuses_are_not_retryable(
+    provider: PostmarkProvider, make_message: MessageFactory, status: int
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(status, {}, b'{"Message":"?"}', batch(make_message, "a@x.example"))
+    assert type(info.value) is DeliveryError
+    assert not info.value.retryable and info.value.status == status

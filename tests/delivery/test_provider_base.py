@@ -1,0 +1,191 @@
+"""The provider base classes: error taxonomy, transport classification, the registry."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import requests
+from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
+from urllib3.exceptions import SSLError as Urllib3SSLError
+
+from digest.config import Delivery
+from digest.delivery.providers.base import (
+    HttpProvider,
+    PreparedCall,
+    Provider,
+    UncertainDeliveryError,
+    maybe_delivered,
+    response_text,
+)
+from digest.delivery.providers.outbox import OutboxProvider
+from digest.delivery.providers.postmark import PostmarkProvider
+from digest.delivery.providers.registry import PROVIDERS, build_provider, provider_class
+from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.types import OutgoingMessage, SendResult
+from tests.delivery.conftest import MessageFactory
+
+URL = "https://api.example/send"
+
+
+class Minimal(HttpProvider):
+    """The smallest HTTP provider: what a new provider has to write."""
+
+    name = "minimal"
+    max_batch = 10
+    default_base_url = "https://api.example"
+
+    def build_request(self, messages: Sequence[OutgoingMessage]) -> PreparedCall:
+        return PreparedCall("POST", f"{self.base_url}/send", {}, b"[]", tuple(messages))
+
+    def parse_response(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        messages: Sequence[OutgoingMessage],
+    ) -> list[SendResult]:
+        if status != 200:
+            raise self.status_error(status, body)
+        self.decode_json(status, body)
+        return [SendResult(m.ledger_id, "sent") for m in messages]
+
+    def check(self) -> str:
+        return "minimal"
+
+
+@pytest.fixture
+def minimal() -> Minimal:
+    return Minimal(Delivery())
+
+
+def test_uncertain_is_a_delivery_error() -> None:
+    err = UncertainDeliveryError("x", retryable=True, status=200)
+    assert isinstance(err, DeliveryError)
+    assert err.maybe_delivered is True and maybe_delivered(err)
+    assert not maybe_delivered(DeliveryError("x"))
+    assert not maybe_delivered(AuthError("x"))
+    assert not maybe_delivered(ValueError("x"))
+
+
+def test_response_text_is_truncated() -> None:
+    assert response_text(None) == ""
+    assert response_text(b"short") == "short"
+    long = response_text(b"a" * 2000)
+    assert len(long) == 500 and long.endswith("…")
+    assert response_text(b"\xff\xfe bad utf-8") == "\ufffd\ufffd bad utf-8"
+
+
+def _cert_error() -> requests.exceptions.SSLError:
+    inner = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    return requests.exceptions.SSLError(MaxRetryError(None, URL, Urllib3SSLError(inner)))
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "retryable"),
+    [
+        (requests.ConnectTimeout("connect"), DeliveryError, True),
+        (
+            requests.ConnectionError(MaxRetryError(None, URL, NewConnectionError(None, "refused"))),
+            DeliveryError,
+            True,
+        ),
+        (
+            requests.ConnectionError(
+                MaxRetryError(None, URL, NameResolutionError("api.example", None, OSError("dns")))
+            ),
+            DeliveryError,
+            True,
+        ),
+        (_cert_error(), DeliveryError, False),
+        (requests.exceptions.InvalidURL("bad"), DeliveryError, False),
+        (requests.exceptions.MissingSchema("bad"), DeliveryError, False),
+        (requests.ReadTimeout("read"), UncertainDeliveryError, True),
+        (
+            requests.ConnectionError(ProtocolError("Connection aborted.", ConnectionResetError())),
+            UncertainDeliveryError,
+            True,
+        ),
+        # An SSLError that is not a certificate failure may be a TLS connection cut mid-request.
+        (
+            requests.exceptions.SSLError(
+                ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+            ),
+            UncertainDeliveryError,
+            True,
+        ),
+        (requests.exceptions.ChunkedEncodingError("truncated"), UncertainDeliveryError, True),
+        (requests.exceptions.ContentDecodingError("gzip"), UncertainDeliveryError, True),
+    ],
+)
+def test_transport_error_classification(
+    minimal: Minimal, exc: requests.RequestException, kind: type[DeliveryError], retryable: bool
+) -> None:
+    err = minimal.transport_error(exc, URL, sends_mail=True)
+    assert type(err) is kind
+    assert err.retryable is retryable
+    assert URL in str(err)
+
+
+def test_transport_errors_outside_sending_are_never_uncertain(minimal: Minimal) -> None:
+    err = minimal.transport_error(requests.ReadTimeout("read"), URL, sends_mail=False)
+    assert type(err) is DeliveryError and err.retryable
+
+
+def test_minimal_provider_sends_through_the_template_method(make_message: MessageFactory) -> None:
+    class FakeSession(requests.Session):
+        def request(self, method, url, **kwargs):  # type: ignore[no-untyped-def,override]
+            self.seen = (method, url, kwargs["timeout"], kwargs["allow_redirects"])
+            response = requests.Response()
+            response.status_code = 200
+            response._content = b"[]"
+            return response
+
+    session = FakeSession()
+    provider = Minimal(Delivery(timeout=3), session=session)
+    results = provider.send_batch([make_message(1), make_message(2)])
+    assert [r.status for r in results] == ["sent", "sent"]
+    assert session.seen == ("POST", "https://api.example/send", 3, False)
+
+
+def test_result_count_mismatch_is_uncertain(make_message: MessageFactory) -> None:
+    class Short(Minimal):
+        def parse_response(self, status, headers, body, messages):  # type: ignore[no-untyped-def]
+            return []
+
+        def perform(self, call: PreparedCall) -> tuple[int, Mapping[str, str], bytes]:
+            return 200, {}, b"[]"
+
+    with pytest.raises(UncertainDeliveryError, match="0 results for 1 messages"):
+        Short(Delivery()).send_batch([make_message(1)])
+
+
+def test_provider_is_abstract() -> None:
+    with pytest.raises(TypeError):
+        Provider(Delivery())  # type: ignore[abstract]
+
+
+def test_registry_builds_known_providers(tmp_path: Path) -> None:
+    outbox = build_provider(Delivery(provider="outbox", outbox_dir=str(tmp_path)))
+    assert isinstance(outbox, OutboxProvider)
+    postmark = build_provider(Delivery(provider="postmark", api_key="t"))
+    assert isinstance(postmark, PostmarkProvider)
+    postmark.close()
+
+
+@pytest.mark.parametrize("name", ["sendgrid", "mailgun", "ses", "resend", "smtp"])
+def test_registry_refuses_providers_not_written_yet(name: str) -> None:
+    settings = Delivery(provider=name, api_key="k")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=f"delivery.provider: '{name}' is not available yet"):
+        build_provider(settings)
+
+
+@pytest.mark.parametrize("name", sorted(PROVIDERS))
+def test_every_registered_provider_declares_itself(name: str) -> None:
+    cls = provider_class(name)
+    assert issubclass(cls, Provider)
+    assert cls.name == name
+    assert cls.max_batch > 0
+    assert cls.send_batch.__doc__ and cls.check.__doc__

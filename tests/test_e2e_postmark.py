@@ -1,0 +1,105 @@
+"""`digest` sending through Postmark, against a local server that plays Postmark."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from digest.cli import cli
+from tests.fakes.provider_server import FakeProviderServer
+
+TOKEN = "server-token-123"
+
+
+def setup(tmp_path: Path, url: str, subscribers: int) -> Path:
+    from digest.sources.folder import SAMPLE_DIR
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"""
+newsletter: {{public_url: "https://news.example.org", from: "Field Notes <digest@news.example.org>"}}
+database: {{url: "sqlite:///{tmp_path / 'd.db'}"}}
+sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
+digest: {{approval: {{required: false}}}}
+delivery: {{provider: postmark, api_key: "${{PM_TOKEN}}", base_url: "{url}", batch_size: 4, max_retries: 3}}
+""")
+    (tmp_path / "subs.csv").write_text("email,name\n" + "".join(f"r{i}@example.com,R{i}\n" for i in range(subscribers)))
+    return cfg
+
+
+def cli_run(cfg: Path, *args: str) -> str:
+    result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_send_through_postmark_once_with_faults(tmp_path: Path) -> None:
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = setup(tmp_path, srv.url, 10)
+        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
+        cli_run(cfg, "collect")
+        cli_run(cfg, "draft")
+        srv.faults.extend([("status", 500), ("status", 429, {"Retry-After": "0"})])
+        srv.inactive.add("r3@example.com")
+        out = cli_run(cfg, "send")
+        assert "sent 9 in 3 batches, failed 1 suppressed" in out and "finished" in out
+        to = sorted(m["To"] for m in srv.messages)
+        assert len(to) == len(set(to)) == 9 and "R3 <r3@example.com>" not in to
+        first = srv.messages[0]
+        headers = {h["Name"]: h["Value"] for h in first["Headers"]}
+        assert headers["List-Unsubscribe"].startswith("<https://news.example.org/u/")
+        assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert first["MessageStream"] == "broadcast" and first["Metadata"]["ledger_id"]
+        assert "R0" in first["HtmlBody"] or "R0" in srv.messages[0]["TextBody"]
+        # Rerunning sends nothing more.
+        assert "nothing to send" in cli_run(cfg, "send")
+        assert len(srv.messages) == 9
+        status = cli_run(cfg, "status")
+        assert "sent 9, failed 1, uncertain 0" in status
+        listing = cli_run(cfg, "subscribers", "list", "--status", "unsubscribed")
+        assert "r3@example.com" in listing
+
+
+def test_wrong_token_stops_with_one_clear_line(tmp_path: Path) -> None:
+    with FakeProviderServer(token="the-right-one") as srv:
+        cfg = setup(tmp_path, srv.url, 3)
+        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
+        cli_run(cfg, "collect")
+        cli_run(cfg, "draft")
+        result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), "send"])
+        assert result.exit_code == 1
+        assert "refused the credentials" in result.output and "delivery.api_key" in result.output
+        assert srv.messages == []
+
+
+def test_timeout_after_acceptance_is_uncertain_and_never_resent(tmp_path: Path) -> None:
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = setup(tmp_path, srv.url, 4)
+        cfg.write_text(cfg.read_text().replace("max_retries: 3", "max_retries: 3, timeout: 0.5"))
+        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
+        cli_run(cfg, "collect")
+        cli_run(cfg, "draft")
+        srv.faults.append(("delay", 1.5))  # accepted, but the answer comes too late
+        out = cli_run(cfg, "send")
+        assert "uncertain 4" in out
+        assert len(srv.messages) == 4
+        assert "4 uncertain: resolve with" in cli_run(cfg, "status")
+        cli_run(cfg, "send")
+        assert len(srv.messages) == 4  # never resent silently
+        cli_run(cfg, "send", "--resolve-uncertain", "mark-sent")
+        assert "sent 4, failed 0, uncertain 0" in cli_run(cfg, "status")
+
+
+def test_postmark_send_in_a_real_process(tmp_path: Path) -> None:
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = setup(tmp_path, srv.url, 5)
+        env = {**os.environ, "PM_TOKEN": TOKEN, "DIGEST_CONFIG": str(cfg)}
+        for args in (["subscribers", "import", str(tmp_path / "subs.csv")], ["run"]):
+            proc = subprocess.run([sys.executable, "-m", "digest", *args], env=env, capture_output=True,
+                                  text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+        assert "5 sent" in proc.stdout
+        assert sorted(m["To"] for m in srv.messages) == [f"R{i} <r{i}@example.com>" for i in range(5)]
