@@ -8,10 +8,13 @@ send ledger knows whether a retry is safe.
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -140,3 +143,26 @@ def fetch(
             wire = int(getattr(raw, "tell", lambda: size)() or size)
             return Fetched(url=response.url, status=response.status_code, body=b"".join(chunks),
                            headers=lowered, wire_bytes=wire)
+
+
+def get_json(
+    session: requests.Session,
+    url: str,
+    *,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+    max_bytes: int = MAX_BYTES,
+    retries: int = 3,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """GET ``url`` (with ``params``) through :func:`fetch` and decode JSON; ``SourceError`` if it is not JSON."""
+    if params:
+        url = f"{url}{'&' if '?' in url else '?'}{urlencode(params, doseq=True)}"
+    request_headers = {"Accept": "application/json", **(headers or {})}
+    fetched = fetch(session, url, headers=request_headers, timeout=timeout, max_bytes=max_bytes,
+                    retries=retries, sleep=sleep)
+    try:
+        return json.loads(fetched.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{url}: the answer is not JSON ({exc.__class__.__name__})") from exc

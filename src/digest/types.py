@@ -51,6 +51,9 @@ class Comment:
     position: int | None = None
     # The source the essay came from, when comments come from elsewhere (Discourse for a feed).
     essay_source: str | None = None
+    # Up and down votes, where the source tells them apart (for the Wilson lower bound).
+    upvotes: int | None = None
+    downvotes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ class CollectResult:
     not_modified: bool = False
     error: str | None = None
     bytes_read: int = 0
+    # Essays (source, key) whose complete comment list this result holds: comments of theirs
+    # that are missing now were deleted at the source.
+    covered: tuple[tuple[str, str], ...] = ()
+    # Problems that did not stop the result (one essay's comments failed, the rest arrived).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

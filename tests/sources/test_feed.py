@@ -432,7 +432,6 @@ def test_config_defaults_and_registry() -> None:
         {"url": "https://"},
         {"url": FEED_URL, "timeout": 0},
         {"url": FEED_URL, "max_bytes": -1},
-        {"url": FEED_URL, "comments": {"type": "discourse"}},  # not yet: a later issue
     ],
 )
 def test_config_rejects(block: dict[str, object]) -> None:

@@ -8,14 +8,16 @@ A source is built from its validated config block. ``collect()`` (implemented he
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar
 
 import requests
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from digest.errors import DigestError
-from digest.types import CollectResult, SourceCursor
+from digest.types import CollectResult, Comment, Essay, SourceCursor
 
 
 class SourceConfig(BaseModel):
@@ -25,6 +27,13 @@ class SourceConfig(BaseModel):
 
     name: str
     type: str
+    # Comment sources to attach to this source's essays (one mapping or a list of them).
+    comments: tuple[dict[str, Any], ...] = ()
+
+    @field_validator("comments", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
 
 class Source(ABC):
@@ -55,3 +64,69 @@ class Source(ABC):
             return CollectResult(source=self.name, cursor=cursor, error=str(exc))
         except Exception as exc:  # a bug or odd data in one source must not stop the run
             return CollectResult(source=self.name, cursor=cursor, error=f"{type(exc).__name__}: {exc}")
+
+
+class CommentSourceConfig(SourceConfig):
+    """Keys of a comment source block (under an essay source's ``comments:``).
+
+    ``name`` defaults to ``<essay source>:<type>``; ``lookback_days`` bounds which essays get
+    their comments refreshed (older discussions rarely change and cost requests);
+    ``max_essays`` caps the essays fetched per run.
+    """
+
+    name: str = ""
+    lookback_days: float = Field(30, gt=0)
+    max_essays: int = Field(30, ge=1)
+
+
+class CommentSource(Source):
+    """Comments for essays that another source collected (Discourse, Reddit, Hacker News ...).
+
+    Implement :meth:`fetch_for` (network) and :meth:`parse_for` (pure) for one essay;
+    :meth:`collect_for` (here) runs them over every essay and turns each essay's failure into
+    a warning, so one unreachable thread never hides the others.
+    """
+
+    config_model: ClassVar[type[SourceConfig]] = CommentSourceConfig
+    config: CommentSourceConfig
+
+    def fetch(self, cursor: SourceCursor, now: datetime) -> Any:  # pragma: no cover - not used
+        raise NotImplementedError("comment sources collect per essay: use collect_for()")
+
+    def parse(self, raw: Any, now: datetime) -> CollectResult:  # pragma: no cover - not used
+        raise NotImplementedError("comment sources collect per essay: use collect_for()")
+
+    @abstractmethod
+    def fetch_for(self, essay: Essay, now: datetime) -> Any:
+        """Do the network reads for one essay's discussion; return raw data for :meth:`parse_for`."""
+
+    @abstractmethod
+    def parse_for(self, essay: Essay, raw: Any, now: datetime) -> list[Comment]:
+        """Turn raw data into the essay's comments (their ``essay_key`` is set by the caller). Pure."""
+
+    def collect_for(self, essays: Sequence[Essay], now: datetime) -> CollectResult:
+        """Comments for each essay; per-essay failures become warnings, not a stopped run."""
+        comments: list[Comment] = []
+        covered: list[tuple[str, str]] = []
+        warnings: list[str] = []
+        for essay in essays:
+            try:
+                found = self.parse_for(essay, self.fetch_for(essay, now), now)
+            except DigestError as exc:
+                warnings.append(f"{essay.url}: {exc}")
+                continue
+            except Exception as exc:  # odd data for one essay must not stop the others
+                warnings.append(f"{essay.url}: {type(exc).__name__}: {exc}")
+                continue
+            comments.extend(replace(c, source=self.name, essay_source=essay.source, essay_key=essay.key)
+                            for c in found)
+            covered.append((essay.source, essay.key))
+        if warnings and not covered and essays:
+            return CollectResult(source=self.name, error=_summarize(warnings))
+        return CollectResult(source=self.name, comments=tuple(comments), covered=tuple(covered),
+                             warnings=tuple(warnings))
+
+
+def _summarize(messages: Sequence[str], limit: int = 3) -> str:
+    text = "; ".join(messages[:limit])
+    return text + (f" (+{len(messages) - limit} more)" if len(messages) > limit else "")
