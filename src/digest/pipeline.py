@@ -10,7 +10,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import requests
@@ -24,10 +24,10 @@ from digest.errors import DeliveryError, DigestError, DraftError
 from digest.http import build_session
 from digest.render import CompiledEmail, compile_draft, compile_draft_ready, personalize
 from digest.scheduler import next_run, previous_run
-from digest.sources.registry import build_source
+from digest.sources.registry import build_comment_sources, build_source
 from digest.store import Store, open_store
 from digest.store.store import CollectStats, DraftSummary, SourceStatus
-from digest.types import Draft, OutgoingMessage, Recipient
+from digest.types import CollectResult, Draft, OutgoingMessage, Recipient
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +104,36 @@ class CollectOutcome:
     stats: CollectStats
     error: str | None = None
     not_modified: bool = False
+    warnings: tuple[str, ...] = ()
 
 
 def collect(app: App) -> list[CollectOutcome]:
-    """Fetch every source; a failing source is recorded and the others go on (rule 8)."""
+    """Fetch every source, then each essay source's comment sources over its recent essays.
+
+    A failing source is recorded and the others go on (rule 8).
+    """
     outcomes = []
     for block in app.settings.sources:
         now = app.now()
         source = build_source(block, app.session)
         result = source.collect(app.store.cursor(source.name), now)
-        stats = app.store.record_collect(result, now)
-        if result.error:
-            log.warning("source %s failed: %s", source.name, result.error)
-        outcomes.append(CollectOutcome(source.name, stats, result.error, result.not_modified))
+        outcomes.append(_record(app, result, now))
+        for comment_source in build_comment_sources(block, app.session):
+            now = app.now()
+            cfg = comment_source.config
+            essays = app.store.recent_essays(source.name, now - timedelta(days=cfg.lookback_days),
+                                             cfg.max_essays)
+            outcomes.append(_record(app, comment_source.collect_for(essays, now), now))
     return outcomes
+
+
+def _record(app: App, result: CollectResult, now: datetime) -> CollectOutcome:
+    stats = app.store.record_collect(result, now)
+    if result.error:
+        log.warning("source %s failed: %s", result.source, result.error)
+    for warning in result.warnings:
+        log.warning("source %s: %s", result.source, warning)
+    return CollectOutcome(result.source, stats, result.error, result.not_modified, result.warnings)
 
 
 # -- draft -----------------------------------------------------------------------------------

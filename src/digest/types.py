@@ -29,6 +29,8 @@ class Essay:
     summary: str = ""
     author: str = ""
     published: datetime | None = None
+    # Where the essay's own comment feed is (RSS wfw:commentRss), when it has one.
+    comments_url: str = ""
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,20 @@ def test_events_are_stored_once(store: Store) -> None:
 def test_secret_is_generated_once(store: Store) -> None:
     assert store.secret() == store.secret()
     assert len(store.secret()) >= 40
+
+
+def test_upgrade_from_the_first_schema_keeps_data(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    db.upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO essays (source, key, url, title, author, html, summary, first_seen_at, updated_at) "
+            "VALUES ('s', 'k', 'https://x.org/k', 'Old', '', '', '', '2026-11-01', '2026-11-01')")
+    with pytest.raises(StoreError, match="digest db upgrade"):
+        db.ensure_schema(engine)
+    before, after = db.upgrade(engine)
+    assert (before, after) == ("0001", db.head_revision(engine))
+    s = Store(engine)
+    (_, e), = s.candidate_essays(None, 10)
+    assert e.title == "Old" and e.comments_url == ""
+    s.close()

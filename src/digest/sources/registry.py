@@ -12,6 +12,12 @@ from digest.sources.base import CommentSource, CommentSourceConfig, Source, Sour
 SOURCES: dict[str, str] = {
     "folder": "digest.sources.folder:FolderSource",
     "feed": "digest.sources.feed:FeedSource",
+    "wordpress": "digest.sources.wordpress:WordPressSource",
+    "substack": "digest.sources.substack:SubstackSource",
+    "feed_comments": "digest.sources.feed_comments:FeedCommentsSource",
+    "discourse": "digest.sources.discourse:DiscourseSource",
+    "reddit": "digest.sources.reddit:RedditSource",
+    "hackernews": "digest.sources.hackernews:HackerNewsSource",
 }
 
 

@@ -45,6 +45,7 @@ essays = Table(
     Column("author", Text, nullable=False, server_default=""),
     Column("html", Text, nullable=False, server_default=""),
     Column("summary", Text, nullable=False, server_default=""),
+    Column("comments_url", Text, nullable=False, server_default=""),
     _ts("published_at"),
     _ts("first_seen_at", nullable=False),
     _ts("updated_at", nullable=False),

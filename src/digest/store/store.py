@@ -240,7 +240,8 @@ class Store:
         if result.error:
             values.update(last_error=result.error[:2000], last_error_at=now)
         else:
-            values.update(last_success_at=now, last_error=None, last_error_at=None,
+            warning = "; ".join(result.warnings)[:2000] or None
+            values.update(last_success_at=now, last_error=warning, last_error_at=now if warning else None,
                           etag=result.cursor.etag, last_modified=result.cursor.last_modified)
         conn.execute(update(source_state).where(source_state.c.source == result.source).values(**values))
 
@@ -251,7 +252,8 @@ class Store:
                 select(essays).where(and_(essays.c.source == essay.source, essays.c.key == essay.key))
             ).first()
             values = {"url": essay.url, "title": essay.title, "author": essay.author,
-                      "html": essay.html, "summary": essay.summary, "published_at": essay.published}
+                      "html": essay.html, "summary": essay.summary, "published_at": essay.published,
+                      "comments_url": essay.comments_url}
             if row is None:
                 conn.execute(insert(essays).values(source=essay.source, key=essay.key,
                                                    first_seen_at=now, updated_at=now, **values))
@@ -267,13 +269,17 @@ class Store:
         new = updated = deleted = 0
         essay_ids: dict[tuple[str, str], int | None] = {}
         seen_by_essay: dict[int, set[str]] = {}
-        for essay in result.essays:  # a full essay listing lets us notice deleted comments
-            seen_by_essay.setdefault(self._essay_id(conn, essay_ids, essay.source, essay.key) or -1, set())
+        # Essays whose full comment list we hold: comments of theirs missing now were deleted.
+        # A source that lists essays and their comments together covers each essay it lists.
+        covered = list(result.covered) or [(e.source, e.key) for e in result.essays]
+        for source, key in covered:
+            seen_by_essay.setdefault(self._essay_id(conn, essay_ids, source, key) or -1, set())
         for c in result.comments:
             essay_id = self._essay_id(conn, essay_ids, c.essay_source or c.source, c.essay_key)
             if essay_id is None:
                 continue  # a comment on an essay we do not have: nothing to attach it to
-            seen_by_essay.setdefault(essay_id, set()).add(c.key)
+            if essay_id in seen_by_essay or not result.covered:
+                seen_by_essay.setdefault(essay_id, set()).add(c.key)
             row = conn.execute(
                 select(comments).where(and_(comments.c.source == c.source, comments.c.key == c.key))
             ).first()
@@ -310,6 +316,20 @@ class Store:
             ).scalar()
         return cache[(source, key)]
 
+    def recent_essays(self, source: str, since: datetime, limit: int) -> list[Essay]:
+        """A source's essays published (or first seen) since ``since``, newest first."""
+        stmt = (
+            select(essays).where(and_(essays.c.source == source, or_(
+                essays.c.published_at >= since,
+                and_(essays.c.published_at.is_(None), essays.c.first_seen_at >= since))))
+            .order_by(essays.c.published_at.desc().nulls_last(), essays.c.id.desc()).limit(limit)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(stmt).all()
+        return [Essay(r.source, r.key, r.url, r.title, r.html, r.summary, r.author, _dt(r.published_at),
+                      r.comments_url)
+                for r in rows]
+
     def source_statuses(self) -> list[SourceStatus]:
         with self._tx() as conn:
             rows = conn.execute(select(source_state).order_by(source_state.c.source)).all()
@@ -339,7 +359,8 @@ class Store:
         stmt = stmt.order_by(essays.c.published_at.desc().nulls_last(), essays.c.id.desc()).limit(limit)
         with self._tx() as conn:
             rows = conn.execute(stmt).all()
-        return [(r.id, Essay(r.source, r.key, r.url, r.title, r.html, r.summary, r.author, _dt(r.published_at)))
+        return [(r.id, Essay(r.source, r.key, r.url, r.title, r.html, r.summary, r.author, _dt(r.published_at),
+                      r.comments_url))
                 for r in rows]
 
     def comments_for(self, essay_ids: Sequence[int]) -> dict[int, list[tuple[int, Comment]]]:
