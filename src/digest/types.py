@@ -175,3 +175,37 @@ class DeliveryEvent:
     occurred_at: datetime | None = None
     ledger_id: int | None = None
     detail: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TemplateMessage:
+    """What every recipient of one batch shares, for providers that personalize server-side.
+
+    The bodies are templates split once into static parts and named slots
+    (``parts[0] slot[0] parts[1] ... parts[-1]``); the provider joins them with its own
+    substitution syntax. Static parts are content, so a provider must make sure nothing in
+    them is read as its substitution syntax (a comment may contain ``%recipient.x%``).
+    """
+
+    draft_id: int
+    from_addr: str
+    subject: str
+    html_parts: tuple[str, ...]
+    html_slots: tuple[str, ...]
+    text_parts: tuple[str, ...]
+    text_slots: tuple[str, ...]
+    reply_to: str | None = None
+    tag: str = "digest"
+
+
+@dataclass(frozen=True)
+class TemplateRecipient:
+    """One recipient of a template batch, with slot values already escaped for each part."""
+
+    ledger_id: int
+    to_email: str
+    to_name: str
+    html_values: tuple[tuple[str, str], ...]
+    text_values: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, str], ...] = ()
+    message_id: str = ""
