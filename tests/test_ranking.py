@@ -2,11 +2,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import math
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from digest.config import Ranking
-from digest.ranking import rank, word_count
+from digest.ranking import rank, wilson_lower_bound, word_count
 from digest.types import Comment
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -60,10 +63,66 @@ def test_ties_break_by_age_then_key() -> None:
     assert keys(result) == {1: ["y", "z", "x"]}
 
 
-def test_unscored_comments_follow_scored_in_display_order() -> None:
-    policy = Ranking(min_score=10, per_essay=4, max_comments=10, one_per_author=False)
-    result = rank({1: [c("u2", None, position=2), c("u1", None, position=1), c("s", 10)]}, policy)
-    assert keys(result) == {1: ["s", "u1", "u2"]}
+def test_order_only_comments_rank_by_display_position() -> None:
+    policy = Ranking(per_essay=4, max_comments=10, one_per_author=False)
+    result = rank({1: [c("u2", None, position=2), c("u1", None, position=0), c("u3", None, position=1)]}, policy)
+    assert keys(result) == {1: ["u1", "u3", "u2"]}
+    assert [r.rank_score for r in result[1]] == [1.0, round(1 / math.sqrt(2), 6), round(1 / math.sqrt(3), 6)]
+
+
+def test_sources_on_different_scales_are_normalized() -> None:
+    # Reddit-like points in the thousands, Discourse-like likes in tens: each source's best is 1.0.
+    big = [Comment("reddit", "e", f"r{i}", f"r{i}", "<p>a b c</p>", score=s) for i, s in enumerate([3000, 40, 5])]
+    small = [Comment("discourse", "e", f"d{i}", f"d{i}", "<p>a b c</p>", score=s) for i, s in enumerate([12, 9, 1])]
+    policy = Ranking(per_essay=4, max_comments=4, one_per_author=False)
+    picked = keys(rank({1: big + small}, policy))[1]
+    assert picked[:2] == ["d0", "r0"] or picked[:2] == ["r0", "d0"]
+    assert set(picked) == {"r0", "d0", "d1", "r1"}
+
+
+def test_wilson_lower_bound_prefers_confidence() -> None:
+    assert wilson_lower_bound(0, 0) == 0
+    assert wilson_lower_bound(3, 0) < wilson_lower_bound(90, 10)
+    assert wilson_lower_bound(90, 10) == pytest.approx(0.8256, abs=1e-3)
+    few = Comment("s", "e", "few", "a", "<p>x y z</p>", score=3, upvotes=3, downvotes=0)
+    many = Comment("s", "e", "many", "b", "<p>x y z</p>", score=80, upvotes=90, downvotes=10)
+    assert keys(rank({1: [few, many]}, Ranking(per_essay=1)))[1] == ["many"]
+
+
+def test_freshness_decay_prefers_new_comments() -> None:
+    old = c("old", 10, minutes=0)
+    new = c("new", 6, minutes=60 * 24 * 28)
+    now = T0 + timedelta(days=28)
+    assert keys(rank({1: [old, new]}, Ranking(per_essay=1)))[1] == ["old"]
+    assert keys(rank({1: [old, new]}, Ranking(per_essay=1, half_life_days=7), now=now))[1] == ["new"]
+
+
+def test_long_comments_are_cut_at_a_sentence() -> None:
+    body = "<p>" + "This is a sentence of eight words here. " * 10 + "</p>"
+    long = Comment("s", "e", "k", "a", body, url="https://x.org/c/k", score=1)
+    (ranked,) = rank({1: [long]}, Ranking(max_words=20))[1]
+    assert ranked.truncated and ranked.comment.html.endswith("here.</p>")
+    assert word_count(ranked.comment.html) == 24
+    assert ranked.words == 80  # ranking used the whole comment
+
+
+def test_replies_quote_their_parent_and_author_replies_are_context() -> None:
+    parent = Comment("s", "e", "p", "Ann", "<p>I think the pager should ring less often.</p>", score=9)
+    reply = Comment("s", "e", "r", "Bo", "<p>Disagree, strongly.</p>", score=8, parent_key="p")
+    author = Comment("s", "e", "m", "Mara", "<p>Thanks, Ann: agreed.</p>", score=50, parent_key="p")
+    result = rank({1: [parent, reply, author]}, Ranking(per_essay=5), {1: "Mara"})
+    by_key = {r.comment.key: r for r in result[1]}
+    assert set(by_key) == {"p", "r"}
+    assert by_key["r"].reply_to_author == "Ann"
+    assert by_key["r"].reply_to_excerpt == "I think the pager should ring less often."
+    assert by_key["p"].author_reply_author == "Mara" and "agreed" in by_key["p"].author_reply_html
+    excluded = rank({1: [parent, author]}, Ranking(author_replies="exclude"), {1: "Mara"})
+    assert excluded[1][0].author_reply_html == ""
+
+
+def test_excluded_authors_are_never_picked() -> None:
+    result = rank({1: [c("a", 50, author="AutoModerator"), c("b", 1)]}, Ranking(exclude_authors=("automoderator",)))
+    assert keys(result) == {1: ["b"]}
 
 
 def test_word_count_ignores_markup() -> None:

@@ -74,8 +74,12 @@ class Ranking(_Strict):
     per_essay: int = Field(3, ge=0)
     max_comments: int = Field(12, ge=0)
     min_words: int = Field(0, ge=0)
-    max_words: int = Field(400, ge=1)
+    max_words: int = Field(250, ge=1)
     one_per_author: bool = True
+    exclude_authors: tuple[str, ...] = ()
+    author_replies: Literal["context", "exclude"] = "context"
+    confidence: bool = True
+    half_life_days: float | None = Field(None, gt=0)
 
 
 class Approval(_Strict):

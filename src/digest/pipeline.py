@@ -173,7 +173,7 @@ def make_draft(app: App) -> DraftOutcome:
     essay_ids = [i for i, _ in essays]
     by_essay = app.store.comments_for(essay_ids)
     ranked = ranking.rank({i: [c for _, c in by_essay[i]] for i in essay_ids}, settings.ranking,
-                          {i: e.author for i, e in essays})
+                          {i: e.author for i, e in essays}, now)
     composed = drafting.compose(key, essays, ranked, settings)
     if composed is None:
         return DraftOutcome(None, False, "nothing new since the last digest: no draft made")

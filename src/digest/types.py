@@ -91,6 +91,14 @@ class RankedComment:
     comment: Comment
     rank_score: float
     words: int
+    # The comment's html is cut at a sentence boundary; its ``url`` has the rest.
+    truncated: bool = False
+    # A reply shows a short quote of what it answers.
+    reply_to_author: str = ""
+    reply_to_excerpt: str = ""
+    # The essay author's own reply to this comment, shown beneath it as context.
+    author_reply_author: str = ""
+    author_reply_html: str = ""
 
 
 @dataclass(frozen=True)

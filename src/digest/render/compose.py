@@ -156,6 +156,12 @@ class CommentView:
     words: int
     published: datetime | None
     date: str
+    truncated: bool = False
+    reply_to_author: str = ""
+    reply_to_excerpt: str = ""
+    author_reply_author: str = ""
+    author_reply_html: Markup = Markup("")
+    author_reply_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,8 @@ def _comment_view(ranked: RankedComment, essay_url: str, tz: tzinfo) -> CommentV
     url = _http_url(comment.url, essay_url)
     # Relative links in a comment are relative to the page it was posted on.
     body = sanitize_html(comment.html, url or essay_url or None, styles=EMAIL_STYLES)
+    reply = (sanitize_html(ranked.author_reply_html, url or essay_url or None, styles=EMAIL_STYLES)
+             if ranked.author_reply_html else "")
     return CommentView(
         author=clean_line(comment.author) or "A reader",
         html=Markup(body),
@@ -198,6 +206,12 @@ def _comment_view(ranked: RankedComment, essay_url: str, tz: tzinfo) -> CommentV
         words=ranked.words,
         published=comment.published,
         date=longdate(comment.published, tz),
+        truncated=ranked.truncated and bool(url),
+        reply_to_author=clean_line(ranked.reply_to_author) or ("A reader" if ranked.reply_to_excerpt else ""),
+        reply_to_excerpt=clean_line(ranked.reply_to_excerpt),
+        author_reply_author=clean_line(ranked.author_reply_author),
+        author_reply_html=Markup(reply),
+        author_reply_text=html_to_text(reply) if reply else "",
     )
 
 

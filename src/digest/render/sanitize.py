@@ -385,3 +385,96 @@ def word_count(html: str) -> int:
     if not html:
         return 0
     return len(_WORD.findall(html_to_text(html, links=False)))
+
+
+# ----------------------------------------------------------------------------- truncation
+
+from html import escape as _escape  # noqa: E402  (``html`` is a parameter name here)
+
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
+
+
+class _Truncator(HTMLParser):
+    """Copies HTML until ``limit`` words of text have passed, then stops at a sentence end."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(convert_charrefs=True)
+        self.limit = limit
+        self.words = 0
+        self.out: list[str] = []
+        self.open: list[str] = []
+        self.done = False
+        # (index in out, depth of open tags, words so far) after the last sentence end seen
+        self.last_sentence: tuple[int, list[str], int] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.done:
+            return
+        rendered = "".join(f' {k}="{_escape(v or "", quote=True)}"' for k, v in attrs)
+        self.out.append(f"<{tag}{rendered}>")
+        if tag not in _VOID_TAGS:
+            self.open.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag not in _VOID_TAGS and self.open and self.open[-1] == tag:
+            self.open.pop()
+            self.out.append(f"</{tag}>")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.done or tag not in self.open:
+            return
+        while self.open:
+            top = self.open.pop()
+            self.out.append(f"</{top}>")
+            if top == tag:
+                break
+        if tag in _BLOCK_TAGS and self.words >= self.limit:
+            self.done = True  # a block ended past the limit: a natural place to stop
+
+    def handle_data(self, data: str) -> None:
+        if self.done:
+            return
+        pos = 0
+        for match in re.finditer(r"\S+", data):
+            self.words += 1
+            end = match.end()
+            if _SENTENCE_END.match(data, end - 1) or _SENTENCE_END.search(match.group()[-3:]):
+                piece = _escape(data[pos:end], quote=False)
+                self.out.append(piece)
+                pos = end
+                self.last_sentence = (len(self.out), list(self.open), self.words)
+                if self.words >= self.limit:
+                    self.done = True
+                    return
+            elif self.words >= self.limit * 1.25:
+                self.done = True
+                if self.last_sentence is not None and self.last_sentence[2] >= self.limit // 2:
+                    return  # end at the last full sentence rather than mid-sentence
+                # No sentence end in sight: cut at this word.
+                self.out.append(_escape(data[pos:end], quote=False) + "…")
+                self.last_sentence = None
+                return
+        self.out.append(_escape(data[pos:], quote=False))
+
+
+def truncate_html(fragment: str, max_words: int) -> tuple[str, bool]:
+    """``fragment`` cut to about ``max_words`` words at a sentence boundary; (html, was_cut).
+
+    The cut falls at the first sentence end at or after ``max_words`` words (or, when none
+    comes within a quarter more, at a word, with an ellipsis); open tags are closed.
+    """
+    if word_count(fragment) <= max_words:
+        return fragment, False
+    parser = _Truncator(max_words)
+    parser.feed(fragment)
+    parser.close()
+    if not parser.done:
+        return fragment, False
+    out = parser.out
+    open_tags = parser.open
+    if parser.last_sentence is not None:
+        index, open_tags, _ = parser.last_sentence
+        out = out[:index]
+    closing = "".join(f"</{tag}>" for tag in reversed(open_tags))
+    return "".join(out) + closing, True

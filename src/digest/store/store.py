@@ -135,9 +135,9 @@ def snapshot_json(items: Sequence[DraftItem]) -> str:
         essay["published"] = _iso(item.essay.published)
         comment_rows = []
         for rc in item.comments:
-            c = asdict(rc.comment)
-            c["published"] = _iso(rc.comment.published)
-            comment_rows.append({"comment": c, "rank_score": rc.rank_score, "words": rc.words})
+            row = asdict(rc)
+            row["comment"]["published"] = _iso(rc.comment.published)
+            comment_rows.append(row)
         out.append({"essay": essay, "comments": comment_rows, "is_new": item.is_new})
     return json.dumps(out, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
@@ -152,7 +152,7 @@ def items_from_snapshot(text: str) -> tuple[DraftItem, ...]:
         for rc in row["comments"]:
             c = dict(rc["comment"])
             c["published"] = _from_iso(c["published"])
-            ranked.append(RankedComment(Comment(**c), rc["rank_score"], rc["words"]))
+            ranked.append(RankedComment(**{**rc, "comment": Comment(**c)}))
         items.append(DraftItem(Essay(**e), tuple(ranked), row.get("is_new", True)))
     return tuple(items)
 
