@@ -136,6 +136,60 @@ class Web(_Strict):
         return value
 
 
+_TOPIC_ARN_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]{1,256}$")
+
+
+class Webhooks(_Strict):
+    """Provider webhook secrets (DESIGN.md rule 7).
+
+    A provider whose secret is missing refuses every webhook it sends (fail closed): an
+    unconfigured endpoint must never become an open door for forged bounces or unsubscribes.
+    """
+
+    # Seconds a signed timestamp may be away from now (either way) before a request is stale.
+    max_age: int = Field(300, ge=1)
+    postmark_username: str | None = None
+    postmark_password: str | None = None
+    sendgrid_public_key: str | None = None
+    mailgun_signing_key: str | None = None
+    resend_secret: str | None = None
+    ses_topic_arns: tuple[str, ...] = ()
+
+    @field_validator("sendgrid_public_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str | None) -> str | None:
+        if value:
+            from digest.web.webhooks.sendgrid import load_public_key
+
+            load_public_key(value)  # ValueError names what is wrong with it
+        return value or None
+
+    @field_validator("resend_secret")
+    @classmethod
+    def _resend_secret(cls, value: str | None) -> str | None:
+        if value:
+            from digest.web.webhooks.resend import decode_secret
+
+            decode_secret(value)
+        return value or None
+
+    @field_validator("ses_topic_arns")
+    @classmethod
+    def _topic_arns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for arn in value:
+            if not _TOPIC_ARN_RE.match(arn):
+                raise ValueError(f"{arn!r} is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)")
+        return value
+
+    @model_validator(mode="after")
+    def _postmark_pair(self) -> Webhooks:
+        # One without the other is almost certainly a typo; accepting it would silently refuse
+        # every Postmark webhook, so say so at load time instead.
+        if bool(self.postmark_username) != bool(self.postmark_password):
+            raise ValueError("set both postmark_username and postmark_password, or neither")
+        return self
+
+
 class Settings(_Strict):
     """The whole validated configuration."""
 
@@ -147,6 +201,7 @@ class Settings(_Strict):
     digest: DigestSettings = DigestSettings()
     delivery: Delivery = Delivery()
     web: Web = Web()
+    webhooks: Webhooks = Webhooks()
 
     # Where the config came from; relative paths resolve against its folder.
     path: str | None = Field(None, exclude=True)

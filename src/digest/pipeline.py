@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from digest import approval, clock, drafting, ranking, subscribers
+from digest import approval, clock, drafting, ranking, subscribers, tokens
 from digest.config import Delivery, Settings
 from digest.delivery.providers.base import Provider
 from digest.delivery.providers.registry import build_provider
@@ -42,6 +42,7 @@ class App:
         self._session: requests.Session | None = None
         self._provider: Provider | None = None
         self._secret: str | None = None
+        self._signers: tuple[tokens.LinkSigner, tokens.LinkSigner] | None = None
 
     @classmethod
     def open(cls, settings: Settings, now: Callable[[], datetime] = clock.now) -> App:
@@ -78,12 +79,13 @@ class App:
 
     def links(self, recipient: Recipient) -> tuple[str, str]:
         """A recipient's unsubscribe and preferences URLs (signed, purpose-bound)."""
+        if self._signers is None:
+            self._signers = (tokens.LinkSigner(self.secret, subscribers.UNSUBSCRIBE),
+                             tokens.LinkSigner(self.secret, subscribers.PREFERENCES))
         base = self.settings.newsletter.public_url
-        unsub = subscribers.token_for(self.secret, subscribers.UNSUBSCRIBE, recipient.subscriber_id,
-                                      recipient.email)
-        prefs = subscribers.token_for(self.secret, subscribers.PREFERENCES, recipient.subscriber_id,
-                                      recipient.email)
-        return f"{base}/u/{unsub}", f"{base}/preferences/{prefs}"
+        unsub, prefs = self._signers
+        return (f"{base}/u/{unsub.sign(recipient.subscriber_id, recipient.email)}",
+                f"{base}/preferences/{prefs.sign(recipient.subscriber_id, recipient.email)}")
 
     def close(self) -> None:
         if self._provider is not None:

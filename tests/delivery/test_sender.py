@@ -201,3 +201,93 @@ def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App)
     rest = ScriptedProvider()
     assert sender(app, rest).run().sent == 3
     assert sorted(received(provider) + received(rest)) == sorted(EMAILS)
+
+
+class IdempotentProvider(ScriptedProvider):
+    """Plays a provider with idempotency keys: a repeated key returns the first answer and
+    delivers nothing again. ``lose_answers`` calls are accepted but their answer is lost."""
+
+    idempotent = True
+
+    def __init__(self, lose_answers: int = 1) -> None:
+        super().__init__()
+        self.lose_answers = lose_answers
+        self.answers: dict[tuple[int, ...], list[SendResult]] = {}
+
+    def send_batch(self, messages):  # type: ignore[no-untyped-def]
+        self.calls.append(list(messages))
+        key = tuple(sorted(m.ledger_id for m in messages))
+        if key not in self.answers:
+            self.delivered.extend(messages)
+            self.answers[key] = [SendResult(m.ledger_id, "sent", f"id-{m.ledger_id}") for m in messages]
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise UncertainDeliveryError("connection reset after sending", retryable=True)
+        return self.answers[key]
+
+
+def test_idempotent_provider_resends_uncertain_batches_safely(app: pipeline.App) -> None:
+    provider = IdempotentProvider(lose_answers=1)
+    summary = sender(app, provider).run()
+    assert summary.sent == 5 and summary.uncertain == 0 and summary.finished
+    assert received(provider) == sorted(EMAILS)  # each exactly once
+    assert len(provider.calls) == 4  # the first batch went twice, with the same composition
+    assert [m.ledger_id for m in provider.calls[0]] == [m.ledger_id for m in provider.calls[1]]
+    assert provider.calls[0][0].html == provider.calls[1][0].html  # byte-identical resend
+
+
+def test_idempotent_provider_settles_uncertain_rows_left_by_a_crash(app: pipeline.App) -> None:
+    first = IdempotentProvider(lose_answers=100)  # every answer lost, retries exhausted
+    summary = sender(app, first).run()
+    assert summary.uncertain == 5 and summary.sent == 0
+    later = IdempotentProvider(lose_answers=0)
+    later.answers = first.answers  # the provider remembers the keys it has seen
+    later.delivered = first.delivered
+    resumed = sender(app, later).run()
+    assert resumed.finished and app.store.ledger_counts(resumed.draft_id) == {"sent": 5}
+    assert received(later) == sorted(EMAILS)
+
+
+def test_concurrent_workers_send_everyone_exactly_once(tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}},
+                             delivery={"rate_per_second": 1000})
+    settings = settings.model_copy(update={"delivery": settings.delivery.model_copy(update={"concurrency": 4})})
+    a = pipeline.App.open(settings, clock)
+    emails = [f"c{i}@example.com" for i in range(41)]
+    a.store.upsert_subscribers([(e, "") for e in emails], "cli", clock())
+    pipeline.collect(a)
+    pipeline.make_draft(a)
+    provider = ScriptedProvider()
+    summary = sender(a, provider).run()
+    assert summary.sent == 41 and summary.finished and summary.batches == 21
+    assert received(provider) == sorted(emails)
+    a.close()
+
+
+class TemplateProvider(ScriptedProvider):
+    """Personalizes server-side: receives one template and per-recipient values."""
+
+    personalizes = True
+
+    def send_template_batch(self, template, recipients):  # type: ignore[no-untyped-def]
+        self.templates = getattr(self, "templates", []) + [template]
+        self.recipients = getattr(self, "recipients", []) + list(recipients)
+        return [SendResult(r.ledger_id, "sent", "tpl") for r in recipients]
+
+
+def test_server_side_personalization_gets_one_template_and_escaped_values(app: pipeline.App) -> None:
+    from digest.render import personalize
+
+    provider = TemplateProvider()
+    s = sender(app, provider)
+    summary = s.run()
+    assert summary.sent == 5 and provider.calls == []
+    assert len({id(t) for t in provider.templates}) == 1  # built once per draft
+    t = provider.templates[0]
+    r = provider.recipients[0]
+    values = dict(r.html_values)
+    html = t.html_parts[0] + "".join(values[s] + p for s, p in zip(t.html_slots, t.html_parts[1:]))
+    unsub = dict(r.headers)["List-Unsubscribe"].strip("<>")
+    expected, _ = personalize(s.compiled, name=r.to_name, unsubscribe_url=unsub,
+                              preferences_url=dict(r.text_values)["preferences_url"])
+    assert html == expected

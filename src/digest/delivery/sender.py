@@ -1,39 +1,46 @@
-"""The send loop: audience, batching, rate limit, retries, and the send ledger.
+"""The send loop: audience, batching, rate limit, concurrency, retries, and the send ledger.
 
 For each batch: claim rows in a committed transaction (rule 1), build one personalized
-message per row without recompiling MJML, hand the batch to the provider, and settle each
-row with the provider's verdict. Whatever happens in between is covered:
+message per row without recompiling MJML (or, for providers that personalize server-side,
+one template plus per-recipient values), hand the batch to the provider, and settle each row
+with the provider's verdict. Whatever happens in between is covered:
 
 * a retryable error (network failure before the request went out, 429, 5xx) is retried with
   exponential backoff and jitter, honouring ``Retry-After`` (capped);
 * an error after the provider may have accepted the batch marks its rows ``uncertain``;
-  they are never resent silently (``digest send --resolve-uncertain``);
+  they are never resent silently (``digest send --resolve-uncertain``) — except through a
+  provider with an idempotency key (Resend), where the same batch is resent with the same
+  key and the provider itself drops the duplicate;
 * an auth error releases the batch and stops the send with a clear message;
 * a permanent error settles the batch as ``failed``;
 * too many failures in a row release the batch and pause; the next ``digest send`` resumes;
 * a database error stops at once (rule 9): rows left claimed become ``uncertain`` next time.
+
+With ``delivery.concurrency`` above 1, that many workers run this loop side by side; each
+claims its own batches, so the ledger keeps them apart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import make_msgid
 from typing import Protocol
 
 from digest.config import Settings
 from digest.delivery.providers.base import Provider, UncertainDeliveryError
 from digest.errors import AuthError, DeliveryError
-from digest.render import CompiledEmail, personalize
+from digest.render import SLOT_NAMES, CompiledEmail, personalize, slot_values
 from digest.store import Store
 from digest.store.store import Claimed
-from digest.types import Draft, OutgoingMessage, Recipient, SendResult
+from digest.types import Draft, OutgoingMessage, Recipient, SendResult, TemplateMessage, TemplateRecipient
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,7 @@ class SendSummary:
 
 
 class TokenBucket:
-    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``."""
+    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``. Thread-safe."""
 
     def __init__(self, rate: float, burst: float | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
@@ -78,16 +85,38 @@ class TokenBucket:
         self.clock = clock
         self.sleep = sleep
         self.last = clock()
+        self._lock = threading.Lock()
 
     def acquire(self) -> None:
         while True:
-            now = self.clock()
-            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= 1 - 1e-9:  # tolerance: float sums of waits land a hair under 1
-                self.tokens = max(0.0, self.tokens - 1)
-                return
-            self.sleep((1 - self.tokens) / self.rate)
+            with self._lock:
+                now = self.clock()
+                self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                if self.tokens >= 1 - 1e-9:  # tolerance: float sums of waits land a hair under 1
+                    self.tokens = max(0.0, self.tokens - 1)
+                    return
+                wait = (1 - self.tokens) / self.rate
+            self.sleep(wait)
+
+
+def _domain(from_addr: str) -> str:
+    return from_addr.rpartition("@")[2].strip("> ") or "digest.local"
+
+
+def message_id(draft_id: int, ledger_id: int, email: str, domain: str) -> str:
+    """A Message-ID that is the same every time the same message is built (idempotent resends)."""
+    tag = hashlib.sha256(f"{draft_id}:{ledger_id}:{email}".encode()).hexdigest()[:16]
+    return f"<digest.{draft_id}.{ledger_id}.{tag}@{domain}>"
+
+
+def list_headers(ledger_id: int, unsubscribe_url: str) -> tuple[tuple[str, str], ...]:
+    """RFC 8058 one-click unsubscribe, and the ledger id for tracing a message back."""
+    return (
+        ("List-Unsubscribe", f"<{unsubscribe_url}>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+        ("X-Digest-Ledger-Id", str(ledger_id)),
+    )
 
 
 def build_message(draft: Draft, compiled: CompiledEmail, settings: Settings, ledger_id: int,
@@ -96,7 +125,6 @@ def build_message(draft: Draft, compiled: CompiledEmail, settings: Settings, led
     unsubscribe_url, preferences_url = links
     html, text = personalize(compiled, name=recipient.name, unsubscribe_url=unsubscribe_url,
                              preferences_url=preferences_url)
-    domain = settings.newsletter.from_.rpartition("@")[2].strip("> ") or "digest.local"
     assert draft.id is not None
     return OutgoingMessage(
         ledger_id=ledger_id,
@@ -107,14 +135,36 @@ def build_message(draft: Draft, compiled: CompiledEmail, settings: Settings, led
         subject=compiled.subject,
         html=html,
         text=text,
-        headers=(
-            ("List-Unsubscribe", f"<{unsubscribe_url}>"),
-            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
-            ("X-Digest-Ledger-Id", str(ledger_id)),
-        ),
+        headers=list_headers(ledger_id, unsubscribe_url),
         reply_to=settings.newsletter.reply_to,
-        message_id=make_msgid(idstring=f"digest.{draft.id}.{ledger_id}", domain=domain),
+        message_id=message_id(draft.id, ledger_id, recipient.email, _domain(settings.newsletter.from_)),
         tag=f"digest-{draft.id}",
+    )
+
+
+def template_message(draft: Draft, compiled: CompiledEmail, settings: Settings) -> TemplateMessage:
+    """What every recipient shares, for providers that personalize server-side."""
+    assert draft.id is not None
+    return TemplateMessage(
+        draft_id=draft.id, from_addr=settings.newsletter.from_, subject=compiled.subject,
+        html_parts=compiled.html_parts, html_slots=compiled.html_slots,
+        text_parts=compiled.text_parts, text_slots=compiled.text_slots,
+        reply_to=settings.newsletter.reply_to, tag=f"digest-{draft.id}",
+    )
+
+
+def template_recipient(draft_id: int, ledger_id: int, recipient: Recipient, links: tuple[str, str],
+                       domain: str) -> TemplateRecipient:
+    """One recipient's slot values (escaped exactly as :func:`personalize` would) and headers."""
+    unsubscribe_url, preferences_url = links
+    html_values, text_values = slot_values(name=recipient.name, unsubscribe_url=unsubscribe_url,
+                                           preferences_url=preferences_url)
+    return TemplateRecipient(
+        ledger_id=ledger_id, to_email=recipient.email, to_name=recipient.name,
+        html_values=tuple(zip(SLOT_NAMES, html_values, strict=True)),
+        text_values=tuple(zip(SLOT_NAMES, text_values, strict=True)),
+        headers=list_headers(ledger_id, unsubscribe_url),
+        message_id=message_id(draft_id, ledger_id, recipient.email, domain),
     )
 
 
@@ -152,6 +202,14 @@ class Sender:
         size = settings.delivery.batch_size or provider.max_batch
         self.batch_size = max(1, min(size, provider.max_batch))
         self.bucket = TokenBucket(settings.delivery.rate_per_second, sleep=sleep)
+        self.concurrency = max(1, int(getattr(settings.delivery, "concurrency", 1) or 1))
+        self.idempotent = bool(getattr(provider, "idempotent", False))
+        self.server_side = bool(getattr(provider, "personalizes", False)) and bool(
+            getattr(settings.delivery, "server_side_personalization", True))
+        self.template = template_message(draft, compiled, settings) if self.server_side else None
+        self.domain = _domain(settings.newsletter.from_)
+        self._lock = threading.Lock()
+        self._stop: str | None = None
 
     # -- dry run -----------------------------------------------------------------------------
 
@@ -159,16 +217,16 @@ class Sender:
         """Render and batch everything for the current audience; send and write nothing."""
         summary = SendSummary(self.draft.id or 0, dry_run=True)
         started = time.perf_counter()
-        batch: list[OutgoingMessage] = []
+        batch: list[Claimed] = []
         for n, sub in enumerate(self.store.list_subscribers(status="active")):
-            recipient = Recipient(sub.id, sub.email, sub.name)
-            batch.append(build_message(self.draft, self.compiled, self.settings, -(n + 1), recipient,
-                                       self.links(recipient)))
+            batch.append(Claimed(-(n + 1), Recipient(sub.id, sub.email, sub.name)))
             if len(batch) >= self.batch_size:
+                self._prepare(batch)
                 summary.batches += 1
                 summary.sent += len(batch)
                 batch = []
         if batch:
+            self._prepare(batch)
             summary.batches += 1
             summary.sent += len(batch)
         summary.seconds = time.perf_counter() - started
@@ -197,10 +255,28 @@ class Sender:
             if stale:
                 log.warning("draft %s: %d messages were in flight when a sender stopped; marked uncertain",
                             draft_id, stale)
-            self._loop(summary, lease)
+            if self.idempotent:
+                # The provider drops a repeated batch itself (same key, same body within its
+                # window), so uncertain batches are resent at once, each exactly as it was.
+                for batch in self.store.uncertain_batches(draft_id, self.holder, self.now()):
+                    if self._stop:
+                        break
+                    self._send_one(summary, batch, lease)
+            if self.concurrency == 1:
+                self._worker(summary, lease)
+            else:
+                workers = [threading.Thread(target=self._worker, args=(summary, lease), name=f"send-{i}")
+                           for i in range(self.concurrency)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
         finally:
             self.store.release_lease(lease, self.holder)
             summary.seconds = time.perf_counter() - started
+        if self._exception is not None:
+            raise self._exception
+        summary.stopped = self._stop
         counts = self.store.ledger_counts(draft_id)
         summary.uncertain = counts.get("uncertain", 0)
         if summary.stopped is None and not counts.get("pending") and not counts.get("claimed"):
@@ -208,54 +284,84 @@ class Sender:
             summary.finished = True
         return summary
 
-    def _loop(self, summary: SendSummary, lease: str) -> None:
+    _exception: BaseException | None = None
+
+    def _halt(self, reason: str) -> None:
+        with self._lock:
+            if self._stop is None:
+                self._stop = reason
+
+    def _worker(self, summary: SendSummary, lease: str) -> None:
         draft_id = self.draft.id
         assert draft_id is not None
         consecutive_failures = 0
-        while True:
-            claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now())
-            if not claimed:
-                return
-            messages = [build_message(self.draft, self.compiled, self.settings, c.ledger_id, c.recipient,
-                                      self.links(c.recipient)) for c in claimed]
-            outcome = self._deliver(messages, claimed, summary)
-            summary.batches += 1
-            if outcome == "stop":
-                return
-            if outcome == "failed":
-                consecutive_failures += 1
-                if consecutive_failures >= self.max_consecutive_failures:
-                    summary.stopped = (f"paused after {consecutive_failures} failed batches in a row; "
-                                       "run `digest send` to resume")
+        try:
+            while self._stop is None:
+                claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now())
+                if not claimed:
                     return
-            else:
-                consecutive_failures = 0
-            if self.on_batch:
-                self.on_batch(summary, len(claimed))
-            if self.should_stop():
-                summary.stopped = "stopped on request after the batch in flight; `digest send` resumes"
-                return
-            self.store.acquire_lease(lease, self.holder, self.now(),
-                                     self.now() + timedelta(seconds=LEASE_SECONDS))
+                outcome = self._send_one(summary, claimed, lease)
+                if outcome == "failed":
+                    consecutive_failures += 1
+                    if consecutive_failures >= self.max_consecutive_failures:
+                        self._halt(f"paused after {consecutive_failures} failed batches in a row; "
+                                   "run `digest send` to resume")
+                elif outcome == "ok":
+                    consecutive_failures = 0
+                if self.should_stop():
+                    self._halt("stopped on request after the batch in flight; `digest send` resumes")
+        except BaseException as exc:  # a store failure (rule 9) or a bug: stop every worker
+            with self._lock:
+                if self._exception is None:
+                    self._exception = exc
+            self._halt(f"stopped: {exc}")
 
-    def _deliver(self, messages: Sequence[OutgoingMessage], claimed: Sequence[Claimed],
-                 summary: SendSummary) -> str:
+    def _send_one(self, summary: SendSummary, claimed: Sequence[Claimed], lease: str) -> str:
+        outcome = self._deliver(claimed, summary)
+        with self._lock:
+            summary.batches += 1
+        if self.on_batch:
+            with self._lock:
+                self.on_batch(summary, len(claimed))
+        self.store.acquire_lease(lease, self.holder, self.now(), self.now() + timedelta(seconds=LEASE_SECONDS))
+        return outcome
+
+    def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
+        draft_id = self.draft.id or 0
+        if self.template is not None:
+            return [template_recipient(draft_id, c.ledger_id, c.recipient, self.links(c.recipient), self.domain)
+                    for c in claimed]
+        return [build_message(self.draft, self.compiled, self.settings, c.ledger_id, c.recipient,
+                              self.links(c.recipient)) for c in claimed]
+
+    def _call(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> list[SendResult]:
+        if self.template is not None:
+            return self.provider.send_template_batch(self.template, prepared)  # type: ignore[attr-defined,no-any-return]
+        return self.provider.send_batch(prepared)  # type: ignore[arg-type]
+
+    def _deliver(self, claimed: Sequence[Claimed], summary: SendSummary) -> str:
         ids = [c.ledger_id for c in claimed]
         name = self.provider.name
+        prepared = self._prepare(claimed)
         attempt = 0
         while True:
             attempt += 1
             self.bucket.acquire()
             try:
-                results = self.provider.send_batch(messages)
+                results = self._call(prepared)
             except UncertainDeliveryError as exc:
+                if self.idempotent and attempt <= self.settings.delivery.max_retries:
+                    # Same batch, same body, same idempotency key: the provider sends it once.
+                    self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25))
+                    continue
                 # The provider may have taken the batch: resending could double-send (rule 1).
                 self.store.mark_uncertain(ids, str(exc), self.now())
-                summary.uncertain += len(ids)
+                with self._lock:
+                    summary.uncertain += len(ids)
                 return "failed"
             except AuthError as exc:
                 self.store.release(ids, str(exc), self.now())
-                summary.stopped = f"{name} refused the credentials: {exc}; fix delivery.api_key and run `digest send`"
+                self._halt(f"{name} refused the credentials: {exc}; fix delivery.api_key and run `digest send`")
                 return "stop"
             except DeliveryError as exc:
                 if exc.retryable and attempt <= self.settings.delivery.max_retries:
@@ -265,11 +371,12 @@ class Sender:
                     continue
                 if exc.retryable:
                     self.store.release(ids, str(exc), self.now())
-                    summary.stopped = (f"{name} kept failing ({exc}); paused with {len(ids)} messages "
-                                       "back in the queue; run `digest send` to resume")
+                    self._halt(f"{name} kept failing ({exc}); paused with {len(ids)} messages "
+                               "back in the queue; run `digest send` to resume")
                     return "stop"
                 self.store.settle([SendResult(i, "failed", None, str(exc)) for i in ids], name, self.now())
-                summary.failed[_reason(str(exc))] += len(ids)
+                with self._lock:
+                    summary.failed[_reason(str(exc))] += len(ids)
                 return "failed"
             self._settle(results, claimed, summary)
             return "ok"
@@ -281,11 +388,13 @@ class Sender:
                     for c in claimed]
         self.store.settle(complete, self.provider.name, self.now())
         emails = {c.ledger_id: c.recipient.email for c in claimed}
+        with self._lock:
+            for r in complete:
+                if r.status == "sent":
+                    summary.sent += 1
+                else:
+                    summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1
         for r in complete:
-            if r.status == "sent":
-                summary.sent += 1
-            else:
-                summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1
             if r.status == "suppressed":
                 # The provider will not deliver to this address (earlier bounce or complaint):
                 # stop trying here too, for every future digest.

@@ -14,6 +14,7 @@ from digest.render.compose import (
     compile_draft,
     compile_draft_ready,
     personalize,
+    slot_values,
 )
 from digest.render.env import bundled_templates_dir, make_env
 from digest.render.sanitize import html_to_text, safe_url, sanitize_html, word_count
@@ -31,6 +32,7 @@ __all__ = [
     "make_env",
     "personalize",
     "safe_url",
+    "slot_values",
     "sanitize_html",
     "word_count",
 ]

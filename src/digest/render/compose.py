@@ -442,6 +442,21 @@ def _escape(value: str) -> str:
     return value
 
 
+def slot_values(*, name: str, unsubscribe_url: str, preferences_url: str
+                ) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """One recipient's slot values in ``SLOT_NAMES`` order: (escaped for HTML, for text).
+
+    Providers that personalize server-side put these into their substitution data, so the
+    escaping is the same as :func:`personalize` applies.
+    """
+    if not (unsubscribe_url.startswith(_HTTP) and preferences_url.startswith(_HTTP)):
+        raise RenderError("unsubscribe and preferences URLs must be http(s) URLs")
+    clean = _clean_name(name) or NAME_FALLBACK
+    # Same order as SLOT_NAMES, which the precomputed fill positions index into.
+    return ((_escape(clean), _escape(unsubscribe_url), _escape(preferences_url)),
+            (clean, unsubscribe_url, preferences_url))
+
+
 def personalize(
     compiled: CompiledEmail, *, name: str, unsubscribe_url: str, preferences_url: str
 ) -> tuple[str, str]:
@@ -454,12 +469,8 @@ def personalize(
     The URLs must be http(s) (they are our own signed links); anything else raises
     :class:`RenderError`.
     """
-    if not (unsubscribe_url.startswith(_HTTP) and preferences_url.startswith(_HTTP)):
-        raise RenderError("unsubscribe and preferences URLs must be http(s) URLs")
-    clean = _clean_name(name) or NAME_FALLBACK
-    # Same order as SLOT_NAMES, which the precomputed fill positions index into.
-    text_values = (clean, unsubscribe_url, preferences_url)
-    html_values = (_escape(clean), _escape(unsubscribe_url), _escape(preferences_url))
+    html_values, text_values = slot_values(name=name, unsubscribe_url=unsubscribe_url,
+                                           preferences_url=preferences_url)
     html_seq = list(compiled._html_seq)
     for position, index in compiled._html_fill:
         html_seq[position] = html_values[index]

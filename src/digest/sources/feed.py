@@ -14,6 +14,9 @@ What the essay fields mean here:
   It is **not** sanitized here: the renderer sanitizes every piece of HTML once (DESIGN rule 4).
 - ``summary``: a plain-text excerpt of the summary/description (or of the content).
 - ``published``: aware UTC; dates more than a day past ``now`` are clamped to ``now``.
+- ``comments_url``: the item's own comment feed, absolute: RSS ``wfw:commentRss`` (also spelled
+  ``commentRSS``), else an Atom ``link rel="replies"`` to a feed (RFC 4685). The
+  ``feed_comments`` source reads it; ``comment_feeds: false`` turns that off.
 """
 
 from __future__ import annotations
@@ -54,11 +57,17 @@ ACCEPT = (
 
 
 class FeedConfig(SourceConfig):
-    """``{name, type: feed, url, timeout, max_bytes}``."""
+    """``{name, type: feed, url, timeout, max_bytes, comment_feeds}``.
+
+    ``comment_feeds`` (default true) attaches an implicit ``feed_comments`` source named
+    ``<name>:comments`` that reads each item's comment feed (see
+    :func:`digest.sources.registry.comment_blocks`).
+    """
 
     url: str
     timeout: float = Field(default=30.0, gt=0)
     max_bytes: int = Field(default=http.MAX_BYTES, gt=0)
+    comment_feeds: bool = True
 
     @field_validator("url")
     @classmethod
@@ -168,7 +177,8 @@ def _is_json(fetched: http.Fetched) -> bool:
 # --- XML feeds (feedparser) ------------------------------------------------------------------
 
 
-def _parse_xml_feed(source: str, fetched: http.Fetched, now: datetime, where: str) -> list[Essay]:
+def _xml_entries(fetched: http.Fetched, where: str) -> tuple[Any, list[Any]]:
+    """feedparser's result and its entries; :class:`SourceError` when the body is not a feed."""
     headers = {"content-location": fetched.url}
     if "content-type" in fetched.headers:
         # feedparser weighs the HTTP charset against the XML declaration (RFC 3023).
@@ -199,6 +209,11 @@ def _parse_xml_feed(source: str, fetched: http.Fetched, now: datetime, where: st
         if not version:
             what = "empty body" if not fetched.body.strip() else "no RSS, Atom or JSON Feed found"
             raise SourceError(f"{where}: not a feed: {what}")
+    return parsed, entries
+
+
+def _parse_xml_feed(source: str, fetched: http.Fetched, now: datetime, where: str) -> list[Essay]:
+    parsed, entries = _xml_entries(fetched, where)
     # bozo *with* entries (a stray "&", a wrong charset label): keep what parsed.
     feed = parsed.get("feed") or {}
     home = _http_url(feed.get("link")) or fetched.url
@@ -234,9 +249,43 @@ def _parse_xml_feed(source: str, fetched: http.Fetched, now: datetime, where: st
                 or _plain(entry.get("author") or "")
                 or feed_author,
                 published=published,
+                comments_url=_comments_url(entry, fetched.url),
             )
         )
     return essays
+
+
+# Media types of a feed that an Atom "replies" link may point to; a "replies" link to an
+# HTML page is a place to read comments, not something we can parse.
+_FEED_TYPES = frozenset(
+    {"application/atom+xml", "application/rss+xml", "application/rdf+xml", "application/xml",
+     "text/xml"}
+)
+
+
+def _comments_url(entry: Mapping[str, Any], base: str) -> str:
+    """The item's comment feed as an absolute http(s) URL, or ``""``.
+
+    feedparser lowercases namespaced element names, so both ``wfw:commentRss`` and the
+    ``wfw:commentRSS`` spelling (rssboard.org/comment-api) arrive as ``wfw_commentrss``, and
+    it maps any prefix bound to the wfw namespace to ``wfw``. It also resolves a relative
+    value against xml:base; the join here covers the loose parser, which does not.
+    """
+    url = _http_url(_absolute(base, entry.get("wfw_commentrss")))
+    if url:
+        return url
+    # RFC 4685: <link rel="replies" type="application/atom+xml" href="..."/>; no type means
+    # the feed type is unknown, which is still worth a try.
+    for link in entry.get("links") or []:
+        if not isinstance(link, Mapping) or link.get("rel") != "replies":
+            continue
+        kind = str(link.get("type") or "").split(";", 1)[0].strip().lower()
+        if kind and kind not in _FEED_TYPES:
+            continue
+        url = _http_url(_absolute(base, link.get("href")))
+        if url:
+            return url
+    return ""
 
 
 def _entry_html(entry: Mapping[str, Any]) -> str:
@@ -521,3 +570,64 @@ def _excerpt(text: str, limit: int = SUMMARY_CHARS) -> str:
     # Cut at the last space unless that loses more than half (one very long "word", a URL).
     cut = cut[:space] if space > limit // 2 else cut[: limit - 1]
     return cut.rstrip(" ,;:.-") + "…"
+
+
+# --- helpers other sources share -------------------------------------------------------------
+# Sources that read HTML or plain text from an API (WordPress, Substack, comment feeds) must
+# turn it into titles, excerpts and paragraphs exactly as feeds do; these are the public names.
+
+
+def plain_text(markup: str) -> str:
+    """HTML (or text that may contain some) → one line of plain text, entities decoded."""
+    return _plain(markup)
+
+
+def excerpt(text: str, limit: int = SUMMARY_CHARS) -> str:
+    """At most ``limit`` characters, cut at a word boundary with an ellipsis."""
+    return _excerpt(text, limit)
+
+
+def text_to_html(text: str) -> str:
+    """Plain text → paragraphs of escaped HTML (blank lines separate paragraphs)."""
+    return _text_to_html(text)
+
+
+def http_url(value: Any) -> str:
+    """``value`` if it is an absolute http(s) URL, else ``""``."""
+    return _http_url(value)
+
+
+def absolute_http_url(base: str, value: Any) -> str:
+    """``value`` resolved against ``base``, if the result is an absolute http(s) URL, else ``""``."""
+    return _http_url(_absolute(base, value))
+
+
+def resolve_links(markup: str, base: str) -> str:
+    """Relative ``href``/``src`` attributes in an HTML fragment made absolute against ``base``."""
+    if not markup.strip():
+        return markup
+    return str(resolve_relative_uris(markup, base, "utf-8", "text/html"))
+
+
+def feed_entries(fetched: http.Fetched, where: str) -> list[Any]:
+    """The entries of an XML feed (feedparser, no sanitizing, relative links resolved).
+
+    Raises :class:`SourceError` when the body is not a feed; an empty feed is ``[]``.
+    """
+    return _xml_entries(fetched, where)[1][:MAX_ENTRIES]
+
+
+def entry_html(entry: Mapping[str, Any]) -> str:
+    """A feedparser entry's body as HTML: content (HTML part first), else the summary."""
+    return _entry_html(entry) or _detail_html(entry.get("summary_detail"), entry.get("summary"))
+
+
+def entry_date(entry: Mapping[str, Any], now: datetime) -> datetime | None:
+    """A feedparser entry's published (else updated) date, aware UTC, clamped to ``now``."""
+    return _from_struct(entry.get("published_parsed") or entry.get("updated_parsed"), now)
+
+
+def entry_author(entry: Mapping[str, Any]) -> str:
+    """A feedparser entry's author names, as plain text."""
+    return _names(entry.get("authors")) or _plain(str(entry.get("author") or ""))
+

@@ -34,7 +34,12 @@ def source_class(type_name: str) -> type[Source]:
 
 
 def comment_blocks(block: dict[str, Any]) -> list[dict[str, Any]]:
-    """An essay source's ``comments:`` entries, each with its default name filled in."""
+    """An essay source's ``comments:`` entries, each with its default name filled in.
+
+    A ``feed`` source also gets an implicit ``feed_comments`` entry named ``<name>:comments``
+    (reading each item's wfw:commentRss comment feed) unless it sets ``comment_feeds: false``
+    or lists a ``feed_comments`` entry of its own, whose settings then win.
+    """
     raw = block.get("comments") or []
     entries = [raw] if isinstance(raw, dict) else list(raw)
     out = []
@@ -43,6 +48,25 @@ def comment_blocks(block: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"comments[{i}]: must be a mapping with a type")
         default = f"{block.get('name')}:{entry.get('type')}" + (f"{i + 1}" if len(entries) > 1 else "")
         out.append({**entry, "name": entry.get("name") or default})
+    # pydantic reads a config boolean ("no", "false", 0 ...); read it the same way here. A
+    # value that is no boolean counts as true: the feed block's own validation reports it.
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        comment_feeds = TypeAdapter(bool).validate_python(block.get("comment_feeds", True))
+    except ValidationError:
+        comment_feeds = True
+    if (
+        block.get("type") == "feed"
+        and comment_feeds
+        and not any(entry.get("type") == "feed_comments" for entry in out)
+    ):
+        # On by default: a comment feed needs no account or key, WordPress (and Blogger, among
+        # others) links one from every item, and items without one cost no request.
+        name = f"{block.get('name')}:comments"
+        if any(entry["name"] == name for entry in out):  # an explicit entry took the name
+            name = f"{block.get('name')}:feed_comments"
+        out.append({"type": "feed_comments", "name": name})
     return out
 
 

@@ -151,6 +151,8 @@ send_ledger = Table(
     Column("status", String(20), nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("claim_token", String(64), nullable=True),
+    # Which provider call a row went out in: an idempotent provider's resend repeats it exactly.
+    Column("batch_key", String(64), nullable=True),
     _ts("claimed_at"),
     _ts("settled_at"),
     Column("provider", String(20), nullable=True),

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, String, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import Connection, Engine, Integer, String, and_, bindparam, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from digest.clock import as_utc
@@ -635,18 +636,40 @@ class Store:
                 return []
             conn.execute(update(send_ledger).where(send_ledger.c.id.in_([r.id for r in rows]))
                          .values(status="claimed", claim_token=token, claimed_at=now,
-                                 attempts=send_ledger.c.attempts + 1))
+                                 batch_key=uuid.uuid4().hex, attempts=send_ledger.c.attempts + 1))
         return [Claimed(r.id, Recipient(r.subscriber_id, r.email, r.name)) for r in rows]
+
+    def uncertain_batches(self, draft_id: int, token: str, now: datetime) -> list[list[Claimed]]:
+        """Re-claim uncertain rows, grouped exactly as they went out (for idempotent resends)."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(send_ledger.c.id, send_ledger.c.subscriber_id, send_ledger.c.batch_key,
+                       subscribers.c.email, subscribers.c.name)
+                .join(subscribers, subscribers.c.id == send_ledger.c.subscriber_id)
+                .where(and_(send_ledger.c.draft_id == draft_id, send_ledger.c.status == "uncertain"))
+                .order_by(send_ledger.c.batch_key, send_ledger.c.id)
+            ).all()
+            if rows:
+                conn.execute(update(send_ledger).where(send_ledger.c.id.in_([r.id for r in rows]))
+                             .values(status="claimed", claim_token=token, claimed_at=now,
+                                     attempts=send_ledger.c.attempts + 1))
+        groups: dict[str, list[Claimed]] = {}
+        for r in rows:
+            groups.setdefault(r.batch_key or f"row-{r.id}", []).append(
+                Claimed(r.id, Recipient(r.subscriber_id, r.email, r.name)))
+        return list(groups.values())
 
     def settle(self, results: Sequence[SendResult], provider: str, now: datetime) -> None:
         """Record each message's fate. Failing here stops the send (rule 9)."""
         if not results:
             return
+        rows = [{"lid": r.ledger_id, "st": r.status, "pmid": r.provider_message_id,
+                 "err": (r.error or None) and r.error[:1000]} for r in results]
+        stmt = (update(send_ledger).where(send_ledger.c.id == bindparam("lid"))
+                .values(status=bindparam("st"), provider=provider, provider_message_id=bindparam("pmid"),
+                        error=bindparam("err"), settled_at=now))
         with self._tx() as conn:
-            for r in results:
-                conn.execute(update(send_ledger).where(send_ledger.c.id == r.ledger_id).values(
-                    status=r.status, provider=provider, provider_message_id=r.provider_message_id,
-                    error=(r.error or None) and r.error[:1000], settled_at=now))
+            conn.execute(stmt, rows)  # one executemany for the whole batch
 
     def release(self, ledger_ids: Sequence[int], error: str, now: datetime) -> None:
         """Put claimed rows back to pending: the provider certainly did not take them."""

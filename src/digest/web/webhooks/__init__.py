@@ -1,0 +1,192 @@
+"""Provider webhooks: verify, then parse into :class:`~digest.types.DeliveryEvent` values.
+
+One module per provider, each with two pure functions (DESIGN.md rule 7)::
+
+    verify(request_headers, raw_body, settings, now) -> Verified    raises WebhookVerificationError
+    parse(raw_body) -> list[DeliveryEvent]                           raises ValueError if malformed
+
+``verify`` never touches the store: it checks credentials or the signature and the signed
+timestamp's freshness, and returns the request's *replay key* (Mailgun's token, the Svix id,
+the SNS message id, a hash of SendGrid's signed bytes). The web route remembers replay keys
+for ``2 * max_age`` and refuses a second request carrying one; that memory only has to outlive
+the freshness window, because an older copy is already refused as stale. Postmark signs
+nothing and sends no timestamp, so it has no replay key; its replays are harmless because
+applying an event is idempotent (one stored row per provider event id).
+
+``parse`` normalizes each provider's vocabulary through a small mapping table into
+:data:`EVENT_TYPES`; anything unknown becomes ``other`` and is stored, never applied.
+
+Adding a provider is one module here plus one line in :data:`PROVIDERS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from digest.config import Webhooks
+from digest.errors import WebhookVerificationError
+from digest.types import DeliveryEvent
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = (
+    "delivered", "hard_bounce", "soft_bounce", "complaint", "unsubscribe",
+    "deferred", "dropped", "open", "click", "other",
+)
+
+PROVIDERS: dict[str, str] = {
+    "postmark": "digest.web.webhooks.postmark",
+    "sendgrid": "digest.web.webhooks.sendgrid",
+    "mailgun": "digest.web.webhooks.mailgun",
+    "ses": "digest.web.webhooks.ses",
+    "resend": "digest.web.webhooks.resend",
+}
+
+# The ledger id every send carries as provider metadata (DESIGN.md rule 1) comes back here.
+LEDGER_KEY = "ledger_id"
+
+
+class BadCredentials(WebhookVerificationError):
+    """Missing or wrong credentials or signature: HTTP 401."""
+
+    status = 401
+
+
+class Refused(WebhookVerificationError):
+    """Authentic-looking but refused (not configured, stale, replayed, wrong topic): HTTP 403."""
+
+    status = 403
+
+
+class Unavailable(WebhookVerificationError):
+    """Verification needs something we could not fetch (an SNS certificate): HTTP 503, retry."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What a successful ``verify`` learned about the request.
+
+    ``replay_key`` is unique per delivery attempt the provider signed (``None`` when the
+    provider signs nothing). ``subscribe_url`` is set only for an SNS SubscriptionConfirmation,
+    already checked to be an https URL on an ``sns.<region>.amazonaws.com`` host.
+    """
+
+    replay_key: str | None = None
+    subscribe_url: str | None = None
+    message_type: str = "notification"
+
+
+class Handler(Protocol):
+    """What a provider module offers (the module itself satisfies this)."""
+
+    def verify(self, request_headers: Mapping[str, str], raw_body: bytes, settings: Webhooks,
+               now: datetime) -> Verified: ...
+
+    def parse(self, raw_body: bytes) -> list[DeliveryEvent]: ...
+
+
+def handler(name: str) -> Handler:
+    """The verifier/parser module for provider ``name``; ``KeyError`` if there is none."""
+    module: Handler = importlib.import_module(PROVIDERS[name])  # type: ignore[assignment]
+    return module
+
+
+# -- helpers the provider modules share ---------------------------------------------------------
+
+
+def header(request_headers: Mapping[str, str], name: str) -> str | None:
+    """A header value, looked up case-insensitively (WSGI and test clients differ in case)."""
+    wanted = name.lower()
+    for key, value in request_headers.items():
+        if key.lower() == wanted:
+            return value
+    return None
+
+
+def not_configured(provider: str, keys: str) -> Refused:
+    """Fail closed, with one log line that tells the operator which keys to set."""
+    log.error("webhooks: %s webhooks are refused because %s is not set in config.yaml (webhooks:)",
+              provider, keys)
+    return Refused(f"{provider} webhooks are not configured")
+
+
+def check_fresh(timestamp: str | None, settings: Webhooks, now: datetime) -> int:
+    """The signed epoch-seconds ``timestamp`` as an int, if within ``max_age`` of ``now``.
+
+    Future timestamps are refused too: a clock far ahead would otherwise stretch the replay
+    window past the memory that guards it.
+    """
+    if not timestamp or not timestamp.strip().isascii() or not timestamp.strip().isdigit():
+        raise BadCredentials("missing or malformed timestamp")
+    value = int(timestamp.strip())
+    check_age(datetime.fromtimestamp(value, UTC), settings, now)
+    return value
+
+
+def check_age(when: datetime, settings: Webhooks, now: datetime) -> None:
+    """Refuse ``when`` if it is more than ``max_age`` seconds away from ``now``."""
+    if abs((now - when).total_seconds()) > settings.max_age:
+        raise Refused("stale timestamp")
+
+
+def load_json(raw_body: bytes) -> Any:
+    """The body as JSON; ``ValueError`` (HTTP 400) if it is not."""
+    try:
+        return json.loads(raw_body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"body is not JSON ({exc.__class__.__name__})") from exc
+
+
+def content_id(value: Any) -> str:
+    """A stable id for an event the provider gives no id of its own: a hash of its content.
+
+    A byte-identical replay gets the same id, so it is stored (and applied) once.
+    """
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:48]
+
+
+def ledger_id(value: Any) -> int | None:
+    """Our ledger id from provider metadata, if it is a plain positive integer."""
+    if isinstance(value, list) and value:  # SES tags are lists of values
+        value = value[0]
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and 0 < len(value) < 19:
+        return int(value)
+    return None
+
+
+def text(value: Any, limit: int = 500) -> str:
+    """A detail value as short text (details are stored and shown, never interpreted)."""
+    if value is None:
+        return ""
+    return (value if isinstance(value, str) else json.dumps(value, sort_keys=True))[:limit]
+
+
+def epoch(value: Any) -> datetime | None:
+    """An epoch-seconds number (int, float or digit string) as an aware datetime."""
+    try:
+        return datetime.fromtimestamp(float(value), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+def iso(value: Any) -> datetime | None:
+    """An ISO 8601 string as an aware datetime (naive means UTC); ``None`` if unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
