@@ -115,12 +115,64 @@ class Delivery(_Strict):
     max_retries: int = Field(5, ge=0)
     outbox_dir: str = "outbox"
     message_stream: str = "broadcast"
+    # Providers that fill per-recipient values in themselves (SendGrid, Mailgun) get one
+    # template per batch instead of one full body per recipient when this is on.
+    server_side_personalization: bool = True
+    # Parallel calls inside one batch, for providers that send one message per call (SES).
+    concurrency: int = Field(4, ge=1, le=32)
+    # mailgun: the sending domain, and "us" or "eu"; ses: the AWS region (e.g. eu-west-1).
+    domain: str | None = None
+    region: str | None = None
+    # ses
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+    configuration_set: str | None = None
+    # smtp
+    smtp_host: str | None = None
+    smtp_port: int | None = Field(None, ge=1, le=65535)
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_verify: bool = True
+    smtp_ca_file: str | None = None
+    username: str | None = None
+    password: str | None = None
 
     @model_validator(mode="after")
     def _needs_key(self) -> Delivery:
-        if self.provider in ("postmark", "sendgrid", "mailgun", "resend") and not self.api_key:
-            raise ValueError(f"provider {self.provider} needs delivery.api_key")
+        provider = self.provider
+        if provider in ("postmark", "sendgrid", "mailgun", "resend") and not self.api_key:
+            raise ValueError(f"provider {provider} needs delivery.api_key")
+        if provider == "mailgun":
+            if not self.domain:
+                raise ValueError("provider mailgun needs delivery.domain (the sending domain)")
+            if "/" in self.domain or "%" in self.domain:
+                # Why: a '/' in the path makes Mailgun answer 200 "Mailgun Magnificent API"
+                # instead of sending or failing.
+                raise ValueError(f"delivery.domain must be a bare domain name, got {self.domain!r}")
+            if self.region not in (None, "us", "eu"):
+                raise ValueError(f"provider mailgun: delivery.region must be us or eu, got {self.region!r}")
+        if provider == "ses":
+            if not self.region:
+                raise ValueError("provider ses needs delivery.region (e.g. eu-west-1)")
+            if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", self.region):
+                raise ValueError(f"provider ses: delivery.region is not an AWS region: {self.region!r}")
+            if not (self.aws_access_key_id and self.aws_secret_access_key):
+                raise ValueError(
+                    "provider ses needs delivery.aws_access_key_id and delivery.aws_secret_access_key"
+                )
+        if provider == "smtp":
+            if not self.smtp_host:
+                raise ValueError("provider smtp needs delivery.smtp_host")
+            if bool(self.username) != bool(self.password):
+                raise ValueError("provider smtp: set both delivery.username and delivery.password, or neither")
         return self
+
+    @property
+    def smtp_port_or_default(self) -> int:
+        """``smtp_port``, else the usual port for ``smtp_security`` (587, 465, 25)."""
+        if self.smtp_port is not None:
+            return self.smtp_port
+        return {"starttls": 587, "tls": 465, "none": 25}[self.smtp_security]
 
 
 class Web(_Strict):

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -44,8 +46,36 @@ from digest.types import Draft, OutgoingMessage, Recipient, SendResult, Template
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 600
+LEASE_SECONDS = 300
 MAX_BACKOFF = 60.0
+HOST = socket.gethostname()
+
+
+def lease_holder() -> str:
+    """``host:pid:random``: unique, and tells a later process on this host whether we are alive."""
+    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True for a holder that was a process on this host and is gone (killed, crashed).
+
+    Lets a restart after ``kill -9`` take over at once instead of waiting out the lease;
+    holders on other hosts are trusted until their lease expires.
+    """
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class LinkMaker(Protocol):
@@ -198,7 +228,7 @@ class Sender:
         self.on_batch = on_batch
         self.should_stop = should_stop
         self.max_consecutive_failures = max_consecutive_failures
-        self.holder = f"sender-{uuid.uuid4().hex}"
+        self.holder = lease_holder()
         size = settings.delivery.batch_size or provider.max_batch
         self.batch_size = max(1, min(size, provider.max_batch))
         self.bucket = TokenBucket(settings.delivery.rate_per_second, sleep=sleep)
@@ -246,7 +276,7 @@ class Sender:
         started = time.perf_counter()
         lease = f"send:{draft_id}"
         if not self.store.acquire_lease(lease, self.holder, self.now(),
-                                        self.now() + timedelta(seconds=LEASE_SECONDS)):
+                                        self.now() + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
             summary.stopped = "another sender is working on this draft"
             return summary
         try:

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import quote, urlencode, urlsplit
 
 import requests
@@ -83,7 +83,8 @@ class SubstackConfig(SourceConfig):
 
     url: str
     base_url: str | None = None
-    max_posts: int = Field(default=12, ge=1, le=50)
+    # Each post costs two requests (body, comments) on an API that answers bursts with 429.
+    max_posts: int = Field(default=12, ge=1, le=100)
     timeout: float = Field(default=30.0, gt=0)
 
     @field_validator("url")
@@ -348,7 +349,8 @@ def _date(value: Any, now: datetime) -> datetime | None:
     return now if when > now + feed.FUTURE_GRACE else when
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: Any) -> TypeGuard[int]:
+    """A JSON integer id (``True`` is an int to Python, but never an id)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

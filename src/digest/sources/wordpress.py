@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -344,7 +344,8 @@ def _int_header(value: str | None) -> int | None:
     return int(value.strip())
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: Any) -> TypeGuard[int]:
+    """A JSON integer id (``True`` is an int to Python, but never an id)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -721,14 +721,20 @@ class Store:
 
     # -- leases (rule 3: two `digest serve` processes never send the same draft at once) -----
 
-    def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
+    def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime,
+                      holder_is_dead: Callable[[str], bool] = lambda _holder: False) -> bool:
+        """Take or renew the lease ``name`` until ``until``; False while another live holder has it.
+
+        A lease whose time ran out, or whose holder ``holder_is_dead`` says is gone (a process
+        on this host that no longer exists), can be taken over.
+        """
         try:
             with self._tx() as conn:
                 row = conn.execute(select(leases).where(leases.c.name == name)).first()
                 if row is None:
                     conn.execute(insert(leases).values(name=name, holder=holder, expires_at=until))
                     return True
-                if row.holder == holder or as_utc(row.expires_at) <= now:
+                if row.holder == holder or as_utc(row.expires_at) <= now or holder_is_dead(row.holder):
                     changed = conn.execute(update(leases).where(and_(
                         leases.c.name == name, leases.c.holder == row.holder,
                         leases.c.expires_at == row.expires_at)).values(holder=holder, expires_at=until)).rowcount

@@ -11,6 +11,10 @@ the order given. A failure of the whole call is an exception::
                                       is True; the sender marks the rows 'uncertain' instead of
                                       retrying blindly, because none of Postmark, SendGrid,
                                       Mailgun or SES has an idempotency key.
+        └── PartialBatchError         (here) a batch sent as several calls (SES, SMTP ...) stopped
+                                      with some messages possibly accepted: ``results`` holds the
+                                      messages whose fate is known, ``uncertain`` the ledger ids
+                                      that may have been delivered.
 
 Per-message outcomes (a bad address, an inactive recipient) are values, never exceptions.
 
@@ -18,14 +22,27 @@ HTTP providers subclass :class:`HttpProvider`, which owns the send loop (the tem
 :meth:`HttpProvider.send_batch`) and the HTTP status classification. A new HTTP provider writes
 only two pure methods, :meth:`~HttpProvider.build_request` and
 :meth:`~HttpProvider.parse_response`, plus :meth:`~Provider.check`.
+
+Optional hooks a provider may add (the defaults keep the behaviour above):
+
+* :attr:`Provider.personalizes` and :meth:`Provider.send_template_batch`: the provider fills in
+  each recipient's values itself (SendGrid substitutions, Mailgun recipient-variables), so a
+  batch is one template plus small per-recipient values instead of one full body each;
+* :attr:`Provider.idempotent`: resending the same batch is safe (Resend's Idempotency-Key);
+* :func:`send_in_calls`: the send loop for providers that need several calls per batch (one
+  message per call), with the partial-batch rules described there.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import ssl
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -36,7 +53,8 @@ from urllib3.exceptions import NewConnectionError
 from digest.config import Delivery
 from digest.errors import AuthError, DeliveryError
 from digest.http import build_session, retry_after_seconds
-from digest.types import OutgoingMessage, SendResult
+from digest.delivery.mime import RESERVED_HEADERS, clean_header_value
+from digest.types import OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
 
@@ -53,6 +71,36 @@ class UncertainDeliveryError(DeliveryError):
     """
 
     maybe_delivered: ClassVar[bool] = True
+
+
+class PartialBatchError(UncertainDeliveryError):
+    """A batch sent as several calls stopped while some calls may have been accepted.
+
+    ``results`` are the messages whose fate is known: ``sent`` (accepted), ``rejected`` /
+    ``invalid`` (refused), or ``failed`` for messages that were never handed over because the
+    batch stopped first (safe to send again). ``uncertain`` are the ledger ids of the calls that
+    failed after the request went out (a read timeout, an SMTP connection lost during DATA): only
+    those may have been delivered. A sender that does not read these attributes treats the
+    whole batch as uncertain, which never double-sends; one that does can settle ``results``
+    and mark only ``uncertain`` as such.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        results: Sequence[SendResult],
+        uncertain: Sequence[int],
+        retryable: bool = False,
+        status: int | None = None,
+        response_text: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(
+            message, retryable=retryable, status=status, response_text=response_text, hint=hint
+        )
+        self.results: tuple[SendResult, ...] = tuple(results)
+        self.uncertain: tuple[int, ...] = tuple(uncertain)
 
 
 def maybe_delivered(exc: BaseException) -> bool:
@@ -121,6 +169,12 @@ class Provider(ABC):
     name: ClassVar[str]
     #: The provider's own limit of messages per call; the sender never passes more.
     max_batch: ClassVar[int]
+    #: True when the provider implements :meth:`send_template_batch` (server-side
+    #: personalization); the sender may then hand it one template per batch.
+    personalizes: ClassVar[bool] = False
+    #: True when sending the very same batch again cannot deliver it twice (the provider
+    #: dedupes by an idempotency key), so a batch with an uncertain outcome may be resent.
+    idempotent: ClassVar[bool] = False
 
     def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
         self.settings = settings
@@ -134,6 +188,19 @@ class Provider(ABC):
         accepted despite the failure, and :class:`DeliveryError` for any other failure of the
         whole call (``retryable``, ``status``, ``retry_after`` and ``response_text`` set).
         """
+
+    def send_template_batch(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+    ) -> list[SendResult]:
+        """Send one template to ``recipients``, letting the provider fill in their values.
+
+        Only for providers with :attr:`personalizes`; the others raise NotImplementedError.
+        Same contract as :meth:`send_batch`: at most :attr:`max_batch` recipients, one result
+        per recipient in order, whole-call failures as exceptions. What each recipient receives
+        must equal :func:`expand_template` of the template for them, byte for byte in the
+        bodies: static parts are content and must never be read as substitution syntax.
+        """
+        raise NotImplementedError(f"{self.name} does not personalize messages server-side")
 
     @abstractmethod
     def check(self) -> str:
@@ -156,7 +223,7 @@ class Provider(ABC):
     ) -> None:
         self.close()
 
-    def _check_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+    def _check_batch(self, messages: Sequence[object]) -> None:
         if len(messages) > self.max_batch:
             raise ValueError(
                 f"{self.name}: {len(messages)} messages in one call; the limit is {self.max_batch}"
@@ -403,6 +470,183 @@ class HttpProvider(Provider):
         """Close the HTTP session if this provider created it."""
         if self._owns_session:
             self.session.close()
+
+
+# -- helpers for providers that personalize or send one message per call -----------------------
+
+_HEADER_NAME_RE = re.compile(r"[!-9;-~]+\Z")
+
+
+def fill_template(parts: Sequence[str], slots: Sequence[str], values: Mapping[str, str]) -> str:
+    """``parts[0] + values[slots[0]] + parts[1] + ... + parts[-1]``; ValueError on a gap."""
+    if len(parts) != len(slots) + 1:
+        raise ValueError("a template needs exactly one more part than slots")
+    out = [parts[0]]
+    for slot, part in zip(slots, parts[1:]):
+        try:
+            out.append(values[slot])
+        except KeyError:
+            raise ValueError(f"no value for slot {slot!r}") from None
+        out.append(part)
+    return "".join(out)
+
+
+def expand_template(template: TemplateMessage, recipient: TemplateRecipient) -> OutgoingMessage:
+    """The full-body message ``recipient`` gets from ``template``: what server-side
+    personalization must produce, and the fallback for providers without it."""
+    return OutgoingMessage(
+        ledger_id=recipient.ledger_id,
+        draft_id=template.draft_id,
+        to_email=recipient.to_email,
+        to_name=recipient.to_name,
+        from_addr=template.from_addr,
+        subject=template.subject,
+        html=fill_template(template.html_parts, template.html_slots, dict(recipient.html_values)),
+        text=fill_template(template.text_parts, template.text_slots, dict(recipient.text_values)),
+        headers=recipient.headers,
+        reply_to=template.reply_to,
+        message_id=recipient.message_id,
+        tag=template.tag,
+    )
+
+
+def checked_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Like :func:`digest.delivery.mime.custom_headers`, for a bare list of pairs.
+
+    Names must be RFC 5322 field names and not ones the provider sets itself; values lose
+    control characters (rule 5). ValueError for a bad or reserved name: a bug, not bad input.
+    """
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        if not _HEADER_NAME_RE.match(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is set from the message's own fields")
+        out.append((name, clean_header_value(value)))
+    return out
+
+
+class CallPacer:
+    """Spaces the starts of calls at least ``1 / rate`` seconds apart, across threads.
+
+    Used inside a batch by providers that make one call per message, so that
+    ``delivery.rate_per_second`` still means provider calls per second.
+    """
+
+    def __init__(
+        self,
+        rate_per_second: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.interval = 1.0 / rate_per_second if rate_per_second else 0.0
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self) -> None:
+        """Block until the next call may start."""
+        if not self.interval:
+            return
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self._sleep(start - now)
+
+
+def send_in_calls(
+    name: str,
+    calls: Sequence[Sequence[OutgoingMessage]],
+    send_call: Callable[[Sequence[OutgoingMessage]], list[SendResult]],
+    *,
+    concurrency: int = 1,
+    pacer: CallPacer | None = None,
+) -> list[SendResult]:
+    """Send one batch as several provider calls; return one result per message.
+
+    Results come in the order of ``calls`` (callers that grouped messages put them back in
+    the batch's order by ledger id).
+
+    ``calls`` partitions the batch (usually one message per call); ``send_call`` makes one
+    call and returns a result per message of it, or raises a :class:`DeliveryError` for the
+    whole call. With ``concurrency`` > 1 calls run in a thread pool. After the first error no
+    new call starts (a 429 or an outage would only repeat). Then:
+
+    * nothing was accepted (no ``sent`` result, no call that may have gone through): the first
+      error is raised as it is (an :class:`AuthError` first), exactly as for a single-call
+      provider, so the sender retries, releases or fails the batch as usual;
+    * some messages were accepted and every failed call certainly was not: the results are
+      returned, ``failed`` (with the reason, "not sent") for the messages never accepted.
+      Why not raise: a retryable error would make the sender retry the whole batch and
+      deliver the accepted messages twice;
+    * some call may have been accepted (:func:`maybe_delivered`): :class:`PartialBatchError`
+      with the known results and the uncertain ledger ids.
+    """
+    outcomes: list[list[SendResult] | BaseException | None] = [None] * len(calls)
+    stop = threading.Event()
+
+    def run(index: int) -> None:
+        if stop.is_set():
+            return
+        if pacer is not None:
+            pacer.wait()
+            if stop.is_set():
+                return
+        try:
+            outcomes[index] = send_call(calls[index])
+        except DeliveryError as exc:
+            outcomes[index] = exc
+            stop.set()
+        except BaseException:
+            stop.set()  # a bug: stop sending, let it propagate
+            raise
+
+    if concurrency <= 1 or len(calls) <= 1:
+        for index in range(len(calls)):
+            run(index)
+            if stop.is_set():
+                break
+    else:
+        workers = min(concurrency, len(calls))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-send") as pool:
+            for _ in pool.map(run, range(len(calls))):
+                pass
+
+    errors = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+    flat = [r for o in outcomes if isinstance(o, list) for r in o]
+    if not errors:
+        return flat
+    uncertain_calls = [i for i, e in errors if maybe_delivered(e)]
+    accepted = any(r.status == "sent" for r in flat)
+    if not accepted and not uncertain_calls:
+        auth = [e for _, e in errors if isinstance(e, AuthError)]
+        raise auth[0] if auth else errors[0][1]
+    first = errors[0][1]
+    results: list[SendResult] = []
+    uncertain: list[int] = []
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, list):
+            results.extend(outcome)
+        elif isinstance(outcome, BaseException) and maybe_delivered(outcome):
+            uncertain.extend(m.ledger_id for m in calls[i])
+        else:
+            why = outcome if isinstance(outcome, BaseException) else first
+            reason = response_text(f"not sent: {why}")
+            results.extend(SendResult(m.ledger_id, "failed", None, reason) for m in calls[i])
+    if uncertain:
+        cause = outcomes[uncertain_calls[0]]
+        raise PartialBatchError(
+            f"{name}: {len(uncertain)} message(s) may have been accepted although the call "
+            f"failed ({cause}); {sum(r.status == 'sent' for r in results)} were accepted",
+            results=results,
+            uncertain=uncertain,
+            retryable=False,
+        ) from (cause if isinstance(cause, BaseException) else None)
+    return results
 
 
 def _causes(exc: BaseException, limit: int = 20) -> list[BaseException]:

@@ -155,6 +155,14 @@ def content_id(value: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:48]
 
 
+def short_id(value: str) -> str:
+    """An event id that fits the store's 200 characters; a long one is hashed, never cut
+    (two long ids sharing a prefix must not collide)."""
+    if len(value) <= 200:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
 def ledger_id(value: Any) -> int | None:
     """Our ledger id from provider metadata, if it is a plain positive integer."""
     if isinstance(value, list) and value:  # SES tags are lists of values

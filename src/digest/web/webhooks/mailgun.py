@@ -30,6 +30,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    short_id,
     text,
 )
 
@@ -111,7 +112,7 @@ def _event(item: dict[str, Any]) -> DeliveryEvent:
     }
     return DeliveryEvent(
         provider=NAME,
-        event_id=(str(raw_id) if raw_id else content_id(item))[:200],
+        event_id=short_id(str(raw_id)) if raw_id else content_id(item),
         event_type=event_type,
         email=str(item.get("recipient") or "").strip().lower(),
         occurred_at=epoch(item.get("timestamp")),

@@ -27,6 +27,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    short_id,
     text,
 )
 
@@ -128,7 +129,7 @@ def _event(record: Any) -> DeliveryEvent:
         detail["suppression_reason"] = text(record.get("SuppressionReason"))
     return DeliveryEvent(
         provider=NAME,
-        event_id=event_id[:200],
+        event_id=short_id(event_id),
         event_type=event_type,
         email=str(email).strip().lower(),
         occurred_at=occurred,

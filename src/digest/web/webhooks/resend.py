@@ -30,6 +30,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    short_id,
     text,
 )
 
@@ -129,7 +130,7 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     return [
         DeliveryEvent(
             provider=NAME,
-            event_id=f"{email_id}:{kind}:{data.get('created_at') or ''}:{str(to).lower()}"[:200],
+            event_id=short_id(f"{email_id}:{kind}:{data.get('created_at') or ''}:{str(to).lower()}"),
             event_type=event_type,
             email=str(to).strip().lower(),
             occurred_at=occurred,
@@ -146,7 +147,7 @@ def _contact_event(kind: str, body: dict[str, Any], data: dict[str, Any],
     event_type = "unsubscribe" if kind == "contact.updated" and body.get("unsubscribed") is True else "other"
     return DeliveryEvent(
         provider=NAME,
-        event_id=f"{body.get('id') or ''}:{kind}:{body.get('updated_at') or data.get('created_at') or ''}"[:200],
+        event_id=short_id(f"{body.get('id') or ''}:{kind}:{body.get('updated_at') or data.get('created_at') or ''}"),
         event_type=event_type,
         email=str(body.get("email") or "").strip().lower(),
         occurred_at=occurred,

@@ -39,6 +39,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    short_id,
     text,
 )
 
@@ -141,7 +142,7 @@ def _event(item: Any) -> DeliveryEvent:
     }
     return DeliveryEvent(
         provider=NAME,
-        event_id=(str(raw_id) if raw_id else content_id(item))[:200],
+        event_id=short_id(str(raw_id)) if raw_id else content_id(item),
         event_type=event_type,
         email=str(item.get("email") or "").strip().lower(),
         occurred_at=epoch(item.get("timestamp")),
