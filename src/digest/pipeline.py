@@ -27,7 +27,7 @@ from digest.scheduler import next_run, previous_run
 from digest.sources.registry import build_comment_sources, build_source
 from digest.store import Store, open_store
 from digest.store.store import CollectStats, DraftSummary, SourceStatus
-from digest.types import CollectResult, Draft, OutgoingMessage, Recipient
+from digest.types import CollectResult, DeliveryEvent, Draft, OutgoingMessage, Recipient
 
 log = logging.getLogger(__name__)
 
@@ -378,3 +378,63 @@ def demo(workdir: Path, now: Callable[[], datetime] = clock.now) -> DemoResult:
                           collected, summaries[0])
     finally:
         app.close()
+
+
+# -- provider webhooks -------------------------------------------------------------------------
+
+# Event type → suppression reason. store.suppress marks the subscriber bounced, complained or
+# unsubscribed, and the claim (rule 2) skips suppressed addresses, so the next batch of a send
+# already in progress leaves them out.
+SUPPRESSING_EVENTS = {"hard_bounce": "hard_bounce", "complaint": "complaint", "unsubscribe": "unsubscribed"}
+SOFT_BOUNCE_LIMIT = 3
+SOFT_BOUNCE_WINDOW = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class WebhookOutcome:
+    """What one webhook request did. ``suppressed`` lists the addresses its events suppress
+    (an address suppressed before is listed again: applying is idempotent)."""
+
+    provider: str
+    received: int
+    stored: int
+    duplicates: int
+    suppressed: tuple[str, ...] = ()
+
+
+def apply_events(app: App, provider: str, events: list[DeliveryEvent]) -> WebhookOutcome:
+    """Store each event once and apply it: hard bounces, complaints and unsubscribes suppress
+    the address at once; soft bounces are only counted until ``SOFT_BOUNCE_LIMIT`` of them in
+    ``SOFT_BOUNCE_WINDOW`` suppress it as ``soft_bounce_limit``. Everything else is stored only.
+    """
+    now = app.now()
+    stored = duplicates = 0
+    suppressed: list[str] = []
+    for event in events:
+        if app.store.record_event(event, now):
+            stored += 1
+        else:
+            duplicates += 1
+        email = event.email.strip().lower()
+        if not email:
+            continue
+        # A replayed event is applied again on purpose: suppressing is idempotent, and storing
+        # and suppressing are two transactions, so a crash between them leaves a stored event
+        # whose effect only the provider's retry can still apply.
+        reason = SUPPRESSING_EVENTS.get(event.event_type)
+        if reason is None and event.event_type == "soft_bounce":
+            count = app.store.count_events(email, "soft_bounce", now - SOFT_BOUNCE_WINDOW)
+            if count >= SOFT_BOUNCE_LIMIT:
+                reason = "soft_bounce_limit"
+                # store.suppress would call this subscriber "unsubscribed"; they did not leave,
+                # their mailbox keeps refusing us, which is what "bounced" means to an operator.
+                sub = app.store.subscriber_by_email(email)
+                if sub is not None and sub.status == "active":
+                    app.store.set_subscriber_status(sub.id, "bounced", now)
+        if reason is not None:
+            app.store.suppress(email, reason, provider, now)
+            if email not in suppressed:
+                suppressed.append(email)
+    if suppressed:
+        log.info("webhooks: %s suppressed %d address(es)", provider, len(suppressed))
+    return WebhookOutcome(provider, len(events), stored, duplicates, tuple(suppressed))

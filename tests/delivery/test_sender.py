@@ -21,7 +21,7 @@ EMAILS = [f"r{i}@example.com" for i in range(5)]
 @pytest.fixture
 def app(tmp_path: Path, db_url: str, clock: FrozenClock) -> pipeline.App:
     settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}},
-                             delivery={"max_retries": 2, "rate_per_second": 1000})
+                             delivery={"max_retries": 2, "rate_per_second": 1000, "concurrency": 1})
     a = pipeline.App.open(settings, clock)
     a.store.upsert_subscribers([(e, f"Name {i}") for i, e in enumerate(EMAILS)], "cli", clock())
     pipeline.collect(a)

@@ -579,6 +579,44 @@ class Store:
                                 .group_by(delivery_events.c.event_type)).all()
         return {r[0]: r[1] for r in rows}
 
+    def count_events(self, email: str, event_type: str, since: datetime) -> int:
+        """How many ``event_type`` events for ``email`` were stored at or after ``since``."""
+        with self._tx() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(delivery_events).where(and_(
+                    delivery_events.c.email == email.lower(), delivery_events.c.event_type == event_type,
+                    delivery_events.c.received_at >= since))
+            ).scalar_one())
+
+    # -- webhook replay memory (DESIGN.md rule 7) ---------------------------------------------
+    # Kept in ``meta`` under a prefix, without a schema change: the primary key makes "first
+    # one wins" atomic across processes, and expired keys are purged on each insert, so the
+    # table holds at most the keys of the last few minutes.
+
+    _REPLAY_PREFIX = "webhook-replay:"
+
+    def _replay_meta_key(self, provider: str, key: str) -> str:
+        # Hashed: provider keys (Mailgun tokens, Svix ids) are long and caller-chosen.
+        return f"{self._REPLAY_PREFIX}{provider[:20]}:{hashlib.sha256(key.encode('utf-8')).hexdigest()[:60]}"
+
+    def remember_webhook_key(self, provider: str, key: str, now: datetime, keep_until: datetime) -> bool:
+        """Record a webhook's replay key; False if it is already remembered (a replay)."""
+        expires = f"{int(as_utc(keep_until).timestamp()):012d}"  # fixed width: text order is time order
+        cutoff = f"{int(as_utc(now).timestamp()):012d}"
+        try:
+            with self._tx() as conn:
+                conn.execute(delete(meta).where(and_(meta.c.key.startswith(self._REPLAY_PREFIX, autoescape=True),
+                                                     meta.c.value < cutoff)))
+                conn.execute(insert(meta).values(key=self._replay_meta_key(provider, key), value=expires))
+        except IntegrityError:
+            return False
+        return True
+
+    def forget_webhook_key(self, provider: str, key: str) -> None:
+        """Drop a replay key again: its request failed, so the provider's retry must be let in."""
+        with self._tx() as conn:
+            conn.execute(delete(meta).where(meta.c.key == self._replay_meta_key(provider, key)))
+
     # -- the send ledger ---------------------------------------------------------------------
 
     def start_send(self, draft_id: int, now: datetime) -> int:
