@@ -203,3 +203,7 @@ def test_upgrade_from_the_first_schema_keeps_data(db_url: str) -> None:
     (_, e), = s.candidate_essays(None, 10)
     assert e.title == "Old" and e.comments_url == ""
     s.close()
+
+
+def test_head_constant_matches_the_migration_scripts(sqlite_store: Store) -> None:
+    assert db.HEAD == db.head_revision(sqlite_store.engine)

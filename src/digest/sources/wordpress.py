@@ -15,6 +15,7 @@ What the fields mean here:
 - essay ``html``: ``content.rendered``, relative links made absolute; not sanitized here
   (the renderer sanitizes once, DESIGN rule 4). ``summary``: ``excerpt.rendered`` as text.
 - essay ``author``: the embedded author's name when the site embeds it, else empty.
+- password-protected posts are left out: they are for the people who know the password.
 - comment ``score``: ``None``. WordPress core has no comment rating; rating plugins differ
   per site, and ``karma`` is only in the authenticated edit context (and normally 0).
 - comment ``position``: the index in date order, oldest first (the order WordPress shows).
@@ -168,9 +169,7 @@ class WordPressSource(Source):
                 if not isinstance(post_id, int) or isinstance(post_id, bool):
                     continue  # parse() reports the malformed post
                 if _protected(post):
-                    # A password-protected post's comments answer 401 to anonymous readers.
-                    result.problems[post_id] = "password-protected: comments not read"
-                    continue
+                    continue  # parse() leaves it out, so its comments are not needed
                 self._fetch_comments(session, post_id, result)
             return result
         finally:
@@ -256,6 +255,10 @@ class WordPressSource(Source):
                 raise SourceError(f"wordpress: {raw.posts_url}: post {index + 1} has no numeric id")
             if post.get("status", "publish") != "publish":
                 continue  # the public API lists published posts only; be sure of it
+            if _protected(post):
+                # A password-protected post is for the people who know the password: a digest
+                # must not announce it to every subscriber (the API hides its body anyway).
+                continue
             essay = self._essay(post, now)
             essays.append(essay)
             post_id = int(post["id"])

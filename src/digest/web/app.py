@@ -4,21 +4,46 @@
 links); POST unsubscribes at once, including the RFC 8058 one-click POST that mailbox
 providers send with ``List-Unsubscribe=One-Click`` and no cookies. ``/preferences/<token>``
 shows the subscription and offers the same unsubscribe button.
+
+``/webhooks/<provider>`` (POST only): verify (401 bad credentials or signature; 403 stale,
+replayed, wrong topic or provider not configured; 503 when an SNS certificate cannot be
+fetched), parse (400 if malformed), then apply through ``pipeline.apply_events`` and answer
+200 with JSON counts. See ``digest.web.webhooks`` for each provider's rules.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask, Response, render_template, request
 
 from digest import subscribers
-from digest.errors import TokenError
-from digest.pipeline import App
+from digest.errors import TokenError, WebhookVerificationError
+from digest.pipeline import App, apply_events
+from digest.web import webhooks
+from digest.web.webhooks import ses
+
+log = logging.getLogger(__name__)
+
+# The largest webhook body read; SendGrid batches are the biggest and stay well below this.
+MAX_WEBHOOK_BYTES = 5 * 1024 * 1024
 
 
-def create_app(app: App) -> Flask:
-    """The WSGI app over a pipeline ``App`` (the store and settings of this process)."""
+def create_app(
+    app: App,
+    *,
+    sns_certificates: ses.CertificateCache | None = None,
+    sns_confirm: Callable[[str], None] | None = None,
+) -> Flask:
+    """The WSGI app over a pipeline ``App`` (the store and settings of this process).
+
+    ``sns_certificates`` and ``sns_confirm`` are the only network calls webhooks make (fetching
+    an SNS signing certificate, confirming an SNS subscription); tests pass fakes.
+    """
     web = Flask(__name__)
     web.config["DIGEST_APP"] = app
     newsletter = app.settings.newsletter
@@ -63,6 +88,76 @@ def create_app(app: App) -> Flask:
             return page("invalid.html", 404)
         unsub_token = subscribers.token_for(app.secret, subscribers.UNSUBSCRIBE, sub.id, sub.email)
         return page("preferences.html", sub=sub, unsubscribe_token=unsub_token)
+
+    def webhook_answer(status: int, **body: Any) -> Response:
+        response = Response(json.dumps(body, sort_keys=True) + "\n", status=status,
+                            mimetype="application/json")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @web.post("/webhooks/<provider>")
+    def webhook(provider: str) -> Response:
+        # Only POST is routed: Flask answers GET (a scanner, a curious operator) with 405.
+        try:
+            handler = webhooks.handler(provider)
+        except KeyError:
+            return webhook_answer(404, error="unknown provider")
+        declared = request.content_length
+        if declared is not None and declared > MAX_WEBHOOK_BYTES:
+            return webhook_answer(413, error="body too large")
+        raw = request.stream.read(MAX_WEBHOOK_BYTES + 1)  # bounded even without Content-Length
+        if len(raw) > MAX_WEBHOOK_BYTES:
+            return webhook_answer(413, error="body too large")
+        headers = dict(request.headers.items())
+        settings = app.settings.webhooks
+        now = app.now()
+        try:
+            if provider == "ses":
+                verified = ses.verify(headers, raw, settings, now, certificates=sns_certificates)
+            else:
+                verified = handler.verify(headers, raw, settings, now)
+            events = handler.parse(raw)
+        except WebhookVerificationError as exc:
+            # The reasons are short fixed phrases: they name the check, never a secret or the
+            # expected value.
+            status = int(getattr(exc, "status", 403))
+            log.warning("webhooks: %s: refused with %d: %s", provider, status, exc)
+            response = webhook_answer(status, error=str(exc))
+            if status == 401 and provider == "postmark":
+                response.headers["WWW-Authenticate"] = 'Basic realm="digest webhooks"'
+            return response
+        except ValueError as exc:
+            log.warning("webhooks: %s: unparseable body: %s", provider, exc)
+            return webhook_answer(400, error="unparseable body")
+        key = verified.replay_key
+        if key is not None:
+            # Remembered past the freshness window on both sides; older copies are stale anyway.
+            keep_until = now + timedelta(seconds=2 * settings.max_age)
+            if not app.store.remember_webhook_key(provider, key, now, keep_until):
+                log.warning("webhooks: %s: refused a replayed request", provider)
+                return webhook_answer(403, error="replayed request")
+        try:
+            if verified.subscribe_url is not None:
+                (sns_confirm or ses.confirm_subscription)(verified.subscribe_url)
+                log.info("webhooks: ses: confirmed the SNS subscription")
+            elif verified.message_type == "unsubscribe_confirmation":
+                log.warning("webhooks: ses: SNS reports this endpoint was unsubscribed from its topic")
+            outcome = apply_events(app, provider, events)
+        except webhooks.Unavailable as exc:
+            if key is not None:
+                app.store.forget_webhook_key(provider, key)
+            log.warning("webhooks: %s: %s", provider, exc)
+            return webhook_answer(503, error=str(exc))
+        except Exception:
+            # Not applied: forget the key so the provider's retry is let in (and applied).
+            if key is not None:
+                app.store.forget_webhook_key(provider, key)
+            raise
+        body: dict[str, Any] = {"received": outcome.received, "stored": outcome.stored,
+                                "duplicates": outcome.duplicates, "suppressed": len(outcome.suppressed)}
+        if verified.subscribe_url is not None:
+            body["confirmed"] = True
+        return webhook_answer(200, **body)
 
     @web.get("/healthz")
     def healthz() -> Response:

@@ -302,3 +302,25 @@ def _events(sns_id: str, message: dict[str, Any]) -> list[DeliveryEvent]:
         )
         for email, event_type, when, extra in rows
     ]
+
+
+def confirm_subscription(url: str) -> None:
+    """GET a SubscriptionConfirmation's ``SubscribeURL`` (checked again here), without redirects.
+
+    ``Unavailable`` if SNS does not answer 2xx, so the web route answers 503 and SNS retries.
+    """
+    import requests
+
+    from digest.http import DEFAULT_TIMEOUT, build_session
+
+    trusted_sns_url(url, pem=False)
+    session = build_session(pool_size=1)
+    try:
+        with session.get(url, timeout=DEFAULT_TIMEOUT, allow_redirects=False) as response:
+            status = response.status_code
+    except requests.RequestException as exc:
+        raise Unavailable("could not confirm the subscription") from exc
+    finally:
+        session.close()
+    if not 200 <= status < 300:
+        raise Unavailable(f"could not confirm the subscription (HTTP {status})")
