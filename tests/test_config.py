@@ -22,7 +22,7 @@ def test_example_config_loads_and_documents_every_key(monkeypatch: pytest.Monkey
     assert [s["type"] for s in settings.sources] == ["folder", "feed"]
     example = (ROOT / "config.example.yaml").read_text()
     # Every settings field appears in the example file (undocumented keys fail here).
-    for section in ("newsletter", "database", "ranking", "delivery", "web"):
+    for section in ("newsletter", "database", "ranking", "delivery", "web", "webhooks"):
         model = type(getattr(settings, section))
         for field_name, field in model.model_fields.items():
             key = field.alias or field_name
@@ -35,7 +35,8 @@ def test_example_config_loads_and_documents_every_key(monkeypatch: pytest.Monkey
 
 def test_example_config_is_valid_yaml_mapping() -> None:
     raw = yaml.safe_load((ROOT / "config.example.yaml").read_text())
-    assert set(raw) == {"newsletter", "database", "templates", "sources", "ranking", "digest", "delivery", "web"}
+    assert set(raw) == {"newsletter", "database", "templates", "sources", "ranking", "digest", "delivery", "web",
+                        "webhooks"}
 
 
 def test_no_config_file_gives_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

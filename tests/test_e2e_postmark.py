@@ -53,7 +53,11 @@ def test_send_through_postmark_once_with_faults(tmp_path: Path) -> None:
         assert headers["List-Unsubscribe"].startswith("<https://news.example.org/u/")
         assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert first["MessageStream"] == "broadcast" and first["Metadata"]["ledger_id"]
-        assert "R0" in first["HtmlBody"] or "R0" in srv.messages[0]["TextBody"]
+        for m in srv.messages:  # each reader got their own greeting and their own links
+            name = m["To"].split(" <")[0]
+            assert f"Hello {name}," in m["TextBody"] and f"Hello {name}," in m["HtmlBody"]
+            unsub = {h["Name"]: h["Value"] for h in m["Headers"]}["List-Unsubscribe"].strip("<>")
+            assert unsub in m["HtmlBody"] and unsub in m["TextBody"]
         # Rerunning sends nothing more.
         assert "nothing to send" in cli_run(cfg, "send")
         assert len(srv.messages) == 9

@@ -234,9 +234,13 @@ class Sender:
         self.bucket = TokenBucket(settings.delivery.rate_per_second, sleep=sleep)
         self.concurrency = max(1, int(getattr(settings.delivery, "concurrency", 1) or 1))
         self.idempotent = bool(getattr(provider, "idempotent", False))
-        self.server_side = bool(getattr(provider, "personalizes", False)) and bool(
-            getattr(settings.delivery, "server_side_personalization", True))
-        self.template = template_message(draft, compiled, settings) if self.server_side else None
+        # Providers that take a template and per-recipient values (server-side substitution,
+        # or a client-side build that encodes the shared parts once) get one; others get
+        # finished messages.
+        server_side = bool(getattr(provider, "personalizes", False))
+        use_template = bool(getattr(provider, "accepts_templates", False)) or (
+            server_side and settings.delivery.server_side_personalization)
+        self.template = template_message(draft, compiled, settings) if use_template else None
         self.domain = _domain(settings.newsletter.from_)
         self._lock = threading.Lock()
         self._stop: str | None = None

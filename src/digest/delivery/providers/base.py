@@ -304,7 +304,10 @@ class HttpProvider(Provider):
         if not messages:
             return []
         self._check_batch(messages)
-        call = self.build_request(messages)
+        return self.send_call(self.build_request(messages), messages)
+
+    def send_call(self, call: PreparedCall, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Send a built call once, classify the answer, and return one result per message."""
         if self.max_request_bytes is not None and len(call.body) > self.max_request_bytes:
             raise DeliveryError(
                 f"{self.name}: request body of {len(call.body)} bytes is over the provider's "
@@ -524,6 +527,16 @@ def checked_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]
             raise ValueError(f"header {name!r} is set from the message's own fields")
         out.append((name, clean_header_value(value)))
     return out
+
+
+def group_same_content(messages: Sequence[OutgoingMessage]) -> list[list[OutgoingMessage]]:
+    """``messages`` grouped by identical From, Subject, bodies, Reply-To and tag, in order of
+    first appearance: messages that one call with per-recipient envelopes can carry."""
+    groups: dict[tuple[str, str, str, str, str | None, str], list[OutgoingMessage]] = {}
+    for m in messages:
+        key = (m.from_addr, m.subject, m.html, m.text, m.reply_to, m.tag)
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
 
 
 class CallPacer:

@@ -3,7 +3,7 @@
 One module per provider, each with two pure functions (DESIGN.md rule 7)::
 
     verify(request_headers, raw_body, settings, now) -> Verified    raises WebhookVerificationError
-    parse(raw_body) -> list[DeliveryEvent]                           raises ValueError if malformed
+    parse(raw_body) -> list[DeliveryEvent]                           raises MalformedPayload (a ValueError)
 
 ``verify`` never touches the store: it checks credentials or the signature and the signed
 timestamp's freshness, and returns the request's *replay key* (Mailgun's token, the Svix id,
@@ -53,6 +53,10 @@ PROVIDERS: dict[str, str] = {
 LEDGER_KEY = "ledger_id"
 
 
+class MalformedPayload(ValueError):
+    """The body is not the shape the provider documents: HTTP 400, nothing applied."""
+
+
 class BadCredentials(WebhookVerificationError):
     """Missing or wrong credentials or signature: HTTP 401."""
 
@@ -96,7 +100,7 @@ class Handler(Protocol):
 
 def handler(name: str) -> Handler:
     """The verifier/parser module for provider ``name``; ``KeyError`` if there is none."""
-    module: Handler = importlib.import_module(PROVIDERS[name])  # type: ignore[assignment]
+    module: Handler = importlib.import_module(PROVIDERS[name])
     return module
 
 
@@ -138,12 +142,17 @@ def check_age(when: datetime, settings: Webhooks, now: datetime) -> None:
         raise Refused("stale timestamp")
 
 
+def obj(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (optional nested blocks)."""
+    return value if isinstance(value, dict) else {}
+
+
 def load_json(raw_body: bytes) -> Any:
-    """The body as JSON; ``ValueError`` (HTTP 400) if it is not."""
+    """The body as JSON; ``MalformedPayload`` (HTTP 400) if it is not."""
     try:
         return json.loads(raw_body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"body is not JSON ({exc.__class__.__name__})") from exc
+        raise MalformedPayload(f"body is not JSON ({exc.__class__.__name__})") from exc
 
 
 def content_id(value: Any) -> str:
@@ -194,7 +203,7 @@ def iso(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value)  # 3.11 reads "Z" and 7 fractional digits
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

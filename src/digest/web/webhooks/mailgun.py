@@ -23,6 +23,7 @@ from digest.types import DeliveryEvent
 from digest.web.webhooks import (
     LEDGER_KEY,
     BadCredentials,
+    MalformedPayload,
     Verified,
     check_fresh,
     content_id,
@@ -30,6 +31,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    obj,
     short_id,
     text,
 )
@@ -86,7 +88,7 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     data = load_json(raw_body)
     item = data.get("event-data") if isinstance(data, dict) else None
     if not isinstance(item, dict):
-        raise ValueError("mailgun: the body has no event-data object")
+        raise MalformedPayload("mailgun: the body has no event-data object")
     return [_event(item)]
 
 
@@ -97,10 +99,10 @@ def _event(item: dict[str, Any]) -> DeliveryEvent:
     event_type = EVENTS.get(name, "other")
     if name == "failed":
         event_type = "deferred" if severity == "temporary" else PERMANENT_REASONS.get(reason, "dropped")
-    status = item.get("delivery-status") if isinstance(item.get("delivery-status"), dict) else {}
-    message = item.get("message") if isinstance(item.get("message"), dict) else {}
-    headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
-    variables = item.get("user-variables") if isinstance(item.get("user-variables"), dict) else {}
+    status = obj(item.get("delivery-status"))
+    message = obj(item.get("message"))
+    headers = obj(message.get("headers"))
+    variables = obj(item.get("user-variables"))
     raw_id = item.get("id")
     detail = {
         "event": name,

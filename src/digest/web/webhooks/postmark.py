@@ -20,6 +20,7 @@ from digest.types import DeliveryEvent
 from digest.web.webhooks import (
     LEDGER_KEY,
     BadCredentials,
+    MalformedPayload,
     Verified,
     content_id,
     header,
@@ -27,6 +28,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    obj,
     short_id,
     text,
 )
@@ -102,7 +104,7 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
 
 def _event(record: Any) -> DeliveryEvent:
     if not isinstance(record, dict):
-        raise ValueError("postmark: an event must be a JSON object")
+        raise MalformedPayload("postmark: an event must be a JSON object")
     record_type = str(record.get("RecordType") or "")
     kind = str(record.get("Type") or "")
     event_type = RECORD_TYPES.get(record_type, "other")
@@ -117,7 +119,7 @@ def _event(record: Any) -> DeliveryEvent:
     raw_id = record.get("ID")
     event_id = f"{record_type}:{raw_id}" if raw_id not in (None, "") else content_id(record)
     occurred = next((t for t in (iso(record.get(f)) for f in _TIME_FIELDS) if t is not None), None)
-    metadata = record.get("Metadata") if isinstance(record.get("Metadata"), dict) else {}
+    metadata = obj(record.get("Metadata"))
     detail = {
         "record_type": record_type,
         "type": kind,

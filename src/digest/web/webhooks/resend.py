@@ -23,6 +23,7 @@ from digest.types import DeliveryEvent
 from digest.web.webhooks import (
     LEDGER_KEY,
     BadCredentials,
+    MalformedPayload,
     Verified,
     check_fresh,
     header,
@@ -30,6 +31,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    obj,
     short_id,
     text,
 )
@@ -103,14 +105,14 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     """One envelope per POST; one event per recipient in ``data.to``."""
     data = load_json(raw_body)
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
-        raise ValueError("resend: the body must be an object with type and data")
+        raise MalformedPayload("resend: the body must be an object with type and data")
     kind = str(data.get("type") or "")
     body: dict[str, Any] = data["data"]
     occurred = iso(data.get("created_at")) or iso(body.get("created_at"))
     if kind.startswith("contact."):
         return [_contact_event(kind, body, data, occurred)]
     event_type = EVENTS.get(kind, "other")
-    bounce = body.get("bounce") if isinstance(body.get("bounce"), dict) else {}
+    bounce = obj(body.get("bounce"))
     if kind == "email.bounced":
         event_type = BOUNCE_TYPES.get(str(bounce.get("type") or "Permanent"), "hard_bounce")
     recipients = body.get("to")

@@ -31,6 +31,7 @@ from digest.types import DeliveryEvent
 from digest.web.webhooks import (
     LEDGER_KEY,
     BadCredentials,
+    MalformedPayload,
     Verified,
     check_fresh,
     content_id,
@@ -87,7 +88,8 @@ def load_public_key(value: str) -> ec.EllipticCurvePublicKey:
         raise ValueError("not a base64 DER public key (copy it from SendGrid's Mail Settings → "
                          "Signed Event Webhook)") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError("SendGrid signs with an ECDSA P-256 key; this key is another kind")
+        # ValueError, not TypeError: config validation reports ValueErrors as a bad key.
+        raise ValueError("SendGrid signs with an ECDSA P-256 key; this key is another kind")  # noqa: TRY004
     return key
 
 
@@ -119,13 +121,13 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     """The body is a JSON array of events."""
     data = load_json(raw_body)
     if not isinstance(data, list):
-        raise ValueError("sendgrid: the body must be a JSON array of events")
+        raise MalformedPayload("sendgrid: the body must be a JSON array of events")
     return [_event(item) for item in data]
 
 
 def _event(item: Any) -> DeliveryEvent:
     if not isinstance(item, dict):
-        raise ValueError("sendgrid: an event must be a JSON object")
+        raise MalformedPayload("sendgrid: an event must be a JSON object")
     name = str(item.get("event") or "")
     event_type = EVENTS.get(name, "other")
     if name == "bounce":

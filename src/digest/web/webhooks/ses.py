@@ -46,6 +46,7 @@ from digest.types import DeliveryEvent
 from digest.web.webhooks import (
     LEDGER_KEY,
     BadCredentials,
+    MalformedPayload,
     Refused,
     Unavailable,
     Verified,
@@ -55,6 +56,7 @@ from digest.web.webhooks import (
     ledger_id,
     load_json,
     not_configured,
+    obj,
     short_id,
     text,
 )
@@ -188,7 +190,7 @@ def verify(request_headers: Mapping[str, str], raw_body: bytes, settings: Webhoo
         raise not_configured(NAME, "webhooks.ses_topic_arns")
     envelope = load_json(raw_body)
     if not isinstance(envelope, dict):
-        raise ValueError("ses: the body must be an SNS message object")
+        raise MalformedPayload("ses: the body must be an SNS message object")
     kind = envelope.get("Type")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise BadCredentials("not an SNS message")
@@ -235,7 +237,7 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     """Events of a Notification (one per recipient it concerns); other SNS types carry none."""
     envelope = load_json(raw_body)
     if not isinstance(envelope, dict):
-        raise ValueError("ses: the body must be an SNS message object")
+        raise MalformedPayload("ses: the body must be an SNS message object")
     if envelope.get("Type") != "Notification":
         return []
     sns_id = str(envelope.get("MessageId") or "")
@@ -249,13 +251,13 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     try:
         return _events(sns_id, message)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"ses: unexpected event shape ({exc.__class__.__name__}: {exc})") from exc
+        raise MalformedPayload(f"ses: unexpected event shape ({exc.__class__.__name__}: {exc})") from exc
 
 
 def _events(sns_id: str, message: dict[str, Any]) -> list[DeliveryEvent]:
     kind = str(message.get("eventType") or message.get("notificationType") or "")
     mail: dict[str, Any] = message.get("mail") or {}
-    tags = mail.get("tags") if isinstance(mail.get("tags"), dict) else {}
+    tags = obj(mail.get("tags"))
     base_detail = {"event": kind, "message_id": text(mail.get("messageId"))}
     destinations = [str(d) for d in mail.get("destination") or []]
     # (recipient, our type, when, extra detail) for each recipient the event concerns.

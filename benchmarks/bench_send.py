@@ -1,0 +1,250 @@
+"""Send throughput and memory: the whole sender against a local fake provider.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_send.py throughput [--provider postmark] [--recipients 20000]
+    .venv/bin/python benchmarks/bench_send.py memory [--provider postmark] [--recipients 1000000]
+
+``throughput`` sends a real draft (the bundled sample) to N subscribers through the real
+Sender (SQLite ledger, claim, personalize, build, HTTP, settle) and, in the same run, posts the
+very same request bodies, prebuilt, with a bare ``requests.Session``; it prints both rates and
+their ratio (goal: the pipeline under 1.5x the bare cost), each the median of several runs.
+
+``memory`` fills a database with N subscribers, sends to all of them in a child process, and
+prints the child's peak RSS next to its RSS after imports (goal: 64 MB with server-side
+personalization, 128 MB with full bodies, for 1,000,000 subscribers).
+
+The fake provider runs in its own process (so it does not compete for our interpreter lock),
+answers at once, sets TCP_NODELAY and writes each response in one piece.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TOKEN = "bench-token"
+
+
+def _serve(conn: Any, provider: str) -> None:
+    from tests.fakes import provider_server as fps
+
+    srv = fps.FakeProviderServer(token=TOKEN, light=True)
+    installer = getattr(fps, f"install_{provider}", None)
+    if installer is not None and provider != "postmark":
+        installer(srv)
+    srv.start()
+    conn.send(srv.url)
+    conn.recv()  # wait until told to stop
+    conn.send(len(srv.ledger_ids))
+    srv.close()
+
+
+class FakeProcess:
+    """The fake provider in a child process."""
+
+    def __init__(self, provider: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, provider), daemon=True)
+        self.proc.start()
+        self.url: str = self.conn.recv()
+
+    def stop(self) -> int:
+        self.conn.send("stop")
+        accepted: int = self.conn.recv()
+        self.proc.join(10)
+        return accepted
+
+
+def make_settings(folder: Path, provider: str, url: str, concurrency: int, batch: int | None) -> Any:
+    from digest import config
+    from digest.sources.folder import SAMPLE_DIR
+
+    delivery: dict[str, Any] = {"provider": provider, "api_key": TOKEN, "base_url": url,
+                                "rate_per_second": 1_000_000, "concurrency": concurrency}
+    if batch:
+        delivery["batch_size"] = batch
+    if provider == "mailgun":
+        delivery["domain"] = "mg.example.org"
+    return config.from_dict({
+        "database": {"url": f"sqlite:///{folder / 'bench.db'}"},
+        "sources": [{"name": "sample", "type": "folder", "path": str(SAMPLE_DIR)}],
+        "newsletter": {"public_url": "https://news.example.org", "from": "Field Notes <digest@example.org>"},
+        "digest": {"approval": {"required": False}},
+        "delivery": delivery,
+    }, file="bench", path=str(folder / "config.yaml"))
+
+
+def prepare(folder: Path, settings: Any, recipients: int) -> None:
+    """A database with ``recipients`` active subscribers and one approved draft."""
+    from sqlalchemy import insert
+
+    from digest import pipeline
+    from digest.store.schema import subscribers
+
+    app = pipeline.App.open(settings)
+    now = datetime.now(UTC)
+    with app.store.engine.begin() as conn:
+        for start in range(0, recipients, 50_000):
+            conn.execute(insert(subscribers), [
+                {"email": f"reader{i:07d}@example.com", "name": f"Reader {i}", "status": "active",
+                 "origin": "bench", "created_at": now, "updated_at": now}
+                for i in range(start, min(recipients, start + 50_000))])
+    pipeline.collect(app)
+    outcome = pipeline.make_draft(app)
+    assert outcome.draft is not None and outcome.draft.status == "approved"
+    app.close()
+
+
+def send_once(settings: Any) -> tuple[float, int]:
+    from digest import pipeline
+
+    app = pipeline.App.open(settings)
+    started = time.perf_counter()
+    (summary,) = pipeline.send(app)
+    elapsed = time.perf_counter() - started
+    app.close()
+    return elapsed, summary.sent
+
+
+def bare_bodies(settings: Any, recipients: int) -> list[tuple[str, dict[str, str], bytes]]:
+    """The same requests the pipeline makes, built ahead of time (not timed)."""
+    from digest import pipeline
+    from digest.delivery.sender import Sender
+    from digest.store.store import Claimed
+    from digest.types import Recipient
+
+    app = pipeline.App.open(settings)
+    draft = app.store.get_draft(1)
+    sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft), app.links,
+                    now=app.now)
+    out = []
+    for start in range(0, recipients, sender.batch_size):
+        claimed = [Claimed(i + 1, Recipient(i + 1, f"reader{i:07d}@example.com", f"Reader {i}"))
+                   for i in range(start, min(recipients, start + sender.batch_size))]
+        prepared = sender._prepare(claimed)
+        if sender.template is not None:
+            call = app.provider.build_template_request(sender.template, prepared)  # type: ignore[attr-defined]
+        else:
+            call = app.provider.build_request(prepared)  # type: ignore[attr-defined]
+        out.append((call.url, dict(call.headers), call.body))
+    app.close()
+    return out
+
+
+def post_bare(calls: list[tuple[str, dict[str, str], bytes]], concurrency: int) -> float:
+    import concurrent.futures
+
+    import requests
+
+    sessions = [requests.Session() for _ in range(concurrency)]
+
+    def post(i: int) -> None:
+        url, headers, body = calls[i]
+        r = sessions[i % concurrency].post(url, headers=headers, data=body, timeout=60)
+        r.raise_for_status()
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(post, range(len(calls))))
+    return time.perf_counter() - started
+
+
+def throughput(args: argparse.Namespace) -> None:
+    fake = FakeProcess(args.provider)
+    base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    try:
+        settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch)
+        prepare(base, settings, args.recipients)
+        shutil.copy(base / "bench.db", base / "pristine.db")
+        pipe_times, bare_times = [], []
+        calls = bare_bodies(settings, args.recipients)
+        payload = sum(len(b) for _, _, b in calls)
+        for _ in range(args.runs):
+            for suffix in ("-wal", "-shm"):
+                (base / f"bench.db{suffix}").unlink(missing_ok=True)
+            shutil.copy(base / "pristine.db", base / "bench.db")
+            elapsed, sent = send_once(settings)
+            assert sent == args.recipients, sent
+            pipe_times.append(elapsed)
+            bare_times.append(post_bare(calls, args.concurrency))
+        accepted = fake.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    pipe, bare = statistics.median(pipe_times), statistics.median(bare_times)
+    n = args.recipients
+    print(f"provider {args.provider}, {n:,} recipients, batch {len(calls) and n // len(calls)}, "
+          f"concurrency {args.concurrency}, {len(calls)} requests, {payload / 1e6:,.1f} MB of request bodies")
+    print(f"  pipeline (claim, personalize, build, POST, settle)  median {pipe:7.3f} s  {n / pipe:10,.0f} recipients/s")
+    print(f"  bare requests.Session, same prebuilt bodies          median {bare:7.3f} s  {n / bare:10,.0f} recipients/s")
+    print(f"  pipeline / bare = {pipe / bare:.2f}x   (runs: {args.runs}; fake accepted {accepted:,})")
+
+
+def _memory_child(settings: Any, conn: Any) -> None:
+    import gc
+
+    from digest import pipeline  # noqa: F401  (everything the send path imports)
+    from digest.delivery import sender  # noqa: F401
+
+    gc.collect()
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    elapsed, sent = send_once(settings)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    conn.send((baseline, peak, elapsed, sent))
+
+
+def memory(args: argparse.Namespace) -> None:
+    fake = FakeProcess(args.provider)
+    base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    try:
+        settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch)
+        t0 = time.perf_counter()
+        prepare(base, settings, args.recipients)
+        setup = time.perf_counter() - t0
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_memory_child, args=(settings, child))
+        proc.start()
+        baseline, peak, elapsed, sent = parent.recv()
+        proc.join()
+        accepted = fake.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"provider {args.provider}, {args.recipients:,} subscribers (setup {setup:.0f} s), "
+          f"concurrency {args.concurrency}")
+    print(f"  sent {sent:,} in {elapsed:.1f} s ({sent / elapsed:,.0f}/s); fake accepted {accepted:,}")
+    print(f"  RSS after imports {baseline / 1024:.1f} MB; peak RSS {peak / 1024:.1f} MB; "
+          f"growth during the send {(peak - baseline) / 1024:.1f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["throughput", "memory"])
+    parser.add_argument("--provider", default="postmark")
+    parser.add_argument("--recipients", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if args.recipients is None:
+        args.recipients = 20_000 if args.mode == "throughput" else 1_000_000
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    (throughput if args.mode == "throughput" else memory)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""SendGrid v3 Mail Send: ``POST /v3/mail/send``, up to 1000 personalizations per request.
+
+Request: JSON ``{from, reply_to, subject, content[text/plain, text/html], personalizations[
+{to, headers, custom_args, substitutions}], categories, tracking_settings}`` with
+``Authorization: Bearer <key>``. Answer: **202** with an empty body and an ``X-Message-Id``
+header shared by the whole request; errors are ``{"errors": [{"message", "field"}]}`` with
+HTTP 400 (validation, all or nothing), 401/403, 413, 429 or 5xx. There are no per-recipient
+results and no idempotency key. Reference: shared/reference/APIS.md section A.2.
+
+Two ways to send, because a request has **one** body for all its personalizations:
+
+* :meth:`SendGridProvider.send_template_batch` (preferred, :attr:`personalizes`): one request
+  per batch. ``content`` is the template with a substitution key in each slot, and each
+  personalization carries that reader's values in ``substitutions``. The keys are built from a
+  random nonce per call (``-digest-<nonce>-h-name-``), so static content (a comment quoting
+  ``-name-``, ``{{name}}`` or ``%recipient.name%``) can never match one: SendGrid only
+  substitutes the keys a personalization lists.
+* :meth:`SendGridProvider.send_batch` (full bodies): one request per distinct body, so in
+  practice one per message (every body holds its reader's own unsubscribe link), made
+  ``delivery.concurrency`` at a time with the partial-batch rules of
+  :func:`~digest.delivery.providers.base.send_in_calls`. It works, but slowly; the sender
+  prefers the template path.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping, Sequence
+from email.utils import quote as rfc822_quote
+from typing import Any, ClassVar
+
+import requests
+
+from digest.config import Delivery
+from digest.delivery.mime import clean_header_value, normalize_address, parse_mailbox
+from digest.delivery.providers.base import (
+    CallPacer,
+    HttpProvider,
+    PreparedCall,
+    UncertainDeliveryError,
+    checked_headers,
+    group_same_content,
+    response_text,
+    send_in_calls,
+)
+from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.http import build_session
+from digest.types import OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
+
+API_URL = "https://api.sendgrid.com"
+SEND_PATH = "/v3/mail/send"
+SCOPES_PATH = "/v3/scopes"
+
+_AUTH_HINT = "check delivery.api_key: it needs the mail.send scope"
+_FROM_HINT = "newsletter.from must be a verified Sender Identity (or domain) in SendGrid"
+
+
+def _email_object(name: str, address: str, *, quote_name: bool) -> dict[str, str]:
+    """``{"email", "name"}`` for SendGrid; ValueError when the address cannot be used."""
+    obj = {"email": normalize_address(address)}
+    name = clean_header_value(name)
+    if name:
+        # Why quote: SendGrid does not quote display names holding ',' or ';' in
+        # personalizations (anymail's workaround for sendgrid-python issue 291), which splits
+        # the To header in two. It does quote them in from and reply_to.
+        if quote_name and any(c in name for c in ",;"):
+            name = f'"{rfc822_quote(name)}"'
+        obj["name"] = name
+    return obj
+
+
+def _key(nonce: str, kind: str, slot: str) -> str:
+    return f"-digest-{nonce}-{kind}-{slot}-"
+
+
+def _join(parts: Sequence[str], slots: Sequence[str], nonce: str, kind: str) -> str:
+    out = [parts[0]]
+    for slot, part in zip(slots, parts[1:]):
+        out += (_key(nonce, kind, slot), part)
+    return "".join(out)
+
+
+class SendGridProvider(HttpProvider):
+    """Sends through SendGrid's Mail Send endpoint; see the module docstring."""
+
+    name: ClassVar[str] = "sendgrid"
+    max_batch: ClassVar[int] = 1000  # personalizations (and recipients) per request
+    default_base_url: ClassVar[str] = API_URL
+    personalizes: ClassVar[bool] = True
+
+    def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
+        if not settings.api_key:
+            raise ConfigError("delivery.api_key: provider sendgrid needs an API key")
+        own = session is None
+        super().__init__(
+            settings, session or build_session(pool_size=max(10, settings.concurrency))
+        )
+        self._owns_session = own
+        self.send_url = f"{self.base_url}{SEND_PATH}"
+        self._read_headers = {
+            "Authorization": f"Bearer {settings.api_key}",
+            "Accept": "application/json",
+        }
+        self._post_headers = {**self._read_headers, "Content-Type": "application/json"}
+        self._pacer = CallPacer(settings.rate_per_second)
+
+    # -- shared pieces ------------------------------------------------------------------------
+
+    def _envelope(self, from_addr: str, subject: str, reply_to: str | None, tag: str) -> dict[str, Any]:
+        try:
+            from_name, from_email = parse_mailbox(from_addr)
+            data: dict[str, Any] = {
+                "from": _email_object(from_name, from_email, quote_name=False),
+                "subject": clean_header_value(subject),
+            }
+            if reply_to:
+                reply_name, reply_email = parse_mailbox(reply_to)
+                data["reply_to"] = _email_object(reply_name, reply_email, quote_name=False)
+        except ValueError as exc:
+            raise DeliveryError(
+                f"sendgrid: bad From or Reply-To address: {exc}",
+                hint="check newsletter.from and newsletter.reply_to",
+            ) from exc
+        if tag:
+            data["categories"] = [tag[:255]]
+        # Why off: SendGrid's subscription tracking adds its own unsubscribe link and footer;
+        # ours (RFC 8058 one-click, per reader) is already in the headers and the body.
+        data["tracking_settings"] = {"subscription_tracking": {"enable": False}}
+        return data
+
+    def _personalization(
+        self,
+        ledger_id: int,
+        draft_id: int,
+        to_email: str,
+        to_name: str,
+        headers: Sequence[tuple[str, str]],
+    ) -> dict[str, Any]:
+        """One reader's envelope; ValueError when the address cannot be used."""
+        item: dict[str, Any] = {"to": [_email_object(to_name, to_email, quote_name=True)]}
+        clean = checked_headers(headers)
+        if clean:
+            item["headers"] = dict(clean)
+        # custom_args come back on every event webhook: how a bounce finds its ledger row.
+        # SendGrid wants strings here (a number gives a bare "Bad Request").
+        item["custom_args"] = {"ledger_id": str(ledger_id), "draft_id": str(draft_id)}
+        return item
+
+    @staticmethod
+    def _duplicate(address: str, seen: set[str]) -> bool:
+        # Why: SendGrid refuses the whole request when one address appears twice.
+        key = address.strip().lower()
+        if key in seen:
+            return True
+        seen.add(key)
+        return False
+
+    def _post(self, data: dict[str, Any]) -> bytes:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    # -- full bodies ----------------------------------------------------------------------------
+
+    def build_request(self, messages: Sequence[OutgoingMessage]) -> PreparedCall:
+        """One request for messages that share their content (From, Subject, bodies). Pure.
+
+        Each message becomes a personalization with its own To, headers and custom_args.
+        """
+        first = messages[0]
+        if any(
+            (m.from_addr, m.subject, m.html, m.text, m.reply_to, m.tag)
+            != (first.from_addr, first.subject, first.html, first.text, first.reply_to, first.tag)
+            for m in messages
+        ):
+            raise ValueError("sendgrid: one request carries one body; group messages first")
+        data = self._envelope(first.from_addr, first.subject, first.reply_to, first.tag)
+        data["content"] = self._content(first.text, first.html)
+        personalizations: list[dict[str, Any]] = []
+        included: list[OutgoingMessage] = []
+        refused: list[SendResult] = []
+        seen: set[str] = set()
+        for m in messages:
+            try:
+                item = self._personalization(
+                    m.ledger_id, m.draft_id, m.to_email, m.to_name, m.headers
+                )
+            except ValueError as exc:
+                refused.append(SendResult(m.ledger_id, "invalid", None, str(exc)))
+                continue
+            if self._duplicate(item["to"][0]["email"], seen):
+                refused.append(
+                    SendResult(m.ledger_id, "failed", None, "the same address twice in one batch")
+                )
+                continue
+            personalizations.append(item)
+            included.append(m)
+        data["personalizations"] = personalizations
+        return PreparedCall(
+            "POST", self.send_url, self._post_headers, self._post(data), tuple(included), tuple(refused)
+        )
+
+    @staticmethod
+    def _content(text: str, html: str) -> list[dict[str, str]]:
+        # SendGrid wants text/plain before text/html, and no empty values (an empty string
+        # makes it render one part from the other).
+        content = []
+        if text:
+            content.append({"type": "text/plain", "value": text})
+        if html:
+            content.append({"type": "text/html", "value": html})
+        return content
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """One request per distinct body (in practice per message); see the module docstring."""
+        if not messages:
+            return []
+        self._check_batch(messages)
+        results = send_in_calls(
+            self.name,
+            group_same_content(messages),
+            self._send_group,
+            concurrency=self.settings.concurrency,
+            pacer=self._pacer,
+        )
+        by_id = {r.ledger_id: r for r in results}
+        return [by_id[m.ledger_id] for m in messages]
+
+    def _send_group(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        call = self.build_request(messages)
+        results: list[SendResult] = list(call.refused)
+        if call.messages:
+            status, headers, body = self.perform(call)
+            results += self.handle_response(status, headers, body, call.messages)
+        return results
+
+    # -- server-side personalization ------------------------------------------------------------
+
+    def build_template_request(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient], nonce: str | None = None
+    ) -> tuple[PreparedCall, tuple[int, ...]]:
+        """The one request for a template batch and the ledger ids it carries, in order.
+
+        Pure but for the random ``nonce`` (pass one to make it deterministic). Refused
+        recipients (an unusable address) are in ``PreparedCall.refused``.
+        """
+        statics = (*template.html_parts, *template.text_parts, template.subject)
+        chosen = nonce or secrets.token_hex(8)
+        while any(f"-digest-{chosen}-" in part for part in statics):
+            if nonce:
+                raise ValueError("sendgrid: the given nonce occurs in the content")
+            chosen = secrets.token_hex(8)  # astronomically unlikely: the content holds it
+        data = self._envelope(template.from_addr, template.subject, template.reply_to, template.tag)
+        data["content"] = self._content(
+            _join(template.text_parts, template.text_slots, chosen, "t"),
+            _join(template.html_parts, template.html_slots, chosen, "h"),
+        )
+        html_slots = set(template.html_slots)
+        text_slots = set(template.text_slots)
+        personalizations: list[dict[str, Any]] = []
+        ids: list[int] = []
+        refused: list[SendResult] = []
+        seen: set[str] = set()
+        for r in recipients:
+            try:
+                item = self._personalization(
+                    r.ledger_id, template.draft_id, r.to_email, r.to_name, r.headers
+                )
+                item["substitutions"] = self._substitutions(r, chosen, html_slots, text_slots)
+            except ValueError as exc:
+                refused.append(SendResult(r.ledger_id, "invalid", None, str(exc)))
+                continue
+            if self._duplicate(item["to"][0]["email"], seen):
+                refused.append(
+                    SendResult(r.ledger_id, "failed", None, "the same address twice in one batch")
+                )
+                continue
+            personalizations.append(item)
+            ids.append(r.ledger_id)
+        data["personalizations"] = personalizations
+        call = PreparedCall(
+            "POST", self.send_url, self._post_headers, self._post(data), (), tuple(refused)
+        )
+        return call, tuple(ids)
+
+    @staticmethod
+    def _substitutions(
+        r: TemplateRecipient, nonce: str, html_slots: set[str], text_slots: set[str]
+    ) -> dict[str, str]:
+        html = dict(r.html_values)
+        text = dict(r.text_values)
+        missing = (html_slots - html.keys()) | (text_slots - text.keys())
+        if missing:
+            # A key without a value would reach the reader as "-digest-...-name-".
+            raise ValueError(f"no value for slots {sorted(missing)}")
+        subs = {_key(nonce, "h", slot): html[slot] for slot in html_slots}
+        subs.update({_key(nonce, "t", slot): text[slot] for slot in text_slots})
+        return subs
+
+    def send_template_batch(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+    ) -> list[SendResult]:
+        """One request for the whole batch: the template once, each reader's values apart."""
+        if not recipients:
+            return []
+        self._check_batch(recipients)
+        call, ids = self.build_template_request(template, recipients)
+        results: list[SendResult] = []
+        if ids:
+            status, headers, body = self.perform(call)
+            lowered = {k.lower(): v for k, v in headers.items()}
+            self._raise_for_status(status, lowered, body)
+            results = self._parse(status, lowered, body, ids)
+        by_id = {r.ledger_id: r for r in (*results, *call.refused)}
+        return [by_id[r.ledger_id] for r in recipients]
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def handle_response(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        messages: Sequence[OutgoingMessage],
+    ) -> list[SendResult]:
+        """As the base class, with SendGrid's error messages in auth errors."""
+        lowered = {k.lower(): v for k, v in headers.items()}
+        self._raise_for_status(status, lowered, body)
+        return self.parse_response(status, lowered, body, messages)
+
+    def _raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        if status in (401, 403):
+            detail = _errors(body)
+            # Why 403 is still an AuthError: SendGrid answers 403 both for a key without the
+            # mail.send scope and for an unverified From; neither gets better by retrying,
+            # and both need the operator, so the send stops.
+            hint = _FROM_HINT if "sender identity" in detail.lower() else _AUTH_HINT
+            raise AuthError(
+                f"sendgrid: HTTP {status}: {detail or 'the provider refused the credentials'}",
+                status=status,
+                response_text=response_text(body),
+                hint=hint,
+            )
+        self.raise_for_common_status(status, headers, body)
+
+    def parse_response(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        messages: Sequence[OutgoingMessage],
+    ) -> list[SendResult]:
+        """202 → every message sent; 400/413 → a not-retryable error with SendGrid's reasons."""
+        return self._parse(status, headers, body, [m.ledger_id for m in messages])
+
+    def _parse(
+        self, status: int, headers: Mapping[str, str], body: bytes, ids: Sequence[int]
+    ) -> list[SendResult]:
+        if 200 <= status < 300:
+            # Why the index: SendGrid gives one X-Message-Id for the whole request; events name
+            # it as the prefix of sg_message_id and carry our ledger_id custom arg.
+            message_id = headers.get("x-message-id")
+            if status != 202 and not message_id:
+                raise UncertainDeliveryError(
+                    f"sendgrid: unexpected HTTP {status}; the messages may have been accepted",
+                    status=status,
+                    response_text=response_text(body),
+                )
+            return [
+                SendResult(i, "sent", f"{message_id}#{n}" if message_id else None)
+                for n, i in enumerate(ids)
+            ]
+        detail = _errors(body)
+        if status == 400:
+            raise DeliveryError(
+                f"sendgrid: HTTP 400: {detail or 'bad request'}",
+                retryable=False,
+                status=status,
+                response_text=response_text(body),
+            )
+        if status == 413:
+            raise DeliveryError(
+                "sendgrid: HTTP 413: the request is too large",
+                retryable=False,
+                status=status,
+                response_text=response_text(body),
+                hint="lower delivery.batch_size",
+            )
+        raise self.status_error(status, body, detail)
+
+    def check(self) -> str:
+        """``GET /v3/scopes``: proves the key and the URL, and that the key may send."""
+        url = f"{self.base_url}{SCOPES_PATH}"
+        status, headers, body = self.request("GET", url, self._read_headers)
+        self._raise_for_status(status, {k.lower(): v for k, v in headers.items()}, body)
+        if status != 200:
+            raise self.status_error(status, body, _errors(body))
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise self.status_error(status, body, "the body is not JSON") from None
+        scopes = data.get("scopes") if isinstance(data, dict) else None
+        if not isinstance(scopes, list):
+            raise self.status_error(status, body, "no scopes in the answer")
+        if "mail.send" not in scopes:
+            raise AuthError("sendgrid: the API key lacks the mail.send scope", hint=_AUTH_HINT)
+        return f"sendgrid: reached {self.base_url}; the key may send (mail.send)"
+
+
+def _errors(body: bytes) -> str:
+    """SendGrid's ``errors[].message`` joined, or ''."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if not isinstance(errors, list):
+        return ""
+    messages = []
+    for item in errors:
+        if isinstance(item, dict) and item.get("message"):
+            field = item.get("field")
+            text = str(item["message"])
+            messages.append(f"{field}: {text}" if field else text)
+    return response_text("; ".join(messages))
