@@ -150,21 +150,22 @@ class Delivery(_Strict):
                 # instead of sending or failing.
                 raise ValueError(f"delivery.domain must be a bare domain name, got {self.domain!r}")
             if self.region not in (None, "us", "eu"):
-                raise ValueError(f"provider mailgun: delivery.region must be us or eu, got {self.region!r}")
+                raise ValueError(f"delivery.region must be us or eu, got {self.region!r}")
         if provider == "ses":
             if not self.region:
                 raise ValueError("provider ses needs delivery.region (e.g. eu-west-1)")
             if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", self.region):
-                raise ValueError(f"provider ses: delivery.region is not an AWS region: {self.region!r}")
+                raise ValueError(f"delivery.region is not an AWS region: {self.region!r}")
             if not (self.aws_access_key_id and self.aws_secret_access_key):
                 raise ValueError(
-                    "provider ses needs delivery.aws_access_key_id and delivery.aws_secret_access_key"
+                    "provider ses needs delivery.aws_access_key_id and "
+                    "delivery.aws_secret_access_key"
                 )
         if provider == "smtp":
             if not self.smtp_host:
                 raise ValueError("provider smtp needs delivery.smtp_host")
             if bool(self.username) != bool(self.password):
-                raise ValueError("provider smtp: set both delivery.username and delivery.password, or neither")
+                raise ValueError("set both delivery.username and delivery.password, or neither")
         return self
 
     @property

@@ -199,3 +199,33 @@ def test_json_escape_round_trips_any_text(value: str) -> None:
 
 def test_json_escape_replaces_lone_surrogates() -> None:
     assert json.loads(json_string("a\ud800b")) == "a?b"
+
+
+def test_template_batch_body_equals_the_full_body_batch() -> None:
+    """The template path is an optimisation only: the same JSON, message by message."""
+    import json as _json
+
+    from digest.config import Delivery
+    from digest.delivery.providers.postmark import PostmarkProvider
+    from digest.delivery.sender import list_headers
+    from digest.types import OutgoingMessage, TemplateMessage, TemplateRecipient
+
+    template = TemplateMessage(draft_id=7, from_addr="Field Notes <d@example.org>", subject="Ünïcode \"digest\"",
+                               html_parts=("<p>Hi ", ", <a href=\"", "\">unsubscribe</a> \u2014 é</p>"),
+                               html_slots=("name", "unsubscribe_url"),
+                               text_parts=("Hi ", "\nUnsubscribe: ", "\n"), text_slots=("name", "unsubscribe_url"),
+                               reply_to="Reply <r@example.org>", tag="digest-7")
+    provider = PostmarkProvider(Delivery(provider="postmark", api_key="t"))
+    recipients, messages = [], []
+    for i, name in enumerate(["Ann", "Bo &amp; \"Cy\"", "李"]):
+        url = f"https://x.org/u/{i}"
+        headers = list_headers(i + 1, url)
+        recipients.append(TemplateRecipient(i + 1, f"r{i}@example.com", name,
+                                            (("name", name), ("unsubscribe_url", url)),
+                                            (("name", name), ("unsubscribe_url", url)), headers))
+        messages.append(OutgoingMessage(i + 1, 7, f"r{i}@example.com", name, template.from_addr, template.subject,
+                                        f"<p>Hi {name}, <a href=\"{url}\">unsubscribe</a> \u2014 é</p>",
+                                        f"Hi {name}\nUnsubscribe: {url}\n", headers, template.reply_to, "", "digest-7"))
+    fast = _json.loads(provider.build_template_request(template, recipients).body)
+    plain = _json.loads(provider.build_request(messages).body)
+    assert fast == plain

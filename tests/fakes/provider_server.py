@@ -27,6 +27,15 @@ Faults (``srv.faults`` is a deque; each request takes the next one, whatever its
 
 ``srv.inactive`` is a set of addresses that always get Postmark's 406 (inactive recipient).
 
+Other providers plug in with ``install_sendgrid(srv)``, ``install_mailgun(srv, domain=...)``,
+``install_ses(srv, ...)`` and ``install_resend(srv)`` (routes at the providers' own paths, so
+they coexist with Postmark's). Each checks its provider's auth, parses the request the way the
+provider does, records one entry in ``srv.messages`` per **reader** (for SendGrid and Mailgun,
+after applying the substitutions the provider would apply, so a test sees exactly what each
+reader got) with ``srv.ledger_ids`` alongside, and honours the fault queue. For SES,
+``srv.ses_rejected`` maps an address to a ``MessageRejected`` message; Resend remembers
+idempotency keys in ``srv.idempotency``.
+
 Why the server writes each response with one ``sendall`` and sets TCP_NODELAY: a response
 written in two segments (headers, then body) on a keep-alive connection waits on the client's
 delayed ACK, adding ~40 ms to every call, which would make throughput tests measure Nagle.
@@ -37,6 +46,9 @@ message is accepted): use it in benchmarks so the fake is not the bottleneck.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import re
 import socket
@@ -46,12 +58,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parseaddr
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import parse_qsl
 
 Fault = tuple[Any, ...]
 
@@ -104,6 +117,11 @@ class FakeProviderServer:
         self.requests: list[Request] = []  # every request (bodies dropped in light mode)
         self.routes: dict[tuple[str, str], Route] = {}
         self.connections_opened = 0  # TCP connections accepted: shows whether keep-alive works
+        # Provider-specific state for the routes below (unused by Postmark).
+        self.ses_rejected: dict[str, str] = {}  # address -> SES MessageRejected message
+        self.ses_credentials: tuple[str, str, str] = ("AKIDEXAMPLE", token, "us-east-1")
+        self.idempotency: dict[str, tuple[str, Reply]] = {}  # Resend: key -> (body hash, reply)
+        self.mailgun_domain = "mg.example.org"
         self.lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _Server((host, 0), _Handler, self)
@@ -166,6 +184,7 @@ class FakeProviderServer:
             self.ledger_ids.clear()
             self.requests.clear()
             self.faults.clear()
+            self.idempotency.clear()
 
     def _record(self, request: Request) -> None:
         kept = request
@@ -429,4 +448,500 @@ def postmark_server(srv: FakeProviderServer, request: Request) -> Reply:
         return refused
     return Reply.of_json(
         200, {"ID": 1, "Name": "Fake Postmark", "Color": "Blue", "DeliveryType": "Live"}
+    )
+
+
+# -- shared helpers for the other providers ---------------------------------------------------
+
+_ANY_LEDGER_RE = re.compile(rb'"ledger_id"\s*[:,]\s*(?:"value"\s*:\s*)?"(\d+)"')
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _bearer_ok(srv: FakeProviderServer, request: Request) -> bool:
+    return request.headers.get("authorization") == f"Bearer {srv.token}"
+
+
+def parse_form(request: Request) -> list[tuple[str, str]]:
+    """The fields of a ``multipart/form-data`` or urlencoded body, in order (repeats kept)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        return parse_qsl(request.body.decode("utf-8"), keep_blank_values=True)
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.startswith("multipart/form-data") or not match:
+        raise ValueError(f"not a form: {content_type!r}")
+    delimiter = b"--" + match.group(1).encode("ascii")
+    fields: list[tuple[str, str]] = []
+    for chunk in request.body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, sep, value = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("a form part without a blank line")
+        name = re.search(rb'name="([^"]*)"', head)
+        if name is None:
+            raise ValueError("a form part without a name")
+        fields.append((name.group(1).decode("utf-8"), value.removesuffix(b"\r\n").decode("utf-8")))
+    return fields
+
+
+# -- SendGrid ---------------------------------------------------------------------------------
+
+SENDGRID_MAX_PERSONALIZATIONS = 1000
+
+
+def install_sendgrid(srv: FakeProviderServer) -> None:
+    """Routes that play SendGrid v3: POST /v3/mail/send, GET /v3/scopes (key: srv.token)."""
+    srv.route("POST", "/v3/mail/send", sendgrid_send)
+    srv.route("GET", "/v3/scopes", sendgrid_scopes)
+
+
+def _sendgrid_error(status: int, *messages: str) -> Reply:
+    return Reply.of_json(
+        status, {"errors": [{"message": m, "field": None, "help": None} for m in messages]}
+    )
+
+
+def _sendgrid_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
+    if not _bearer_ok(srv, request):
+        return _sendgrid_error(
+            401, "The provided authorization grant is invalid, expired, or revoked"
+        )
+    return None
+
+
+def sendgrid_send(srv: FakeProviderServer, request: Request) -> Reply:
+    """POST /v3/mail/send: 202 and X-Message-Id; one record per personalization, substituted."""
+    refused = _sendgrid_auth(srv, request)
+    if refused is not None:
+        return refused
+    message_id = _new_id()[:22]
+    if srv.light:
+        for match in _ANY_LEDGER_RE.finditer(request.body):
+            srv.accept(None, int(match.group(1)))
+        return Reply(202, b"", {"X-Message-Id": message_id})
+    try:
+        data = request.json()
+    except ValueError:
+        return _sendgrid_error(400, "Bad Request")
+    personalizations = data.get("personalizations") if isinstance(data, dict) else None
+    if not isinstance(personalizations, list) or not personalizations:
+        return _sendgrid_error(400, "You must have at least one personalization.")
+    if len(personalizations) > SENDGRID_MAX_PERSONALIZATIONS:
+        return _sendgrid_error(
+            400,
+            "The personalization block is limited to 1000 personalizations per API request.",
+        )
+    if not isinstance(data.get("from"), dict) or "@" not in str(data["from"].get("email", "")):
+        return _sendgrid_error(400, "The from object must be provided for every email send.")
+    content = {c.get("type"): c.get("value") for c in data.get("content") or []}
+    if not content or any(not v for v in content.values()):
+        return _sendgrid_error(
+            400, "The content value must be a string at least one character in length."
+        )
+    seen: set[str] = set()
+    for p in personalizations:
+        to = p.get("to") or []
+        if len(to) != 1 or "@" not in str(to[0].get("email", "")):
+            return _sendgrid_error(400, "Each to object must at least have an email address.")
+        address = str(to[0]["email"]).lower()
+        if address in seen:
+            return _sendgrid_error(
+                400,
+                "Each unique email address in the personalizations array should only be "
+                "included once.",
+            )
+        seen.add(address)
+        for v in {**(p.get("custom_args") or {}), **(p.get("substitutions") or {})}.values():
+            if not isinstance(v, str):
+                return _sendgrid_error(400, "Bad Request")  # SendGrid wants strings there
+    for p in personalizations:
+        subs: dict[str, str] = p.get("substitutions") or {}
+
+        def apply(text: str | None, subs: dict[str, str] = subs) -> str | None:
+            if text is None:
+                return None
+            for key, value in subs.items():  # SendGrid replaces only the keys given
+                text = text.replace(key, value)
+            return text
+
+        custom_args = {**(data.get("custom_args") or {}), **(p.get("custom_args") or {})}
+        record = {
+            "to": p["to"][0]["email"],
+            "name": p["to"][0].get("name"),
+            "from": data["from"],
+            "reply_to": data.get("reply_to"),
+            "subject": apply(p.get("subject") or data.get("subject")),
+            "html": apply(content.get("text/html")),
+            "text": apply(content.get("text/plain")),
+            "headers": {**(data.get("headers") or {}), **(p.get("headers") or {})},
+            "custom_args": custom_args,
+            "categories": data.get("categories"),
+            "tracking_settings": data.get("tracking_settings"),
+            "X-Message-Id": message_id,
+        }
+        ledger = str(custom_args.get("ledger_id", ""))
+        srv.accept(record, int(ledger) if ledger.isdigit() else None)
+    return Reply(202, b"", {"X-Message-Id": message_id})
+
+
+def sendgrid_scopes(srv: FakeProviderServer, request: Request) -> Reply:
+    """GET /v3/scopes: what the key may do."""
+    refused = _sendgrid_auth(srv, request)
+    if refused is not None:
+        return refused
+    return Reply.of_json(200, {"scopes": ["mail.send", "scopes.read"]})
+
+
+# -- Mailgun ----------------------------------------------------------------------------------
+
+MAILGUN_MAX_RECIPIENTS = 1000
+_MAILGUN_RECIPIENT_RE = re.compile(r"%recipient\.([^%\s]+)%")
+_MAILGUN_UNSUBSCRIBE_RE = re.compile(r"%(?:tag_|mailing_list_)?unsubscribe_url%")
+
+
+def install_mailgun(srv: FakeProviderServer, domain: str = "mg.example.org") -> None:
+    """Routes that play Mailgun for ``domain``: POST /v3/<domain>/messages and GET
+    /v3/domains/<domain> (basic auth ``api:<srv.token>``)."""
+    srv.mailgun_domain = domain
+    srv.route("POST", f"/v3/{domain}/messages", mailgun_send)
+    srv.route("GET", f"/v3/domains/{domain}", mailgun_domain)
+
+
+def _mailgun_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
+    expected = "Basic " + base64.b64encode(f"api:{srv.token}".encode()).decode()
+    if request.headers.get("authorization") != expected:
+        return Reply(401, b"Forbidden", content_type="text/plain")
+    return None
+
+
+def mailgun_send(srv: FakeProviderServer, request: Request) -> Reply:
+    """POST /v3/<domain>/messages: one record per ``to``, with %recipient.x% substituted."""
+    refused = _mailgun_auth(srv, request)
+    if refused is not None:
+        return refused
+    try:
+        fields = parse_form(request)
+    except (ValueError, UnicodeDecodeError):
+        return Reply.of_json(400, {"message": "Bad request"})
+    tos = [v for n, v in fields if n == "to"]
+    single = {n: v for n, v in fields if n != "to"}
+    tags = [v for n, v in fields if n == "o:tag"]
+    if not single.get("from"):
+        return Reply.of_json(400, {"message": "from parameter is missing"})
+    if not tos:
+        return Reply.of_json(400, {"message": "to parameter is missing"})
+    if len(tos) > MAILGUN_MAX_RECIPIENTS:
+        return Reply.of_json(400, {"message": "Too many recipients"})
+    if not single.get("text") and not single.get("html"):
+        return Reply.of_json(
+            400, {"message": "Need at least one of 'text' or 'html' parameters specified"}
+        )
+    for to in tos:
+        if "@" not in parseaddr(to)[1]:
+            return Reply.of_json(
+                400,
+                {"message": "'to' parameter is not a valid address. please check documentation"},
+            )
+    try:
+        variables: dict[str, dict[str, str]] = json.loads(single.get("recipient-variables", "{}"))
+    except ValueError:
+        return Reply.of_json(400, {"message": "recipient-variables parameter is not a valid JSON"})
+    message_id = f"<{datetime.now(UTC):%Y%m%d%H%M%S}.{_new_id()[:12]}@{srv.mailgun_domain}>"
+    batch = "recipient-variables" in single
+    for to in tos:
+        address = parseaddr(to)[1]
+        values = variables.get(address, {})
+
+        def apply(
+            text: str | None, values: dict[str, str] = values, address: str = address
+        ) -> str | None:
+            if text is None:
+                return None
+            text = _MAILGUN_RECIPIENT_RE.sub(
+                lambda m: str(values.get(m.group(1), m.group(0))), text
+            )
+            # Mailgun's own unsubscribe variables become its own unsubscribe links.
+            return _MAILGUN_UNSUBSCRIBE_RE.sub(f"https://mailgun.fake/unsubscribe/{address}", text)
+
+        user_variables = {n[2:]: apply(v) for n, v in single.items() if n.startswith("v:")}
+        record = {
+            "to": address,
+            # Without recipient-variables Mailgun sends one message listing every reader.
+            "to_header": to if batch else ", ".join(tos),
+            "from": single["from"],
+            "subject": apply(single.get("subject")),
+            "html": apply(single.get("html")),
+            "text": apply(single.get("text")),
+            "headers": {n[2:]: apply(v) for n, v in single.items() if n.startswith("h:")},
+            "variables": user_variables,
+            "tags": tags,
+            "id": message_id,
+        }
+        ledger = str(user_variables.get("ledger_id") or "")
+        if srv.light:
+            srv.accept(None, int(ledger) if ledger.isdigit() else None)
+        else:
+            srv.accept(record, int(ledger) if ledger.isdigit() else None)
+        if not batch:
+            break  # one message for everyone
+    return Reply.of_json(200, {"id": message_id, "message": "Queued. Thank you."})
+
+
+def mailgun_domain(srv: FakeProviderServer, request: Request) -> Reply:
+    """GET /v3/domains/<domain>: the domain's settings (a few fields)."""
+    refused = _mailgun_auth(srv, request)
+    if refused is not None:
+        return refused
+    return Reply.of_json(
+        200,
+        {"domain": {"name": srv.mailgun_domain, "state": "active"}, "receiving_dns_records": []},
+    )
+
+
+# -- Amazon SES v2 ----------------------------------------------------------------------------
+
+SES_ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazonaws.sesv2/"
+_SES_AUTH_RE = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
+    r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})"
+)
+
+
+def install_ses(
+    srv: FakeProviderServer,
+    *,
+    access_key: str = "AKIDEXAMPLE",
+    secret_key: str | None = None,
+    region: str = "us-east-1",
+) -> None:
+    """Routes that play SES API v2: POST /v2/email/outbound-emails, GET /v2/email/account.
+
+    Requests must carry a valid SigV4 signature for ``access_key``/``secret_key`` (default:
+    srv.token) in ``region`` and service ``ses``; the fake recomputes it from the request
+    exactly as received.
+    """
+    srv.ses_credentials = (access_key, secret_key or srv.token, region)
+    srv.route("POST", "/v2/email/outbound-emails", ses_send)
+    srv.route("GET", "/v2/email/account", ses_account)
+
+
+def ses_error(status: int, kind: str, message: str) -> Reply:
+    """An SES error answer: the type in x-amzn-ErrorType, the text in the body."""
+    return Reply.of_json(
+        status, {"message": message}, {"x-amzn-ErrorType": f"{kind}:{SES_ERROR_NAMESPACE}"}
+    )
+
+
+def _ses_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
+    from digest.delivery.providers.ses import canonical_request, signing_key
+
+    access_key, secret_key, region = srv.ses_credentials
+    match = _SES_AUTH_RE.fullmatch(request.headers.get("authorization", ""))
+    if match is None:
+        return ses_error(403, "MissingAuthenticationTokenException", "Missing Authentication Token")
+    key, date, got_region, service, signed, signature = match.groups()
+    if key != access_key:
+        return ses_error(
+            403,
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+        )
+    amz_date = request.headers.get("x-amz-date", "")
+    try:
+        when = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return ses_error(400, "IncompleteSignatureException", "X-Amz-Date is missing or malformed")
+    if abs(datetime.now(UTC) - when) > timedelta(minutes=15) or date != amz_date[:8]:
+        return ses_error(403, "InvalidSignatureException", "Signature expired")
+    names = signed.split(";")
+    if "host" not in names or "x-amz-date" not in names:
+        return ses_error(403, "InvalidSignatureException", "host and x-amz-date must be signed")
+    headers = {n: request.headers.get(n, "") for n in names}
+    url = f"http://{request.headers.get('host', '')}{request.path}" + (
+        f"?{request.query}" if request.query else ""
+    )
+    canonical, _ = canonical_request(request.method, url, headers, request.body)
+    scope = f"{date}/{got_region}/{service}/aws4_request"
+    to_sign = "\n".join(
+        ("AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest())
+    )
+    expected = hmac.new(
+        signing_key(secret_key, date, region, "ses"), to_sign.encode(), hashlib.sha256
+    ).hexdigest()
+    if got_region != region or service != "ses" or not hmac.compare_digest(expected, signature):
+        return ses_error(
+            403,
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided.",
+        )
+    return None
+
+
+def ses_send(srv: FakeProviderServer, request: Request) -> Reply:
+    """POST /v2/email/outbound-emails: one message; 200 {"MessageId"}."""
+    refused = _ses_auth(srv, request)
+    if refused is not None:
+        return refused
+    try:
+        data = request.json()
+        simple = data["Content"]["Simple"]
+        to_addresses = data["Destination"]["ToAddresses"]
+        sender = data["FromEmailAddress"]
+    except (ValueError, KeyError, TypeError):
+        return ses_error(400, "BadRequestException", "Invalid request")
+    if not isinstance(to_addresses, list) or not to_addresses or len(to_addresses) > 50:
+        return ses_error(400, "BadRequestException", "Destination must have 1 to 50 addresses")
+    address = parseaddr(str(to_addresses[0]))[1].lower()
+    if "@" not in address:
+        return ses_error(400, "BadRequestException", f"Illegal address: {to_addresses[0]}")
+    rejected = {a.lower(): m for a, m in srv.ses_rejected.items()}
+    if address in rejected:
+        return ses_error(400, "MessageRejected", rejected[address])
+    tags = {t.get("Name"): t.get("Value") for t in data.get("EmailTags") or []}
+    for value in tags.values():
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", str(value)):
+            return ses_error(400, "BadRequestException", f"Invalid tag value {value!r}")
+    message_id = f"0100{_new_id()}-000000"
+    body = simple.get("Body") or {}
+    record = {
+        "to": to_addresses[0],
+        "from": sender,
+        "reply_to": data.get("ReplyToAddresses"),
+        "subject": (simple.get("Subject") or {}).get("Data"),
+        "html": (body.get("Html") or {}).get("Data"),
+        "text": (body.get("Text") or {}).get("Data"),
+        "headers": {h["Name"]: h["Value"] for h in simple.get("Headers") or []},
+        "tags": tags,
+        "configuration_set": data.get("ConfigurationSetName"),
+        "MessageId": message_id,
+    }
+    ledger = str(tags.get("ledger_id") or "")
+    srv.accept(None if srv.light else record, int(ledger) if ledger.isdigit() else None)
+    return Reply.of_json(200, {"MessageId": message_id})
+
+
+def ses_account(srv: FakeProviderServer, request: Request) -> Reply:
+    """GET /v2/email/account: quota and status."""
+    refused = _ses_auth(srv, request)
+    if refused is not None:
+        return refused
+    return Reply.of_json(
+        200,
+        {
+            "SendingEnabled": True,
+            "ProductionAccessEnabled": True,
+            "EnforcementStatus": "HEALTHY",
+            "SendQuota": {"Max24HourSend": 50000.0, "MaxSendRate": 14.0, "SentLast24Hours": 0.0},
+        },
+    )
+
+
+# -- Resend -----------------------------------------------------------------------------------
+
+RESEND_MAX_BATCH = 100
+
+
+def install_resend(srv: FakeProviderServer) -> None:
+    """Routes that play Resend: POST /emails/batch (with Idempotency-Key), GET /domains."""
+    srv.route("POST", "/emails/batch", resend_batch)
+    srv.route("GET", "/domains", resend_domains)
+
+
+def resend_error(status: int, name: str, message: str) -> Reply:
+    """A Resend error answer."""
+    return Reply.of_json(status, {"statusCode": status, "name": name, "message": message})
+
+
+def _resend_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
+    if not request.headers.get("authorization"):
+        return resend_error(401, "missing_api_key", "Missing API key in the authorization header")
+    if not _bearer_ok(srv, request):
+        return resend_error(403, "invalid_api_key", "API key is invalid")
+    return None
+
+
+def resend_batch(srv: FakeProviderServer, request: Request) -> Reply:
+    """POST /emails/batch: strict validation, one id per email, idempotency for 24 h."""
+    refused = _resend_auth(srv, request)
+    if refused is not None:
+        return refused
+    key = request.headers.get("idempotency-key")
+    body_hash = hashlib.sha256(request.body).hexdigest()
+    if key is not None:
+        if not 1 <= len(key) <= 256:
+            return resend_error(400, "invalid_idempotency_key", "The key must be 1-256 characters")
+        with srv.lock:
+            stored = srv.idempotency.get(key)
+        if stored is not None:
+            if stored[0] != body_hash:
+                return resend_error(
+                    409,
+                    "invalid_idempotent_request",
+                    "Same idempotency key used with a different request payload.",
+                )
+            return stored[1]  # the first answer again; nothing is sent
+    if srv.light:
+        ledger_ids = [int(m.group(1)) for m in _ANY_LEDGER_RE.finditer(request.body)]
+        for ledger in ledger_ids:
+            srv.accept(None, ledger)
+        reply = Reply.of_json(200, {"data": [{"id": _new_id()} for _ in ledger_ids]})
+    else:
+        try:
+            items = request.json()
+        except ValueError:
+            return resend_error(422, "validation_error", "Invalid JSON")
+        if not isinstance(items, list) or not 1 <= len(items) <= RESEND_MAX_BATCH:
+            return resend_error(422, "validation_error", "The batch must hold 1 to 100 emails")
+        for item in items:  # strict mode: one bad email refuses the batch
+            problem = _resend_problem(item)
+            if problem:
+                return resend_error(422, "validation_error", problem)
+        data = []
+        for item in items:
+            email_id = str(uuid.uuid4())
+            tags = {t["name"]: t["value"] for t in item.get("tags") or []}
+            record = {**item, "tags": tags, "id": email_id}
+            ledger = str(tags.get("ledger_id") or "")
+            srv.accept(record, int(ledger) if ledger.isdigit() else None)
+            data.append({"id": email_id})
+        reply = Reply.of_json(200, {"data": data})
+    if key is not None:
+        with srv.lock:
+            srv.idempotency[key] = (body_hash, reply)
+    return reply
+
+
+def _resend_problem(item: Any) -> str:
+    if not isinstance(item, dict):
+        return "Each email must be an object"
+    if "@" not in parseaddr(str(item.get("from", "")))[1]:
+        return "Invalid `from` field."
+    to = item.get("to")
+    tos = to if isinstance(to, list) else [to]
+    if not tos or any("@" not in parseaddr(str(t))[1] for t in tos):
+        return "Invalid `to` field."
+    if not item.get("subject"):
+        return "Missing `subject` field."
+    if not item.get("html") and not item.get("text"):
+        return "Missing `html` or `text` field."
+    headers = item.get("headers") or {}
+    if not isinstance(headers, dict) or any(not isinstance(v, str) for v in headers.values()):
+        return "Header values must be strings."
+    for tag in item.get("tags") or []:
+        for part in (tag.get("name"), tag.get("value")):
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", str(part)):
+                return "Tags should only contain ASCII letters, numbers, underscores, or dashes."
+    return ""
+
+
+def resend_domains(srv: FakeProviderServer, request: Request) -> Reply:
+    """GET /domains: the account's domains."""
+    refused = _resend_auth(srv, request)
+    if refused is not None:
+        return refused
+    return Reply.of_json(
+        200, {"data": [{"id": "d91cd9bd", "name": "news.example.org", "status": "verified"}]}
     )

@@ -15,7 +15,12 @@ import pytest
 import responses
 
 from digest.http import USER_AGENT
-from digest.sources.discourse import DiscourseConfig, DiscourseSource, DiscourseThread, normalize_url
+from digest.sources.discourse import (
+    DiscourseConfig,
+    DiscourseSource,
+    DiscourseThread,
+    normalize_url,
+)
 from digest.sources.registry import build_comment_sources, validate_source_block
 from digest.types import Comment, Essay
 
@@ -146,7 +151,9 @@ def test_posts_of_another_topic_and_repeats_are_ignored() -> None:
     stray.update(id=88888, topic_id=5000, post_number=30)
     page["post_stream"]["posts"].append(stray)
     repeat = {"post_stream": {"posts": [load("topic_4217.json")["post_stream"]["posts"][1]]}}
-    comments = make_source().parse_for(ESSAY, DiscourseThread(load("topic_4217.json"), (page, repeat)), NOW)
+    comments = make_source().parse_for(
+        ESSAY, DiscourseThread(load("topic_4217.json"), (page, repeat)), NOW
+    )
     keys = [c.key for c in comments]
     assert "discourse:88888" not in keys
     assert len(keys) == len(set(keys)) == 17
@@ -162,7 +169,9 @@ def test_future_dates_are_clamped_to_now() -> None:
 
 
 def test_normalize_url() -> None:
-    assert normalize_url("https://www.Example.org/a/b/") == normalize_url("http://example.org/a/b#x")
+    assert normalize_url("https://www.Example.org/a/b/") == normalize_url(
+        "http://example.org/a/b#x"
+    )
     assert normalize_url("https://example.org/a?x=1") != normalize_url("https://example.org/a")
     assert normalize_url("https://example.org:8443/a") != normalize_url("https://example.org/a")
 
@@ -171,15 +180,25 @@ def test_normalize_url() -> None:
 
 
 def test_config_defaults_and_registry() -> None:
-    block = {"name": "blog", "type": "feed", "url": "https://fieldnotes.example.org/feed.xml",
-             "comments": {"type": "discourse", "base_url": FORUM + "/"}}
+    block = {
+        "name": "blog",
+        "type": "feed",
+        "url": "https://fieldnotes.example.org/feed.xml",
+        "comments": {"type": "discourse", "base_url": FORUM + "/"},
+    }
     validate_source_block(block)
     # (a feed may also get other comment sources by default: pick ours)
     (source,) = [s for s in build_comment_sources(block) if s.config.type == "discourse"]
     assert isinstance(source, DiscourseSource)
     cfg = source.config
     assert (cfg.name, cfg.base_url, cfg.topic_id, cfg.topic_ids, cfg.api_key, cfg.max_posts) == (
-        "blog:discourse", FORUM, None, {}, None, 400)
+        "blog:discourse",
+        FORUM,
+        None,
+        {},
+        None,
+        400,
+    )
 
 
 @pytest.mark.parametrize(
@@ -229,8 +248,15 @@ def test_embed_lookup_then_topic_then_the_posts_beyond_the_first_chunk(
     assert [path_and_query(c) for c in mocked.calls] == [
         ("/embed/info", [("embed_url", ESSAY_URL)]),
         ("/t/4217.json", []),
-        ("/t/4217/posts.json", [("post_ids[]", "71021"), ("post_ids[]", "71022"),
-                                ("post_ids[]", "71023"), ("post_ids[]", "71024")]),
+        (
+            "/t/4217/posts.json",
+            [
+                ("post_ids[]", "71021"),
+                ("post_ids[]", "71022"),
+                ("post_ids[]", "71023"),
+                ("post_ids[]", "71024"),
+            ],
+        ),
     ]
     for call in mocked.calls:
         assert call.request.headers["Accept"] == "application/json"
@@ -238,10 +264,13 @@ def test_embed_lookup_then_topic_then_the_posts_beyond_the_first_chunk(
         assert "Api-Key" not in call.request.headers
 
 
-def test_configured_topic_ids_win_and_match_a_normalized_url(mocked: responses.RequestsMock) -> None:
+def test_configured_topic_ids_win_and_match_a_normalized_url(
+    mocked: responses.RequestsMock,
+) -> None:
     serve_topic(mocked)
-    source = make_source(topic_ids={"http://www.fieldnotes.example.org/essays/the-quiet-pager/": 4217},
-                         topic_id=1)
+    source = make_source(
+        topic_ids={"http://www.fieldnotes.example.org/essays/the-quiet-pager/": 4217}, topic_id=1
+    )
     result = source.collect_for([ESSAY], NOW)
     assert len(result.comments) == 17
     assert [path_and_query(c)[0] for c in mocked.calls] == ["/t/4217.json", "/t/4217/posts.json"]
@@ -284,23 +313,41 @@ def test_embed_info_forbidden_without_a_key_also_falls_back_to_search(
     assert result.comments == () and result.covered == (("blog", ESSAY_URL),)
 
 
-def test_embed_info_server_error_is_not_mistaken_for_not_found(mocked: responses.RequestsMock) -> None:
+def test_embed_info_server_error_is_not_mistaken_for_not_found(
+    mocked: responses.RequestsMock,
+) -> None:
     mocked.get(f"{FORUM}/embed/info", status=500)
     result = make_source().collect_for([ESSAY], NOW)
-    assert result.error == f"{ESSAY_URL}: {FORUM}/embed/info?embed_url=" \
+    assert (
+        result.error == f"{ESSAY_URL}: {FORUM}/embed/info?embed_url="
         "https%3A%2F%2Ffieldnotes.example.org%2Fessays%2Fthe-quiet-pager: HTTP 500"
+    )
     assert not any(path_and_query(c)[0] == "/search.json" for c in mocked.calls)
 
 
-def synthetic_topic(count: int, first_chunk: int = 20) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+def synthetic_topic(
+    count: int, first_chunk: int = 20
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     posts = {
-        100 + n: {"id": 100 + n, "post_number": n, "post_type": 1, "username": f"user{n}",
-                  "cooked": f"<p>post {n}</p>", "created_at": "2026-11-21T10:00:00Z", "topic_id": 77}
+        100 + n: {
+            "id": 100 + n,
+            "post_number": n,
+            "post_type": 1,
+            "username": f"user{n}",
+            "cooked": f"<p>post {n}</p>",
+            "created_at": "2026-11-21T10:00:00Z",
+            "topic_id": 77,
+        }
         for n in range(1, count + 1)
     }
-    topic = {"id": 77, "slug": "long-one", "post_stream": {
-        "posts": [posts[100 + n] for n in range(1, first_chunk + 1)],
-        "stream": sorted(posts)}}
+    topic = {
+        "id": 77,
+        "slug": "long-one",
+        "post_stream": {
+            "posts": [posts[100 + n] for n in range(1, first_chunk + 1)],
+            "stream": sorted(posts),
+        },
+    }
     return topic, posts
 
 
@@ -323,8 +370,10 @@ def test_the_rest_of_a_long_topic_comes_in_chunks_of_twenty(mocked: responses.Re
 def test_max_posts_bounds_a_runaway_topic(mocked: responses.RequestsMock) -> None:
     topic, posts = synthetic_topic(45)
     mocked.get(f"{FORUM}/t/77.json", json=topic)
-    mocked.get(f"{FORUM}/t/77/posts.json",
-               json={"post_stream": {"posts": [posts[i] for i in range(121, 126)]}})
+    mocked.get(
+        f"{FORUM}/t/77/posts.json",
+        json={"post_stream": {"posts": [posts[i] for i in range(121, 126)]}},
+    )
     result = make_source(topic_id=77, max_posts=25).collect_for([ESSAY], NOW)
     assert len(mocked.calls) == 2
     assert [int(v) for _, v in path_and_query(mocked.calls[1])[1]] == list(range(121, 126))
@@ -346,14 +395,22 @@ def test_429_waits_for_retry_after_then_reads(mocked: responses.RequestsMock) ->
     result = make_source(sleeps=sleeps, topic_id=4217).collect_for([ESSAY], NOW)
     assert result.error is None and len(result.comments) == 17
     assert sleeps == [4.0]
-    assert [path_and_query(c)[0] for c in mocked.calls] == ["/t/4217.json", "/t/4217.json",
-                                                           "/t/4217/posts.json"]
+    assert [path_and_query(c)[0] for c in mocked.calls] == [
+        "/t/4217.json",
+        "/t/4217.json",
+        "/t/4217/posts.json",
+    ]
 
 
 def test_one_broken_topic_is_a_warning_and_the_others_still_arrive(
     mocked: responses.RequestsMock,
 ) -> None:
-    other = Essay(source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="Margins")
+    other = Essay(
+        source="blog",
+        key="e2",
+        url="https://fieldnotes.example.org/essays/margins",
+        title="Margins",
+    )
     serve_topic(mocked)
     mocked.get(f"{FORUM}/t/5001.json", status=500)
     sleeps: list[float] = []
@@ -383,7 +440,8 @@ def test_an_answer_that_is_not_a_topic_is_an_error(mocked: responses.RequestsMoc
     mocked.get(f"{FORUM}/t/4217.json", body="<html>maintenance</html>", content_type="text/html")
     mocked.get(f"{FORUM}/t/4218.json", json={"errors": ["nope"]})
     result = make_source(topic_ids={ESSAY_URL: 4217, "https://x.example/": 4218}).collect_for(
-        [ESSAY, Essay(source="blog", key="x", url="https://x.example/", title="X")], NOW)
+        [ESSAY, Essay(source="blog", key="x", url="https://x.example/", title="X")], NOW
+    )
     assert result.error is not None
     assert "the answer is not JSON" in result.error
     assert f"{FORUM}/t/4218.json: not a Discourse topic" in result.error

@@ -112,7 +112,14 @@ def test_rss20_essays() -> None:
     stem = second.summary[:-1]
     assert body_text.startswith(stem) and body_text[len(stem)] in " ,."
     assert third.html == third.summary == "Plain text about notebooks."
-    # wfw:commentRss and slash:comments are read by a later comment source, not here
+    # wfw:commentRss is where the item's comment feed is (the feed_comments source reads it);
+    # the feed itself holds no comments
+    assert [e.comments_url for e in result.essays] == [
+        "https://fieldnotes.example.org/essays/slow-build/feed/",
+        "",
+        "",
+        "",
+    ]
     assert result.comments == ()
 
 
@@ -186,6 +193,12 @@ def test_atom_relative_links_and_xml_base() -> None:
         ),
     ]
     sharpening, div = result.essays
+    # RFC 4685: a rel="replies" link to an Atom feed is the entry's comment feed
+    assert (
+        sharpening.comments_url
+        == "https://fieldnotes.example.org/blog/2026/sharpening/comments.xml"
+    )
+    assert div.comments_url == ""
     assert (
         sharpening.html
         == '<p>See <a href="https://fieldnotes.example.org/blog/2026/stones">the stones</a>'
@@ -343,6 +356,81 @@ def test_hostile_content_is_data() -> None:
     assert "<script>" in essay.html and "onerror" in essay.html
 
 
+WFW = 'xmlns:wfw="http://wellformedweb.org/CommentAPI/"'
+
+
+@pytest.mark.parametrize(
+    ("element", "expected"),
+    [
+        # the spelling rssboard.org/comment-api also allows, and a relative URL
+        (
+            "<wfw:commentRSS>essays/a/feed/</wfw:commentRSS>",
+            "https://fieldnotes.example.org/essays/a/feed/",
+        ),
+        (
+            "<wfw:commentRss>  https://comments.example.net/a.xml \n</wfw:commentRss>",
+            "https://comments.example.net/a.xml",
+        ),
+        # another prefix bound to the same namespace
+        (
+            '<c:commentRss xmlns:c="http://wellformedweb.org/CommentAPI/">https://x.example.org/c</c:commentRss>',
+            "https://x.example.org/c",
+        ),
+        ("<wfw:commentRss>javascript:alert(1)</wfw:commentRss>", ""),
+        ("<wfw:commentRss></wfw:commentRss>", ""),
+        # an element of that name in no (or another) namespace is not the comment API
+        ("<commentRss>https://x.example.org/c</commentRss>", ""),
+    ],
+)
+def test_comment_feed_url_from_wfw(element: str, expected: str) -> None:
+    item = f"<item><title>A</title><link>https://fieldnotes.example.org/a</link>{element}</item>"
+    body = rss(item).replace(b'<rss version="2.0">', f'<rss version="2.0" {WFW}>'.encode())
+    assert parse_bytes(body).essays[0].comments_url == expected
+
+
+def test_comment_feed_url_survives_the_loose_parser() -> None:
+    # &nbsp; makes the XML ill-formed: feedparser's loose parser still finds the comment feed
+    item = (
+        "<item><title>Slow&nbsp;food</title><link>https://fieldnotes.example.org/food</link>"
+        "<wfw:commentRss>/food/feed/</wfw:commentRss></item>"
+    )
+    body = rss(item).replace(b'<rss version="2.0">', f'<rss version="2.0" {WFW}>'.encode())
+    assert parse_bytes(body).essays[0].comments_url == "https://fieldnotes.example.org/food/feed/"
+
+
+def test_atom_replies_link_only_to_a_feed() -> None:
+    entry = (
+        '<entry><id>e1</id><title>A</title><link href="https://fieldnotes.example.org/a"/>'
+        '<link rel="replies" type="text/html" href="https://fieldnotes.example.org/a#comments"/>{}'
+        "<updated>2026-11-01T00:00:00Z</updated></entry>"
+    )
+    feed = (
+        '<?xml version="1.0"?><feed xmlns="http://www.w3.org/2005/Atom"><title>T</title><id>f</id>'
+        "<updated>2026-11-01T00:00:00Z</updated>{}</feed>"
+    )
+    html_only = feed.format(entry.format("")).encode()
+    assert parse_bytes(html_only, "application/atom+xml").essays[0].comments_url == ""
+    # feedparser reports an untyped link as text/html: not taken either
+    untyped = entry.format('<link rel="replies" href="https://fieldnotes.example.org/a/comments"/>')
+    assert (
+        parse_bytes(feed.format(untyped).encode(), "application/atom+xml").essays[0].comments_url
+        == ""
+    )
+    rss_typed = entry.format(
+        '<link rel="replies" type="application/rss+xml; charset=utf-8" href="/a/comments.rss"/>'
+    )
+    assert parse_bytes(feed.format(rss_typed).encode(), "application/atom+xml").essays[
+        0
+    ].comments_url == ("https://fieldnotes.example.org/a/comments.rss")
+
+
+def test_json_feed_items_have_no_comment_feed() -> None:
+    result = parse_file(
+        "feed.json", "application/feed+json", url="https://fieldnotes.example.org/feed.json"
+    )
+    assert {e.comments_url for e in result.essays} == {""}
+
+
 def test_title_control_characters_never_survive() -> None:
     body = rss(
         "<item><title>Subject&#13;&#10;Bcc: all\u2028 done&#9;</title>"
@@ -419,7 +507,18 @@ def test_config_defaults_and_registry() -> None:
     source = build_source({"name": "blog", "type": "feed", "url": FEED_URL})
     assert isinstance(source, FeedSource)
     assert source.config == FeedConfig(
-        name="blog", type="feed", url=FEED_URL, timeout=30.0, max_bytes=10 * 1024 * 1024
+        name="blog",
+        type="feed",
+        url=FEED_URL,
+        timeout=30.0,
+        max_bytes=10 * 1024 * 1024,
+        comment_feeds=True,
+    )
+    assert (
+        FeedConfig.model_validate(
+            {"name": "b", "type": "feed", "url": FEED_URL, "comment_feeds": False}
+        ).comment_feeds
+        is False
     )
 
 
@@ -432,6 +531,7 @@ def test_config_defaults_and_registry() -> None:
         {"url": "https://"},
         {"url": FEED_URL, "timeout": 0},
         {"url": FEED_URL, "max_bytes": -1},
+        {"url": FEED_URL, "comment_feeds": "sometimes"},
     ],
 )
 def test_config_rejects(block: dict[str, object]) -> None:

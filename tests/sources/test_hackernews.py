@@ -15,7 +15,12 @@ import responses
 
 from digest.errors import SourceError
 from digest.http import USER_AGENT
-from digest.sources.hackernews import HackerNewsConfig, HackerNewsSource, HackerNewsStories, normalize_url
+from digest.sources.hackernews import (
+    HackerNewsConfig,
+    HackerNewsSource,
+    HackerNewsStories,
+    normalize_url,
+)
 from digest.sources.registry import build_comment_sources
 from digest.types import Comment, Essay
 
@@ -31,8 +36,12 @@ def load(name: str) -> Any:
 
 
 def make_source(sleeps: list[float] | None = None, **keys: Any) -> HackerNewsSource:
-    config = HackerNewsConfig.model_validate({"name": "blog:hackernews", "type": "hackernews", **keys})
-    return HackerNewsSource(config, sleep=(sleeps.append if sleeps is not None else lambda _s: None))
+    config = HackerNewsConfig.model_validate(
+        {"name": "blog:hackernews", "type": "hackernews", **keys}
+    )
+    return HackerNewsSource(
+        config, sleep=(sleeps.append if sleeps is not None else lambda _s: None)
+    )
 
 
 def parsed() -> list[Comment]:
@@ -105,13 +114,17 @@ def test_an_answer_that_is_not_an_item_is_an_error() -> None:
 
 
 def test_url_normalization() -> None:
-    same = ["https://fieldnotes.example.org/essays/the-quiet-pager",
-            "http://www.fieldnotes.example.org/essays/the-quiet-pager/",
-            "HTTPS://FieldNotes.example.org/essays/the-quiet-pager#comments",
-            "https://fieldnotes.example.org:443/essays/the-quiet-pager"]
+    same = [
+        "https://fieldnotes.example.org/essays/the-quiet-pager",
+        "http://www.fieldnotes.example.org/essays/the-quiet-pager/",
+        "HTTPS://FieldNotes.example.org/essays/the-quiet-pager#comments",
+        "https://fieldnotes.example.org:443/essays/the-quiet-pager",
+    ]
     assert {normalize_url(u) for u in same} == {"fieldnotes.example.org/essays/the-quiet-pager"}
     assert normalize_url(ESSAY_URL + "-revisited") != normalize_url(ESSAY_URL)
-    assert normalize_url("https://fieldnotes.example.org/essays/The-Quiet-Pager") != normalize_url(ESSAY_URL)
+    assert normalize_url("https://fieldnotes.example.org/essays/The-Quiet-Pager") != normalize_url(
+        ESSAY_URL
+    )
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -123,7 +136,11 @@ def test_config_defaults_and_registry() -> None:
     assert isinstance(source, HackerNewsSource)
     cfg = source.config
     assert (cfg.name, cfg.base_url, cfg.max_stories, cfg.min_points) == (
-        "blog:hackernews", BASE, 3, 0)
+        "blog:hackernews",
+        BASE,
+        3,
+        0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -154,7 +171,10 @@ def path_and_query(call: Any) -> tuple[str, list[tuple[str, str]]]:
     return parts.path, parse_qsl(parts.query)
 
 
-SEARCH = ("/api/v1/search", [("query", ESSAY_URL), ("restrictSearchableAttributes", "url"), ("tags", "story")])
+SEARCH = (
+    "/api/v1/search",
+    [("query", ESSAY_URL), ("restrictSearchableAttributes", "url"), ("tags", "story")],
+)
 
 
 def serve(mocked: responses.RequestsMock, base: str = BASE) -> None:
@@ -163,14 +183,19 @@ def serve(mocked: responses.RequestsMock, base: str = BASE) -> None:
     mocked.get(f"{base}/items/41230555", json=load("item_41230555.json"))
 
 
-def test_search_by_url_then_read_the_matching_stories_best_first(mocked: responses.RequestsMock) -> None:
+def test_search_by_url_then_read_the_matching_stories_best_first(
+    mocked: responses.RequestsMock,
+) -> None:
     serve(mocked)
     result = make_source().collect_for([ESSAY], NOW)
     assert result.error is None and result.warnings == ()
     assert [c.key for c in result.comments][-1] == "hn:41230601" and len(result.comments) == 7
     # "-revisited" is another URL, the Ask HN has none, 41231000 has no comments
     assert [path_and_query(c) for c in mocked.calls] == [
-        SEARCH, ("/api/v1/items/41230001", []), ("/api/v1/items/41230555", [])]
+        SEARCH,
+        ("/api/v1/items/41230001", []),
+        ("/api/v1/items/41230555", []),
+    ]
     assert all(c.request.headers["User-Agent"] == USER_AGENT for c in mocked.calls)
 
 
@@ -196,7 +221,9 @@ def test_no_matching_story_means_no_comments(mocked: responses.RequestsMock) -> 
     found["hits"] = [h for h in found["hits"] if h["objectID"] == "41230777"]
     mocked.get(f"{BASE}/search", json=found)
     result = make_source().collect_for([ESSAY], NOW)
-    assert result.error is None and result.comments == () and result.covered == (("blog", ESSAY_URL),)
+    assert (
+        result.error is None and result.comments == () and result.covered == (("blog", ESSAY_URL),)
+    )
     assert len(mocked.calls) == 1
 
 
@@ -216,12 +243,19 @@ def test_429_waits_for_retry_after_then_reads(mocked: responses.RequestsMock) ->
 
 
 def test_one_broken_story_fails_its_essay_with_a_warning(mocked: responses.RequestsMock) -> None:
-    other = Essay(source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M")
+    other = Essay(
+        source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M"
+    )
     serve(mocked)
-    mocked.get(f"{BASE}/search", json={"hits": [{"objectID": "999", "url": other.url, "points": 9,
-                                                 "num_comments": 3}]},
-               match=[responses.matchers.query_param_matcher(
-                   {"query": other.url, "restrictSearchableAttributes": "url", "tags": "story"})])
+    mocked.get(
+        f"{BASE}/search",
+        json={"hits": [{"objectID": "999", "url": other.url, "points": 9, "num_comments": 3}]},
+        match=[
+            responses.matchers.query_param_matcher(
+                {"query": other.url, "restrictSearchableAttributes": "url", "tags": "story"}
+            )
+        ],
+    )
     mocked.get(f"{BASE}/items/999", status=404)
     result = make_source().collect_for([ESSAY, other], NOW)
     assert result.covered == (("blog", ESSAY_URL),) and len(result.comments) == 7
@@ -239,5 +273,7 @@ def test_a_server_error_is_an_error_value(mocked: responses.RequestsMock) -> Non
 def test_the_size_cap_is_respected(mocked: responses.RequestsMock) -> None:
     serve(mocked)
     result = make_source(max_bytes=3000).collect_for([ESSAY], NOW)
-    assert result.error == f"{ESSAY_URL}: {BASE}/search?query=https%3A%2F%2Ffieldnotes.example.org%2F" \
+    assert (
+        result.error == f"{ESSAY_URL}: {BASE}/search?query=https%3A%2F%2Ffieldnotes.example.org%2F"
         "essays%2Fthe-quiet-pager&restrictSearchableAttributes=url&tags=story: body is over the 3000-byte cap"
+    )

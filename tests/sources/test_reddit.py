@@ -47,7 +47,9 @@ def single(comment_data: dict[str, Any]) -> RedditThreads:
 
 
 def first_comment_data() -> dict[str, Any]:
-    data: dict[str, Any] = copy.deepcopy(load("comments_1qx9cd.json")[1]["data"]["children"][0]["data"])
+    data: dict[str, Any] = copy.deepcopy(
+        load("comments_1qx9cd.json")[1]["data"]["children"][0]["data"]
+    )
     data["replies"] = ""
     return data
 
@@ -77,13 +79,15 @@ def test_comments_depth_first_with_scores_and_parents() -> None:
 
 def test_skips_deleted_removed_pinned_notices_and_more_stubs() -> None:
     keys = {c.key for c in parsed()}
-    assert keys.isdisjoint({
-        "reddit:t1_k7a000",  # AutoModerator's pinned notice
-        "reddit:t1_k7a003",  # body [deleted]
-        "reddit:t1_k7a005",  # body [removed]
-        "reddit:t1_k7a0zz",  # "more" stub inside replies
-        "reddit:t1_k7a0yy",  # "more" stub at the top level
-    })
+    assert keys.isdisjoint(
+        {
+            "reddit:t1_k7a000",  # AutoModerator's pinned notice
+            "reddit:t1_k7a003",  # body [deleted]
+            "reddit:t1_k7a005",  # body [removed]
+            "reddit:t1_k7a0zz",  # "more" stub inside replies
+            "reddit:t1_k7a0yy",  # "more" stub at the top level
+        }
+    )
 
 
 def test_comment_fields() -> None:
@@ -151,14 +155,22 @@ def test_config_defaults_and_registry() -> None:
     (source,) = [s for s in build_comment_sources(block) if s.config.type == "reddit"]
     assert isinstance(source, RedditSource)
     cfg = source.config
-    assert (cfg.base_url, cfg.user_agent, cfg.subreddits, cfg.max_submissions, cfg.include_hidden_scores) == (
-        BASE, DEFAULT_USER_AGENT, (), 3, False)
+    assert (
+        cfg.base_url,
+        cfg.user_agent,
+        cfg.subreddits,
+        cfg.max_submissions,
+        cfg.include_hidden_scores,
+    ) == (BASE, DEFAULT_USER_AGENT, (), 3, False)
     assert DEFAULT_USER_AGENT.startswith("python:digest-newsletter:")
 
 
 def test_subreddit_names_are_normalized() -> None:
     assert make_source(subreddits=["r/SRE", "/r/programming", "devops"]).config.subreddits == (
-        "SRE", "programming", "devops")
+        "SRE",
+        "programming",
+        "devops",
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,8 +216,13 @@ def test_finds_submissions_by_url_best_first_with_a_descriptive_user_agent(
     mocked: responses.RequestsMock,
 ) -> None:
     serve(mocked)
-    mocked.get(f"{BASE}/r/devops/comments/1qz1gh.json", json=[
-        {"kind": "Listing", "data": {"children": []}}, {"kind": "Listing", "data": {"children": []}}])
+    mocked.get(
+        f"{BASE}/r/devops/comments/1qz1gh.json",
+        json=[
+            {"kind": "Listing", "data": {"children": []}},
+            {"kind": "Listing", "data": {"children": []}},
+        ],
+    )
     result = make_source(user_agent=UA).collect_for([ESSAY], NOW)
     assert result.error is None and result.warnings == ()
     assert len(result.comments) == 10
@@ -223,18 +240,29 @@ def test_finds_submissions_by_url_best_first_with_a_descriptive_user_agent(
 def test_max_submissions_and_the_default_user_agent(mocked: responses.RequestsMock) -> None:
     serve(mocked)
     result = make_source(max_submissions=1).collect_for([ESSAY], NOW)
-    assert [c.key for c in result.comments][:1] == ["reddit:t1_k7a001"] and len(result.comments) == 7
-    assert [path_and_query(c)[0] for c in mocked.calls] == ["/api/info.json",
-                                                           "/r/programming/comments/1qx7ab.json"]
+    assert [c.key for c in result.comments][:1] == ["reddit:t1_k7a001"] and len(
+        result.comments
+    ) == 7
+    assert [path_and_query(c)[0] for c in mocked.calls] == [
+        "/api/info.json",
+        "/r/programming/comments/1qx7ab.json",
+    ]
     assert mocked.calls[0].request.headers["User-Agent"] == DEFAULT_USER_AGENT
 
 
 def test_subreddits_restrict_the_submissions(mocked: responses.RequestsMock) -> None:
     serve(mocked)
     result = make_source(subreddits=["r/SRE"]).collect_for([ESSAY], NOW)
-    assert [c.key for c in result.comments] == ["reddit:t1_k7b001", "reddit:t1_k7b002", "reddit:t1_k7b003"]
+    assert [c.key for c in result.comments] == [
+        "reddit:t1_k7b001",
+        "reddit:t1_k7b002",
+        "reddit:t1_k7b003",
+    ]
     assert [c.position for c in result.comments] == [0, 1, 2]
-    assert [path_and_query(c)[0] for c in mocked.calls] == ["/api/info.json", "/r/sre/comments/1qx9cd.json"]
+    assert [path_and_query(c)[0] for c in mocked.calls] == [
+        "/api/info.json",
+        "/r/sre/comments/1qx9cd.json",
+    ]
 
 
 def test_base_url_override_for_a_local_server(mocked: responses.RequestsMock) -> None:
@@ -247,7 +275,9 @@ def test_base_url_override_for_a_local_server(mocked: responses.RequestsMock) ->
 def test_no_submission_means_no_comments(mocked: responses.RequestsMock) -> None:
     mocked.get(f"{BASE}/api/info.json", json={"kind": "Listing", "data": {"children": []}})
     result = make_source().collect_for([ESSAY], NOW)
-    assert result.error is None and result.comments == () and result.covered == (("blog", ESSAY_URL),)
+    assert (
+        result.error is None and result.comments == () and result.covered == (("blog", ESSAY_URL),)
+    )
 
 
 def test_ids_that_are_not_reddit_names_never_reach_a_url(mocked: responses.RequestsMock) -> None:
@@ -262,21 +292,37 @@ def test_ids_that_are_not_reddit_names_never_reach_a_url(mocked: responses.Reque
 def test_an_exhausted_rate_limit_stops_requests_and_says_when_to_retry(
     mocked: responses.RequestsMock,
 ) -> None:
-    serve(mocked, **{"X-Ratelimit-Used": "10", "X-Ratelimit-Remaining": "0.0", "X-Ratelimit-Reset": "240"})
-    other = Essay(source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M")
+    serve(
+        mocked,
+        **{"X-Ratelimit-Used": "10", "X-Ratelimit-Remaining": "0.0", "X-Ratelimit-Reset": "240"},
+    )
+    other = Essay(
+        source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M"
+    )
     result = make_source().collect_for([ESSAY, other], NOW)
     # nothing was read beyond the answer that said the allowance is gone
     assert [path_and_query(c)[0] for c in mocked.calls] == ["/api/info.json"]
-    message = ("Reddit's rate limit is used up (X-Ratelimit-Remaining: 0): not sending more requests; "
-               "retry after 2026-11-26 09:04:00 UTC (in 240 s, X-Ratelimit-Reset)")
+    message = (
+        "Reddit's rate limit is used up (X-Ratelimit-Remaining: 0): not sending more requests; "
+        "retry after 2026-11-26 09:04:00 UTC (in 240 s, X-Ratelimit-Reset)"
+    )
     assert result.error == f"{ESSAY_URL}: {message}; {other.url}: {message}"
 
 
-def test_allowance_used_up_on_the_last_request_keeps_that_essay(mocked: responses.RequestsMock) -> None:
-    mocked.get(f"{BASE}/api/info.json", json=load("info.json"), headers={"X-Ratelimit-Remaining": "2"})
-    mocked.get(f"{BASE}/r/programming/comments/1qx7ab.json", json=load("comments_1qx7ab.json"),
-               headers={"X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "30"})
-    other = Essay(source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M")
+def test_allowance_used_up_on_the_last_request_keeps_that_essay(
+    mocked: responses.RequestsMock,
+) -> None:
+    mocked.get(
+        f"{BASE}/api/info.json", json=load("info.json"), headers={"X-Ratelimit-Remaining": "2"}
+    )
+    mocked.get(
+        f"{BASE}/r/programming/comments/1qx7ab.json",
+        json=load("comments_1qx7ab.json"),
+        headers={"X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "30"},
+    )
+    other = Essay(
+        source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M"
+    )
     result = make_source(max_submissions=1).collect_for([ESSAY, other], NOW)
     assert result.covered == (("blog", ESSAY_URL),) and len(result.comments) == 7
     assert len(result.warnings) == 1 and "retry after 2026-11-26 09:00:30 UTC" in result.warnings[0]
@@ -296,18 +342,30 @@ def test_a_server_error_is_an_error_value(mocked: responses.RequestsMock) -> Non
     mocked.get(f"{BASE}/api/info.json", status=500)
     sleeps: list[float] = []
     result = make_source(sleeps=sleeps).collect_for([ESSAY], NOW)
-    assert result.error == (f"{ESSAY_URL}: {BASE}/api/info.json?url=https%3A%2F%2Ffieldnotes.example.org"
-                            "%2Fessays%2Fthe-quiet-pager: HTTP 500")
+    assert result.error == (
+        f"{ESSAY_URL}: {BASE}/api/info.json?url=https%3A%2F%2Ffieldnotes.example.org"
+        "%2Fessays%2Fthe-quiet-pager: HTTP 500"
+    )
     assert len(mocked.calls) == 4 and sleeps == [0.5, 1.0, 2.0]
 
 
-def test_a_blocked_or_missing_thread_is_a_warning_for_that_essay(mocked: responses.RequestsMock) -> None:
-    other = Essay(source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M")
-    mocked.get(f"{BASE}/api/info.json", json=load("info.json"),
-               match=[responses.matchers.query_param_matcher({"url": ESSAY_URL})])
+def test_a_blocked_or_missing_thread_is_a_warning_for_that_essay(
+    mocked: responses.RequestsMock,
+) -> None:
+    other = Essay(
+        source="blog", key="e2", url="https://fieldnotes.example.org/essays/margins", title="M"
+    )
+    mocked.get(
+        f"{BASE}/api/info.json",
+        json=load("info.json"),
+        match=[responses.matchers.query_param_matcher({"url": ESSAY_URL})],
+    )
     mocked.get(f"{BASE}/r/programming/comments/1qx7ab.json", json=load("comments_1qx7ab.json"))
-    mocked.get(f"{BASE}/api/info.json", status=404,
-               match=[responses.matchers.query_param_matcher({"url": other.url})])
+    mocked.get(
+        f"{BASE}/api/info.json",
+        status=404,
+        match=[responses.matchers.query_param_matcher({"url": other.url})],
+    )
     result = make_source(max_submissions=1).collect_for([ESSAY, other], NOW)
     assert result.covered == (("blog", ESSAY_URL),)
     assert len(result.warnings) == 1 and result.warnings[0].startswith(f"{other.url}: ")
@@ -318,11 +376,17 @@ def test_the_size_cap_is_respected(mocked: responses.RequestsMock) -> None:
     serve(mocked)
     result = make_source(max_bytes=8000).collect_for([ESSAY], NOW)
     assert result.error is not None
-    assert result.error.endswith("/r/programming/comments/1qx7ab.json?sort=top&limit=200&raw_json=1: "
-                                 "body is over the 8000-byte cap")
+    assert result.error.endswith(
+        "/r/programming/comments/1qx7ab.json?sort=top&limit=200&raw_json=1: "
+        "body is over the 8000-byte cap"
+    )
 
 
 def test_an_answer_that_is_not_json_is_an_error(mocked: responses.RequestsMock) -> None:
-    mocked.get(f"{BASE}/api/info.json", body="<html>whoa there, pardner</html>", content_type="text/html")
+    mocked.get(
+        f"{BASE}/api/info.json", body="<html>whoa there, pardner</html>", content_type="text/html"
+    )
     result = make_source().collect_for([ESSAY], NOW)
-    assert result.error is not None and result.error.endswith("the answer is not JSON (JSONDecodeError)")
+    assert result.error is not None and result.error.endswith(
+        "the answer is not JSON (JSONDecodeError)"
+    )

@@ -38,14 +38,19 @@ def load(name: str) -> Any:
 
 
 def make_source(sleeps: list[float] | None = None, **keys: Any) -> SubstackSource:
-    config = SubstackConfig.model_validate({"name": "letters", "type": "substack", "url": PUB, **keys})
+    config = SubstackConfig.model_validate(
+        {"name": "letters", "type": "substack", "url": PUB, **keys}
+    )
     return SubstackSource(config, sleep=(sleeps.append if sleeps is not None else lambda _s: None))
 
 
 def saved_fetch(**changes: Any) -> SubstackFetch:
     raw = SubstackFetch(
         archive=load("archive.json"),
-        bodies={140001: load("post_the-long-winter-garden.json"), 139500: load("post_on-mending.json")},
+        bodies={
+            140001: load("post_the-long-winter-garden.json"),
+            139500: load("post_on-mending.json"),
+        },
         comments={i: load(f"comments_{i}.json") for i in POST_IDS},
     )
     for key, value in changes.items():
@@ -59,12 +64,27 @@ def saved_fetch(**changes: Any) -> SubstackFetch:
 def test_saved_archive_and_bodies_become_essays() -> None:
     result = make_source().parse(saved_fetch(), NOW)
     assert [(e.key, e.url, e.title, e.author, e.published) for e in result.essays] == [
-        ("substack:140001", f"{PUB}/p/the-long-winter-garden", "The long winter garden", "Hanna Vale",
-         datetime(2026, 11, 18, 9, 30, tzinfo=UTC)),
-        ("substack:139872", f"{PUB}/p/letters-i-never-sent", "Letters I never sent", "Hanna Vale",
-         datetime(2026, 11, 11, 9, 30, tzinfo=UTC)),
-        ("substack:139500", f"{PUB}/p/on-mending", "On mending", "Hanna Vale",
-         datetime(2026, 11, 4, 9, 30, tzinfo=UTC)),
+        (
+            "substack:140001",
+            f"{PUB}/p/the-long-winter-garden",
+            "The long winter garden",
+            "Hanna Vale",
+            datetime(2026, 11, 18, 9, 30, tzinfo=UTC),
+        ),
+        (
+            "substack:139872",
+            f"{PUB}/p/letters-i-never-sent",
+            "Letters I never sent",
+            "Hanna Vale",
+            datetime(2026, 11, 11, 9, 30, tzinfo=UTC),
+        ),
+        (
+            "substack:139500",
+            f"{PUB}/p/on-mending",
+            "On mending",
+            "Hanna Vale",
+            datetime(2026, 11, 4, 9, 30, tzinfo=UTC),
+        ),
     ]
     garden, paid, mending = result.essays
     assert garden.html == load("post_the-long-winter-garden.json")["body_html"]
@@ -78,7 +98,9 @@ def test_saved_archive_and_bodies_become_essays() -> None:
 
 def test_saved_comment_tree_in_best_first_order() -> None:
     result = make_source().parse(saved_fetch(), NOW)
-    rows = [(c.essay_key, c.key, c.author, c.score, c.parent_key, c.position) for c in result.comments]
+    rows = [
+        (c.essay_key, c.key, c.author, c.score, c.parent_key, c.position) for c in result.comments
+    ]
     assert rows == [
         # depth first: 9101, its reply 9105, the reply to the deleted 9107; then 9102, 9103
         ("substack:140001", "9101", "Leo Park", 12.0, None, 0),
@@ -90,9 +112,13 @@ def test_saved_comment_tree_in_best_first_order() -> None:
     ]
     leo, mira = result.comments[:2]
     # plain text: blank lines make paragraphs, single newlines line breaks; markup is escaped
-    assert leo.html == ("<p>This made me go out and look at my frozen beds.<br>The kale is still "
-                        "there!</p><p>Thanks for the nudge.</p>")
-    assert mira.html == "<p>Kale is indestructible. Mine survived a &lt;b&gt;blizzard&lt;/b&gt; &amp; a goat.</p>"
+    assert leo.html == (
+        "<p>This made me go out and look at my frozen beds.<br>The kale is still "
+        "there!</p><p>Thanks for the nudge.</p>"
+    )
+    assert mira.html == (
+        "<p>Kale is indestructible. Mine survived a &lt;b&gt;blizzard&lt;/b&gt; &amp; a goat.</p>"
+    )
     assert leo.url == f"{PUB}/p/the-long-winter-garden/comment/9101"
     assert leo.published == datetime(2026, 11, 18, 11, 2, 13, 412000, tzinfo=UTC)
     assert result.covered == tuple(("letters", f"substack:{i}") for i in POST_IDS)
@@ -119,14 +145,36 @@ def _mutate_archive(fn: Any) -> Any:
     ("change", "message"),
     [
         ({"archive": {"posts": []}}, "archive is a dict, not a list of posts"),
-        ({"archive": _mutate_archive(lambda a: a[1].pop("id"))}, "archive item 2 has no numeric id"),
-        ({"archive": _mutate_archive(lambda a: a[0].pop("slug"))}, "archive item 1 (post 140001) has no slug"),
-        ({"archive": _mutate_archive(lambda a: a[2].pop("audience"))},
-         "archive item 3 (post 139500) has no audience"),
-        ({"bodies": {140001: {"id": 140001, "body": "<p>x</p>"}, 139500: load("post_on-mending.json")}},
-         "posts/the-long-winter-garden has no body_html"),
-        ({"comments": {**{i: load(f"comments_{i}.json") for i in POST_IDS}, 140001: [{"id": 1}]}},
-         "post/140001/comments has no comments list"),
+        (
+            {"archive": _mutate_archive(lambda a: a[1].pop("id"))},
+            "archive item 2 has no numeric id",
+        ),
+        (
+            {"archive": _mutate_archive(lambda a: a[0].pop("slug"))},
+            "archive item 1 (post 140001) has no slug",
+        ),
+        (
+            {"archive": _mutate_archive(lambda a: a[2].pop("audience"))},
+            "archive item 3 (post 139500) has no audience",
+        ),
+        (
+            {
+                "bodies": {
+                    140001: {"id": 140001, "body": "<p>x</p>"},
+                    139500: load("post_on-mending.json"),
+                }
+            },
+            "posts/the-long-winter-garden has no body_html",
+        ),
+        (
+            {
+                "comments": {
+                    **{i: load(f"comments_{i}.json") for i in POST_IDS},
+                    140001: [{"id": 1}],
+                }
+            },
+            "post/140001/comments has no comments list",
+        ),
     ],
 )
 def test_an_unexpected_shape_is_a_clear_error(change: dict[str, Any], message: str) -> None:
@@ -145,10 +193,19 @@ def _comment_change(fn: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda cs: cs[1].pop("reaction_count"), "comment 9102 on post 140001 has neither reaction_count nor reactions"),
-        (lambda cs: cs[0].update(children={"9105": {}}), "comment 9101 on post 140001 has children that are not a list"),
+        (
+            lambda cs: cs[1].pop("reaction_count"),
+            "comment 9102 on post 140001 has neither reaction_count nor reactions",
+        ),
+        (
+            lambda cs: cs[0].update(children={"9105": {}}),
+            "comment 9101 on post 140001 has children that are not a list",
+        ),
         (lambda cs: cs[2].update(id="9103"), "a comment on post 140001 has no numeric id"),
-        (lambda cs: cs[2].update(body={"text": "x"}), "comment 9103 on post 140001 has a body that is not text"),
+        (
+            lambda cs: cs[2].update(body={"text": "x"}),
+            "comment 9103 on post 140001 has a body that is not text",
+        ),
     ],
 )
 def test_an_unexpected_comment_shape_is_a_clear_error(change: Any, message: str) -> None:
@@ -157,13 +214,19 @@ def test_an_unexpected_comment_shape_is_a_clear_error(change: Any, message: str)
 
 
 def test_a_very_deep_thread_is_cut_not_a_crash() -> None:
-    node: dict[str, Any] = {"id": 1, "body": "root", "name": "A", "reaction_count": 0, "children": []}
+    node: dict[str, Any] = {
+        "id": 1,
+        "body": "root",
+        "name": "A",
+        "reaction_count": 0,
+        "children": [],
+    }
     top = node
     for i in range(2, 5000):
         child = {"id": i, "body": f"reply {i}", "name": "A", "reaction_count": 0, "children": []}
         node["children"] = [child]
         node = child
-    comments = {i: {"comments": []} for i in POST_IDS}
+    comments: dict[int, Any] = {i: {"comments": []} for i in POST_IDS}
     comments[140001] = {"comments": [top]}
     result = make_source().parse(saved_fetch(comments=comments), NOW)
     assert len(result.comments) == 51  # the root and 50 levels of replies
@@ -175,14 +238,19 @@ def test_a_very_deep_thread_is_cut_not_a_crash() -> None:
 def test_config_defaults_and_registry() -> None:
     source = build_source({"name": "letters", "type": "substack", "url": PUB + "/"})
     assert isinstance(source, SubstackSource)
-    assert source.config == SubstackConfig(name="letters", type="substack", url=PUB, base_url=None,
-                                           max_posts=12, timeout=30.0)
+    assert source.config == SubstackConfig(
+        name="letters", type="substack", url=PUB, base_url=None, max_posts=12, timeout=30.0
+    )
     assert source.config.api_root == API
-    assert make_source(base_url="http://127.0.0.1:9/api/v1").config.api_root == "http://127.0.0.1:9/api/v1"
+    assert (
+        make_source(base_url="http://127.0.0.1:9/api/v1").config.api_root
+        == "http://127.0.0.1:9/api/v1"
+    )
 
 
 @pytest.mark.parametrize(
-    "keys", [{"url": "quietletters.substack.com"}, {"max_posts": 0}, {"timeout": -1}, {"cookie": "x"}]
+    "keys",
+    [{"url": "quietletters.substack.com"}, {"max_posts": 0}, {"timeout": -1}, {"cookie": "x"}],
 )
 def test_config_rejects(keys: dict[str, Any]) -> None:
     with pytest.raises(pydantic.ValidationError):
@@ -255,14 +323,18 @@ def test_a_comment_request_that_fails_is_a_warning(mocked: responses.RequestsMoc
     result = make_source(sleeps=sleeps).collect(SourceCursor(), NOW)
     assert result.error is None and len(result.essays) == 3
     assert result.warnings == (
-        f"{PUB}/p/letters-i-never-sent: comments not read: "
-        f"{API}/post/139872/comments?all_comments=true&sort=best_first: HTTP 503",
+        (
+            f"{PUB}/p/letters-i-never-sent: comments not read: "
+            f"{API}/post/139872/comments?all_comments=true&sort=best_first: HTTP 503"
+        ),
     )
     assert sleeps == [0.5, 1.0, 2.0]
 
 
 def test_html_instead_of_json_means_the_api_changed(mocked: responses.RequestsMock) -> None:
-    mocked.get(f"{API}/archive", body="<!doctype html><title>Substack</title>", content_type="text/html")
+    mocked.get(
+        f"{API}/archive", body="<!doctype html><title>Substack</title>", content_type="text/html"
+    )
     result = make_source().collect(SourceCursor(), NOW)
     assert result.error is not None
     assert result.error.startswith(
@@ -317,7 +389,7 @@ def substack_server() -> Iterator[ThreadingHTTPServer]:
 
 
 def test_end_to_end_collect_and_draft(substack_server: ThreadingHTTPServer, tmp_path: Path) -> None:
-    host, port = substack_server.server_address[:2]
+    host, port = "127.0.0.1", substack_server.server_port
     db_url = f"sqlite:///{tmp_path / 'digest.db'}"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(

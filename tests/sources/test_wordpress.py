@@ -41,7 +41,9 @@ def load(name: str) -> Any:
 
 
 def make_source(sleeps: list[float] | None = None, **keys: Any) -> WordPressSource:
-    config = WordPressConfig.model_validate({"name": "wp", "type": "wordpress", "url": SITE, **keys})
+    config = WordPressConfig.model_validate(
+        {"name": "wp", "type": "wordpress", "url": SITE, **keys}
+    )
     return WordPressSource(config, sleep=(sleeps.append if sleeps is not None else lambda _s: None))
 
 
@@ -54,8 +56,10 @@ def saved_fetch() -> WordPressFetch:
 
 
 def comment_rows(comments: tuple[Comment, ...]) -> list[tuple[Any, ...]]:
-    return [(c.essay_key, c.key, c.author, c.parent_key, c.position, c.score, c.published)
-            for c in comments]
+    return [
+        (c.essay_key, c.key, c.author, c.parent_key, c.position, c.score, c.published)
+        for c in comments
+    ]
 
 
 # --- parse: saved payloads --------------------------------------------------------------------
@@ -138,8 +142,10 @@ def test_partial_comments_are_kept_but_the_post_is_not_covered() -> None:
     assert [c.key for c in result.comments] == ["5001", "4870"]
     assert result.covered == (("wp", "wp:207"),)
     assert result.warnings == (
-        "https://blog.example.org/2026/11/longhand/: more than 1000 comments: only the oldest "
-        "1000 were read",
+        (
+            "https://blog.example.org/2026/11/longhand/: more than 1000 comments: only the oldest "
+            "1000 were read"
+        ),
     )
 
 
@@ -155,8 +161,9 @@ def test_a_post_without_an_id_is_an_error() -> None:
 def test_config_defaults_and_registry() -> None:
     source = build_source({"name": "wp", "type": "wordpress", "url": SITE + "/"})
     assert isinstance(source, WordPressSource)
-    assert source.config == WordPressConfig(name="wp", type="wordpress", url=SITE, base_url=None,
-                                            max_posts=20, timeout=30.0)
+    assert source.config == WordPressConfig(
+        name="wp", type="wordpress", url=SITE, base_url=None, max_posts=20, timeout=30.0
+    )
     assert source.config.api_root == API
     custom = make_source(base_url=f"{SITE}/?rest_route=/wp/v2")
     assert custom.config.api_root == f"{SITE}/?rest_route=/wp/v2"
@@ -164,8 +171,15 @@ def test_config_defaults_and_registry() -> None:
 
 @pytest.mark.parametrize(
     "keys",
-    [{"url": "blog.example.org"}, {"url": "ftp://blog.example.org"}, {"base_url": "/wp-json"},
-     {"max_posts": 0}, {"max_posts": 101}, {"timeout": 0}, {"colour": "red"}],
+    [
+        {"url": "blog.example.org"},
+        {"url": "ftp://blog.example.org"},
+        {"base_url": "/wp-json"},
+        {"max_posts": 0},
+        {"max_posts": 101},
+        {"timeout": 0},
+        {"colour": "red"},
+    ],
 )
 def test_config_rejects(keys: dict[str, Any]) -> None:
     with pytest.raises(pydantic.ValidationError):
@@ -200,10 +214,17 @@ def one_post(post_id: int = 214) -> list[dict[str, Any]]:
 
 def fake_comments(post_id: int, count: int) -> list[dict[str, Any]]:
     return [
-        {"id": 10_000 + i, "post": post_id, "parent": 0, "author_name": f"Reader {i}",
-         "date_gmt": f"2026-11-2{i // 1000}T{(i // 60) % 24:02d}:{i % 60:02d}:00",
-         "content": {"rendered": f"<p>Comment {i}</p>"}, "link": f"{SITE}/p/#comment-{i}",
-         "status": "approved", "type": "comment"}
+        {
+            "id": 10_000 + i,
+            "post": post_id,
+            "parent": 0,
+            "author_name": f"Reader {i}",
+            "date_gmt": f"2026-11-2{i // 1000}T{(i // 60) % 24:02d}:{i % 60:02d}:00",
+            "content": {"rendered": f"<p>Comment {i}</p>"},
+            "link": f"{SITE}/p/#comment-{i}",
+            "status": "approved",
+            "type": "comment",
+        }
         for i in range(count)
     ]
 
@@ -215,7 +236,7 @@ def paged(rows: list[dict[str, Any]], *, header: bool = True) -> Handler:
         page, per_page = int(query["page"]), int(query["per_page"])
         pages = -(-len(rows) // per_page)
         headers = {"X-WP-Total": str(len(rows)), "X-WP-TotalPages": str(pages)} if header else {}
-        return 200, headers, json.dumps(rows[(page - 1) * per_page: page * per_page])
+        return 200, headers, json.dumps(rows[(page - 1) * per_page : page * per_page])
 
     return handler
 
@@ -228,13 +249,21 @@ def test_posts_request_and_comment_pages_follow_total_pages(mocked: responses.Re
     assert len(result.comments) == 250
     assert [c.position for c in result.comments] == list(range(250))
     assert result.covered == (("wp", "https://blog.example.org/?p=214"),)
-    posts_query = parse_qs(urlsplit(mocked.calls[0].request.url).query)
+    posts_query = parse_qs(urlsplit(str(mocked.calls[0].request.url)).query)
     assert posts_query["per_page"] == ["5"]
     assert posts_query["orderby"] == ["date"] and posts_query["order"] == ["desc"]
     assert posts_query["_embed"] == ["author"]
-    assert set(posts_query["_fields"][0].split(",")) >= {"id", "guid", "link", "title", "content",
-                                                         "excerpt", "date_gmt", "_embedded"}
-    pages = [parse_qs(urlsplit(call.request.url).query) for call in mocked.calls[1:]]
+    assert set(posts_query["_fields"][0].split(",")) >= {
+        "id",
+        "guid",
+        "link",
+        "title",
+        "content",
+        "excerpt",
+        "date_gmt",
+        "_embedded",
+    }
+    pages = [parse_qs(urlsplit(str(call.request.url)).query) for call in mocked.calls[1:]]
     assert [(p["post"], p["page"], p["per_page"], p["order"]) for p in pages] == [
         (["214"], ["1"], ["100"], ["asc"]),
         (["214"], ["2"], ["100"], ["asc"]),
@@ -250,8 +279,10 @@ def test_comment_pages_are_capped(mocked: responses.RequestsMock) -> None:
     assert len(result.comments) == 1000  # what was read still shows
     assert result.covered == ()  # but nothing may be taken for deleted
     assert result.warnings == (
-        "https://blog.example.org/2026/11/longhand/: more than 1000 comments: only the oldest "
-        "1000 were read",
+        (
+            "https://blog.example.org/2026/11/longhand/: more than 1000 comments: only the oldest "
+            "1000 were read"
+        ),
     )
 
 
@@ -283,13 +314,19 @@ def test_rest_api_off_is_an_error_with_a_feed_hint(
     result = make_source(sleeps=sleeps).collect(SourceCursor(), NOW)
     assert result.error is not None
     assert result.error.startswith(f"wordpress: {API}/posts?per_page=20&")
-    assert f": HTTP {status} (the site's REST API is off or hidden: use a `type: feed` source" in result.error
+    assert (
+        f": HTTP {status} (the site's REST API is off or hidden: use a `type: feed` source"
+        in result.error
+    )
     assert sleeps == [] and len(mocked.calls) == 1  # not retried
 
 
 def test_html_instead_of_json_is_an_error_with_a_feed_hint(mocked: responses.RequestsMock) -> None:
-    mocked.get(f"{API}/posts", body="<html><body>Welcome to my blog</body></html>",
-               content_type="text/html")
+    mocked.get(
+        f"{API}/posts",
+        body="<html><body>Welcome to my blog</body></html>",
+        content_type="text/html",
+    )
     result = make_source().collect(SourceCursor(), NOW)
     assert result.error is not None
     assert "the answer is not JSON (JSONDecodeError)" in result.error
@@ -319,7 +356,9 @@ def test_one_posts_comment_failure_is_a_warning(mocked: responses.RequestsMock) 
     assert [c.key for c in result.comments] == ["5001", "5002", "5003"]
     assert result.covered == (("wp", "https://blog.example.org/?p=214"),)
     (warning,) = result.warnings
-    assert warning.startswith("https://blog.example.org/2026/11/repair-and-care/: comments not read: ")
+    assert warning.startswith(
+        "https://blog.example.org/2026/11/repair-and-care/: comments not read: "
+    )
     assert warning.endswith(": HTTP 500")
     assert sleeps == [0.5, 1.0, 2.0]
     # the protected post's comments were never asked for
@@ -363,7 +402,9 @@ class _WPHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         if parts.path == "/wp-json/wp/v2/posts":
-            self._json(200, (DATA / "posts.json").read_bytes(), {"X-WP-Total": "3", "X-WP-TotalPages": "1"})
+            self._json(
+                200, (DATA / "posts.json").read_bytes(), {"X-WP-Total": "3", "X-WP-TotalPages": "1"}
+            )
         elif parts.path == "/wp-json/wp/v2/comments" and query.get("post") in ("214", "207"):
             body = (DATA / f"comments_{query['post']}.json").read_bytes()
             total = len(json.loads(body))
@@ -399,7 +440,7 @@ def wp_server() -> Iterator[_WPServer]:
 
 
 def test_end_to_end_collect_and_draft(wp_server: _WPServer, tmp_path: Path) -> None:
-    host, port = wp_server.server_address[:2]
+    host, port = "127.0.0.1", wp_server.server_port
     db_url = f"sqlite:///{tmp_path / 'digest.db'}"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(

@@ -66,7 +66,8 @@ class DiscourseConfig(CommentSourceConfig):
 
     ``base_url`` is the forum (``https://forum.example.org``). ``api_key`` and
     ``api_username`` are sent as Discourse's ``Api-Key``/``Api-Username`` headers; public
-    forums need neither.
+    forums need neither. ``max_posts`` bounds the posts read per topic (20 per request);
+    ``timeout`` (seconds) and ``max_bytes`` (per answer) bound each request.
     """
 
     base_url: str
@@ -139,7 +140,9 @@ class DiscourseSource(CommentSource):
                 return None
             if topic is None:
                 topic = self._topic(session, topic_id)
-            return DiscourseThread(topic=topic, pages=tuple(self._more_posts(session, topic_id, topic)))
+            return DiscourseThread(
+                topic=topic, pages=tuple(self._more_posts(session, topic_id, topic))
+            )
         finally:
             if self.session is None:
                 session.close()
@@ -158,7 +161,9 @@ class DiscourseSource(CommentSource):
         if not essay.url:
             raise SourceError("the essay has no URL to look its Discourse topic up by")
         try:
-            info = self._get(f"{cfg.base_url}/embed/info?{urlencode({'embed_url': essay.url})}", session)
+            info = self._get(
+                f"{cfg.base_url}/embed/info?{urlencode({'embed_url': essay.url})}", session
+            )
         except SourceError as exc:
             # 404: no topic embeds this URL, or embedding is not configured at all; 403: the
             # endpoint wants an API key on this forum. Either way search can still find it.
@@ -170,7 +175,9 @@ class DiscourseSource(CommentSource):
                 return found, None
         return self._search(session, essay.url)
 
-    def _search(self, session: requests.Session, essay_url: str) -> tuple[int | None, dict[str, Any] | None]:
+    def _search(
+        self, session: requests.Session, essay_url: str
+    ) -> tuple[int | None, dict[str, Any] | None]:
         cfg = self.config
         results = self._get(f"{cfg.base_url}/search.json?{urlencode({'q': essay_url})}", session)
         wanted = normalize_url(essay_url)
@@ -200,7 +207,9 @@ class DiscourseSource(CommentSource):
             query = urlencode([("post_ids[]", str(i)) for i in chunk])
             page = self._get(f"{self.config.base_url}/t/{topic_id}/posts.json?{query}", session)
             if not isinstance(page, dict):
-                raise SourceError(f"{self.config.base_url}/t/{topic_id}/posts.json: not a post list")
+                raise SourceError(
+                    f"{self.config.base_url}/t/{topic_id}/posts.json: not a post list"
+                )
             yield page
 
     def _get(self, url: str, session: requests.Session) -> Any:
@@ -214,8 +223,14 @@ class DiscourseSource(CommentSource):
         if cfg.api_username:
             headers["Api-Username"] = cfg.api_username
         connect = min(http.DEFAULT_TIMEOUT[0], cfg.timeout)
-        return http.get_json(session, url, headers=headers, timeout=(connect, cfg.timeout),
-                             max_bytes=cfg.max_bytes, sleep=self.sleep)
+        return http.get_json(
+            session,
+            url,
+            headers=headers,
+            timeout=(connect, cfg.timeout),
+            max_bytes=cfg.max_bytes,
+            sleep=self.sleep,
+        )
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -236,10 +251,18 @@ class DiscourseSource(CommentSource):
                 continue
             posts.setdefault(post_id, post)
         order = {post_id: i for i, post_id in enumerate(_stream(topic))}
-        ordered = sorted(posts.items(), key=lambda kv: (order.get(kv[0], len(order)),
-                                                        _positive_int(kv[1].get("post_number")) or 0))
-        ids_by_number = {n: post_id for post_id, p in posts.items()
-                         if (n := _positive_int(p.get("post_number"))) is not None}
+        ordered = sorted(
+            posts.items(),
+            key=lambda kv: (
+                order.get(kv[0], len(order)),
+                _positive_int(kv[1].get("post_number")) or 0,
+            ),
+        )
+        ids_by_number = {
+            n: post_id
+            for post_id, p in posts.items()
+            if (n := _positive_int(p.get("post_number"))) is not None
+        }
         comments: list[Comment] = []
         for post_id, post in ordered:
             number = _positive_int(post.get("post_number"))
@@ -248,19 +271,21 @@ class DiscourseSource(CommentSource):
             parent = _positive_int(post.get("reply_to_post_number"))
             parent_id = ids_by_number.get(parent) if parent not in (None, 1) else None
             likes = _likes(post)
-            comments.append(Comment(
-                source=self.name,
-                essay_key=essay.key,
-                key=f"discourse:{post_id}",
-                author=_author(post),
-                html=_str(post.get("cooked")),
-                url=f"{self.config.base_url}/t/{slug}/{topic_id}/{number}",
-                score=likes,
-                upvotes=likes,
-                position=len(comments),
-                parent_key=f"discourse:{parent_id}" if parent_id is not None else None,
-                published=_when(post.get("created_at"), now),
-            ))
+            comments.append(
+                Comment(
+                    source=self.name,
+                    essay_key=essay.key,
+                    key=f"discourse:{post_id}",
+                    author=_author(post),
+                    html=_str(post.get("cooked")),
+                    url=f"{self.config.base_url}/t/{slug}/{topic_id}/{number}",
+                    score=likes,
+                    upvotes=likes,
+                    position=len(comments),
+                    parent_key=f"discourse:{parent_id}" if parent_id is not None else None,
+                    published=_when(post.get("created_at"), now),
+                )
+            )
         return comments
 
 
@@ -333,7 +358,9 @@ def _stream(topic: dict[str, Any]) -> list[int]:
     return out
 
 
-def _chain_posts(topic: dict[str, Any], pages: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _chain_posts(
+    topic: dict[str, Any], pages: Iterable[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
     yield from _posts(topic)
     for page in pages:
         yield from _posts(page)
@@ -395,7 +422,9 @@ def _likes(post: dict[str, Any]) -> int:
     for action in summary if isinstance(summary, list) else []:
         if isinstance(action, dict) and action.get("id") == LIKE:
             count = action.get("count")
-            return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
+            return (
+                count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
+            )
     return 0
 
 

@@ -258,8 +258,13 @@ def _parse_xml_feed(source: str, fetched: http.Fetched, now: datetime, where: st
 # Media types of a feed that an Atom "replies" link may point to; a "replies" link to an
 # HTML page is a place to read comments, not something we can parse.
 _FEED_TYPES = frozenset(
-    {"application/atom+xml", "application/rss+xml", "application/rdf+xml", "application/xml",
-     "text/xml"}
+    {
+        "application/atom+xml",
+        "application/rss+xml",
+        "application/rdf+xml",
+        "application/xml",
+        "text/xml",
+    }
 )
 
 
@@ -274,13 +279,14 @@ def _comments_url(entry: Mapping[str, Any], base: str) -> str:
     url = _http_url(_absolute(base, entry.get("wfw_commentrss")))
     if url:
         return url
-    # RFC 4685: <link rel="replies" type="application/atom+xml" href="..."/>; no type means
-    # the feed type is unknown, which is still worth a try.
+    # RFC 4685: <link rel="replies" type="application/atom+xml" href="..."/>. Only a link typed
+    # as a feed counts: feedparser reports an untyped link as text/html, and a comments *page*
+    # cannot be parsed.
     for link in entry.get("links") or []:
         if not isinstance(link, Mapping) or link.get("rel") != "replies":
             continue
         kind = str(link.get("type") or "").split(";", 1)[0].strip().lower()
-        if kind and kind not in _FEED_TYPES:
+        if kind not in _FEED_TYPES:
             continue
         url = _http_url(_absolute(base, link.get("href")))
         if url:
@@ -598,7 +604,7 @@ def http_url(value: Any) -> str:
 
 
 def absolute_http_url(base: str, value: Any) -> str:
-    """``value`` resolved against ``base``, if the result is an absolute http(s) URL, else ``""``."""
+    """``value`` resolved against ``base`` if that is an absolute http(s) URL, else ``""``."""
     return _http_url(_absolute(base, value))
 
 
@@ -630,4 +636,3 @@ def entry_date(entry: Mapping[str, Any], now: datetime) -> datetime | None:
 def entry_author(entry: Mapping[str, Any]) -> str:
     """A feedparser entry's author names, as plain text."""
     return _names(entry.get("authors")) or _plain(str(entry.get("author") or ""))
-

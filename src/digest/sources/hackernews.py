@@ -47,7 +47,11 @@ FUTURE_GRACE = timedelta(days=1)
 
 
 class HackerNewsConfig(CommentSourceConfig):
-    """``{type: hackernews, base_url, max_stories, min_points, ...}``."""
+    """``{type: hackernews, base_url, max_stories, min_points}``.
+
+    ``base_url`` is Algolia's HN API (or a local server in tests). Also ``timeout`` (seconds)
+    and ``max_bytes`` (per answer), like every HTTP source.
+    """
 
     base_url: str = "https://hn.algolia.com/api/v1"
     max_stories: int = Field(default=3, ge=1, le=20)
@@ -101,14 +105,20 @@ class HackerNewsSource(CommentSource):
         base = self.config.base_url
         session = self.session or http.build_session()
         try:
-            found = self._get(session, f"{base}/search", {
-                "query": essay.url,
-                # Without this Algolia also matches the URL's words in titles and texts.
-                "restrictSearchableAttributes": "url",
-                "tags": "story",
-            })
-            stories = [self._get(session, f"{base}/items/{story_id}", None)
-                       for story_id in _pick_stories(found, essay.url, self.config)]
+            found = self._get(
+                session,
+                f"{base}/search",
+                {
+                    "query": essay.url,
+                    # Without this Algolia also matches the URL's words in titles and texts.
+                    "restrictSearchableAttributes": "url",
+                    "tags": "story",
+                },
+            )
+            stories = [
+                self._get(session, f"{base}/items/{story_id}", None)
+                for story_id in _pick_stories(found, essay.url, self.config)
+            ]
             return HackerNewsStories(tuple(stories))
         finally:
             if self.session is None:
@@ -117,8 +127,14 @@ class HackerNewsSource(CommentSource):
     def _get(self, session: requests.Session, url: str, params: dict[str, str] | None) -> Any:
         cfg = self.config
         connect = min(http.DEFAULT_TIMEOUT[0], cfg.timeout)
-        return http.get_json(session, url, params=params, timeout=(connect, cfg.timeout),
-                             max_bytes=cfg.max_bytes, sleep=self.sleep)
+        return http.get_json(
+            session,
+            url,
+            params=params,
+            timeout=(connect, cfg.timeout),
+            max_bytes=cfg.max_bytes,
+            sleep=self.sleep,
+        )
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -142,18 +158,22 @@ class HackerNewsSource(CommentSource):
                     continue
                 seen.add(f"hn:{item_id}")
                 parent = _item_id(item.get("parent_id"))
-                comments.append(Comment(
-                    source=self.name,
-                    essay_key=essay.key,
-                    key=f"hn:{item_id}",
-                    author=author.strip(),
-                    html=text,
-                    url=ITEM_URL.format(id=item_id),
-                    score=None,  # HN keeps comment scores private: see the module docstring
-                    position=len(comments),
-                    parent_key=f"hn:{parent}" if parent is not None and parent != story_id else None,
-                    published=_when(item, now),
-                ))
+                comments.append(
+                    Comment(
+                        source=self.name,
+                        essay_key=essay.key,
+                        key=f"hn:{item_id}",
+                        author=author.strip(),
+                        html=text,
+                        url=ITEM_URL.format(id=item_id),
+                        score=None,  # HN keeps comment scores private: see the module docstring
+                        position=len(comments),
+                        parent_key=f"hn:{parent}"
+                        if parent is not None and parent != story_id
+                        else None,
+                        published=_when(item, now),
+                    )
+                )
         return comments
 
 
@@ -185,7 +205,9 @@ def _pick_stories(found: Any, essay_url: str, config: HackerNewsConfig) -> list[
         story_id = _item_id(hit.get("objectID"))
         url = hit.get("url")
         raw_points = hit.get("points")
-        points = raw_points if isinstance(raw_points, int) and not isinstance(raw_points, bool) else 0
+        points = (
+            raw_points if isinstance(raw_points, int) and not isinstance(raw_points, bool) else 0
+        )
         if story_id is None or not isinstance(url, str) or normalize_url(url) != wanted:
             continue
         if points < config.min_points or hit.get("num_comments") == 0:

@@ -59,7 +59,9 @@ from digest.types import Comment, Essay
 # "<platform>:<app id>:<version> (by /u/<username>)" and throttles generic ones (such as
 # python-requests) hard. Operators should set user_agent with their own Reddit username, which
 # is how Reddit contacts them instead of blocking them; digest cannot know that name.
-DEFAULT_USER_AGENT = f"python:digest-newsletter:{__version__} (+https://github.com/digest-newsletter/digest)"
+DEFAULT_USER_AGENT = (
+    f"python:digest-newsletter:{__version__} (+https://github.com/digest-newsletter/digest)"
+)
 COMMENT_LIMIT = 200  # comments per submission request: what one unauthenticated request returns
 FUTURE_GRACE = timedelta(days=1)
 REMOVED_BODIES = frozenset({"[deleted]", "[removed]"})
@@ -69,7 +71,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RedditConfig(CommentSourceConfig):
-    """``{type: reddit, base_url, user_agent, subreddits, max_submissions, include_hidden_scores, ...}``."""
+    """``{type: reddit, base_url, user_agent, subreddits, max_submissions, include_hidden_scores}``.
+
+    Also ``timeout`` (seconds) and ``max_bytes`` (per answer), like every HTTP source.
+    """
 
     base_url: str = "https://www.reddit.com"
     user_agent: str = DEFAULT_USER_AGENT
@@ -93,7 +98,9 @@ class RedditConfig(CommentSourceConfig):
     def _header_safe(cls, value: str) -> str:
         value = value.strip()
         if not value or _CONTROL.search(value):
-            raise ValueError("must be one non-empty line, e.g. 'python:my-digest:1.0 (by /u/yourname)'")
+            raise ValueError(
+                "must be one non-empty line, e.g. 'python:my-digest:1.0 (by /u/yourname)'"
+            )
         return value
 
     @field_validator("subreddits")
@@ -103,7 +110,10 @@ class RedditConfig(CommentSourceConfig):
         for name in value:
             bare = name.strip().removeprefix("/").removeprefix("r/")
             if not _SUBREDDIT.match(bare):
-                raise ValueError(f"{name!r} is not a subreddit name (write it as 'programming' or 'r/programming')")
+                raise ValueError(
+                    f"{name!r} is not a subreddit name "
+                    "(write it as 'programming' or 'r/programming')"
+                )
             names.append(bare)
         return tuple(names)
 
@@ -149,25 +159,37 @@ class RedditSource(CommentSource):
             listing = self._get(session, f"{base}/api/info.json", {"url": essay.url}, now)
             threads = []
             for subreddit, thing_id in _pick_submissions(listing, self.config):
-                threads.append(self._get(
-                    session, f"{base}/r/{subreddit}/comments/{thing_id}.json",
-                    # raw_json=1 opts out of Reddit's legacy escaping of <, > and & in strings.
-                    {"sort": "top", "limit": str(COMMENT_LIMIT), "raw_json": "1"}, now))
+                threads.append(
+                    self._get(
+                        session,
+                        f"{base}/r/{subreddit}/comments/{thing_id}.json",
+                        # raw_json=1 opts out of Reddit's legacy escaping of <, > and & in strings.
+                        {"sort": "top", "limit": str(COMMENT_LIMIT), "raw_json": "1"},
+                        now,
+                    )
+                )
             return RedditThreads(tuple(threads))
         finally:
             if self.session is None:
                 session.close()
 
-    def _get(self, session: requests.Session, url: str, params: dict[str, str], now: datetime) -> Any:
+    def _get(
+        self, session: requests.Session, url: str, params: dict[str, str], now: datetime
+    ) -> Any:
         if self.blocked_until is not None and now < self.blocked_until:
             raise SourceError(_blocked_message(self.blocked_until, now))
         target = f"{url}?{urlencode(params)}"
         cfg = self.config
         connect = min(http.DEFAULT_TIMEOUT[0], cfg.timeout)
         # http.fetch rather than get_json: the rate-limit headers matter as much as the body.
-        fetched = http.fetch(session, target, timeout=(connect, cfg.timeout), max_bytes=cfg.max_bytes,
-                             sleep=self.sleep,
-                             headers={"Accept": "application/json", "User-Agent": cfg.user_agent})
+        fetched = http.fetch(
+            session,
+            target,
+            timeout=(connect, cfg.timeout),
+            max_bytes=cfg.max_bytes,
+            sleep=self.sleep,
+            headers={"Accept": "application/json", "User-Agent": cfg.user_agent},
+        )
         self._note_rate_limit(fetched.headers, now)
         try:
             return json.loads(fetched.body)
@@ -178,10 +200,12 @@ class RedditSource(CommentSource):
         remaining = _number(headers.get("x-ratelimit-remaining"))
         if remaining is None or remaining >= 1:
             return
-        # Reddit sends the seconds until the window resets; without it, a minute is the
-        # unauthenticated window's length and a safe guess.
+        # X-Ratelimit-Reset is the seconds until Reddit's (ten-minute) window resets; without
+        # it, wait a minute. The cap keeps an odd value from blocking for days (or overflowing
+        # timedelta).
         reset = _number(headers.get("x-ratelimit-reset"))
-        self.blocked_until = now + timedelta(seconds=reset if reset is not None else 60.0)
+        seconds = 60.0 if reset is None else min(max(reset, 0.0), 3600.0)
+        self.blocked_until = now + timedelta(seconds=seconds)
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -199,7 +223,9 @@ class RedditSource(CommentSource):
                     comments.append(comment)
         return comments
 
-    def _comment(self, essay: Essay, data: dict[str, Any], position: int, now: datetime) -> Comment | None:
+    def _comment(
+        self, essay: Essay, data: dict[str, Any], position: int, now: datetime
+    ) -> Comment | None:
         name = data.get("name")
         body = data.get("body")
         if not isinstance(name, str) or not name.startswith("t1_"):
@@ -218,15 +244,20 @@ class RedditSource(CommentSource):
             source=self.name,
             essay_key=essay.key,
             key=f"reddit:{name}",
-            author=author.strip() if isinstance(author, str) and author.strip() != "[deleted]" else "",
+            author=author.strip()
+            if isinstance(author, str) and author.strip() != "[deleted]"
+            else "",
             html=_body_html(data.get("body_html")),
-            url=f"{self.config.base_url}{permalink}" if isinstance(permalink, str)
-            and permalink.startswith("/") else "",
+            url=f"{self.config.base_url}{permalink}"
+            if isinstance(permalink, str) and permalink.startswith("/")
+            else "",
             # A hidden score is a placeholder (often 1), not a rating: unknown it is.
             score=None if hidden else _number(data.get("score")),
             upvotes=None if hidden else _int(data.get("ups")),
             position=position,
-            parent_key=f"reddit:{parent}" if isinstance(parent, str) and parent.startswith("t1_") else None,
+            parent_key=f"reddit:{parent}"
+            if isinstance(parent, str) and parent.startswith("t1_")
+            else None,
             published=_from_epoch(data.get("created_utc"), now),
         )
 
@@ -332,5 +363,7 @@ def _from_epoch(value: Any, now: datetime) -> datetime | None:
 
 def _blocked_message(until: datetime, now: datetime) -> str:
     seconds = max(0, int((until - now).total_seconds()))
-    return (f"Reddit's rate limit is used up (X-Ratelimit-Remaining: 0): not sending more requests; "
-            f"retry after {until.strftime('%Y-%m-%d %H:%M:%S UTC')} (in {seconds} s, X-Ratelimit-Reset)")
+    return (
+        f"Reddit's rate limit is used up (X-Ratelimit-Remaining: 0): not sending more requests; "
+        f"retry after {until.strftime('%Y-%m-%d %H:%M:%S UTC')} (in {seconds} s, X-Ratelimit-Reset)"
+    )

@@ -140,8 +140,11 @@ class SubstackSource(Source):
         """The archive, each free post's body and each post's comments."""
         session = self.session or http.build_session()
         try:
-            archive = self._get(session, "archive", {
-                "sort": "new", "offset": "0", "limit": str(self.config.max_posts)})
+            archive = self._get(
+                session,
+                "archive",
+                {"sort": "new", "offset": "0", "limit": str(self.config.max_posts)},
+            )
             result = SubstackFetch(archive=archive)
             for post in _archive_posts(archive)[: self.config.max_posts]:
                 post_id, slug = post["id"], post["slug"]
@@ -150,8 +153,10 @@ class SubstackSource(Source):
                     result.bodies[post_id] = self._get(session, f"posts/{quote(slug, safe='')}")
                 try:
                     result.comments[post_id] = self._get(
-                        session, f"post/{post_id}/comments",
-                        {"all_comments": "true", "sort": "best_first"})
+                        session,
+                        f"post/{post_id}/comments",
+                        {"all_comments": "true", "sort": "best_first"},
+                    )
                 except ApiChanged:
                     raise
                 except SourceError as exc:
@@ -161,13 +166,20 @@ class SubstackSource(Source):
             if self.session is None:
                 session.close()
 
-    def _get(self, session: requests.Session, path: str, params: dict[str, str] | None = None) -> Any:
+    def _get(
+        self, session: requests.Session, path: str, params: dict[str, str] | None = None
+    ) -> Any:
         url = f"{self.config.api_root}/{path}"
         if params:
             url = f"{url}?{urlencode(params)}"
         connect = min(http.DEFAULT_TIMEOUT[0], self.config.timeout)
-        fetched = http.fetch(session, url, headers={"Accept": "application/json"},
-                             timeout=(connect, self.config.timeout), sleep=self.sleep)
+        fetched = http.fetch(
+            session,
+            url,
+            headers={"Accept": "application/json"},
+            timeout=(connect, self.config.timeout),
+            sleep=self.sleep,
+        )
         try:
             return json.loads(fetched.body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -194,8 +206,13 @@ class SubstackSource(Source):
                 covered.append((essay.source, essay.key))
             else:
                 warnings.append(f"{essay.url}: {raw.problems.get(post_id, 'comments not read')}")
-        return CollectResult(source=self.name, essays=tuple(essays), comments=tuple(comments),
-                             covered=tuple(covered), warnings=tuple(warnings))
+        return CollectResult(
+            source=self.name,
+            essays=tuple(essays),
+            comments=tuple(comments),
+            covered=tuple(covered),
+            warnings=tuple(warnings),
+        )
 
     def _essay(self, post: Mapping[str, Any], body: str, now: datetime) -> Essay:
         url = feed.http_url(post.get("canonical_url")) or (
@@ -227,19 +244,21 @@ class SubstackSource(Source):
             html_text = _paragraphs(body)
             if not html_text:
                 continue
-            out.append(Comment(
-                source=self.name,
-                essay_key=essay.key,
-                key=str(cid),
-                author=feed.plain_text(_str(node.get("name")) or _str(node.get("handle"))),
-                html=html_text,
-                # Substack's comment permalink [unverified: the pattern its web pages link to].
-                url=f"{essay.url.rstrip('/')}/comment/{cid}",
-                score=_score(node, post_id),
-                published=_date(node.get("date"), now),
-                parent_key=_parent(node, tree_parent),
-                position=len(out),
-            ))
+            out.append(
+                Comment(
+                    source=self.name,
+                    essay_key=essay.key,
+                    key=str(cid),
+                    author=feed.plain_text(_str(node.get("name")) or _str(node.get("handle"))),
+                    html=html_text,
+                    # Substack's comment permalink [unverified: the pattern its web pages link to].
+                    url=f"{essay.url.rstrip('/')}/comment/{cid}",
+                    score=_score(node, post_id),
+                    published=_date(node.get("date"), now),
+                    parent_key=_parent(node, tree_parent),
+                    position=len(out),
+                )
+            )
         return out
 
 
@@ -294,7 +313,9 @@ def _walk(nodes: list[Any], post_id: int) -> Iterator[tuple[dict[str, Any], str 
         if children is None:
             children = []
         if not isinstance(children, list):
-            raise ApiChanged(f"comment {node['id']} on post {post_id} has children that are not a list")
+            raise ApiChanged(
+                f"comment {node['id']} on post {post_id} has children that are not a list"
+            )
         if children and depth < MAX_DEPTH:
             stack.append((children, 0, str(node["id"]), depth + 1))
 
@@ -306,8 +327,9 @@ def _score(node: Mapping[str, Any], post_id: int) -> float:
     reactions = node.get("reactions")
     if isinstance(reactions, dict) and all(_is_id(v) for v in reactions.values()):
         return float(sum(reactions.values()))
-    raise ApiChanged(f"comment {node['id']} on post {post_id} has neither reaction_count nor "
-                     "reactions counts")
+    raise ApiChanged(
+        f"comment {node['id']} on post {post_id} has neither reaction_count nor reactions counts"
+    )
 
 
 def _parent(node: Mapping[str, Any], tree_parent: str | None) -> str | None:
@@ -324,7 +346,9 @@ def _paragraphs(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     return "".join(
-        "<p>" + "<br>".join(html.escape(line.strip()) for line in p.split("\n") if line.strip()) + "</p>"
+        "<p>"
+        + "<br>".join(html.escape(line.strip()) for line in p.split("\n") if line.strip())
+        + "</p>"
         for p in paragraphs
     )
 

@@ -107,8 +107,9 @@ class WordPressConfig(SourceConfig):
 class WordPressFetch:
     """What :meth:`WordPressSource.fetch` hands to :meth:`WordPressSource.parse`.
 
-    ``comments`` holds each post's comments (by post id) when all of them were read;
-    ``problems`` says, by post id, why a post's comments are missing or partial.
+    By post id: ``comments`` holds a post's comments when all of them were read;
+    ``partial`` the pages read before a failure or the page cap; ``problems`` says why a
+    post's comments are missing or partial.
     """
 
     posts_url: str
@@ -161,10 +162,13 @@ class WordPressSource(Source):
                     ) from exc
                 raise
             if not isinstance(posts, list):
-                raise SourceError(f"wordpress: {posts_url}: expected a list of posts, got "
-                                  f"{type(posts).__name__}", hint=FEED_HINT)
+                raise SourceError(
+                    f"wordpress: {posts_url}: expected a list of posts, got {type(posts).__name__}",
+                    hint=FEED_HINT,
+                )
             result = WordPressFetch(posts_url=posts_url, posts=posts)
-            for post in posts:
+            # A site that ignores per_page must not multiply the comment requests.
+            for post in posts[: self.config.max_posts]:
                 post_id = post.get("id") if isinstance(post, dict) else None
                 if not isinstance(post_id, int) or isinstance(post_id, bool):
                     continue  # parse() reports the malformed post
@@ -176,7 +180,9 @@ class WordPressSource(Source):
             if self.session is None:
                 session.close()
 
-    def _fetch_comments(self, session: requests.Session, post_id: int, into: WordPressFetch) -> None:
+    def _fetch_comments(
+        self, session: requests.Session, post_id: int, into: WordPressFetch
+    ) -> None:
         """All of one post's comments, oldest first, page by page, into ``into``."""
         rows: list[Any] = []
         page = 1
@@ -238,8 +244,9 @@ class WordPressSource(Source):
             return json.loads(fetched.body), fetched.headers
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             # A site with the REST API off often serves its HTML home page at /wp-json/.
-            raise SourceError(f"wordpress: {url}: the answer is not JSON ({type(exc).__name__})",
-                              hint=FEED_HINT) from exc
+            raise SourceError(
+                f"wordpress: {url}: the answer is not JSON ({type(exc).__name__})", hint=FEED_HINT
+            ) from exc
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -250,7 +257,7 @@ class WordPressSource(Source):
         comments: list[Comment] = []
         covered: list[tuple[str, str]] = []
         warnings: list[str] = []
-        for index, post in enumerate(raw.posts):
+        for index, post in enumerate(raw.posts[: self.config.max_posts]):
             if not isinstance(post, dict) or not _is_id(post.get("id")):
                 raise SourceError(f"wordpress: {raw.posts_url}: post {index + 1} has no numeric id")
             if post.get("status", "publish") != "publish":

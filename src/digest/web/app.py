@@ -1,4 +1,4 @@
-"""Flask app: the links in every sent email, and a health check.
+"""Flask app: the links in every sent email, provider webhooks, and a health check.
 
 ``/u/<token>``: GET shows a confirmation page and changes nothing (mail scanners prefetch
 links); POST unsubscribes at once, including the RFC 8058 one-click POST that mailbox
@@ -112,7 +112,7 @@ def create_app(
         settings = app.settings.webhooks
         now = app.now()
         try:
-            if provider == "ses":
+            if provider == "ses":  # SNS alone verifies with a fetched certificate (injectable)
                 verified = ses.verify(headers, raw, settings, now, certificates=sns_certificates)
             else:
                 verified = handler.verify(headers, raw, settings, now)

@@ -51,9 +51,9 @@ import requests
 from urllib3.exceptions import NewConnectionError
 
 from digest.config import Delivery
+from digest.delivery.mime import RESERVED_HEADERS, clean_header_value
 from digest.errors import AuthError, DeliveryError
 from digest.http import build_session, retry_after_seconds
-from digest.delivery.mime import RESERVED_HEADERS, clean_header_value
 from digest.types import OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error

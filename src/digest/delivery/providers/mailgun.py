@@ -73,9 +73,7 @@ _MAILGUN_VARIABLE_RE = re.compile(
 )
 _ZWSP = "\u200b"
 _MAGNIFICENT = b"Mailgun Magnificent API"
-_DOMAIN_HINT = (
-    "check delivery.domain, and delivery.region (an EU domain needs region: eu) or delivery.base_url"
-)
+_DOMAIN_HINT = "check delivery.domain, and delivery.region (an EU domain needs region: eu) or delivery.base_url"
 
 
 def neutralize_html(html: str) -> str:
@@ -190,18 +188,20 @@ class MailgunProvider(HttpProvider):
         """
         tos: list[tuple[str, str]] = []
         variables: dict[str, dict[str, str]] = {}
+        seen: set[str] = set()
         header_names: list[str] = []
         ids: list[int] = []
         refused: list[SendResult] = []
         for ledger_id, to_email, to_name, headers in envelopes:
             try:
                 address = normalize_address(to_email)
-                to = format_address(to_name, address)
+                # The display name too: Mailgun may substitute in the To header as well.
+                to = format_address(neutralize_text(to_name), address)
                 clean = checked_headers(headers)
             except ValueError as exc:
                 refused.append(SendResult(ledger_id, "invalid", None, str(exc)))
                 continue
-            if address.lower() in {a.lower() for a in variables}:
+            if address.lower() in seen:
                 # Why: recipient-variables are keyed by address; two rows for one address
                 # would share one set of values (and one unsubscribe link).
                 refused.append(
@@ -216,6 +216,7 @@ class MailgunProvider(HttpProvider):
                 values[key] = value
             values.update((extra or {}).get(ledger_id, {}))
             variables[address] = values
+            seen.add(address.lower())
             tos.append(("to", to))
             ids.append(ledger_id)
         for values in variables.values():  # every reader needs every key, or the raw

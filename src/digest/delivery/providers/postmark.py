@@ -68,7 +68,7 @@ class PostmarkProvider(HttpProvider):
         if not settings.api_key:
             raise ConfigError("delivery.api_key: provider postmark needs a server token")
         super().__init__(settings, session)
-        self._template_cache: tuple[TemplateMessage, tuple[bytes, ...], tuple[bytes, ...]] | None = None
+        self._template_cache: tuple[TemplateMessage, Any] | None = None
         self.token = settings.api_key
         self.batch_url = f"{self.base_url}/email/batch"
         self._read_headers = {"X-Postmark-Server-Token": self.token, "Accept": "application/json"}
@@ -82,11 +82,6 @@ class PostmarkProvider(HttpProvider):
         header names and values) are encoded once, and each body is escaped with
         :func:`json_escape` instead of going through ``json.dumps`` on a dict of dicts.
         """
-        return self._build(messages, None)
-
-    def _build(self, messages: Sequence[OutgoingMessage],
-               bodies: dict[int, tuple[bytes, bytes]] | None) -> PreparedCall:
-        """The batch body; ``bodies`` holds already-escaped (html, text) per ledger id, if any."""
         memo: dict[tuple[str, str], bytes] = {}
 
         def shared(kind: str, value: str) -> bytes:
@@ -116,12 +111,10 @@ class PostmarkProvider(HttpProvider):
                 b',"Subject":',
                 shared("subject", m.subject),
             )
-            html, text = bodies[m.ledger_id] if bodies is not None else (
-                json_escape(m.html) if m.html else b"", json_escape(m.text) if m.text else b"")
-            if html:
-                parts += (b',"HtmlBody":"', html, b'"')
-            if text:
-                parts += (b',"TextBody":"', text, b'"')
+            if m.html:
+                parts += (b',"HtmlBody":"', json_escape(m.html), b'"')
+            if m.text:
+                parts += (b',"TextBody":"', json_escape(m.text), b'"')
             parts += (b',"MessageStream":', self._stream)
             if m.tag:
                 parts += (b',"Tag":', shared("tag", m.tag))
@@ -162,39 +155,69 @@ class PostmarkProvider(HttpProvider):
     #: finished messages; Postmark still gets a full body per message, built here.
     accepts_templates: ClassVar[bool] = True
 
-    def _encoded_template(self, template: TemplateMessage) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-        """The template's static parts, JSON-escaped once and kept while the draft is sent."""
+    def _skeleton(self, template: TemplateMessage) -> tuple[bytes, bytes, tuple[bytes, ...], bytes,
+                                                           tuple[bytes, ...], bytes, bytes, bytes]:
+        """Every byte of a message's JSON that all recipients share, encoded once per draft."""
         cached = self._template_cache
         if cached is not None and cached[0] is template:
-            return cached[1], cached[2]
+            return cached[1]
+        head = b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":'
+        subject = (b',"Subject":' + json_string(clean_header_value(template.subject)) + b',"HtmlBody":"')
         html = tuple(json_escape(p) for p in template.html_parts)
+        between = b'","TextBody":"'
         text = tuple(json_escape(p) for p in template.text_parts)
-        self._template_cache = (template, html, text)
-        return html, text
-
-    def _template_messages(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
-                           ) -> tuple[list[OutgoingMessage], dict[int, tuple[bytes, bytes]]]:
-        html_parts, text_parts = self._encoded_template(template)
-        messages = [
-            OutgoingMessage(ledger_id=r.ledger_id, draft_id=template.draft_id, to_email=r.to_email,
-                            to_name=r.to_name, from_addr=template.from_addr, subject=template.subject,
-                            html="", text="", headers=r.headers, reply_to=template.reply_to,
-                            message_id=r.message_id, tag=template.tag)
-            for r in recipients
-        ]
-        bodies = {
-            r.ledger_id: (_interleave(html_parts, template.html_slots, dict(r.html_values)),
-                          _interleave(text_parts, template.text_slots, dict(r.text_values)))
-            for r in recipients
-        }
-        return messages, bodies
+        meta = b'","MessageStream":' + self._stream
+        if template.tag:
+            meta += b',"Tag":' + json_string(clean_header_value(template.tag))
+        meta += b',"Metadata":{"ledger_id":"'
+        draft = b'","draft_id":"%d"}' % template.draft_id
+        tail = (b',"ReplyTo":' + json_string(self._header_text("reply_to", template.reply_to))
+                if template.reply_to else b"") + b"}"
+        skeleton = (head, subject, html, between, text, meta, draft, tail)
+        self._template_cache = (template, skeleton)
+        return skeleton
 
     def build_template_request(self, template: TemplateMessage,
                                recipients: Sequence[TemplateRecipient]) -> PreparedCall:
         """The same ``/email/batch`` body :meth:`build_request` gives for the personalized
-        messages, without escaping each ~50 KB body again: each body is the pre-escaped static
-        parts joined with the recipient's escaped slot values. Pure."""
-        return self._build(*self._template_messages(template, recipients))
+        messages, without encoding each ~50 KB body again: the shared JSON (addresses,
+        subject, the bodies' static parts, stream, tag) is encoded once per draft, and each
+        message splices in only its own values. Pure."""
+        head, subject, html, between, text, meta, draft, tail = self._skeleton(template)
+        html_slots, text_slots = template.html_slots, template.text_slots
+        parts: list[bytes] = [b"["]
+        included: list[OutgoingMessage] = []
+        refused: list[SendResult] = []
+        for r in recipients:
+            try:
+                to = json_string(format_address(r.to_name, r.to_email))
+            except ValueError as exc:
+                refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
+                continue
+            if included:
+                parts.append(b",")
+            included.append(OutgoingMessage(
+                ledger_id=r.ledger_id, draft_id=template.draft_id, to_email=r.to_email, to_name=r.to_name,
+                from_addr=template.from_addr, subject=template.subject, html="", text=""))
+            parts += (head, to, subject, html[0])
+            values = dict(r.html_values)
+            for slot, part in zip(html_slots, html[1:]):
+                parts += (json_escape(values[slot]), part)
+            parts += (between, text[0])
+            values = dict(r.text_values)
+            for slot, part in zip(text_slots, text[1:]):
+                parts += (json_escape(values[slot]), part)
+            parts += (meta, b"%d" % r.ledger_id, draft)
+            if r.headers:
+                parts.append(b',"Headers":[')
+                for i, (name, value) in enumerate(r.headers):
+                    parts += (b',{"Name":' if i else b'{"Name":', json_string(name), b',"Value":',
+                              json_string(clean_header_value(value)), b"}")
+                parts.append(b"]")
+            parts.append(tail)
+        parts.append(b"]")
+        return PreparedCall(method="POST", url=self.batch_url, headers=self._post_headers,
+                            body=b"".join(parts), messages=tuple(included), refused=tuple(refused))
 
     def send_template_batch(self, template: TemplateMessage,
                             recipients: Sequence[TemplateRecipient]) -> list[SendResult]:
@@ -203,8 +226,11 @@ class PostmarkProvider(HttpProvider):
             return []
         if len(recipients) > self.max_batch:
             raise ValueError(f"{self.name}: {len(recipients)} messages in one call; the limit is {self.max_batch}")
-        messages, bodies = self._template_messages(template, recipients)
-        return self.send_call(self._build(messages, bodies), messages)
+        call = self.build_template_request(template, recipients)
+        order = [OutgoingMessage(ledger_id=r.ledger_id, draft_id=template.draft_id, to_email=r.to_email,
+                                 to_name=r.to_name, from_addr="", subject="", html="", text="")
+                 for r in recipients] if call.refused else list(call.messages)
+        return self.send_call(call, order)
 
     def _header_text(self, kind: str, value: str) -> str:
         """A shared value made ready for the JSON: addresses formatted, text cleaned."""
@@ -320,15 +346,6 @@ class PostmarkProvider(HttpProvider):
         if self.token == TEST_TOKEN:
             line += " (test token: Postmark validates messages but delivers none)"
         return line
-
-
-def _interleave(parts: tuple[bytes, ...], slots: tuple[str, ...], values: dict[str, str]) -> bytes:
-    """``parts[0] value(slots[0]) parts[1] ...``, the values JSON-escaped (they are short)."""
-    out = [parts[0]]
-    for slot, part in zip(slots, parts[1:]):
-        out.append(json_escape(values[slot]))
-        out.append(part)
-    return b"".join(out)
 
 
 def _as_int(value: Any) -> int | None:

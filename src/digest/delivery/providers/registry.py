@@ -13,6 +13,11 @@ from digest.errors import ConfigError
 PROVIDERS: dict[str, str] = {
     "outbox": "digest.delivery.providers.outbox:OutboxProvider",
     "postmark": "digest.delivery.providers.postmark:PostmarkProvider",
+    "sendgrid": "digest.delivery.providers.sendgrid:SendGridProvider",
+    "mailgun": "digest.delivery.providers.mailgun:MailgunProvider",
+    "ses": "digest.delivery.providers.ses:SesProvider",
+    "resend": "digest.delivery.providers.resend:ResendProvider",
+    "smtp": "digest.delivery.providers.smtp:SmtpProvider",
 }
 
 

@@ -135,7 +135,9 @@ class ResendProvider(HttpProvider):
         try:
             name, addr = parse_mailbox(value)
         except ValueError as exc:
-            raise DeliveryError(f"resend: bad address in {key}: {exc}", hint=f"check {key}") from exc
+            raise DeliveryError(
+                f"resend: bad address in {key}: {exc}", hint=f"check {key}"
+            ) from exc
         memo[(key, value)] = formatted = format_address(name, addr)
         return formatted
 
@@ -172,7 +174,10 @@ class ResendProvider(HttpProvider):
             # The same batch is still being processed (an earlier attempt timed out while
             # Resend was working on it): ask again shortly, it will answer as the first.
             raise DeliveryError(
-                what, retryable=True, status=status, response_text=shown,
+                what,
+                retryable=True,
+                status=status,
+                response_text=shown,
                 retry_after=retry_after if retry_after is not None else 1.0,
             )
         if name == "invalid_idempotent_request" or status == 409:
@@ -191,7 +196,10 @@ class ResendProvider(HttpProvider):
             # within the sender's backoff (seconds) only burns attempts.
             period = "daily" if name.startswith("daily") else "monthly"
             raise DeliveryError(
-                what, retryable=False, status=status, response_text=shown,
+                what,
+                retryable=False,
+                status=status,
+                response_text=shown,
                 hint=f"the Resend {period} quota is used up: run `digest send` after it resets, "
                 "or raise the plan's quota",
             )
@@ -221,7 +229,9 @@ class ResendProvider(HttpProvider):
             results = []
             for m, item in zip(messages, items):
                 message_id = item.get("id") if isinstance(item, dict) else None
-                results.append(SendResult(m.ledger_id, "sent", str(message_id) if message_id else None))
+                results.append(
+                    SendResult(m.ledger_id, "sent", str(message_id) if message_id else None)
+                )
             return results
         name, message = _error(body)
         if status in (400, 422):

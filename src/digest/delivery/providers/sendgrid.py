@@ -107,7 +107,9 @@ class SendGridProvider(HttpProvider):
 
     # -- shared pieces ------------------------------------------------------------------------
 
-    def _envelope(self, from_addr: str, subject: str, reply_to: str | None, tag: str) -> dict[str, Any]:
+    def _envelope(
+        self, from_addr: str, subject: str, reply_to: str | None, tag: str
+    ) -> dict[str, Any]:
         try:
             from_name, from_email = parse_mailbox(from_addr)
             data: dict[str, Any] = {
@@ -196,7 +198,12 @@ class SendGridProvider(HttpProvider):
             included.append(m)
         data["personalizations"] = personalizations
         return PreparedCall(
-            "POST", self.send_url, self._post_headers, self._post(data), tuple(included), tuple(refused)
+            "POST",
+            self.send_url,
+            self._post_headers,
+            self._post(data),
+            tuple(included),
+            tuple(refused),
         )
 
     @staticmethod
@@ -236,7 +243,10 @@ class SendGridProvider(HttpProvider):
     # -- server-side personalization ------------------------------------------------------------
 
     def build_template_request(
-        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient], nonce: str | None = None
+        self,
+        template: TemplateMessage,
+        recipients: Sequence[TemplateRecipient],
+        nonce: str | None = None,
     ) -> tuple[PreparedCall, tuple[int, ...]]:
         """The one request for a template batch and the ledger ids it carries, in order.
 

@@ -66,7 +66,10 @@ _THROTTLED = frozenset({"TooManyRequestsException", "ThrottlingException", "Thro
 # within seconds cannot help; only the quota window (24 h) or a raised quota can.
 _DAILY_QUOTA_RE = re.compile(r"daily (message|sending) quota", re.IGNORECASE)
 _TAG_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]+")
-_AUTH_HINT = "check delivery.aws_access_key_id, delivery.aws_secret_access_key and delivery.region"
+_AUTH_HINT = (
+    "check delivery.aws_access_key_id, delivery.aws_secret_access_key and delivery.region "
+    "(and the system clock: SigV4 signatures expire after 15 minutes)"
+)
 
 
 # -- AWS Signature Version 4 ----------------------------------------------------------------
@@ -107,12 +110,11 @@ def canonical_request(
     canonical_headers = "".join(f"{n}:{lowered[n]}\n" for n in names)
     signed_headers = ";".join(names)
     payload_hash = hashlib.sha256(body).hexdigest()
-    return (
-        "\n".join(
-            (method.upper(), path, canonical_query, canonical_headers, signed_headers, payload_hash)
-        ),
-        signed_headers,
+    canonical = (
+        f"{method.upper()}\n{path}\n{canonical_query}\n"
+        f"{canonical_headers}\n{signed_headers}\n{payload_hash}"
     )
+    return canonical, signed_headers
 
 
 def _hmac(key: bytes, text: str) -> bytes:
@@ -424,7 +426,8 @@ class SesProvider(HttpProvider):
             )
         if data.get("SendingEnabled") is False:
             raise DeliveryError(
-                "ses: sending is disabled for this account", hint=_ACCOUNT_HINTS["SendingPausedException"]
+                "ses: sending is disabled for this account",
+                hint=_ACCOUNT_HINTS["SendingPausedException"],
             )
         if data.get("ProductionAccessEnabled") is False:
             line += " (sandbox: only verified recipients receive mail)"

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from digest.config import Webhooks
-from digest.errors import DigestError
+from digest.errors import DigestError, WebhookVerificationError
 from digest.types import DeliveryEvent
 from digest.web.webhooks import (
     LEDGER_KEY,
@@ -124,9 +124,11 @@ def _https_get(url: str) -> bytes:
 
     session = build_session(pool_size=1)
     try:
-        return fetch(session, url, max_bytes=MAX_CERT_BYTES, retries=1).body
+        fetched = fetch(session, url, max_bytes=MAX_CERT_BYTES, retries=1)
     finally:
         session.close()
+    trusted_sns_url(fetched.url, pem=True)  # a redirect must not lead off an SNS host
+    return fetched.body
 
 
 class CertificateCache:
@@ -151,6 +153,8 @@ class CertificateCache:
             return cached
         try:
             body = self.fetch(url)
+        except WebhookVerificationError:
+            raise
         except (DigestError, OSError, KeyError) as exc:
             log.warning("webhooks: ses: could not fetch the SNS certificate %s: %s", url, exc)
             raise Unavailable("signing certificate unavailable") from exc

@@ -1,0 +1,274 @@
+"""SMTP: one session per batch, one ``send_message`` per message, with TLS and AUTH.
+
+Each batch opens one connection to ``delivery.smtp_host``: implicit TLS (``smtp_security:
+tls``, port 465), STARTTLS (``starttls``, port 587; refused if the server does not offer it)
+or, for tests only, plain text (``none``). It logs in when ``delivery.username`` is set, sends
+every message of the batch (built by :func:`digest.delivery.mime.build_mime`, the same bytes
+the outbox writes) with its own envelope, and quits.
+
+Replies map to results and errors like this:
+
+* a refused recipient (``RCPT TO`` answered 5xx): ``invalid`` for 501/553 (a malformed or
+  disallowed address), ``rejected`` for the rest (550 no such user, 554 ...); a 4xx for one
+  recipient (greylisting, full mailbox) is ``failed``: not sent, the batch goes on;
+* content refused after ``DATA`` with 5xx: ``rejected``;
+* 421 at any point (the server is closing the connection), any other 4xx for the sender or the
+  data, or a connection that fails before the message data went out: a retryable
+  :class:`DeliveryError` for that message: nothing of it was accepted;
+* the connection lost **while** the message data was being sent or its reply awaited:
+  nobody can tell whether the server queued it: that message is uncertain.
+
+Several messages per session makes a batch several "calls", so the partial-batch rules of
+:func:`~digest.delivery.providers.base.send_in_calls` apply: messages accepted before a failure
+stay ``sent``; after a retryable failure the rest come back ``failed`` ("not sent") instead of
+an error, because retrying the whole batch would send the accepted ones twice; when the
+failure left one message uncertain, :class:`~digest.delivery.providers.base.PartialBatchError`
+carries the known results and that message's ledger id.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, ClassVar
+
+import requests
+
+from digest import clock
+from digest.config import Delivery
+from digest.delivery.mime import build_mime, normalize_address, parse_mailbox
+from digest.delivery.providers.base import (
+    Provider,
+    UncertainDeliveryError,
+    response_text,
+    send_in_calls,
+)
+from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.types import OutgoingMessage, ResultStatus, SendResult
+
+_INVALID_CODES = frozenset({501, 553})  # syntax error in the address; mailbox name not allowed
+_CLOSING = 421  # service not available, closing the channel: smtplib closes the socket too
+_TLS_HINT = "check delivery.smtp_ca_file, or set delivery.smtp_verify: false for a test server"
+
+
+class _Session(smtplib.SMTP):
+    """smtplib.SMTP that remembers whether the message data has started to go out."""
+
+    in_data: bool = False
+
+    def data(self, msg: Any) -> tuple[int, bytes]:
+        self.in_data = True
+        return super().data(msg)
+
+
+class _TlsSession(smtplib.SMTP_SSL):
+    """smtplib.SMTP_SSL (implicit TLS) that remembers whether the data has started to go out."""
+
+    in_data: bool = False
+
+    def data(self, msg: Any) -> tuple[int, bytes]:
+        self.in_data = True
+        return super().data(msg)
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return response_text(f"{code} {text}".strip())
+
+
+class SmtpProvider(Provider):
+    """Sends through an SMTP server, one session per batch; see the module docstring."""
+
+    name: ClassVar[str] = "smtp"
+    max_batch: ClassVar[int] = 100
+
+    def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
+        super().__init__(settings, session)
+        if not settings.smtp_host:
+            raise ConfigError("delivery.smtp_host: provider smtp needs a server")
+        self.host = settings.smtp_host
+        self.port = settings.smtp_port_or_default
+        self.security = settings.smtp_security
+        self.timeout = settings.timeout
+
+    # -- the connection -------------------------------------------------------------------------
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The client TLS context: system CAs, or ``smtp_ca_file``; no checks if not verifying."""
+        context = ssl.create_default_context(cafile=self.settings.smtp_ca_file)
+        if not self.settings.smtp_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def connect(self) -> _Session | _TlsSession:
+        """An open, secured and logged-in session; errors mapped to :class:`DeliveryError`."""
+        where = f"{self.host}:{self.port}"
+        conn: _Session | _TlsSession | None = None
+        try:
+            if self.security == "tls":
+                conn = _TlsSession(
+                    self.host, self.port, timeout=self.timeout, context=self.tls_context()
+                )
+            else:
+                conn = _Session(self.host, self.port, timeout=self.timeout)
+            conn.ehlo()
+            if self.security == "starttls":
+                if not conn.has_extn("starttls"):
+                    # Why refuse rather than go on in clear: the password and every reader's
+                    # address would cross the network unencrypted.
+                    raise DeliveryError(
+                        f"smtp: {where} does not offer STARTTLS",
+                        hint="use delivery.smtp_security: tls (port 465) if the server wants "
+                        "implicit TLS",
+                    )
+                conn.starttls(context=self.tls_context())
+                conn.ehlo()
+            if self.settings.username:
+                conn.login(self.settings.username, self.settings.password or "")
+            return conn
+        except Exception as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, DeliveryError):
+                raise
+            mapped = self._connect_error(exc, where)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    def _connect_error(self, exc: Exception, where: str) -> DeliveryError | None:
+        what = f"smtp: {type(exc).__name__} connecting to {where}: {exc}"
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            return AuthError(
+                f"smtp: {where} refused the login: {_reply(exc.smtp_code, exc.smtp_error)}",
+                status=exc.smtp_code,
+                hint="check delivery.username and delivery.password",
+            )
+        if isinstance(exc, smtplib.SMTPNotSupportedError):
+            return DeliveryError(
+                what,
+                hint="the server offers no AUTH here; it may want TLS first (smtp_security)",
+            )
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return DeliveryError(what, retryable=False, hint=_TLS_HINT)
+        if isinstance(exc, smtplib.SMTPResponseException):
+            code = exc.smtp_code
+            return DeliveryError(
+                f"smtp: {where} answered {_reply(code, exc.smtp_error)}",
+                retryable=400 <= code < 500,
+                status=code,
+            )
+        if isinstance(exc, (OSError, smtplib.SMTPException)):
+            # Refused, timed out, DNS, TLS handshake cut, server hung up: nothing was sent.
+            return DeliveryError(what, retryable=True)
+        return None  # a bug: let it show
+
+    @staticmethod
+    def _quit(conn: smtplib.SMTP) -> None:
+        try:
+            conn.quit()
+        except (smtplib.SMTPException, OSError):
+            conn.close()  # the messages already accepted stay accepted
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """One session for the batch, one transaction per message; see the module docstring."""
+        if not messages:
+            return []
+        self._check_batch(messages)
+        conn = self.connect()  # a failure here sent nothing: it is raised as it is
+        now = clock.now()
+        try:
+            return send_in_calls(
+                self.name,
+                [[m] for m in messages],
+                lambda ms: [self._send_one(conn, ms[0], now)],
+            )
+        finally:
+            self._quit(conn)
+
+    def _send_one(
+        self, conn: _Session | _TlsSession, msg: OutgoingMessage, now: datetime
+    ) -> SendResult:
+        try:
+            mime = build_mime(msg, now=now)
+            to_addr = normalize_address(msg.to_email)
+        except ValueError as exc:
+            return SendResult(msg.ledger_id, "invalid", None, str(exc))
+        try:
+            from_addr = parse_mailbox(msg.from_addr)[1]
+        except ValueError as exc:
+            raise DeliveryError(
+                f"smtp: bad From address: {exc}", hint="check newsletter.from"
+            ) from exc
+        message_id = str(mime["Message-ID"])
+        conn.in_data = False
+        try:
+            conn.send_message(mime, from_addr=from_addr, to_addrs=[to_addr])
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = exc.recipients.get(to_addr, (550, b"refused"))
+            reply = _reply(code, text)
+            if code == _CLOSING:
+                raise self._closing(reply) from exc
+            status: ResultStatus
+            if 500 <= code < 600:
+                status = "invalid" if code in _INVALID_CODES else "rejected"
+            else:
+                status = "failed"  # a temporary refusal of this one address: not sent
+            return SendResult(msg.ledger_id, status, None, f"RCPT TO refused: {reply}")
+        except smtplib.SMTPSenderRefused as exc:
+            reply = _reply(exc.smtp_code, exc.smtp_error)
+            if exc.smtp_code == _CLOSING:
+                raise self._closing(reply) from exc
+            raise DeliveryError(
+                f"smtp: MAIL FROM <{from_addr}> refused: {reply}",
+                retryable=400 <= exc.smtp_code < 500,
+                status=exc.smtp_code,
+                hint=None if exc.smtp_code < 500 else "the server will not send as newsletter.from",
+            ) from exc
+        except smtplib.SMTPDataError as exc:
+            reply = _reply(exc.smtp_code, exc.smtp_error)
+            if 500 <= exc.smtp_code < 600:
+                return SendResult(msg.ledger_id, "rejected", None, f"DATA refused: {reply}")
+            # 421 or another 4xx after DATA: the server answered, and did not take it.
+            raise (
+                self._closing(reply)
+                if exc.smtp_code == _CLOSING
+                else DeliveryError(
+                    f"smtp: DATA refused for now: {reply}", retryable=True, status=exc.smtp_code
+                )
+            ) from exc
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            if conn.in_data:
+                # Why uncertain: the data (or part of it) went out and the final reply never
+                # came; the server may have queued the message before the line dropped.
+                raise UncertainDeliveryError(
+                    f"smtp: connection lost while sending the message to {to_addr}: {exc}; "
+                    "the server may have accepted it",
+                    retryable=True,
+                ) from exc
+            raise DeliveryError(
+                f"smtp: connection lost before the message to {to_addr} was sent: {exc}",
+                retryable=True,
+            ) from exc
+        except smtplib.SMTPException as exc:
+            raise DeliveryError(f"smtp: {type(exc).__name__}: {exc}", retryable=False) from exc
+        return SendResult(msg.ledger_id, "sent", message_id)
+
+    @staticmethod
+    def _closing(reply: str) -> DeliveryError:
+        return DeliveryError(
+            f"smtp: the server is closing the connection: {reply}", retryable=True, status=_CLOSING
+        )
+
+    def check(self) -> str:
+        """Connect, secure, log in and quit: proves host, port, TLS and credentials."""
+        conn = self.connect()
+        self._quit(conn)
+        login = f", logged in as {self.settings.username}" if self.settings.username else ""
+        return f"smtp: reached {self.host}:{self.port} ({self.security}{login})"

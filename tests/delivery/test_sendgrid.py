@@ -1,0 +1,275 @@
+"""SendGridProvider: the request it builds, the answers it reads, and the fake server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from digest.config import Delivery
+from digest.delivery.providers.base import PartialBatchError, expand_template
+from digest.delivery.providers.sendgrid import SendGridProvider
+from digest.errors import AuthError, ConfigError, DeliveryError
+from tests.delivery.conftest import MessageFactory
+from tests.delivery.test_provider_contract import make_recipient, make_template
+from tests.fakes.provider_server import FakeProviderServer, install_sendgrid
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "sendgrid"
+KEY = "SG.test-key"
+
+
+def payload(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+@pytest.fixture
+def provider() -> SendGridProvider:
+    return SendGridProvider(Delivery(provider="sendgrid", api_key=KEY, base_url="https://sg.test"))
+
+
+@pytest.fixture
+def srv() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer(token=KEY) as server:
+        install_sendgrid(server)
+        yield server
+
+
+def live(srv: FakeProviderServer, **settings: object) -> SendGridProvider:
+    return SendGridProvider(
+        Delivery(provider="sendgrid", api_key=KEY, base_url=srv.url, timeout=5, **settings)  # type: ignore[arg-type]
+    )
+
+
+# -- building -----------------------------------------------------------------------------
+
+
+def test_needs_a_key() -> None:
+    with pytest.raises(ConfigError):
+        SendGridProvider(Delivery(provider="outbox"))
+
+
+def test_full_body_request_shape(provider: SendGridProvider, make_message: MessageFactory) -> None:
+    msg = make_message(5, reply_to="Editors <editors@news.example.org>", tag="digest-7")
+    call = provider.build_request([msg])
+    assert (call.method, call.url) == ("POST", "https://sg.test/v3/mail/send")
+    assert call.headers["Authorization"] == f"Bearer {KEY}"
+    data = json.loads(call.body)
+    assert data["from"] == {"email": "digest@news.example.org", "name": "Field Notes"}
+    assert data["reply_to"] == {"email": "editors@news.example.org", "name": "Editors"}
+    assert data["subject"] == msg.subject
+    assert data["content"] == [
+        {"type": "text/plain", "value": msg.text},  # text/plain must come first
+        {"type": "text/html", "value": msg.html},
+    ]
+    assert data["categories"] == ["digest-7"]
+    assert data["tracking_settings"] == {"subscription_tracking": {"enable": False}}
+    (p,) = data["personalizations"]
+    assert p["to"] == [{"email": "reader5@example.com", "name": "Reader 5"}]
+    assert p["headers"] == {
+        "List-Unsubscribe": "<https://news.example.org/u/tok0005>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+    assert p["custom_args"] == {"ledger_id": "5", "draft_id": "7"}  # strings, as SendGrid wants
+
+
+def test_names_with_commas_are_quoted_in_personalizations(
+    provider: SendGridProvider, make_message: MessageFactory
+) -> None:
+    call = provider.build_request([make_message(1, to_name="Smith, Jo; Jr")])
+    (p,) = json.loads(call.body)["personalizations"]
+    assert p["to"][0]["name"] == '"Smith, Jo; Jr"'
+
+
+def test_header_injection_is_cleaned(
+    provider: SendGridProvider, make_message: MessageFactory
+) -> None:
+    msg = make_message(1, subject="Hi\r\nBcc: victim@example.com", headers=(("X-Note", "a\r\nb"),))
+    data = json.loads(provider.build_request([msg]).body)
+    assert data["subject"] == "Hi Bcc: victim@example.com"
+    assert data["personalizations"][0]["headers"] == {"X-Note": "a b"}
+
+
+def test_one_request_per_distinct_body(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    same = {"html": "<p>same</p>", "text": "same"}
+    messages = [make_message(1, **same), make_message(2), make_message(3, **same)]
+    results = live(srv).send_batch(messages)
+    assert [(r.ledger_id, r.status) for r in results] == [(1, "sent"), (2, "sent"), (3, "sent")]
+    bodies = sorted(len(r.json()["personalizations"]) for r in srv.requests)
+    assert bodies == [1, 2]  # 1 and 3 share one request
+
+
+def test_the_same_address_twice_is_not_sent_twice(
+    provider: SendGridProvider, make_message: MessageFactory
+) -> None:
+    same = {"html": "<p>same</p>", "text": "same"}
+    call = provider.build_request(
+        [make_message(1, **same), make_message(2, to_email="READER1@example.com", **same)]
+    )
+    assert [m.ledger_id for m in call.messages] == [1]
+    assert [(r.ledger_id, r.status) for r in call.refused] == [(2, "failed")]
+
+
+# -- server-side personalization ----------------------------------------------------------------
+
+
+def test_template_request_uses_nonce_keys(provider: SendGridProvider) -> None:
+    template = make_template()
+    call, ids = provider.build_template_request(
+        template, [make_recipient(1), make_recipient(2)], nonce="abc123"
+    )
+    assert ids == (1, 2)
+    data = json.loads(call.body)
+    text, html = (c["value"] for c in data["content"])
+    assert html == (
+        "<html><body><p>Hello -digest-abc123-h-name-,</p><blockquote>A fine essay.</blockquote>"
+        '<p><a href="-digest-abc123-h-unsubscribe_url-">Unsubscribe</a></p></body></html>'
+    )
+    assert (
+        text
+        == "Hello -digest-abc123-t-name-,\n\n> A fine essay.\n\nUnsubscribe: -digest-abc123-t-unsubscribe_url-\n"
+    )
+    p = data["personalizations"][1]
+    assert p["substitutions"] == {
+        "-digest-abc123-h-name-": "Reader 2",
+        "-digest-abc123-h-unsubscribe_url-": "https://news.example.org/u/tok0002",
+        "-digest-abc123-t-name-": "Reader 2",
+        "-digest-abc123-t-unsubscribe_url-": "https://news.example.org/u/tok0002",
+    }
+    assert p["headers"]["List-Unsubscribe"] == "<https://news.example.org/u/tok0002>"
+    assert p["custom_args"] == {"ledger_id": "2", "draft_id": "7"}
+
+
+def test_template_nonce_is_fresh_per_call(provider: SendGridProvider) -> None:
+    template = make_template()
+    bodies = {
+        provider.build_template_request(template, [make_recipient(1)])[0].body for _ in range(3)
+    }
+    assert len(bodies) == 3
+
+
+def test_a_nonce_found_in_the_content_is_refused(provider: SendGridProvider) -> None:
+    template = make_template(comment="see -digest-abc123- here")
+    with pytest.raises(ValueError, match="nonce occurs in the content"):
+        provider.build_template_request(template, [make_recipient(1)], nonce="abc123")
+
+
+def test_missing_slot_value_refuses_that_recipient(provider: SendGridProvider) -> None:
+    broken = make_recipient(2)
+    broken = type(broken)(**{**broken.__dict__, "html_values": (("name", "x"),)})
+    call, ids = provider.build_template_request(make_template(), [make_recipient(1), broken])
+    assert ids == (1,)
+    assert [(r.ledger_id, r.status) for r in call.refused] == [(2, "invalid")]
+
+
+def test_injection_content_reaches_readers_literally(srv: FakeProviderServer) -> None:
+    """Comments quoting substitution syntax must not be substituted by SendGrid."""
+    comment = "Try -name- or {{name}} or %recipient.name% or -unsubscribe_url- [Unsubscribe]"
+    template = make_template(comment=comment, subject="About -name- and {{name}}")
+    recipients = [make_recipient(1, name="Ann"), make_recipient(2, name="Bo <b>")]
+    results = live(srv).send_template_batch(template, recipients)
+    assert [r.status for r in results] == ["sent", "sent"]
+    for r, got in zip(recipients, srv.messages):
+        expected = expand_template(template, r)
+        assert got["html"] == expected.html
+        assert got["text"] == expected.text
+        assert got["subject"] == "About -name- and {{name}}"
+        assert comment in got["text"]
+    assert "Hello Bo &lt;b&gt;," in srv.messages[1]["html"]  # values arrive escaped
+
+
+def test_template_ids_share_the_request_message_id(srv: FakeProviderServer) -> None:
+    results = live(srv).send_template_batch(make_template(), [make_recipient(1), make_recipient(2)])
+    xid = srv.messages[0]["X-Message-Id"]
+    assert [r.provider_message_id for r in results] == [f"{xid}#0", f"{xid}#1"]
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+def test_202_is_sent(provider: SendGridProvider, make_message: MessageFactory) -> None:
+    messages = [make_message(1), make_message(2)]
+    results = provider.handle_response(202, {"X-Message-Id": "abcXYZ"}, b"", messages)
+    assert [(r.ledger_id, r.status, r.provider_message_id) for r in results] == [
+        (1, "sent", "abcXYZ#0"),
+        (2, "sent", "abcXYZ#1"),
+    ]
+
+
+def test_400_is_permanent_with_sendgrid_reasons(
+    provider: SendGridProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(400, {}, payload("error_400_validation.json"), [make_message(1)])
+    assert not info.value.retryable and info.value.status == 400
+    assert "limited to 1000 personalizations" in str(info.value)
+    assert "personalizations.1.to: Each unique email address" in str(info.value)
+
+
+def test_401_and_403(provider: SendGridProvider, make_message: MessageFactory) -> None:
+    with pytest.raises(AuthError, match="invalid, expired, or revoked"):
+        provider.handle_response(401, {}, payload("error_401.json"), [make_message(1)])
+    with pytest.raises(AuthError) as info:
+        provider.handle_response(
+            403, {}, payload("error_403_sender_identity.json"), [make_message(1)]
+        )
+    assert info.value.hint and "Sender Identity" in info.value.hint
+
+
+def test_429_uses_retry_after(provider: SendGridProvider, make_message: MessageFactory) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(
+            429, {"Retry-After": "12"}, payload("error_429.json"), [make_message(1)]
+        )
+    assert info.value.retryable and info.value.retry_after == 12
+
+
+def test_413_suggests_smaller_batches(
+    provider: SendGridProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(413, {}, b"", [make_message(1)])
+    assert not info.value.retryable and info.value.hint == "lower delivery.batch_size"
+
+
+# -- several calls per batch (full bodies) --------------------------------------------------------
+
+
+def test_a_later_429_keeps_the_accepted_messages(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    srv.faults.extend([(), ("status", 429, {}, {"errors": [{"message": "slow down"}]})])
+    results = live(srv, concurrency=1).send_batch([make_message(i) for i in (1, 2, 3)])
+    assert [r.status for r in results] == ["sent", "failed", "failed"]
+    assert srv.ledger_ids == [1]
+
+
+def test_a_lost_answer_mid_batch_is_uncertain_for_that_call_only(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    srv.faults.extend([(), ("reset", "after")])
+    with pytest.raises(PartialBatchError) as info:
+        live(srv, concurrency=1).send_batch([make_message(i) for i in (1, 2, 3)])
+    assert info.value.uncertain == (2,)
+    assert [(r.ledger_id, r.status) for r in info.value.results] == [(1, "sent"), (3, "failed")]
+    assert srv.ledger_ids == [1, 2]  # and indeed the fake took message 2
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def test_check(srv: FakeProviderServer) -> None:
+    assert "mail.send" in live(srv).check()
+    with pytest.raises(AuthError):
+        SendGridProvider(Delivery(provider="sendgrid", api_key="nope", base_url=srv.url)).check()
+
+
+def test_check_needs_the_send_scope(srv: FakeProviderServer) -> None:
+    from tests.fakes.provider_server import Reply
+
+    srv.route("GET", "/v3/scopes", lambda s, r: Reply(200, payload("scopes_no_send.json")))
+    with pytest.raises(AuthError, match="mail.send"):
+        live(srv).check()

@@ -1,0 +1,378 @@
+"""SesProvider: SigV4 against AWS's published vectors, the request, the answers, the fake."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from digest.config import Delivery
+from digest.delivery.providers.base import PartialBatchError, UncertainDeliveryError
+from digest.delivery.providers.ses import (
+    SesProvider,
+    canonical_request,
+    error_type,
+    sigv4_headers,
+)
+from digest.errors import AuthError, DeliveryError
+from tests.delivery.conftest import MessageFactory
+from tests.fakes.provider_server import FakeProviderServer, Reply, install_ses
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "ses"
+SECRET = "ses-test-secret"
+
+# The AWS Signature Version 4 test suite (docs.aws.amazon.com/general/latest/gr/
+# signature-v4-test-suite.html, reproduced in many SDKs' tests): these credentials, this
+# instant, region us-east-1, service "service".
+SUITE_KEY = "AKIDEXAMPLE"
+SUITE_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+SUITE_NOW = datetime(2015, 8, 30, 12, 36, 0, tzinfo=UTC)
+
+
+def payload(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def sign(
+    method: str, url: str, headers: dict[str, str], body: bytes, token: str | None = None
+) -> dict[str, str]:
+    return sigv4_headers(
+        method,
+        url,
+        headers,
+        body,
+        "us-east-1",
+        "service",
+        SUITE_KEY,
+        SUITE_SECRET,
+        token,
+        now=SUITE_NOW,
+    )
+
+
+# -- SigV4 ----------------------------------------------------------------------------------
+
+
+def test_sigv4_get_vanilla() -> None:
+    headers = sign("GET", "https://example.amazonaws.com/", {}, b"")
+    assert headers == {
+        "Host": "example.amazonaws.com",
+        "X-Amz-Date": "20150830T123600Z",
+        "Authorization": "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/"
+        "aws4_request, SignedHeaders=host;x-amz-date, "
+        "Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
+    }
+
+
+def test_sigv4_post_x_www_form_urlencoded() -> None:
+    headers = sign(
+        "POST",
+        "https://example.amazonaws.com/",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        b"Param1=value1",
+    )
+    assert headers["Authorization"].endswith(
+        "SignedHeaders=content-type;host;x-amz-date, "
+        "Signature=ff11897932ad3f4e8b18135d722051e5ac45fc38421b1da7b9d196a0fe09473a"
+    )
+    canonical, signed = canonical_request(
+        "POST",
+        "https://example.amazonaws.com/",
+        {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Host": "example.amazonaws.com",
+            "X-Amz-Date": "20150830T123600Z",
+        },
+        b"Param1=value1",
+    )
+    assert canonical == (
+        "POST\n/\n\ncontent-type:application/x-www-form-urlencoded\nhost:example.amazonaws.com\n"
+        "x-amz-date:20150830T123600Z\n\ncontent-type;host;x-amz-date\n"
+        "9095672bbd1f56dfc5b65f3e153adc8731a4a654192329106275f4c7b24d0b6e"
+    )
+    assert signed == "content-type;host;x-amz-date"
+
+
+def test_sigv4_get_utf8_canonical_request() -> None:
+    # Suite case get-utf8: the string to sign ends with this hash of the canonical request.
+    canonical, _ = canonical_request(
+        "GET",
+        "https://example.amazonaws.com/\u1234",
+        {"host": "example.amazonaws.com", "x-amz-date": "20150830T123600Z"},
+        b"",
+    )
+    assert canonical.split("\n")[1] == "/%E1%88%B4"
+    assert hashlib.sha256(canonical.encode()).hexdigest() == (
+        "2a0a97d02205e45ce2e994789806b19270cfbbb0921b278ccf58f5249ac42102"
+    )
+
+
+def test_sigv4_query_and_header_normalization() -> None:
+    canonical, signed = canonical_request(
+        "GET",
+        "https://example.amazonaws.com/?b=2&a=x%20y&a=1",
+        {
+            "Host": "example.amazonaws.com",
+            "X-Amz-Date": "20150830T123600Z",
+            "My-Header": "  a   b  ",
+        },
+        b"",
+    )
+    lines = canonical.split("\n")
+    assert lines[2] == "a=1&a=x%20y&b=2"
+    assert "my-header:a b" in lines
+    assert signed == "host;my-header;x-amz-date"
+
+
+def test_sigv4_signs_the_session_token_and_default_ports() -> None:
+    headers = sign("GET", "https://example.amazonaws.com:443/", {}, b"", token="tok/en")
+    assert headers["Host"] == "example.amazonaws.com"
+    assert headers["X-Amz-Security-Token"] == "tok/en"
+    assert "SignedHeaders=host;x-amz-date;x-amz-security-token," in headers["Authorization"]
+    assert sign("GET", "http://127.0.0.1:8025/", {}, b"")["Host"] == "127.0.0.1:8025"
+
+
+# -- building -------------------------------------------------------------------------------
+
+
+def settings(**overrides: object) -> Delivery:
+    values: dict[str, object] = {
+        "provider": "ses",
+        "region": "eu-west-1",
+        "aws_access_key_id": "AKIDTEST",
+        "aws_secret_access_key": SECRET,
+    }
+    values.update(overrides)
+    return Delivery(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def provider() -> SesProvider:
+    return SesProvider(settings(configuration_set="digest-events"))
+
+
+def test_default_endpoint_is_regional(provider: SesProvider) -> None:
+    assert provider.send_url == "https://email.eu-west-1.amazonaws.com/v2/email/outbound-emails"
+
+
+def test_config_needs_region_and_keys() -> None:
+    with pytest.raises(ValueError, match="needs delivery.region"):
+        Delivery(provider="ses", aws_access_key_id="a", aws_secret_access_key="b")
+    with pytest.raises(ValueError, match="not an AWS region"):
+        Delivery(provider="ses", region="Ireland", aws_access_key_id="a", aws_secret_access_key="b")
+    with pytest.raises(ValueError, match="aws_access_key_id"):
+        Delivery(provider="ses", region="eu-west-1")
+
+
+def test_request_shape(provider: SesProvider, make_message: MessageFactory) -> None:
+    msg = make_message(5, reply_to="Editors <editors@news.example.org>", tag="digest 7!")
+    call = provider.build_request([msg])
+    assert call.headers == {"Content-Type": "application/json"}  # signed at send time
+    data = json.loads(call.body)
+    assert data["FromEmailAddress"] == "Field Notes <digest@news.example.org>"
+    assert data["Destination"] == {"ToAddresses": ["Reader 5 <reader5@example.com>"]}
+    assert data["ReplyToAddresses"] == ["Editors <editors@news.example.org>"]
+    simple = data["Content"]["Simple"]
+    assert simple["Subject"] == {"Data": msg.subject, "Charset": "UTF-8"}
+    assert simple["Body"]["Html"]["Data"] == msg.html and simple["Body"]["Text"]["Data"] == msg.text
+    assert simple["Headers"] == [
+        {"Name": "List-Unsubscribe", "Value": "<https://news.example.org/u/tok0005>"},
+        {"Name": "List-Unsubscribe-Post", "Value": "List-Unsubscribe=One-Click"},
+    ]
+    assert data["EmailTags"] == [
+        {"Name": "ledger_id", "Value": "5"},
+        {"Name": "draft_id", "Value": "7"},
+        {"Name": "tag", "Value": "digest_7_"},  # tag values: letters, digits, _ and - only
+    ]
+    assert data["ConfigurationSetName"] == "digest-events"
+
+
+def test_invalid_address_is_refused_without_a_call(
+    provider: SesProvider, make_message: MessageFactory
+) -> None:
+    call = provider.build_request([make_message(1, to_email="nobody")])
+    assert call.messages == () and call.refused[0].status == "invalid"
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+def err(kind: str) -> dict[str, str]:
+    return {"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazonaws.sesv2/"}
+
+
+def test_error_type_from_header_or_body() -> None:
+    assert error_type({"x-amzn-errortype": "MessageRejected:http://x/"}, b'{"message":"m"}') == (
+        "MessageRejected",
+        "m",
+    )
+    assert error_type({}, b'{"__type":"com.amazon#TooManyRequestsException","Message":"t"}') == (
+        "TooManyRequestsException",
+        "t",
+    )
+    assert error_type({}, b"not json") == ("", "")
+
+
+def test_sent(provider: SesProvider, make_message: MessageFactory) -> None:
+    (result,) = provider.handle_response(200, {}, payload("send_ok.json"), [make_message(1)])
+    assert result.status == "sent"
+    assert (
+        result.provider_message_id == "010001930f1e7c3a-6b1d1c2e-0f4a-4d8e-9c11-2a7b3c4d5e6f-000000"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "file"),
+    [
+        ("MessageRejected", "error_message_rejected.json"),
+        ("MailFromDomainNotVerifiedException", "error_mail_from_not_verified.json"),
+    ],
+)
+def test_per_message_refusals_are_rejected(
+    provider: SesProvider, make_message: MessageFactory, kind: str, file: str
+) -> None:
+    (result,) = provider.handle_response(400, err(kind), payload(file), [make_message(2)])
+    assert (result.ledger_id, result.status) == (2, "rejected")
+    assert result.error and result.error.startswith(f"SES {kind}: ")
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "file", "retryable", "hint"),
+    [
+        (429, "TooManyRequestsException", "error_throttled.json", True, None),
+        (400, "ThrottlingException", "error_throttled.json", True, None),
+        (400, "ThrottlingException", "error_daily_quota.json", False, "quota"),
+        (429, "TooManyRequestsException", "error_daily_quota.json", False, "quota"),
+        (400, "AccountSuspendedException", "error_account_suspended.json", False, "SES console"),
+        (400, "SendingPausedException", "error_sending_paused.json", False, "paused"),
+        (400, "BadRequestException", "error_bad_request.json", False, None),
+        (404, "NotFoundException", "error_bad_request.json", False, "configuration_set"),
+        (500, "InternalServiceErrorException", "error_bad_request.json", True, None),
+    ],
+)
+def test_whole_call_errors(
+    provider: SesProvider,
+    make_message: MessageFactory,
+    status: int,
+    kind: str,
+    file: str,
+    retryable: bool,
+    hint: str | None,
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(status, err(kind), payload(file), [make_message(1)])
+    assert not isinstance(info.value, AuthError)
+    assert info.value.retryable is retryable
+    assert kind in str(info.value)
+    if hint:
+        assert info.value.hint and hint in info.value.hint
+
+
+def test_signature_errors_are_auth_errors(
+    provider: SesProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(AuthError) as info:
+        provider.handle_response(
+            403, err("SignatureDoesNotMatch"), payload("error_signature.json"), [make_message(1)]
+        )
+    assert info.value.hint and "aws_secret_access_key" in info.value.hint
+
+
+def test_unreadable_success_is_uncertain(
+    provider: SesProvider, make_message: MessageFactory
+) -> None:
+    with pytest.raises(UncertainDeliveryError):
+        provider.handle_response(200, {}, b"<html/>", [make_message(1)])
+    with pytest.raises(UncertainDeliveryError):
+        provider.handle_response(200, {}, b"{}", [make_message(1)])
+
+
+# -- against the fake (which checks every signature) ---------------------------------------------
+
+
+@pytest.fixture
+def srv() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer(token="unused") as server:
+        install_ses(server, access_key="AKIDTEST", secret_key=SECRET, region="eu-west-1")
+        yield server
+
+
+def live(srv: FakeProviderServer, **overrides: object) -> SesProvider:
+    values: dict[str, object] = {"base_url": srv.url, "timeout": 5, "rate_per_second": 1000}
+    values.update(overrides)
+    return SesProvider(settings(**values))
+
+
+def test_batch_in_parallel(srv: FakeProviderServer, make_message: MessageFactory) -> None:
+    srv.ses_rejected["reader4@example.com"] = "Email address is not verified."
+    messages = [make_message(i) for i in range(1, 13)]
+    with live(srv, concurrency=4) as provider:
+        results = provider.send_batch(messages)
+    assert [r.ledger_id for r in results] == list(range(1, 13))
+    assert [r.status for r in results] == ["sent"] * 3 + ["rejected"] + ["sent"] * 8
+    assert sorted(srv.ledger_ids) == [i for i in range(1, 13) if i != 4]
+    assert len(srv.requests) == 12
+    got = next(m for m in srv.messages if m["tags"]["ledger_id"] == "7")
+    assert got["headers"]["List-Unsubscribe"] == "<https://news.example.org/u/tok0007>"
+    assert got["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_wrong_secret_is_an_auth_error(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    with pytest.raises(AuthError) as info:
+        live(srv, aws_secret_access_key="wrong").send_batch([make_message(1), make_message(2)])
+    assert info.value.status == 403 and "SignatureDoesNotMatch" in str(info.value)
+    assert srv.ledger_ids == []
+
+
+def test_a_later_throttle_keeps_the_accepted_messages(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    srv.faults.extend(
+        [(), (), ("status", 429, err("TooManyRequestsException"), {"message": "slow"})]
+    )
+    results = live(srv, concurrency=1).send_batch([make_message(i) for i in range(1, 6)])
+    assert [r.status for r in results] == ["sent", "sent", "failed", "failed", "failed"]
+    assert "not sent" in (results[2].error or "") and len(srv.requests) == 3
+
+
+def test_throttled_first_call_is_retryable(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    srv.faults.append(("status", 429, err("TooManyRequestsException"), {"message": "slow"}))
+    with pytest.raises(DeliveryError) as info:
+        live(srv, concurrency=1).send_batch([make_message(1), make_message(2)])
+    assert info.value.retryable and info.value.status == 429
+
+
+def test_suspended_account_stops_the_batch(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    srv.faults.append(("status", 400, err("AccountSuspendedException"), {"message": "restricted"}))
+    with pytest.raises(DeliveryError) as info:
+        live(srv, concurrency=1).send_batch([make_message(1), make_message(2)])
+    assert not info.value.retryable and len(srv.requests) == 1
+
+
+def test_lost_answer_is_uncertain_for_that_message(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    srv.faults.extend([(), ("reset", "after")])
+    with pytest.raises(PartialBatchError) as info:
+        live(srv, concurrency=1).send_batch([make_message(i) for i in (1, 2, 3)])
+    assert info.value.uncertain == (2,)
+    assert [(r.ledger_id, r.status) for r in info.value.results] == [(1, "sent"), (3, "failed")]
+
+
+def test_check(srv: FakeProviderServer) -> None:
+    line = live(srv).check()
+    assert line.startswith("ses: reached account in eu-west-1") and "14.0 messages/s" in line
+    with pytest.raises(AuthError):
+        live(srv, aws_access_key_id="AKIDOTHER").check()
+    srv.route("GET", "/v2/email/account", lambda s, r: Reply(200, payload("account.json")))
+    assert "sandbox" in live(srv).check()

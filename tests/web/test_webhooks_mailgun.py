@@ -1,0 +1,174 @@
+"""POST /webhooks/mailgun: HMAC-SHA256 over timestamp + token, freshness, token replays."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from digest import pipeline, subscribers
+from digest.errors import StoreError
+from digest.web.app import create_app
+from digest.web.webhooks import mailgun
+from tests.conftest import FrozenClock, make_settings
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "webhooks" / "mailgun"
+SIGNING_KEY = "whk-0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def app(tmp_path: Path, db_url: str, clock: FrozenClock) -> Iterator[pipeline.App]:
+    a = pipeline.App.open(make_settings(tmp_path, db_url, webhooks={"mailgun_signing_key": SIGNING_KEY}), clock)
+    for email, name in pipeline.DEMO_SUBSCRIBERS:
+        subscribers.add(a.store, email, name, clock())
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def client(app: pipeline.App) -> FlaskClient:
+    return create_app(app).test_client()
+
+
+def signed(name: str, clock: FrozenClock, *, age: int = 5, token: str | None = None,
+           key: str = SIGNING_KEY) -> dict[str, Any]:
+    """A saved payload with a fresh signature block, the way Mailgun signs it."""
+    body: dict[str, Any] = json.loads((DATA / name).read_text())
+    timestamp = str(int(clock().timestamp()) - age)
+    token = token or secrets.token_hex(25)  # Mailgun's tokens are 50 random characters
+    signature = hmac.new(key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
+    body["signature"] = {"timestamp": timestamp, "token": token, "signature": signature}
+    return body
+
+
+def post(client: FlaskClient, body: dict[str, Any] | bytes) -> TestResponse:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post("/webhooks/mailgun", data=raw, content_type="application/json")
+
+
+def status_of(app: pipeline.App, email: str) -> str:
+    sub = app.store.subscriber_by_email(email)
+    assert sub is not None
+    return sub.status
+
+
+def sending_draft(app: pipeline.App) -> int:
+    pipeline.collect(app)
+    draft = pipeline.make_draft(app).draft
+    assert draft is not None and draft.id is not None
+    pipeline.approve(app, draft.id)
+    app.store.start_send(draft.id, app.now())
+    return draft.id
+
+
+def test_a_signed_permanent_failure_suppresses_at_once(app: pipeline.App, client: FlaskClient,
+                                                       clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
+    r = post(client, signed("failed_permanent.json", clock))
+    assert r.status_code == 200 and r.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    assert sorted(c.recipient.email for c in claimed) == ["ben@example.org", "chloe@example.net"]
+
+
+def test_a_wrong_signature_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    wrong_key = signed("failed_permanent.json", clock, key="the-api-key-not-the-signing-key")
+    tampered = signed("failed_permanent.json", clock)
+    tampered["signature"]["token"] = tampered["signature"]["token"][::-1]
+    unsigned = json.loads((DATA / "failed_permanent.json").read_text())
+    unsigned.pop("signature")
+    for body in (wrong_key, tampered, unsigned):
+        assert post(client, body).status_code == 401
+    assert status_of(app, "ada@example.com") == "active" and app.store.event_counts() == {}
+
+
+@pytest.mark.parametrize(("age", "expected"), [(299, 200), (301, 403), (-301, 403)])
+def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, age: int, expected: int) -> None:
+    r = post(client, signed("failed_permanent.json", clock, age=age))
+    assert r.status_code == expected
+
+
+def test_a_replayed_token_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    body = signed("failed_permanent.json", clock)
+    assert post(client, body).status_code == 200
+    again = post(client, body)
+    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    # The signature covers only timestamp + token, so a captured one stapled onto a forged
+    # event is stopped by the token memory.
+    forged = signed("unsubscribed.json", clock)
+    forged["signature"] = body["signature"]
+    assert post(client, forged).status_code == 403
+    assert status_of(app, "chloe@example.net") == "active"
+    assert app.store.event_counts() == {"hard_bounce": 1}
+
+
+def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    body = signed("failed_permanent.json", clock)
+    real = app.store.record_event
+
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(app.store, "record_event", broken)
+    assert post(client, body).status_code == 500
+    monkeypatch.setattr(app.store, "record_event", real)
+    assert post(client, body).status_code == 200  # the same token: its first use was forgotten
+    assert status_of(app, "ada@example.com") == "bounced"
+
+
+def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    assert post(client, signed("complained.json", clock)).status_code == 200
+    assert status_of(app, "ben@example.org") == "complained"
+
+
+def test_an_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    assert post(client, signed("unsubscribed.json", clock)).status_code == 200
+    assert status_of(app, "chloe@example.net") == "unsubscribed"
+
+
+def test_temporary_failures_are_delays_and_giving_up_is_a_counted_soft_bounce(
+        app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    assert post(client, signed("failed_temporary.json", clock)).status_code == 200
+    assert post(client, signed("failed_old.json", clock)).status_code == 200
+    assert status_of(app, "ada@example.com") == "active"
+    assert app.store.event_counts() == {"deferred": 1, "soft_bounce": 1}
+
+
+def test_legacy_form_posts_and_garbage_are_400(client: FlaskClient) -> None:
+    r = client.post("/webhooks/mailgun", data={"timestamp": "1", "token": "t", "signature": "s", "event": "bounced"})
+    assert r.status_code == 400
+    assert post(client, b"\xff\xfe").status_code == 400
+
+
+def test_unconfigured_mailgun_refuses_everything(tmp_path: Path, clock: FrozenClock) -> None:
+    a = pipeline.App.open(make_settings(tmp_path), clock)
+    try:
+        r = post(create_app(a).test_client(), signed("failed_permanent.json", clock))
+        assert r.status_code == 403 and r.json == {"error": "mailgun webhooks are not configured"}
+    finally:
+        a.close()
+
+
+def test_parse_normalizes_through_the_tables() -> None:
+    def one(name: str) -> Any:
+        (event,) = mailgun.parse((DATA / name).read_bytes())
+        return event
+
+    bounce = one("failed_permanent.json")
+    assert (bounce.event_type, bounce.email, bounce.event_id, bounce.ledger_id) == (
+        "hard_bounce", "ada@example.com", "G9Bn5sl1TC6nu79C8C0bwg", 1)
+    assert bounce.detail["code"] == "550" and bounce.occurred_at is not None
+    assert one("failed_temporary.json").event_type == "deferred"
+    assert one("failed_old.json").event_type == "soft_bounce"
+    assert one("complained.json").event_type == "complaint"
+    assert one("unsubscribed.json").event_type == "unsubscribe"
+    assert one("delivered.json").event_type == "delivered"

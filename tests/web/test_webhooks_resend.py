@@ -1,0 +1,180 @@
+"""POST /webhooks/resend: Svix signatures (``v1,<base64>`` list), freshness, svix-id replays."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from digest import config, pipeline, subscribers
+from digest.errors import ConfigError
+from digest.web.app import create_app
+from digest.web.webhooks import resend
+from tests.conftest import FrozenClock, make_settings
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "webhooks" / "resend"
+KEY = bytes(range(32))
+SECRET = "whsec_" + base64.b64encode(KEY).decode()
+
+
+@pytest.fixture
+def app(tmp_path: Path, db_url: str, clock: FrozenClock) -> Iterator[pipeline.App]:
+    a = pipeline.App.open(make_settings(tmp_path, db_url, webhooks={"resend_secret": SECRET}), clock)
+    for email, name in pipeline.DEMO_SUBSCRIBERS:
+        subscribers.add(a.store, email, name, clock())
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def client(app: pipeline.App) -> FlaskClient:
+    return create_app(app).test_client()
+
+
+def svix_signature(key: bytes, msg_id: str, timestamp: str, raw: bytes) -> str:
+    """Written out from Svix's docs, independently of the module under test."""
+    digest = hmac.new(key, msg_id.encode() + b"." + timestamp.encode() + b"." + raw, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def headers_for(raw: bytes, clock: FrozenClock, *, msg_id: str = "msg_2ZbLk1Zx", age: int = 5,
+                key: bytes = KEY) -> dict[str, str]:
+    timestamp = str(int(clock().timestamp()) - age)
+    return {"svix-id": msg_id, "svix-timestamp": timestamp,
+            "svix-signature": svix_signature(key, msg_id, timestamp, raw)}
+
+
+def post(client: FlaskClient, raw: bytes, headers: dict[str, str]) -> TestResponse:
+    return client.post("/webhooks/resend", data=raw, content_type="application/json", headers=headers)
+
+
+def send(client: FlaskClient, clock: FrozenClock, name: str, **kwargs: Any) -> TestResponse:
+    raw = (DATA / name).read_bytes()
+    return post(client, raw, headers_for(raw, clock, msg_id=f"msg_{name}", **kwargs))
+
+
+def status_of(app: pipeline.App, email: str) -> str:
+    sub = app.store.subscriber_by_email(email)
+    assert sub is not None
+    return sub.status
+
+
+def sending_draft(app: pipeline.App) -> int:
+    pipeline.collect(app)
+    draft = pipeline.make_draft(app).draft
+    assert draft is not None and draft.id is not None
+    pipeline.approve(app, draft.id)
+    app.store.start_send(draft.id, app.now())
+    return draft.id
+
+
+def test_a_signed_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
+    r = send(client, clock, "bounced.json")
+    assert r.status_code == 200 and r.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    assert sorted(c.recipient.email for c in claimed) == ["ben@example.org", "chloe@example.net"]
+
+
+def test_any_v1_entry_of_the_list_may_match(client: FlaskClient, clock: FrozenClock) -> None:
+    raw = (DATA / "delivered.json").read_bytes()
+    headers = headers_for(raw, clock)
+    stale_secret = svix_signature(b"old-secret-during-rotation", headers["svix-id"], headers["svix-timestamp"], raw)
+    headers["svix-signature"] = f"{stale_secret} {headers['svix-signature']}"
+    assert post(client, raw, headers).status_code == 200
+
+
+def test_a_wrong_signature_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    raw = (DATA / "bounced.json").read_bytes()
+    good = headers_for(raw, clock)
+    attempts = [
+        headers_for(raw, clock, key=b"another-secret-entirely"),
+        headers_for(raw.replace(b"ada@", b"ben@"), clock),                      # signed another body
+        good | {"svix-id": "msg_other"},                                        # id is signed too
+        good | {"svix-signature": good["svix-signature"].replace("v1,", "v2,")},  # only v1 counts
+        {k: v for k, v in good.items() if k != "svix-signature"},
+        {k: v for k, v in good.items() if k != "svix-id"},
+    ]
+    for headers in attempts:
+        assert post(client, raw, headers).status_code == 401, headers
+    assert status_of(app, "ada@example.com") == "active" and app.store.event_counts() == {}
+
+
+@pytest.mark.parametrize(("age", "expected"), [(300, 200), (301, 403), (-301, 403)])
+def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, age: int, expected: int) -> None:
+    assert send(client, clock, "bounced.json", age=age).status_code == expected
+
+
+def test_a_replayed_svix_id_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    raw = (DATA / "bounced.json").read_bytes()
+    headers = headers_for(raw, clock, msg_id="msg_replayed")
+    assert post(client, raw, headers).status_code == 200
+    assert post(client, raw, headers).json == {"error": "replayed request"}
+    # Even re-signed with a new timestamp (how Svix retries), the same svix-id is a replay of
+    # something already applied.
+    clock.advance(seconds=30)
+    assert post(client, raw, headers_for(raw, clock, msg_id="msg_replayed")).status_code == 403
+    assert app.store.event_counts() == {"hard_bounce": 1}
+
+
+def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    assert send(client, clock, "complained.json").status_code == 200
+    assert status_of(app, "ben@example.org") == "complained"
+
+
+def test_an_audience_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    assert send(client, clock, "contact_unsubscribed.json").status_code == 200
+    assert status_of(app, "chloe@example.net") == "unsubscribed"
+
+
+def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    assert send(client, clock, "bounced_transient.json").status_code == 200
+    assert send(client, clock, "delivery_delayed.json").status_code == 200
+    assert status_of(app, "ada@example.com") == "active"
+    assert app.store.event_counts() == {"soft_bounce": 1, "deferred": 1}
+
+
+def test_unparseable_but_signed_body_is_400(client: FlaskClient, clock: FrozenClock) -> None:
+    for raw in (b"nope", b'{"type": "email.bounced"}'):
+        assert post(client, raw, headers_for(raw, clock)).status_code == 400
+
+
+def test_unconfigured_resend_refuses_everything(tmp_path: Path, clock: FrozenClock) -> None:
+    a = pipeline.App.open(make_settings(tmp_path), clock)
+    try:
+        raw = (DATA / "bounced.json").read_bytes()
+        r = post(create_app(a).test_client(), raw, headers_for(raw, clock))
+        assert r.status_code == 403 and r.json == {"error": "resend webhooks are not configured"}
+    finally:
+        a.close()
+
+
+def test_config_needs_a_whsec_secret() -> None:
+    with pytest.raises(ConfigError, match=r"webhooks.resend_secret: must be the webhook signing secret"):
+        config.from_dict({"webhooks": {"resend_secret": base64.b64encode(KEY).decode()}}, file="c.yaml")
+    with pytest.raises(ConfigError, match=r"webhooks.resend_secret: the part after whsec_ is not base64"):
+        config.from_dict({"webhooks": {"resend_secret": "whsec_%%%"}}, file="c.yaml")
+
+
+def test_parse_normalizes_through_the_tables() -> None:
+    def one(name: str) -> Any:
+        (event,) = resend.parse((DATA / name).read_bytes())
+        return event
+
+    bounce = one("bounced.json")
+    assert (bounce.event_type, bounce.email, bounce.ledger_id) == ("hard_bounce", "ada@example.com", 1)
+    assert bounce.event_id == one("bounced.json").event_id  # stable across retries
+    assert one("bounced_transient.json").event_type == "soft_bounce"
+    assert one("complained.json").event_type == "complaint"
+    assert one("delivered.json").event_type == "delivered"
+    assert one("delivery_delayed.json").event_type == "deferred"
+    assert one("contact_unsubscribed.json").event_type == "unsubscribe"
+    assert resend.sign(SECRET, "m", "1", b"x") == svix_signature(KEY, "m", "1", b"x").removeprefix("v1,")

@@ -1,0 +1,220 @@
+"""POST /webhooks/sendgrid: ECDSA P-256 over timestamp + raw body, freshness, replays.
+
+A key pair is generated here and the payloads are signed the way SendGrid documents it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from digest import config, pipeline, subscribers
+from digest.errors import ConfigError
+from digest.web.app import create_app
+from digest.web.webhooks import sendgrid
+from tests.conftest import FrozenClock, make_settings
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "webhooks" / "sendgrid"
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def public_b64(key: ec.EllipticCurvePrivateKey) -> str:
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(der).decode()
+
+
+@pytest.fixture(scope="module")
+def key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture
+def app(tmp_path: Path, db_url: str, clock: FrozenClock, key: ec.EllipticCurvePrivateKey) -> Iterator[pipeline.App]:
+    settings = make_settings(tmp_path, db_url, webhooks={"sendgrid_public_key": public_b64(key)})
+    a = pipeline.App.open(settings, clock)
+    for email, name in pipeline.DEMO_SUBSCRIBERS:
+        subscribers.add(a.store, email, name, clock())
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def client(app: pipeline.App) -> FlaskClient:
+    return create_app(app).test_client()
+
+
+def signed_headers(key: ec.EllipticCurvePrivateKey, timestamp: str, raw: bytes) -> dict[str, str]:
+    signature = key.sign(timestamp.encode() + raw, ec.ECDSA(hashes.SHA256()))
+    return {sendgrid.SIGNATURE_HEADER: base64.b64encode(signature).decode(), sendgrid.TIMESTAMP_HEADER: timestamp}
+
+
+def post(client: FlaskClient, raw: bytes, headers: dict[str, str]) -> TestResponse:
+    return client.post("/webhooks/sendgrid", data=raw, content_type="application/json", headers=headers)
+
+
+def send(client: FlaskClient, key: ec.EllipticCurvePrivateKey, clock: FrozenClock, name: str,
+         *, age: int = 5) -> TestResponse:
+    """Post a saved payload signed ``age`` seconds ago."""
+    raw = (DATA / name).read_bytes()
+    timestamp = str(int(clock().timestamp()) - age)
+    return post(client, raw, signed_headers(key, timestamp, raw))
+
+
+def status_of(app: pipeline.App, email: str) -> str:
+    sub = app.store.subscriber_by_email(email)
+    assert sub is not None
+    return sub.status
+
+
+def sending_draft(app: pipeline.App) -> int:
+    pipeline.collect(app)
+    draft = pipeline.make_draft(app).draft
+    assert draft is not None and draft.id is not None
+    pipeline.approve(app, draft.id)
+    app.store.start_send(draft.id, app.now())
+    return draft.id
+
+
+def test_a_signed_hard_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                                 key: ec.EllipticCurvePrivateKey) -> None:
+    draft_id = sending_draft(app)
+    r = send(client, key, clock, "hard_bounce.json")
+    assert r.status_code == 200 and r.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    assert sorted(c.recipient.email for c in claimed) == ["ben@example.org", "chloe@example.net"]
+
+
+def test_a_wrong_signature_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                      key: ec.EllipticCurvePrivateKey) -> None:
+    raw = (DATA / "hard_bounce.json").read_bytes()
+    ts = str(int(clock().timestamp()))
+    other = ec.generate_private_key(ec.SECP256R1())
+    attempts = [
+        signed_headers(other, ts, raw),                                         # someone else's key
+        signed_headers(key, ts, raw.replace(b"ada@", b"ben@")),                  # signed another body
+        signed_headers(key, str(int(ts) - 1), raw) | {sendgrid.TIMESTAMP_HEADER: ts},  # another time
+        {sendgrid.TIMESTAMP_HEADER: ts},                                        # no signature
+        {sendgrid.SIGNATURE_HEADER: signed_headers(key, ts, raw)[sendgrid.SIGNATURE_HEADER]},  # no time
+        {sendgrid.SIGNATURE_HEADER: "%%%", sendgrid.TIMESTAMP_HEADER: ts},
+    ]
+    for headers in attempts:
+        r = post(client, raw, headers)
+        assert r.status_code == 401, headers
+    assert status_of(app, "ada@example.com") == "active" and app.store.event_counts() == {}
+
+
+@pytest.mark.parametrize(("age", "expected"), [(300, 200), (301, 403), (-301, 403), (3600, 403)])
+def test_stale_and_future_timestamps_are_refused(client: FlaskClient, clock: FrozenClock,
+                                                 key: ec.EllipticCurvePrivateKey, age: int, expected: int) -> None:
+    r = send(client, key, clock, "hard_bounce.json", age=age)
+    assert r.status_code == expected
+    if expected == 403:
+        assert r.json == {"error": "stale timestamp"}
+
+
+def test_a_replay_is_refused_even_with_a_rewritten_signature(app: pipeline.App, client: FlaskClient,
+                                                             clock: FrozenClock,
+                                                             key: ec.EllipticCurvePrivateKey) -> None:
+    raw = (DATA / "hard_bounce.json").read_bytes()
+    headers = signed_headers(key, str(int(clock().timestamp())), raw)
+    assert post(client, raw, headers).status_code == 200
+    again = post(client, raw, headers)
+    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    # ECDSA is malleable: (r, n - s) verifies too, so the replay key is the signed bytes.
+    r_value, s_value = decode_dss_signature(base64.b64decode(headers[sendgrid.SIGNATURE_HEADER]))
+    malleated = encode_dss_signature(r_value, P256_ORDER - s_value)
+    twin = headers | {sendgrid.SIGNATURE_HEADER: base64.b64encode(malleated).decode()}
+    assert post(client, raw, twin).status_code == 403
+    assert app.store.event_counts() == {"hard_bounce": 1}
+    # Once the memory lapses the copy is stale anyway.
+    clock.advance(seconds=601)
+    assert post(client, raw, headers).json == {"error": "stale timestamp"}
+
+
+def test_a_spam_report_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                  key: ec.EllipticCurvePrivateKey) -> None:
+    assert send(client, key, clock, "spamreport.json").status_code == 200
+    assert status_of(app, "ben@example.org") == "complained"
+
+
+def test_an_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                    key: ec.EllipticCurvePrivateKey) -> None:
+    assert send(client, key, clock, "unsubscribe.json").status_code == 200
+    assert status_of(app, "chloe@example.net") == "unsubscribed"
+
+
+def test_a_block_is_a_soft_bounce_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                               key: ec.EllipticCurvePrivateKey) -> None:
+    assert send(client, key, clock, "soft_bounce.json").status_code == 200
+    assert status_of(app, "ada@example.com") == "active"
+    assert app.store.event_counts() == {"soft_bounce": 1}
+
+
+def test_unparseable_but_signed_body_is_400(client: FlaskClient, clock: FrozenClock,
+                                            key: ec.EllipticCurvePrivateKey) -> None:
+    ts = str(int(clock().timestamp()))
+    for raw in (b"not json", b'{"event": "bounce"}'):
+        assert post(client, raw, signed_headers(key, ts, raw)).status_code == 400
+
+
+def test_unconfigured_sendgrid_refuses_everything(tmp_path: Path, clock: FrozenClock,
+                                                  key: ec.EllipticCurvePrivateKey) -> None:
+    a = pipeline.App.open(make_settings(tmp_path), clock)
+    try:
+        raw = (DATA / "hard_bounce.json").read_bytes()
+        r = post(create_app(a).test_client(), raw, signed_headers(key, str(int(clock().timestamp())), raw))
+        assert r.status_code == 403 and r.json == {"error": "sendgrid webhooks are not configured"}
+    finally:
+        a.close()
+
+
+def test_parse_normalizes_through_the_tables() -> None:
+    events = sendgrid.parse((DATA / "mixed.json").read_bytes())
+    assert [(e.event_type, e.email) for e in events] == [
+        ("other", "ada@example.com"),        # processed
+        ("delivered", "ada@example.com"),
+        ("deferred", "ben@example.org"),
+        ("hard_bounce", "dora@example.com"),  # dropped: on SendGrid's bounce list
+        ("dropped", "eve@example.com"),
+        ("open", "ada@example.com"),
+        ("click", "ada@example.com"),
+        ("unsubscribe", "fay@example.com"),   # group_unsubscribe
+        ("other", "fay@example.com"),         # group_resubscribe never re-activates
+        ("soft_bounce", "gus@example.com"),   # blocked
+    ]
+    assert events[1].event_id == "sg-m-2" and events[1].ledger_id == 1
+    assert events[1].occurred_at is not None and events[1].occurred_at.isoformat() == "2026-11-26T08:58:05+00:00"
+
+
+def test_config_rejects_a_key_that_is_not_p256(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"webhooks.sendgrid_public_key: not a base64 DER public key"):
+        config.from_dict({"webhooks": {"sendgrid_public_key": "bm90IGEga2V5"}}, file="c.yaml")
+    p384 = public_b64(ec.generate_private_key(ec.SECP384R1()))
+    with pytest.raises(ConfigError, match=r"webhooks.sendgrid_public_key: SendGrid signs with an ECDSA P-256"):
+        config.from_dict({"webhooks": {"sendgrid_public_key": p384}}, file="c.yaml")
+
+
+def test_verify_is_pure(key: ec.EllipticCurvePrivateKey, clock: FrozenClock) -> None:
+    settings = config.Webhooks(sendgrid_public_key=public_b64(key))
+    raw = b"[]"
+    headers: dict[str, Any] = signed_headers(key, str(int(clock().timestamp())), raw)
+    lowered = {k.lower(): v for k, v in headers.items()}  # header names are case-insensitive
+    first = sendgrid.verify(lowered, raw, settings, clock())
+    assert first == sendgrid.verify(headers, raw, settings, clock())
+    assert first.replay_key is not None and first.replay_key.startswith("sha256:")
+    assert json.loads(raw) == [] and sendgrid.parse(raw) == []

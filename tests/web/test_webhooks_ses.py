@@ -1,0 +1,369 @@
+"""POST /webhooks/ses: SNS signatures (versions 1 and 2), certificate URL and topic checks,
+freshness, MessageId replays, and the SubscriptionConfirmation handshake.
+
+A self-signed certificate and RSA key stand in for Amazon's; the certificate fetch is a dict
+lookup, and every URL the verifier asks for is recorded, so the tests can show that an
+untrusted URL is never fetched at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from digest import config, pipeline, subscribers
+from digest.errors import ConfigError
+from digest.web.app import create_app
+from digest.web.webhooks import Refused, Unavailable, ses
+from tests.conftest import NOW, FrozenClock, make_settings
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "webhooks" / "ses"
+TOPIC = "arn:aws:sns:us-east-1:123456789012:digest-feedback"
+CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0000000000000000000000.pem"
+
+
+def make_cert(key: rsa.RSAPrivateKey, days_before: int = 1, days_after: int = 365) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=days_before)).not_valid_after(NOW + timedelta(days=days_after))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="module")
+def key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class Served:
+    """Certificates by URL, recording every fetch the verifier makes."""
+
+    def __init__(self, certs: dict[str, bytes]) -> None:
+        self.certs = certs
+        self.fetched: list[str] = []
+
+    def __call__(self, url: str) -> bytes:
+        self.fetched.append(url)
+        return self.certs[url]  # KeyError: the verifier treats it as an unavailable certificate
+
+
+@pytest.fixture
+def served(key: rsa.RSAPrivateKey) -> Served:
+    return Served({CERT_URL: make_cert(key)})
+
+
+@pytest.fixture
+def app(tmp_path: Path, db_url: str, clock: FrozenClock) -> Iterator[pipeline.App]:
+    a = pipeline.App.open(make_settings(tmp_path, db_url, webhooks={"ses_topic_arns": [TOPIC]}), clock)
+    for email, name in pipeline.DEMO_SUBSCRIBERS:
+        subscribers.add(a.store, email, name, clock())
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def confirmed() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def client(app: pipeline.App, served: Served, confirmed: list[str]) -> FlaskClient:
+    web = create_app(app, sns_certificates=ses.CertificateCache(fetch=served), sns_confirm=confirmed.append)
+    return web.test_client()
+
+
+def canonical(envelope: dict[str, Any]) -> bytes:
+    """The string to sign, written out from the AWS page, independently of the module."""
+    if envelope["Type"] == "Notification":
+        names = ["Message", "MessageId"] + (["Subject"] if "Subject" in envelope else []) + [
+            "Timestamp", "TopicArn", "Type"]
+    else:
+        names = ["Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"]
+    return "".join(f"{n}\n{envelope[n]}\n" for n in names).encode()
+
+
+def sign(envelope: dict[str, Any], key: rsa.RSAPrivateKey, clock: FrozenClock, *, version: str = "2",
+         age: int = 5, cert_url: str = CERT_URL, hash_version: str | None = None) -> dict[str, Any]:
+    envelope = copy.deepcopy(envelope)
+    envelope["Timestamp"] = (clock() - timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    envelope["SignatureVersion"] = version
+    envelope["SigningCertURL"] = cert_url
+    algorithm = hashes.SHA1() if (hash_version or version) == "1" else hashes.SHA256()
+    envelope["Signature"] = base64.b64encode(key.sign(canonical(envelope), padding.PKCS1v15(), algorithm)).decode()
+    return envelope
+
+
+def load(name: str) -> dict[str, Any]:
+    envelope: dict[str, Any] = json.loads((DATA / name).read_text())
+    return envelope
+
+
+def post(client: FlaskClient, envelope: dict[str, Any] | bytes, message_type: str | None = None) -> TestResponse:
+    raw = envelope if isinstance(envelope, bytes) else json.dumps(envelope).encode()
+    kind = message_type or (envelope["Type"] if isinstance(envelope, dict) else "Notification")
+    # SNS posts with text/plain, whatever the body is.
+    return client.post("/webhooks/ses", data=raw, content_type="text/plain; charset=UTF-8",
+                       headers={"x-amz-sns-message-type": kind, "x-amz-sns-topic-arn": TOPIC})
+
+
+def status_of(app: pipeline.App, email: str) -> str:
+    sub = app.store.subscriber_by_email(email)
+    assert sub is not None
+    return sub.status
+
+
+def sending_draft(app: pipeline.App) -> int:
+    pipeline.collect(app)
+    draft = pipeline.make_draft(app).draft
+    assert draft is not None and draft.id is not None
+    pipeline.approve(app, draft.id)
+    app.store.start_send(draft.id, app.now())
+    return draft.id
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_a_signed_permanent_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                                      key: rsa.RSAPrivateKey, version: str) -> None:
+    draft_id = sending_draft(app)
+    r = post(client, sign(load("bounce_permanent.json"), key, clock, version=version))
+    assert r.status_code == 200 and r.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    assert sorted(c.recipient.email for c in claimed) == ["ben@example.org", "chloe@example.net"]
+
+
+def test_a_wrong_signature_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                      key: rsa.RSAPrivateKey) -> None:
+    good = sign(load("bounce_permanent.json"), key, clock)
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    tampered = copy.deepcopy(good)
+    tampered["Message"] = tampered["Message"].replace("ada@", "ben@")
+    attempts = [
+        sign(load("bounce_permanent.json"), other_key, clock),          # not the certificate's key
+        tampered,                                                       # the message changed
+        sign(load("bounce_permanent.json"), key, clock, version="1", hash_version="2"),  # v1 is SHA1
+        good | {"SignatureVersion": "3"},
+        good | {"Signature": "%%%"},
+        {k: v for k, v in good.items() if k != "Signature"},
+    ]
+    for envelope in attempts:
+        assert post(client, envelope).status_code == 401
+    assert post(client, good, message_type="SubscriptionConfirmation").status_code == 401  # header ≠ body
+    assert status_of(app, "ada@example.com") == "active" and app.store.event_counts() == {}
+
+
+@pytest.mark.parametrize("url", [
+    "http://sns.us-east-1.amazonaws.com/SimpleNotificationService-0000.pem",
+    "https://evil.com/SimpleNotificationService-0000.pem",
+    "https://sns.us-east-1.amazonaws.com.evil.com/SimpleNotificationService-0000.pem",
+    "https://sns.us-east-1.amazonaws.com@evil.com/SimpleNotificationService-0000.pem",
+    "https://evil.com/sns.us-east-1.amazonaws.com/SimpleNotificationService-0000.pem",
+    "https://sns.us-east-1.amazonaws.com:8443/SimpleNotificationService-0000.pem",
+    "https://s3.us-east-1.amazonaws.com/SimpleNotificationService-0000.pem",
+    "https://sns.us-east-1.amazonaws.com/not-a-certificate.txt",
+])
+def test_an_untrusted_certificate_url_is_never_fetched(app: pipeline.App, client: FlaskClient, served: Served,
+                                                       clock: FrozenClock, key: rsa.RSAPrivateKey, url: str) -> None:
+    served.certs[url] = served.certs[CERT_URL]  # even if it would serve the right certificate
+    r = post(client, sign(load("bounce_permanent.json"), key, clock, cert_url=url))
+    assert r.status_code == 403 and r.json == {"error": "untrusted SNS URL"}
+    assert served.fetched == []
+    assert status_of(app, "ada@example.com") == "active"
+
+
+def test_trusted_sns_urls() -> None:
+    assert ses.trusted_sns_url(CERT_URL, pem=True) == CERT_URL
+    assert ses.trusted_sns_url("https://sns.eu-central-2.amazonaws.com/x.pem", pem=True)
+    assert ses.trusted_sns_url("https://sns.us-gov-west-1.amazonaws.com/x.pem", pem=True)
+    for bad in ("https://sns.amazonaws.com/x.pem", "https://SNS.us-east-1.amazonaws.com.evil/x.pem",
+                "https://sns.us-east-1.amazonaws.com:99999/x.pem", "ftp://sns.us-east-1.amazonaws.com/x.pem"):
+        with pytest.raises(Refused):
+            ses.trusted_sns_url(bad, pem=True)
+
+
+def test_a_topic_not_in_the_allow_list_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
+                                                  clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    envelope = load("bounce_permanent.json") | {"TopicArn": "arn:aws:sns:us-east-1:999999999999:someone-else"}
+    r = post(client, sign(envelope, key, clock))
+    assert r.status_code == 403 and r.json == {"error": "topic not allowed"}
+    assert served.fetched == [] and status_of(app, "ada@example.com") == "active"
+
+
+@pytest.mark.parametrize(("age", "expected"), [(300, 200), (301, 403), (-301, 403)])
+def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, key: rsa.RSAPrivateKey,
+                                      age: int, expected: int) -> None:
+    assert post(client, sign(load("bounce_permanent.json"), key, clock, age=age)).status_code == expected
+
+
+def test_a_replayed_message_id_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
+                                          clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    envelope = sign(load("bounce_permanent.json"), key, clock)
+    assert post(client, envelope).status_code == 200
+    again = post(client, envelope)
+    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    assert app.store.event_counts() == {"hard_bounce": 1}
+    assert served.fetched == [CERT_URL]  # fetched once, then cached
+
+
+def test_an_expired_certificate_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
+                                           clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    served.certs[CERT_URL] = make_cert(key, days_before=400, days_after=-1)
+    r = post(client, sign(load("bounce_permanent.json"), key, clock))
+    assert r.status_code == 403 and status_of(app, "ada@example.com") == "active"
+
+
+def test_an_unavailable_certificate_is_503_and_the_retry_works(app: pipeline.App, client: FlaskClient,
+                                                               served: Served, clock: FrozenClock,
+                                                               key: rsa.RSAPrivateKey) -> None:
+    certificate = served.certs.pop(CERT_URL)
+    envelope = sign(load("bounce_permanent.json"), key, clock)
+    assert post(client, envelope).status_code == 503
+    served.certs[CERT_URL] = certificate
+    assert post(client, envelope).status_code == 200  # SNS's retry of the same message
+    assert status_of(app, "ada@example.com") == "bounced"
+
+
+def test_a_subscription_confirmation_is_verified_then_confirmed(app: pipeline.App, client: FlaskClient,
+                                                                confirmed: list[str], clock: FrozenClock,
+                                                                key: rsa.RSAPrivateKey) -> None:
+    envelope = load("subscription_confirmation.json")
+    assert post(client, envelope).status_code == 401  # unsigned: never confirmed
+    assert confirmed == []
+    r = post(client, sign(envelope, key, clock, version="1"))
+    assert r.status_code == 200 and r.json is not None and r.json["confirmed"] is True
+    assert confirmed == [envelope["SubscribeURL"]]
+    assert app.store.event_counts() == {}
+
+
+@pytest.mark.parametrize("subscribe_url", [
+    "https://evil.com/?Action=ConfirmSubscription&Token=x",
+    "http://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&Token=x",
+    "https://sns.us-east-1.amazonaws.com.evil.com/?Action=ConfirmSubscription&Token=x",
+    "https://sns.us-east-1.amazonaws.com/?Action=Publish&Message=x",
+])
+def test_a_signed_confirmation_with_an_untrusted_subscribe_url_is_not_fetched(
+        client: FlaskClient, confirmed: list[str], clock: FrozenClock, key: rsa.RSAPrivateKey,
+        subscribe_url: str) -> None:
+    envelope = load("subscription_confirmation.json") | {"SubscribeURL": subscribe_url}
+    assert post(client, sign(envelope, key, clock)).status_code == 403
+    assert confirmed == []
+
+
+def test_a_failed_confirmation_is_503_and_can_be_retried(app: pipeline.App, served: Served, clock: FrozenClock,
+                                                         key: rsa.RSAPrivateKey) -> None:
+    calls: list[str] = []
+
+    def flaky(url: str) -> None:
+        calls.append(url)
+        if len(calls) == 1:
+            raise Unavailable("could not confirm the subscription (HTTP 500)")
+
+    client = create_app(app, sns_certificates=ses.CertificateCache(fetch=served), sns_confirm=flaky).test_client()
+    envelope = sign(load("subscription_confirmation.json"), key, clock)
+    assert post(client, envelope).status_code == 503
+    assert post(client, envelope).status_code == 200
+    assert len(calls) == 2
+
+
+def test_an_unsubscribe_confirmation_changes_nothing(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                                     key: rsa.RSAPrivateKey) -> None:
+    envelope = load("subscription_confirmation.json") | {
+        "Type": "UnsubscribeConfirmation", "MessageId": "0b5e-unsub",
+        "Message": "You have chosen to deactivate subscription."}
+    r = post(client, sign(envelope, key, clock))
+    assert r.status_code == 200 and r.json == {"received": 0, "stored": 0, "duplicates": 0, "suppressed": 0}
+
+
+def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                key: rsa.RSAPrivateKey) -> None:
+    assert post(client, sign(load("complaint.json"), key, clock)).status_code == 200
+    assert status_of(app, "ben@example.org") == "complained"
+
+
+def test_a_list_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                        key: rsa.RSAPrivateKey) -> None:
+    assert post(client, sign(load("subscription_unsubscribe.json"), key, clock)).status_code == 200
+    assert status_of(app, "chloe@example.net") == "unsubscribed"
+
+
+def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                            key: rsa.RSAPrivateKey) -> None:
+    # This payload has a Subject, which the string to sign then includes.
+    assert post(client, sign(load("bounce_transient.json"), key, clock)).status_code == 200
+    assert post(client, sign(load("delivery_delay.json"), key, clock)).status_code == 200
+    assert status_of(app, "ada@example.com") == "active"
+    assert app.store.event_counts() == {"soft_bounce": 1, "deferred": 1}
+
+
+def test_unconfigured_ses_refuses_everything(tmp_path: Path, served: Served, clock: FrozenClock,
+                                             key: rsa.RSAPrivateKey) -> None:
+    a = pipeline.App.open(make_settings(tmp_path), clock)
+    try:
+        client = create_app(a, sns_certificates=ses.CertificateCache(fetch=served)).test_client()
+        r = post(client, sign(load("bounce_permanent.json"), key, clock))
+        assert r.status_code == 403 and r.json == {"error": "ses webhooks are not configured"}
+        assert served.fetched == []
+    finally:
+        a.close()
+
+
+def test_unparseable_body_is_400(client: FlaskClient) -> None:
+    assert post(client, b"<xml/>").status_code == 400
+
+
+def test_config_checks_topic_arns() -> None:
+    with pytest.raises(ConfigError, match=r"webhooks.ses_topic_arns: 'digest-feedback' is not an SNS topic ARN"):
+        config.from_dict({"webhooks": {"ses_topic_arns": ["digest-feedback"]}}, file="c.yaml")
+
+
+def test_parse_normalizes_through_the_tables() -> None:
+    def events(name: str) -> list[Any]:
+        return ses.parse((DATA / name).read_bytes())
+
+    (bounce,) = events("bounce_permanent.json")
+    assert (bounce.event_type, bounce.email, bounce.ledger_id) == ("hard_bounce", "ada@example.com", 1)
+    assert bounce.event_id == "a1b2c3d4-0001-5e6f-7a8b-9c0d1e2f3a4b:ada@example.com"
+    assert bounce.detail["bounce_subtype"] == "General"
+    assert [e.event_type for e in events("bounce_transient.json")] == ["soft_bounce"]
+    assert [e.event_type for e in events("complaint.json")] == ["complaint"]
+    assert [e.event_type for e in events("subscription_unsubscribe.json")] == ["unsubscribe"]
+    assert [e.event_type for e in events("delivery_delay.json")] == ["deferred"]
+    assert [(e.event_type, e.email) for e in events("delivery.json")] == [
+        ("delivered", "ada@example.com"), ("delivered", "ben@example.org")]
+    assert events("subscription_confirmation.json") == []
+
+
+def test_the_default_network_calls_stay_on_sns_hosts(key: rsa.RSAPrivateKey) -> None:
+    responses = pytest.importorskip("responses")
+    subscribe = "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=t&Token=x"
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, CERT_URL, status=302, headers={"Location": "https://evil.com/x.pem"})
+        mock.add(responses.GET, "https://evil.com/x.pem", body=make_cert(key))
+        with pytest.raises(Refused):  # a redirect off the SNS host is not followed into trust
+            ses.CertificateCache().get(CERT_URL)
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, CERT_URL, body=make_cert(key))
+        cache = ses.CertificateCache()
+        assert cache.get(CERT_URL) is cache.get(CERT_URL)  # one fetch, then the cache
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, subscribe, body="<ConfirmSubscriptionResponse/>")
+        ses.confirm_subscription(subscribe)
+        mock.replace(responses.GET, subscribe, status=500)
+        with pytest.raises(Unavailable):
+            ses.confirm_subscription(subscribe)
+    with pytest.raises(Refused):
+        ses.confirm_subscription("https://evil.com/?Action=ConfirmSubscription")
