@@ -291,3 +291,30 @@ def test_server_side_personalization_gets_one_template_and_escaped_values(app: p
     expected, _ = personalize(s.compiled, name=r.to_name, unsubscribe_url=unsub,
                               preferences_url=dict(r.text_values)["preferences_url"])
     assert html == expected
+
+
+def test_partial_batch_settles_the_known_and_marks_only_the_in_flight_uncertain(app: pipeline.App) -> None:
+    from digest.delivery.providers.base import PartialBatchError
+
+    def partial(messages):  # type: ignore[no-untyped-def]
+        first, second = messages
+        raise PartialBatchError("connection lost during DATA",
+                                results=[SendResult(first.ledger_id, "sent", "ok")], uncertain=[second.ledger_id])
+
+    provider = ScriptedProvider([partial])
+    summary = sender(app, provider).run()
+    counts = app.store.ledger_counts(summary.draft_id)
+    assert counts == {"sent": 4, "uncertain": 1}
+    assert summary.finished
+
+
+def test_unsent_part_of_a_batch_goes_back_to_the_queue(app: pipeline.App) -> None:
+    def half(messages):  # type: ignore[no-untyped-def]
+        return [SendResult(messages[0].ledger_id, "sent", "ok"),
+                SendResult(messages[1].ledger_id, "failed", None, "not sent: HTTP 429 after the first call")]
+
+    provider = ScriptedProvider([half])
+    summary = sender(app, provider).run()
+    assert summary.finished and app.store.ledger_counts(summary.draft_id) == {"sent": 5}
+    assert received(provider) == sorted(EMAILS)
+    assert sorted(m.to_email for c in provider.calls for m in c).count(provider.calls[0][1].to_email) == 2

@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from digest.config import Settings
-from digest.delivery.providers.base import Provider, UncertainDeliveryError
+from digest.delivery.providers.base import PartialBatchError, Provider, UncertainDeliveryError
 from digest.errors import AuthError, DeliveryError
 from digest.render import SLOT_NAMES, CompiledEmail, personalize, slot_values
 from digest.store import Store
@@ -241,6 +241,8 @@ class Sender:
         use_template = bool(getattr(provider, "accepts_templates", False)) or (
             server_side and settings.delivery.server_side_personalization)
         self.template = template_message(draft, compiled, settings) if use_template else None
+        if self.template is None and getattr(provider, "parallel_calls", False):
+            self.concurrency = 1  # the provider runs delivery.concurrency calls inside each batch
         self.domain = _domain(settings.newsletter.from_)
         self._lock = threading.Lock()
         self._stop: str | None = None
@@ -383,8 +385,17 @@ class Sender:
             self.bucket.acquire()
             try:
                 results = self._call(prepared)
+            except PartialBatchError as exc:
+                # Several calls, some answered: settle what is known, and only the calls that
+                # may have gone out are uncertain.
+                known = [r for r in exc.results if r.ledger_id not in set(exc.uncertain)]
+                self._settle_known(known, claimed, summary)
+                self.store.mark_uncertain(list(exc.uncertain), str(exc), self.now())
+                with self._lock:
+                    summary.uncertain += len(exc.uncertain)
+                return "failed"
             except UncertainDeliveryError as exc:
-                if self.idempotent and attempt <= self.settings.delivery.max_retries:
+                if self.idempotent and exc.retryable and attempt <= self.settings.delivery.max_retries:
                     # Same batch, same body, same idempotency key: the provider sends it once.
                     self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25))
                     continue
@@ -412,14 +423,27 @@ class Sender:
                 with self._lock:
                     summary.failed[_reason(str(exc))] += len(ids)
                 return "failed"
-            self._settle(results, claimed, summary)
-            return "ok"
+            released = self._settle(results, claimed, summary)
+            # Messages handed back unsent count as a failed batch, so a provider that keeps
+            # refusing part of every batch pauses the send instead of being asked forever.
+            return "failed" if released else "ok"
 
-    def _settle(self, results: Sequence[SendResult], claimed: Sequence[Claimed], summary: SendSummary) -> None:
+    def _settle(self, results: Sequence[SendResult], claimed: Sequence[Claimed], summary: SendSummary) -> int:
         by_id = {r.ledger_id: r for r in results}
         complete = [by_id.get(c.ledger_id) or SendResult(c.ledger_id, "failed", None,
                                                          "the provider returned no result for it")
                     for c in claimed]
+        return self._settle_known(complete, claimed, summary)
+
+    def _settle_known(self, complete: Sequence[SendResult], claimed: Sequence[Claimed],
+                      summary: SendSummary) -> int:
+        """Record results; one ``failed`` as "not sent" was never handed over, so it goes back
+        to the queue. Returns how many went back."""
+        retry = [r.ledger_id for r in complete if r.status == "failed" and r.error
+                 and r.error.startswith("not sent")]
+        complete = [r for r in complete if r.ledger_id not in set(retry)]
+        if retry:
+            self.store.release(retry, "not sent: the batch stopped first", self.now())
         self.store.settle(complete, self.provider.name, self.now())
         emails = {c.ledger_id: c.recipient.email for c in claimed}
         with self._lock:
@@ -433,6 +457,7 @@ class Sender:
                 # The provider will not deliver to this address (earlier bounce or complaint):
                 # stop trying here too, for every future digest.
                 self.store.suppress(emails[r.ledger_id], "provider_suppressed", self.provider.name, self.now())
+        return len(retry)
 
 
 def _reason(error: str) -> str:

@@ -175,6 +175,10 @@ class Provider(ABC):
     #: True when sending the very same batch again cannot deliver it twice (the provider
     #: dedupes by an idempotency key), so a batch with an uncertain outcome may be resent.
     idempotent: ClassVar[bool] = False
+    #: ``send_batch`` makes several calls per batch, ``delivery.concurrency`` at a time (SES,
+    #: and SendGrid and Mailgun with full bodies); the sender then runs one batch at a time,
+    #: so that ``delivery.concurrency`` stays the number of provider calls in flight.
+    parallel_calls: ClassVar[bool] = False
 
     def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
         self.settings = settings

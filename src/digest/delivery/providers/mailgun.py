@@ -133,6 +133,7 @@ class MailgunProvider(HttpProvider):
 
     name: ClassVar[str] = "mailgun"
     max_batch: ClassVar[int] = 1000  # recipients per call
+    parallel_calls: ClassVar[bool] = True
     default_base_url: ClassVar[str] = US_API_URL
     personalizes: ClassVar[bool] = True
 

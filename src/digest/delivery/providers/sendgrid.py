@@ -86,6 +86,7 @@ class SendGridProvider(HttpProvider):
 
     name: ClassVar[str] = "sendgrid"
     max_batch: ClassVar[int] = 1000  # personalizations (and recipients) per request
+    parallel_calls: ClassVar[bool] = True
     default_base_url: ClassVar[str] = API_URL
     personalizes: ClassVar[bool] = True
 

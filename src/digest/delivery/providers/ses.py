@@ -202,6 +202,7 @@ class SesProvider(HttpProvider):
     # Why 50: a sender batch, not an SES limit (SendEmail takes one message per call); large
     # enough that the claim/settle round trips are cheap, small enough to settle often.
     max_batch: ClassVar[int] = 50
+    parallel_calls: ClassVar[bool] = True
     default_base_url: ClassVar[str] = "https://email.{region}.amazonaws.com"
 
     def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
