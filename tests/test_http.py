@@ -201,3 +201,30 @@ def test_non_ascii_digit_content_length_does_not_crash(mocked: responses.Request
     # accepts and int() rejects. It must count as "no length", not raise ValueError.
     mocked.get(URL, body=b"fine", headers={"Content-Length": "\xb2"})
     assert fetch(build_session(), URL, sleep=no_sleep).body == b"fine"
+
+
+@responses.activate
+def test_redirect_to_another_origin_drops_credentials_but_keeps_validators() -> None:
+    from digest.http import build_session, fetch
+
+    responses.add(responses.GET, "https://forum.example.org/t/1.json", status=301,
+                  headers={"Location": "https://cdn.example.net/t/1.json"})
+    responses.add(responses.GET, "https://cdn.example.net/t/1.json", body=b"{}", status=200)
+    fetched = fetch(build_session(), "https://forum.example.org/t/1.json", etag='"v1"',
+                    headers={"Api-Key": "secret", "Accept": "application/json"})
+    assert fetched.status == 200 and fetched.url == "https://cdn.example.net/t/1.json"
+    first, second = (c.request for c in responses.calls)
+    assert first.headers["Api-Key"] == "secret"
+    assert "Api-Key" not in second.headers
+    assert second.headers["If-None-Match"] == '"v1"' and second.headers["Accept"] == "application/json"
+
+
+@responses.activate
+def test_http_errors_carry_their_status() -> None:
+    from digest.errors import SourceError
+    from digest.http import build_session, fetch
+
+    responses.add(responses.GET, "https://x.example.org/gone", status=404)
+    with pytest.raises(SourceError) as info:
+        fetch(build_session(), "https://x.example.org/gone")
+    assert info.value.status == 404

@@ -157,10 +157,13 @@ def collect(obj: _Context) -> None:
             click.echo(f"{o.source}: FAILED: {o.error}")
         elif o.not_modified:
             click.echo(f"{o.source}: not modified")
+            continue
         else:
             s = o.stats
             click.echo(f"{o.source}: {s.new_essays} new essays, {s.updated_essays} updated; "
                        f"{s.new_comments} new comments, {s.updated_comments} updated, {s.deleted_comments} gone")
+        for warning in o.warnings:
+            click.echo(f"{o.source}: warning: {warning}")
     if failed:
         sys.exit(1)
 

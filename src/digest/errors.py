@@ -37,7 +37,11 @@ class StoreError(DigestError):
 
 
 class SourceError(DigestError):
-    """A source could not be fetched or parsed."""
+    """A source could not be fetched or parsed. ``status`` is the HTTP status, when there was one."""
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
 
 
 class RenderError(DigestError):

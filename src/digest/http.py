@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -105,9 +105,7 @@ def fetch(
     while True:
         attempt += 1
         try:
-            response = session.get(url, headers=request_headers, timeout=timeout, stream=True)
-        except requests.TooManyRedirects as exc:
-            raise SourceError(f"{url}: more than {MAX_REDIRECTS} redirects") from exc
+            response = _get_following(session, url, request_headers, timeout)
         except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                 requests.exceptions.InvalidSchema) as exc:
             raise SourceError(f"{url}: not a usable URL: {exc}") from exc  # retrying cannot help
@@ -118,14 +116,16 @@ def fetch(
             raise SourceError(f"{url}: {type(exc).__name__}: {exc}") from exc
         with response:
             if response.status_code in RETRY_STATUSES and attempt <= retries:
+                _drain(response)
                 wait = retry_after_seconds(response.headers.get("Retry-After"), cap=60.0)
                 sleep(wait if wait is not None else backoff * 2 ** (attempt - 1))
                 continue
             lowered = {k.lower(): v for k, v in response.headers.items()}
             if response.status_code == 304:
+                _drain(response)  # an unread response closes the connection instead of reusing it
                 return Fetched(url=response.url, status=304, headers=lowered, not_modified=True)
             if not 200 <= response.status_code < 300:
-                raise SourceError(f"{url}: HTTP {response.status_code}")
+                raise SourceError(f"{url}: HTTP {response.status_code}", status=response.status_code)
             declared = lowered.get("content-length", "")
             if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
                 raise SourceError(f"{url}: body of {declared} bytes is over the {max_bytes}-byte cap")
@@ -143,6 +143,46 @@ def fetch(
             wire = int(getattr(raw, "tell", lambda: size)() or size)
             return Fetched(url=response.url, status=response.status_code, body=b"".join(chunks),
                            headers=lowered, wire_bytes=wire)
+
+
+# Request headers that may follow a redirect to another origin. Anything else (an API key in
+# Api-Key, a session cookie) stays with the origin it was meant for: requests itself strips
+# only Authorization when a redirect changes host.
+_PORTABLE_HEADERS = frozenset({"accept", "accept-encoding", "accept-language", "user-agent",
+                               "if-none-match", "if-modified-since"})
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def _get_following(session: requests.Session, url: str, headers: dict[str, str],
+                   timeout: tuple[float, float]) -> requests.Response:
+    """GET with redirects followed by hand: at most MAX_REDIRECTS, http(s) only, and
+    credentials dropped when the origin changes."""
+    current, sent = url, dict(headers)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = session.get(current, headers=sent, timeout=timeout, stream=True, allow_redirects=False)
+        if not response.is_redirect:
+            return response
+        target = urljoin(current, response.headers.get("location", ""))
+        _drain(response)
+        response.close()
+        if urlsplit(target).scheme not in ("http", "https"):
+            raise SourceError(f"{url}: redirected to a non-http URL")
+        if _origin(target) != _origin(current):
+            sent = {k: v for k, v in sent.items() if k.lower() in _PORTABLE_HEADERS}
+        current = target
+    raise SourceError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+
+def _drain(response: requests.Response, limit: int = 65536) -> None:
+    """Read a small unwanted body so the connection goes back to the pool."""
+    try:
+        response.raw.read(limit, decode_content=False)
+    except Exception:  # the connection is dropped then, which is only slower
+        pass
 
 
 def get_json(

@@ -24,7 +24,7 @@ from digest.errors import DeliveryError, DigestError, DraftError
 from digest.http import build_session
 from digest.render import CompiledEmail, compile_draft, compile_draft_ready, personalize
 from digest.scheduler import next_run, previous_run
-from digest.sources.registry import build_comment_sources, build_source
+from digest.sources.registry import build_comment_sources, build_source, comment_blocks
 from digest.store import Store, open_store
 from digest.store.store import CollectStats, DraftSummary, SourceStatus
 from digest.types import CollectResult, DeliveryEvent, Draft, OutgoingMessage, Recipient
@@ -304,7 +304,8 @@ def status(app: App) -> StatusReport:
     d = app.settings.digest
     return StatusReport(
         sources=app.store.source_statuses(),
-        configured_sources=[str(b["name"]) for b in app.settings.sources],
+        configured_sources=[name for b in app.settings.sources
+                            for name in (str(b["name"]), *(str(c["name"]) for c in comment_blocks(b)))],
         drafts=app.store.list_drafts(limit=10),
         ledgers={i: app.store.ledger_counts(i) for i in app.store.drafts_with_ledger()[-10:]},
         subscribers=app.store.count_subscribers(),

@@ -286,12 +286,6 @@ def test_a_broken_comment_source_is_recorded_and_the_others_still_make_the_draft
     assert states["blog:discourse1"].last_error is None and states["blog:discourse1"].comments == 17
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`digest status` lists only the essay sources' names "
-    "(pipeline.status: configured_sources), so a comment source's error never shows; "
-    "remove this mark once it lists each source's comment sources too",
-)
 def test_digest_status_shows_the_broken_comment_source(server: _Server, tmp_path: Path) -> None:
     cfg, _collected, _text = run_with_broken_reddit(server, tmp_path)
     code, status = invoke("--config", cfg, "status")

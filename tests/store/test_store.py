@@ -207,3 +207,17 @@ def test_upgrade_from_the_first_schema_keeps_data(db_url: str) -> None:
 
 def test_head_constant_matches_the_migration_scripts(sqlite_store: Store) -> None:
     assert db.HEAD == db.head_revision(sqlite_store.engine)
+
+
+def test_votes_round_trip_and_partial_comment_lists_delete_nothing(store: Store) -> None:
+    voted = Comment(source="s", essay_key="e1", key="v", author="a", html="<p>x y z</p>", score=5,
+                    upvotes=9, downvotes=4)
+    store.record_collect(CollectResult("s", essays=(essay("e1"),), comments=(voted, comment("e1", "c2"))), NOW)
+    # A comment source that lists only the newest comments, claiming no essay complete:
+    window = CollectResult("s:comments", comments=(Comment(source="s:comments", essay_key="e1", key="n",
+                                                           author="b", html="<p>new one</p>", essay_source="s"),))
+    assert store.record_collect(window, NOW).deleted_comments == 0
+    (eid, _), = store.candidate_essays(None, 10)
+    got = {c.key: c for _, c in store.comments_for([eid])[eid]}
+    assert set(got) == {"v", "c2", "n"}
+    assert (got["v"].upvotes, got["v"].downvotes) == (9, 4)

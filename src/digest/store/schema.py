@@ -63,6 +63,8 @@ comments = Table(
     Column("html", Text, nullable=False),
     Column("url", Text, nullable=False, server_default=""),
     Column("score", Float, nullable=True),
+    Column("upvotes", Integer, nullable=True),
+    Column("downvotes", Integer, nullable=True),
     Column("position", Integer, nullable=True),
     Column("parent_key", String(2000), nullable=True),
     _ts("published_at"),

@@ -279,20 +279,22 @@ class Store:
             essay_id = self._essay_id(conn, essay_ids, c.essay_source or c.source, c.essay_key)
             if essay_id is None:
                 continue  # a comment on an essay we do not have: nothing to attach it to
-            if essay_id in seen_by_essay or not result.covered:
-                seen_by_essay.setdefault(essay_id, set()).add(c.key)
+            if essay_id in seen_by_essay:  # only essays whose whole list we hold
+                seen_by_essay[essay_id].add(c.key)
             row = conn.execute(
                 select(comments).where(and_(comments.c.source == c.source, comments.c.key == c.key))
             ).first()
             values = {"essay_id": essay_id, "author": c.author, "html": c.html, "url": c.url,
                       "score": c.score, "position": c.position, "parent_key": c.parent_key,
+                      "upvotes": c.upvotes, "downvotes": c.downvotes,
                       "published_at": c.published, "deleted_at": None}
             if row is None:
                 conn.execute(insert(comments).values(source=c.source, key=c.key, first_seen_at=now,
                                                      updated_at=now, **values))
                 new += 1
-            elif (row.html, row.score, row.author, row.position, row.deleted_at) != (
-                c.html, c.score, c.author, c.position, None
+            elif (row.html, row.score, row.author, row.position, row.upvotes, row.downvotes,
+                  row.parent_key, row.deleted_at) != (
+                c.html, c.score, c.author, c.position, c.upvotes, c.downvotes, c.parent_key, None
             ):
                 conn.execute(update(comments).where(comments.c.id == row.id).values(updated_at=now, **values))
                 updated += 1
@@ -380,7 +382,7 @@ class Store:
                 out[r.essay_id].append((r.id, Comment(
                     source=r.source, essay_key=r.essay_key, key=r.key, author=r.author, html=r.html,
                     url=r.url, score=r.score, published=_dt(r.published_at), parent_key=r.parent_key,
-                    position=r.position,
+                    position=r.position, upvotes=r.upvotes, downvotes=r.downvotes,
                     essay_source=r.essay_source if r.essay_source != r.source else None,
                 )))
         return out
