@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_loads_and_documents_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = config.load(ROOT / "config.example.yaml")
-    assert [s["type"] for s in settings.sources] == ["folder", "feed"]
+    assert [s["type"] for s in settings.sources] == ["folder", "feed", "wordpress", "substack"]
     example = (ROOT / "config.example.yaml").read_text()
     # Every settings field appears in the example file (undocumented keys fail here).
     for section in ("newsletter", "database", "ranking", "delivery", "web", "webhooks"):
@@ -117,3 +117,17 @@ def test_parse_duration() -> None:
 def test_relative_sqlite_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
     path = write(tmp_path, "database:\n  url: sqlite:///data/digest.db\n")
     assert config.load(path).database.url == f"sqlite:///{tmp_path / 'data' / 'digest.db'}"
+
+
+def test_every_source_type_and_its_keys_are_documented_in_the_example() -> None:
+    from digest.sources.registry import SOURCES, comment_blocks, source_class
+
+    settings = config.load(ROOT / "config.example.yaml")
+    example = (ROOT / "config.example.yaml").read_text()
+    blocks = list(settings.sources) + [c for b in settings.sources for c in comment_blocks(b)]
+    documented = {b["type"] for b in blocks}
+    assert documented == set(SOURCES), f"undocumented source types: {set(SOURCES) - documented}"
+    for type_name in SOURCES:
+        for field_name in source_class(type_name).config_model.model_fields:
+            assert f"{field_name}:" in example or field_name in ("name", "type", "comments"), (
+                f"{type_name}.{field_name} is not documented in config.example.yaml")
