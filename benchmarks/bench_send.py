@@ -139,6 +139,8 @@ def bare_bodies(settings: Any, recipients: int) -> list[tuple[str, dict[str, str
         prepared = sender._prepare(claimed)
         if sender.template is not None:
             call = app.provider.build_template_request(sender.template, prepared)  # type: ignore[attr-defined]
+            if isinstance(call, tuple):  # SendGrid and Mailgun also return the ledger ids
+                call = call[0]
         else:
             call = app.provider.build_request(prepared)  # type: ignore[attr-defined]
         out.append((call.url, dict(call.headers), call.body))

@@ -42,7 +42,7 @@ class App:
         self._session: requests.Session | None = None
         self._provider: Provider | None = None
         self._secret: str | None = None
-        self._signers: tuple[tokens.LinkSigner, tokens.LinkSigner] | None = None
+        self._signer: tokens.LinkSigner | None = None
 
     @classmethod
     def open(cls, settings: Settings, now: Callable[[], datetime] = clock.now) -> App:
@@ -79,13 +79,11 @@ class App:
 
     def links(self, recipient: Recipient) -> tuple[str, str]:
         """A recipient's unsubscribe and preferences URLs (signed, purpose-bound)."""
-        if self._signers is None:
-            self._signers = (tokens.LinkSigner(self.secret, subscribers.UNSUBSCRIBE),
-                             tokens.LinkSigner(self.secret, subscribers.PREFERENCES))
+        if self._signer is None:
+            self._signer = tokens.LinkSigner(self.secret)
         base = self.settings.newsletter.public_url
-        unsub, prefs = self._signers
-        return (f"{base}/u/{unsub.sign(recipient.subscriber_id, recipient.email)}",
-                f"{base}/preferences/{prefs.sign(recipient.subscriber_id, recipient.email)}")
+        unsub, prefs = self._signer.sign_pair(recipient.subscriber_id, recipient.email)
+        return f"{base}/u/{unsub}", f"{base}/preferences/{prefs}"
 
     def close(self) -> None:
         if self._provider is not None:

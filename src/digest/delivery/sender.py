@@ -194,7 +194,7 @@ def template_recipient(draft_id: int, ledger_id: int, recipient: Recipient, link
         html_values=tuple(zip(SLOT_NAMES, html_values, strict=True)),
         text_values=tuple(zip(SLOT_NAMES, text_values, strict=True)),
         headers=list_headers(ledger_id, unsubscribe_url),
-        message_id=message_id(draft_id, ledger_id, recipient.email, domain),
+        # No Message-ID: providers that take templates assign their own.
     )
 
 

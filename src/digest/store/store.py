@@ -703,13 +703,17 @@ class Store:
         """Record each message's fate. Failing here stops the send (rule 9)."""
         if not results:
             return
-        rows = [{"lid": r.ledger_id, "st": r.status, "pmid": r.provider_message_id,
-                 "err": (r.error or None) and r.error[:1000]} for r in results]
-        stmt = (update(send_ledger).where(send_ledger.c.id == bindparam("lid"))
-                .values(status=bindparam("st"), provider=provider, provider_message_id=bindparam("pmid"),
-                        error=bindparam("err"), settled_at=now))
+        when = send_ledger.c.settled_at.type.bind_processor(self.engine.dialect)
+        settled = when(now) if when else now
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        # Raw executemany: this runs for every message sent, and compiling parameters row by
+        # row through SQLAlchemy would cost more than the update itself.
+        sql = (f"UPDATE send_ledger SET status = {mark}, provider = {mark}, provider_message_id = {mark}, "
+               f"error = {mark}, settled_at = {mark} WHERE id = {mark}")
+        rows = [(r.status, provider, r.provider_message_id, (r.error or None) and r.error[:1000], settled,
+                 r.ledger_id) for r in results]
         with self._tx() as conn:
-            conn.execute(stmt, rows)  # one executemany for the whole batch
+            conn.exec_driver_sql(sql, rows)
 
     def release(self, ledger_ids: Sequence[int], error: str, now: datetime) -> None:
         """Put claimed rows back to pending: the provider certainly did not take them."""
