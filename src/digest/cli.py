@@ -17,6 +17,7 @@ import click
 
 from digest import __version__, clock, pipeline, resources, subscribers
 from digest.config import Settings, load
+from digest.delivery.sender import SendSummary
 from digest.errors import DigestError
 from digest.store import db
 
@@ -262,7 +263,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
             return
     interactive = sys.stderr.isatty()
 
-    def progress(summary: pipeline.SendSummary, size: int) -> None:
+    def progress(summary: SendSummary, size: int) -> None:
         line = (f"draft {summary.draft_id}: batch {summary.batches} ({size}) — {summary.sent} sent, "
                 f"{sum(summary.failed.values())} failed, {summary.uncertain} uncertain")
         click.echo(("\r" + line) if interactive else line, err=True, nl=not interactive)

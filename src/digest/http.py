@@ -139,8 +139,8 @@ def fetch(
                     chunks.append(chunk)
             except requests.RequestException as exc:
                 raise SourceError(f"{url}: {type(exc).__name__} while reading: {exc}") from exc
-            raw = response.raw
-            wire = int(getattr(raw, "tell", lambda: size)() or size)
+            tell = getattr(response.raw, "tell", None)  # bytes on the wire (compressed), if known
+            wire = int(tell() or size) if callable(tell) else size
             return Fetched(url=response.url, status=response.status_code, body=b"".join(chunks),
                            headers=lowered, wire_bytes=wire)
 

@@ -92,7 +92,7 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
     listen_host, _, listen_port = settings.web.listen.rpartition(":")
     server = create_server(create_app(app), host=host or listen_host,
                            port=port if port is not None else int(listen_port), threads=4)
-    bound_port = int(server.effective_port)  # type: ignore[union-attr]
+    bound_port = int(server.effective_port)
     web_thread = threading.Thread(target=server.run, name="web", daemon=True)
 
     def on_signal(signum: int, _frame: object) -> None:

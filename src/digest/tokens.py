@@ -21,7 +21,7 @@ def sign(secret: str, purpose: str, payload: Any) -> str:
     return URLSafeTimedSerializer(secret, salt=f"digest:{purpose}").dumps(payload)
 
 
-def verify(secret: str, purpose: str, token: str, max_age: float | None = None) -> Any:
+def verify(secret: str, purpose: str, token: str, max_age: int | None = None) -> Any:
     """The payload of a valid token; ``TokenError`` for a forged, foreign or expired one."""
     serializer = URLSafeTimedSerializer(secret, salt=f"digest:{purpose}")
     try:

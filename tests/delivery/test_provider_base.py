@@ -23,7 +23,7 @@ from digest.delivery.providers.base import (
 from digest.delivery.providers.outbox import OutboxProvider
 from digest.delivery.providers.postmark import PostmarkProvider
 from digest.delivery.providers.registry import PROVIDERS, build_provider, provider_class
-from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.errors import AuthError, DeliveryError
 from digest.types import OutgoingMessage, SendResult
 from tests.delivery.conftest import MessageFactory
 

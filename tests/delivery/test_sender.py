@@ -129,7 +129,6 @@ def test_unsubscribe_during_send_is_honoured_at_claim(app: pipeline.App) -> None
         sub = app.store.subscriber_by_email(EMAILS[4])
         assert sub is not None
         app.store.set_subscriber_status(sub.id, "unsubscribed", app.now())
-        return None
 
     provider = ScriptedProvider([unsubscribe_later])
     summary = sender(app, provider).run()

@@ -42,7 +42,14 @@ from digest.errors import AuthError, DeliveryError
 from digest.render import SLOT_NAMES, CompiledEmail, personalize, slot_values
 from digest.store import Store
 from digest.store.store import Claimed
-from digest.types import Draft, OutgoingMessage, Recipient, SendResult, TemplateMessage, TemplateRecipient
+from digest.types import (
+    Draft,
+    OutgoingMessage,
+    Recipient,
+    SendResult,
+    TemplateMessage,
+    TemplateRecipient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +379,7 @@ class Sender:
 
     def _call(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> list[SendResult]:
         if self.template is not None:
-            return self.provider.send_template_batch(self.template, prepared)  # type: ignore[attr-defined,no-any-return]
+            return self.provider.send_template_batch(self.template, prepared)  # type: ignore[arg-type]
         return self.provider.send_batch(prepared)  # type: ignore[arg-type]
 
     def _deliver(self, claimed: Sequence[Claimed], summary: SendSummary) -> str:

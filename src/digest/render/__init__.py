@@ -32,7 +32,7 @@ __all__ = [
     "make_env",
     "personalize",
     "safe_url",
-    "slot_values",
     "sanitize_html",
+    "slot_values",
     "word_count",
 ]

@@ -389,7 +389,7 @@ def word_count(html: str) -> int:
 
 # ----------------------------------------------------------------------------- truncation
 
-from html import escape as _escape  # noqa: E402  (``html`` is a parameter name here)
+from html import escape as _escape
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
 

@@ -59,7 +59,7 @@ def _to_datetime(value: Any, where: str) -> datetime | None:
 
 
 def _markdown(text: str) -> str:
-    return markdown.markdown(text, extensions=["extra", "smarty"], output_format="html")
+    return str(markdown.markdown(text, extensions=["extra", "smarty"], output_format="html"))
 
 
 def split_front_matter(text: str, where: str) -> tuple[dict[str, Any], str]:

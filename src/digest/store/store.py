@@ -17,7 +17,20 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, String, and_, bindparam, delete, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    String,
+    and_,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from digest.clock import as_utc
@@ -301,13 +314,11 @@ class Store:
         for essay_id, keys in seen_by_essay.items():
             if essay_id < 0:
                 continue
-            stmt = (
-                update(comments)
-                .where(and_(comments.c.essay_id == essay_id, comments.c.source == result.source,
-                            comments.c.deleted_at.is_(None),
-                            comments.c.key.not_in(keys) if keys else True))
-                .values(deleted_at=now, updated_at=now)
-            )
+            gone = and_(comments.c.essay_id == essay_id, comments.c.source == result.source,
+                        comments.c.deleted_at.is_(None))
+            if keys:
+                gone = and_(gone, comments.c.key.not_in(keys))
+            stmt = update(comments).where(gone).values(deleted_at=now, updated_at=now)
             deleted += conn.execute(stmt).rowcount or 0
         return new, updated, deleted
 

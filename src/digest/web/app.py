@@ -24,6 +24,7 @@ from flask import Flask, Response, render_template, request
 from digest import subscribers
 from digest.errors import TokenError, WebhookVerificationError
 from digest.pipeline import App, apply_events
+from digest.store.store import Subscriber
 from digest.web import webhooks
 from digest.web.webhooks import ses
 
@@ -57,7 +58,7 @@ def create_app(
         response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
         return response
 
-    def lookup(purpose: str, token: str) -> subscribers.Subscriber | None:
+    def lookup(purpose: str, token: str) -> Subscriber | None:
         try:
             return subscribers.subscriber_for_token(app.store, app.secret, purpose, token)
         except TokenError:

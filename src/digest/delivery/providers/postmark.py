@@ -28,7 +28,13 @@ from digest.delivery.providers.base import (
     response_text,
 )
 from digest.errors import AuthError, ConfigError, DeliveryError
-from digest.types import OutgoingMessage, ResultStatus, SendResult, TemplateMessage, TemplateRecipient
+from digest.types import (
+    OutgoingMessage,
+    ResultStatus,
+    SendResult,
+    TemplateMessage,
+    TemplateRecipient,
+)
 
 API_URL = "https://api.postmarkapp.com"
 TEST_TOKEN = "POSTMARK_API_TEST"
@@ -160,7 +166,7 @@ class PostmarkProvider(HttpProvider):
         """Every byte of a message's JSON that all recipients share, encoded once per draft."""
         cached = self._template_cache
         if cached is not None and cached[0] is template:
-            return cached[1]
+            return cached[1]  # type: ignore[no-any-return]
         head = b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":'
         subject = (b',"Subject":' + json_string(clean_header_value(template.subject)) + b',"HtmlBody":"')
         html = tuple(json_escape(p) for p in template.html_parts)
