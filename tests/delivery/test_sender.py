@@ -252,13 +252,13 @@ def test_concurrent_workers_send_everyone_exactly_once(tmp_path: Path, db_url: s
                              delivery={"rate_per_second": 1000})
     settings = settings.model_copy(update={"delivery": settings.delivery.model_copy(update={"concurrency": 4})})
     a = pipeline.App.open(settings, clock)
-    emails = [f"c{i}@example.com" for i in range(41)]
+    emails = [f"c{i}@example.com" for i in range(201)]
     a.store.upsert_subscribers([(e, "") for e in emails], "cli", clock())
     pipeline.collect(a)
     pipeline.make_draft(a)
     provider = ScriptedProvider()
     summary = sender(a, provider).run()
-    assert summary.sent == 41 and summary.finished and summary.batches == 21
+    assert summary.sent == 201 and summary.finished and summary.batches == 101
     assert received(provider) == sorted(emails)
     a.close()
 

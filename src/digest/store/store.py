@@ -664,31 +664,47 @@ class Store:
             ).rowcount or 0)
 
     def claim_batch(self, draft_id: int, size: int, token: str, now: datetime) -> list[Claimed]:
-        """Claim up to ``size`` pending rows, skipping (rule 2) those no longer eligible."""
+        """Claim up to ``size`` pending rows, skipping (rule 2) those no longer eligible.
+
+        Eligibility is read for the next rows only, in the same statement that locks them, so
+        each claim costs the same whether the draft has a thousand rows left or a million.
+        """
+        suppressed = select(suppressions.c.email).where(suppressions.c.email == send_ledger.c.email).exists()
+        eligible = and_(subscribers.c.status == "active", ~suppressed).label("eligible")
         with self._tx() as conn:
-            eligible = and_(subscribers.c.status == "active",
-                            send_ledger.c.email.not_in(select(suppressions.c.email)))
-            ineligible_ids = select(send_ledger.c.id).join(
-                subscribers, subscribers.c.id == send_ledger.c.subscriber_id
-            ).where(and_(send_ledger.c.draft_id == draft_id, send_ledger.c.status == "pending",
-                         ~eligible))
-            conn.execute(update(send_ledger).where(send_ledger.c.id.in_(ineligible_ids))
-                         .values(status="skipped", settled_at=now, error="no longer eligible at claim time"))
-            stmt = (
-                select(send_ledger.c.id, send_ledger.c.subscriber_id, subscribers.c.email, subscribers.c.name)
-                .join(subscribers, subscribers.c.id == send_ledger.c.subscriber_id)
-                .where(and_(send_ledger.c.draft_id == draft_id, send_ledger.c.status == "pending", eligible))
-                .order_by(send_ledger.c.id).limit(size)
-            )
-            if self.dialect == "postgresql":
-                stmt = stmt.with_for_update(skip_locked=True, of=send_ledger)
-            rows = conn.execute(stmt).all()
-            if not rows:
-                return []
-            conn.execute(update(send_ledger).where(send_ledger.c.id.in_([r.id for r in rows]))
-                         .values(status="claimed", claim_token=token, claimed_at=now,
-                                 batch_key=uuid.uuid4().hex, attempts=send_ledger.c.attempts + 1))
-        return [Claimed(r.id, Recipient(r.subscriber_id, r.email, r.name)) for r in rows]
+            claimed: list[Any] = []
+            while not claimed:
+                stmt = (
+                    select(send_ledger.c.id, send_ledger.c.subscriber_id, subscribers.c.email,
+                           subscribers.c.name, eligible)
+                    .join(subscribers, subscribers.c.id == send_ledger.c.subscriber_id)
+                    .where(and_(send_ledger.c.draft_id == draft_id, send_ledger.c.status == "pending"))
+                    .order_by(send_ledger.c.id).limit(size)
+                )
+                if self.dialect == "postgresql":
+                    stmt = stmt.with_for_update(skip_locked=True, of=send_ledger)
+                rows = conn.execute(stmt).all()
+                if not rows:
+                    return []
+                skipped = [r.id for r in rows if not r.eligible]
+                if skipped:
+                    conn.execute(update(send_ledger).where(and_(send_ledger.c.id.in_(skipped),
+                                                                send_ledger.c.status == "pending"))
+                                 .values(status="skipped", settled_at=now,
+                                         error="no longer eligible at claim time"))
+                claimed = [r for r in rows if r.eligible]
+            # "AND still pending": SQLite takes its write lock only at the first write, so two
+            # senders can read the same rows; only one of them wins each row here.
+            batch_key = uuid.uuid4().hex
+            won = conn.execute(update(send_ledger).where(and_(send_ledger.c.id.in_([r.id for r in claimed]),
+                                                              send_ledger.c.status == "pending"))
+                               .values(status="claimed", claim_token=token, claimed_at=now,
+                                       batch_key=batch_key, attempts=send_ledger.c.attempts + 1)).rowcount
+            if won != len(claimed):
+                mine = set(conn.execute(select(send_ledger.c.id).where(
+                    send_ledger.c.batch_key == batch_key)).scalars())
+                claimed = [r for r in claimed if r.id in mine]
+        return [Claimed(r.id, Recipient(r.subscriber_id, r.email, r.name)) for r in claimed]
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime) -> list[list[Claimed]]:
         """Re-claim uncertain rows, grouped exactly as they went out (for idempotent resends)."""
