@@ -7,8 +7,9 @@ A source is built from its validated config block. ``collect()`` (implemented he
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar
@@ -42,10 +43,12 @@ class Source(ABC):
     type_name: ClassVar[str]
     config_model: ClassVar[type[SourceConfig]] = SourceConfig
 
-    def __init__(self, config: SourceConfig, session: requests.Session | None = None) -> None:
+    def __init__(self, config: SourceConfig, session: requests.Session | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.config = config
         self.name = config.name
         self.session = session
+        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
 
     @abstractmethod
     def fetch(self, cursor: SourceCursor, now: datetime) -> Any:

@@ -38,8 +38,7 @@ and every ``post_type`` other than 1 (whispers, moderator actions, small actions
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -51,7 +50,7 @@ from pydantic import Field, field_validator, model_validator
 
 from digest import http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig, SourceConfig
+from digest.sources.base import CommentSource, CommentSourceConfig
 from digest.types import Comment, Essay
 
 CHUNK = 20  # posts per /t/{id}/posts.json request: Discourse's own chunk size
@@ -119,15 +118,6 @@ class DiscourseSource(CommentSource):
     config_model = DiscourseConfig
     config: DiscourseConfig
 
-    def __init__(
-        self,
-        config: SourceConfig,
-        session: requests.Session | None = None,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(config, session)
-        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
 
     # -- network ---------------------------------------------------------------------------
 

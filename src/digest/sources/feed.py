@@ -27,7 +27,7 @@ import io
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -35,7 +35,6 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import feedparser
-import requests
 from feedparser.exceptions import ThingsNobodyCaresAboutButMe
 from feedparser.urls import resolve_relative_uris
 from pydantic import Field, field_validator
@@ -98,15 +97,6 @@ class FeedSource(Source):
     config_model = FeedConfig
     config: FeedConfig
 
-    def __init__(
-        self,
-        config: SourceConfig,
-        session: requests.Session | None = None,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(config, session)
-        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
 
     def fetch(self, cursor: SourceCursor, now: datetime) -> FeedFetch:
         """One conditional GET with the cursor's validators; :class:`SourceError` on failure."""

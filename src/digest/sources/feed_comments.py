@@ -25,18 +25,16 @@ which the store keeps per source, so ``lookback_days`` and ``max_essays`` bound 
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import requests
 from pydantic import Field
 
 from digest import http
 from digest.sources import feed
-from digest.sources.base import CommentSource, CommentSourceConfig, SourceConfig
+from digest.sources.base import CommentSource, CommentSourceConfig
 from digest.types import CollectResult, Comment, Essay
 
 ACCEPT = (
@@ -67,15 +65,6 @@ class FeedCommentsSource(CommentSource):
     config_model = FeedCommentsConfig
     config: FeedCommentsConfig
 
-    def __init__(
-        self,
-        config: SourceConfig,
-        session: requests.Session | None = None,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(config, session)
-        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
 
     def collect_for(self, essays: Sequence[Essay], now: datetime) -> CollectResult:
         """Comments for the essays that have a comment feed; the others are skipped quietly.

@@ -27,8 +27,7 @@ Skipped: deleted and dead comments (``text`` or ``author`` null); their replies 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,7 +38,7 @@ from pydantic import Field, field_validator
 
 from digest import http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig, SourceConfig
+from digest.sources.base import CommentSource, CommentSourceConfig
 from digest.types import Comment, Essay
 
 ITEM_URL = "https://news.ycombinator.com/item?id={id}"
@@ -86,15 +85,6 @@ class HackerNewsSource(CommentSource):
     config_model = HackerNewsConfig
     config: HackerNewsConfig
 
-    def __init__(
-        self,
-        config: SourceConfig,
-        session: requests.Session | None = None,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(config, session)
-        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
 
     # -- network ---------------------------------------------------------------------------
 

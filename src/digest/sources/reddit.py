@@ -40,8 +40,7 @@ from __future__ import annotations
 import html as html_lib
 import json
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,7 +51,7 @@ from pydantic import Field, field_validator
 
 from digest import __version__, http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig, SourceConfig
+from digest.sources.base import CommentSource, CommentSourceConfig
 from digest.types import Comment, Essay
 
 # Reddit asks every client for a unique User-Agent of the form
@@ -134,18 +133,8 @@ class RedditSource(CommentSource):
     type_name = "reddit"
     config_model = RedditConfig
     config: RedditConfig
-
-    def __init__(
-        self,
-        config: SourceConfig,
-        session: requests.Session | None = None,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(config, session)
-        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
-        # Set when Reddit says the allowance is used up: no request goes out before then.
-        self.blocked_until: datetime | None = None
+    # Set when Reddit says the allowance is used up: no request goes out before then.
+    blocked_until: datetime | None = None
 
     # -- network ---------------------------------------------------------------------------
 

@@ -35,8 +35,7 @@ from __future__ import annotations
 import html
 import json
 import re
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -124,15 +123,6 @@ class SubstackSource(Source):
     config_model = SubstackConfig
     config: SubstackConfig
 
-    def __init__(
-        self,
-        config: SourceConfig,
-        session: requests.Session | None = None,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(config, session)
-        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
 
     # -- network ---------------------------------------------------------------------------
 

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -126,15 +125,6 @@ class WordPressSource(Source):
     config_model = WordPressConfig
     config: WordPressConfig
 
-    def __init__(
-        self,
-        config: SourceConfig,
-        session: requests.Session | None = None,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(config, session)
-        self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
 
     # -- network ---------------------------------------------------------------------------
 

@@ -1,0 +1,43 @@
+"""The scheduled jobs: each runs its use case, logs, and never lets an exception out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from digest import jobs, pipeline
+from tests.conftest import FrozenClock, make_settings
+
+
+@pytest.fixture
+def app(tmp_path: Path, clock: FrozenClock) -> pipeline.App:
+    a = pipeline.App.open(make_settings(tmp_path, digest={"approval": {"required": False}}), clock)
+    a.store.upsert_subscribers([("ann@example.com", "Ann")], "cli", clock())
+    yield a
+    a.close()
+
+
+def test_jobs_run_the_flow(app: pipeline.App, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="digest.jobs")
+    jobs.collect_job(app)
+    jobs.draft_job(app)
+    jobs.send_job(app)
+    assert "collect sample: 4 new essays" in caplog.text
+    assert "created and approved automatically" in caplog.text
+    assert "send draft 1: 1 sent, 0 failed, 0 uncertain" in caplog.text
+    assert app.store.get_draft(1).status == "sent"
+
+
+def test_a_failing_job_logs_and_keeps_the_service_up(app: pipeline.App, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(_app: pipeline.App) -> None:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(pipeline, "collect", boom)
+    monkeypatch.setattr(pipeline, "make_draft", boom)
+    jobs.collect_job(app)
+    jobs.draft_job(app)
+    assert caplog.text.count("database went away") == 2
+    assert "collect job failed" in caplog.text and "draft job failed" in caplog.text
