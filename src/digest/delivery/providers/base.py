@@ -310,6 +310,26 @@ class HttpProvider(Provider):
         self._check_batch(messages)
         return self.send_call(self.build_request(messages), messages)
 
+    def send_in_groups(self, messages: Sequence[OutgoingMessage], pacer: CallPacer | None) -> list[SendResult]:
+        """Full bodies through an API that takes one body per call: one call per group of
+        identical bodies (in practice per message), ``delivery.concurrency`` at a time, with
+        the partial-batch rules of :func:`send_in_calls`. Results in the order given."""
+        if not messages:
+            return []
+        self._check_batch(messages)
+        results = send_in_calls(self.name, group_same_content(messages), self._send_group,
+                                concurrency=self.settings.concurrency, pacer=pacer)
+        by_id = {r.ledger_id: r for r in results}
+        return [by_id[m.ledger_id] for m in messages]
+
+    def _send_group(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        call = self.build_request(messages)
+        results: list[SendResult] = list(call.refused)
+        if call.messages:
+            status, headers, body = self.perform(call)
+            results += self.handle_response(status, headers, body, call.messages)
+        return results
+
     def send_call(self, call: PreparedCall, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """Send a built call once, classify the answer, and return one result per message."""
         if self.max_request_bytes is not None and len(call.body) > self.max_request_bytes:

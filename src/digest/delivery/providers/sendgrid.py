@@ -40,9 +40,7 @@ from digest.delivery.providers.base import (
     PreparedCall,
     UncertainDeliveryError,
     checked_headers,
-    group_same_content,
     response_text,
-    send_in_calls,
 )
 from digest.errors import AuthError, ConfigError, DeliveryError
 from digest.http import build_session
@@ -220,26 +218,7 @@ class SendGridProvider(HttpProvider):
 
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """One request per distinct body (in practice per message); see the module docstring."""
-        if not messages:
-            return []
-        self._check_batch(messages)
-        results = send_in_calls(
-            self.name,
-            group_same_content(messages),
-            self._send_group,
-            concurrency=self.settings.concurrency,
-            pacer=self._pacer,
-        )
-        by_id = {r.ledger_id: r for r in results}
-        return [by_id[m.ledger_id] for m in messages]
-
-    def _send_group(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        call = self.build_request(messages)
-        results: list[SendResult] = list(call.refused)
-        if call.messages:
-            status, headers, body = self.perform(call)
-            results += self.handle_response(status, headers, body, call.messages)
-        return results
+        return self.send_in_groups(messages, self._pacer)
 
     # -- server-side personalization ------------------------------------------------------------
 
