@@ -13,12 +13,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import requests
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from digest.errors import DigestError
 from digest.types import CollectResult, Comment, Essay, SourceCursor
+
+
+def http_base_url(value: str) -> str:
+    """A configured http(s) base URL without its trailing slash; ``ValueError`` otherwise."""
+    value = value.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+    return value
+
+
+def normalize_url(url: str) -> str:
+    """A URL as a link compares: no scheme, no ``www.``, no fragment, no trailing slash."""
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower().removeprefix("www.")
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number: compare the rest
+        port = None
+    netloc = f"{host}:{port}" if port and port not in (80, 443) else host
+    return netloc + parts.path.rstrip("/") + (f"?{parts.query}" if parts.query else "")
 
 
 class SourceConfig(BaseModel):

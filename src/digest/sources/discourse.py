@@ -43,14 +43,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 import requests
 from pydantic import Field, field_validator, model_validator
 
 from digest import http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig
+from digest.sources.base import CommentSource, CommentSourceConfig, http_base_url, normalize_url
 from digest.types import Comment, Essay
 
 CHUNK = 20  # posts per /t/{id}/posts.json request: Discourse's own chunk size
@@ -81,7 +81,7 @@ class DiscourseConfig(CommentSourceConfig):
     @field_validator("base_url")
     @classmethod
     def _http_base(cls, value: str) -> str:
-        return _http_base(value)
+        return http_base_url(value)
 
     @field_validator("topic_ids")
     @classmethod
@@ -282,24 +282,8 @@ class DiscourseSource(CommentSource):
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def normalize_url(url: str) -> str:
-    """A URL as a link compares: no scheme, no ``www.``, no fragment, no trailing slash."""
-    parts = urlsplit(url.strip())
-    host = (parts.hostname or "").lower().removeprefix("www.")
-    try:
-        port = parts.port
-    except ValueError:  # a port that is not a number: compare the rest
-        port = None
-    netloc = f"{host}:{port}" if port and port not in (80, 443) else host
-    return netloc + parts.path.rstrip("/") + (f"?{parts.query}" if parts.query else "")
 
 
-def _http_base(value: str) -> str:
-    value = value.strip().rstrip("/")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
-    return value
 
 
 _HTTP_STATUS = re.compile(r": HTTP (\d{3})$")

@@ -31,14 +31,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from pydantic import Field, field_validator
 
 from digest import http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig
+from digest.sources.base import CommentSource, CommentSourceConfig, http_base_url, normalize_url
 from digest.types import Comment, Essay
 
 ITEM_URL = "https://news.ycombinator.com/item?id={id}"
@@ -61,11 +60,7 @@ class HackerNewsConfig(CommentSourceConfig):
     @field_validator("base_url")
     @classmethod
     def _http_base(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
-        return value
+        return http_base_url(value)
 
 
 @dataclass(frozen=True)
@@ -170,16 +165,6 @@ class HackerNewsSource(CommentSource):
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def normalize_url(url: str) -> str:
-    """A URL as a link compares: no scheme, no ``www.``, no fragment, no trailing slash."""
-    parts = urlsplit(url.strip())
-    host = (parts.hostname or "").lower().removeprefix("www.")
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = f"{host}:{port}" if port and port not in (80, 443) else host
-    return netloc + parts.path.rstrip("/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _pick_stories(found: Any, essay_url: str, config: HackerNewsConfig) -> list[int]:

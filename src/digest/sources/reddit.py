@@ -44,14 +44,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import requests
 from pydantic import Field, field_validator
 
 from digest import __version__, http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig
+from digest.sources.base import CommentSource, CommentSourceConfig, http_base_url
 from digest.types import Comment, Essay
 
 # Reddit asks every client for a unique User-Agent of the form
@@ -86,11 +86,7 @@ class RedditConfig(CommentSourceConfig):
     @field_validator("base_url")
     @classmethod
     def _http_base(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
-        return value
+        return http_base_url(value)
 
     @field_validator("user_agent")
     @classmethod

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import requests
 from pydantic import Field, field_validator
@@ -45,7 +45,7 @@ from pydantic import Field, field_validator
 from digest import http
 from digest.errors import SourceError
 from digest.sources import feed
-from digest.sources.base import Source, SourceConfig
+from digest.sources.base import Source, SourceConfig, http_base_url
 from digest.types import CollectResult, Comment, Essay, SourceCursor
 
 PER_PAGE = 100  # the REST API's maximum per_page
@@ -65,12 +65,6 @@ FEED_HINT = (
 )
 
 
-def _http_base(value: str) -> str:
-    value = value.strip().rstrip("/")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
-    return value
 
 
 class WordPressConfig(SourceConfig):
@@ -89,12 +83,12 @@ class WordPressConfig(SourceConfig):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        return _http_base(value)
+        return http_base_url(value)
 
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
-        return _http_base(value) if value is not None else None
+        return http_base_url(value) if value is not None else None
 
     @property
     def api_root(self) -> str:
