@@ -20,7 +20,7 @@ from digest.config import Delivery, Settings
 from digest.delivery.providers.base import Provider
 from digest.delivery.providers.registry import build_provider
 from digest.delivery.sender import Sender, SendSummary
-from digest.errors import DeliveryError, DigestError, DraftError
+from digest.errors import DeliveryError, DigestError, DraftError, TokenError
 from digest.http import build_session
 from digest.render import CompiledEmail, compile_draft, compile_draft_ready, personalize
 from digest.scheduler import next_run, previous_run
@@ -194,7 +194,7 @@ def notify_approvers(app: App, draft: Draft) -> tuple[tuple[str, ...], str | Non
     if not approvers:
         return (), None
     base = app.settings.newsletter.public_url
-    review_url = f"{base}/drafts/{draft.id}"
+    review_url = f"{base}/drafts/{draft.id}/{approval.approval_token(app.secret, draft)}"
     try:
         subject, html, text = compile_draft_ready(draft, app.settings.newsletter, review_url,
                                                   templates_dir=app.templates_dir)
@@ -220,6 +220,19 @@ def approve(app: App, draft_id: int, at: datetime | None = None, by: str = "cli"
 
 def reject(app: App, draft_id: int, reason: str = "", by: str = "cli") -> Draft:
     return approval.reject(app.store, draft_id, app.now(), reason=reason, by=by)
+
+
+def review_html(app: App, draft_id: int, token: str) -> str:
+    """The draft as a sample reader would get it, for the signed link in the "draft ready"
+    email. ``TokenError`` unless the token was issued for exactly this content."""
+    draft = app.store.get_draft(draft_id)
+    payload = tokens.verify(app.secret, approval.APPROVE, token, max_age=approval.TOKEN_MAX_AGE)
+    if payload != [draft.id, draft.content_hash]:
+        raise TokenError("this review link is for other content")
+    base = app.settings.newsletter.public_url
+    html, _ = personalize(compile_for(app, draft), name="Reader", unsubscribe_url=f"{base}/u/preview",
+                          preferences_url=f"{base}/preferences/preview")
+    return html
 
 
 def compile_for(app: App, draft: Draft) -> CompiledEmail:

@@ -90,3 +90,25 @@ def test_preferences_page_offers_unsubscribe(app: pipeline.App, client: FlaskCli
 def test_healthz(client: FlaskClient) -> None:
     r = client.get("/healthz")
     assert r.status_code == 200 and r.data == b"ok\n"
+
+
+def test_review_link_in_the_draft_ready_email_shows_the_draft(tmp_path: Path, clock: FrozenClock) -> None:
+    import email
+    import email.policy
+    import re
+
+    a = pipeline.App.open(make_settings(tmp_path, digest={"approval": {"approvers": ["me@example.org"]}}), clock)
+    pipeline.collect(a)
+    draft = pipeline.make_draft(a).draft
+    assert draft is not None
+    (eml,) = (tmp_path / "outbox").rglob("*.eml")
+    text = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default).get_body(("plain",)).get_content()
+    url = re.search(r"https://news\.example\.org(/drafts/\S+)", text)
+    assert url is not None
+    client = create_app(a).test_client()
+    r = client.get(url.group(1))
+    assert r.status_code == 200 and b"The Quiet Pager" in r.data and b"12 Example Lane" in r.data
+    assert a.store.get_draft(draft.id or 0).status == "pending_review"  # looking changes nothing
+    assert client.get(url.group(1)[:-3] + "xyz").status_code == 404
+    assert client.get(f"/drafts/{draft.id}/forged").status_code == 404
+    a.close()

@@ -22,8 +22,8 @@ from typing import Any
 from flask import Flask, Response, render_template, request
 
 from digest import subscribers
-from digest.errors import TokenError, WebhookVerificationError
-from digest.pipeline import App, apply_events
+from digest.errors import DraftError, TokenError, WebhookVerificationError
+from digest.pipeline import App, apply_events, review_html
 from digest.store.store import Subscriber
 from digest.web import webhooks
 from digest.web.webhooks import ses
@@ -159,6 +159,19 @@ def create_app(
         if verified.subscribe_url is not None:
             body["confirmed"] = True
         return webhook_answer(200, **body)
+
+    @web.get("/drafts/<int:draft_id>/<token>")
+    def review(draft_id: int, token: str) -> Response:
+        """The draft exactly as readers will get it (read-only: approving is `digest approve`)."""
+        try:
+            body = review_html(app, draft_id, token)
+        except (TokenError, DraftError):
+            return page("invalid.html", 404)
+        response = Response(body, mimetype="text/html")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Robots-Tag"] = "noindex"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
 
     @web.get("/healthz")
     def healthz() -> Response:
