@@ -91,6 +91,32 @@ class Source(ABC):
             return CollectResult(source=self.name, cursor=cursor, error=f"{type(exc).__name__}: {exc}")
 
 
+class SiteConfig(SourceConfig):
+    """A site with a JSON API under its address: ``url`` (the site), ``base_url`` (the API
+    root, default ``url`` + :attr:`api_path`) and ``timeout``."""
+
+    api_path: ClassVar[str] = ""
+
+    url: str
+    base_url: str | None = None
+    timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return http_base_url(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return http_base_url(value) if value is not None else None
+
+    @property
+    def api_root(self) -> str:
+        """The API root that endpoint paths are appended to."""
+        return self.base_url or f"{self.url}{self.api_path}"
+
+
 class CommentSourceConfig(SourceConfig):
     """Keys of a comment source block (under an essay source's ``comments:``).
 

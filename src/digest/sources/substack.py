@@ -38,16 +38,16 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import ClassVar, Any, TypeGuard
 from urllib.parse import quote, urlencode
 
 import requests
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from digest import http
 from digest.errors import SourceError
 from digest.sources import feed
-from digest.sources.base import Source, SourceConfig, http_base_url
+from digest.sources.base import SiteConfig, Source
 from digest.types import CollectResult, Comment, Essay, SourceCursor
 
 MAX_DEPTH = 50  # reply nesting we follow; deeper is a runaway (or hostile) tree
@@ -67,33 +67,17 @@ class ApiChanged(SourceError):
 
 
 
-class SubstackConfig(SourceConfig):
+class SubstackConfig(SiteConfig):
     """``{name, type: substack, url, base_url, max_posts, timeout}``.
 
     ``url`` is the publication (``https://<pub>.substack.com`` or its custom domain);
     ``base_url`` overrides the API root (default ``{url}/api/v1``).
     """
 
-    url: str
-    base_url: str | None = None
+    api_path: ClassVar[str] = "/api/v1"
+
     # Each post costs two requests (body, comments) on an API that answers bursts with 429.
     max_posts: int = Field(default=12, ge=1, le=100)
-    timeout: float = Field(default=30.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return http_base_url(value)
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        return http_base_url(value) if value is not None else None
-
-    @property
-    def api_root(self) -> str:
-        """The API root that endpoint paths are appended to."""
-        return self.base_url or f"{self.url}/api/v1"
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import ClassVar, Any, TypeGuard
 from urllib.parse import urlencode
 
 import requests
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from digest import http
 from digest.errors import SourceError
 from digest.sources import feed
-from digest.sources.base import Source, SourceConfig, http_base_url
+from digest.sources.base import SiteConfig, Source
 from digest.types import CollectResult, Comment, Essay, SourceCursor
 
 PER_PAGE = 100  # the REST API's maximum per_page
@@ -67,7 +67,7 @@ FEED_HINT = (
 
 
 
-class WordPressConfig(SourceConfig):
+class WordPressConfig(SiteConfig):
     """``{name, type: wordpress, url, base_url, max_posts, timeout}``.
 
     ``url`` is the site (``https://blog.example.org``); ``base_url`` overrides the REST root
@@ -75,25 +75,9 @@ class WordPressConfig(SourceConfig):
     ``{url}/?rest_route=/wp/v2``).
     """
 
-    url: str
-    base_url: str | None = None
+    api_path: ClassVar[str] = "/wp-json/wp/v2"
+
     max_posts: int = Field(default=20, ge=1, le=PER_PAGE)
-    timeout: float = Field(default=30.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return http_base_url(value)
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        return http_base_url(value) if value is not None else None
-
-    @property
-    def api_root(self) -> str:
-        """The REST root that endpoint paths are appended to."""
-        return self.base_url or f"{self.url}/wp-json/wp/v2"
 
 
 @dataclass(frozen=True)
