@@ -163,7 +163,7 @@ def test_retries_exhausted(mocked: responses.RequestsMock) -> None:
 def test_network_errors_are_retried_then_raised(mocked: responses.RequestsMock) -> None:
     mocked.get(URL, body=requests.ConnectTimeout("timed out"))
     sleeps: list[float] = []
-    with pytest.raises(SourceError, match=f"^{URL}: ConnectTimeout: timed out$") as caught:
+    with pytest.raises(SourceError, match=f"^{URL}: timed out connecting to api.example.org$") as caught:
         fetch(build_session(), URL, sleep=sleeps.append)
     assert isinstance(caught.value.__cause__, requests.ConnectTimeout)
     assert sleeps == [0.5, 1.0, 2.0]
@@ -228,3 +228,17 @@ def test_http_errors_carry_their_status() -> None:
     with pytest.raises(SourceError) as info:
         fetch(build_session(), "https://x.example.org/gone")
     assert info.value.status == 404
+
+
+def test_network_errors_read_as_one_short_phrase(mocked: responses.RequestsMock) -> None:
+    from digest.http import describe
+
+    resolution = requests.ConnectionError(
+        "HTTPSConnectionPool(host='nowhere.example', port=443): Max retries exceeded with url: /feed "
+        "(Caused by NameResolutionError(\"Failed to resolve 'nowhere.example'\"))",
+        request=requests.Request("GET", "https://nowhere.example/feed?a=1").prepare())
+    assert describe(resolution) == "cannot resolve the host name nowhere.example"
+    mocked.get(URL + "?page=2&fields=x", body=resolution)
+    with pytest.raises(SourceError) as caught:
+        fetch(build_session(), URL + "?page=2&fields=x", sleep=lambda _s: None)
+    assert str(caught.value) == f"{URL}?page=2&fields=x: cannot resolve the host name api.example.org"

@@ -65,7 +65,9 @@ pass_ctx = click.make_pass_decorator(_Context)
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Turn an author's new essays and the best reader comments into an approved email digest."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    # Without -v only errors are logged: each command prints its own outcome, and warnings
+    # (a failing source) would repeat it.
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     obj = _Context(config_path)
     ctx.obj = obj

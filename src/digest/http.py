@@ -113,7 +113,7 @@ def fetch(
             if attempt <= retries:
                 sleep(backoff * 2 ** (attempt - 1))
                 continue
-            raise SourceError(f"{url}: {type(exc).__name__}: {exc}") from exc
+            raise SourceError(f"{url}: {describe(exc)}") from exc
         with response:
             if response.status_code in RETRY_STATUSES and attempt <= retries:
                 _drain(response)
@@ -138,7 +138,7 @@ def fetch(
                         raise SourceError(f"{url}: body is over the {max_bytes}-byte cap")
                     chunks.append(chunk)
             except requests.RequestException as exc:
-                raise SourceError(f"{url}: {type(exc).__name__} while reading: {exc}") from exc
+                raise SourceError(f"{url}: {describe(exc)} while reading") from exc
             tell = getattr(response.raw, "tell", None)  # bytes on the wire (compressed), if known
             wire = int(tell() or size) if callable(tell) else size
             return Fetched(url=response.url, status=response.status_code, body=b"".join(chunks),
@@ -150,6 +150,28 @@ def fetch(
 # only Authorization when a redirect changes host.
 _PORTABLE_HEADERS = frozenset({"accept", "accept-encoding", "accept-language", "user-agent",
                                "if-none-match", "if-modified-since"})
+
+
+def describe(exc: BaseException) -> str:
+    """One short phrase for a network failure, instead of urllib3's nested reprs."""
+    text = repr(exc)
+    host = ""
+    request = getattr(exc, "request", None)
+    if request is not None and getattr(request, "url", None):
+        host = urlsplit(request.url).hostname or ""
+    if "NameResolutionError" in text or "Name or service not known" in text or "nodename nor servname" in text:
+        return f"cannot resolve the host name {host}".rstrip()
+    if "ConnectionRefusedError" in text or "Connection refused" in text:
+        return f"connection refused by {host}".rstrip()
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"timed out connecting to {host}".rstrip()
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return "timed out waiting for the answer"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error (certificate or handshake)"
+    if "Connection reset" in text or "RemoteDisconnected" in text or "ConnectionResetError" in text:
+        return "the connection was closed before an answer"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _origin(url: str) -> tuple[str, str]:
