@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from email.message import EmailMessage
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from digest.delivery.mime import (
@@ -286,6 +286,7 @@ def test_clean_header_value_never_leaves_a_control_or_line_break(value: str) -> 
     assert cleaned == cleaned.strip()
 
 
+@settings(max_examples=300)
 @given(subject=st.text(max_size=200), name=st.text(max_size=80))
 def test_any_subject_and_name_keep_one_header_each(subject: str, name: str) -> None:
     from digest.types import OutgoingMessage
@@ -307,3 +308,7 @@ def test_any_subject_and_name_keep_one_header_each(subject: str, name: str) -> N
     )
     parsed = parse(data)
     assert parsed["Subject"] == clean_header_value(subject)
+    to = parsed["To"].addresses[0]
+    # A display name is a phrase: its white space may be refolded (RFC 5322); its text may not.
+    assert to.addr_spec == "r@example.com"
+    assert "".join(to.display_name.split()) == "".join(clean_header_value(name).split())

@@ -18,6 +18,7 @@ import re
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.header import Header
 from email.policy import EmailPolicy
 from typing import Any
 
@@ -65,6 +66,14 @@ def clean_header_value(value: str) -> str:
     if value.isprintable():  # the common case; every control character is non-printable
         return value.strip()
     return _CONTROL_RUN_RE.sub(" ", value).strip()
+
+
+def _encoded_words(name: str, value: str) -> str:
+    """Non-ASCII header text as folded RFC 2047 encoded words, every character (spaces too)
+    inside a word. Why not the email package's own folding: it can break a line at a space
+    between two encoded words, and readers drop whitespace between encoded words (RFC 2047),
+    so "¡ Hola" could arrive as "¡Hola"."""
+    return str(Header(value, "utf-8", header_name=name).encode(linesep="\n"))
 
 
 def normalize_address(address: str) -> str:
@@ -204,8 +213,10 @@ def build_mime(msg: OutgoingMessage, *, now: datetime | None = None) -> EmailMes
 
     out = EmailMessage(policy=POLICY)
     out["From"] = Address(display_name=from_name, addr_spec=from_addr)
+    # A display name is a phrase: its white space may be refolded (RFC 5322), which is fine.
     out["To"] = Address(display_name=clean_header_value(msg.to_name), addr_spec=to_addr)
-    out["Subject"] = clean_header_value(msg.subject)
+    subject = clean_header_value(msg.subject)
+    out["Subject"] = subject if subject.isascii() else _Verbatim(_encoded_words("Subject", subject))
     out["Date"] = email.utils.format_datetime(when)
     out["Message-ID"] = _Verbatim(_message_id(msg, from_addr))
     if msg.reply_to:

@@ -53,7 +53,7 @@ from urllib3.exceptions import NewConnectionError
 from digest.config import Delivery
 from digest.delivery.mime import RESERVED_HEADERS, clean_header_value
 from digest.errors import AuthError, DeliveryError
-from digest.http import build_session, retry_after_seconds
+from digest.http import build_session, describe, retry_after_seconds
 from digest.types import OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
@@ -394,7 +394,7 @@ class HttpProvider(Provider):
         self, exc: requests.RequestException, url: str, *, sends_mail: bool
     ) -> DeliveryError:
         """Map a requests exception: was the request certainly not sent, or may it have been?"""
-        what = f"{self.name}: {type(exc).__name__} calling {url}: {exc}"
+        what = f"{self.name}: calling {url}: {describe(exc)}"
         if isinstance(
             exc,
             (
