@@ -16,6 +16,14 @@ from sqlalchemy import create_engine, text
 from digest import config
 from digest.store import Store, open_store
 
+# In CI, property tests draw the same examples every run: a red build then always means a
+# change broke something, never that a new random example turned up (run locally to explore).
+from hypothesis import settings as _hypothesis_settings
+
+_hypothesis_settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")
+
 PG_URL = os.environ.get("DIGEST_TEST_POSTGRES_URL")
 PG_SKIP = ("PostgreSQL tests need DIGEST_TEST_POSTGRES_URL, e.g. "
            "postgresql+psycopg://postgres@127.0.0.1:5432/test (.ci/run sets it)")
