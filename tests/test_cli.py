@@ -169,3 +169,14 @@ def test_real_process_error_has_no_traceback(tmp_path: Path) -> None:
     proc = run_cli("--config", "missing.yaml", "status", cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: missing.yaml: config file not found (run `digest init` to write one)"
+
+
+def test_every_command_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name, command in cli.commands.items():
+        if isinstance(command, type(cli)):  # a group: its subcommands count
+            for sub in command.commands:
+                assert f"digest {name} {sub}" in readme or f"{name} {sub}" in readme or (
+                    f"digest {name} " in readme and sub in readme), f"`digest {name} {sub}` is not in the README"
+        else:
+            assert f"digest {name}" in readme, f"`digest {name}` is not in the README"
