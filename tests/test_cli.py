@@ -140,7 +140,14 @@ def test_demo_through_the_runner(tmp_path: Path) -> None:
     assert code == 0
     assert "Collected 4 essays" in out and "Sent to 3 demo subscribers" in out
     assert (tmp_path / "demo" / "preview" / "draft-1.html").exists()
-    assert len(list((tmp_path / "demo" / "outbox").rglob("*.eml"))) == 3
+    emls = sorted((tmp_path / "demo" / "outbox").rglob("*.eml"))
+    assert len(emls) == 3
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(emls[0].read_bytes(), policy=email.policy.default)
+    assert msg["List-Unsubscribe"].startswith("<https://")  # RFC 8058 wants https
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

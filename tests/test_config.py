@@ -131,3 +131,11 @@ def test_every_source_type_and_its_keys_are_documented_in_the_example() -> None:
         for field_name in source_class(type_name).config_model.model_fields:
             assert f"{field_name}:" in example or field_name in ("name", "type", "comments"), (
                 f"{type_name}.{field_name} is not documented in config.example.yaml")
+
+
+def test_public_url_must_be_https_for_real_providers(tmp_path: Path) -> None:
+    text = "newsletter: {public_url: 'http://news.example.org'}\ndelivery: {provider: postmark, api_key: k}\n"
+    with pytest.raises(ConfigError, match="newsletter.public_url: must be https://"):
+        config.load(write(tmp_path, text))
+    local = "newsletter: {public_url: 'http://127.0.0.1:8080'}\ndelivery: {provider: postmark, api_key: k}\n"
+    assert config.load(write(tmp_path, local)).newsletter.public_url == "http://127.0.0.1:8080"

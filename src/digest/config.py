@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -327,6 +328,7 @@ def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str
     except ValidationError as exc:
         raise ConfigError(_validation_message(exc, file)) from exc
     settings = settings.model_copy(update={"path": path})
+    _check_public_url(settings, file)
     url = settings.database.url
     if url.startswith("sqlite:///") and path is not None:
         # Like every path in the config, a relative SQLite file is relative to the config file.
@@ -337,6 +339,17 @@ def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str
     _check_schedules(settings, file)
     _check_sources(settings, file)
     return settings
+
+
+def _check_public_url(settings: Settings, file: str) -> None:
+    # RFC 8058: mailbox providers offer one-click unsubscribe only for an https URL. Plain
+    # http is allowed for a local address (trying digest out) and for the outbox provider.
+    public = settings.newsletter.public_url
+    host = (urlsplit(public).hostname or "").lower()
+    local = host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost")
+    if public.startswith("http://") and not local and settings.delivery.provider != "outbox":
+        raise ConfigError(f"{file}: newsletter.public_url: must be https:// (one-click unsubscribe "
+                          "links must be https, RFC 8058)")
 
 
 def _check_schedules(settings: Settings, file: str) -> None:
@@ -394,7 +407,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
     return from_dict(raw, file=file, path=str(chosen.resolve()))
 
 
-def defaults(workdir: str | os.PathLike[str] | None = None) -> Settings:
+def defaults(workdir: str | os.PathLike[str] | None = None, public_url: str | None = None) -> Settings:
     """The embedded defaults: SQLite in ``workdir``, the bundled sample, the outbox provider."""
     from digest.sources.folder import SAMPLE_DIR
 
@@ -404,4 +417,6 @@ def defaults(workdir: str | os.PathLike[str] | None = None) -> Settings:
         "sources": [{"name": "sample", "type": "folder", "path": str(SAMPLE_DIR)}],
         "delivery": {"provider": "outbox", "outbox_dir": str(base / "outbox")},
     }
+    if public_url:
+        raw["newsletter"] = {"public_url": public_url}
     return from_dict(raw, file="<embedded defaults>", path=str(base / DEFAULT_CONFIG_NAME))

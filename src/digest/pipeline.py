@@ -373,7 +373,9 @@ def demo(workdir: Path, now: Callable[[], datetime] = clock.now) -> DemoResult:
     for stale in ("digest.db", "digest.db-wal", "digest.db-shm"):
         (workdir / stale).unlink(missing_ok=True)
     shutil.rmtree(workdir / "outbox", ignore_errors=True)
-    settings = defaults(workdir)
+    # The sample blog's own (fictional) address: the demo's emails look exactly like real
+    # ones, https unsubscribe links included (RFC 8058).
+    settings = defaults(workdir, public_url="https://fieldnotes.example.org")
     app = App.open(settings, now)
     try:
         for email, name in DEMO_SUBSCRIBERS:
