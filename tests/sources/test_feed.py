@@ -760,3 +760,20 @@ def test_essays_are_frozen_values() -> None:
     assert isinstance(essay, Essay)
     with pytest.raises(AttributeError):
         essay.title = "changed"  # type: ignore[misc]
+
+
+def test_a_zero_comment_count_skips_the_comment_feed() -> None:
+    from digest.http import Fetched
+    from digest.sources.feed import FeedConfig, FeedFetch, FeedSource
+    from digest.types import SourceCursor
+
+    body = b"""<?xml version="1.0"?><rss version="2.0" xmlns:slash="http://purl.org/rss/1.0/modules/slash/"
+      xmlns:wfw="http://wellformedweb.org/CommentAPI/"><channel><title>t</title><link>https://x.org/</link>
+      <item><title>Quiet</title><link>https://x.org/a</link><guid>a</guid><slash:comments>0</slash:comments>
+      <wfw:commentRss>https://x.org/a/feed</wfw:commentRss></item>
+      <item><title>Busy</title><link>https://x.org/b</link><guid>b</guid><slash:comments>12</slash:comments>
+      <wfw:commentRss>https://x.org/b/feed</wfw:commentRss></item></channel></rss>"""
+    source = FeedSource(FeedConfig(name="blog", type="feed", url="https://x.org/feed"))
+    fetched = Fetched(url="https://x.org/feed", status=200, body=body, headers={"content-type": "application/rss+xml"})
+    result = source.parse(FeedFetch(fetched=fetched, sent=SourceCursor()), NOW)
+    assert {e.url: e.comments_url for e in result.essays} == {"https://x.org/a": "", "https://x.org/b": "https://x.org/b/feed"}

@@ -14,7 +14,8 @@ What the essay fields mean here:
   It is **not** sanitized here: the renderer sanitizes every piece of HTML once (DESIGN rule 4).
 - ``summary``: a plain-text excerpt of the summary/description (or of the content).
 - ``published``: aware UTC; dates more than a day past ``now`` are clamped to ``now``.
-- ``comments_url``: the item's own comment feed, absolute: RSS ``wfw:commentRss`` (also spelled
+- ``comments_url``: the item's own comment feed, absolute (empty when ``slash:comments`` says
+  there are none): RSS ``wfw:commentRss`` (also spelled
   ``commentRSS``), else an Atom ``link rel="replies"`` to a feed (RFC 4685). The
   ``feed_comments`` source reads it; ``comment_feeds: false`` turns that off.
 """
@@ -266,6 +267,12 @@ def _comments_url(entry: Mapping[str, Any], base: str) -> str:
     it maps any prefix bound to the wfw namespace to ``wfw``. It also resolves a relative
     value against xml:base; the join here covers the loose parser, which does not.
     """
+    # slash:comments (and RFC 4685's thr:total) count the comments: a feed that says there
+    # are none saves us fetching an empty comment feed. When comments arrive, the entry's
+    # count changes, the essay is updated, and its comment feed is read again.
+    count = str(entry.get("slash_comments") or entry.get("thr_total") or "").strip()
+    if count.isascii() and count.isdigit() and int(count) == 0:
+        return ""
     url = _http_url(_absolute(base, entry.get("wfw_commentrss")))
     if url:
         return url
