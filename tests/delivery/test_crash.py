@@ -72,3 +72,49 @@ delivery: {{provider: postmark, api_key: "{TOKEN}", base_url: "{srv.url}", batch
         # The operator checks the provider's log and marks them sent: nothing more goes out.
         subprocess.run([*run, "send", "--resolve-uncertain", "mark-sent"], env=env, check=True, capture_output=True)
         assert len(srv.messages) == len(received)
+
+
+def test_sigkill_mid_send_through_resend_resends_in_flight_batches_safely(tmp_path: Path) -> None:
+    """With Resend's idempotency keys a restart settles in-flight batches by itself: the same
+    batch, byte for byte, under the same key; the provider answers it without sending again."""
+    from digest.sources.folder import SAMPLE_DIR
+
+    emails = [f"k{i:03d}@example.com" for i in range(60)]
+    db = tmp_path / "d.db"
+    cfg = tmp_path / "config.yaml"
+    with FakeProviderServer(token=TOKEN) as srv:
+        from tests.fakes.provider_server import install_resend
+
+        install_resend(srv)
+        cfg.write_text(f"""
+database: {{url: "sqlite:///{db}"}}
+newsletter: {{public_url: "https://news.example.org"}}
+sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
+digest: {{approval: {{required: false}}}}
+delivery: {{provider: resend, api_key: "{TOKEN}", base_url: "{srv.url}", batch_size: 5, max_retries: 0}}
+""")
+        (tmp_path / "subs.csv").write_text("".join(f"{e}\n" for e in emails))
+        env = {**os.environ, "DIGEST_CONFIG": str(cfg)}
+        run = [sys.executable, "-m", "digest"]
+        for args in (["subscribers", "import", str(tmp_path / "subs.csv")], ["collect"], ["draft"]):
+            subprocess.run([*run, *args], env=env, check=True, capture_output=True)
+        srv.faults.extend([("delay", 0.25)] * 40)
+        proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(srv.messages) < 22 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert 0 < len(srv.messages) < len(emails)
+        srv.faults.clear()
+
+        again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        counts = collections.Counter(to for m in srv.messages for to in m["to"])
+        assert sorted(counts) == emails and set(counts.values()) == {1}  # everyone exactly once
+        store = open_store(f"sqlite:///{db}")
+        statuses = {st for _id, _email, st in store.ledger_rows(1)}
+        assert store.get_draft(1).status == "sent"
+        store.close()
+        assert statuses == {"sent"}  # nothing left uncertain: the resends settled it
