@@ -192,7 +192,8 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"provider {args.provider}, {n:,} recipients, batch {len(calls) and n // len(calls)}, "
           f"concurrency {args.concurrency}, {len(calls)} requests, {payload / 1e6:,.1f} MB of request bodies")
     print(f"  pipeline (claim, personalize, build, POST, settle)  median {pipe:7.3f} s  {n / pipe:10,.0f} recipients/s")
-    print(f"  bare requests.Session, same prebuilt bodies          median {bare:7.3f} s  {n / bare:10,.0f} recipients/s")
+    print(f"  bare requests.Session, same prebuilt bodies          median {bare:7.3f} s  "
+          f"{n / bare:10,.0f} recipients/s")
     print(f"  pipeline / bare = {pipe / bare:.2f}x   (runs: {args.runs}; fake accepted {accepted:,})")
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-
-from digest import config
-from digest.store import Store, open_store
 
 # In CI, property tests draw the same examples every run: a red build then always means a
 # change broke something, never that a new random example turned up (run locally to explore).
 from hypothesis import settings as _hypothesis_settings
+from sqlalchemy import create_engine, text
+
+from digest import config
+from digest.store import Store, open_store
 
 _hypothesis_settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):

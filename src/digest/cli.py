@@ -341,7 +341,8 @@ def status(obj: _Context) -> None:
         if counts:
             failed = sum(v for k, v in counts.items() if k in ("failed", "rejected", "invalid", "suppressed"))
             line += (f"  — sent {counts.get('sent', 0)}, failed {failed}, uncertain {counts.get('uncertain', 0)}, "
-                     f"pending {counts.get('pending', 0) + counts.get('claimed', 0)}, skipped {counts.get('skipped', 0)}")
+                     f"pending {counts.get('pending', 0) + counts.get('claimed', 0)}, "
+                     f"skipped {counts.get('skipped', 0)}")
         click.echo(line)
         if counts and counts.get("uncertain"):
             click.echo(f"    {counts['uncertain']} uncertain: resolve with "

@@ -44,7 +44,7 @@ class Newsletter(_Strict):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Paris)")
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Paris)") from None
         return value
 
     @field_validator("public_url")

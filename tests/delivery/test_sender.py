@@ -58,7 +58,8 @@ def test_sends_everyone_once_in_provider_sized_batches(app: pipeline.App) -> Non
     again = ScriptedProvider()
     rerun = Sender(app.store, again, app.settings, app.store.get_draft(summary.draft_id),
                    pipeline.compile_for(app, app.store.get_draft(summary.draft_id)), app.links, now=app.now).run()
-    assert rerun.sent == 0 and again.calls == [] and rerun.stopped == f"draft {summary.draft_id} is sent; nothing to send"
+    assert rerun.sent == 0 and again.calls == []
+    assert rerun.stopped == f"draft {summary.draft_id} is sent; nothing to send"
 
 
 def test_retryable_errors_are_retried_with_backoff(app: pipeline.App) -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import email.utils
 import re
 from datetime import UTC, datetime
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.header import Header
 from email.policy import EmailPolicy
 from typing import Any
 

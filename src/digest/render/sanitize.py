@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from functools import lru_cache
+from html import escape as _escape  # as _escape: ``html`` is a parameter name in this module
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlsplit
 
@@ -389,7 +390,6 @@ def word_count(html: str) -> int:
 
 # ----------------------------------------------------------------------------- truncation
 
-from html import escape as _escape
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
 

@@ -36,7 +36,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import ClassVar, Any, TypeGuard
+from typing import Any, ClassVar, TypeGuard
 from urllib.parse import urlencode
 
 import requests

@@ -213,7 +213,7 @@ class Provider(ABC):
         Raises :class:`AuthError` or :class:`DeliveryError` (with a ``hint``) on failure.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most providers hold nothing)
         """Release network resources. The default has none."""
 
     def __enter__(self) -> Self:
