@@ -82,11 +82,11 @@ def test_wrong_token_stops_with_one_clear_line(tmp_path: Path) -> None:
 def test_timeout_after_acceptance_is_uncertain_and_never_resent(tmp_path: Path) -> None:
     with FakeProviderServer(token=TOKEN) as srv:
         cfg = setup(tmp_path, srv.url, 4)
-        cfg.write_text(cfg.read_text().replace("max_retries: 3", "max_retries: 3, timeout: 0.5"))
+        cfg.write_text(cfg.read_text().replace("max_retries: 3", "max_retries: 3, timeout: 1.0"))
         cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
         cli_run(cfg, "collect")
         cli_run(cfg, "draft")
-        srv.faults.append(("delay", 1.5))  # accepted, but the answer comes too late
+        srv.faults.append(("delay", 2.5))  # accepted, but the answer comes too late
         out = cli_run(cfg, "send")
         assert "uncertain 4" in out
         assert len(srv.messages) == 4

@@ -21,7 +21,7 @@ def run(tmp_path: Path, clock: FrozenClock, faults: list[tuple], inactive: set[s
     with FakeProviderServer(token=TOKEN) as srv:
         settings = make_settings(tmp_path, digest={"approval": {"required": False}}, delivery={
             "provider": "postmark", "api_key": TOKEN, "base_url": srv.url, "batch_size": 4,
-            "concurrency": 1, "max_retries": 4, "timeout": 0.5})
+            "concurrency": 1, "max_retries": 4, "timeout": 1.0})
         app = pipeline.App.open(settings, clock)
         app.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
         pipeline.collect(app)
@@ -51,7 +51,7 @@ def test_retryable_faults_deliver_everyone_once(tmp_path: Path, clock: FrozenClo
     assert by_status(ledger, "sent") == set(EMAILS)
 
 
-@pytest.mark.parametrize("fault", [("delay", 1.5), ("reset", "after"), ("garbage",)],
+@pytest.mark.parametrize("fault", [("delay", 2.5), ("reset", "after"), ("garbage",)],
                          ids=["timeout-after-accept", "reset-after-accept", "garbage-body"])
 def test_accepted_but_unanswered_batches_are_uncertain_never_resent(tmp_path: Path, clock: FrozenClock,
                                                                    fault: tuple) -> None:  # type: ignore[type-arg]
