@@ -322,6 +322,23 @@ class HttpProvider(Provider):
         by_id = {r.ledger_id: r for r in results}
         return [by_id[m.ledger_id] for m in messages]
 
+    def send_template_call(
+        self,
+        call: PreparedCall,
+        ids: Sequence[int],
+        recipients: Sequence[TemplateRecipient],
+        answer: Callable[[int, Mapping[str, str], bytes, Sequence[int]], list[SendResult]],
+    ) -> list[SendResult]:
+        """Send a built template call (when it carries anyone) and return one result per
+        recipient, in order: ``answer`` reads the provider's reply for the ledger ``ids`` the
+        call carried (header names lower-cased); refused recipients keep their results."""
+        results: list[SendResult] = []
+        if ids:
+            status, headers, body = self.perform(call)
+            results = answer(status, {k.lower(): v for k, v in headers.items()}, body, ids)
+        by_id = {r.ledger_id: r for r in (*results, *call.refused)}
+        return [by_id[r.ledger_id] for r in recipients]
+
     def _send_group(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         call = self.build_request(messages)
         results: list[SendResult] = list(call.refused)

@@ -294,14 +294,11 @@ class SendGridProvider(HttpProvider):
             return []
         self._check_batch(recipients)
         call, ids = self.build_template_request(template, recipients)
-        results: list[SendResult] = []
-        if ids:
-            status, headers, body = self.perform(call)
-            lowered = {k.lower(): v for k, v in headers.items()}
-            self._raise_for_status(status, lowered, body)
-            results = self._parse(status, lowered, body, ids)
-        by_id = {r.ledger_id: r for r in (*results, *call.refused)}
-        return [by_id[r.ledger_id] for r in recipients]
+        return self.send_template_call(call, ids, recipients, self._answer)
+
+    def _answer(self, status: int, headers: Mapping[str, str], body: bytes, ids: Sequence[int]) -> list[SendResult]:
+        self._raise_for_status(status, headers, body)
+        return self._parse(status, headers, body, ids)
 
     # -- answers ----------------------------------------------------------------------------
 
