@@ -8,17 +8,15 @@ discuss. Only ``base_url`` points the sources at the local server.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from click.testing import CliRunner
 
 from digest.cli import cli
+from tests.fakes.site_server import Answer, LocalSite, Seen
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ESSAY_URL = "https://fieldnotes.example.org/essays/the-quiet-pager"
@@ -35,62 +33,28 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class Seen:
-    path: str
-    query: list[tuple[str, str]]
-    headers: dict[str, str] = field(default_factory=dict)
+class _Server(LocalSite):
+    """The blog and the discussion site: ``routes`` maps a path to its answer."""
 
-
-class _Server(ThreadingHTTPServer):
-    routes: dict[str, Route]
-    seen: list[Seen]
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        super().__init__(self._answer)
 
     @property
     def base(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self.url
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        parts = urlsplit(self.path)
-        self.server.seen.append(
-            Seen(
-                parts.path, parse_qsl(parts.query), {k.lower(): v for k, v in self.headers.items()}
-            )
-        )
-        route = self.server.routes.get(parts.path)
+    def _answer(self, req: Seen) -> Answer | None:
+        route = self.routes.get(req.path)
         if route is None:
-            self.send_error(404)
-            return
-        self.send_response(route.status)
-        self.send_header("Content-Type", route.content_type)
-        self.send_header("Content-Length", str(len(route.body)))
-        for name, value in route.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(route.body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
-        pass
+            return None
+        return route.status, {"Content-Type": route.content_type, **dict(route.headers)}, route.body
 
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
-    srv = _Server(("127.0.0.1", 0), _Handler)
-    srv.routes = {}
-    srv.seen = []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _Server() as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 def data(source: str, name: str) -> Route:

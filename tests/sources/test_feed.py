@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydantic
@@ -19,6 +17,7 @@ from digest.http import USER_AGENT, Fetched
 from digest.sources.feed import FeedConfig, FeedFetch, FeedSource
 from digest.sources.registry import build_source
 from digest.types import CollectResult, Essay, SourceCursor
+from tests.fakes.site_server import Answer, LocalSite, Seen
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "feed"
 FEED_URL = "https://fieldnotes.example.org/feed.xml"
@@ -689,52 +688,25 @@ def test_a_given_session_is_used_and_left_open(mocked: responses.RequestsMock) -
 # --- end to end, over a real socket -----------------------------------------------------------
 
 
-class _FeedServer(ThreadingHTTPServer):
-    seen: list[dict[str, str]]
+ETAG = '"rss20-v1"'
 
 
-class _FeedHandler(BaseHTTPRequestHandler):
-    server: _FeedServer
-    etag = '"rss20-v1"'
-
-    def do_GET(self) -> None:
-        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})
-        if self.path != "/feed.xml":
-            self.send_error(404)
-            return
-        if self.headers.get("If-None-Match") == self.etag:
-            self.send_response(304)
-            self.send_header("ETag", self.etag)
-            self.end_headers()
-            return
-        body = rss20_body()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/rss+xml; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", self.etag)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
-        pass
+def _answer_feed(req: Seen) -> Answer | None:
+    if req.path != "/feed.xml":
+        return None
+    if req.headers.get("if-none-match") == ETAG:
+        return 304, {"ETag": ETAG}, b""
+    return 200, {"Content-Type": "application/rss+xml; charset=utf-8", "ETag": ETAG}, rss20_body()
 
 
 @pytest.fixture
-def feed_server() -> Iterator[_FeedServer]:
-    server = _FeedServer(("127.0.0.1", 0), _FeedHandler)
-    server.seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def feed_server() -> Iterator[LocalSite]:
+    with LocalSite(_answer_feed) as site:
+        yield site
 
 
-def test_end_to_end_collect_then_not_modified(feed_server: _FeedServer) -> None:
-    host, port = feed_server.server_address[:2]
+def test_end_to_end_collect_then_not_modified(feed_server: LocalSite) -> None:
+    host, port = feed_server.host, feed_server.port
     url = f"http://{host}:{port}/feed.xml"
     source = make_source(url=url, timeout=5)
 
@@ -751,8 +723,8 @@ def test_end_to_end_collect_then_not_modified(feed_server: _FeedServer) -> None:
 
     second = source.collect(first.cursor, NOW + timedelta(hours=1))
     assert second == CollectResult(source="blog", cursor=first.cursor, not_modified=True)
-    assert [h.get("if-none-match") for h in feed_server.seen] == [None, '"rss20-v1"']
-    assert all(h["user-agent"] == USER_AGENT for h in feed_server.seen)
+    assert [s.headers.get("if-none-match") for s in feed_server.seen] == [None, '"rss20-v1"']
+    assert all(s.headers["user-agent"] == USER_AGENT for s in feed_server.seen)
 
 
 def test_essays_are_frozen_values() -> None:

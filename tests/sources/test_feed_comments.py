@@ -4,13 +4,11 @@ the store's view of a sliding window, and collect → draft against a local blog
 from __future__ import annotations
 
 import email.utils
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import requests
@@ -28,6 +26,7 @@ from digest.sources.feed_comments import (
 from digest.sources.registry import build_comment_sources, comment_blocks, validate_source_block
 from digest.store import Store, open_store
 from digest.types import CollectResult, Comment, Essay
+from tests.fakes.site_server import Answer, LocalSite, Seen
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "feed_comments"
 NOW = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
@@ -348,69 +347,39 @@ def test_a_bad_comment_feeds_value_is_reported_by_the_feed_block() -> None:
 # --- end to end: a local blog with comment feeds, the CLI, the store --------------------------
 
 
-class _BlogServer(ThreadingHTTPServer):
-    feed_body: bytes
-
-
-class _BlogHandler(BaseHTTPRequestHandler):
-    server: _BlogServer
-    routes: ClassVar[dict[str, tuple[str, str]]] = {
-        "/essays/slow-build/feed/": (
-            "wordpress_post_comments.xml",
-            "application/rss+xml; charset=UTF-8",
-        ),
-        "/essays/sharpening/comments.xml": ("atom_threaded.xml", "application/atom+xml"),
-    }
-
-    def do_GET(self) -> None:
-        if self.path == "/feed.xml":
-            self._send(self.server.feed_body, "application/rss+xml; charset=UTF-8")
-        elif self.path in self.routes:
-            name, kind = self.routes[self.path]
-            self._send((DATA / name).read_bytes(), kind)
-        else:
-            self.send_error(404)  # the "margins" essay's comment feed is gone
-
-    def _send(self, body: bytes, kind: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
-        pass
+_BLOG_ROUTES: dict[str, tuple[str, str]] = {
+    "/essays/slow-build/feed/": ("wordpress_post_comments.xml", "application/rss+xml; charset=UTF-8"),
+    "/essays/sharpening/comments.xml": ("atom_threaded.xml", "application/atom+xml"),
+}
 
 
 @pytest.fixture
-def blog_server() -> Iterator[_BlogServer]:
-    server = _BlogServer(("127.0.0.1", 0), _BlogHandler)
-    host, port = "127.0.0.1", server.server_port
-    # The pipeline reads comments of essays published within lookback_days of the real clock,
-    # so the essays' dates are set relative to it.
-    today = datetime.now(UTC).replace(microsecond=0)
-    body = (
-        (DATA / "site_feed.xml")
-        .read_text(encoding="utf-8")
-        .replace("@BASE@", f"http://{host}:{port}")
-    )
-    for n in range(1, 5):
-        body = body.replace(
-            f"@DATE{n}@", email.utils.format_datetime(today - timedelta(days=n), usegmt=True)
-        )
-    server.feed_body = body.encode("utf-8")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def blog_server() -> Iterator[LocalSite]:
+    feed: list[bytes] = []
+
+    def answer(req: Seen) -> Answer | None:
+        if req.path == "/feed.xml":
+            return 200, {"Content-Type": "application/rss+xml; charset=UTF-8"}, feed[0]
+        if req.path in _BLOG_ROUTES:
+            name, kind = _BLOG_ROUTES[req.path]
+            return 200, {"Content-Type": kind}, (DATA / name).read_bytes()
+        return None  # the "margins" essay's comment feed is gone
+
+    with LocalSite(answer) as site:
+        # The pipeline reads comments of essays published within lookback_days of the real
+        # clock, so the essays' dates are set relative to it.
+        today = datetime.now(UTC).replace(microsecond=0)
+        body = (DATA / "site_feed.xml").read_text(encoding="utf-8").replace("@BASE@", site.url)
+        for n in range(1, 5):
+            body = body.replace(
+                f"@DATE{n}@", email.utils.format_datetime(today - timedelta(days=n), usegmt=True)
+            )
+        feed.append(body.encode("utf-8"))
+        yield site
 
 
-def test_end_to_end_collect_and_draft(blog_server: _BlogServer, tmp_path: Path) -> None:
-    host, port = "127.0.0.1", blog_server.server_port
+def test_end_to_end_collect_and_draft(blog_server: LocalSite, tmp_path: Path) -> None:
+    host, port = blog_server.host, blog_server.port
     db_url = f"sqlite:///{tmp_path / 'digest.db'}"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pydantic
 import pytest
@@ -24,6 +21,7 @@ from digest.sources.registry import build_source
 from digest.sources.substack import SubstackConfig, SubstackFetch, SubstackSource
 from digest.store import open_store
 from digest.types import SourceCursor
+from tests.fakes.site_server import Answer, LocalSite, Seen
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "substack"
 PUB = "https://quietletters.substack.com"
@@ -351,45 +349,26 @@ def test_a_missing_archive_is_an_error_naming_the_url(mocked: responses.Requests
 # --- end to end: a local Substack-shaped server, the CLI, the store ---------------------------
 
 
-class _SubstackHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        parts = urlsplit(self.path)
-        query = parse_qs(parts.query)
-        name = {
-            "/api/v1/archive": "archive.json",
-            "/api/v1/posts/the-long-winter-garden": "post_the-long-winter-garden.json",
-            "/api/v1/posts/on-mending": "post_on-mending.json",
-            **{f"/api/v1/post/{i}/comments": f"comments_{i}.json" for i in POST_IDS},
-        }.get(parts.path)
-        if name is None or (name.startswith("comments_") and query.get("sort") != ["best_first"]):
-            self.send_error(404)
-            return
-        body = json.dumps(load(name)).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
-        pass
+def _answer_substack(req: Seen) -> Answer | None:
+    name = {
+        "/api/v1/archive": "archive.json",
+        "/api/v1/posts/the-long-winter-garden": "post_the-long-winter-garden.json",
+        "/api/v1/posts/on-mending": "post_on-mending.json",
+        **{f"/api/v1/post/{i}/comments": f"comments_{i}.json" for i in POST_IDS},
+    }.get(req.path)
+    if name is None or (name.startswith("comments_") and req.params.get("sort") != "best_first"):
+        return None
+    return 200, {"Content-Type": "application/json; charset=utf-8"}, json.dumps(load(name)).encode()
 
 
 @pytest.fixture
-def substack_server() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SubstackHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def substack_server() -> Iterator[LocalSite]:
+    with LocalSite(_answer_substack) as site:
+        yield site
 
 
-def test_end_to_end_collect_and_draft(substack_server: ThreadingHTTPServer, tmp_path: Path) -> None:
-    host, port = "127.0.0.1", substack_server.server_port
+def test_end_to_end_collect_and_draft(substack_server: LocalSite, tmp_path: Path) -> None:
+    host, port = substack_server.host, substack_server.port
     db_url = f"sqlite:///{tmp_path / 'digest.db'}"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(

@@ -4,10 +4,8 @@ the whole collect → draft flow against a local WordPress-shaped server."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +27,7 @@ from digest.sources.wordpress import (
 )
 from digest.store import open_store
 from digest.types import Comment, Essay, SourceCursor
+from tests.fakes.site_server import Answer, LocalSite, Seen
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "wordpress"
 SITE = "https://blog.example.org"
@@ -390,57 +389,26 @@ def test_plain_permalink_sites_use_rest_route(mocked: responses.RequestsMock) ->
 # --- end to end: a local WordPress-shaped server, the CLI, the store --------------------------
 
 
-class _WPServer(ThreadingHTTPServer):
-    requests_seen: list[str]
-
-
-class _WPHandler(BaseHTTPRequestHandler):
-    server: _WPServer
-
-    def do_GET(self) -> None:
-        self.server.requests_seen.append(self.path)
-        parts = urlsplit(self.path)
-        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-        if parts.path == "/wp-json/wp/v2/posts":
-            self._json(
-                200, (DATA / "posts.json").read_bytes(), {"X-WP-Total": "3", "X-WP-TotalPages": "1"}
-            )
-        elif parts.path == "/wp-json/wp/v2/comments" and query.get("post") in ("214", "207"):
-            body = (DATA / f"comments_{query['post']}.json").read_bytes()
-            total = len(json.loads(body))
-            self._json(200, body, {"X-WP-Total": str(total), "X-WP-TotalPages": "1"})
-        else:
-            self._json(404, (DATA / "no_route.json").read_bytes(), {})
-
-    def _json(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
-        pass
+def _answer_wp(req: Seen) -> Answer:
+    query = req.params
+    json_type = {"Content-Type": "application/json; charset=UTF-8"}
+    if req.path == "/wp-json/wp/v2/posts":
+        return 200, {**json_type, "X-WP-Total": "3", "X-WP-TotalPages": "1"}, (DATA / "posts.json").read_bytes()
+    if req.path == "/wp-json/wp/v2/comments" and query.get("post") in ("214", "207"):
+        body = (DATA / f"comments_{query['post']}.json").read_bytes()
+        total = len(json.loads(body))
+        return 200, {**json_type, "X-WP-Total": str(total), "X-WP-TotalPages": "1"}, body
+    return 404, json_type, (DATA / "no_route.json").read_bytes()
 
 
 @pytest.fixture
-def wp_server() -> Iterator[_WPServer]:
-    server = _WPServer(("127.0.0.1", 0), _WPHandler)
-    server.requests_seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def wp_server() -> Iterator[LocalSite]:
+    with LocalSite(_answer_wp) as site:
+        yield site
 
 
-def test_end_to_end_collect_and_draft(wp_server: _WPServer, tmp_path: Path) -> None:
-    host, port = "127.0.0.1", wp_server.server_port
+def test_end_to_end_collect_and_draft(wp_server: LocalSite, tmp_path: Path) -> None:
+    host, port = wp_server.host, wp_server.port
     db_url = f"sqlite:///{tmp_path / 'digest.db'}"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(
@@ -474,7 +442,7 @@ delivery: {{provider: outbox, outbox_dir: out}}
     picked = [sorted((r.comment.key, r.comment.author) for r in i.comments) for i in draft.items]
     assert picked == [[("4870", "Wen Li")], [("5001", "Tomas Berg"), ("5003", "Priya N.")]]
     assert all(isinstance(i.essay, Essay) for i in draft.items)
-    paths = [urlsplit(p) for p in wp_server.requests_seen]
+    paths = [urlsplit(seen.target) for seen in wp_server.seen]
     assert [(p.path, parse_qs(p.query).get("post")) for p in paths] == [
         ("/wp-json/wp/v2/posts", None),
         ("/wp-json/wp/v2/comments", ["214"]),
