@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar
@@ -19,6 +20,7 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from digest.errors import DigestError
+from digest.http import build_session
 from digest.types import CollectResult, Comment, Essay, SourceCursor
 
 
@@ -41,6 +43,18 @@ def normalize_url(url: str) -> str:
         port = None
     netloc = f"{host}:{port}" if port and port not in (80, 443) else host
     return netloc + parts.path.rstrip("/") + (f"?{parts.query}" if parts.query else "")
+
+
+def positive_id(value: Any) -> int | None:
+    """A JSON id as a positive int (APIs send numbers or digit strings), else ``None``.
+    ``True`` is an int to Python, but never an id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value) or None
+    return None
 
 
 class SourceConfig(BaseModel):
@@ -71,6 +85,18 @@ class Source(ABC):
         self.name = config.name
         self.session = session
         self.sleep = sleep  # the retry back-off's sleep; tests pass a recorder
+
+    @contextmanager
+    def http_session(self) -> Iterator[requests.Session]:
+        """The shared session when the run gave one, else a fresh one closed afterwards."""
+        if self.session is not None:
+            yield self.session
+            return
+        session = build_session()
+        try:
+            yield session
+        finally:
+            session.close()
 
     @abstractmethod
     def fetch(self, cursor: SourceCursor, now: datetime) -> Any:

@@ -50,7 +50,7 @@ from pydantic import Field, field_validator, model_validator
 
 from digest import http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig, http_base_url, normalize_url
+from digest.sources.base import CommentSource, CommentSourceConfig, http_base_url, normalize_url, positive_id
 from digest.types import Comment, Essay
 
 CHUNK = 20  # posts per /t/{id}/posts.json request: Discourse's own chunk size
@@ -123,8 +123,7 @@ class DiscourseSource(CommentSource):
 
     def fetch_for(self, essay: Essay, now: datetime) -> DiscourseThread | None:
         """Find the essay's topic and read all its posts; ``None`` when no topic discusses it."""
-        session = self.session or http.build_session()
-        try:
+        with self.http_session() as session:
             topic_id, topic = self._find_topic(session, essay)
             if topic_id is None:
                 return None
@@ -133,9 +132,6 @@ class DiscourseSource(CommentSource):
             return DiscourseThread(
                 topic=topic, pages=tuple(self._more_posts(session, topic_id, topic))
             )
-        finally:
-            if self.session is None:
-                session.close()
 
     def _find_topic(
         self, session: requests.Session, essay: Essay
@@ -160,7 +156,7 @@ class DiscourseSource(CommentSource):
             if _http_status(exc) not in (403, 404):
                 raise
         else:
-            found = _positive_int(info.get("topic_id")) if isinstance(info, dict) else None
+            found = positive_id(info.get("topic_id")) if isinstance(info, dict) else None
             if found is not None:
                 return found, None
         return self._search(session, essay.url)
@@ -189,7 +185,7 @@ class DiscourseSource(CommentSource):
         self, session: requests.Session, topic_id: int, topic: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
         stream_ids = _stream(topic)[: self.config.max_posts]
-        have = {_positive_int(p.get("id")) for p in _posts(topic)}
+        have = {positive_id(p.get("id")) for p in _posts(topic)}
         missing = [i for i in stream_ids if i not in have]
         for start in range(0, len(missing), CHUNK):
             chunk = missing[start : start + CHUNK]
@@ -229,15 +225,15 @@ class DiscourseSource(CommentSource):
         if raw is None:
             return []
         topic = raw.topic
-        topic_id = _positive_int(topic.get("id"))
+        topic_id = positive_id(topic.get("id"))
         if topic_id is None:
             raise SourceError(f"{self.config.base_url}: topic JSON without an id")
         slug = quote(str(topic.get("slug") or "topic"), safe="-")
         posts: dict[int, dict[str, Any]] = {}
         for post in _chain_posts(topic, raw.pages):
-            post_id = _positive_int(post.get("id"))
+            post_id = positive_id(post.get("id"))
             # A page answering with another topic's posts is a bug or a hostile server.
-            if post_id is None or _positive_int(post.get("topic_id")) not in (None, topic_id):
+            if post_id is None or positive_id(post.get("topic_id")) not in (None, topic_id):
                 continue
             posts.setdefault(post_id, post)
         order = {post_id: i for i, post_id in enumerate(_stream(topic))}
@@ -245,20 +241,20 @@ class DiscourseSource(CommentSource):
             posts.items(),
             key=lambda kv: (
                 order.get(kv[0], len(order)),
-                _positive_int(kv[1].get("post_number")) or 0,
+                positive_id(kv[1].get("post_number")) or 0,
             ),
         )
         ids_by_number = {
             n: post_id
             for post_id, p in posts.items()
-            if (n := _positive_int(p.get("post_number"))) is not None
+            if (n := positive_id(p.get("post_number"))) is not None
         }
         comments: list[Comment] = []
         for post_id, post in ordered:
-            number = _positive_int(post.get("post_number"))
+            number = positive_id(post.get("post_number"))
             if number is None or number == 1 or _skipped(post):
                 continue
-            parent = _positive_int(post.get("reply_to_post_number"))
+            parent = positive_id(post.get("reply_to_post_number"))
             parent_id = ids_by_number.get(parent) if parent not in (None, 1) else None
             likes = _likes(post)
             comments.append(
@@ -300,15 +296,6 @@ def _http_status(exc: SourceError) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _positive_int(value: Any) -> int | None:
-    # bool is an int to Python; JSON true is never an id.
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value) or None
-    return None
 
 
 def _posts(doc: Any) -> list[dict[str, Any]]:
@@ -325,7 +312,7 @@ def _stream(topic: dict[str, Any]) -> list[int]:
     out: list[int] = []
     seen: set[int] = set()
     for value in ids:
-        post_id = _positive_int(value)
+        post_id = positive_id(value)
         if post_id is not None and post_id not in seen:
             seen.add(post_id)
             out.append(post_id)
@@ -348,7 +335,7 @@ def _candidate_topics(results: Any) -> list[int]:
     for key, field in (("topics", "id"), ("posts", "topic_id")):
         entries = results.get(key)
         for entry in entries if isinstance(entries, list) else []:
-            topic_id = _positive_int(entry.get(field)) if isinstance(entry, dict) else None
+            topic_id = positive_id(entry.get(field)) if isinstance(entry, dict) else None
             if topic_id is not None and topic_id not in ids:
                 ids.append(topic_id)
     return ids

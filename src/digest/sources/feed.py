@@ -101,9 +101,8 @@ class FeedSource(Source):
 
     def fetch(self, cursor: SourceCursor, now: datetime) -> FeedFetch:
         """One conditional GET with the cursor's validators; :class:`SourceError` on failure."""
-        session = self.session or http.build_session()
         connect = min(http.DEFAULT_TIMEOUT[0], self.config.timeout)
-        try:
+        with self.http_session() as session:
             fetched = http.fetch(
                 session,
                 self.config.url,
@@ -114,9 +113,6 @@ class FeedSource(Source):
                 max_bytes=self.config.max_bytes,
                 sleep=self.sleep,
             )
-        finally:
-            if self.session is None:
-                session.close()
         return FeedFetch(fetched=fetched, sent=cursor)
 
     def parse(self, raw: FeedFetch, now: datetime) -> CollectResult:

@@ -89,9 +89,8 @@ class FeedCommentsSource(CommentSource):
 
     def fetch_for(self, essay: Essay, now: datetime) -> http.Fetched:
         """One bounded GET of the essay's comment feed; :class:`SourceError` on failure."""
-        session = self.session or http.build_session()
         connect = min(http.DEFAULT_TIMEOUT[0], self.config.timeout)
-        try:
+        with self.http_session() as session:
             return http.fetch(
                 session,
                 essay.comments_url,
@@ -100,9 +99,6 @@ class FeedCommentsSource(CommentSource):
                 max_bytes=self.config.max_bytes,
                 sleep=self.sleep,
             )
-        finally:
-            if self.session is None:
-                session.close()
 
     def parse_for(self, essay: Essay, raw: http.Fetched, now: datetime) -> list[Comment]:
         """A comment feed's entries → comments, oldest first. Pure."""

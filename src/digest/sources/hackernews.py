@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 
 from digest import http
 from digest.errors import SourceError
-from digest.sources.base import CommentSource, CommentSourceConfig, http_base_url, normalize_url
+from digest.sources.base import CommentSource, CommentSourceConfig, http_base_url, normalize_url, positive_id
 from digest.types import Comment, Essay
 
 ITEM_URL = "https://news.ycombinator.com/item?id={id}"
@@ -88,8 +88,7 @@ class HackerNewsSource(CommentSource):
         if not essay.url:
             raise SourceError("the essay has no URL to look Hacker News stories up by")
         base = self.config.base_url
-        session = self.session or http.build_session()
-        try:
+        with self.http_session() as session:
             found = self._get(
                 session,
                 f"{base}/search",
@@ -105,9 +104,6 @@ class HackerNewsSource(CommentSource):
                 for story_id in _pick_stories(found, essay.url, self.config)
             ]
             return HackerNewsStories(tuple(stories))
-        finally:
-            if self.session is None:
-                session.close()
 
     def _get(self, session: requests.Session, url: str, params: dict[str, str] | None) -> Any:
         cfg = self.config
@@ -128,11 +124,11 @@ class HackerNewsSource(CommentSource):
         comments: list[Comment] = []
         seen: set[str] = set()
         for story in raw.stories:
-            if not isinstance(story, dict) or _item_id(story.get("id")) is None:
+            if not isinstance(story, dict) or positive_id(story.get("id")) is None:
                 raise SourceError("a Hacker News item answer is not an item with an id")
-            story_id = _item_id(story.get("id"))
+            story_id = positive_id(story.get("id"))
             for item in _walk(story):
-                item_id = _item_id(item.get("id"))
+                item_id = positive_id(item.get("id"))
                 text, author = item.get("text"), item.get("author")
                 # Deleted and dead comments come back with text and author null.
                 if item_id is None or not isinstance(text, str) or not text.strip():
@@ -142,7 +138,7 @@ class HackerNewsSource(CommentSource):
                 if item.get("type", "comment") != "comment" or f"hn:{item_id}" in seen:
                     continue
                 seen.add(f"hn:{item_id}")
-                parent = _item_id(item.get("parent_id"))
+                parent = positive_id(item.get("parent_id"))
                 comments.append(
                     Comment(
                         source=self.name,
@@ -177,7 +173,7 @@ def _pick_stories(found: Any, essay_url: str, config: HackerNewsConfig) -> list[
     for hit in hits:
         if not isinstance(hit, dict):
             continue
-        story_id = _item_id(hit.get("objectID"))
+        story_id = positive_id(hit.get("objectID"))
         url = hit.get("url")
         raw_points = hit.get("points")
         points = (
@@ -210,15 +206,6 @@ def _kids(item: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in children if isinstance(c, dict)] if isinstance(children, list) else []
 
 
-def _item_id(value: Any) -> int | None:
-    # Algolia's objectID is a string and the item ids are numbers; both go into URLs.
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value) or None
-    return None
 
 
 def _when(item: dict[str, Any], now: datetime) -> datetime | None:

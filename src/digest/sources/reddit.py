@@ -139,8 +139,7 @@ class RedditSource(CommentSource):
         if not essay.url:
             raise SourceError("the essay has no URL to look Reddit submissions up by")
         base = self.config.base_url
-        session = self.session or http.build_session()
-        try:
+        with self.http_session() as session:
             listing = self._get(session, f"{base}/api/info.json", {"url": essay.url}, now)
             threads = []
             for subreddit, thing_id in _pick_submissions(listing, self.config):
@@ -154,9 +153,6 @@ class RedditSource(CommentSource):
                     )
                 )
             return RedditThreads(tuple(threads))
-        finally:
-            if self.session is None:
-                session.close()
 
     def _get(
         self, session: requests.Session, url: str, params: dict[str, str], now: datetime

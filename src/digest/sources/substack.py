@@ -106,8 +106,7 @@ class SubstackSource(Source):
 
     def fetch(self, cursor: SourceCursor, now: datetime) -> SubstackFetch:
         """The archive, each free post's body and each post's comments."""
-        session = self.session or http.build_session()
-        try:
+        with self.http_session() as session:
             archive = self._get(
                 session,
                 "archive",
@@ -130,9 +129,6 @@ class SubstackSource(Source):
                 except SourceError as exc:
                     result.problems[post_id] = f"comments not read: {exc}"
             return result
-        finally:
-            if self.session is None:
-                session.close()
 
     def _get(
         self, session: requests.Session, path: str, params: dict[str, str] | None = None

@@ -108,8 +108,7 @@ class WordPressSource(Source):
 
     def fetch(self, cursor: SourceCursor, now: datetime) -> WordPressFetch:
         """The newest posts, then each post's comments; :class:`SourceError` if posts fail."""
-        session = self.session or http.build_session()
-        try:
+        with self.http_session() as session:
             posts_url = _url(
                 f"{self.config.api_root}/posts",
                 {
@@ -144,9 +143,6 @@ class WordPressSource(Source):
                     continue  # parse() leaves it out, so its comments are not needed
                 self._fetch_comments(session, post_id, result)
             return result
-        finally:
-            if self.session is None:
-                session.close()
 
     def _fetch_comments(
         self, session: requests.Session, post_id: int, into: WordPressFetch
