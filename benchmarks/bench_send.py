@@ -126,15 +126,14 @@ def bare_bodies(settings: Any, recipients: int) -> list[tuple[str, dict[str, str
     from digest import pipeline
     from digest.delivery.sender import Sender
     from digest.store.store import Claimed
-    from digest.types import Recipient
 
     app = pipeline.App.open(settings)
     draft = app.store.get_draft(1)
-    sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft), app.links,
+    sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft), app.link_pair,
                     now=app.now)
     out = []
     for start in range(0, recipients, sender.batch_size):
-        claimed = [Claimed(i + 1, Recipient(i + 1, f"reader{i:07d}@example.com", f"Reader {i}"))
+        claimed = [Claimed(i + 1, i + 1, f"reader{i:07d}@example.com", f"Reader {i}")
                    for i in range(start, min(recipients, start + sender.batch_size))]
         prepared = sender._prepare(claimed)
         if sender.template is not None:

@@ -79,10 +79,14 @@ class App:
 
     def links(self, recipient: Recipient) -> tuple[str, str]:
         """A recipient's unsubscribe and preferences URLs (signed, purpose-bound)."""
+        return self.link_pair(recipient.subscriber_id, recipient.email)
+
+    def link_pair(self, subscriber_id: int, email: str) -> tuple[str, str]:
+        """:meth:`links` by subscriber id and address (the sender's per-message call)."""
         if self._signer is None:
             self._signer = tokens.LinkSigner(self.secret)
         base = self.settings.newsletter.public_url
-        unsub, prefs = self._signer.sign_pair(recipient.subscriber_id, recipient.email)
+        unsub, prefs = self._signer.sign_pair(subscriber_id, email)
         return f"{base}/u/{unsub}", f"{base}/preferences/{prefs}"
 
     def close(self) -> None:
@@ -265,7 +269,7 @@ def send(app: App, *, dry_run: bool = False,
     for draft_id in app.store.due_drafts(app.now()):
         draft = app.store.get_draft(draft_id)
         compiled = compile_for(app, draft)
-        sender = Sender(app.store, app.provider, app.settings, draft, compiled, app.links, now=app.now,
+        sender = Sender(app.store, app.provider, app.settings, draft, compiled, app.link_pair, now=app.now,
                         on_batch=on_batch, should_stop=should_stop)
         summary = sender.dry_run() if dry_run else sender.run()
         summaries.append(summary)

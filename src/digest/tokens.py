@@ -6,7 +6,7 @@ the purpose is the itsdangerous salt.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import hmac
 from typing import Any
@@ -33,6 +33,26 @@ def verify(secret: str, purpose: str, token: str, max_age: int | None = None) ->
 
 
 LINK_PURPOSES = ("unsubscribe", "preferences")
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _keyed_sha256(key: bytes) -> Any:
+    """An HMAC-SHA256 object keyed once, to ``copy()`` per message.
+
+    OpenSSL's own HMAC object where there is one: the ``hmac`` module's wrapper doubles the
+    cost of each copy-update-digest (2.4 µs against 1.1), and this runs once per recipient.
+    """
+    try:
+        from _hashlib import hmac_new  # CPython's OpenSSL binding (private, hence the fallback)
+    except ImportError:
+        return hmac.new(key, digestmod=hashlib.sha256)
+    return hmac_new(key, b"", "sha256")
+
+
+def _b64url(raw: bytes) -> str:
+    """Unpadded base64url, as ``base64.urlsafe_b64encode(raw).rstrip(b"=")`` but without its
+    wrapper calls (this runs twice per recipient on the send path)."""
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
 class LinkSigner:
@@ -53,19 +73,19 @@ class LinkSigner:
             raise ValueError(f"unknown link purpose {purpose!r}")
         self._half = LINK_PURPOSES.index(purpose)
         key = hmac.new(secret.encode(), b"digest-links", hashlib.sha256).digest()
-        self._base = hmac.new(key, digestmod=hashlib.sha256)
+        self._base = _keyed_sha256(key)
 
     def _digest(self, subscriber_id: int, email: str) -> bytes:
         h = self._base.copy()
         h.update(f"{subscriber_id}:{email.lower()}".encode())
-        return h.digest()
+        digest: bytes = h.digest()
+        return digest
 
     def sign_pair(self, subscriber_id: int, email: str) -> tuple[str, str]:
         """(unsubscribe token, preferences token) for one subscriber, from one HMAC."""
         digest = self._digest(subscriber_id, email)
         head = f"{subscriber_id:x}."
-        return (head + base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode(),
-                head + base64.urlsafe_b64encode(digest[16:]).rstrip(b"=").decode())
+        return (head + _b64url(digest[:16]), head + _b64url(digest[16:]))
 
     def sign(self, subscriber_id: int, email: str) -> str:
         return self.sign_pair(subscriber_id, email)[self._half]

@@ -221,8 +221,7 @@ def test_template_batch_body_equals_the_full_body_batch() -> None:
         url = f"https://x.org/u/{i}"
         headers = list_headers(i + 1, url)
         recipients.append(TemplateRecipient(i + 1, f"r{i}@example.com", name,
-                                            (("name", name), ("unsubscribe_url", url)),
-                                            (("name", name), ("unsubscribe_url", url)), headers))
+                                            (name, url, url), (name, url, url), headers))
         messages.append(OutgoingMessage(i + 1, 7, f"r{i}@example.com", name, template.from_addr, template.subject,
                                         f"<p>Hi {name}, <a href=\"{url}\">unsubscribe</a> \u2014 é</p>",
                                         f"Hi {name}\nUnsubscribe: {url}\n", headers, template.reply_to, "", "digest-7"))

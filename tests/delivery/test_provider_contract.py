@@ -83,13 +83,15 @@ def make_recipient(ledger_id: int, name: str = "", email: str | None = None) -> 
     from html import escape
 
     url = f"https://news.example.org/u/tok{ledger_id:04d}"
+    prefs = f"https://news.example.org/preferences/tok{ledger_id:04d}"
     name = name or f"Reader {ledger_id}"
     return TemplateRecipient(
         ledger_id=ledger_id,
         to_email=email or f"reader{ledger_id}@example.com",
         to_name=name,
-        html_values=(("name", escape(name)), ("unsubscribe_url", escape(url))),
-        text_values=(("name", name), ("unsubscribe_url", url)),
+        # One value per SLOT_NAMES entry: name, unsubscribe URL, preferences URL.
+        html_values=(escape(name), escape(url), escape(prefs)),
+        text_values=(name, url, prefs),
         headers=(
             ("List-Unsubscribe", f"<{url}>"),
             ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),

@@ -11,7 +11,7 @@ from digest.delivery.providers.base import UncertainDeliveryError
 from digest.delivery.sender import Sender, TokenBucket
 from digest.errors import AuthError, DeliveryError, StoreError
 from digest.store import Store
-from digest.types import SendResult
+from digest.types import SLOT_NAMES, SendResult
 from tests.conftest import FrozenClock, make_settings
 from tests.fakes.scripted_provider import ScriptedProvider
 
@@ -34,7 +34,7 @@ def app(tmp_path: Path, db_url: str, clock: FrozenClock) -> pipeline.App:
 def sender(app: pipeline.App, provider: ScriptedProvider, sleeps: list[float] | None = None) -> Sender:
     (draft_id,) = app.store.due_drafts(app.now())
     draft = app.store.get_draft(draft_id)
-    return Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.links,
+    return Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.link_pair,
                   now=app.now, sleep=(sleeps.append if sleeps is not None else lambda s: None))
 
 
@@ -57,7 +57,7 @@ def test_sends_everyone_once_in_provider_sized_batches(app: pipeline.App) -> Non
     assert app.store.due_drafts(app.now()) == []
     again = ScriptedProvider()
     rerun = Sender(app.store, again, app.settings, app.store.get_draft(summary.draft_id),
-                   pipeline.compile_for(app, app.store.get_draft(summary.draft_id)), app.links, now=app.now).run()
+                   pipeline.compile_for(app, app.store.get_draft(summary.draft_id)), app.link_pair, now=app.now).run()
     assert rerun.sent == 0 and again.calls == []
     assert rerun.stopped == f"draft {summary.draft_id} is sent; nothing to send"
 
@@ -285,11 +285,11 @@ def test_server_side_personalization_gets_one_template_and_escaped_values(app: p
     assert len({id(t) for t in provider.templates}) == 1  # built once per draft
     t = provider.templates[0]
     r = provider.recipients[0]
-    values = dict(r.html_values)
+    values = dict(zip(SLOT_NAMES, r.html_values, strict=True))
     html = t.html_parts[0] + "".join(values[s] + p for s, p in zip(t.html_slots, t.html_parts[1:]))
     unsub = dict(r.headers)["List-Unsubscribe"].strip("<>")
     expected, _ = personalize(s.compiled, name=r.to_name, unsubscribe_url=unsub,
-                              preferences_url=dict(r.text_values)["preferences_url"])
+                              preferences_url=r.text_values[SLOT_NAMES.index("preferences_url")])
     assert html == expected
 
 

@@ -39,7 +39,7 @@ from typing import Protocol
 from digest.config import Settings
 from digest.delivery.providers.base import PartialBatchError, Provider, UncertainDeliveryError
 from digest.errors import AuthError, DeliveryError
-from digest.render import SLOT_NAMES, CompiledEmail, personalize, slot_values
+from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
 from digest.store.store import Claimed
 from digest.types import (
@@ -86,9 +86,9 @@ def holder_is_dead(holder: str) -> bool:
 
 
 class LinkMaker(Protocol):
-    """Builds a recipient's signed links (unsubscribe, preferences)."""
+    """Builds a subscriber's signed links: ``(unsubscribe URL, preferences URL)``."""
 
-    def __call__(self, recipient: Recipient) -> tuple[str, str]: ...
+    def __call__(self, subscriber_id: int, email: str) -> tuple[str, str]: ...
 
 
 @dataclass
@@ -147,13 +147,12 @@ def message_id(draft_id: int, ledger_id: int, email: str, domain: str) -> str:
     return f"<digest.{draft_id}.{ledger_id}.{tag}@{domain}>"
 
 
+_ONE_CLICK = ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+
+
 def list_headers(ledger_id: int, unsubscribe_url: str) -> tuple[tuple[str, str], ...]:
     """RFC 8058 one-click unsubscribe, and the ledger id for tracing a message back."""
-    return (
-        ("List-Unsubscribe", f"<{unsubscribe_url}>"),
-        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
-        ("X-Digest-Ledger-Id", str(ledger_id)),
-    )
+    return (("List-Unsubscribe", f"<{unsubscribe_url}>"), _ONE_CLICK, ("X-Digest-Ledger-Id", str(ledger_id)))
 
 
 def build_message(draft: Draft, compiled: CompiledEmail, settings: Settings, ledger_id: int,
@@ -190,19 +189,16 @@ def template_message(draft: Draft, compiled: CompiledEmail, settings: Settings) 
     )
 
 
-def template_recipient(draft_id: int, ledger_id: int, recipient: Recipient, links: tuple[str, str],
-                       domain: str) -> TemplateRecipient:
-    """One recipient's slot values (escaped exactly as :func:`personalize` would) and headers."""
+def template_recipient(claimed: Claimed, links: tuple[str, str]) -> TemplateRecipient:
+    """One recipient's slot values (escaped exactly as :func:`personalize` would) and headers.
+
+    No Message-ID: providers that take templates assign their own.
+    """
     unsubscribe_url, preferences_url = links
-    html_values, text_values = slot_values(name=recipient.name, unsubscribe_url=unsubscribe_url,
+    html_values, text_values = slot_values(name=claimed.name, unsubscribe_url=unsubscribe_url,
                                            preferences_url=preferences_url)
-    return TemplateRecipient(
-        ledger_id=ledger_id, to_email=recipient.email, to_name=recipient.name,
-        html_values=tuple(zip(SLOT_NAMES, html_values, strict=True)),
-        text_values=tuple(zip(SLOT_NAMES, text_values, strict=True)),
-        headers=list_headers(ledger_id, unsubscribe_url),
-        # No Message-ID: providers that take templates assign their own.
-    )
+    return TemplateRecipient(claimed.ledger_id, claimed.email, claimed.name, html_values, text_values,
+                             list_headers(claimed.ledger_id, unsubscribe_url))
 
 
 class Sender:
@@ -262,7 +258,7 @@ class Sender:
         started = time.perf_counter()
         batch: list[Claimed] = []
         for n, sub in enumerate(self.store.list_subscribers(status="active")):
-            batch.append(Claimed(-(n + 1), Recipient(sub.id, sub.email, sub.name)))
+            batch.append(Claimed(-(n + 1), sub.id, sub.email, sub.name))
             if len(batch) >= self.batch_size:
                 self._prepare(batch)
                 summary.batches += 1
@@ -370,12 +366,11 @@ class Sender:
         return outcome
 
     def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
-        draft_id = self.draft.id or 0
+        links = self.links
         if self.template is not None:
-            return [template_recipient(draft_id, c.ledger_id, c.recipient, self.links(c.recipient), self.domain)
-                    for c in claimed]
+            return [template_recipient(c, links(c.subscriber_id, c.email)) for c in claimed]
         return [build_message(self.draft, self.compiled, self.settings, c.ledger_id, c.recipient,
-                              self.links(c.recipient)) for c in claimed]
+                              links(c.subscriber_id, c.email)) for c in claimed]
 
     def _call(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> list[SendResult]:
         if self.template is not None:
@@ -448,11 +443,13 @@ class Sender:
         to the queue. Returns how many went back."""
         retry = [r.ledger_id for r in complete if r.status == "failed" and r.error
                  and r.error.startswith("not sent")]
-        complete = [r for r in complete if r.ledger_id not in set(retry)]
+        if retry:
+            back = set(retry)
+            complete = [r for r in complete if r.ledger_id not in back]
         if retry:
             self.store.release(retry, "not sent: the batch stopped first", self.now())
         self.store.settle(complete, self.provider.name, self.now())
-        emails = {c.ledger_id: c.recipient.email for c in claimed}
+        emails = {c.ledger_id: c.email for c in claimed}
         with self._lock:
             for r in complete:
                 if r.status == "sent":

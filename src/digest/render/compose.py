@@ -46,7 +46,7 @@ from digest.render.sanitize import (
     sanitize_html,
     truncate_text,
 )
-from digest.types import Draft, DraftItem, RankedComment
+from digest.types import SLOT_NAMES, Draft, DraftItem, RankedComment
 
 __all__ = [
     "EMAIL_STYLES",
@@ -60,7 +60,6 @@ __all__ = [
     "personalize",
 ]
 
-SLOT_NAMES: tuple[str, ...] = ("name", "unsubscribe_url", "preferences_url")
 REQUIRED_SLOTS: tuple[str, ...] = ("unsubscribe_url",)
 NAME_FALLBACK = "reader"
 NAME_MAX = 80

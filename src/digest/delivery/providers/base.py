@@ -54,7 +54,7 @@ from digest.config import Delivery
 from digest.delivery.mime import RESERVED_HEADERS, clean_header_value
 from digest.errors import AuthError, DeliveryError
 from digest.http import build_session, describe, retry_after_seconds
-from digest.types import OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
+from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
 
@@ -535,6 +535,14 @@ def fill_template(parts: Sequence[str], slots: Sequence[str], values: Mapping[st
     return "".join(out)
 
 
+def slot_map(values: Sequence[str]) -> dict[str, str]:
+    """A recipient's slot values (in ``SLOT_NAMES`` order) by slot name; ValueError if the
+    count is wrong."""
+    if len(values) != len(SLOT_NAMES):
+        raise ValueError(f"{len(values)} slot values for {len(SLOT_NAMES)} slots")
+    return dict(zip(SLOT_NAMES, values))
+
+
 def expand_template(template: TemplateMessage, recipient: TemplateRecipient) -> OutgoingMessage:
     """The full-body message ``recipient`` gets from ``template``: what server-side
     personalization must produce, and the fallback for providers without it."""
@@ -545,8 +553,8 @@ def expand_template(template: TemplateMessage, recipient: TemplateRecipient) -> 
         to_name=recipient.to_name,
         from_addr=template.from_addr,
         subject=template.subject,
-        html=fill_template(template.html_parts, template.html_slots, dict(recipient.html_values)),
-        text=fill_template(template.text_parts, template.text_slots, dict(recipient.text_values)),
+        html=fill_template(template.html_parts, template.html_slots, slot_map(recipient.html_values)),
+        text=fill_template(template.text_parts, template.text_slots, slot_map(recipient.text_values)),
         headers=recipient.headers,
         reply_to=template.reply_to,
         message_id=recipient.message_id,

@@ -58,6 +58,7 @@ from digest.delivery.providers.base import (
     UncertainDeliveryError,
     checked_headers,
     response_text,
+    slot_map,
 )
 from digest.errors import ConfigError, DeliveryError
 from digest.http import build_session
@@ -293,15 +294,11 @@ class MailgunProvider(HttpProvider):
         envelopes = []
         refused_early: list[SendResult] = []
         for r in recipients:
-            html = dict(r.html_values)
-            text = dict(r.text_values)
-            missing = (set(template.html_slots) - html.keys()) | (
-                set(template.text_slots) - text.keys()
-            )
-            if missing:
-                refused_early.append(
-                    SendResult(r.ledger_id, "invalid", None, f"no value for {sorted(missing)}")
-                )
+            try:
+                html = slot_map(r.html_values)
+                text = slot_map(r.text_values)
+            except ValueError as exc:
+                refused_early.append(SendResult(r.ledger_id, "invalid", None, str(exc)))
                 continue
             values = {f"digest_html_{s}": neutralize_html(html[s]) for s in template.html_slots}
             values.update(

@@ -29,6 +29,7 @@ from digest.delivery.providers.base import (
 )
 from digest.errors import AuthError, ConfigError, DeliveryError
 from digest.types import (
+    SLOT_NAMES,
     OutgoingMessage,
     ResultStatus,
     SendResult,
@@ -190,12 +191,16 @@ class PostmarkProvider(HttpProvider):
         subject, the bodies' static parts, stream, tag) is encoded once per draft, and each
         message splices in only its own values. Pure."""
         head, subject, html, between, text, meta, draft, tail = self._skeleton(template)
-        html_slots, text_slots = template.html_slots, template.text_slots
+        html_index = [SLOT_NAMES.index(slot) for slot in template.html_slots]
+        text_index = [SLOT_NAMES.index(slot) for slot in template.text_slots]
+        width = len(SLOT_NAMES)
         parts: list[bytes] = [b"["]
         included: list[OutgoingMessage] = []
         refused: list[SendResult] = []
         for r in recipients:
             try:
+                if len(r.html_values) != width or len(r.text_values) != width:
+                    raise ValueError(f"slot values for {width} slots expected")
                 to = json_string(format_address(r.to_name, r.to_email))
             except ValueError as exc:
                 refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
@@ -206,13 +211,14 @@ class PostmarkProvider(HttpProvider):
                 ledger_id=r.ledger_id, draft_id=template.draft_id, to_email=r.to_email, to_name=r.to_name,
                 from_addr=template.from_addr, subject=template.subject, html="", text=""))
             parts += (head, to, subject, html[0])
-            values = dict(r.html_values)
-            for slot, part in zip(html_slots, html[1:]):
-                parts += (json_escape(values[slot]), part)
+            # Each value escaped once, however many gaps it fills.
+            values = [json_escape(v) for v in r.html_values]
+            for index, part in zip(html_index, html[1:]):
+                parts += (values[index], part)
             parts += (between, text[0])
-            values = dict(r.text_values)
-            for slot, part in zip(text_slots, text[1:]):
-                parts += (json_escape(values[slot]), part)
+            values = [json_escape(v) for v in r.text_values]
+            for index, part in zip(text_index, text[1:]):
+                parts += (values[index], part)
             parts += (meta, b"%d" % r.ledger_id, draft)
             if r.headers:
                 parts.append(b',"Headers":[')
