@@ -124,23 +124,42 @@ def test_template_request_uses_nonce_keys(provider: SendGridProvider) -> None:
     assert ids == (1, 2)
     data = json.loads(call.body)
     text, html = (c["value"] for c in data["content"])
+    # Names and links read the same in HTML and text for both readers: one key per slot.
     assert html == (
-        "<html><body><p>Hello -digest-abc123-h-name-,</p><blockquote>A fine essay.</blockquote>"
-        '<p><a href="-digest-abc123-h-unsubscribe_url-">Unsubscribe</a></p></body></html>'
+        "<html><body><p>Hello -dabc123-name-,</p><blockquote>A fine essay.</blockquote>"
+        '<p><a href="-dabc123-unsubscribe_url-">Unsubscribe</a></p></body></html>'
     )
-    assert (
-        text
-        == "Hello -digest-abc123-t-name-,\n\n> A fine essay.\n\nUnsubscribe: -digest-abc123-t-unsubscribe_url-\n"
-    )
+    assert text == "Hello -dabc123-name-,\n\n> A fine essay.\n\nUnsubscribe: -dabc123-unsubscribe_url-\n"
     p = data["personalizations"][1]
     assert p["substitutions"] == {
-        "-digest-abc123-h-name-": "Reader 2",
-        "-digest-abc123-h-unsubscribe_url-": "https://news.example.org/u/tok0002",
-        "-digest-abc123-t-name-": "Reader 2",
-        "-digest-abc123-t-unsubscribe_url-": "https://news.example.org/u/tok0002",
+        "-dabc123-name-": "Reader 2",
+        "-dabc123-unsubscribe_url-": "https://news.example.org/u/tok0002",
     }
     assert p["headers"]["List-Unsubscribe"] == "<https://news.example.org/u/tok0002>"
     assert p["custom_args"] == {"ledger_id": "2", "draft_id": "7"}
+
+
+def test_a_slot_escaped_differently_gets_a_key_per_part(provider: SendGridProvider) -> None:
+    """One reader's name needs HTML escaping, so that slot's HTML and text values differ for
+    the batch: separate keys, each reader's right value in each part."""
+    call, _ = provider.build_template_request(
+        make_template(), [make_recipient(1), make_recipient(2, name="Ann & Bo")], nonce="abc123"
+    )
+    data = json.loads(call.body)
+    text, html = (c["value"] for c in data["content"])
+    assert "Hello -dabc123-h-name-," in html and "Hello -dabc123-t-name-," in text
+    assert "-dabc123-unsubscribe_url-" in html and "-dabc123-unsubscribe_url-" in text
+    assert data["personalizations"][1]["substitutions"] == {
+        "-dabc123-h-name-": "Ann &amp; Bo",
+        "-dabc123-t-name-": "Ann & Bo",
+        "-dabc123-unsubscribe_url-": "https://news.example.org/u/tok0002",
+    }
+    # What each reader gets, with the keys substituted as SendGrid does.
+    for p, name in zip(data["personalizations"], ["Reader 1", "Ann & Bo"]):
+        got_text = text
+        for k, v in p["substitutions"].items():
+            got_text = got_text.replace(k, v)
+        assert got_text.startswith(f"Hello {name},")
 
 
 def test_template_nonce_is_fresh_per_call(provider: SendGridProvider) -> None:
@@ -152,7 +171,7 @@ def test_template_nonce_is_fresh_per_call(provider: SendGridProvider) -> None:
 
 
 def test_a_nonce_found_in_the_content_is_refused(provider: SendGridProvider) -> None:
-    template = make_template(comment="see -digest-abc123- here")
+    template = make_template(comment="see -dabc123- here")
     with pytest.raises(ValueError, match="nonce occurs in the content"):
         provider.build_template_request(template, [make_recipient(1)], nonce="abc123")
 

@@ -22,6 +22,7 @@ claims its own batches, so the ledger keeps them apart.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -288,6 +289,10 @@ class Sender:
                                         self.now() + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
             summary.stopped = "another sender is working on this draft"
             return summary
+        # Everything alive now (imports, config, the compiled draft) outlives the send: keep
+        # the cycle collector from walking it again at every collection of the send's
+        # short-lived objects (about a tenth of the send's time otherwise).
+        gc.freeze()
         try:
             self.store.start_send(draft_id, self.now())
             stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
@@ -311,6 +316,7 @@ class Sender:
                 for w in workers:
                     w.join()
         finally:
+            gc.unfreeze()
             self.store.release_lease(lease, self.holder)
             summary.seconds = time.perf_counter() - started
         if self._exception is not None:
