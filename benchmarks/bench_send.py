@@ -9,6 +9,8 @@ Usage::
 Sender (SQLite ledger, claim, personalize, build, HTTP, settle) and, in the same run, posts the
 very same request bodies, prebuilt, with a bare ``requests.Session``; it prints both rates and
 their ratio (goal: the pipeline under 1.5x the bare cost), each the median of several runs.
+It also times the provider layer alone: the prepared per-recipient values handed to the
+provider, which builds each request, posts it and reads the answer (no ledger, no signing).
 
 ``memory`` fills a database with N subscribers, sends to all of them in a child process, and
 prints the child's peak RSS next to its RSS after imports (goal: 64 MB with server-side
@@ -121,8 +123,9 @@ def send_once(settings: Any) -> tuple[float, int]:
     return elapsed, summary.sent
 
 
-def bare_bodies(settings: Any, recipients: int) -> list[tuple[str, dict[str, str], bytes]]:
-    """The same requests the pipeline makes, built ahead of time (not timed)."""
+def prepared_batches(settings: Any, recipients: int) -> tuple[Any, list[Any]]:
+    """What the sender hands the provider for each batch (template + per-recipient values, or
+    finished messages), built ahead of time (not timed)."""
     from digest import pipeline
     from digest.delivery.sender import Sender
     from digest.store.store import Claimed
@@ -131,11 +134,19 @@ def bare_bodies(settings: Any, recipients: int) -> list[tuple[str, dict[str, str
     draft = app.store.get_draft(1)
     sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft), app.link_pair,
                     now=app.now)
-    out = []
+    batches = []
     for start in range(0, recipients, sender.batch_size):
         claimed = [Claimed(i + 1, i + 1, f"reader{i:07d}@example.com", f"Reader {i}")
                    for i in range(start, min(recipients, start + sender.batch_size))]
-        prepared = sender._prepare(claimed)
+        batches.append(sender._prepare(claimed))
+    return (app, sender), batches
+
+
+def bare_bodies(settings: Any, recipients: int) -> list[tuple[str, dict[str, str], bytes]]:
+    """The same requests the pipeline makes, built ahead of time (not timed)."""
+    (app, sender), batches = prepared_batches(settings, recipients)
+    out = []
+    for prepared in batches:
         if sender.template is not None:
             call = app.provider.build_template_request(sender.template, prepared)  # type: ignore[attr-defined]
             if isinstance(call, tuple):  # SendGrid and Mailgun also return the ledger ids
@@ -145,6 +156,21 @@ def bare_bodies(settings: Any, recipients: int) -> list[tuple[str, dict[str, str
         out.append((call.url, dict(call.headers), call.body))
     app.close()
     return out
+
+
+def handoff(settings: Any, recipients: int, concurrency: int) -> float:
+    """The provider layer alone: prepared recipients in, provider calls out (build the request,
+    POST, read the answer), ``concurrency`` batches at a time; no database, no signing."""
+    import concurrent.futures
+
+    (app, sender), batches = prepared_batches(settings, recipients)
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(sender._call, batches))
+    elapsed = time.perf_counter() - started
+    assert sum(r.status == "sent" for batch in results for r in batch) == recipients
+    app.close()
+    return elapsed
 
 
 def post_bare(calls: list[tuple[str, dict[str, str], bytes]], concurrency: int) -> float:
@@ -172,7 +198,7 @@ def throughput(args: argparse.Namespace) -> None:
         settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch)
         prepare(base, settings, args.recipients)
         shutil.copy(base / "bench.db", base / "pristine.db")
-        pipe_times, bare_times = [], []
+        pipe_times, bare_times, handoff_times = [], [], []
         calls = bare_bodies(settings, args.recipients)
         payload = sum(len(b) for _, _, b in calls)
         for _ in range(args.runs):
@@ -183,6 +209,8 @@ def throughput(args: argparse.Namespace) -> None:
             assert sent == args.recipients, sent
             pipe_times.append(elapsed)
             bare_times.append(post_bare(calls, args.concurrency))
+            if args.provider != "resend":  # the same batches again would be replays of the pipeline's
+                handoff_times.append(handoff(settings, args.recipients, args.concurrency))
         accepted = fake.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -193,6 +221,10 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"  pipeline (claim, personalize, build, POST, settle)  median {pipe:7.3f} s  {n / pipe:10,.0f} recipients/s")
     print(f"  bare requests.Session, same prebuilt bodies          median {bare:7.3f} s  "
           f"{n / bare:10,.0f} recipients/s")
+    if handoff_times:
+        hand = statistics.median(handoff_times)
+        print(f"  provider layer alone (build, POST, read the answer)  median {hand:7.3f} s  "
+              f"{n / hand:10,.0f} recipients/s")
     print(f"  pipeline / bare = {pipe / bare:.2f}x   (runs: {args.runs}; fake accepted {accepted:,})")
 
 
@@ -249,7 +281,7 @@ def main() -> None:
     parser.add_argument("--recipients", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     if args.recipients is None:
         args.recipients = 20_000 if args.mode == "throughput" else 1_000_000

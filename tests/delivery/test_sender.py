@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,27 @@ def test_a_second_sender_waits_for_the_lease(app: pipeline.App) -> None:
                                    app.now().replace(year=2100))
     summary = first.run()
     assert summary.stopped == "another sender is working on this draft" and summary.sent == 0
+
+
+@pytest.mark.parametrize(("seconds_per_batch", "renewals"), [(40, 3), (10, 1)])
+def test_a_long_send_renews_its_lease_but_not_after_every_batch(
+        app: pipeline.App, clock: FrozenClock, seconds_per_batch: int, renewals: int) -> None:
+    """Three batches; the lease is renewed once at least 30 s passed since the last renewal."""
+    def slow(messages: object) -> None:
+        clock.advance(seconds=seconds_per_batch)
+
+    taken: list[object] = []
+    acquire = app.store.acquire_lease
+
+    def spy(name: str, holder: str, now: object, until: object, *rest: object) -> bool:
+        taken.append(until)
+        return acquire(name, holder, now, until, *rest)  # type: ignore[arg-type]
+
+    app.store.acquire_lease = spy  # type: ignore[method-assign]
+    summary = sender(app, ScriptedProvider([slow, slow, slow])).run()
+    assert summary.sent == 5
+    assert len(taken) == 1 + renewals  # the first take, then the renewals
+    assert taken[-1] == clock() + timedelta(seconds=300)  # renewed at the last batch
 
 
 def test_token_bucket_limits_rate() -> None:

@@ -55,6 +55,7 @@ from digest.types import (
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 300
+RENEW_EVERY = timedelta(seconds=LEASE_SECONDS / 10)
 MAX_BACKOFF = 60.0
 HOST = socket.gethostname()
 
@@ -250,6 +251,7 @@ class Sender:
         self.domain = _domain(settings.newsletter.from_)
         self._lock = threading.Lock()
         self._stop: str | None = None
+        self._renewed: datetime | None = None
 
     # -- dry run -----------------------------------------------------------------------------
 
@@ -289,6 +291,7 @@ class Sender:
                                         self.now() + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
             summary.stopped = "another sender is working on this draft"
             return summary
+        self._renewed = self.now()
         # Everything alive now (imports, config, the compiled draft) outlives the send: keep
         # the cycle collector from walking it again at every collection of the send's
         # short-lived objects (about a tenth of the send's time otherwise).
@@ -368,7 +371,12 @@ class Sender:
         if self.on_batch:
             with self._lock:
                 self.on_batch(summary, len(claimed))
-        self.store.acquire_lease(lease, self.holder, self.now(), self.now() + timedelta(seconds=LEASE_SECONDS))
+        now = self.now()
+        if self._renewed is None or now - self._renewed >= RENEW_EVERY:
+            # Renewed well before it runs out, but not after every batch: a thousand batches a
+            # minute need not be a thousand lease writes.
+            self._renewed = now
+            self.store.acquire_lease(lease, self.holder, now, now + timedelta(seconds=LEASE_SECONDS))
         return outcome
 
     def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
