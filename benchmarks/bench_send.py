@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,10 @@ def post_bare(calls: list[tuple[str, dict[str, str], bytes]], concurrency: int) 
 
     def post(i: int) -> None:
         url, headers, body = calls[i]
+        if "Idempotency-Key" in headers:
+            # A fresh key per request and run: the pipeline's own keys are already spent on
+            # other bodies (the fake, like Resend, refuses a key reused for a different body).
+            headers = {**headers, "Idempotency-Key": uuid.uuid4().hex}
         r = sessions[i % concurrency].post(url, headers=headers, data=body, timeout=60)
         r.raise_for_status()
 

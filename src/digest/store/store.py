@@ -12,6 +12,8 @@ import json
 import secrets
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+import contextlib
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -195,11 +197,16 @@ class Store:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._bind_time: Callable[[Any], Any] | None = None
+        # SQLite has one writer at a time, and a connection that finds the database locked
+        # sleeps in steps of milliseconds before trying again. The sender's threads would
+        # keep waking each other that way; taking turns in-process costs nothing instead.
+        self._turn: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext())
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         try:
-            with self.engine.begin() as conn:
+            with self._turn, self.engine.begin() as conn:
                 yield conn
         except (IntegrityError, DraftError):
             raise
