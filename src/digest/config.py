@@ -14,7 +14,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from digest.errors import ConfigError
@@ -385,6 +384,9 @@ def _check_sources(settings: Settings, file: str) -> None:
 
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """Load ``path``, else ``$DIGEST_CONFIG``, else ``./config.yaml``, else the embedded defaults."""
+    # Imported here: only reading a config file needs PyYAML, not a process handed its settings.
+    import yaml
+
     explicit = path is not None or bool(os.environ.get("DIGEST_CONFIG"))
     chosen = Path(path or os.environ.get("DIGEST_CONFIG") or DEFAULT_CONFIG_NAME)
     if not chosen.exists():

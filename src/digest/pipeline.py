@@ -6,16 +6,18 @@ store, runs pure stages, and writes one status change back; a draft's status dri
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import requests
 
-from digest import approval, clock, drafting, ranking, subscribers, tokens
+from digest import approval, clock, drafting, ranking, tokens
 from digest.config import Delivery, Settings
 from digest.delivery.providers.base import Provider
 from digest.delivery.providers.registry import build_provider
@@ -23,13 +25,41 @@ from digest.delivery.sender import Sender, SendSummary
 from digest.errors import DeliveryError, DigestError, DraftError, TokenError
 from digest.http import build_session
 from digest.render import CompiledEmail, compile_draft, compile_draft_ready, personalize
-from digest.scheduler import next_run, previous_run
-from digest.sources.registry import build_comment_sources, build_source, comment_blocks
 from digest.store import Store, open_store
 from digest.store.store import CollectStats, DraftSummary, SourceStatus
 from digest.types import CollectResult, DeliveryEvent, Draft, OutgoingMessage, Recipient
 
+if TYPE_CHECKING:  # the lazily loaded names below, for type checkers
+    from digest import subscribers as subscribers
+    from digest.scheduler import next_run as next_run
+    from digest.scheduler import previous_run as previous_run
+    from digest.sources.registry import build_comment_sources as build_comment_sources
+    from digest.sources.registry import build_source as build_source
+    from digest.sources.registry import comment_blocks as comment_blocks
+
 log = logging.getLogger(__name__)
+
+# Imported on first use, not with this module: a `digest send` (and every process that only
+# sends) never collects, drafts or adds subscribers, so it need not load APScheduler (cron
+# schedules), the source modules with their feed and Markdown parsers, or email-validator
+# (subscriber addresses). The names stay reachable as attributes of this module.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "subscribers": ("digest.subscribers", None),
+    "next_run": ("digest.scheduler", "next_run"),
+    "previous_run": ("digest.scheduler", "previous_run"),
+    "build_source": ("digest.sources.registry", "build_source"),
+    "build_comment_sources": ("digest.sources.registry", "build_comment_sources"),
+    "comment_blocks": ("digest.sources.registry", "comment_blocks"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    loaded = importlib.import_module(module)
+    return loaded if attr is None else getattr(loaded, attr)
 
 
 class App:
@@ -116,6 +146,8 @@ def collect(app: App) -> list[CollectOutcome]:
 
     A failing source is recorded and the others go on (rule 8).
     """
+    from digest.sources.registry import build_comment_sources, build_source
+
     outcomes = []
     for block in app.settings.sources:
         now = app.now()
@@ -145,6 +177,8 @@ def _record(app: App, result: CollectResult, now: datetime) -> CollectOutcome:
 
 def period_key(settings: Settings, now: datetime) -> str:
     """The digest period ``now`` falls in: the latest scheduled time at or before it."""
+    from digest.scheduler import previous_run
+
     tz = settings.newsletter.tz
     last = previous_run(settings.digest.schedule, settings.newsletter.timezone, now)
     when = (last or now).astimezone(tz)
@@ -314,6 +348,9 @@ class StatusReport:
 
 
 def status(app: App) -> StatusReport:
+    from digest.scheduler import next_run
+    from digest.sources.registry import comment_blocks
+
     now = app.now()
     tz = app.settings.newsletter.timezone
     d = app.settings.digest
@@ -332,6 +369,8 @@ def status(app: App) -> StatusReport:
 
 def check(app: App) -> list[tuple[str, bool, str]]:
     """Reach every source and the provider without sending: (what, ok, detail)."""
+    from digest.sources.registry import build_source
+
     rows: list[tuple[str, bool, str]] = [("database", True, app.settings.database.url.split("@")[-1])]
     for block in app.settings.sources:
         source = build_source(block, app.session)
@@ -371,6 +410,7 @@ class DemoResult:
 
 def demo(workdir: Path, now: Callable[[], datetime] = clock.now) -> DemoResult:
     """collect → draft → approve → send on the bundled sample, in ``workdir``."""
+    from digest import subscribers
     from digest.config import defaults
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,6 @@ from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import feedparser
-from feedparser.exceptions import ThingsNobodyCaresAboutButMe
-from feedparser.urls import resolve_relative_uris
 from pydantic import Field, field_validator
 
 from digest import http
@@ -162,10 +159,17 @@ def _is_json(fetched: http.Fetched) -> bool:
 
 
 # --- XML feeds (feedparser) ------------------------------------------------------------------
+#
+# feedparser is imported by the functions that parse, not with this module: loading a config
+# imports every configured source's module for its settings model, and a process that only
+# validates the config or sends a digest has no use for the parser.
 
 
 def _xml_entries(fetched: http.Fetched, where: str) -> tuple[Any, list[Any]]:
     """feedparser's result and its entries; :class:`SourceError` when the body is not a feed."""
+    import feedparser
+    from feedparser.exceptions import ThingsNobodyCaresAboutButMe
+
     headers = {"content-location": fetched.url}
     if "content-type" in fetched.headers:
         # feedparser weighs the HTTP charset against the XML declaration (RFC 3023).
@@ -323,6 +327,8 @@ def _from_struct(value: time.struct_time | None, now: datetime) -> datetime | No
 
 
 def _parse_json_feed(source: str, fetched: http.Fetched, now: datetime, where: str) -> list[Essay]:
+    from feedparser.urls import resolve_relative_uris  # imported on use: see the note at "XML feeds"
+
     try:
         doc = json.loads(fetched.body)  # bytes: json detects UTF-8/16/32 and a BOM itself
     except (ValueError, RecursionError) as exc:
@@ -605,6 +611,8 @@ def resolve_links(markup: str, base: str) -> str:
     """Relative ``href``/``src`` attributes in an HTML fragment made absolute against ``base``."""
     if not markup.strip():
         return markup
+    from feedparser.urls import resolve_relative_uris
+
     return str(resolve_relative_uris(markup, base, "utf-8", "text/html"))
 
 

@@ -20,7 +20,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-import markdown
 import yaml
 
 from digest.errors import SourceError
@@ -59,6 +58,10 @@ def _to_datetime(value: Any, where: str) -> datetime | None:
 
 
 def _markdown(text: str) -> str:
+    # Imported on use: loading a config imports this module for FolderConfig (and the demo's
+    # defaults for SAMPLE_DIR), which needs no Markdown.
+    import markdown
+
     return str(markdown.markdown(text, extensions=["extra", "smarty"], output_format="html"))
 
 

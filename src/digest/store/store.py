@@ -7,13 +7,13 @@ row still claimed when a new sender takes the lease becomes ``uncertain``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-import contextlib
-import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime

@@ -1,0 +1,97 @@
+"""What a sending process imports. Memory should grow with the batch, not with the code loaded:
+the send path must not import the web app, the collectors, the scheduler, the migrations or
+the subscriber import (each check runs in a fresh interpreter, since this one has them all)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from digest import pipeline
+from digest.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Never needed to send: the web app and its server, the webhook signature checks, feed and
+# Markdown parsing, migrations, subscriber address validation, test tooling.
+NEVER_ON_SEND = ("flask", "werkzeug", "waitress", "cryptography", "feedparser", "markdown", "alembic",
+                 "email_validator", "hypothesis", "digest.web", "digest.subscribers", "digest.jobs")
+# Also absent from a process that only imports the send path. `digest send` loads these while
+# it validates the config file (cron schedules, each source's settings).
+NOT_IMPORTED_TO_SEND = ("apscheduler", "yaml", "digest.scheduler", "digest.sources")
+
+
+def _loaded(code: str, cwd: Path = ROOT) -> set[str]:
+    """The top-level packages and ``digest.*`` modules in ``sys.modules`` after running ``code``."""
+    script = code + "\nimport json, sys\nprint('MODULES ' + json.dumps(sorted(sys.modules)))\n"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("MODULES "))
+    names = json.loads(line.removeprefix("MODULES "))
+    return {n for n in names if n.startswith("digest.")} | {n.split(".")[0] for n in names}
+
+
+def _present(loaded: set[str], forbidden: tuple[str, ...]) -> list[str]:
+    return [f for f in forbidden if f in loaded or any(m.startswith(f + ".") for m in loaded)]
+
+
+def test_importing_the_send_path_loads_only_what_sending_needs() -> None:
+    loaded = _loaded("from digest import pipeline\nfrom digest.delivery import sender")
+    assert _present(loaded, NEVER_ON_SEND + NOT_IMPORTED_TO_SEND) == []
+    # What it does need, so that this test notices if the imports above stop meaning anything.
+    assert {"digest.delivery.sender", "digest.render", "digest.store", "sqlalchemy", "requests", "pydantic"} <= loaded
+
+
+def test_digest_send_from_start_to_finish_loads_no_collecting_or_web_code(tmp_path: Path) -> None:
+    from digest.sources.folder import SAMPLE_DIR
+
+    base = f"""
+database: {{url: "sqlite:///{tmp_path / 'd.db'}"}}
+newsletter: {{public_url: https://news.example.org}}
+digest: {{approval: {{required: false}}}}
+delivery: {{provider: outbox, outbox_dir: out}}
+sources:
+  - {{name: sample, type: folder, path: "{SAMPLE_DIR}"}}
+"""
+    setup = tmp_path / "setup.yaml"
+    setup.write_text(base, encoding="utf-8")
+    for args in (["db", "upgrade"], ["subscribers", "add", "ann@example.com"], ["collect"], ["draft"]):
+        result = CliRunner().invoke(cli, ["--config", str(setup), *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    # The config `digest send` reads also names a feed with comment sources: validating it
+    # imports those source modules, and must not pull in their parsers.
+    send_config = tmp_path / "send.yaml"
+    send_config.write_text(base + """
+  - name: blog
+    type: feed
+    url: https://blog.example.org/feed.xml
+    comments:
+      - {type: discourse, base_url: "https://forum.example.org"}
+""", encoding="utf-8")
+    code = f"""
+import sys
+from digest.cli import main
+sys.argv = ["digest", "--config", {str(send_config)!r}, "send"]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+"""
+    loaded = _loaded(code, cwd=tmp_path)
+    assert len(list((tmp_path / "out").rglob("*.eml"))) == 1  # it did send
+    assert _present(loaded, NEVER_ON_SEND) == []
+
+
+def test_lazily_loaded_pipeline_names_stay_importable() -> None:
+    from digest.pipeline import build_comment_sources, build_source, comment_blocks, next_run, previous_run
+    from digest.scheduler import next_run as scheduler_next_run
+    from digest.sources import registry
+
+    assert (build_source, build_comment_sources, comment_blocks) == (
+        registry.build_source, registry.build_comment_sources, registry.comment_blocks)
+    assert next_run is scheduler_next_run and callable(previous_run)
+    assert pipeline.subscribers.normalize_email("Ann@Example.com") == "ann@example.com"
