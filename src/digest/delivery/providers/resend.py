@@ -13,14 +13,20 @@ the very same batch always carries the very same key, and resending it after an 
 outcome (a timeout, a reset) cannot deliver it twice. That is what :attr:`idempotent` says.
 Our bodies are deterministic for a ledger row (the signed links carry no timestamp and we send
 no Message-ID), which is what makes the repeat byte-identical.
+
+**Templates.** Like Postmark, Resend takes a full body per message, so the sender hands it a
+template and each recipient's slot values (:attr:`ResendProvider.accepts_templates`): the JSON
+everyone shares is encoded once per draft and each message splices in only its own values.
+The result is byte for byte the body :meth:`ResendProvider.build_request` gives for the
+expanded messages, under the same key, so a batch resent after a crash is still a replay.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import requests
 
@@ -31,11 +37,19 @@ from digest.delivery.providers.base import (
     PreparedCall,
     UncertainDeliveryError,
     checked_headers,
+    json_escape,
+    json_string,
     response_text,
 )
 from digest.errors import AuthError, ConfigError, DeliveryError
 from digest.http import retry_after_seconds
-from digest.types import OutgoingMessage, SendResult
+from digest.types import (
+    SLOT_NAMES,
+    OutgoingMessage,
+    SendResult,
+    TemplateMessage,
+    TemplateRecipient,
+)
 
 API_URL = "https://api.resend.com"
 KEY_LIMIT = 256  # characters of an Idempotency-Key
@@ -55,6 +69,74 @@ def _error(body: bytes) -> tuple[str, str]:
     return str(data.get("name") or ""), str(data.get("message") or "")
 
 
+def _key(draft_ids: Iterable[int], ledger_ids: Iterable[int]) -> str:
+    """The Idempotency-Key of a batch (see :meth:`ResendProvider.idempotency_key`); both the
+    full-body and the template path derive it here, so a batch has one key whichever built it."""
+    drafts = "+".join(str(d) for d in sorted(set(draft_ids)))
+    ids = ",".join(str(i) for i in sorted(ledger_ids))
+    return f"digest/{drafts}/{hashlib.sha256(ids.encode('ascii')).hexdigest()}"[:KEY_LIMIT]
+
+
+class _Skeleton(NamedTuple):
+    """The JSON of one email that every recipient of a template shares, as byte pieces.
+
+    An email is ``head <to> subject [html_open html[0] <value> html[1] ... "]
+    [text_open text[0] <value> ... "] [<headers>] tags_open <ledger id> tags_close tail``.
+    """
+
+    head: bytes  # {"from":"...","to":[
+    subject: bytes  # ],"subject":"..."
+    html: tuple[bytes, ...]  # the static parts, escaped for the inside of a JSON string
+    html_index: tuple[int, ...]  # gap i of html takes the value at SLOT_NAMES position html_index[i]
+    html_static: bool  # some static part is not empty, so every html body is not empty
+    text: tuple[bytes, ...]
+    text_index: tuple[int, ...]
+    text_static: bool
+    tags_close: bytes  # the rest of the tags after the ledger id: the draft id
+    tail: bytes  # reply_to and the closing brace
+
+
+def _escape_values(values: Sequence[str]) -> list[bytes]:
+    """Each value escaped as :func:`json_escape` does it.
+
+    Why the shortcut: a recipient's values (a name, two links) almost never hold anything JSON
+    escapes, and one check over all of them costs less than a :func:`json_escape` call each.
+    Every character JSON escapes besides the quote and the backslash is a control character,
+    which :meth:`str.isprintable` rejects (so do lone surrogates, which UTF-8 cannot carry).
+    """
+    joined = "".join(values)
+    if joined.isprintable() and '"' not in joined and "\\" not in joined:
+        return [v.encode("utf-8") for v in values]
+    return [json_escape(v) for v in values]
+
+
+def _headers_json(headers: Sequence[tuple[str, str]], names: dict[str, bytes]) -> bytes:
+    """``,"headers":{...}`` exactly as :meth:`ResendProvider.build_request` writes
+    ``dict(checked_headers(headers))`` (a repeated name keeps its first place and its last
+    value), or ``b""`` when there are none.
+
+    ``names`` (one per request) keeps each name checked and encoded: a batch repeats the same
+    few names for every recipient, while values (the unsubscribe link) differ.
+    """
+    parts: list[bytes] = []
+    for name, value in dict(headers).items():
+        key = names.get(name)
+        if key is None:
+            checked_headers([(name, "")])  # raises for a bad or reserved name
+            key = names[name] = json_string(name) + b':"'
+        parts += (b"," if parts else b',"headers":{', key,
+                  _escape_values((clean_header_value(value),))[0], b'"')
+    if not parts:
+        return b""
+    parts.append(b"}")
+    return b"".join(parts)
+
+
+_HTML_OPEN = b',"html":"'
+_TEXT_OPEN = b',"text":"'
+_TAGS_OPEN = b',"tags":[{"name":"ledger_id","value":"'
+
+
 class ResendProvider(HttpProvider):
     """Sends through Resend's batch endpoint; see the module docstring."""
 
@@ -72,6 +154,7 @@ class ResendProvider(HttpProvider):
             "Authorization": f"Bearer {settings.api_key}",
             "Accept": "application/json",
         }
+        self._template_cache: tuple[TemplateMessage, _Skeleton] | None = None
 
     @staticmethod
     def idempotency_key(messages: Sequence[OutgoingMessage]) -> str:
@@ -80,9 +163,7 @@ class ResendProvider(HttpProvider):
         Ledger ids are unique per (draft, subscriber), so two different batches never share a
         key, and a batch sent again (in any order) always has its first key.
         """
-        drafts = "+".join(str(d) for d in sorted({m.draft_id for m in messages}))
-        ids = ",".join(str(i) for i in sorted(m.ledger_id for m in messages))
-        return f"digest/{drafts}/{hashlib.sha256(ids.encode('ascii')).hexdigest()}"[:KEY_LIMIT]
+        return _key((m.draft_id for m in messages), (m.ledger_id for m in messages))
 
     def build_request(self, messages: Sequence[OutgoingMessage]) -> PreparedCall:
         """The ``/emails/batch`` request: one full email per message, and its key. Pure."""
@@ -126,6 +207,124 @@ class ResendProvider(HttpProvider):
         return PreparedCall(
             "POST", self.batch_url, headers_out, body, tuple(included), tuple(refused)
         )
+
+    # -- the template path: the digest's shared parts are JSON-encoded once per draft -------
+
+    #: The sender hands this provider a template and per-recipient values instead of finished
+    #: messages; Resend still gets a full body per email, built here without encoding each
+    #: ~50 KB body again.
+    accepts_templates: ClassVar[bool] = True
+
+    def _skeleton(self, template: TemplateMessage) -> _Skeleton:
+        """Every byte of an email's JSON that all recipients share, encoded once per draft.
+
+        Cached by the template object: the sender makes one per send, and an equal but distinct
+        template (another send) only costs one more encoding.
+        """
+        cached = self._template_cache
+        if cached is not None and cached[0] is template:
+            return cached[1]
+        memo: dict[tuple[str, str], str] = {}
+        from_ = self._address(memo, template.from_addr, "newsletter.from")
+        tail = b"}"
+        if template.reply_to:
+            reply_to = self._address(memo, template.reply_to, "newsletter.reply_to")
+            tail = b',"reply_to":[' + json_string(reply_to) + b"]}"
+        skeleton = _Skeleton(
+            head=b'{"from":' + json_string(from_) + b',"to":[',
+            subject=b'],"subject":' + json_string(clean_header_value(template.subject)),
+            html=tuple(json_escape(p) for p in template.html_parts),
+            html_index=tuple(SLOT_NAMES.index(slot) for slot in template.html_slots),
+            html_static=any(template.html_parts),
+            text=tuple(json_escape(p) for p in template.text_parts),
+            text_index=tuple(SLOT_NAMES.index(slot) for slot in template.text_slots),
+            text_static=any(template.text_parts),
+            tags_close=b'"},{"name":"draft_id","value":"%d"}]' % template.draft_id,
+            tail=tail,
+        )
+        if len(skeleton.html) != len(skeleton.html_index) + 1 or (
+            len(skeleton.text) != len(skeleton.text_index) + 1
+        ):
+            raise ValueError("a template needs exactly one more part than slots")
+        self._template_cache = (template, skeleton)
+        return skeleton
+
+    def build_template_request(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+    ) -> PreparedCall:
+        """The ``/emails/batch`` request :meth:`build_request` gives for the messages
+        :func:`~digest.delivery.providers.base.expand_template` makes of ``recipients``: the
+        same body, byte for byte, and the same Idempotency-Key. Pure.
+
+        The shared JSON comes from :meth:`_skeleton`; each email adds only its own address,
+        slot values, headers and ledger id.
+        """
+        sk = self._skeleton(template)
+        width = len(SLOT_NAMES)
+        parts: list[bytes] = [b"["]
+        included: list[OutgoingMessage] = []
+        refused: list[SendResult] = []
+        header_names: dict[str, bytes] = {}
+        for r in recipients:
+            try:
+                if len(r.html_values) != width or len(r.text_values) != width:
+                    raise ValueError(f"{width} slot values expected (one per slot name)")
+                to = json_string(format_address(r.to_name, r.to_email))
+            except ValueError as exc:
+                refused.append(SendResult(r.ledger_id, "invalid", None, str(exc)))
+                continue
+            if included:
+                parts.append(b",")
+            # Only the ledger id is read from these (the answer's order, the key).
+            included.append(OutgoingMessage(
+                ledger_id=r.ledger_id, draft_id=template.draft_id, to_email=r.to_email,
+                to_name=r.to_name, from_addr=template.from_addr, subject=template.subject,
+                html="", text=""))
+            parts += (sk.head, to, sk.subject)
+            # Each value escaped once, however many gaps it fills. Why the emptiness checks:
+            # the full-body path leaves out an empty html or text, so this one must too.
+            values = _escape_values(r.html_values)
+            if sk.html_static or any(values[i] for i in sk.html_index):
+                parts += (_HTML_OPEN, sk.html[0])
+                for index, part in zip(sk.html_index, sk.html[1:]):
+                    parts += (values[index], part)
+                parts.append(b'"')
+            values = _escape_values(r.text_values)
+            if sk.text_static or any(values[i] for i in sk.text_index):
+                parts += (_TEXT_OPEN, sk.text[0])
+                for index, part in zip(sk.text_index, sk.text[1:]):
+                    parts += (values[index], part)
+                parts.append(b'"')
+            if r.headers:
+                parts.append(_headers_json(r.headers, header_names))
+            parts += (_TAGS_OPEN, b"%d" % r.ledger_id, sk.tags_close, sk.tail)
+        parts.append(b"]")
+        keyed = included or recipients
+        headers_out = {
+            **self._read_headers,
+            "Content-Type": "application/json",
+            "Idempotency-Key": _key([template.draft_id], (r.ledger_id for r in keyed)),
+        }
+        return PreparedCall(
+            "POST", self.batch_url, headers_out, b"".join(parts), tuple(included), tuple(refused)
+        )
+
+    def send_template_batch(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+    ) -> list[SendResult]:
+        """One ``/emails/batch`` call for a template batch (see :meth:`build_template_request`)."""
+        if not recipients:
+            return []
+        self._check_batch(recipients)
+        call = self.build_template_request(template, recipients)
+        # send_call puts the results in the order of the messages it is given: with refused
+        # recipients, that must be every recipient, not only those in the request.
+        order = list(call.messages) if not call.refused else [
+            OutgoingMessage(ledger_id=r.ledger_id, draft_id=template.draft_id, to_email=r.to_email,
+                            to_name=r.to_name, from_addr="", subject="", html="", text="")
+            for r in recipients
+        ]
+        return self.send_call(call, order)
 
     @staticmethod
     def _address(memo: dict[tuple[str, str], str], value: str, key: str) -> str:
