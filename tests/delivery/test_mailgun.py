@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from digest.config import Delivery
+from digest.delivery.mime import clean_header_value, format_address
+from digest.delivery.providers import mailgun
 from digest.delivery.providers.base import PreparedCall, UncertainDeliveryError, expand_template
 from digest.delivery.providers.mailgun import (
     EU_API_URL,
@@ -20,6 +22,7 @@ from digest.delivery.providers.mailgun import (
     neutralize_text,
 )
 from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.types import SLOT_NAMES, TemplateMessage, TemplateRecipient
 from tests.delivery.conftest import MessageFactory
 from tests.delivery.test_provider_contract import make_recipient, make_template
 from tests.fakes.provider_server import (
@@ -202,6 +205,146 @@ def test_duplicate_and_invalid_addresses_are_refused(provider: MailgunProvider) 
     call, ids = provider.build_template_request(make_template(), recipients)
     assert ids == (1,)
     assert sorted((r.ledger_id, r.status) for r in call.refused) == [(2, "failed"), (3, "invalid")]
+
+
+HOSTILE_NAMES = [
+    'Ann "the Quote" O\'Hara',
+    "Back\\slash \\u0041 \\\"",
+    "Zoë Müller 日本",
+    "%recipient.ledger_id% and %unsubscribe_url%",
+    "tab\there, new\nline\r\x00\x1f\x7f",
+    "Smith, Jo <jo@evil.example>",
+    "",
+]
+
+
+def expected_variables(
+    template: TemplateMessage, recipients: list[TemplateRecipient]
+) -> dict[str, dict[str, str]]:
+    """recipient-variables as Mailgun must read them: per reader, the ledger id, every header
+    any reader has ("" where this one has none; the last value of a repeated one), cleaned,
+    and the template's slot values, neutralized."""
+    names = list(dict.fromkeys(name for r in recipients for name, _ in r.headers))
+    out: dict[str, dict[str, str]] = {}
+    for r in recipients:
+        given = dict(r.headers)
+        values = {"ledger_id": str(r.ledger_id)}
+        values |= {f"h:{n}": clean_header_value(given.get(n, "")) for n in names}
+        html = dict(zip(SLOT_NAMES, r.html_values))
+        text = dict(zip(SLOT_NAMES, r.text_values))
+        values |= {f"digest_html_{s}": neutralize_html(html[s]) for s in template.html_slots}
+        values |= {f"digest_text_{s}": neutralize_text(text[s]) for s in template.text_slots}
+        out[r.to_email] = values
+    return out
+
+
+def test_recipient_variables_json_with_hostile_values(provider: MailgunProvider) -> None:
+    # Quotes, backslashes, control characters, non-ASCII and Mailgun variables, in names,
+    # slot values and header values, next to readers with nothing to escape.
+    recipients = [make_recipient(1)]
+    for i, name in enumerate(HOSTILE_NAMES, start=2):
+        r = make_recipient(i, name=name or "x")
+        recipients.append(
+            r._replace(
+                to_name=name,
+                html_values=(html.escape(name), *r.html_values[1:]),
+                text_values=(name, f"https://news.example.org/u/{name}", r.text_values[2]),
+                headers=(("List-Unsubscribe", f"<{name}>"), r.headers[1]),
+            )
+        )
+    recipients.append(make_recipient(20, email="o'brien+digest@xn--bcher-kva.example"))
+    template = make_template()
+    call, ids = provider.build_template_request(template, recipients)
+    assert ids == tuple(r.ledger_id for r in recipients)
+    fields = form(call)
+    assert json.loads(dict(fields)["recipient-variables"]) == expected_variables(
+        template, recipients
+    )
+    tos = [v for k, v in fields if k == "to"]
+    assert tos == [
+        format_address(neutralize_text(r.to_name), r.to_email) for r in recipients
+    ]
+
+
+def test_every_reader_gets_every_header_key(provider: MailgunProvider) -> None:
+    recipients = [
+        make_recipient(1)._replace(headers=(("X-A", "a1"),)),
+        make_recipient(2)._replace(headers=(("X-B", " b2 "), ("X-A", "a2"))),
+        make_recipient(3)._replace(headers=()),
+        # A header given twice: the last value, as for any mapping.
+        make_recipient(4)._replace(headers=(("X-A", "first"), ("X-A", "last"))),
+    ]
+    call, ids = provider.build_template_request(make_template(), recipients)
+    assert ids == (1, 2, 3, 4)
+    fields = form(call)
+    header_fields = [(k, v) for k, v in fields if k.startswith("h:")]
+    assert header_fields == [("h:X-A", "%recipient.h:X-A%"), ("h:X-B", "%recipient.h:X-B%")]
+    variables = json.loads(dict(fields)["recipient-variables"])
+    assert variables == expected_variables(make_template(), recipients)
+    assert [(v["h:X-A"], v["h:X-B"]) for v in variables.values()] == [
+        ("a1", ""), ("a2", "b2"), ("", ""), ("last", ""),
+    ]
+
+
+def test_refusals_keep_their_order_and_reasons(provider: MailgunProvider) -> None:
+    good = make_recipient(1)
+    recipients = [
+        good,
+        make_recipient(2)._replace(headers=(("Bad Name", "x"),)),  # invalid header name
+        make_recipient(3)._replace(html_values=("only one",)),  # wrong slot count
+        make_recipient(4, email="reader1@EXAMPLE.com"),  # the same address as reader 1
+        make_recipient(5, email="not an address"),
+        make_recipient(6)._replace(headers=(("Subject", "x"),)),  # reserved
+        make_recipient(7, email="reader2@example.com"),  # reader 2 was refused: fine
+        make_recipient(8, name="\udc80"),  # cannot be encoded in a To header
+    ]
+    call, ids = provider.build_template_request(make_template(), recipients)
+    assert ids == (1, 7)
+    assert [(r.ledger_id, r.status) for r in call.refused] == [
+        (3, "invalid"),
+        (2, "invalid"),
+        (4, "failed"),
+        (5, "invalid"),
+        (6, "invalid"),
+        (8, "invalid"),
+    ]
+    reasons = {r.ledger_id: r.error or "" for r in call.refused}
+    assert "slot values" in reasons[3]
+    assert "invalid header name" in reasons[2]
+    assert reasons[4] == "the same address twice in one batch"
+    assert "set from the message's own fields" in reasons[6]
+    variables = json.loads(dict(form(call))["recipient-variables"])
+    assert set(variables) == {"reader1@example.com", "reader2@example.com"}
+    assert variables["reader2@example.com"]["ledger_id"] == "7"
+    assert variables["reader2@example.com"]["digest_text_name"] == "Reader 7"
+
+
+def test_no_reader_left(provider: MailgunProvider) -> None:
+    call, ids = provider.build_template_request(make_template(), [make_recipient(1, email="x")])
+    assert ids == ()
+    fields = form(call)
+    assert [k for k, _ in fields if k == "to" or k.startswith("h:")] == []
+    assert json.loads(dict(fields)["recipient-variables"]) == {}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Reader 1", "", "  padded  ", "J. Smith", "Smith, Jo", 'Ann "Q"', "Zoë", "a\r\nBcc: x", "x@y"],
+)
+def test_to_field_is_format_address(name: str) -> None:
+    assert mailgun._to_field(name, "reader@example.com") == format_address(
+        name, "reader@example.com"
+    )
+
+
+def test_boundary_never_occurs_in_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = iter(["a" * 32, "b" * 32])
+    monkeypatch.setattr(mailgun.secrets, "token_hex", lambda n: next(tokens))
+    fields = [("to", "x@example.com"), ("to", f"digest-{'a' * 32}@example.com"), ("html", "<p>")]
+    body, content_type = multipart_form(fields)
+    assert content_type.endswith("boundary=digest-" + "b" * 32)
+    request = Request("POST", "/", "", {"content-type": content_type}, body, len(body))
+    assert parse_form(request) == fields
 
 
 # -- against the fake -------------------------------------------------------------------------

@@ -38,8 +38,11 @@ import base64
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain, groupby, repeat
+from json.encoder import encode_basestring
+from operator import attrgetter, contains, itemgetter
+from typing import Any, ClassVar, Protocol
 from urllib.parse import quote
 
 import requests
@@ -62,7 +65,13 @@ from digest.delivery.providers.base import (
 )
 from digest.errors import ConfigError, DeliveryError
 from digest.http import build_session
-from digest.types import OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
+from digest.types import (
+    SLOT_NAMES,
+    OutgoingMessage,
+    SendResult,
+    TemplateMessage,
+    TemplateRecipient,
+)
 
 US_API_URL = "https://api.mailgun.net"
 EU_API_URL = "https://api.eu.mailgun.net"
@@ -96,24 +105,138 @@ def multipart_form(fields: Sequence[tuple[str, str]]) -> tuple[bytes, str]:
     Why multipart and not urlencoded: bodies go as raw UTF-8 instead of growing by up to
     three times with percent-encoding.
     """
-    encoded = [(name.encode("ascii"), value.encode("utf-8")) for name, value in fields]
+    return _multipart(
+        [(name, [value for _, value in run]) for name, run in groupby(fields, key=itemgetter(0))]
+    )
+
+
+def _multipart(runs: Sequence[tuple[str, Sequence[str]]]) -> tuple[bytes, str]:
+    """:func:`multipart_form` for runs of fields that share a name: ``(name, values)``.
+
+    A run (a template call's thousand ``to``) is joined and encoded at once, each run on its
+    own, so that one non-ASCII character in the html does not widen the whole body.
+    """
+    values = list(chain.from_iterable(values for _, values in runs))
     while True:
-        boundary = f"digest-{secrets.token_hex(16)}".encode("ascii")
-        if not any(boundary in value for _, value in encoded):
+        boundary = f"digest-{secrets.token_hex(16)}"
+        if not any(map(contains, values, repeat(boundary))):  # in no value
             break
     parts: list[bytes] = []
-    for name, value in encoded:
+    for name, run in runs:
+        if not run:
+            continue
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
         parts += (
-            b"--",
-            boundary,
-            b'\r\nContent-Disposition: form-data; name="',
-            name,
-            b'"\r\n\r\n',
-            value,
+            head.encode("ascii"),  # our own field names; anything else is a bug
+            f"\r\n{head}".join(run).encode("utf-8"),
             b"\r\n",
         )
-    parts += (b"--", boundary, b"--\r\n")
-    return b"".join(parts), f"multipart/form-data; boundary={boundary.decode('ascii')}"
+    parts.append(f"--{boundary}--\r\n".encode("ascii"))
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+# The C string encoder behind json.dumps, non-ASCII kept as it is (like ensure_ascii=False).
+_json: Callable[[str], str] = encode_basestring
+# What that encoder escapes: '"', '\\' and the C0 controls. Looked for in UTF-8 bytes, where
+# these bytes only ever stand for themselves (a multi-byte character's bytes are all >= 0x80).
+_JSON_ESCAPED = bytes(range(0x20)) + b'"\\'
+
+
+def _escaped(values: Sequence[str]) -> Sequence[str]:
+    """Each of ``values`` as a JSON string's content (escaped, without the quotes).
+
+    A column of values usually holds nothing to escape, and one C scan of it all (deleting
+    those characters from its bytes) tells so at a fraction of the encoder's cost, and
+    without a call per value.
+    """
+    raw = "".join(values).encode("utf-8", "surrogatepass")
+    if len(raw.translate(None, _JSON_ESCAPED)) == len(raw):
+        return values
+    return [_json(value)[1:-1] for value in values]
+
+
+def _cleaned(values: Sequence[str]) -> Sequence[str]:
+    """:func:`clean_header_value` of each of ``values``; once for a column of one value
+    repeated (List-Unsubscribe-Post, the same for every reader)."""
+    if values and values.count(values[0]) == len(values):
+        return [clean_header_value(values[0])] * len(values)
+    return list(map(clean_header_value, values))
+
+
+def _neutralized(values: Sequence[str], neutralize: Callable[[str], str]) -> Sequence[str]:
+    """``values`` through ``neutralize``, without a call per value when none holds a '%' (the
+    usual case: every Mailgun variable starts with one)."""
+    return list(map(neutralize, values)) if "%" in "".join(values) else values
+
+
+# RFC 5322 specials: format_address quotes a display name that holds any of them.
+_NAME_SPECIALS = frozenset('()<>[]:;@\\,."')
+
+
+def _to_field(name: str, address: str) -> str:
+    """``format_address(name, address)`` for an ``address`` already normalized.
+
+    Most names are plain ASCII words, which go unquoted; they skip the general formatter,
+    which would also normalize the address a second time (a large part of a batch's cost).
+    """
+    name = clean_header_value(name)
+    if not name:
+        return address
+    if name.isascii() and _NAME_SPECIALS.isdisjoint(name):
+        return f"{name} <{address}>"
+    return format_address(name, address)
+
+
+class _Envelope(Protocol):
+    """What :meth:`MailgunProvider._recipients` reads of a message or a template recipient."""
+
+    @property
+    def ledger_id(self) -> int: ...
+    @property
+    def to_email(self) -> str: ...
+    @property
+    def to_name(self) -> str: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, str]]: ...
+
+
+_Columns = tuple[tuple[str, ...], list[tuple[str, ...]]]  # header names, one column of values each
+
+
+def _shared_headers(headers: Sequence[Sequence[tuple[str, str]]]) -> _Columns | None:
+    """The header names and one column of values per name, when every reader has the same
+    names in the same order, each once, and they pass :func:`checked_headers` (the sender's
+    case: checked once for the batch). None otherwise: then each reader is checked alone."""
+    if len(set(map(len, headers))) != 1:
+        return None
+    names = tuple(name for name, _ in headers[0])
+    columns = list(zip(*headers))  # one column of (name, value) pairs per position
+    if len(set(names)) != len(names) or any(
+        set(map(itemgetter(0), column)) != {name} for name, column in zip(names, columns)
+    ):
+        return None
+    try:
+        checked_headers(headers[0])
+    except ValueError:
+        return None
+    return names, [tuple(map(itemgetter(1), column)) for column in columns]
+
+
+def _header_columns(headers: Sequence[Sequence[tuple[str, str]]]) -> _Columns:
+    """The header names of all readers, as first seen, and one column of values per name:
+    "" for a reader without that header, the last value for one that gives it twice."""
+    names = tuple(dict.fromkeys(name for pairs in headers for name, _ in pairs))
+    rows = [tuple(map(dict(pairs).get, names, repeat(""))) for pairs in headers]
+    return names, list(zip(*rows))
+
+
+def _check_names(headers: Sequence[tuple[str, str]], checked: set[tuple[str, ...]]) -> None:
+    """ValueError when a name in ``headers`` is bad or reserved; ``checked`` holds the lists
+    of names known good."""
+    names = tuple(name for name, _ in headers)
+    if names not in checked:
+        checked_headers(headers)
+        checked.add(names)
 
 
 def _var(key: str) -> str:
@@ -125,6 +248,10 @@ def _join(parts: Sequence[str], slots: Sequence[str], kind: str) -> str:
     for slot, part in zip(slots, parts[1:]):
         out += (_var(f"digest_{kind}_{slot}"), part)
     return "".join(out)
+
+
+_HTML_VALUES = attrgetter("html_values")
+_TEXT_VALUES = attrgetter("text_values")
 
 
 class MailgunProvider(HttpProvider):
@@ -178,53 +305,84 @@ class MailgunProvider(HttpProvider):
 
     def _recipients(
         self,
-        envelopes: Sequence[tuple[int, str, str, Sequence[tuple[str, str]]]],
-        extra: Mapping[int, Mapping[str, str]] | None = None,
-    ) -> tuple[list[tuple[str, str]], list[int], list[SendResult]]:
+        envelopes: Sequence[_Envelope],
+        more: Sequence[tuple[str, Sequence[str]]] = (),
+    ) -> tuple[list[tuple[str, Sequence[str]]], list[int], list[SendResult]]:
         """The ``to`` fields, the per-header ``h:`` fields and ``recipient-variables``.
 
-        ``envelopes`` are ``(ledger_id, to_email, to_name, headers)``. Returns the fields, the
-        ledger ids included, in order, and the refused results.
+        ``more`` holds further variables: ``(key, values)``, one value per envelope, already
+        neutralized. Returns the fields as runs for :func:`_multipart`, the ledger ids
+        included, in order, and the refused results.
+
+        Why it looks the way it does: it runs for up to a thousand readers per call, and a
+        Python call per value would cost more than all the rest. Each reader is checked in a
+        loop (address, duplicates); then values are cleaned, encoded and written into the
+        JSON text a whole column at a time.
         """
-        tos: list[tuple[str, str]] = []
-        variables: dict[str, dict[str, str]] = {}
+        shared = _shared_headers([e.headers for e in envelopes])
+        # The display names too: Mailgun may substitute in the To header as well.
+        names = _neutralized([e.to_name for e in envelopes], neutralize_text)
+        checked: set[tuple[str, ...]] = set()
+        kept: list[int] = []  # indices into envelopes
+        addresses: list[str] = []
+        tos: list[str] = []
         seen: set[str] = set()
-        header_names: list[str] = []
-        ids: list[int] = []
         refused: list[SendResult] = []
-        for ledger_id, to_email, to_name, headers in envelopes:
+        for index, e in enumerate(envelopes):
             try:
-                address = normalize_address(to_email)
-                # The display name too: Mailgun may substitute in the To header as well.
-                to = format_address(neutralize_text(to_name), address)
-                clean = checked_headers(headers)
+                address = normalize_address(e.to_email)
+                to = _to_field(names[index], address)
+                if shared is None:
+                    _check_names(e.headers, checked)
             except ValueError as exc:
-                refused.append(SendResult(ledger_id, "invalid", None, str(exc)))
+                refused.append(SendResult(e.ledger_id, "invalid", None, str(exc)))
                 continue
-            if address.lower() in seen:
+            lowered = address.lower()
+            if lowered in seen:
                 # Why: recipient-variables are keyed by address; two rows for one address
                 # would share one set of values (and one unsubscribe link).
                 refused.append(
-                    SendResult(ledger_id, "failed", None, "the same address twice in one batch")
+                    SendResult(e.ledger_id, "failed", None, "the same address twice in one batch")
                 )
                 continue
-            values = {"ledger_id": str(ledger_id)}
-            for name, value in clean:
-                key = f"h:{name}"
-                if key not in header_names:
-                    header_names.append(key)
-                values[key] = value
-            values.update((extra or {}).get(ledger_id, {}))
-            variables[address] = values
-            seen.add(address.lower())
-            tos.append(("to", to))
-            ids.append(ledger_id)
-        for values in variables.values():  # every reader needs every key, or the raw
-            for key in header_names:  # %recipient.x% would reach them
-                values.setdefault(key, "")
-        fields = tos + [(key, _var(key)) for key in header_names]
-        fields.append(("recipient-variables", json.dumps(variables, ensure_ascii=False)))
-        return fields, ids, refused
+            seen.add(lowered)
+            kept.append(index)
+            addresses.append(address)
+            tos.append(to)
+        everyone = len(kept) == len(envelopes)
+        chosen = envelopes if everyone else [envelopes[i] for i in kept]
+        ids = [e.ledger_id for e in chosen]
+        # Every reader needs every key, or the raw %recipient.x% would reach them.
+        header_names: tuple[str, ...] = ()
+        values: list[tuple[str, ...]] = []
+        if chosen and shared is None:
+            header_names, values = _header_columns([e.headers for e in chosen])
+        elif chosen and shared is not None:
+            header_names, values = shared
+            if not everyone:
+                values = [tuple(column[i] for i in kept) for column in values]
+        keys = [f"h:{name}" for name in header_names]
+        columns = [_escaped(_cleaned(column)) for column in values]
+        for key, column in more:
+            keys.append(key)
+            columns.append(_escaped(column if everyone else [column[i] for i in kept]))
+        # The object as one join of pieces, reader by reader, each column a stream:
+        # {"a@x.org":{"ledger_id":"1","h:X":"...","digest_html_name":"..."},"b@y.org":{...}}
+        # The first reader opens the object, each next one follows a comma.
+        streams: list[Iterable[str]] = [
+            chain(['{"'], repeat(',"')),
+            _escaped(addresses),
+            repeat('":{"ledger_id":"'),
+            _escaped([str(ledger_id) for ledger_id in ids]),
+        ]
+        for key, column in zip(keys, columns):
+            streams += (repeat(f'",{_json(key)}:"'), column)
+        streams.append(repeat('"}'))
+        variables = "".join(chain(chain.from_iterable(zip(*streams)), ["}"])) if ids else "{}"
+        runs: list[tuple[str, Sequence[str]]] = [("to", tos)]
+        runs += [(key, [_var(key)]) for key in keys[: len(header_names)]]
+        runs.append(("recipient-variables", [variables]))
+        return runs, ids, refused
 
     # -- full bodies ----------------------------------------------------------------------------
 
@@ -252,11 +410,10 @@ class MailgunProvider(HttpProvider):
             fields.append(("text", neutralize_text(first.text)))
         if first.html:
             fields.append(("html", neutralize_html(first.html)))
-        recipient_fields, ids, refused = self._recipients(
-            [(m.ledger_id, m.to_email, m.to_name, m.headers) for m in messages]
-        )
-        body, content_type = multipart_form(fields + recipient_fields)
-        included = tuple(m for m in messages if m.ledger_id in set(ids))
+        runs, ids, refused = self._recipients(messages)
+        body, content_type = _multipart([(name, [value]) for name, value in fields] + runs)
+        kept = set(ids)
+        included = tuple(m for m in messages if m.ledger_id in kept)
         return PreparedCall(
             "POST",
             self.messages_url,
@@ -290,24 +447,35 @@ class MailgunProvider(HttpProvider):
             fields.append(("text", _join(text_parts, template.text_slots, "text")))
         if template.html_slots or any(template.html_parts):
             fields.append(("html", _join(html_parts, template.html_slots, "html")))
-        extra: dict[int, dict[str, str]] = {}
-        envelopes = []
+        width = len(SLOT_NAMES)
+        envelopes: Sequence[TemplateRecipient] = recipients
         refused_early: list[SendResult] = []
-        for r in recipients:
-            try:
-                html = slot_map(r.html_values)
-                text = slot_map(r.text_values)
-            except ValueError as exc:
-                refused_early.append(SendResult(r.ledger_id, "invalid", None, str(exc)))
-                continue
-            values = {f"digest_html_{s}": neutralize_html(html[s]) for s in template.html_slots}
-            values.update(
-                {f"digest_text_{s}": neutralize_text(text[s]) for s in template.text_slots}
+        counts = {*map(len, map(_HTML_VALUES, recipients))}
+        counts.update(map(len, map(_TEXT_VALUES, recipients)))
+        if counts != {width}:  # some reader has the wrong number of slot values
+            fitting: list[TemplateRecipient] = []
+            for r in recipients:
+                try:
+                    slot_map(r.html_values)
+                    slot_map(r.text_values)
+                except ValueError as exc:
+                    refused_early.append(SendResult(r.ledger_id, "invalid", None, str(exc)))
+                    continue
+                fitting.append(r)
+            envelopes = fitting
+        # Each distinct slot once: a column of every reader's values, neutralized.
+        more: list[tuple[str, Sequence[str]]] = []
+        for kind, slots, values, neutralize in (
+            ("html", template.html_slots, _HTML_VALUES, neutralize_html),
+            ("text", template.text_slots, _TEXT_VALUES, neutralize_text),
+        ):
+            columns = list(zip(*map(values, envelopes))) or [()] * width
+            more += (
+                (f"digest_{kind}_{slot}", _neutralized(columns[SLOT_NAMES.index(slot)], neutralize))
+                for slot in dict.fromkeys(slots)
             )
-            extra[r.ledger_id] = values
-            envelopes.append((r.ledger_id, r.to_email, r.to_name, r.headers))
-        recipient_fields, ids, refused = self._recipients(envelopes, extra)
-        body, content_type = multipart_form(fields + recipient_fields)
+        runs, ids, refused = self._recipients(envelopes, more)
+        body, content_type = _multipart([(name, [value]) for name, value in fields] + runs)
         call = PreparedCall(
             "POST",
             self.messages_url,
