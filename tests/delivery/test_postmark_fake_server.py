@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+from email.utils import parseaddr
+from typing import Any
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
 from digest.config import Delivery
 from digest.delivery.providers.base import UncertainDeliveryError, maybe_delivered
+from digest.delivery.providers.mailgun import MailgunProvider
 from digest.delivery.providers.postmark import PostmarkProvider
 from digest.errors import AuthError, DeliveryError
 from tests.delivery.conftest import TOKEN, MessageFactory
-from tests.fakes.provider_server import FakeProviderServer, Reply, Request
+from tests.fakes.provider_server import (
+    FakeProviderServer,
+    Reply,
+    Request,
+    _mailbox_address,
+    install_mailgun,
+    postmark_ledger_ids,
+)
 
 
 def provider_for(
@@ -192,3 +205,49 @@ def test_light_mode_counts_without_parsing(make_message: MessageFactory) -> None
         assert (
             server.messages == [] and server.requests[0].body == b"" and server.requests[0].size > 0
         )
+
+
+def test_light_mode_answers_partial_faults_in_order(make_message: MessageFactory) -> None:
+    with FakeProviderServer(token=TOKEN, light=True) as server:
+        server.faults.append(("partial", {1: (406, "inactive")}))
+        results = provider_for(server).send_batch([make_message(i) for i in (5, 6, 7)])
+        assert [r.status for r in results] == ["sent", "suppressed", "sent"]
+        assert server.ledger_ids == [5, 7]
+        assert len({r.provider_message_id for r in results if r.status == "sent"}) == 2
+
+
+def test_light_mode_reads_ledger_ids_however_the_json_is_spaced() -> None:
+    # The fast scan looks for the compact form our builder writes; other JSON falls back.
+    items: list[dict[str, Any]] = [
+        {"To": "a@x.example", "Metadata": {"ledger_id": str(i), "draft_id": "1"}} for i in (3, 1, 2)
+    ]
+    with FakeProviderServer(token=TOKEN, light=True) as server:
+        answer = requests.post(f"{server.url}/email/batch", json=items, timeout=5,
+                               headers={"X-Postmark-Server-Token": TOKEN})
+        assert answer.status_code == 200 and len(answer.json()) == 3
+        assert server.ledger_ids == [3, 1, 2]
+    assert postmark_ledger_ids(json.dumps(items, separators=(",", ":")).encode()) == [3, 1, 2]
+    # A quote inside a body is escaped, so a body quoting the marker is not a message.
+    quoted = json.dumps([{"HtmlBody": '"Metadata":{"ledger_id":"9"}',
+                          "Metadata": {"ledger_id": "4"}}], separators=(",", ":"))
+    assert postmark_ledger_ids(quoted.encode()) == [4]
+
+
+@given(st.text(max_size=30))
+def test_mailgun_light_mode_reads_addresses_as_parseaddr(value: str) -> None:
+    for to in (value, f"{value} <reader@example.com>", f"Reader <{value}@example.com>"):
+        assert _mailbox_address(to) == parseaddr(to)[1]
+
+
+def test_mailgun_light_mode_records_ledger_ids_in_order() -> None:
+    from tests.delivery.test_provider_contract import make_recipient, make_template
+
+    with FakeProviderServer(token=TOKEN, light=True) as server:
+        install_mailgun(server, "mg.example.org")
+        provider = MailgunProvider(Delivery(provider="mailgun", api_key=TOKEN, base_url=server.url,
+                                            domain="mg.example.org"))
+        recipients = [make_recipient(i, name=name) for i, name in
+                      ((12, "Smith, Jo"), (10, "Zoë"), (11, ""))]
+        results = provider.send_template_batch(make_template(), recipients)
+        assert [r.status for r in results] == ["sent"] * 3
+        assert server.ledger_ids == [12, 10, 11] and server.messages == []

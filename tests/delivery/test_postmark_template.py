@@ -1,0 +1,172 @@
+"""PostmarkProvider's template path: the body it splices, and send_template_batch over HTTP.
+
+The template path is an optimisation of the full-body path only: the same bytes on the wire,
+the same results. These tests pin both, and the shortcuts the splicing takes for short values.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from digest.config import Delivery
+from digest.delivery.mime import format_address
+from digest.delivery.providers.base import UncertainDeliveryError, expand_template, json_escape
+from digest.delivery.providers.postmark import PostmarkProvider, _address_text, _json_text
+from digest.errors import AuthError, DeliveryError
+from digest.types import TemplateMessage, TemplateRecipient
+from tests.delivery.conftest import TOKEN
+from tests.delivery.test_provider_contract import make_recipient, make_template
+from tests.fakes.provider_server import FakeProviderServer
+
+TRICKY = [
+    "",
+    "plain",
+    "https://news.example.org/u/41.RB_YEu5jU_QKC2wja-dNZQ",
+    'quote " and backslash \\',
+    "newline\nreturn\rtab\t",
+    "controls \x00\x01\x0b\x1f and DEL \x7f and NEL \x85",
+    "unicode é — 日本 😀 \u2028 \u2029",
+    "lone \ud800 surrogate",
+]
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_json_text_equals_json_escape(value: str) -> None:
+    assert _json_text(value) == json_escape(value)
+
+
+@given(st.text())
+def test_json_text_equals_json_escape_for_any_text(value: str) -> None:
+    assert _json_text(value) == json_escape(value)
+
+
+NAMES = ["", "Reader 41", "  Ada  ", "Smith, Jo", "J. R. Bob", 'Say "hi"', "back\\slash",
+         "Zoë", "日本", "=?utf-8?q?x?=", "Eve\r\nBcc: x@y.example", "tab\there", "(comment)"]
+ADDRESSES = ["reader41@example.com", " Reader41@Example.COM ", "a@bücher.example", "broken",
+             "two@at@example.com", "sp ace@example.com", "é@example.com"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("address", ADDRESSES)
+def test_address_text_equals_format_address(name: str, address: str) -> None:
+    try:
+        expected = format_address(name, address)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as info:
+            _address_text(name, address)
+        assert str(info.value) == str(exc)
+    else:
+        assert _address_text(name, address) == expected
+
+
+@given(st.text(max_size=40))
+def test_address_text_equals_format_address_for_any_name(name: str) -> None:
+    assert _address_text(name, "reader@example.com") == format_address(name, "reader@example.com")
+
+
+def _recipient(i: int, name: str) -> TemplateRecipient:
+    url = f"https://x.org/u/{i}"
+    return TemplateRecipient(i, f"r{i}@example.com", name, (name, url, url), (name, url, url),
+                             (("List-Unsubscribe", f"<{url}>"),
+                              ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+                              ("X-Digest-Ledger-Id", str(i))))
+
+
+def test_template_body_is_the_full_body_batch_byte_for_byte() -> None:
+    template = TemplateMessage(
+        draft_id=7, from_addr="Field Notes <d@example.org>", subject='Ünïcode "digest"\r\nBcc: x',
+        html_parts=("<p>Hi ", ', <a href="', '">unsubscribe</a> \u2014 é</p>', "\n"),
+        html_slots=("name", "unsubscribe_url", "preferences_url"),
+        text_parts=("Hi ", "\nUnsubscribe: ", "\n"), text_slots=("name", "unsubscribe_url"),
+        reply_to="Reply <r@example.org>", tag="digest-7")
+    provider = PostmarkProvider(Delivery(provider="postmark", api_key="t"))
+    recipients = [_recipient(i, name) for i, name in
+                  enumerate(["Ann", 'Bo &amp; "Cy"', "李", "Smith, Jo", "tab\tname", ""], 1)]
+    for headers in (True, False):
+        batch = recipients if headers else [r._replace(headers=()) for r in recipients]
+        call = provider.build_template_request(template, batch)
+        full = provider.build_request([expand_template(template, r) for r in batch])
+        assert call.body == full.body
+        assert [m.ledger_id for m in call.messages] == [r.ledger_id for r in batch]
+
+
+def test_refused_recipients_are_left_out_of_the_body() -> None:
+    provider = PostmarkProvider(Delivery(provider="postmark", api_key="t"))
+    template = make_template()
+    short = make_recipient(2)._replace(html_values=("x",))
+    batch = [make_recipient(1), short, make_recipient(3, email="broken"), make_recipient(4)]
+    call = provider.build_template_request(template, batch)
+    assert [r.ledger_id for r in call.refused] == [2, 3]
+    assert {r.status for r in call.refused} == {"invalid"}
+    items = json.loads(call.body)
+    assert [i["Metadata"]["ledger_id"] for i in items] == ["1", "4"]
+    assert call.body == provider.build_request(
+        [expand_template(template, r) for r in (batch[0], batch[3])]).body
+
+
+def _provider(server: FakeProviderServer) -> PostmarkProvider:
+    return PostmarkProvider(
+        Delivery(provider="postmark", api_key=TOKEN, base_url=server.url, timeout=5))
+
+
+def test_send_template_batch_over_http(fake_provider: FakeProviderServer) -> None:
+    fake_provider.inactive = {"Reader3@Example.com"}
+    template = make_template()
+    batch = [make_recipient(1), make_recipient(2, email="broken"), make_recipient(3),
+             make_recipient(4, name="Smith, Jo")]
+    results = _provider(fake_provider).send_template_batch(template, batch)
+    assert [(r.ledger_id, r.status) for r in results] == [
+        (1, "sent"), (2, "invalid"), (3, "suppressed"), (4, "sent")]
+    assert all(r.provider_message_id for r in results if r.status == "sent")
+    assert len(fake_provider.requests) == 1
+    assert fake_provider.ledger_ids == [1, 4]
+    by_ledger = {m["Metadata"]["ledger_id"]: m for m in fake_provider.messages}
+    for r in (batch[0], batch[3]):
+        expected = expand_template(template, r)
+        got = by_ledger[str(r.ledger_id)]
+        assert (got["HtmlBody"], got["TextBody"]) == (expected.html, expected.text)
+        assert got["To"] == format_address(r.to_name, r.to_email)
+
+
+def test_send_template_batch_whole_call_failures(fake_provider: FakeProviderServer) -> None:
+    provider = _provider(fake_provider)
+    template, batch = make_template(), [make_recipient(1)]
+    fake_provider.faults.append(("status", 401))
+    with pytest.raises(AuthError):
+        provider.send_template_batch(template, batch)
+    fake_provider.faults.append(("status", 422, {}, {"ErrorCode": 300, "Message": "Invalid"}))
+    with pytest.raises(DeliveryError) as info:
+        provider.send_template_batch(template, batch)
+    assert not info.value.retryable
+    fake_provider.faults.append(("status", 429, {"Retry-After": "3"}))
+    with pytest.raises(DeliveryError) as info:
+        provider.send_template_batch(template, batch)
+    assert info.value.retryable and info.value.retry_after == 3
+    fake_provider.faults.append(("garbage",))
+    with pytest.raises(UncertainDeliveryError):
+        provider.send_template_batch(template, batch)
+    fake_provider.faults.append(("partial", {0: (406, "inactive")}))
+    (result,) = provider.send_template_batch(template, batch)
+    assert result.status == "suppressed"
+
+
+def test_send_template_batch_sends_nothing_it_need_not(fake_provider: FakeProviderServer) -> None:
+    class Small(PostmarkProvider):
+        max_request_bytes = 1000
+
+    template = make_template()
+    small = Small(Delivery(provider="postmark", api_key=TOKEN, base_url=fake_provider.url))
+    with pytest.raises(DeliveryError, match="over the provider's 1000-byte limit") as info:
+        small.send_template_batch(template, [make_recipient(i) for i in range(1, 4)])
+    assert not info.value.retryable
+    provider = _provider(fake_provider)
+    assert provider.send_template_batch(template, []) == []
+    refused = provider.send_template_batch(template, [make_recipient(1, email="broken")])
+    assert [r.status for r in refused] == ["invalid"]
+    with pytest.raises(ValueError, match="the limit is 500"):
+        provider.send_template_batch(template, [make_recipient(i) for i in range(501)])
+    assert fake_provider.requests == []
