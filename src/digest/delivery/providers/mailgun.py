@@ -51,6 +51,7 @@ from digest.config import Delivery
 from digest.delivery.mime import (
     clean_header_value,
     format_address,
+    format_mailbox,
     normalize_address,
     parse_mailbox,
 )
@@ -169,22 +170,10 @@ def _neutralized(values: Sequence[str], neutralize: Callable[[str], str]) -> Seq
     return list(map(neutralize, values)) if "%" in "".join(values) else values
 
 
-# RFC 5322 specials: format_address quotes a display name that holds any of them.
-_NAME_SPECIALS = frozenset('()<>[]:;@\\,."')
-
-
 def _to_field(name: str, address: str) -> str:
-    """``format_address(name, address)`` for an ``address`` already normalized.
-
-    Most names are plain ASCII words, which go unquoted; they skip the general formatter,
-    which would also normalize the address a second time (a large part of a batch's cost).
-    """
-    name = clean_header_value(name)
-    if not name:
-        return address
-    if name.isascii() and _NAME_SPECIALS.isdisjoint(name):
-        return f"{name} <{address}>"
-    return format_address(name, address)
+    """``format_address(name, address)`` for an ``address`` already normalized (normalizing
+    it again would be a large part of a batch's cost)."""
+    return format_mailbox(clean_header_value(name), address)
 
 
 class _Envelope(Protocol):

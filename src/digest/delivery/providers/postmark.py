@@ -22,7 +22,6 @@ from digest.delivery.mime import (
     clean_header_value,
     custom_headers,
     format_address,
-    normalize_address,
     parse_mailbox,
 )
 from digest.delivery.providers.base import (
@@ -90,35 +89,6 @@ class _Skeleton(NamedTuple):
 
 
 # What makes formataddr quote a display name (RFC 5322 specials, and the dot).
-_NAME_SPECIALS_RE = re.compile(r'[][\\()<>@,:;".]')
-
-
-def _json_text(value: str) -> bytes:
-    """``json_escape(value)``, without its scans when ``value`` plainly needs no escaping.
-
-    Why: each message has a dozen short values (address, name, signed links, header values),
-    and json_escape, made for 50 KB bodies, has a fixed cost of ~3 µs a call, ten times this
-    check. Printable text without quotes or backslashes has nothing JSON escapes (control
-    characters and lone surrogates are never printable), so its UTF-8 is its escaped form.
-    """
-    if value.isprintable() and '"' not in value and "\\" not in value:
-        return value.encode()
-    return json_escape(value)
-
-
-def _address_text(name: str, email: str) -> str:
-    """``format_address(name, email)``, at under a third of the cost for a plain ASCII name.
-
-    A name without specials or non-ASCII characters is written as it is, unquoted; any other
-    goes through format_address, which quotes, escapes or RFC 2047-encodes it.
-    """
-    clean = clean_header_value(name)
-    address = normalize_address(email)  # validates: ValueError for anything but one address
-    if not clean:
-        return address
-    if clean.isascii() and not _NAME_SPECIALS_RE.search(clean):
-        return f"{clean} <{address}>"
-    return format_address(name, email)
 
 
 class PostmarkProvider(HttpProvider):
@@ -289,7 +259,7 @@ class PostmarkProvider(HttpProvider):
             try:
                 if len(html_values) != width or len(text_values) != width:
                     raise ValueError(f"slot values for {width} slots expected")
-                to = _json_text(_address_text(r.to_name, r.to_email))
+                to = json_escape(format_address(r.to_name, r.to_email))
             except ValueError as exc:
                 refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
                 continue
@@ -297,11 +267,11 @@ class PostmarkProvider(HttpProvider):
             included.append(r)
             # Each value escaped once, however many gaps it fills; the text values are usually
             # the HTML ones (signed links and plain names need no HTML escaping).
-            values = [_json_text(v) for v in html_values]
+            values = [json_escape(v) for v in html_values]
             if text_values == html_values:
                 values *= 2
             else:
-                values += [_json_text(v) for v in text_values]
+                values += [json_escape(v) for v in text_values]
             for index, constant in gaps:
                 parts += (values[index], constant)
             parts.append(b"%d" % r.ledger_id)
@@ -316,7 +286,7 @@ class PostmarkProvider(HttpProvider):
                     prefix = header_prefix[key] = (
                         (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"'
                     )
-                parts += (prefix, _json_text(clean_header_value(value)))
+                parts += (prefix, json_escape(clean_header_value(value)))
             parts.append(skeleton.headers_tail)
         parts.append(b"]")
         return parts, included, refused
