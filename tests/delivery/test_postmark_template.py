@@ -181,3 +181,19 @@ def test_send_template_batch_sends_nothing_it_need_not(fake_provider: FakeProvid
     with pytest.raises(ValueError, match="the limit is 500"):
         provider.send_template_batch(template, [make_recipient(i) for i in range(501)])
     assert fake_provider.requests == []
+
+
+def test_body_parts_send_the_joined_bytes_in_slices_and_again() -> None:
+    """A body kept as pieces: its length, its bytes, slices of about SLICE bytes, and a second
+    iteration (a retried call) giving the very same bytes."""
+    from digest.delivery.providers.base import BodyParts
+
+    pieces = [bytes([65 + i % 26]) * (1000 + 7919 * i % 90_000) for i in range(200)]
+    body = BodyParts(pieces)
+    joined = b"".join(pieces)
+    assert len(body) == len(joined) and bytes(body) == joined
+    slices = list(body)
+    assert b"".join(slices) == joined and b"".join(body) == joined
+    assert all(len(s) >= BodyParts.SLICE for s in slices[:-1])
+    assert all(len(s) < BodyParts.SLICE + 90_000 for s in slices)
+    assert len(slices) > 1

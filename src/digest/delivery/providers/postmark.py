@@ -25,6 +25,7 @@ from digest.delivery.mime import (
     parse_mailbox,
 )
 from digest.delivery.providers.base import (
+    BodyParts,
     HttpProvider,
     PreparedCall,
     UncertainDeliveryError,
@@ -318,7 +319,7 @@ class PostmarkProvider(HttpProvider):
             return []
         self._check_batch(recipients)
         parts, included, refused = self._template_parts(template, recipients)
-        body = b"".join(parts)
+        body = BodyParts(parts)  # sent in slices, never joined whole
         self._check_size(len(body))
         call = PreparedCall(method="POST", url=self.batch_url, headers=self._post_headers, body=body,
                             messages=(), refused=tuple(refused))

@@ -318,7 +318,7 @@ class SesProvider(HttpProvider):
             call.method,
             call.url,
             call.headers,
-            call.body,
+            bytes(call.body),  # the signature covers the body's bytes
             self.region,
             SERVICE,
             self._access_key or "",
