@@ -12,6 +12,9 @@ their ratio (goal: the pipeline under 1.5x the bare cost), each the median of se
 It also times the provider layer alone: the prepared per-recipient values handed to the
 provider, which builds each request, posts it and reads the answer (no ledger, no signing).
 
+``ledger`` times the store's claim and settle per row; ``build`` times preparing one batch
+(signing links, filling values) and building its request, without I/O.
+
 ``memory`` fills a database with N subscribers, sends to all of them in a child process, and
 prints the child's peak RSS next to its RSS after imports (goal: 64 MB with server-side
 personalization, 128 MB with full bodies, for 1,000,000 subscribers).
@@ -289,9 +292,80 @@ def memory(args: argparse.Namespace) -> None:
           f"growth during the send {(peak - baseline) / 1024:.1f} MB")
 
 
+def ledger(args: argparse.Namespace) -> None:
+    """Claim and settle every row of a draft of N subscribers, timing the two store calls."""
+    from digest import pipeline
+    from digest.types import SendResult
+
+    base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    try:
+        settings = make_settings(base, args.provider, "http://127.0.0.1:9", 1, args.batch)
+        prepare(base, settings, args.recipients)
+        app = pipeline.App.open(settings)
+        store, now = app.store, datetime.now(UTC)
+        store.start_send(1, now)
+        claim = settle = 0.0
+        rows = 0
+        while True:
+            t0 = time.perf_counter()
+            claimed = store.claim_batch(1, args.batch or 1000, "bench", now)
+            t1 = time.perf_counter()
+            if not claimed:
+                break
+            # Distinct message ids, as Postmark gives: the per-row settle, the costlier one.
+            results = [SendResult(c.ledger_id, "sent", f"msg-{c.ledger_id}") for c in claimed]
+            t2 = time.perf_counter()
+            store.settle(results, args.provider, now)
+            claim += t1 - t0
+            settle += time.perf_counter() - t2
+            rows += len(claimed)
+        app.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"{rows:,} ledger rows in batches of {args.batch or 1000}: claim {claim / rows * 1e6:.2f} µs/row, "
+          f"settle {settle / rows * 1e6:.2f} µs/row")
+
+
+def build(args: argparse.Namespace) -> None:
+    """Prepare one batch (sign links, fill values) and build its request, best of 5 x 5."""
+    import timeit
+
+    base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    try:
+        settings = make_settings(base, args.provider, "http://127.0.0.1:9", 1, args.batch)
+        prepare(base, settings, 10)
+        (app, sender), (batch,) = prepared_batches(settings, sender_batch(settings))
+        from digest.store.store import Claimed
+
+        claimed = [Claimed(i + 1, i + 1, f"reader{i:07d}@example.com", f"Reader {i}") for i in range(len(batch))]
+        if sender.template is not None:
+            def make() -> Any:
+                return app.provider.build_template_request(sender.template, batch)  # type: ignore[attr-defined]
+        else:
+            def make() -> Any:
+                return app.provider.build_request(batch)  # type: ignore[attr-defined]
+        n = len(batch)
+        prep = min(timeit.repeat(lambda: sender._prepare(claimed), number=5, repeat=5)) / 5
+        made = min(timeit.repeat(make, number=5, repeat=5)) / 5
+        app.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"{args.provider}, batch of {n}: prepare {prep / n * 1e6:.2f} µs/recipient, "
+          f"build the request {made / n * 1e6:.2f} µs/recipient")
+
+
+def sender_batch(settings: Any) -> int:
+    from digest import pipeline
+
+    app = pipeline.App.open(settings)
+    size = min(settings.delivery.batch_size or app.provider.max_batch, app.provider.max_batch)
+    app.close()
+    return size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["throughput", "memory"])
+    parser.add_argument("mode", choices=["throughput", "memory", "ledger", "build"])
     parser.add_argument("--provider", default="postmark")
     parser.add_argument("--recipients", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -299,9 +373,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     if args.recipients is None:
-        args.recipients = 20_000 if args.mode == "throughput" else 1_000_000
+        args.recipients = 1_000_000 if args.mode == "memory" else 20_000
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    (throughput if args.mode == "throughput" else memory)(args)
+    {"throughput": throughput, "memory": memory, "ledger": ledger, "build": build}[args.mode](args)
 
 
 if __name__ == "__main__":
