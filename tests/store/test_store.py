@@ -221,3 +221,32 @@ def test_votes_round_trip_and_partial_comment_lists_delete_nothing(store: Store)
     got = {c.key: c for _, c in store.comments_for([eid])[eid]}
     assert set(got) == {"v", "c2", "n"}
     assert (got["v"].upvotes, got["v"].downvotes) == (9, 4)
+
+
+def test_the_claim_reads_the_partial_index_of_pending_rows(sqlite_store: Store) -> None:
+    """Migration 0005: the claim query is served by an index that holds only pending rows,
+    so a row leaves it when claimed and settling touches no index."""
+    sql = sqlite_store._sql(sqlite_store._CLAIM_SQL)
+    with sqlite_store.engine.connect() as conn:
+        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", (1, 10)))
+        assert "ix_send_ledger_pending" in plan
+        (where,) = conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE name = 'ix_send_ledger_pending'").one()
+        assert "status = 'pending'" in where
+
+
+def test_downgrade_from_the_pending_index_restores_the_status_index(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    from alembic import command
+
+    with engine.begin() as conn:
+        cfg = db._alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0004")
+    names = {ix["name"] for ix in inspect(engine).get_indexes("send_ledger")}
+    assert "ix_send_ledger_draft_status" in names and "ix_send_ledger_pending" not in names
+    assert db.upgrade(engine) == ("0004", "0005")
+    names = {ix["name"] for ix in inspect(engine).get_indexes("send_ledger")}
+    assert "ix_send_ledger_pending" in names and "ix_send_ledger_draft_status" not in names
+    engine.dispose()
