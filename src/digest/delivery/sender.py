@@ -191,16 +191,21 @@ def template_message(draft: Draft, compiled: CompiledEmail, settings: Settings) 
     )
 
 
-def template_recipient(claimed: Claimed, links: tuple[str, str]) -> TemplateRecipient:
-    """One recipient's slot values (escaped exactly as :func:`personalize` would) and headers.
+def template_recipients(claimed: Sequence[Claimed], links: LinkMaker) -> list[TemplateRecipient]:
+    """Each recipient's slot values (escaped exactly as :func:`personalize` would) and headers
+    (as :func:`list_headers`). No Message-ID: providers that take templates assign their own.
 
-    No Message-ID: providers that take templates assign their own.
+    One loop with the row unpacked, not a call per recipient: this runs for every message.
     """
-    unsubscribe_url, preferences_url = links
-    html_values, text_values = slot_values(name=claimed.name, unsubscribe_url=unsubscribe_url,
-                                           preferences_url=preferences_url)
-    return TemplateRecipient(claimed.ledger_id, claimed.email, claimed.name, html_values, text_values,
-                             list_headers(claimed.ledger_id, unsubscribe_url))
+    out: list[TemplateRecipient] = []
+    append = out.append
+    for ledger_id, subscriber_id, email, name in claimed:
+        unsubscribe_url, preferences_url = links(subscriber_id, email)
+        html_values, text_values = slot_values(name=name, unsubscribe_url=unsubscribe_url,
+                                               preferences_url=preferences_url)
+        headers = (("List-Unsubscribe", f"<{unsubscribe_url}>"), _ONE_CLICK, ("X-Digest-Ledger-Id", str(ledger_id)))
+        append(TemplateRecipient(ledger_id, email, name, html_values, text_values, headers))
+    return out
 
 
 class Sender:
@@ -382,7 +387,7 @@ class Sender:
     def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
         links = self.links
         if self.template is not None:
-            return [template_recipient(c, links(c.subscriber_id, c.email)) for c in claimed]
+            return template_recipients(claimed, links)
         return [build_message(self.draft, self.compiled, self.settings, c.ledger_id, c.recipient,
                               links(c.subscriber_id, c.email)) for c in claimed]
 
