@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect
 
 from digest.errors import DraftError, StoreError
 from digest.store import Store, db, open_store
@@ -250,3 +251,46 @@ def test_downgrade_from_the_pending_index_restores_the_status_index(db_url: str)
     names = {ix["name"] for ix in inspect(engine).get_indexes("send_ledger")}
     assert "ix_send_ledger_pending" in names and "ix_send_ledger_draft_status" not in names
     engine.dispose()
+
+
+def test_a_claim_sends_exactly_the_rows_it_won_when_others_change_them_meanwhile(sqlite_store: Store) -> None:
+    """SQLite: between the claim's select and its update another sender takes one selected row
+    and puts back another in the same id range. The counts match, the rows do not: the claim
+    must return the rows it holds, never the one it lost."""
+    store = sqlite_store
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
+    store.start_send(draft_id, NOW)
+    ids = [i for i, _, _ in store.ledger_rows(draft_id)]
+    with store.engine.begin() as conn:  # row 2 is out with another sender to begin with
+        conn.exec_driver_sql("UPDATE send_ledger SET status = 'claimed', claim_token = 'other' WHERE id = ?",
+                             (ids[1],))
+    raw = store._raw
+    other = create_engine(store.engine.url)
+
+    def meddle(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
+        cursor = raw(conn, sql, params, many)
+        if sql.startswith("SELECT l.id") and "LIMIT" in sql:
+            rows = cursor.fetchall()
+            with other.begin() as c2:  # the other sender: takes row 3, puts row 2 back
+                c2.exec_driver_sql("UPDATE send_ledger SET status = 'claimed', claim_token = 'other' "
+                                   "WHERE id = ?", (ids[2],))
+                c2.exec_driver_sql("UPDATE send_ledger SET status = 'pending', claim_token = NULL "
+                                   "WHERE id = ?", (ids[1],))
+            return _Rows(rows)
+        return cursor
+
+    store._raw = meddle  # type: ignore[method-assign]
+    claimed = store.claim_batch(draft_id, 10, "mine", NOW)
+    other.dispose()
+    assert sorted(c.ledger_id for c in claimed) == [ids[0], ids[1], ids[3]]
+    with store.engine.connect() as conn:
+        held = conn.exec_driver_sql("SELECT id FROM send_ledger WHERE claim_token = 'mine' ORDER BY id").all()
+    assert [r[0] for r in held] == [ids[0], ids[1], ids[3]]
+
+
+class _Rows:
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    def fetchall(self) -> list[Any]:
+        return self._rows

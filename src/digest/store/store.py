@@ -750,17 +750,19 @@ class Store:
             if pg:
                 # The rows are locked (FOR UPDATE): nobody else can take them meanwhile.
                 where, params = self._ids_clause("id", [c.ledger_id for c in claimed])
-                won = self._raw(conn, head + where, (token, when, batch_key, *params)).rowcount
+                exact = self._raw(conn, head + where, (token, when, batch_key, *params)).rowcount == len(claimed)
             else:
                 # SQLite takes its write lock at the first write, so another sender may have
-                # claimed some of these rows since the select: "still pending" decides. The
-                # select took the lowest pending ids, so every row still pending in their
-                # range is one of them, and the range is one cheap rowid scan.
+                # changed these rows since the select: "still pending" decides, and RETURNING
+                # says which rows this claim won. The select took the lowest pending ids, so
+                # the rows still pending in their range are normally exactly them, and the
+                # range is one cheap rowid scan.
                 won = self._raw(
-                    conn, head + "draft_id = ? AND status = 'pending' AND id BETWEEN ? AND ?",
-                    (token, when, batch_key, draft_id, claimed[0].ledger_id, claimed[-1].ledger_id)).rowcount
-            if won != len(claimed):
-                # Lost some rows to another sender (or won one put back meanwhile): send
+                    conn, head + "draft_id = ? AND status = 'pending' AND id BETWEEN ? AND ? RETURNING id",
+                    (token, when, batch_key, draft_id, claimed[0].ledger_id, claimed[-1].ledger_id)).fetchall()
+                exact = {r[0] for r in won} == {c.ledger_id for c in claimed}
+            if not exact:
+                # Lost some rows to another sender, or won one put back meanwhile: send
                 # exactly the rows this claim holds.
                 rows = self._raw(conn, self._sql(
                     "SELECT l.id, l.subscriber_id, s.email, s.name FROM send_ledger l "
