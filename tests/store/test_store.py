@@ -288,6 +288,34 @@ def test_a_claim_sends_exactly_the_rows_it_won_when_others_change_them_meanwhile
     assert [r[0] for r in held] == [ids[0], ids[1], ids[3]]
 
 
+def test_a_claim_that_loses_every_selected_row_claims_the_next_ones(sqlite_store: Store) -> None:
+    """Another sender takes both selected rows before the update: the claim goes on to the next
+    pending rows instead of answering "nothing left" (which would end the send early)."""
+    store = sqlite_store
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
+    store.start_send(draft_id, NOW)
+    ids = [i for i, _, _ in store.ledger_rows(draft_id)]
+    raw = store._raw
+    other = create_engine(store.engine.url)
+    meddled = []
+
+    def meddle(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
+        cursor = raw(conn, sql, params, many)
+        if sql.startswith("SELECT l.id") and "LIMIT" in sql and not meddled:
+            meddled.append(True)
+            rows = cursor.fetchall()
+            with other.begin() as c2:
+                c2.exec_driver_sql("UPDATE send_ledger SET status = 'claimed', claim_token = 'other' "
+                                   "WHERE id IN (?, ?)", (ids[0], ids[1]))
+            return _Rows(rows)
+        return cursor
+
+    store._raw = meddle  # type: ignore[method-assign]
+    claimed = store.claim_batch(draft_id, 2, "mine", NOW)
+    other.dispose()
+    assert [c.ledger_id for c in claimed] == [ids[2], ids[3]]
+
+
 class _Rows:
     def __init__(self, rows: list[Any]) -> None:
         self._rows = rows

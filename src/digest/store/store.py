@@ -732,7 +732,7 @@ class Store:
         when = self._when(now)
         with self._tx() as conn:
             claimed: list[Claimed] = []
-            while not claimed:
+            while not claimed:  # until this claim holds a row, or no row is left
                 rows = self._raw(conn, select_sql, (draft_id, size)).fetchall()
                 if not rows:
                     return []
@@ -744,32 +744,40 @@ class Store:
                         "error = 'no longer eligible at claim time' "
                         f"WHERE {where} AND status = 'pending'"), (when, *params))
                 claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
-            batch_key = uuid.uuid4().hex
-            head = self._sql("UPDATE send_ledger SET status = 'claimed', claim_token = {p}, claimed_at = {p}, "
-                             "batch_key = {p}, attempts = attempts + 1 WHERE ")
-            if pg:
-                # The rows are locked (FOR UPDATE): nobody else can take them meanwhile.
-                where, params = self._ids_clause("id", [c.ledger_id for c in claimed])
-                exact = self._raw(conn, head + where, (token, when, batch_key, *params)).rowcount == len(claimed)
-            else:
-                # SQLite takes its write lock at the first write, so another sender may have
-                # changed these rows since the select: "still pending" decides, and RETURNING
-                # says which rows this claim won. The select took the lowest pending ids, so
-                # the rows still pending in their range are normally exactly them, and the
-                # range is one cheap rowid scan.
-                won = self._raw(
-                    conn, head + "draft_id = ? AND status = 'pending' AND id BETWEEN ? AND ? RETURNING id",
-                    (token, when, batch_key, draft_id, claimed[0].ledger_id, claimed[-1].ledger_id)).fetchall()
-                exact = {r[0] for r in won} == {c.ledger_id for c in claimed}
-            if not exact:
-                # Lost some rows to another sender, or won one put back meanwhile: send
-                # exactly the rows this claim holds.
-                rows = self._raw(conn, self._sql(
-                    "SELECT l.id, l.subscriber_id, s.email, s.name FROM send_ledger l "
-                    "JOIN subscribers s ON s.id = l.subscriber_id WHERE l.batch_key = {p} ORDER BY l.id"),
-                    (batch_key,)).fetchall()
-                claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows]
+                if claimed:
+                    claimed = self._take(conn, claimed, draft_id, token, when, pg)
         return claimed
+
+    def _take(self, conn: Connection, claimed: list[Claimed], draft_id: int, token: str, when: Any,
+              pg: bool) -> list[Claimed]:
+        """Mark the selected rows claimed; returns the rows this claim holds (maybe none, if
+        another sender took them all since the select)."""
+        batch_key = uuid.uuid4().hex
+        head = self._sql("UPDATE send_ledger SET status = 'claimed', claim_token = {p}, claimed_at = {p}, "
+                         "batch_key = {p}, attempts = attempts + 1 WHERE ")
+        if pg:
+            # The rows are locked (FOR UPDATE): nobody else can take them meanwhile.
+            where, params = self._ids_clause("id", [c.ledger_id for c in claimed])
+            if self._raw(conn, head + where, (token, when, batch_key, *params)).rowcount == len(claimed):
+                return claimed
+        else:
+            # SQLite takes its write lock at the first write, so another sender may have
+            # changed these rows since the select: "still pending" decides, and RETURNING says
+            # which rows this claim won. The select took the lowest pending ids, so the rows
+            # still pending in their range are normally exactly them, and the range is one
+            # cheap rowid scan.
+            won = self._raw(
+                conn, head + "draft_id = ? AND status = 'pending' AND id BETWEEN ? AND ? RETURNING id",
+                (token, when, batch_key, draft_id, claimed[0].ledger_id, claimed[-1].ledger_id)).fetchall()
+            if {r[0] for r in won} == {c.ledger_id for c in claimed}:
+                return claimed
+        # Lost some rows to another sender, or won one put back meanwhile: send exactly the
+        # rows this claim holds.
+        rows = self._raw(conn, self._sql(
+            "SELECT l.id, l.subscriber_id, s.email, s.name FROM send_ledger l "
+            "JOIN subscribers s ON s.id = l.subscriber_id WHERE l.batch_key = {p} ORDER BY l.id"),
+            (batch_key,)).fetchall()
+        return [Claimed(r[0], r[1], r[2], r[3]) for r in rows]
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime) -> list[list[Claimed]]:
         """Re-claim uncertain rows, grouped exactly as they went out (for idempotent resends)."""
