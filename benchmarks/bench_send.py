@@ -84,12 +84,14 @@ class FakeProcess:
         return accepted
 
 
-def make_settings(folder: Path, provider: str, url: str, concurrency: int, batch: int | None) -> Any:
+def make_settings(folder: Path, provider: str, url: str, concurrency: int, batch: int | None,
+                  processes: int = 1) -> Any:
     from digest import config
     from digest.sources.folder import SAMPLE_DIR
 
     delivery: dict[str, Any] = {"provider": provider, "api_key": TOKEN, "base_url": url,
-                                "rate_per_second": 1_000_000, "concurrency": concurrency}
+                                "rate_per_second": 1_000_000, "concurrency": concurrency,
+                                "processes": processes}
     if batch:
         delivery["batch_size"] = batch
     if provider == "mailgun":
@@ -212,7 +214,7 @@ def throughput(args: argparse.Namespace) -> None:
     fake = FakeProcess(args.provider)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     try:
-        settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch)
+        settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch, args.processes)
         prepare(base, settings, args.recipients)
         shutil.copy(base / "bench.db", base / "pristine.db")
         pipe_times, bare_times, handoff_times = [], [], []
@@ -236,7 +238,8 @@ def throughput(args: argparse.Namespace) -> None:
     pipe, bare = statistics.median(pipe_times), statistics.median(bare_times)
     n = args.recipients
     print(f"provider {args.provider}, {n:,} recipients, batch {len(calls) and n // len(calls)}, "
-          f"concurrency {args.concurrency}, {len(calls)} requests, {payload / 1e6:,.1f} MB of request bodies")
+          f"concurrency {args.concurrency}, processes {args.processes}, {len(calls)} requests, "
+          f"{payload / 1e6:,.1f} MB of request bodies")
     print(f"  pipeline (claim, personalize, build, POST, settle)  median {pipe:7.3f} s  {n / pipe:10,.0f} recipients/s")
     print(f"  bare requests.Session, same prebuilt bodies          median {bare:7.3f} s  "
           f"{n / bare:10,.0f} recipients/s")
@@ -369,6 +372,8 @@ def main() -> None:
     parser.add_argument("--provider", default="postmark")
     parser.add_argument("--recipients", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="delivery.processes for the pipeline (throughput); the other runs use one")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()

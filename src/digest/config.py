@@ -120,6 +120,9 @@ class Delivery(_Strict):
     server_side_personalization: bool = True
     # Parallel calls inside one batch, for providers that send one message per call (SES).
     concurrency: int = Field(4, ge=1, le=32)
+    # Sender processes for one draft, all claiming from the same ledger: the way to use more
+    # than one core. delivery.rate_per_second is shared among them.
+    processes: int = Field(1, ge=1, le=32)
     # mailgun: the sending domain, and "us" or "eu"; ses: the AWS region (e.g. eu-west-1).
     domain: str | None = None
     region: str | None = None

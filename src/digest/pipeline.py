@@ -21,7 +21,7 @@ from digest import approval, clock, drafting, ranking, tokens
 from digest.config import Delivery, Settings
 from digest.delivery.providers.base import Provider
 from digest.delivery.providers.registry import build_provider
-from digest.delivery.sender import Sender, SendSummary
+from digest.delivery.sender import Sender, SendSummary, share_of
 from digest.errors import DeliveryError, DigestError, DraftError, TokenError
 from digest.http import build_session
 from digest.render import CompiledEmail, compile_draft, compile_draft_ready, personalize
@@ -91,7 +91,8 @@ class App:
         return self._provider
 
     def _delivery_settings(self) -> Delivery:
-        delivery = self.settings.delivery
+        # With several sender processes, each one's provider paces its share of the rate.
+        delivery = share_of(self.settings).delivery
         if delivery.provider == "outbox":
             return delivery.model_copy(update={"outbox_dir": str(self.settings.resolve(delivery.outbox_dir))})
         return delivery

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from digest.config import Settings
 from digest.delivery.providers.base import PartialBatchError, Provider, UncertainDeliveryError
@@ -208,6 +208,44 @@ def template_recipients(claimed: Sequence[Claimed], links: LinkMaker) -> list[Te
     return out
 
 
+def share_of(settings: Settings) -> Settings:
+    """The settings one of ``delivery.processes`` sender processes runs with: its share of
+    the rate, and no processes of its own."""
+    delivery = settings.delivery
+    if delivery.processes == 1:
+        return settings
+    share = delivery.model_copy(update={"rate_per_second": delivery.rate_per_second / delivery.processes,
+                                        "processes": 1})
+    return settings.model_copy(update={"delivery": share})
+
+
+def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, conn: Any) -> None:
+    """One helper process of a send (``delivery.processes``): workers claiming from the same
+    ledger as the parent, which holds the lease. Reports its summary through ``conn``.
+
+    Stops after the batch in flight when the parent says so or is gone (killed: its rows in
+    flight stay claimed, and the next ``digest send`` marks them uncertain, as for any crash).
+    """
+    from digest import pipeline  # here, not at the top: pipeline imports this module
+
+    report: dict[str, Any] = {}
+    try:
+        app = pipeline.App.open(settings)
+        try:
+            draft = app.store.get_draft(draft_id)
+            sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft),
+                            app.link_pair, now=app.now, should_stop=lambda: os.getppid() != parent)
+            sender._peers = stop  # its own halt (refused credentials ...) stops the others too
+            summary = sender.work()
+            report = {"sent": summary.sent, "failed": dict(summary.failed), "uncertain": summary.uncertain,
+                      "batches": summary.batches, "stopped": sender._stop}
+        finally:
+            app.close()
+    except BaseException as exc:  # reported, so the parent stops the send with the reason
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    conn.send(report)
+
+
 class Sender:
     """Sends one draft through one provider, resumably."""
 
@@ -241,7 +279,10 @@ class Sender:
         self.holder = lease_holder()
         size = settings.delivery.batch_size or provider.max_batch
         self.batch_size = max(1, min(size, provider.max_batch))
-        self.bucket = TokenBucket(settings.delivery.rate_per_second, sleep=sleep)
+        self.processes = settings.delivery.processes
+        # Each process of a send takes its share of the rate.
+        self.bucket = TokenBucket(settings.delivery.rate_per_second / self.processes, sleep=sleep)
+        self._peers: Any = None  # with helper processes: the event that stops them all
         self.concurrency = max(1, int(getattr(settings.delivery, "concurrency", 1) or 1))
         self.idempotent = bool(getattr(provider, "idempotent", False))
         # Providers that take a template and per-recipient values (server-side substitution,
@@ -314,15 +355,9 @@ class Sender:
                     if self._stop:
                         break
                     self._send_one(summary, batch, lease)
-            if self.concurrency == 1:
-                self._worker(summary, lease)
-            else:
-                workers = [threading.Thread(target=self._worker, args=(summary, lease), name=f"send-{i}")
-                           for i in range(self.concurrency)]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
+            helpers = self._start_helpers() if self.processes > 1 and not self._stop else []
+            self.work(summary, lease)
+            self._join_helpers(helpers, summary, lease)
         finally:
             gc.unfreeze()
             self.store.release_lease(lease, self.holder)
@@ -339,17 +374,91 @@ class Sender:
 
     _exception: BaseException | None = None
 
+    def work(self, summary: SendSummary | None = None, lease: str | None = None) -> SendSummary:
+        """Run ``delivery.concurrency`` workers until no pending row is left or the send stops.
+
+        ``lease`` is renewed as batches go; a helper process (which does not hold it) passes none.
+        """
+        summary = summary or SendSummary(self.draft.id or 0)
+        if self.concurrency == 1:
+            self._worker(summary, lease)
+        else:
+            workers = [threading.Thread(target=self._worker, args=(summary, lease), name=f"send-{i}")
+                       for i in range(self.concurrency)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        return summary
+
+    def _start_helpers(self) -> list[tuple[Any, Any]]:
+        """Start ``delivery.processes - 1`` helper processes on this draft."""
+        import multiprocessing
+
+        # spawn, not fork: this process has threads (workers, the web server) and open
+        # database connections that a forked child must not share.
+        ctx = multiprocessing.get_context("spawn")
+        self._peers = ctx.Event()
+        settings = share_of(self.settings)
+        helpers = []
+        for _ in range(self.processes - 1):
+            mine, theirs = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_helper_main, daemon=True,
+                               args=(settings, self.draft.id, os.getpid(), self._peers, theirs))
+            proc.start()
+            theirs.close()
+            helpers.append((proc, mine))
+        return helpers
+
+    def _join_helpers(self, helpers: list[tuple[Any, Any]], summary: SendSummary, lease: str) -> None:
+        """Wait for the helper processes, keeping the lease and passing on a stop; add up
+        their summaries. A helper that stops the send (refused credentials, a database error)
+        stops it here too."""
+        waiting = list(helpers)
+        while waiting:
+            if self._stop is not None or self.should_stop():
+                self._peers.set()
+            for proc, conn in list(waiting):
+                if conn.poll(1.0 / len(waiting)):
+                    try:
+                        report = conn.recv()
+                    except EOFError:
+                        report = {"error": "a helper process ended without a report"}
+                elif proc.is_alive():
+                    continue
+                else:
+                    report = {"error": f"a helper process died (exit code {proc.exitcode})"}
+                waiting.remove((proc, conn))
+                proc.join(5)
+                self._merge(report, summary)
+            self._renew(lease)
+
+    def _merge(self, report: dict[str, Any], summary: SendSummary) -> None:
+        if "error" in report:
+            self._halt(f"stopped: {report['error']}; run `digest send` to resume")
+            return
+        with self._lock:
+            summary.sent += report["sent"]
+            summary.failed.update(report["failed"])
+            summary.uncertain += report["uncertain"]
+            summary.batches += report["batches"]
+        reason = report["stopped"]
+        if reason and not reason.startswith("stopped on request"):
+            self._halt(reason)
+
     def _halt(self, reason: str) -> None:
         with self._lock:
             if self._stop is None:
                 self._stop = reason
+        if self._peers is not None:
+            self._peers.set()  # the helper processes stop after their batch in flight
 
-    def _worker(self, summary: SendSummary, lease: str) -> None:
+    def _worker(self, summary: SendSummary, lease: str | None) -> None:
         draft_id = self.draft.id
         assert draft_id is not None
         consecutive_failures = 0
         try:
-            while self._stop is None:
+            while self._stop is None and not (self._peers is not None and self._peers.is_set()):
                 claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now())
                 if not claimed:
                     return
@@ -369,20 +478,24 @@ class Sender:
                     self._exception = exc
             self._halt(f"stopped: {exc}")
 
-    def _send_one(self, summary: SendSummary, claimed: Sequence[Claimed], lease: str) -> str:
+    def _send_one(self, summary: SendSummary, claimed: Sequence[Claimed], lease: str | None) -> str:
         outcome = self._deliver(claimed, summary)
         with self._lock:
             summary.batches += 1
         if self.on_batch:
             with self._lock:
                 self.on_batch(summary, len(claimed))
-        now = self.now()
-        if self._renewed is None or now - self._renewed >= RENEW_EVERY:
-            # Renewed well before it runs out, but not after every batch: a thousand batches a
-            # minute need not be a thousand lease writes.
-            self._renewed = now
-            self.store.acquire_lease(lease, self.holder, now, now + timedelta(seconds=LEASE_SECONDS))
+        self._renew(lease)
         return outcome
+
+    def _renew(self, lease: str | None) -> None:
+        """Renew the lease well before it runs out, but not after every batch: a thousand
+        batches a minute need not be a thousand lease writes."""
+        now = self.now()
+        if lease is not None and (self._renewed is None or now - self._renewed >= RENEW_EVERY):
+            with self._lock:
+                self._renewed = now
+            self.store.acquire_lease(lease, self.holder, now, now + timedelta(seconds=LEASE_SECONDS))
 
     def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
         links = self.links

@@ -1,0 +1,55 @@
+"""delivery.processes: helper processes claim from the same ledger as the sender that holds
+the lease; every subscriber still gets exactly one copy, and a stop in one stops them all."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from digest import pipeline
+from tests.conftest import FrozenClock, make_settings
+from tests.fakes.provider_server import FakeProviderServer
+
+TOKEN = "processes-token"
+EMAILS = [f"p{i:02d}@example.com" for i in range(60)]
+
+
+def _app(tmp_path: Path, db_url: str, clock: FrozenClock, url: str, token: str) -> pipeline.App:
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}}, delivery={
+        "provider": "postmark", "api_key": token, "base_url": url, "batch_size": 2,
+        "concurrency": 1, "processes": 2, "rate_per_second": 1000, "timeout": 10})
+    app = pipeline.App.open(settings, clock)
+    app.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
+    pipeline.collect(app)
+    pipeline.make_draft(app)
+    return app
+
+
+def test_two_processes_send_everyone_exactly_once(tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    with FakeProviderServer(token=TOKEN) as srv:
+        # Each answer takes a moment, so the helper process is up before the parent is done.
+        srv.faults.extend([("delay", 0.25)] * 30)
+        app = _app(tmp_path, db_url, clock, srv.url, TOKEN)
+        (summary,) = pipeline.send(app)
+        with app.store.engine.connect() as conn:
+            holders = conn.exec_driver_sql("SELECT DISTINCT claim_token FROM send_ledger").all()
+        ledger = {email: status for _id, email, status in app.store.ledger_rows(1)}
+        app.close()
+        received = collections.Counter(m["To"] for m in srv.messages)
+    assert summary.finished and summary.stopped is None
+    assert summary.sent == len(EMAILS) and summary.batches == len(EMAILS) // 2
+    assert set(received) == set(EMAILS) and set(received.values()) == {1}
+    assert set(ledger.values()) == {"sent"}
+    assert len(holders) == 2  # both processes claimed batches
+
+
+def test_refused_credentials_stop_every_process(tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    with FakeProviderServer(token=TOKEN) as srv:
+        app = _app(tmp_path, db_url, clock, srv.url, "wrong-token")
+        (summary,) = pipeline.send(app)
+        ledger = {email: status for _id, email, status in app.store.ledger_rows(1)}
+        app.close()
+        assert srv.messages == []
+    assert not summary.finished and "refused the credentials" in (summary.stopped or "")
+    assert summary.sent == 0
+    assert set(ledger.values()) == {"pending"}  # nothing in flight is left claimed
