@@ -118,3 +118,62 @@ delivery: {{provider: resend, api_key: "{TOKEN}", base_url: "{srv.url}", batch_s
         assert store.get_draft(1).status == "sent"
         store.close()
         assert statuses == {"sent"}  # nothing left uncertain: the resends settled it
+
+
+def test_sigkill_of_a_send_with_helper_processes_then_restart_never_sends_twice(tmp_path: Path) -> None:
+    """delivery.processes: 2. The parent (holding the lease) is killed mid-send; its helper
+    finishes the batch in flight, sees its parent gone and stops; a restart completes the send
+    and nobody gets two copies."""
+    from digest.sources.folder import SAMPLE_DIR
+
+    emails = [f"h{i:03d}@example.com" for i in range(80)]
+    db = tmp_path / "d.db"
+    cfg = tmp_path / "config.yaml"
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg.write_text(f"""
+database: {{url: "sqlite:///{db}"}}
+sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
+digest: {{approval: {{required: false}}}}
+delivery: {{provider: postmark, api_key: "{TOKEN}", base_url: "{srv.url}", batch_size: 5, max_retries: 0,
+           concurrency: 1, processes: 2}}
+""")
+        (tmp_path / "subs.csv").write_text("".join(f"{e}\n" for e in emails))
+        env = {**os.environ, "DIGEST_CONFIG": str(cfg)}
+        run = [sys.executable, "-m", "digest"]
+        for args in (["subscribers", "import", str(tmp_path / "subs.csv")], ["collect"], ["draft"]):
+            subprocess.run([*run, *args], env=env, check=True, capture_output=True)
+        srv.faults.extend([("delay", 0.25)] * 60)
+        proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        store = open_store(f"sqlite:///{db}")
+
+        def holders() -> int:
+            with store.engine.connect() as conn:
+                return len(conn.exec_driver_sql(
+                    "SELECT DISTINCT claim_token FROM send_ledger WHERE claim_token IS NOT NULL").all())
+
+        deadline = time.monotonic() + 60
+        while (holders() < 2 or len(srv.messages) < 30) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holders() == 2, "the helper process never claimed a batch"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        # The helper stops on its own after its batch in flight: nothing arrives after that.
+        seen, still = len(srv.messages), time.monotonic()
+        while time.monotonic() - still < 1.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if len(srv.messages) != seen:
+                seen, still = len(srv.messages), time.monotonic()
+        assert seen < len(emails)
+        srv.faults.clear()
+
+        again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        counts = collections.Counter(m["To"] for m in srv.messages)
+        assert max(counts.values()) == 1, "someone got two copies"
+        by_status = collections.defaultdict(set)
+        for _id, email, st in store.ledger_rows(1):
+            by_status[st].add(email)
+        store.close()
+        assert by_status.keys() <= {"sent", "uncertain"}
+        assert by_status["sent"] | by_status["uncertain"] == set(emails)
+        assert by_status["sent"] <= set(counts)
