@@ -16,24 +16,33 @@ from tests.fakes.provider_server import FakeProviderServer
 TOKEN = "crash-token"
 
 
-def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path) -> None:
+def _prepare(tmp_path: Path, srv: FakeProviderServer, emails: list[str], delivery: str) -> tuple[
+        dict[str, str], list[str], Path]:
+    """A config for the fake server (``delivery`` holds the provider's keys), the subscribers,
+    a collected and approved draft; returns the environment, the command and the database."""
     from digest.sources.folder import SAMPLE_DIR
 
-    emails = [f"k{i:03d}@example.com" for i in range(60)]
     db = tmp_path / "d.db"
     cfg = tmp_path / "config.yaml"
-    with FakeProviderServer(token=TOKEN) as srv:
-        cfg.write_text(f"""
+    cfg.write_text(f"""
 database: {{url: "sqlite:///{db}"}}
+newsletter: {{public_url: "https://news.example.org"}}
 sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
 digest: {{approval: {{required: false}}}}
-delivery: {{provider: postmark, api_key: "{TOKEN}", base_url: "{srv.url}", batch_size: 5, max_retries: 0}}
+delivery: {{api_key: "{TOKEN}", base_url: "{srv.url}", batch_size: 5, max_retries: 0, {delivery}}}
 """)
-        (tmp_path / "subs.csv").write_text("".join(f"{e}\n" for e in emails))
-        env = {**os.environ, "DIGEST_CONFIG": str(cfg)}
-        run = [sys.executable, "-m", "digest"]
-        for args in (["subscribers", "import", str(tmp_path / "subs.csv")], ["collect"], ["draft"]):
-            subprocess.run([*run, *args], env=env, check=True, capture_output=True)
+    (tmp_path / "subs.csv").write_text("".join(f"{e}\n" for e in emails))
+    env = {**os.environ, "DIGEST_CONFIG": str(cfg)}
+    run = [sys.executable, "-m", "digest"]
+    for args in (["subscribers", "import", str(tmp_path / "subs.csv")], ["collect"], ["draft"]):
+        subprocess.run([*run, *args], env=env, check=True, capture_output=True)
+    return env, run, db
+
+
+def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path) -> None:
+    emails = [f"k{i:03d}@example.com" for i in range(60)]
+    with FakeProviderServer(token=TOKEN) as srv:
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark")
         # Every call is accepted and recorded at once, but answered only after a pause:
         # the kill lands while a batch is in flight.
         srv.faults.extend([("delay", 0.25)] * 40)
@@ -77,27 +86,12 @@ delivery: {{provider: postmark, api_key: "{TOKEN}", base_url: "{srv.url}", batch
 def test_sigkill_mid_send_through_resend_resends_in_flight_batches_safely(tmp_path: Path) -> None:
     """With Resend's idempotency keys a restart settles in-flight batches by itself: the same
     batch, byte for byte, under the same key; the provider answers it without sending again."""
-    from digest.sources.folder import SAMPLE_DIR
-
     emails = [f"k{i:03d}@example.com" for i in range(60)]
-    db = tmp_path / "d.db"
-    cfg = tmp_path / "config.yaml"
     with FakeProviderServer(token=TOKEN) as srv:
         from tests.fakes.provider_server import install_resend
 
         install_resend(srv)
-        cfg.write_text(f"""
-database: {{url: "sqlite:///{db}"}}
-newsletter: {{public_url: "https://news.example.org"}}
-sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
-digest: {{approval: {{required: false}}}}
-delivery: {{provider: resend, api_key: "{TOKEN}", base_url: "{srv.url}", batch_size: 5, max_retries: 0}}
-""")
-        (tmp_path / "subs.csv").write_text("".join(f"{e}\n" for e in emails))
-        env = {**os.environ, "DIGEST_CONFIG": str(cfg)}
-        run = [sys.executable, "-m", "digest"]
-        for args in (["subscribers", "import", str(tmp_path / "subs.csv")], ["collect"], ["draft"]):
-            subprocess.run([*run, *args], env=env, check=True, capture_output=True)
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: resend")
         srv.faults.extend([("delay", 0.25)] * 40)
         proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
@@ -124,24 +118,9 @@ def test_sigkill_of_a_send_with_helper_processes_then_restart_never_sends_twice(
     """delivery.processes: 2. The parent (holding the lease) is killed mid-send; its helper
     finishes the batch in flight, sees its parent gone and stops; a restart completes the send
     and nobody gets two copies."""
-    from digest.sources.folder import SAMPLE_DIR
-
     emails = [f"h{i:03d}@example.com" for i in range(80)]
-    db = tmp_path / "d.db"
-    cfg = tmp_path / "config.yaml"
     with FakeProviderServer(token=TOKEN) as srv:
-        cfg.write_text(f"""
-database: {{url: "sqlite:///{db}"}}
-sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
-digest: {{approval: {{required: false}}}}
-delivery: {{provider: postmark, api_key: "{TOKEN}", base_url: "{srv.url}", batch_size: 5, max_retries: 0,
-           concurrency: 1, processes: 2}}
-""")
-        (tmp_path / "subs.csv").write_text("".join(f"{e}\n" for e in emails))
-        env = {**os.environ, "DIGEST_CONFIG": str(cfg)}
-        run = [sys.executable, "-m", "digest"]
-        for args in (["subscribers", "import", str(tmp_path / "subs.csv")], ["collect"], ["draft"]):
-            subprocess.run([*run, *args], env=env, check=True, capture_output=True)
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark, concurrency: 1, processes: 2")
         srv.faults.extend([("delay", 0.25)] * 60)
         proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         store = open_store(f"sqlite:///{db}")

@@ -388,14 +388,18 @@ class HttpProvider(Provider):
             results += self.handle_response(status, headers, body, call.messages)
         return results
 
-    def send_call(self, call: PreparedCall, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        """Send a built call once, classify the answer, and return one result per message."""
+    def check_size(self, call: PreparedCall) -> None:
+        """Refuse a body over the provider's limit (:attr:`max_request_bytes`) before sending."""
         if self.max_request_bytes is not None and len(call.body) > self.max_request_bytes:
             raise DeliveryError(
                 f"{self.name}: request body of {len(call.body)} bytes is over the provider's "
                 f"{self.max_request_bytes}-byte limit; nothing was sent",
                 hint="lower delivery.batch_size",
             )
+
+    def send_call(self, call: PreparedCall, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Send a built call once, classify the answer, and return one result per message."""
+        self.check_size(call)
         results: list[SendResult] = []
         if call.messages:
             status, headers, body = self.perform(call)

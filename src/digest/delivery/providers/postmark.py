@@ -319,10 +319,10 @@ class PostmarkProvider(HttpProvider):
             return []
         self._check_batch(recipients)
         parts, included, refused = self._template_parts(template, recipients)
-        body = BodyParts(parts)  # sent in slices, never joined whole
-        self._check_size(len(body))
-        call = PreparedCall(method="POST", url=self.batch_url, headers=self._post_headers, body=body,
+        call = PreparedCall(method="POST", url=self.batch_url, headers=self._post_headers,
+                            body=BodyParts(parts),  # sent in slices, never joined whole
                             messages=(), refused=tuple(refused))
+        self.check_size(call)
 
         def answer(status: int, headers: Mapping[str, str], reply: bytes,
                    ids: Sequence[int]) -> list[SendResult]:
@@ -330,15 +330,6 @@ class PostmarkProvider(HttpProvider):
             return self._results(status, reply, included)
 
         return self.send_template_call(call, [r.ledger_id for r in included], recipients, answer)
-
-    def _check_size(self, size: int) -> None:
-        """Refuse a body over Postmark's limit before sending, as :meth:`send_call` does."""
-        if self.max_request_bytes is not None and size > self.max_request_bytes:
-            raise DeliveryError(
-                f"{self.name}: request body of {size} bytes is over the provider's "
-                f"{self.max_request_bytes}-byte limit; nothing was sent",
-                hint="lower delivery.batch_size",
-            )
 
     def _header_text(self, kind: str, value: str) -> str:
         """A shared value made ready for the JSON: addresses formatted, text cleaned."""

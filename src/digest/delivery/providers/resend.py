@@ -283,18 +283,15 @@ class ResendProvider(HttpProvider):
             parts += (sk.head, to, sk.subject)
             # Each value escaped once, however many gaps it fills. Why the emptiness checks:
             # the full-body path leaves out an empty html or text, so this one must too.
-            values = _escape_values(r.html_values)
-            if sk.html_static or any(values[i] for i in sk.html_index):
-                parts += (_HTML_OPEN, sk.html[0])
-                for index, part in zip(sk.html_index, sk.html[1:]):
-                    parts += (values[index], part)
-                parts.append(b'"')
-            values = _escape_values(r.text_values)
-            if sk.text_static or any(values[i] for i in sk.text_index):
-                parts += (_TEXT_OPEN, sk.text[0])
-                for index, part in zip(sk.text_index, sk.text[1:]):
-                    parts += (values[index], part)
-                parts.append(b'"')
+            for opening, raw, static, indexes, pieces in (
+                    (_HTML_OPEN, r.html_values, sk.html_static, sk.html_index, sk.html),
+                    (_TEXT_OPEN, r.text_values, sk.text_static, sk.text_index, sk.text)):
+                values = _escape_values(raw)
+                if static or any(values[i] for i in indexes):
+                    parts += (opening, pieces[0])
+                    for index, part in zip(indexes, pieces[1:]):
+                        parts += (values[index], part)
+                    parts.append(b'"')
             if r.headers:
                 parts.append(_headers_json(r.headers, header_names))
             parts += (_TAGS_OPEN, b"%d" % r.ledger_id, sk.tags_close, sk.tail)
