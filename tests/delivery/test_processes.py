@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from digest import pipeline
 from tests.conftest import FrozenClock, make_settings
@@ -53,3 +56,40 @@ def test_refused_credentials_stop_every_process(tmp_path: Path, db_url: str, clo
     assert not summary.finished and "refused the credentials" in (summary.stopped or "")
     assert summary.sent == 0
     assert set(ledger.values()) == {"pending"}  # nothing in flight is left claimed
+
+
+def test_a_failure_before_the_audience_is_frozen_stops_the_waiting_helpers(
+        tmp_path: Path, db_url: str, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helpers start while the parent freezes the audience and claim only once it is frozen:
+    when freezing fails, they stop without a claim and the send reports the failure."""
+    import multiprocessing
+
+    from digest.delivery.sender import Sender
+    from digest.errors import StoreError
+    from digest.store import Store
+
+    with FakeProviderServer(token=TOKEN) as srv:
+        app = _app(tmp_path, db_url, clock, srv.url, TOKEN)
+
+        def broken(self: Store, draft_id: int, now: object) -> int:
+            raise StoreError("database error: the disk is full")
+
+        started: list[multiprocessing.process.BaseProcess] = []
+        start_helpers = Sender._start_helpers
+
+        def spy(self: Sender) -> list[tuple[Any, Any]]:
+            helpers = start_helpers(self)
+            started.extend(proc for proc, _conn in helpers)
+            return helpers
+
+        monkeypatch.setattr(Store, "start_send", broken)
+        monkeypatch.setattr(Sender, "_start_helpers", spy)
+        with pytest.raises(StoreError, match="disk is full"):
+            pipeline.send(app)
+        ledger = app.store.ledger_rows(1)
+        app.close()
+        assert srv.messages == []
+    assert ledger == []
+    assert len(started) == 1  # the helper was started before the audience was frozen ...
+    assert [proc.exitcode for proc in started] == [0]  # ... and stopped cleanly, without a claim
+    assert multiprocessing.active_children() == []

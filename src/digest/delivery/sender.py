@@ -219,14 +219,19 @@ def share_of(settings: Settings) -> Settings:
     return settings.model_copy(update={"delivery": share})
 
 
-def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, conn: Any) -> None:
+def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: Any, conn: Any) -> None:
     """One helper process of a send (``delivery.processes``): workers claiming from the same
     ledger as the parent, which holds the lease. Reports its summary through ``conn``.
 
+    Started while the parent freezes the audience: it gets ready (imports, database, the
+    compiled draft) meanwhile, then waits for ``go`` before its first claim.
     Stops after the batch in flight when the parent says so or is gone (killed: its rows in
     flight stay claimed, and the next ``digest send`` marks them uncertain, as for any crash).
     """
     from digest import pipeline  # here, not at the top: pipeline imports this module
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
 
     report: dict[str, Any] = {}
     try:
@@ -234,9 +239,12 @@ def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, conn
         try:
             draft = app.store.get_draft(draft_id)
             sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft),
-                            app.link_pair, now=app.now, should_stop=lambda: os.getppid() != parent)
+                            app.link_pair, now=app.now, should_stop=orphaned)
             sender._peers = stop  # its own halt (refused credentials ...) stops the others too
-            summary = sender.work()
+            while not go.wait(0.2):
+                if stop.is_set() or orphaned():
+                    break
+            summary = sender.work() if go.is_set() else SendSummary(draft_id)
             report = {"sent": summary.sent, "failed": dict(summary.failed), "uncertain": summary.uncertain,
                       "batches": summary.batches, "stopped": sender._stop}
         finally:
@@ -283,6 +291,7 @@ class Sender:
         # Each process of a send takes its share of the rate.
         self.bucket = TokenBucket(settings.delivery.rate_per_second / self.processes, sleep=sleep)
         self._peers: Any = None  # with helper processes: the event that stops them all
+        self._go: Any = None  # ... and the one that lets them claim, once the audience is frozen
         self.concurrency = max(1, int(getattr(settings.delivery, "concurrency", 1) or 1))
         self.idempotent = bool(getattr(provider, "idempotent", False))
         # Providers that take a template and per-recipient values (server-side substitution,
@@ -342,6 +351,8 @@ class Sender:
         # the cycle collector from walking it again at every collection of the send's
         # short-lived objects (about a tenth of the send's time otherwise).
         gc.freeze()
+        # Helper processes start first, so they get ready while the audience is frozen.
+        helpers = self._start_helpers() if self.processes > 1 else []
         try:
             self.store.start_send(draft_id, self.now())
             stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
@@ -355,10 +366,14 @@ class Sender:
                     if self._stop:
                         break
                     self._send_one(summary, batch, lease)
-            helpers = self._start_helpers() if self.processes > 1 and not self._stop else []
+            if helpers and not self._stop:
+                self._go.set()
             self.work(summary, lease)
-            self._join_helpers(helpers, summary, lease)
         finally:
+            if helpers:
+                if not self._go.is_set():  # stopped, or failed, before the ledger was ready
+                    self._halt(self._stop or "stopped before the send started")
+                self._join_helpers(helpers, summary, lease)
             gc.unfreeze()
             self.store.release_lease(lease, self.holder)
             summary.seconds = time.perf_counter() - started
@@ -399,12 +414,13 @@ class Sender:
         # database connections that a forked child must not share.
         ctx = multiprocessing.get_context("spawn")
         self._peers = ctx.Event()
+        self._go = ctx.Event()
         settings = share_of(self.settings)
         helpers = []
         for _ in range(self.processes - 1):
             mine, theirs = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_helper_main, daemon=True,
-                               args=(settings, self.draft.id, os.getpid(), self._peers, theirs))
+                               args=(settings, self.draft.id, os.getpid(), self._peers, self._go, theirs))
             proc.start()
             theirs.close()
             helpers.append((proc, mine))
