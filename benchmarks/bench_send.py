@@ -9,7 +9,9 @@ Usage::
 Sender (SQLite ledger, claim, personalize, build, HTTP, settle) and, in the same run, posts the
 very same request bodies, prebuilt, with a bare ``requests.Session``; it prints both rates and
 their ratio (goal: the pipeline under 1.5x the bare cost), each the median of several runs.
-It also times the provider layer alone: the prepared per-recipient values handed to the
+It also reads, from the ledger, how long the sending itself took (first claim to last
+settle, without opening the database, compiling, freezing the audience and starting helper
+processes), and times the provider layer alone: the prepared per-recipient values handed to the
 provider, which builds each request, posts it and reads the answer (no ledger, no signing).
 
 ``ledger`` times the store's claim and settle per row; ``build`` times preparing one batch
@@ -210,6 +212,20 @@ def post_bare(calls: list[tuple[str, dict[str, str], bytes]], concurrency: int) 
     return time.perf_counter() - started
 
 
+def sending_phase(db: Path) -> float:
+    """Seconds from the send's first claim to its last settle, read from the ledger: the
+    pipeline's time without opening the database, compiling the draft, freezing the audience
+    and starting helper processes."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        first, last = conn.execute("SELECT min(claimed_at), max(settled_at) FROM send_ledger").fetchone()
+    finally:
+        conn.close()
+    return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+
+
 def throughput(args: argparse.Namespace) -> None:
     fake = FakeProcess(args.provider)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
@@ -217,7 +233,7 @@ def throughput(args: argparse.Namespace) -> None:
         settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch, args.processes)
         prepare(base, settings, args.recipients)
         shutil.copy(base / "bench.db", base / "pristine.db")
-        pipe_times, bare_times, handoff_times = [], [], []
+        pipe_times, bare_times, handoff_times, sending_times = [], [], [], []
         calls = bare_bodies(settings, args.recipients)
         payload = sum(len(b) for _, _, b in calls)
         for _ in range(args.runs):
@@ -229,6 +245,7 @@ def throughput(args: argparse.Namespace) -> None:
             assert sent == args.recipients, sent
             fake.clear()
             pipe_times.append(elapsed)
+            sending_times.append(sending_phase(base / "bench.db"))
             bare_times.append(post_bare(calls, args.concurrency))
             fake.clear()
             handoff_times.append(handoff(settings, args.recipients, args.concurrency))
@@ -241,6 +258,9 @@ def throughput(args: argparse.Namespace) -> None:
           f"concurrency {args.concurrency}, processes {args.processes}, {len(calls)} requests, "
           f"{payload / 1e6:,.1f} MB of request bodies")
     print(f"  pipeline (claim, personalize, build, POST, settle)  median {pipe:7.3f} s  {n / pipe:10,.0f} recipients/s")
+    sending = statistics.median(sending_times)
+    print(f"    of which sending (first claim to last settle)      median {sending:7.3f} s  "
+          f"{n / sending:10,.0f} recipients/s")
     print(f"  bare requests.Session, same prebuilt bodies          median {bare:7.3f} s  "
           f"{n / bare:10,.0f} recipients/s")
     hand = statistics.median(handoff_times)
