@@ -26,6 +26,7 @@ def test_jobs_run_the_flow(app: pipeline.App, caplog: pytest.LogCaptureFixture) 
     jobs.send_job(app)
     assert "collect sample: 4 new essays" in caplog.text
     assert "created and approved automatically" in caplog.text
+    assert "send draft 1: batch 1 (1): 1/1 done, 1 sent, 0 failed, 0 uncertain" in caplog.text  # per batch
     assert "send draft 1: 1 sent, 0 failed, 0 uncertain" in caplog.text
     assert app.store.get_draft(1).status == "sent"
 

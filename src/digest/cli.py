@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -246,6 +248,56 @@ def reject(obj: _Context, draft_id: int, reason: str) -> None:
     click.echo(f"draft {d.id} rejected")
 
 
+class SendProgress:
+    """``digest send``'s progress: a bar redrawn in place on a terminal (at most ten times a
+    second), otherwise one log line per batch."""
+
+    WIDTH = 24
+
+    def __init__(self, interactive: bool, timer: Callable[[], float] = time.monotonic) -> None:
+        self.interactive = interactive
+        self.clock = timer
+        self.draft_id: int | None = None
+        self.started = 0.0
+        self.drawn = 0.0
+        self.pending_newline = False
+
+    def __call__(self, summary: SendSummary, size: int) -> None:
+        now = self.clock()
+        if summary.draft_id != self.draft_id:
+            self.close()
+            self.draft_id, self.started, self.drawn = summary.draft_id, now, 0.0
+        done, total = summary.done, summary.total
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        counts = (f"{summary.sent:,} sent, {sum(summary.failed.values()):,} failed, "
+                  f"{summary.uncertain:,} uncertain")
+        if not self.interactive:
+            of = f"/{total:,}" if total else ""
+            click.echo(f"draft {summary.draft_id}: batch {summary.batches} ({size}): {done:,}{of} done — "
+                       f"{counts}, {rate:,.0f}/s", err=True)
+            return
+        if now - self.drawn < 0.1 and done < total:
+            return
+        self.drawn = now
+        if total:
+            share = min(1.0, done / total)
+            filled = round(share * self.WIDTH)
+            left = f", {(total - done) / rate:,.0f}s left" if rate and done < total else ""
+            bar = (f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {share:4.0%} {done:,}/{total:,}"
+                   f" at {rate:,.0f}/s{left}")
+        else:
+            bar = f"{done:,} at {rate:,.0f}/s"
+        click.echo(f"\r\x1b[2Kdraft {summary.draft_id} {bar} — {counts}", err=True, nl=False)
+        self.pending_newline = True
+
+    def close(self) -> None:
+        """End the bar's line (before other output, or the next draft's bar)."""
+        if self.pending_newline:
+            click.echo("", err=True)
+            self.pending_newline = False
+
+
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Render and batch everything, send nothing.")
 @click.option("--resolve-uncertain", type=click.Choice(["resend", "mark-sent"]), default=None,
@@ -263,16 +315,9 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
                 click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}")
         if resolve_uncertain == "mark-sent":
             return
-    interactive = sys.stderr.isatty()
-
-    def progress(summary: SendSummary, size: int) -> None:
-        line = (f"draft {summary.draft_id}: batch {summary.batches} ({size}) — {summary.sent} sent, "
-                f"{sum(summary.failed.values())} failed, {summary.uncertain} uncertain")
-        click.echo(("\r" + line) if interactive else line, err=True, nl=not interactive)
-
+    progress = SendProgress(interactive=sys.stderr.isatty())
     summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress)
-    if interactive and summaries:
-        click.echo("", err=True)
+    progress.close()
     if not summaries:
         click.echo("nothing to send: no approved draft is due")
         return

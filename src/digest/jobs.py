@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from digest import pipeline
+from digest.delivery.sender import SendSummary
 
 log = logging.getLogger("digest.jobs")
 
@@ -34,9 +35,16 @@ def draft_job(app: pipeline.App) -> None:
         log.exception("draft job failed")
 
 
+def _log_batch(summary: SendSummary, size: int) -> None:
+    of = f"/{summary.total}" if summary.total else ""
+    log.info("send draft %s: batch %d (%d): %d%s done, %d sent, %d failed, %d uncertain", summary.draft_id,
+             summary.batches, size, summary.done, of, summary.sent, sum(summary.failed.values()),
+             summary.uncertain)
+
+
 def send_job(app: pipeline.App, should_stop: Callable[[], bool] = lambda: False) -> None:
     try:
-        for summary in pipeline.send(app, should_stop=should_stop):
+        for summary in pipeline.send(app, should_stop=should_stop, on_batch=_log_batch):
             log.info("send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s", summary.draft_id,
                      summary.sent, sum(summary.failed.values()), summary.uncertain, summary.seconds,
                      f" ({summary.stopped})" if summary.stopped else "")

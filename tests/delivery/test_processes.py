@@ -33,7 +33,8 @@ def test_two_processes_send_everyone_exactly_once(tmp_path: Path, db_url: str, c
         # Each answer takes a moment, so the helper process is up before the parent is done.
         srv.faults.extend([("delay", 0.25)] * 30)
         app = _app(tmp_path, db_url, clock, srv.url, TOKEN)
-        (summary,) = pipeline.send(app)
+        progress: list[tuple[int, int, int]] = []
+        (summary,) = pipeline.send(app, on_batch=lambda s, size: progress.append((size, s.done, s.total)))
         with app.store.engine.connect() as conn:
             holders = conn.exec_driver_sql("SELECT DISTINCT claim_token FROM send_ledger").all()
         ledger = {email: status for _id, email, status in app.store.ledger_rows(1)}
@@ -44,6 +45,11 @@ def test_two_processes_send_everyone_exactly_once(tmp_path: Path, db_url: str, c
     assert set(received) == set(EMAILS) and set(received.values()) == {1}
     assert set(ledger.values()) == {"sent"}
     assert len(holders) == 2  # both processes claimed batches
+    # Progress counts every process's batches, as they go.
+    assert summary.total == len(EMAILS)
+    assert len(progress) == summary.batches and sum(size for size, _, _ in progress) == len(EMAILS)
+    assert [done for _, done, _ in progress] == sorted(done for _, done, _ in progress)
+    assert progress[-1][1:] == (len(EMAILS), len(EMAILS))
 
 
 def test_refused_credentials_stop_every_process(tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
@@ -64,7 +70,7 @@ def test_a_failure_before_the_audience_is_frozen_stops_the_waiting_helpers(
     when freezing fails, they stop without a claim and the send reports the failure."""
     import multiprocessing
 
-    from digest.delivery.sender import Sender
+    from digest.delivery.sender import Sender, SendSummary
     from digest.errors import StoreError
     from digest.store import Store
 
@@ -77,9 +83,9 @@ def test_a_failure_before_the_audience_is_frozen_stops_the_waiting_helpers(
         started: list[multiprocessing.process.BaseProcess] = []
         start_helpers = Sender._start_helpers
 
-        def spy(self: Sender) -> list[tuple[Any, Any]]:
-            helpers = start_helpers(self)
-            started.extend(proc for proc, _conn in helpers)
+        def spy(self: Sender, summary: SendSummary) -> list[Any]:
+            helpers = start_helpers(self, summary)
+            started.extend(helpers[1:])  # after the thread that listens to them
             return helpers
 
         monkeypatch.setattr(Store, "start_send", broken)

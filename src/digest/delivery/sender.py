@@ -98,6 +98,9 @@ class SendSummary:
     """What one run of the sender did."""
 
     draft_id: int
+    # Messages this run set out to send (pending when it started, and uncertain ones an
+    # idempotent provider resends); 0 when unknown (a dry run).
+    total: int = 0
     sent: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     uncertain: int = 0
@@ -111,6 +114,16 @@ class SendSummary:
     @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def done(self) -> int:
+        """Messages settled so far in this run, whatever their fate."""
+        return self.sent + sum(self.failed.values()) + self.uncertain
+
+    def tally(self) -> dict[str, Any]:
+        """The counts, as a helper process reports them to the sender it works for."""
+        return {"sent": self.sent, "failed": dict(self.failed), "uncertain": self.uncertain,
+                "batches": self.batches}
 
 
 class TokenBucket:
@@ -238,19 +251,21 @@ def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: 
         app = pipeline.App.open(settings)
         try:
             draft = app.store.get_draft(draft_id)
+            def progress(summary: SendSummary, size: int) -> None:  # called under the sender's lock
+                conn.send({**summary.tally(), "size": size})
+
             sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft),
-                            app.link_pair, now=app.now, should_stop=orphaned)
+                            app.link_pair, now=app.now, should_stop=orphaned, on_batch=progress)
             sender._peers = stop  # its own halt (refused credentials ...) stops the others too
             while not go.wait(0.2):
                 if stop.is_set() or orphaned():
                     break
             summary = sender.work() if go.is_set() else SendSummary(draft_id)
-            report = {"sent": summary.sent, "failed": dict(summary.failed), "uncertain": summary.uncertain,
-                      "batches": summary.batches, "stopped": sender._stop}
+            report = {**summary.tally(), "final": True, "stopped": sender._stop}
         finally:
             app.close()
     except BaseException as exc:  # reported, so the parent stops the send with the reason
-        report = {"error": f"{type(exc).__name__}: {exc}"}
+        report = {"error": f"{type(exc).__name__}: {exc}", "final": True}
     conn.send(report)
 
 
@@ -352,7 +367,7 @@ class Sender:
         # short-lived objects (about a tenth of the send's time otherwise).
         gc.freeze()
         # Helper processes start first, so they get ready while the audience is frozen.
-        helpers = self._start_helpers() if self.processes > 1 else []
+        helpers = self._start_helpers(summary) if self.processes > 1 else []
         try:
             self.store.start_send(draft_id, self.now())
             stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
@@ -362,10 +377,13 @@ class Sender:
             if self.idempotent:
                 # The provider drops a repeated batch itself (same key, same body within its
                 # window), so uncertain batches are resent at once, each exactly as it was.
-                for batch in self.store.uncertain_batches(draft_id, self.holder, self.now()):
+                again = self.store.uncertain_batches(draft_id, self.holder, self.now())
+                summary.total = sum(map(len, again))
+                for batch in again:
                     if self._stop:
                         break
                     self._send_one(summary, batch, lease)
+            summary.total += self.store.pending_count(draft_id)
             if helpers and not self._stop:
                 self._go.set()
             self.work(summary, lease)
@@ -373,7 +391,7 @@ class Sender:
             if helpers:
                 if not self._go.is_set():  # stopped, or failed, before the ledger was ready
                     self._halt(self._stop or "stopped before the send started")
-                self._join_helpers(helpers, summary, lease)
+                self._join_helpers(helpers, lease)
             gc.unfreeze()
             self.store.release_lease(lease, self.holder)
             summary.seconds = time.perf_counter() - started
@@ -406,8 +424,9 @@ class Sender:
                 w.join()
         return summary
 
-    def _start_helpers(self) -> list[tuple[Any, Any]]:
-        """Start ``delivery.processes - 1`` helper processes on this draft."""
+    def _start_helpers(self, summary: SendSummary) -> list[Any]:
+        """Start ``delivery.processes - 1`` helper processes on this draft, and the thread that
+        adds their progress and their final reports to ``summary``."""
         import multiprocessing
 
         # spawn, not fork: this process has threads (workers, the web server) and open
@@ -424,43 +443,63 @@ class Sender:
             proc.start()
             theirs.close()
             helpers.append((proc, mine))
-        return helpers
+        listener = threading.Thread(target=self._listen, args=(helpers, summary), name="send-helpers",
+                                    daemon=True)
+        listener.start()
+        return [listener, *(proc for proc, _conn in helpers)]
 
-    def _join_helpers(self, helpers: list[tuple[Any, Any]], summary: SendSummary, lease: str) -> None:
-        """Wait for the helper processes, keeping the lease and passing on a stop; add up
-        their summaries. A helper that stops the send (refused credentials, a database error)
-        stops it here too."""
-        waiting = list(helpers)
-        while waiting:
+    def _join_helpers(self, helpers: list[Any], lease: str) -> None:
+        """Wait until every helper process has reported, keeping the lease and passing on a stop."""
+        listener = helpers[0]
+        while listener.is_alive():
             if self._stop is not None or self.should_stop():
                 self._peers.set()
-            for proc, conn in list(waiting):
-                if conn.poll(1.0 / len(waiting)):
-                    try:
-                        report = conn.recv()
-                    except EOFError:
-                        report = {"error": "a helper process ended without a report"}
-                elif proc.is_alive():
-                    continue
-                else:
-                    report = {"error": f"a helper process died (exit code {proc.exitcode})"}
-                waiting.remove((proc, conn))
-                proc.join(5)
-                self._merge(report, summary)
+            listener.join(0.5)
             self._renew(lease)
+        for proc in helpers[1:]:
+            proc.join(5)
 
-    def _merge(self, report: dict[str, Any], summary: SendSummary) -> None:
-        if "error" in report:
-            self._halt(f"stopped: {report['error']}; run `digest send` to resume")
-            return
+    def _listen(self, helpers: list[tuple[Any, Any]], summary: SendSummary) -> None:
+        """Add each helper's progress to ``summary`` as it comes (so progress covers every
+        process), then its final report. A helper that stops the send (refused credentials, a
+        database error) or dies stops it here too."""
+        from multiprocessing.connection import Connection, wait
+
+        procs = {conn: proc for proc, conn in helpers}
+        seen: dict[Any, dict[str, Any]] = {conn: SendSummary(0).tally() for conn in procs}
+        while procs:
+            ready: list[Connection] = wait(list(procs))  # type: ignore[assignment]  # procs' own
+            for conn in ready:
+                report: dict[str, Any]
+                try:
+                    report = conn.recv()
+                except EOFError:
+                    proc = procs[conn]
+                    proc.join(5)
+                    report = {"error": f"a helper process died (exit code {proc.exitcode})", "final": True}
+                if "error" in report:
+                    self._halt(f"stopped: {report['error']}; run `digest send` to resume")
+                else:
+                    self._add(summary, seen[conn], report)
+                    seen[conn] = report
+                    reason = report.get("stopped")
+                    if reason and not reason.startswith("stopped on request"):
+                        self._halt(reason)
+                if report.get("final"):
+                    del procs[conn]
+
+    def _add(self, summary: SendSummary, before: dict[str, Any], now: dict[str, Any]) -> None:
+        """Add what a helper did between two of its reports to ``summary``."""
         with self._lock:
-            summary.sent += report["sent"]
-            summary.failed.update(report["failed"])
-            summary.uncertain += report["uncertain"]
-            summary.batches += report["batches"]
-        reason = report["stopped"]
-        if reason and not reason.startswith("stopped on request"):
-            self._halt(reason)
+            summary.sent += now["sent"] - before["sent"]
+            summary.failed.update(now["failed"])
+            summary.failed.subtract(before["failed"])
+            summary.failed = +summary.failed  # drop reasons that came to zero
+            summary.uncertain += now["uncertain"] - before["uncertain"]
+            batches = now["batches"] - before["batches"]
+            summary.batches += batches
+            if self.on_batch and "size" in now:
+                self.on_batch(summary, now["size"])
 
     def _halt(self, reason: str) -> None:
         with self._lock:

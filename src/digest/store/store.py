@@ -857,6 +857,13 @@ class Store:
                              .values(status="sending", finished_at=None, updated_at=now))
         return int(n)
 
+    def pending_count(self, draft_id: int) -> int:
+        """Rows of a draft still to send (read from the index of pending rows alone)."""
+        with self._tx() as conn:
+            return int(self._raw(conn, self._sql(
+                "SELECT count(*) FROM send_ledger WHERE draft_id = {p} AND status = 'pending'"),
+                (draft_id,)).fetchone()[0])
+
     def ledger_counts(self, draft_id: int) -> dict[str, int]:
         with self._tx() as conn:
             rows = conn.execute(select(send_ledger.c.status, func.count())

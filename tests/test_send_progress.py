@@ -1,0 +1,78 @@
+"""`digest send`'s progress: a bar redrawn in place on a terminal, a line per batch otherwise."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from digest.cli import SendProgress
+from digest.delivery.sender import SendSummary
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _summary(sent: int, total: int, batches: int, failed: int = 0, draft_id: int = 7) -> SendSummary:
+    return SendSummary(draft_id, total=total, sent=sent, batches=batches,
+                       failed=Counter({"rejected": failed} if failed else {}))
+
+
+def test_a_terminal_gets_a_bar_with_share_rate_and_time_left(capsys: pytest.CaptureFixture[str]) -> None:
+    timer = Timer()
+    progress = SendProgress(interactive=True, timer=timer)
+    timer.now = 100.0
+    progress(_summary(0, 1000, 0), 0)
+    timer.now = 102.0
+    progress(_summary(240, 1000, 1, failed=10), 250)
+    err = capsys.readouterr().err
+    last = err.split("\r")[-1]
+    assert "[######------------------]  25% 250/1,000 at 125/s, 6s left" in last
+    assert "240 sent, 10 failed, 0 uncertain" in last
+    assert "\n" not in err  # redrawn in place
+    progress.close()
+    assert capsys.readouterr().err == "\n"
+
+
+def test_the_bar_is_redrawn_at_most_ten_times_a_second_but_always_at_the_end(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    timer = Timer()
+    progress = SendProgress(interactive=True, timer=timer)
+    progress(_summary(100, 300, 1), 100)
+    timer.now += 0.01
+    progress(_summary(200, 300, 2), 100)  # too soon: skipped
+    timer.now += 0.01
+    progress(_summary(300, 300, 3), 100)  # the last one: drawn
+    err = capsys.readouterr().err
+    assert err.count("\r") == 2
+    assert "100% 300/300" in err and "200/300" not in err and "left" not in err.split("\r")[-1]
+
+
+def test_without_a_terminal_each_batch_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    timer = Timer()
+    progress = SendProgress(interactive=False, timer=timer)
+    progress(_summary(500, 1500, 1), 500)
+    timer.now += 1
+    progress(_summary(1000, 1500, 2), 500)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "draft 7: batch 1 (500): 500/1,500 done — 500 sent, 0 failed, 0 uncertain, 0/s",
+        "draft 7: batch 2 (500): 1,000/1,500 done — 1,000 sent, 0 failed, 0 uncertain, 1,000/s",
+    ]
+
+
+def test_a_second_draft_starts_a_new_bar_on_a_new_line(capsys: pytest.CaptureFixture[str]) -> None:
+    timer = Timer()
+    progress = SendProgress(interactive=True, timer=timer)
+    progress(_summary(10, 10, 1, draft_id=1), 10)
+    progress(_summary(5, 20, 1, draft_id=2), 5)
+    err = capsys.readouterr().err
+    first, second = err.split("\n")
+    assert "draft 1 " in first and "100%" in first
+    assert "draft 2 " in second and "25% 5/20" in second
