@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from digest.config import Delivery
-from digest.delivery.providers.base import json_escape, json_string
+from digest.delivery.providers.base import BodyParts, json_escape, json_string
 from digest.delivery.providers.postmark import PostmarkProvider
 from digest.errors import ConfigError, DeliveryError
 from tests.delivery.conftest import TOKEN, MessageFactory
@@ -201,8 +201,10 @@ def test_json_escape_replaces_lone_surrogates() -> None:
     assert json.loads(json_string("a\ud800b")) == "a?b"
 
 
-def test_template_batch_body_equals_the_full_body_batch() -> None:
-    """The template path is an optimisation only: the same JSON, message by message."""
+@pytest.mark.parametrize("pad", ["", "<p>long shared text</p>" * 200], ids=["small parts", "large parts"])
+def test_template_batch_body_equals_the_full_body_batch(pad: str) -> None:
+    """The template path is an optimisation only: the same JSON, message by message (with
+    shared parts small enough to be copied, and large enough to be sent by reference)."""
     import json as _json
 
     from digest.config import Delivery
@@ -211,7 +213,8 @@ def test_template_batch_body_equals_the_full_body_batch() -> None:
     from digest.types import OutgoingMessage, TemplateMessage, TemplateRecipient
 
     template = TemplateMessage(draft_id=7, from_addr="Field Notes <d@example.org>", subject="Ünïcode \"digest\"",
-                               html_parts=("<p>Hi ", ", <a href=\"", "\">unsubscribe</a> \u2014 é</p>"),
+                               html_parts=(pad + "<p>Hi ", ", " + pad + "<a href=\"",
+                                           "\">unsubscribe</a> \u2014 é</p>"),
                                html_slots=("name", "unsubscribe_url"),
                                text_parts=("Hi ", "\nUnsubscribe: ", "\n"), text_slots=("name", "unsubscribe_url"),
                                reply_to="Reply <r@example.org>", tag="digest-7")
@@ -223,8 +226,10 @@ def test_template_batch_body_equals_the_full_body_batch() -> None:
         recipients.append(TemplateRecipient(i + 1, f"r{i}@example.com", name,
                                             (name, url, url), (name, url, url), headers))
         messages.append(OutgoingMessage(i + 1, 7, f"r{i}@example.com", name, template.from_addr, template.subject,
-                                        f"<p>Hi {name}, <a href=\"{url}\">unsubscribe</a> \u2014 é</p>",
+                                        f"{pad}<p>Hi {name}, {pad}<a href=\"{url}\">unsubscribe</a> \u2014 é</p>",
                                         f"Hi {name}\nUnsubscribe: {url}\n", headers, template.reply_to, "", "digest-7"))
-    fast = _json.loads(provider.build_template_request(template, recipients).body)
+    call = provider.build_template_request(template, recipients)
+    fast = _json.loads(call.body)
     plain = _json.loads(provider.build_request(messages).body)
     assert fast == plain
+    assert bytes(BodyParts(provider._template_parts(template, recipients)[0])) == call.body

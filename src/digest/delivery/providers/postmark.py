@@ -78,12 +78,17 @@ class _Addressed(Protocol):
     def to_email(self) -> str: ...
 
 
+# A shared part at least this long is sent by reference; shorter ones are copied into the
+# message's runs of small pieces.
+_LARGE = 2048
+
+
 class _Skeleton(NamedTuple):
     """A template's shared JSON, encoded once per draft (see ``_skeleton``)."""
 
     lead: bytes  # '{"From":..., "To":"', before the recipient's address
     first: bytes  # from the end of To to the first recipient value
-    gaps: tuple[tuple[int, bytes], ...]  # (value position, the constant bytes after it)
+    gaps: tuple[tuple[int, bytes, bool], ...]  # (value position, the constant bytes after it, large?)
     draft_tail: bytes  # after the ledger id, for a message without headers
     headers_open: bytes  # after the ledger id, up to the headers array
     headers_tail: bytes  # after the last header value
@@ -232,7 +237,7 @@ class PostmarkProvider(HttpProvider):
         skeleton = _Skeleton(
             lead=b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":"',
             first=first,
-            gaps=tuple(gaps),
+            gaps=tuple((index, constant, len(constant) >= _LARGE) for index, constant in gaps),
             draft_tail=draft + tail,
             headers_open=draft + b',"Headers":[',
             headers_tail=b'"}]' + tail,
@@ -247,7 +252,9 @@ class PostmarkProvider(HttpProvider):
         carries and the results of those refused (see :meth:`build_template_request`)."""
         skeleton = self._skeleton(template)
         lead, first, gaps = skeleton.lead, skeleton.first, skeleton.gaps
+        first_large = len(first) >= _LARGE
         next_lead = b"," + lead
+        join = b"".join
         width = len(SLOT_NAMES)
         # Per batch, the JSON before each header value: the header names repeat in every
         # message. Keyed by (name, first header of its message).
@@ -264,8 +271,16 @@ class PostmarkProvider(HttpProvider):
             except ValueError as exc:
                 refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
                 continue
-            parts += (next_lead if included else lead, to, first)
+            # The message as a few pieces: the draft's large shared parts by reference, and
+            # each run of small pieces between them joined into one (the body is sliced and
+            # sent piece by piece, and a piece costs about as much to handle as its copy).
+            run = [next_lead if included else lead, to]
             included.append(r)
+            if first_large:
+                parts += (join(run), first)
+                run = []
+            else:
+                run.append(first)
             # Each value escaped once, however many gaps it fills; the text values are usually
             # the HTML ones (signed links and plain names need no HTML escaping).
             values = [json_escape(v) for v in html_values]
@@ -273,22 +288,28 @@ class PostmarkProvider(HttpProvider):
                 values *= 2
             else:
                 values += [json_escape(v) for v in text_values]
-            for index, constant in gaps:
-                parts += (values[index], constant)
-            parts.append(b"%d" % r.ledger_id)
+            for index, constant, large in gaps:
+                if large:
+                    run.append(values[index])
+                    parts += (join(run), constant)
+                    run = []
+                else:
+                    run += (values[index], constant)
+            run.append(b"%d" % r.ledger_id)
             if not r.headers:
-                parts.append(skeleton.draft_tail)
-                continue
-            parts.append(skeleton.headers_open)
-            for i, (name, value) in enumerate(r.headers):
-                key = (name, not i)
-                prefix = header_prefix.get(key)
-                if prefix is None:
-                    prefix = header_prefix[key] = (
-                        (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"'
-                    )
-                parts += (prefix, json_escape(clean_header_value(value)))
-            parts.append(skeleton.headers_tail)
+                run.append(skeleton.draft_tail)
+            else:
+                run.append(skeleton.headers_open)
+                for i, (name, value) in enumerate(r.headers):
+                    key = (name, not i)
+                    prefix = header_prefix.get(key)
+                    if prefix is None:
+                        prefix = header_prefix[key] = (
+                            (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"'
+                        )
+                    run += (prefix, json_escape(clean_header_value(value)))
+                run.append(skeleton.headers_tail)
+            parts.append(join(run))
         parts.append(b"]")
         return parts, included, refused
 
