@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from digest import approval, clock, drafting, ranking, tokens
+from digest import approval, clock, drafting, tokens
 from digest.config import Delivery, Settings
 from digest.delivery.providers.base import Provider
 from digest.delivery.providers.registry import build_provider
 from digest.delivery.sender import Sender, SendSummary, share_of
 from digest.errors import DeliveryError, DigestError, DraftError, TokenError
 from digest.http import build_session
-from digest.render import CompiledEmail, compile_draft, compile_draft_ready, personalize
+from digest.render.cache import render_key
+from digest.render.fill import CompiledEmail, personalize
 from digest.store import Store, open_store
 from digest.store.store import CollectStats, DraftSummary, SourceStatus
 from digest.types import CollectResult, DeliveryEvent, Draft, OutgoingMessage, Recipient
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 # Imported on first use, not with this module: a `digest send` (and every process that only
 # sends) never collects, drafts or adds subscribers, so it need not load APScheduler (cron
 # schedules), the source modules with their feed and Markdown parsers, or email-validator
-# (subscriber addresses). The names stay reachable as attributes of this module.
+# (subscriber addresses). Nor does it compile (see compile_for), so the renderer (Jinja2,
+# MRML, the sanitizer) and the ranking that uses the sanitizer are imported where a draft is
+# made or compiled. The names stay reachable as attributes of this module.
 _LAZY: dict[str, tuple[str, str | None]] = {
     "subscribers": ("digest.subscribers", None),
     "next_run": ("digest.scheduler", "next_run"),
@@ -207,6 +210,8 @@ def make_draft(app: App) -> DraftOutcome:
     if existing is not None:
         return DraftOutcome(existing, False, f"draft {existing.id} already covers the period {key} "
                                              f"({existing.status})")
+    from digest import ranking
+
     since = app.store.last_sent_at()
     essays = app.store.candidate_essays(since, settings.digest.max_essays)
     essay_ids = [i for i, _ in essays]
@@ -220,6 +225,7 @@ def make_draft(app: App) -> DraftOutcome:
     draft, created = app.store.create_draft(draft_value, refs, now)
     if not created:  # another process drafted this period a moment ago
         return DraftOutcome(draft, False, f"draft {draft.id} already covers the period {key}")
+    _compile_ahead(app, draft)
     if not settings.digest.approval.required:
         draft = approval.approve(app.store, draft.id or 0, now, by="auto-approve")
         return DraftOutcome(draft, True, f"draft {draft.id} created and approved automatically")
@@ -232,6 +238,8 @@ def notify_approvers(app: App, draft: Draft) -> tuple[tuple[str, ...], str | Non
     approvers = app.settings.digest.approval.approvers
     if not approvers:
         return (), None
+    from digest.render.compose import compile_draft_ready
+
     base = app.settings.newsletter.public_url
     review_url = f"{base}/drafts/{draft.id}/{approval.approval_token(app.secret, draft)}"
     try:
@@ -275,7 +283,43 @@ def review_html(app: App, draft_id: int, token: str) -> str:
 
 
 def compile_for(app: App, draft: Draft) -> CompiledEmail:
-    return compile_draft(draft, app.settings.newsletter, templates_dir=app.templates_dir)
+    """The draft compiled for sending: the one stored when it was made, while the templates,
+    the newsletter settings and the rendering code are still what it was made with; else
+    compiled now (and stored for the next reader: the review page, a helper process, a
+    resumed send). So a send loads a stored result and never imports the renderer."""
+    key = render_key(draft, app.settings.newsletter, app.templates_dir) if draft.id is not None else None
+    if key is not None and draft.id is not None:
+        try:
+            stored = app.store.compiled_draft(draft.id, key)
+        except DigestError as exc:  # the stored copy only saves time; a compile does without it
+            log.warning("draft %s: cannot read its stored compiled copy (%s); compiling it", draft.id, exc)
+            stored = None
+        if stored is not None:
+            try:
+                return CompiledEmail.from_json(stored)
+            except (ValueError, TypeError) as exc:
+                log.warning("draft %s: its stored compiled copy is unreadable (%s); compiling it again",
+                            draft.id, exc)
+    from digest.render.compose import compile_draft
+
+    compiled = compile_draft(draft, app.settings.newsletter, templates_dir=app.templates_dir)
+    if key is not None and draft.id is not None:
+        try:
+            app.store.save_compiled_draft(draft.id, key, compiled.to_json(), app.now())
+        except DigestError as exc:
+            log.warning("draft %s: cannot store its compiled copy (%s)", draft.id, exc)
+    return compiled
+
+
+def _compile_ahead(app: App, draft: Draft) -> None:
+    """Compile a new draft and store the result, so that the approvers review exactly what a
+    send then loads. A template problem is not the drafting's failure: the draft stays, and
+    previewing or sending it reports the problem (as they did before drafts were compiled
+    ahead)."""
+    try:
+        compile_for(app, draft)
+    except DigestError as exc:
+        log.warning("draft %s: could not compile it yet: %s", draft.id, exc)
 
 
 def preview(app: App, draft_id: int, out: Path) -> tuple[Path, Path]:
@@ -311,6 +355,14 @@ def send(app: App, *, dry_run: bool = False,
         if summary.stopped and (should_stop() or "credentials" in summary.stopped):
             break  # shutting down, or the next draft would fail the same way
     return summaries
+
+
+def share_malloc_arena() -> None:
+    """One malloc arena for this process's threads: the sender's workers ask for it when
+    they start (:func:`digest.delivery.sender.share_malloc_arena`)."""
+    from digest.delivery import sender
+
+    sender.share_malloc_arena()
 
 
 def resolve_uncertain(app: App, draft_id: int, how: str) -> int:

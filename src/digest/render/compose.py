@@ -3,7 +3,9 @@
 Compiling MJML costs about a millisecond; a send may have 100k recipients. So
 :func:`compile_draft` renders and compiles the digest **once** with *slot markers* where the
 per-recipient values go, and splits the result at those markers into static parts. Then
-:func:`personalize` is a single ``"".join`` over the parts with the escaped values.
+:func:`personalize` is a single ``"".join`` over the parts with the escaped values. The
+compiled result and the fill-in live in ``digest.render.fill``, which a send loads without
+Jinja2, MRML or the sanitizer.
 
 A marker is ``DIGESTSLOT<nonce><slot><nonce>`` with a fresh random nonce per compile: it is
 plain ASCII letters and digits, so Jinja's escaping and MRML leave it untouched in text and in
@@ -24,11 +26,10 @@ Template context (for operators writing override templates): ``newsletter`` (``n
 
 from __future__ import annotations
 
-import html as _html
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -39,6 +40,7 @@ from mjml import mjml2html
 from digest.config import Newsletter
 from digest.errors import RenderError
 from digest.render.env import longdate, make_env
+from digest.render.fill import NAME_FALLBACK, CompiledEmail, _is_latin1, personalize, slot_values
 from digest.render.sanitize import (
     clean_line,
     html_to_text,
@@ -58,11 +60,10 @@ __all__ = [
     "compile_draft",
     "compile_draft_ready",
     "personalize",
+    "slot_values",
 ]
 
 REQUIRED_SLOTS: tuple[str, ...] = ("unsubscribe_url",)
-NAME_FALLBACK = "reader"
-NAME_MAX = 80
 PREHEADER_MAX = 140
 SUMMARY_MAX = 600  # a feed that puts the whole essay in <summary> gets an excerpt instead
 EXCERPT_MAX = 300
@@ -89,9 +90,6 @@ EMAIL_STYLES: Mapping[str, str] = {
     "hr": "border:0;border-top:1px solid #d0d7de;margin:16px 0;",
 }
 
-# Controls, line/paragraph separators and bidi overrides: none belongs in a greeting.
-_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_SPACES = re.compile(r"\s+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
@@ -99,48 +97,6 @@ _HTTP = ("https://", "http://")
 
 
 # --------------------------------------------------------------------------- public types
-
-
-@dataclass(frozen=True)
-class CompiledEmail:
-    """A digest compiled once, split into static parts around per-recipient slots.
-
-    ``html_parts`` has exactly one more element than ``html_slots``; recipient HTML is
-    ``parts[0] + value(slots[0]) + parts[1] + ... + parts[-1]``. The same holds for text.
-    """
-
-    subject: str
-    preheader: str
-    html_parts: tuple[str, ...]
-    html_slots: tuple[str, ...]
-    text_parts: tuple[str, ...]
-    text_slots: tuple[str, ...]
-    # Derived in __post_init__: the interleaved parts (slot positions hold "") and, for each
-    # slot position, the index of its value in SLOT_NAMES order.
-    _html_seq: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    _html_fill: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
-    _text_seq: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    _text_fill: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Precompute, once, the interleaved list personalize copies and the (position, value
-        # index) pairs it fills: per recipient that leaves a list copy, a few stores, a join.
-        for parts, slots, kind in (
-            (self.html_parts, self.html_slots, "html"),
-            (self.text_parts, self.text_slots, "text"),
-        ):
-            if len(parts) != len(slots) + 1:
-                raise ValueError(f"{kind}: need one more part than slots")
-            unknown = set(slots) - set(SLOT_NAMES)
-            if unknown:
-                raise ValueError(f"{kind}: unknown slots {sorted(unknown)}")
-            seq: list[str] = [parts[0]]
-            fill: list[tuple[int, int]] = []
-            for slot, part in zip(slots, parts[1:]):
-                fill.append((len(seq), SLOT_NAMES.index(slot)))
-                seq.extend(("", part))
-            object.__setattr__(self, f"_{kind}_seq", tuple(seq))
-            object.__setattr__(self, f"_{kind}_fill", tuple(fill))
 
 
 @dataclass(frozen=True)
@@ -345,10 +301,6 @@ _RAW_SEGMENTS = re.compile(r"<style\b.*?</style>|<script\b.*?</script>|<!--.*?--
 NARROW_GROWTH_MAX = 1.10
 
 
-def _is_latin1(value: str) -> bool:
-    return value.isascii() or max(value) <= "\xff"
-
-
 def _narrow_html(html: str) -> str:
     """``html`` with characters beyond Latin-1 as ``&#NNNN;`` when that costs ≤ 10 % in size.
 
@@ -421,62 +373,6 @@ def compile_draft(
         text_parts=text_parts,
         text_slots=text_slots,
     )
-
-
-def _clean_name(name: str) -> str:
-    if not name.isprintable():  # fast path: most names have nothing to remove
-        name = _SPACES.sub(" ", _NAME_JUNK.sub(" ", name))
-    name = name.strip()
-    return name[:NAME_MAX].rstrip() if len(name) > NAME_MAX else name
-
-
-def _escape(value: str) -> str:
-    # Most values (our signed URLs, ordinary names) contain nothing to escape; five substring
-    # scans are cheaper than html.escape's five replaces.
-    if "&" in value or "<" in value or ">" in value or '"' in value or "'" in value:
-        value = _html.escape(value, quote=True)
-    if not value.isascii() and not _is_latin1(value):
-        # "李" as "&#26446;": one wide character would widen the whole joined string.
-        value = value.encode("latin-1", "xmlcharrefreplace").decode("latin-1")
-    return value
-
-
-def slot_values(*, name: str, unsubscribe_url: str, preferences_url: str
-                ) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
-    """One recipient's slot values in ``SLOT_NAMES`` order: (escaped for HTML, for text).
-
-    Providers that personalize server-side put these into their substitution data, so the
-    escaping is the same as :func:`personalize` applies.
-    """
-    if not (unsubscribe_url.startswith(_HTTP) and preferences_url.startswith(_HTTP)):
-        raise RenderError("unsubscribe and preferences URLs must be http(s) URLs")
-    clean = _clean_name(name) or NAME_FALLBACK
-    # Same order as SLOT_NAMES, which the precomputed fill positions index into.
-    return ((_escape(clean), _escape(unsubscribe_url), _escape(preferences_url)),
-            (clean, unsubscribe_url, preferences_url))
-
-
-def personalize(
-    compiled: CompiledEmail, *, name: str, unsubscribe_url: str, preferences_url: str
-) -> tuple[str, str]:
-    """Fill one recipient's values into a compiled digest; returns ``(html, text)``.
-
-    ``name`` loses control characters and is capped at 80 characters; when nothing is left
-    the greeting uses ``"reader"``. HTML values are escaped with ``html.escape`` (right for
-    text and for the double-quoted attributes MRML writes) and characters beyond Latin-1
-    become character references; text values go in as they are.
-    The URLs must be http(s) (they are our own signed links); anything else raises
-    :class:`RenderError`.
-    """
-    html_values, text_values = slot_values(name=name, unsubscribe_url=unsubscribe_url,
-                                           preferences_url=preferences_url)
-    html_seq = list(compiled._html_seq)
-    for position, index in compiled._html_fill:
-        html_seq[position] = html_values[index]
-    text_seq = list(compiled._text_seq)
-    for position, index in compiled._text_fill:
-        text_seq[position] = text_values[index]
-    return "".join(html_seq), "".join(text_seq)
 
 
 def compile_draft_ready(

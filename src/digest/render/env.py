@@ -19,13 +19,13 @@ import os
 from collections.abc import Callable
 from datetime import datetime, tzinfo
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import jinja2
 from jinja2.loaders import split_template_path
 
 from digest.errors import RenderError
+from digest.render.cache import bundled_templates_dir
 
 __all__ = ["bundled_templates_dir", "longdate", "make_env", "quote_lines"]
 
@@ -33,22 +33,6 @@ _MONTHS = (
     "January", "February", "March", "April", "May", "June",
     "July", "August", "September", "October", "November", "December",
 )  # fmt: skip
-
-
-def bundled_templates_dir() -> Path:
-    """The folder holding the default templates.
-
-    In a wheel, pyproject force-includes the repository's ``templates/`` as
-    ``digest/templates``; in an editable install the package has no such folder and the
-    templates sit at the repository root, three levels above this file's package.
-    """
-    try:
-        packaged = resources.files("digest") / "templates"
-        if isinstance(packaged, Path) and packaged.is_dir():
-            return packaged
-    except (ModuleNotFoundError, OSError):  # pragma: no cover - only odd import setups
-        pass
-    return Path(__file__).resolve().parents[3] / "templates"
 
 
 def longdate(value: datetime | None, tz: tzinfo | None = None) -> str:

@@ -50,6 +50,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # process, or the rows it sent could be pending again after a reboot and go out twice
     # (rule 1). It costs one WAL fsync per commit, a fraction of a millisecond per batch.
     cursor.execute("PRAGMA synchronous=FULL")
+    # SQLite's own page cache, per connection (2 MB by default). A send touches a few pages per
+    # batch, in id order, and the operating system caches the file as well: 512 KiB measured
+    # no slower for claims, settles or freezing a million-row audience, and keeps a sending
+    # process within its memory budget.
+    cursor.execute("PRAGMA cache_size=-512")
     cursor.close()
 
 

@@ -40,6 +40,7 @@ from digest.errors import DraftError, StoreError
 from digest.store import db
 from digest.store.schema import (
     comments,
+    compiled_drafts,
     delivery_events,
     draft_items,
     drafts,
@@ -911,6 +912,26 @@ class Store:
         with self._tx() as conn:
             conn.execute(delete(leases).where(and_(leases.c.name == name, leases.c.holder == holder)))
 
+    # -- compiled drafts (the render cache: digest.render.cache) ---------------------------
+
+    def compiled_draft(self, draft_id: int, render_key: str) -> str | None:
+        """The compiled draft stored under ``render_key`` (JSON text), or ``None``."""
+        with self._tx() as conn:
+            value = conn.execute(select(compiled_drafts.c.compiled).where(and_(
+                compiled_drafts.c.draft_id == draft_id, compiled_drafts.c.render_key == render_key))).scalar()
+        return None if value is None else str(value)
+
+    def save_compiled_draft(self, draft_id: int, render_key: str, compiled: str, now: datetime) -> None:
+        """Store a draft's compiled form under ``render_key``, replacing those under other keys
+        (made from templates or settings since changed). Another process storing the same key
+        at the same moment is not an error: both stored the same thing."""
+        try:
+            with self._tx() as conn:
+                conn.execute(delete(compiled_drafts).where(compiled_drafts.c.draft_id == draft_id))
+                conn.execute(insert(compiled_drafts).values(draft_id=draft_id, render_key=render_key,
+                                                            compiled=compiled, created_at=now))
+        except IntegrityError:
+            pass
 
 def open_store(url: str) -> Store:
     """Open (and on first use create) the database at ``url``."""
