@@ -41,7 +41,6 @@ def test_threads_of_a_send_share_one_malloc_arena(
     assert len(calls) == (1 if concurrency > 1 else 0)  # one worker: one arena anyway
     real()
     real()  # once is enough; again changes nothing and never fails
-    pipeline.share_malloc_arena()  # the pipeline's name for it still works
 
 
 def test_a_helper_process_shares_one_malloc_arena_too(

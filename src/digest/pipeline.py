@@ -357,14 +357,6 @@ def send(app: App, *, dry_run: bool = False,
     return summaries
 
 
-def share_malloc_arena() -> None:
-    """One malloc arena for this process's threads: the sender's workers ask for it when
-    they start (:func:`digest.delivery.sender.share_malloc_arena`)."""
-    from digest.delivery import sender
-
-    sender.share_malloc_arena()
-
-
 def resolve_uncertain(app: App, draft_id: int, how: str) -> int:
     if how not in ("resend", "mark-sent"):
         raise DraftError(f"unknown resolution {how!r}: use resend or mark-sent")

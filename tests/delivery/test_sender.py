@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -340,3 +342,75 @@ def test_unsent_part_of_a_batch_goes_back_to_the_queue(app: pipeline.App) -> Non
     assert summary.finished and app.store.ledger_counts(summary.draft_id) == {"sent": 5}
     assert received(provider) == sorted(EMAILS)
     assert sorted(m.to_email for c in provider.calls for m in c).count(provider.calls[0][1].to_email) == 2
+
+
+class BuildingProvider(ScriptedProvider):
+    """Builds each template batch ahead (:meth:`template_sender`) and sends the built batch;
+    the first send fails with ``first_error``. Records builds, sends and overlapping builds."""
+
+    personalizes = True
+
+    def __init__(self, first_error: BaseException | None = None) -> None:
+        super().__init__()
+        self.first_error = first_error
+        self.built: list[list[int]] = []
+        self.sent: list[list[int]] = []
+        self.building = 0
+        self.most_at_once = 0
+        self._count_lock = threading.Lock()
+
+    def template_sender(self, template, recipients):  # type: ignore[no-untyped-def]
+        with self._count_lock:
+            self.building += 1
+            self.most_at_once = max(self.most_at_once, self.building)
+        time.sleep(0.01)  # long enough for another worker to start building, were it allowed
+        batch = [r.ledger_id for r in recipients]
+        self.built.append(batch)
+        with self._count_lock:
+            self.building -= 1
+
+        def send() -> list[SendResult]:
+            self.sent.append(batch)
+            if self.first_error is not None:
+                error, self.first_error = self.first_error, None
+                raise error
+            return [SendResult(i, "sent", "tpl") for i in batch]
+
+        return send
+
+
+def test_a_retry_sends_the_built_batch_again_without_building_it_again(app: pipeline.App) -> None:
+    provider = BuildingProvider(DeliveryError("HTTP 503", retryable=True, status=503))
+    summary = sender(app, provider).run()
+    assert summary.sent == 5 and summary.finished
+    assert len(provider.built) == summary.batches == 3  # built once per batch
+    assert provider.sent[0] == provider.sent[1] == provider.built[0]  # the same recipients again
+    assert sorted(i for batch in provider.built for i in batch) == sorted(
+        r[0] for r in app.store.ledger_rows(summary.draft_id))
+    assert app.store.ledger_counts(summary.draft_id) == {"sent": 5}
+
+
+def test_a_failed_build_is_a_failed_attempt(app: pipeline.App) -> None:
+    class Refusing(BuildingProvider):
+        def template_sender(self, template, recipients):  # type: ignore[no-untyped-def]
+            raise DeliveryError("bad From address")
+
+    provider = Refusing()
+    summary = sender(app, provider).run()
+    assert summary.sent == 0 and sum(summary.failed.values()) == 5
+    assert app.store.ledger_counts(summary.draft_id) == {"failed": 5}
+
+
+def test_workers_build_one_batch_at_a_time(tmp_path: Path, clock: FrozenClock) -> None:
+    settings = make_settings(tmp_path, delivery={"concurrency": 3}, digest={"approval": {"required": False}})
+    a = pipeline.App.open(settings, clock)
+    try:
+        a.store.upsert_subscribers([(f"r{i}@example.com", f"R {i}") for i in range(12)], "cli", clock())
+        pipeline.collect(a)
+        pipeline.make_draft(a)
+        provider = BuildingProvider()
+        summary = sender(a, provider).run()
+    finally:
+        a.close()
+    assert summary.sent == 12 and len(provider.built) == 6
+    assert provider.most_at_once == 1

@@ -292,3 +292,39 @@ def test_check_needs_the_send_scope(srv: FakeProviderServer) -> None:
     srv.route("GET", "/v3/scopes", lambda s, r: Reply(200, payload("scopes_no_send.json")))
     with pytest.raises(AuthError, match="mail.send"):
         live(srv).check()
+
+
+def test_a_built_template_batch_is_resent_as_it_was(
+        provider: SendGridProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender keeps the built batch, not the recipients, for a retry: sending it again
+    posts the very same body and answers for the same recipients, in their order."""
+    posted: list[bytes] = []
+
+    def perform(call: object) -> tuple[int, dict[str, str], bytes]:
+        posted.append(call.body)  # type: ignore[attr-defined]
+        return 202, {"X-Message-Id": "m1"}, b""
+
+    monkeypatch.setattr(provider, "perform", perform)
+    broken = make_recipient(3)._replace(html_values=("x",))
+    send = provider.template_sender(make_template(), [make_recipient(2), broken, make_recipient(1)])
+    first, again = send(), send()
+    assert first == again
+    assert [(r.ledger_id, r.status) for r in first] == [(2, "sent"), (3, "invalid"), (1, "sent")]
+    assert len(posted) == 2 and posted[0] == posted[1]
+    assert [p["custom_args"]["ledger_id"] for p in json.loads(posted[0])["personalizations"]] == ["2", "1"]
+    assert provider.template_sender(make_template(), [])() == []
+
+
+def test_the_body_is_the_json_text_in_utf8(provider: SendGridProvider) -> None:
+    """Built as bytes piece by piece, the body is still exactly the JSON text, encoded once
+    (a lone surrogate, which no valid input holds, becomes "?")."""
+    readers = [make_recipient(1, name="Zoë"), make_recipient(2, name="Bad \ud800 name"), make_recipient(3)]
+    call, ids = provider.build_template_request(make_template(), readers, nonce="abc123")
+    assert ids == (1, 2, 3)
+    text = call.body.decode("utf-8")  # type: ignore[union-attr]
+    data = json.loads(text)
+    assert [p["custom_args"]["ledger_id"] for p in data["personalizations"]] == ["1", "2", "3"]
+    assert "Zoë" in text and "Bad ? name" in text
+    assert call.body == json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    empty, no_ids = provider.build_template_request(make_template(), [], nonce="abc123")
+    assert no_ids == () and json.loads(empty.body)["personalizations"] == []

@@ -44,6 +44,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -211,6 +212,18 @@ class Provider(ABC):
         """
         raise NotImplementedError(f"{self.name} does not personalize messages server-side")
 
+    def template_sender(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+    ) -> Callable[[], list[SendResult]]:
+        """:meth:`send_template_batch` in two steps: check and build the batch now, send it
+        when the returned function is called. Calling it again sends the very same batch
+        again (a retry), so the caller need not keep ``recipients`` for that.
+
+        Raises what :meth:`send_template_batch` raises before anything is sent. The default
+        builds nothing ahead: each call is a :meth:`send_template_batch`.
+        """
+        return partial(self.send_template_batch, template, recipients)
+
     @abstractmethod
     def check(self) -> str:
         """Reach the provider without sending anything; return a one-line description.
@@ -373,12 +386,23 @@ class HttpProvider(Provider):
         """Send a built template call (when it carries anyone) and return one result per
         recipient, in order: ``answer`` reads the provider's reply for the ledger ``ids`` the
         call carried (header names lower-cased); refused recipients keep their results."""
+        return self.send_built_template(call, ids, [r.ledger_id for r in recipients], answer)
+
+    def send_built_template(
+        self,
+        call: PreparedCall,
+        ids: Sequence[int],
+        order: Sequence[int],
+        answer: Callable[[int, Mapping[str, str], bytes, Sequence[int]], list[SendResult]],
+    ) -> list[SendResult]:
+        """:meth:`send_template_call` with the batch's ledger ids, in order, instead of its
+        recipients: what a built call needs to be sent again without them."""
         results: list[SendResult] = []
         if ids:
             status, headers, body = self.perform(call)
             results = answer(status, {k.lower(): v for k, v in headers.items()}, body, ids)
         by_id = {r.ledger_id: r for r in (*results, *call.refused)}
-        return [by_id[r.ledger_id] for r in recipients]
+        return [by_id[i] for i in order]
 
     def _send_group(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         call = self.build_request(messages)

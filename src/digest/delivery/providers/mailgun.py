@@ -39,6 +39,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from itertools import chain, groupby, repeat
 from json.encoder import encode_basestring
 from operator import attrgetter, contains, itemgetter
@@ -479,11 +480,19 @@ class MailgunProvider(HttpProvider):
         self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
     ) -> list[SendResult]:
         """One call for the whole batch; Mailgun makes each reader's copy."""
+        return self.template_sender(template, recipients)()
+
+    def template_sender(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+    ) -> Callable[[], list[SendResult]]:
+        """The batch's one call, built now; the returned function sends it (again, for a
+        retry: the same body) and returns one result per recipient."""
         if not recipients:
-            return []
+            return list
         self._check_batch(recipients)
         call, ids = self.build_template_request(template, recipients)
-        return self.send_template_call(call, ids, recipients, self._answer)
+        order = tuple(r.ledger_id for r in recipients)
+        return partial(self.send_built_template, call, ids, order, self._answer)
 
     def _answer(self, status: int, headers: Mapping[str, str], body: bytes, ids: Sequence[int]) -> list[SendResult]:
         self.raise_for_common_status(status, headers, body)

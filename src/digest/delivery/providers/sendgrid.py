@@ -24,10 +24,12 @@ Two ways to send, because a request has **one** body for all its personalization
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from email.utils import quote as rfc822_quote
+from functools import partial
 from json.encoder import encode_basestring
 from typing import Any, ClassVar
 
@@ -85,6 +87,38 @@ def _email_json(name: str, address: str) -> tuple[str, str]:
 # The C string encoder behind json.dumps, without json.dumps's per-call dispatch: a
 # personalization holds about ten strings, and this is a fifth of the cost of dumps().
 _json: Callable[[str], str] = encode_basestring
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as body bytes. A lone surrogate (which no valid input holds) becomes "?"
+    instead of failing the batch."""
+    return text.encode("utf-8", "replace")
+
+
+class _Body:
+    """A request body written as it is built: ``data``'s JSON with the personalizations
+    added one by one, each encoded (see :func:`_utf8`) as it comes.
+
+    Why not join them at the end: a batch's body is over half a megabyte, and a list of the
+    pieces, their text joined, then encoded, held three copies of it at once. Here the body
+    is the only copy (the buffer's last bytes are handed over as they are).
+    """
+
+    def __init__(self, head: str) -> None:
+        self._out = io.BytesIO()
+        self._out.write(_utf8(f'{head[:-1]},"personalizations":['))
+        self._sep = b""
+
+    def add(self, personalization: str) -> None:
+        self._out.write(self._sep)
+        self._out.write(_utf8(personalization))
+        self._sep = b","
+
+    def done(self) -> bytes:
+        self._out.write(b"]}")
+        return self._out.getvalue()
+
+
 # Header names already checked, with their JSON text: the same few names come with every
 # reader, and checking them once per name is enough.
 _HEADER_KEYS: dict[str, str] = {}
@@ -199,11 +233,10 @@ class SendGridProvider(HttpProvider):
         seen.add(key)
         return False
 
-    def _post(self, data: dict[str, Any], personalizations: Sequence[str]) -> bytes:
-        """The request body: ``data`` plus the personalizations, already JSON text."""
-        head = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        # A lone surrogate (which no valid input holds) becomes "?" instead of failing the batch.
-        return f'{head[:-1]},"personalizations":[{",".join(personalizations)}]}}'.encode("utf-8", "replace")
+    @staticmethod
+    def _post(data: dict[str, Any]) -> _Body:
+        """The request body, to be written: ``data`` now, then the personalizations."""
+        return _Body(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
     # -- full bodies ----------------------------------------------------------------------------
 
@@ -221,7 +254,7 @@ class SendGridProvider(HttpProvider):
             raise ValueError("sendgrid: one request carries one body; group messages first")
         data = self._envelope(first.from_addr, first.subject, first.reply_to, first.tag)
         data["content"] = self._content(first.text, first.html)
-        personalizations: list[str] = []
+        body = self._post(data)
         included: list[OutgoingMessage] = []
         refused: list[SendResult] = []
         seen: set[str] = set()
@@ -238,13 +271,13 @@ class SendGridProvider(HttpProvider):
                     SendResult(m.ledger_id, "failed", None, "the same address twice in one batch")
                 )
                 continue
-            personalizations.append(item)
+            body.add(item)
             included.append(m)
         return PreparedCall(
             "POST",
             self.send_url,
             self._post_headers,
-            self._post(data, personalizations),
+            body.done(),
             tuple(included),
             tuple(refused),
         )
@@ -307,7 +340,7 @@ class SendGridProvider(HttpProvider):
                 pairs.setdefault(key(kind, slot), (f"{_json(key(kind, slot))}:", kind == "h",
                                                    SLOT_NAMES.index(slot)))
         substitutions = list(pairs.values())
-        personalizations: list[str] = []
+        body = self._post(data)
         ids: list[int] = []
         refused: list[SendResult] = []
         seen: set[str] = set()
@@ -331,10 +364,10 @@ class SendGridProvider(HttpProvider):
                     SendResult(r.ledger_id, "failed", None, "the same address twice in one batch")
                 )
                 continue
-            personalizations.append(item)
+            body.add(item)
             ids.append(r.ledger_id)
         call = PreparedCall(
-            "POST", self.send_url, self._post_headers, self._post(data, personalizations), (),
+            "POST", self.send_url, self._post_headers, body.done(), (),
             tuple(refused)
         )
         return call, tuple(ids)
@@ -343,11 +376,19 @@ class SendGridProvider(HttpProvider):
         self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
     ) -> list[SendResult]:
         """One request for the whole batch: the template once, each reader's values apart."""
+        return self.template_sender(template, recipients)()
+
+    def template_sender(
+        self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+    ) -> Callable[[], list[SendResult]]:
+        """The batch's one request, built now; the returned function sends it (again, for a
+        retry: the same body, nonce included) and returns one result per recipient."""
         if not recipients:
-            return []
+            return list
         self._check_batch(recipients)
         call, ids = self.build_template_request(template, recipients)
-        return self.send_template_call(call, ids, recipients, self._answer)
+        order = tuple(r.ledger_id for r in recipients)
+        return partial(self.send_built_template, call, ids, order, self._answer)
 
     def _answer(self, status: int, headers: Mapping[str, str], body: bytes, ids: Sequence[int]) -> list[SendResult]:
         self._raise_for_status(status, headers, body)
