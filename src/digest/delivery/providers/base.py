@@ -376,18 +376,6 @@ class HttpProvider(Provider):
         by_id = {r.ledger_id: r for r in results}
         return [by_id[m.ledger_id] for m in messages]
 
-    def send_template_call(
-        self,
-        call: PreparedCall,
-        ids: Sequence[int],
-        recipients: Sequence[TemplateRecipient],
-        answer: Callable[[int, Mapping[str, str], bytes, Sequence[int]], list[SendResult]],
-    ) -> list[SendResult]:
-        """Send a built template call (when it carries anyone) and return one result per
-        recipient, in order: ``answer`` reads the provider's reply for the ledger ``ids`` the
-        call carried (header names lower-cased); refused recipients keep their results."""
-        return self.send_built_template(call, ids, [r.ledger_id for r in recipients], answer)
-
     def send_built_template(
         self,
         call: PreparedCall,
@@ -395,8 +383,10 @@ class HttpProvider(Provider):
         order: Sequence[int],
         answer: Callable[[int, Mapping[str, str], bytes, Sequence[int]], list[SendResult]],
     ) -> list[SendResult]:
-        """:meth:`send_template_call` with the batch's ledger ids, in order, instead of its
-        recipients: what a built call needs to be sent again without them."""
+        """Send a built template call (when it carries anyone) and return one result per
+        recipient of the batch, in ``order`` (its ledger ids): ``answer`` reads the provider's
+        reply for the ledger ``ids`` the call carried (header names lower-cased); refused
+        recipients keep their results. Needs no recipients, so a built call can be sent again."""
         results: list[SendResult] = []
         if ids:
             status, headers, body = self.perform(call)

@@ -350,7 +350,8 @@ class PostmarkProvider(HttpProvider):
             self.raise_for_common_status(status, headers, reply)
             return self._results(status, reply, included)
 
-        return self.send_template_call(call, [r.ledger_id for r in included], recipients, answer)
+        return self.send_built_template(call, [r.ledger_id for r in included],
+                                        [r.ledger_id for r in recipients], answer)
 
     def _header_text(self, kind: str, value: str) -> str:
         """A shared value made ready for the JSON: addresses formatted, text cleaned."""
