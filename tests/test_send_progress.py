@@ -67,6 +67,17 @@ def test_without_a_terminal_each_batch_is_one_line(capsys: pytest.CaptureFixture
     ]
 
 
+def test_the_rate_counts_from_the_start_of_the_send(capsys: pytest.CaptureFixture[str]) -> None:
+    """Workers finish their first batches together: the rate must not count from the first."""
+    timer = Timer()
+    progress = SendProgress(interactive=False, timer=timer)  # made as the send starts
+    timer.now += 4
+    progress(_summary(500, 2000, 1), 500)
+    timer.now += 0.1
+    progress(_summary(1000, 2000, 2), 500)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(", 244/s")  # 1,000 in 4.1 s
+
+
 def test_a_second_draft_starts_a_new_bar_on_a_new_line(capsys: pytest.CaptureFixture[str]) -> None:
     timer = Timer()
     progress = SendProgress(interactive=True, timer=timer)

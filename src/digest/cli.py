@@ -258,7 +258,9 @@ class SendProgress:
         self.interactive = interactive
         self.clock = timer
         self.draft_id: int | None = None
-        self.started = 0.0
+        # The rate counts from the start of the send (made just before it), and for each
+        # further draft from the previous draft's last batch.
+        self.started = self.last = timer()
         self.drawn = 0.0
         self.pending_newline = False
 
@@ -266,7 +268,10 @@ class SendProgress:
         now = self.clock()
         if summary.draft_id != self.draft_id:
             self.close()
-            self.draft_id, self.started, self.drawn = summary.draft_id, now, 0.0
+            if self.draft_id is not None:
+                self.started = self.last
+            self.draft_id, self.drawn = summary.draft_id, 0.0
+        self.last = now
         done, total = summary.done, summary.total
         elapsed = now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
