@@ -34,6 +34,20 @@ RENDERER = ("jinja2", "markupsafe", "mjml", "nh3", "digest.render.compose", "dig
 POSTGRESQL = ("sqlalchemy.dialects.postgresql", "psycopg")
 
 
+def _digest_send(config: Path) -> str:
+    """Code that runs `digest --config CONFIG send` as the command line does, and fails on a
+    non-zero exit."""
+    return f"""
+import sys
+from digest.cli import main
+sys.argv = ["digest", "--config", {str(config)!r}, "send"]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+"""
+
+
 def _loaded(code: str, cwd: Path = ROOT) -> set[str]:
     """The top-level packages and ``digest.*`` modules in ``sys.modules`` after running ``code``."""
     script = code + "\nimport json, sys\nprint('MODULES ' + json.dumps(sorted(sys.modules)))\n"
@@ -83,16 +97,7 @@ sources:
     comments:
       - {type: discourse, base_url: "https://forum.example.org"}
 """, encoding="utf-8")
-    code = f"""
-import sys
-from digest.cli import main
-sys.argv = ["digest", "--config", {str(send_config)!r}, "send"]
-try:
-    main()
-except SystemExit as exc:
-    assert not exc.code, exc.code
-"""
-    loaded = _loaded(code, cwd=tmp_path)
+    loaded = _loaded(_digest_send(config=send_config), cwd=tmp_path)
     assert len(list((tmp_path / "out").rglob("*.eml"))) == 1  # it did send
     # `digest draft` compiled the draft and stored it; the send loaded that.
     assert _present(loaded, NEVER_ON_SEND + RENDERER + POSTGRESQL) == []
@@ -119,16 +124,7 @@ sources:
         assert result.exit_code == 0, result.output
     (tmp_path / "templates" / "digest.txt.j2").write_text(
         "A new text part for {{ slots.name }}.\nUnsubscribe: {{ slots.unsubscribe_url }}\n", encoding="utf-8")
-    code = f"""
-import sys
-from digest.cli import main
-sys.argv = ["digest", "--config", {str(config)!r}, "send"]
-try:
-    main()
-except SystemExit as exc:
-    assert not exc.code, exc.code
-"""
-    loaded = _loaded(code, cwd=tmp_path)
+    loaded = _loaded(_digest_send(config=config), cwd=tmp_path)
     assert {"jinja2", "mjml", "digest.render.compose"} <= loaded
     (eml,) = (tmp_path / "out").rglob("*.eml")
     message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
