@@ -220,7 +220,7 @@ def sending_phase(db: Path) -> float:
 
     conn = sqlite3.connect(db)
     try:
-        first, last = conn.execute("SELECT min(claimed_at), max(settled_at) FROM send_ledger").fetchone()
+        first, last = conn.execute("SELECT min(claimed_at), max(settled_at) FROM send_batches").fetchone()
     finally:
         conn.close()
     return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
@@ -338,7 +338,7 @@ def ledger(args: argparse.Namespace) -> None:
             # Distinct message ids, as Postmark gives: the per-row settle, the costlier one.
             results = [SendResult(c.ledger_id, "sent", f"msg-{c.ledger_id}") for c in claimed]
             t2 = time.perf_counter()
-            store.settle(results, args.provider, now)
+            store.settle(results, args.provider, now, claimed)
             claim += t1 - t0
             settle += time.perf_counter() - t2
             rows += len(claimed)

@@ -128,7 +128,7 @@ def test_sigkill_of_a_send_with_helper_processes_then_restart_never_sends_twice(
         def holders() -> int:
             with store.engine.connect() as conn:
                 return len(conn.exec_driver_sql(
-                    "SELECT DISTINCT claim_token FROM send_ledger WHERE claim_token IS NOT NULL").all())
+                    "SELECT DISTINCT claim_token FROM send_batches WHERE claim_token IS NOT NULL").all())
 
         deadline = time.monotonic() + 60
         while (holders() < 2 or len(srv.messages) < 30) and time.monotonic() < deadline:

@@ -36,7 +36,7 @@ def test_two_processes_send_everyone_exactly_once(tmp_path: Path, db_url: str, c
         progress: list[tuple[int, int, int]] = []
         (summary,) = pipeline.send(app, on_batch=lambda s, size: progress.append((size, s.done, s.total)))
         with app.store.engine.connect() as conn:
-            holders = conn.exec_driver_sql("SELECT DISTINCT claim_token FROM send_ledger").all()
+            holders = conn.exec_driver_sql("SELECT DISTINCT claim_token FROM send_batches").all()
         ledger = {email: status for _id, email, status in app.store.ledger_rows(1)}
         app.close()
         received = collections.Counter(m["To"] for m in srv.messages)

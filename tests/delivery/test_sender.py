@@ -146,7 +146,7 @@ def test_store_failure_stops_at_once_and_leaves_rows_uncertain(app: pipeline.App
     s = sender(app, provider)
     original = Store.settle
 
-    def broken(self, results, provider_name, now):  # type: ignore[no-untyped-def]
+    def broken(self, results, provider_name, now, batch=None):  # type: ignore[no-untyped-def]
         raise StoreError("disk full")
 
     monkeypatch.setattr(Store, "settle", broken)

@@ -64,7 +64,8 @@ def test_partial_indexes_keep_their_condition_on_both_databases() -> None:
 
     schema.postgresql_options()
     schema.postgresql_options()  # again: no harm
-    for table, name in ((schema.send_ledger, "ix_send_ledger_pending"), (schema.drafts, "uq_drafts_live_period")):
+    for table, name in ((schema.send_ledger, "ix_send_ledger_queued"), (schema.send_ledger, "ix_send_ledger_batch"),
+                        (schema.drafts, "uq_drafts_live_period")):
         (index,) = [i for i in table.indexes if i.name == name]
         where = schema.PARTIAL_INDEXES[name]
         for dialect in (sqlite.dialect(), postgresql.dialect()):
@@ -77,6 +78,6 @@ def test_create_all_on_postgresql_makes_partial_indexes(pg_database: str) -> Non
     engine = create_engine(pg_database)
     schema.metadata.create_all(engine)
     indexes = {i["name"]: i for i in inspect(engine).get_indexes("send_ledger")}
-    assert "pending" in indexes["ix_send_ledger_pending"]["dialect_options"]["postgresql_where"]
+    assert "queued" in indexes["ix_send_ledger_queued"]["dialect_options"]["postgresql_where"]
     engine.dispose()
     _reset_pg(pg_database)

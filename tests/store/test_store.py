@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import inspect
 
 from digest.errors import DraftError, StoreError
 from digest.store import Store, db, open_store
@@ -226,19 +226,202 @@ def test_votes_round_trip_and_partial_comment_lists_delete_nothing(store: Store)
     assert (got["v"].upvotes, got["v"].downvotes) == (9, 4)
 
 
-def test_the_claim_reads_the_partial_index_of_pending_rows(sqlite_store: Store) -> None:
-    """Migration 0005: the claim query is served by an index that holds only pending rows,
-    so a row leaves it when claimed and settling touches no index."""
+def test_the_claim_reads_a_range_of_the_primary_key_above_the_cursor(sqlite_store: Store) -> None:
+    """Migration 0007: the next rows of a draft are a range of the table's own key, so a claim
+    costs the same with a million rows left or ten, and needs no index of pending rows."""
     sql = sqlite_store._sql(sqlite_store._CLAIM_SQL)
     with sqlite_store.engine.connect() as conn:
-        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", (1, 10)))
-        assert "ix_send_ledger_pending" in plan
-        (where,) = conn.exec_driver_sql(
-            "SELECT sql FROM sqlite_master WHERE name = 'ix_send_ledger_pending'").one()
-        assert "status = 'pending'" in where
+        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", (0, 10, 1, 10)))
+    assert "INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan
+    with sqlite_store.engine.connect() as conn:
+        plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {sqlite_store._sql(sqlite_store._QUEUED_SQL)}", (1, 10)))
+    assert "ix_send_ledger_queued" in plan  # rows back in the queue: their own small index
 
 
-def test_downgrade_from_the_pending_index_restores_the_status_index(db_url: str) -> None:
+def _own_statuses(store: Store, draft_id: int) -> dict[int, str]:
+    with store.engine.connect() as conn:
+        return dict(conn.exec_driver_sql(  # type: ignore[arg-type]
+            f"SELECT id, status FROM send_ledger WHERE draft_id = {int(draft_id)}").all())
+
+
+def _batches(store: Store) -> list[tuple[Any, ...]]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(
+            "SELECT first_id, last_id, status, claim_token, provider_message_id, message_ids FROM send_batches "
+            "ORDER BY id").all()]
+
+
+def test_a_claim_writes_one_batch_row_and_no_ledger_row(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
+    store.start_send(draft_id, NOW)
+    ids = sorted(_own_statuses(store, draft_id))
+    batch = store.claim_batch(draft_id, 3, "me", NOW)
+    assert [c.ledger_id for c in batch] == ids[:3] and batch.ranged
+    assert set(_own_statuses(store, draft_id).values()) == {"pending"}
+    assert _batches(store) == [(ids[0], ids[2], "claimed", "me", None, None)]
+    assert store.ledger_counts(draft_id) == {"claimed": 3, "pending": 1}
+    assert store.pending_count(draft_id) == 1
+    assert [status for _, _, status in store.ledger_rows(draft_id)] == ["claimed"] * 3 + ["pending"]
+
+
+def test_settle_writes_the_verdict_once_and_only_the_rows_that_differ(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 4, "me", NOW)
+    a, b, c, d = (x.ledger_id for x in batch)
+    store.settle([SendResult(a, "sent", "m"), SendResult(b, "invalid", None, "bad address"),
+                  SendResult(c, "sent", "m"), SendResult(d, "sent", "m")], "sendgrid", NOW, batch)
+    assert _own_statuses(store, draft_id) == {a: "pending", b: "invalid", c: "pending", d: "pending"}
+    assert _batches(store) == [(a, d, "sent", "me", "m", None)]
+    assert store.ledger_counts(draft_id) == {"sent": 3, "invalid": 1}
+    assert [status for _, _, status in store.ledger_rows(draft_id)] == ["sent", "invalid", "sent", "sent"]
+
+
+def test_per_message_ids_are_kept_on_the_batch(store: Store) -> None:
+    import json
+
+    draft_id = _sending(store, ["a@x.org", "b@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    a, b = (x.ledger_id for x in batch)
+    store.settle([SendResult(a, "sent", "id-a"), SendResult(b, "sent", "id-b")], "postmark", NOW, batch)
+    (row,) = _batches(store)
+    assert row[2] == "sent" and json.loads(row[5]) == {str(a): "id-a", str(b): "id-b"}
+    assert set(_own_statuses(store, draft_id).values()) == {"pending"}
+
+
+def test_claims_from_two_senders_never_overlap(store: Store) -> None:
+    """Two senders with their own connections (as two processes or hosts have) claim until no
+    row is left: every row is claimed exactly once."""
+    import threading
+
+    emails = [f"r{i:03d}@x.org" for i in range(90)]
+    draft_id = _sending(store, emails)
+    store.start_send(draft_id, NOW)
+    other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
+    taken: dict[str, list[int]] = {"a": [], "b": []}
+
+    def claim(s: Store, name: str) -> None:
+        while batch := s.claim_batch(draft_id, 7, name, NOW):
+            taken[name] += [c.ledger_id for c in batch]
+            s.settle([SendResult(c.ledger_id, "sent", None) for c in batch], "outbox", NOW, batch)
+
+    threads = [threading.Thread(target=claim, args=(s, n)) for s, n in ((store, "a"), (other, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other.close()
+    everyone = taken["a"] + taken["b"]
+    assert sorted(everyone) == sorted(_own_statuses(store, draft_id)) and len(set(everyone)) == 90
+    assert store.ledger_counts(draft_id) == {"sent": 90}
+
+
+def test_released_rows_are_claimed_again_before_the_cursor_moves_on(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
+    store.start_send(draft_id, NOW)
+    first = store.claim_batch(draft_id, 3, "me", NOW)
+    a, b, c = (x.ledger_id for x in first)
+    store.release([b], "not sent: the batch stopped first", NOW, first)
+    store.settle([SendResult(a, "sent", None), SendResult(c, "sent", None)], "outbox", NOW, first)
+    assert store.ledger_counts(draft_id) == {"sent": 2, "pending": 2}
+    assert store.pending_count(draft_id) == 2
+    again = store.claim_batch(draft_id, 3, "me", NOW)
+    assert [x.ledger_id for x in again] == [b] and not again.ranged
+    assert store.ledger_counts(draft_id) == {"sent": 2, "claimed": 1, "pending": 1}
+    store.settle([SendResult(b, "sent", None)], "outbox", NOW, again)
+    last = store.claim_batch(draft_id, 3, "me", NOW)
+    assert [x.recipient.email for x in last] == ["d@x.org"] and last.ranged
+    store.settle([SendResult(last[0].ledger_id, "sent", None)], "outbox", NOW, last)
+    assert store.ledger_counts(draft_id) == {"sent": 4}
+    assert store.claim_batch(draft_id, 3, "me", NOW) == []
+
+
+def test_a_whole_batch_released_goes_back_to_the_queue(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    store.release([x.ledger_id for x in batch], "401", NOW, batch)
+    assert _batches(store)[0][2] == "released"
+    assert store.ledger_counts(draft_id) == {"pending": 3}
+    again = store.claim_batch(draft_id, 5, "me", NOW)
+    assert [x.ledger_id for x in again] == [x.ledger_id for x in batch]
+
+
+def test_an_uncertain_batch_is_one_write_and_resolves_either_way(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    store.mark_uncertain([x.ledger_id for x in batch], "timed out", NOW, batch)
+    assert set(_own_statuses(store, draft_id).values()) == {"pending"}
+    assert store.ledger_counts(draft_id) == {"uncertain": 2, "pending": 1}
+    assert store.resolve_uncertain(draft_id, "mark-sent", NOW) == 2
+    assert store.ledger_counts(draft_id) == {"sent": 2, "pending": 1}
+    rest = store.claim_batch(draft_id, 2, "me", NOW)
+    assert len(rest) == 1
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 1  # its sender died
+    assert store.resolve_uncertain(draft_id, "resend", NOW) == 1
+    assert store.ledger_counts(draft_id) == {"sent": 2, "pending": 1}
+    again = store.claim_batch(draft_id, 2, "me", NOW)
+    assert [x.ledger_id for x in again] == [rest[0].ledger_id]
+
+
+def test_uncertain_batches_come_back_as_they_went_out(store: Store) -> None:
+    draft_id = _sending(store, [f"r{i}@x.org" for i in range(5)])
+    store.start_send(draft_id, NOW)
+    one = store.claim_batch(draft_id, 2, "me", NOW)
+    two = store.claim_batch(draft_id, 3, "me", NOW)
+    store.mark_uncertain([x.ledger_id for x in one], "reset", NOW, one)
+    # Part of the second batch is uncertain, the rest was sent.
+    store.mark_uncertain([two[0].ledger_id], "reset", NOW, two)
+    store.settle([SendResult(x.ledger_id, "sent", None) for x in two[1:]], "resend", NOW, two)
+    groups = store.uncertain_batches(draft_id, "again", NOW)
+    assert [[x.ledger_id for x in g] for g in groups] == [[x.ledger_id for x in one], [two[0].ledger_id]]
+    assert store.ledger_counts(draft_id) == {"claimed": 3, "sent": 2}
+    for g in groups:
+        store.settle([SendResult(x.ledger_id, "sent", None) for x in g], "resend", NOW, g)
+    assert store.ledger_counts(draft_id) == {"sent": 5}
+
+
+def test_upgrade_keeps_rows_in_flight_uncertain_and_downgrade_gives_rows_their_status(db_url: str) -> None:
+    """A send interrupted under schema 0006 (rows marked claimed one by one) is upgraded: the
+    next sender still finds those rows in flight. Going back to 0006 writes each row's
+    status as the batches gave it."""
+    from alembic import command
+
+    engine = db.make_engine(db_url)
+    db.upgrade(engine, "0006")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO drafts (id, period_key, status, subject, snapshot, content_hash, "
+                             "created_at, updated_at) VALUES (1, 'p', 'sending', 's', '[]', 'h', "
+                             "'2026-11-01', '2026-11-01')")
+        for i, status in enumerate(("sent", "claimed", "pending"), start=1):
+            conn.exec_driver_sql("INSERT INTO subscribers (id, email, name, status, origin, created_at, updated_at) "
+                                 f"VALUES ({i}, 'r{i}@x.org', '', 'active', 'cli', '2026-11-01', '2026-11-01')")
+            conn.exec_driver_sql("INSERT INTO send_ledger (id, draft_id, subscriber_id, email, status, attempts) "
+                                 f"VALUES ({i}, 1, {i}, 'r{i}@x.org', '{status}', 0)")
+    db.upgrade(engine)
+    store = Store(engine)
+    store.start_send(1, NOW)
+    assert store.mark_stale_claims_uncertain(1, NOW) == 1
+    batch = store.claim_batch(1, 10, "me", NOW)
+    assert [x.ledger_id for x in batch] == [3]
+    assert store.ledger_counts(1) == {"sent": 1, "uncertain": 1, "claimed": 1}
+    with engine.begin() as conn:
+        cfg = db._alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0006")
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, status FROM send_ledger ORDER BY id").all()
+    assert [tuple(r) for r in rows] == [(1, "sent"), (2, "uncertain"), (3, "claimed")]
+    names = {ix["name"] for ix in inspect(engine).get_indexes("send_ledger")}
+    assert "ix_send_ledger_pending" in names and "ix_send_ledger_queued" not in names
+    assert db.upgrade(engine) == ("0006", db.HEAD)
+    engine.dispose()
+
+
+def test_downgrade_to_before_the_pending_index_restores_the_status_index(db_url: str) -> None:
     engine = db.make_engine(db_url)
     db.upgrade(engine)
     from alembic import command
@@ -251,76 +434,5 @@ def test_downgrade_from_the_pending_index_restores_the_status_index(db_url: str)
     assert "ix_send_ledger_draft_status" in names and "ix_send_ledger_pending" not in names
     assert db.upgrade(engine) == ("0004", db.HEAD)
     names = {ix["name"] for ix in inspect(engine).get_indexes("send_ledger")}
-    assert "ix_send_ledger_pending" in names and "ix_send_ledger_draft_status" not in names
+    assert "ix_send_ledger_queued" in names and "ix_send_ledger_draft_status" not in names
     engine.dispose()
-
-
-def test_a_claim_sends_exactly_the_rows_it_won_when_others_change_them_meanwhile(sqlite_store: Store) -> None:
-    """SQLite: between the claim's select and its update another sender takes one selected row
-    and puts back another in the same id range. The counts match, the rows do not: the claim
-    must return the rows it holds, never the one it lost."""
-    store = sqlite_store
-    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
-    store.start_send(draft_id, NOW)
-    ids = [i for i, _, _ in store.ledger_rows(draft_id)]
-    with store.engine.begin() as conn:  # row 2 is out with another sender to begin with
-        conn.exec_driver_sql("UPDATE send_ledger SET status = 'claimed', claim_token = 'other' WHERE id = ?",
-                             (ids[1],))
-    raw = store._raw
-    other = create_engine(store.engine.url)
-
-    def meddle(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
-        cursor = raw(conn, sql, params, many)
-        if sql.startswith("SELECT l.id") and "LIMIT" in sql:
-            rows = cursor.fetchall()
-            with other.begin() as c2:  # the other sender: takes row 3, puts row 2 back
-                c2.exec_driver_sql("UPDATE send_ledger SET status = 'claimed', claim_token = 'other' "
-                                   "WHERE id = ?", (ids[2],))
-                c2.exec_driver_sql("UPDATE send_ledger SET status = 'pending', claim_token = NULL "
-                                   "WHERE id = ?", (ids[1],))
-            return _Rows(rows)
-        return cursor
-
-    store._raw = meddle  # type: ignore[method-assign]
-    claimed = store.claim_batch(draft_id, 10, "mine", NOW)
-    other.dispose()
-    assert sorted(c.ledger_id for c in claimed) == [ids[0], ids[1], ids[3]]
-    with store.engine.connect() as conn:
-        held = conn.exec_driver_sql("SELECT id FROM send_ledger WHERE claim_token = 'mine' ORDER BY id").all()
-    assert [r[0] for r in held] == [ids[0], ids[1], ids[3]]
-
-
-def test_a_claim_that_loses_every_selected_row_claims_the_next_ones(sqlite_store: Store) -> None:
-    """Another sender takes both selected rows before the update: the claim goes on to the next
-    pending rows instead of answering "nothing left" (which would end the send early)."""
-    store = sqlite_store
-    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
-    store.start_send(draft_id, NOW)
-    ids = [i for i, _, _ in store.ledger_rows(draft_id)]
-    raw = store._raw
-    other = create_engine(store.engine.url)
-    meddled = []
-
-    def meddle(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
-        cursor = raw(conn, sql, params, many)
-        if sql.startswith("SELECT l.id") and "LIMIT" in sql and not meddled:
-            meddled.append(True)
-            rows = cursor.fetchall()
-            with other.begin() as c2:
-                c2.exec_driver_sql("UPDATE send_ledger SET status = 'claimed', claim_token = 'other' "
-                                   "WHERE id IN (?, ?)", (ids[0], ids[1]))
-            return _Rows(rows)
-        return cursor
-
-    store._raw = meddle  # type: ignore[method-assign]
-    claimed = store.claim_batch(draft_id, 2, "mine", NOW)
-    other.dispose()
-    assert [c.ledger_id for c in claimed] == [ids[2], ids[3]]
-
-
-class _Rows:
-    def __init__(self, rows: list[Any]) -> None:
-        self._rows = rows
-
-    def fetchall(self) -> list[Any]:
-        return self._rows

@@ -43,7 +43,7 @@ from digest.delivery.providers.base import PartialBatchError, Provider, Uncertai
 from digest.errors import AuthError, DeliveryError
 from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
-from digest.store.store import Claimed
+from digest.store.store import Claimed, ClaimedBatch
 from digest.types import (
     Draft,
     OutgoingMessage,
@@ -617,6 +617,8 @@ class Sender:
 
     def _deliver(self, claimed: Sequence[Claimed], summary: SendSummary) -> str:
         ids = [c.ledger_id for c in claimed]
+        # The claim's record in the ledger, handed back with every verdict on its rows.
+        batch = claimed if isinstance(claimed, ClaimedBatch) else None
         name = self.provider.name
         # The first attempt's token comes before the batch is prepared, so that no worker
         # waits for the rate limit while holding the lock on building.
@@ -652,9 +654,11 @@ class Sender:
                 except PartialBatchError as exc:
                     # Several calls, some answered: settle what is known, and only the calls that
                     # may have gone out are uncertain.
+                    # The uncertain are recorded first: the batch's own verdict then covers the
+                    # rest, and a crash in between leaves the rest uncertain too, not sent.
+                    self.store.mark_uncertain(list(exc.uncertain), str(exc), self.now(), batch)
                     known = [r for r in exc.results if r.ledger_id not in set(exc.uncertain)]
                     self._settle_known(known, claimed, summary)
-                    self.store.mark_uncertain(list(exc.uncertain), str(exc), self.now())
                     with self._lock:
                         summary.uncertain += len(exc.uncertain)
                     return "failed"
@@ -664,12 +668,12 @@ class Sender:
                         self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25))
                         continue
                     # The provider may have taken the batch: resending could double-send (rule 1).
-                    self.store.mark_uncertain(ids, str(exc), self.now())
+                    self.store.mark_uncertain(ids, str(exc), self.now(), batch)
                     with self._lock:
                         summary.uncertain += len(ids)
                     return "failed"
                 except AuthError as exc:
-                    self.store.release(ids, str(exc), self.now())
+                    self.store.release(ids, str(exc), self.now(), batch)
                     self._halt(f"{name} refused the credentials: {exc}; fix delivery.api_key and run `digest send`")
                     return "stop"
                 except DeliveryError as exc:
@@ -679,11 +683,12 @@ class Sender:
                         self.sleep(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25))
                         continue
                     if exc.retryable:
-                        self.store.release(ids, str(exc), self.now())
+                        self.store.release(ids, str(exc), self.now(), batch)
                         self._halt(f"{name} kept failing ({exc}); paused with {len(ids)} messages "
                                    "back in the queue; run `digest send` to resume")
                         return "stop"
-                    self.store.settle([SendResult(i, "failed", None, str(exc)) for i in ids], name, self.now())
+                    self.store.settle([SendResult(i, "failed", None, str(exc)) for i in ids], name, self.now(),
+                                      batch)
                     with self._lock:
                         summary.failed[_reason(str(exc))] += len(ids)
                     return "failed"
@@ -711,9 +716,10 @@ class Sender:
         if retry:
             back = set(retry)
             complete = [r for r in complete if r.ledger_id not in back]
-        if retry:
-            self.store.release(retry, "not sent: the batch stopped first", self.now())
-        self.store.settle(complete, self.provider.name, self.now())
+        batch = claimed if isinstance(claimed, ClaimedBatch) else None
+        if retry:  # first: the batch's verdict (below) is for the rows without one of their own
+            self.store.release(retry, "not sent: the batch stopped first", self.now(), batch)
+        self.store.settle(complete, self.provider.name, self.now(), batch)
         emails = {c.ledger_id: c.email for c in claimed}
         with self._lock:
             for r in complete:

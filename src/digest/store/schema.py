@@ -40,7 +40,8 @@ metadata = MetaData(
 # process on SQLite (a sender above all) would carry for nothing. Queries never read them.
 PARTIAL_INDEXES = {
     "uq_drafts_live_period": "status NOT IN ('rejected', 'skipped')",
-    "ix_send_ledger_pending": "status = 'pending'",
+    "ix_send_ledger_queued": "status = 'queued'",
+    "ix_send_ledger_batch": "batch_id IS NOT NULL",
 }
 
 
@@ -155,6 +156,14 @@ subscribers = Table(
     _ts("unsubscribed_at"),
 )
 
+# The send ledger (DESIGN.md rule 1): one row per (draft, subscriber), frozen when the send
+# starts. A claim does not write its rows: it writes one ``send_batches`` row naming the id
+# range it took, and moves the draft's ``send_cursors`` row past it. A row's status is its
+# own ``status`` unless that is still ``pending`` and a batch's range covers it; then it is
+# the batch's (Store.ledger_counts and Store.ledger_rows read it so). Rows get a status of
+# their own only where they part from their batch: skipped at claim time (rule 2), a
+# verdict other than the batch's, put back in the queue (``queued``), or claimed one by one
+# from the queue (``claimed``, in a batch without a range). Migration 0007 says why.
 send_ledger = Table(
     "send_ledger",
     metadata,
@@ -162,26 +171,69 @@ send_ledger = Table(
     Column("draft_id", Integer, ForeignKey("drafts.id"), nullable=False),
     Column("subscriber_id", Integer, ForeignKey("subscribers.id"), nullable=False),
     Column("email", String(320), nullable=False),
-    # pending → claimed → sent | failed | rejected | invalid | suppressed | uncertain | skipped
+    # pending → (its batch's status) | skipped | queued → claimed → sent | failed | rejected |
+    # invalid | suppressed | uncertain
     Column("status", String(20), nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    # Before migration 0007 a claim wrote these on every row; batches hold them since.
     Column("claim_token", String(64), nullable=True),
-    # Which provider call a row went out in: an idempotent provider's resend repeats it exactly.
     Column("batch_key", String(64), nullable=True),
     _ts("claimed_at"),
     _ts("settled_at"),
     Column("provider", String(20), nullable=True),
     Column("provider_message_id", Text, nullable=True),
     Column("error", Text, nullable=True),
+    # The batch a row with a status of its own belongs to (NULL: its batch is the range's).
+    Column("batch_id", Integer, nullable=True),
     UniqueConstraint("draft_id", "subscriber_id"),
-    # Pending rows only: a row leaves the index when claimed, and settling it touches no
-    # index at all (migration 0005 says why).
+    # Rows put back in the queue, claimed before the cursor moves on (few, and rarely any).
     Index(
-        "ix_send_ledger_pending",
+        "ix_send_ledger_queued",
         "draft_id",
         "id",
-        sqlite_where=text(PARTIAL_INDEXES["ix_send_ledger_pending"]),
+        sqlite_where=text(PARTIAL_INDEXES["ix_send_ledger_queued"]),
     ),
+    Index(
+        "ix_send_ledger_batch",
+        "batch_id",
+        sqlite_where=text(PARTIAL_INDEXES["ix_send_ledger_batch"]),
+    ),
+)
+
+# One row per claim: who claimed which rows, when, and what became of them. ``first_id`` and
+# ``last_id`` bound the ledger rows a ranged claim took (every row of the draft between them
+# whose own status was ``pending``); a claim from the queue has no range, its rows name it in
+# ``send_ledger.batch_id``. ``status``: claimed → sent | failed | rejected | invalid |
+# suppressed | uncertain; ``released`` or ``requeued`` once its rows went back to the queue.
+# ``message_ids``: the provider's id for each row ({ledger id: id}, JSON) when they differ.
+send_batches = Table(
+    "send_batches",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("draft_id", Integer, ForeignKey("drafts.id"), nullable=False),
+    Column("first_id", Integer, nullable=True),
+    Column("last_id", Integer, nullable=True),
+    Column("status", String(20), nullable=False),
+    Column("claim_token", String(64), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="1"),
+    _ts("claimed_at"),
+    _ts("settled_at"),
+    Column("provider", String(20), nullable=True),
+    Column("provider_message_id", Text, nullable=True),
+    Column("message_ids", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Index("ix_send_batches_draft", "draft_id", "status"),
+)
+
+# Per draft: its ledger rows with ids above ``claimed_through`` and up to ``last_id`` are
+# still to be claimed by range. Claims take turns on this row (a row lock on PostgreSQL, the
+# write lock on SQLite), so two ranges never overlap.
+send_cursors = Table(
+    "send_cursors",
+    metadata,
+    Column("draft_id", Integer, ForeignKey("drafts.id"), primary_key=True),
+    Column("claimed_through", Integer, nullable=False),
+    Column("last_id", Integer, nullable=False),
 )
 
 delivery_events = Table(

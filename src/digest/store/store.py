@@ -7,12 +7,13 @@ row still claimed when a new sender takes the lease becomes ``uncertain``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
 import secrets
 import threading
-import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -135,6 +136,20 @@ class Claimed(NamedTuple):
     @property
     def recipient(self) -> Recipient:
         return Recipient(self.subscriber_id, self.email, self.name)
+
+
+class ClaimedBatch(list[Claimed]):
+    """The rows one claim holds, in id order, and the ``send_batches`` row that records it.
+
+    ``ranged``: the batch speaks for its rows by their id range (they keep no status of their
+    own); otherwise each row says it is claimed, and by this batch. Pass the batch back to
+    :meth:`Store.settle`, :meth:`Store.release` and :meth:`Store.mark_uncertain`.
+    """
+
+    def __init__(self, rows: Iterable[Claimed], batch_id: int, *, ranged: bool) -> None:
+        super().__init__(rows)
+        self.batch_id = batch_id
+        self.ranged = ranged
 
 
 def _dt(value: Any) -> datetime | None:
@@ -648,6 +663,12 @@ class Store:
             conn.execute(delete(meta).where(meta.c.key == self._replay_meta_key(provider, key)))
 
     # -- the send ledger ---------------------------------------------------------------------
+    #
+    # How a row's fate is recorded (schema.py, migration 0007): a claim takes the next rows of
+    # the draft by id above its cursor and records the range in one ``send_batches`` row; the
+    # rows themselves keep their own status ``pending``, which then means "as the batch says".
+    # Rows that part from their batch get a status of their own. Readers go through
+    # ledger_counts and ledger_rows, which put the two together.
 
     def start_send(self, draft_id: int, now: datetime) -> int:
         """approved → sending, freezing the audience as ledger rows, in one transaction.
@@ -666,30 +687,76 @@ class Store:
                              subscribers.c.email.not_in(select(suppressions.c.email))))
                 conn.execute(insert(send_ledger).from_select(
                     ["draft_id", "subscriber_id", "email", "status"], audience))
-            total = conn.execute(select(func.count()).select_from(send_ledger)
-                                 .where(send_ledger.c.draft_id == draft_id)).scalar_one()
+            total = self._ensure_cursor(conn, draft_id)
+        return total
+
+    def _ensure_cursor(self, conn: Connection, draft_id: int) -> int:
+        """Give the draft its claim cursor (before its first row) unless it has one; returns
+        how many ledger rows the draft has."""
+        first, last, total = self._raw(conn, self._sql(
+            "SELECT COALESCE(MIN(id), 1) - 1, COALESCE(MAX(id), 0), COUNT(*) FROM send_ledger "
+            "WHERE draft_id = {p}"), (draft_id,)).fetchone()
+        self._raw(conn, self._sql(
+            "INSERT INTO send_cursors (draft_id, claimed_through, last_id) VALUES ({p}, {p}, {p}) "
+            "ON CONFLICT (draft_id) DO NOTHING"), (draft_id, first, last))
         return int(total)
 
-    def mark_stale_claims_uncertain(self, draft_id: int, now: datetime) -> int:
-        """Rows still ``claimed`` from a sender that died: their fate is unknown (rule 1)."""
-        with self._tx() as conn:
-            return int(conn.execute(
-                update(send_ledger).where(and_(send_ledger.c.draft_id == draft_id,
-                                               send_ledger.c.status == "claimed"))
-                .values(status="uncertain", settled_at=now,
-                        error="the sender stopped while this message was in flight")
-            ).rowcount or 0)
+    def _lock_cursor(self, conn: Connection, draft_id: int) -> tuple[int, int]:
+        """(claimed_through, last_id) of the draft's cursor, locked until the transaction ends:
+        claims take turns here. (On SQLite this statement takes the write lock, so nothing
+        read after it can change before the claim commits.)"""
+        sql = self._sql("UPDATE send_cursors SET claimed_through = claimed_through WHERE draft_id = {p} "
+                        "RETURNING claimed_through, last_id")
+        row = self._raw(conn, sql, (draft_id,)).fetchone()
+        if row is None:  # a send started before this schema: make its cursor now
+            self._ensure_cursor(conn, draft_id)
+            row = self._raw(conn, sql, (draft_id,)).fetchone()
+        return int(row[0]), int(row[1])
 
-    # The claim query, in raw SQL: it runs once per batch for every message sent, and building
-    # it and its thousand-row result through SQLAlchemy's expression layer cost several times
-    # what SQLite needs to run it. Same text on both databases but the placeholder.
-    _CLAIM_SQL = (
+    def mark_stale_claims_uncertain(self, draft_id: int, now: datetime) -> int:
+        """Batches (and rows) still ``claimed`` from a sender that died: their fate is unknown
+        (rule 1). Returns how many messages that makes uncertain."""
+        error = "the sender stopped while this message was in flight"
+        when = self._when(now)
+        with self._tx() as conn:
+            stale = self._raw(conn, self._sql(
+                "SELECT id, first_id, last_id FROM send_batches WHERE draft_id = {p} AND status = 'claimed'"),
+                (draft_id,)).fetchall()
+            if not stale:
+                return 0
+            n = 0
+            for batch_id, first, last in stale:
+                if first is None:
+                    n += self._raw(conn, self._sql(
+                        "UPDATE send_ledger SET status = 'uncertain', settled_at = {p}, error = {p} "
+                        "WHERE batch_id = {p} AND status = 'claimed'"), (when, error, batch_id)).rowcount or 0
+                else:
+                    n += self._covered(conn, draft_id, first, last)
+            self._raw(conn, self._sql(
+                "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, error = {p} "
+                "WHERE draft_id = {p} AND status = 'claimed'"), (when, error, draft_id))
+        return n
+
+    def _covered(self, conn: Connection, draft_id: int, first: int, last: int) -> int:
+        """How many rows a ranged batch speaks for: those in its range without their own status."""
+        return int(self._raw(conn, self._sql(
+            "SELECT COUNT(*) FROM send_ledger WHERE id BETWEEN {p} AND {p} AND +draft_id = {p} "
+            "AND status = 'pending'"), (first, last, draft_id)).fetchone()[0])
+
+    # The claim queries, in raw SQL: they run once per batch for every message sent, and
+    # building them and their thousand-row results through SQLAlchemy's expression layer cost
+    # several times what the database needs to run them. Same text on both databases but the
+    # placeholder. The fifth column says whether the address may still be sent to (rule 2).
+    _ELIGIBLE = (
         "SELECT l.id, l.subscriber_id, s.email, s.name, "
         "CASE WHEN s.status = 'active' AND NOT EXISTS "
         "(SELECT 1 FROM suppressions x WHERE x.email = l.email) THEN 1 ELSE 0 END "
         "FROM send_ledger l JOIN subscribers s ON s.id = l.subscriber_id "
-        "WHERE l.draft_id = {p} AND l.status = 'pending' ORDER BY l.id LIMIT {p}"
     )
+    # The next rows above the cursor: a range of the table's primary key, read in order.
+    _CLAIM_SQL = _ELIGIBLE + (
+        "WHERE l.id > {p} AND l.id <= {p} AND +l.draft_id = {p} AND l.status = 'pending' ORDER BY l.id LIMIT {p}")
+    _QUEUED_SQL = _ELIGIBLE + "WHERE l.draft_id = {p} AND l.status = 'queued' ORDER BY l.id LIMIT {p}"
 
     def _sql(self, text: str) -> str:
         return text.format(p="?" if self.engine.dialect.paramstyle == "qmark" else "%s")
@@ -722,94 +789,111 @@ class Store:
             return f"{column} = ANY(%s)", [list(ids)]
         return f"{column} IN ({','.join('?' * len(ids))})", list(ids)
 
-    def claim_batch(self, draft_id: int, size: int, token: str, now: datetime) -> list[Claimed]:
-        """Claim up to ``size`` pending rows, skipping (rule 2) those no longer eligible.
+    def _new_batch(self, conn: Connection, draft_id: int, token: str, when: Any,
+                   first: int | None = None, last: int | None = None) -> int:
+        return int(self._raw(conn, self._sql(
+            "INSERT INTO send_batches (draft_id, first_id, last_id, status, claim_token, attempts, claimed_at) "
+            "VALUES ({p}, {p}, {p}, 'claimed', {p}, 1, {p}) RETURNING id"),
+            (draft_id, first, last, token, when)).fetchone()[0])
 
-        Eligibility is read for the next rows only, in the same statement that locks them, so
-        each claim costs the same whether the draft has a thousand rows left or a million.
+    def _skip(self, conn: Connection, ids: Sequence[int], when: Any) -> None:
+        """Rule 2: rows whose address may no longer be sent to, found by a claim."""
+        if ids:
+            where, params = self._ids_clause("id", ids)
+            self._raw(conn, self._sql(
+                "UPDATE send_ledger SET status = 'skipped', settled_at = {p}, "
+                f"error = 'no longer eligible at claim time' WHERE {where}"), (when, *params))
+
+    def claim_batch(self, draft_id: int, size: int, token: str, now: datetime) -> ClaimedBatch:
+        """Claim up to ``size`` rows, skipping (rule 2) those no longer eligible; an empty
+        batch when none is left.
+
+        Rows put back in the queue come first, one by one; then the next rows above the
+        draft's cursor, as a range: one ``send_batches`` row and the cursor move, whatever
+        the batch's size. Eligibility is read for the claimed rows only, in the transaction
+        that claims them, so each claim costs the same with a thousand rows left or a million.
         """
-        pg = self.dialect == "postgresql"
-        select_sql = self._sql(self._CLAIM_SQL) + (" FOR UPDATE OF l SKIP LOCKED" if pg else "")
         when = self._when(now)
         with self._tx() as conn:
-            claimed: list[Claimed] = []
-            while not claimed:  # until this claim holds a row, or no row is left
-                rows = self._raw(conn, select_sql, (draft_id, size)).fetchall()
+            through, last = self._lock_cursor(conn, draft_id)
+            queued_sql, select_sql = self._sql(self._QUEUED_SQL), self._sql(self._CLAIM_SQL)
+            while True:  # until this claim holds a row, or no row is left
+                queued = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
+                rows = queued or self._raw(conn, select_sql, (through, last, draft_id, size)).fetchall()
                 if not rows:
-                    return []
-                skipped = [r[0] for r in rows if not r[4]]
-                if skipped:
-                    where, params = self._ids_clause("id", skipped)
-                    self._raw(conn, self._sql(
-                        "UPDATE send_ledger SET status = 'skipped', settled_at = {p}, "
-                        "error = 'no longer eligible at claim time' "
-                        f"WHERE {where} AND status = 'pending'"), (when, *params))
+                    return ClaimedBatch((), 0, ranged=True)
+                self._skip(conn, [r[0] for r in rows if not r[4]], when)
                 claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
+                if not queued:
+                    through = rows[-1][0]
                 if claimed:
-                    claimed = self._take(conn, claimed, draft_id, token, when, pg)
-        return claimed
+                    break
+            if queued:
+                batch_id = self._new_batch(conn, draft_id, token, when)
+                where, params = self._ids_clause("id", [c.ledger_id for c in claimed])
+                self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed', batch_id = {p}, "
+                                          f"attempts = attempts + 1 WHERE {where}"), (batch_id, *params))
+                return ClaimedBatch(claimed, batch_id, ranged=False)
+            self._raw(conn, self._sql("UPDATE send_cursors SET claimed_through = {p} WHERE draft_id = {p}"),
+                      (through, draft_id))
+            batch_id = self._new_batch(conn, draft_id, token, when, claimed[0].ledger_id, claimed[-1].ledger_id)
+        return ClaimedBatch(claimed, batch_id, ranged=True)
 
-    def _take(self, conn: Connection, claimed: list[Claimed], draft_id: int, token: str, when: Any,
-              pg: bool) -> list[Claimed]:
-        """Mark the selected rows claimed; returns the rows this claim holds (maybe none, if
-        another sender took them all since the select)."""
-        batch_key = uuid.uuid4().hex
-        head = self._sql("UPDATE send_ledger SET status = 'claimed', claim_token = {p}, claimed_at = {p}, "
-                         "batch_key = {p}, attempts = attempts + 1 WHERE ")
-        if pg:
-            # The rows are locked (FOR UPDATE): nobody else can take them meanwhile.
-            where, params = self._ids_clause("id", [c.ledger_id for c in claimed])
-            if self._raw(conn, head + where, (token, when, batch_key, *params)).rowcount == len(claimed):
-                return claimed
-        else:
-            # SQLite takes its write lock at the first write, so another sender may have
-            # changed these rows since the select: "still pending" decides, and RETURNING says
-            # which rows this claim won. The select took the lowest pending ids, so the rows
-            # still pending in their range are normally exactly them, and the range is one
-            # cheap rowid scan.
-            won = self._raw(
-                conn, head + "draft_id = ? AND status = 'pending' AND id BETWEEN ? AND ? RETURNING id",
-                (token, when, batch_key, draft_id, claimed[0].ledger_id, claimed[-1].ledger_id)).fetchall()
-            if {r[0] for r in won} == {c.ledger_id for c in claimed}:
-                return claimed
-        # Lost some rows to another sender, or won one put back meanwhile: send exactly the
-        # rows this claim holds.
-        rows = self._raw(conn, self._sql(
-            "SELECT l.id, l.subscriber_id, s.email, s.name FROM send_ledger l "
-            "JOIN subscribers s ON s.id = l.subscriber_id WHERE l.batch_key = {p} ORDER BY l.id"),
-            (batch_key,)).fetchall()
-        return [Claimed(r[0], r[1], r[2], r[3]) for r in rows]
-
-    def uncertain_batches(self, draft_id: int, token: str, now: datetime) -> list[list[Claimed]]:
-        """Re-claim uncertain rows, grouped exactly as they went out (for idempotent resends)."""
+    def uncertain_batches(self, draft_id: int, token: str, now: datetime) -> list[ClaimedBatch]:
+        """Claim the uncertain messages again, grouped exactly as they went out (for an
+        idempotent provider's resend: the same batch again is the same request)."""
+        when = self._when(now)
+        out: list[ClaimedBatch] = []
         with self._tx() as conn:
-            rows = conn.execute(
-                select(send_ledger.c.id, send_ledger.c.subscriber_id, send_ledger.c.batch_key,
-                       subscribers.c.email, subscribers.c.name)
-                .join(subscribers, subscribers.c.id == send_ledger.c.subscriber_id)
-                .where(and_(send_ledger.c.draft_id == draft_id, send_ledger.c.status == "uncertain"))
-                .order_by(send_ledger.c.batch_key, send_ledger.c.id)
-            ).all()
-            if rows:
-                conn.execute(update(send_ledger).where(send_ledger.c.id.in_([r.id for r in rows]))
-                             .values(status="claimed", claim_token=token, claimed_at=now,
-                                     attempts=send_ledger.c.attempts + 1))
-        groups: dict[str, list[Claimed]] = {}
-        for r in rows:
-            groups.setdefault(r.batch_key or f"row-{r.id}", []).append(
-                Claimed(r.id, r.subscriber_id, r.email, r.name))
-        return list(groups.values())
+            ranged = self._raw(conn, self._sql(
+                "SELECT id, first_id, last_id FROM send_batches WHERE draft_id = {p} AND status = 'uncertain' "
+                "AND first_id IS NOT NULL ORDER BY id"), (draft_id,)).fetchall()
+            for batch_id, first, last in ranged:
+                rows = self._raw(conn, self._sql(
+                    "SELECT l.id, l.subscriber_id, s.email, s.name FROM send_ledger l "
+                    "JOIN subscribers s ON s.id = l.subscriber_id WHERE l.id BETWEEN {p} AND {p} "
+                    "AND +l.draft_id = {p} AND l.status = 'pending' ORDER BY l.id"), (first, last, draft_id)).fetchall()
+                if rows:
+                    out.append(ClaimedBatch([Claimed(*r) for r in rows], batch_id, ranged=True))
+            if ranged:
+                where, params = self._ids_clause("id", [b[0] for b in ranged])
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'claimed', claim_token = {p}, "
+                                          f"claimed_at = {{p}}, attempts = attempts + 1 WHERE {where}"),
+                          (token, when, *params))
+            # Rows uncertain on their own: grouped by their batch (or, from before migration
+            # 0007, by the batch key they went out under).
+            rows = self._raw(conn, self._sql(
+                "SELECT l.id, l.subscriber_id, s.email, s.name, l.batch_id, l.batch_key FROM send_ledger l "
+                "JOIN subscribers s ON s.id = l.subscriber_id WHERE l.draft_id = {p} AND l.status = 'uncertain' "
+                "ORDER BY l.batch_id, l.batch_key, l.id"), (draft_id,)).fetchall()
+            groups: dict[Any, list[Any]] = {}
+            for r in rows:
+                groups.setdefault(r[4] or r[5] or f"row-{r[0]}", []).append(r)
+            for members in groups.values():
+                batch_id = self._new_batch(conn, draft_id, token, when)
+                where, params = self._ids_clause("id", [r[0] for r in members])
+                self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed', batch_id = {p}, "
+                                          f"attempts = attempts + 1 WHERE {where}"), (batch_id, *params))
+                out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False))
+        return out
 
-    def settle(self, results: Sequence[SendResult], provider: str, now: datetime) -> None:
+    def settle(self, results: Sequence[SendResult], provider: str, now: datetime,
+               batch: ClaimedBatch | None = None) -> None:
         """Record each message's fate. Failing here stops the send (rule 9).
 
-        Runs for every message sent, so it is raw SQL: rows that share their whole verdict (a
-        batch accepted under one provider id, or refused for one reason) are one statement;
-        rows with their own message ids are one ``executemany``.
+        With the ranged ``batch`` the results belong to, the verdict most of them share is
+        written once, on the batch, and only the rows that differ get their own; ``results``
+        must then cover every row of the batch that has no status of its own yet (record the
+        uncertain and the released first). Otherwise each row is written: rows that share
+        their whole verdict in one statement, rows with their own message ids in one
+        ``executemany``.
         """
         if not results:
             return
         settled = self._when(now)
+        if batch is not None and batch.ranged:
+            self._settle_ranged(results, provider, settled, batch.batch_id)
+            return
         shared: dict[tuple[str, str | None, str | None], list[int]] = {}
         singles: list[tuple[Any, ...]] = []
         first_id = results[0].provider_message_id
@@ -828,49 +912,133 @@ class Store:
                 self._raw(conn, self._sql(head) + where, (status, provider, message_id, error, settled, *params))
             if singles:
                 self._raw(conn, self._sql(head + "id = {p}"), singles, many=True)
+            if batch is not None:
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'settled', provider = {p}, "
+                                          "settled_at = {p} WHERE id = {p}"), (provider, settled, batch.batch_id))
 
-    def release(self, ledger_ids: Sequence[int], error: str, now: datetime) -> None:
-        """Put claimed rows back to pending: the provider certainly did not take them."""
+    def _settle_ranged(self, results: Sequence[SendResult], provider: str, settled: Any, batch_id: int) -> None:
+        def verdict(r: SendResult) -> tuple[str, str | None]:
+            return r.status, (r.error or None) and r.error[:1000]
+
+        (status, error), _n = Counter(map(verdict, results)).most_common(1)[0]
+        apart = [(r.status, provider, r.provider_message_id, verdict(r)[1], settled, batch_id, r.ledger_id)
+                 for r in results if verdict(r) != (status, error)]
+        alike = [r for r in results if verdict(r) == (status, error)]
+        ids = {r.provider_message_id for r in alike}
+        message_id = message_ids = None
+        if len(ids) == 1:
+            message_id = ids.pop()
+        else:  # one per message (Postmark, SES, Resend): kept together, on the batch
+            message_ids = json.dumps({r.ledger_id: r.provider_message_id for r in alike if r.provider_message_id},
+                                     separators=(",", ":"))
+        with self._tx() as conn:
+            if apart:
+                self._raw(conn, self._sql(
+                    "UPDATE send_ledger SET status = {p}, provider = {p}, provider_message_id = {p}, error = {p}, "
+                    "settled_at = {p}, batch_id = {p} WHERE id = {p}"), apart, many=True)
+            self._raw(conn, self._sql(
+                "UPDATE send_batches SET status = {p}, provider = {p}, provider_message_id = {p}, "
+                "message_ids = {p}, error = {p}, settled_at = {p} WHERE id = {p}"),
+                (status, provider, message_id, message_ids, error, settled, batch_id))
+
+    def release(self, ledger_ids: Sequence[int], error: str, now: datetime,
+                batch: ClaimedBatch | None = None) -> None:
+        """Put claimed rows back in the queue: the provider certainly did not take them. When
+        they are the whole ``batch``, the batch says so too."""
         if not ledger_ids:
             return
+        where, params = self._ids_clause("id", ledger_ids)
+        batch_id = batch.batch_id if batch is not None else None
         with self._tx() as conn:
-            conn.execute(update(send_ledger).where(and_(send_ledger.c.id.in_(ledger_ids),
-                                                        send_ledger.c.status == "claimed"))
-                         .values(status="pending", claim_token=None, error=error[:1000]))
+            self._raw(conn, self._sql(
+                "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = COALESCE({p}, batch_id) "
+                f"WHERE {where} AND status IN ('claimed', 'pending')"), (error[:1000], batch_id, *params))
+            if batch is not None and set(ledger_ids) >= {c.ledger_id for c in batch}:
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'released', error = {p}, "
+                                          "settled_at = {p} WHERE id = {p}"),
+                          (error[:1000], self._when(now), batch.batch_id))
 
-    def mark_uncertain(self, ledger_ids: Sequence[int], error: str, now: datetime) -> None:
+    def mark_uncertain(self, ledger_ids: Sequence[int], error: str, now: datetime,
+                       batch: ClaimedBatch | None = None) -> None:
+        """The provider may or may not have taken these messages. For a whole ranged
+        ``batch``, one write on the batch; otherwise each row."""
         if not ledger_ids:
             return
+        when = self._when(now)
         with self._tx() as conn:
-            conn.execute(update(send_ledger).where(send_ledger.c.id.in_(ledger_ids))
-                         .values(status="uncertain", error=error[:1000], settled_at=now))
+            if batch is not None and batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
+                                          "settled_at = {p} WHERE id = {p}"), (error[:1000], when, batch.batch_id))
+                return
+            where, params = self._ids_clause("id", ledger_ids)
+            batch_id = batch.batch_id if batch is not None else None
+            self._raw(conn, self._sql(
+                "UPDATE send_ledger SET status = 'uncertain', error = {p}, settled_at = {p}, "
+                f"batch_id = COALESCE({{p}}, batch_id) WHERE {where}"), (error[:1000], when, batch_id, *params))
 
     def resolve_uncertain(self, draft_id: int, how: str, now: datetime) -> int:
-        """``resend``: back to pending; ``mark-sent``: count them as delivered."""
-        values: dict[str, Any] = ({"status": "pending", "claim_token": None} if how == "resend"
-                                  else {"status": "sent", "settled_at": now})
+        """``resend``: back in the queue; ``mark-sent``: count them as delivered. Returns how
+        many messages that was."""
+        error = f"uncertain, resolved by {how}"
+        when = self._when(now)
+        resend = how == "resend"
         with self._tx() as conn:
-            n = conn.execute(update(send_ledger).where(and_(send_ledger.c.draft_id == draft_id,
-                                                            send_ledger.c.status == "uncertain"))
-                             .values(error=f"uncertain, resolved by {how}", **values)).rowcount or 0
-            if n and how == "resend":
+            n = 0
+            ranged = self._raw(conn, self._sql(
+                "SELECT id, first_id, last_id FROM send_batches WHERE draft_id = {p} AND status = 'uncertain' "
+                "AND first_id IS NOT NULL"), (draft_id,)).fetchall()
+            for batch_id, first, last in ranged:
+                if resend:  # its rows go back one by one: the batch no longer speaks for them
+                    n += self._raw(conn, self._sql(
+                        "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = {p} WHERE id BETWEEN "
+                        "{p} AND {p} AND +draft_id = {p} AND status = 'pending'"),
+                        (error, batch_id, first, last, draft_id)).rowcount or 0
+                else:
+                    n += self._covered(conn, draft_id, first, last)
+            self._raw(conn, self._sql(
+                "UPDATE send_batches SET status = {p}, error = {p}, settled_at = {p} WHERE draft_id = {p} "
+                "AND status = 'uncertain'"), ("requeued" if resend else "sent", error, when, draft_id))
+            n += self._raw(conn, self._sql(
+                "UPDATE send_ledger SET status = {p}, error = {p}, settled_at = {p} WHERE draft_id = {p} "
+                "AND status = 'uncertain'"), ("queued" if resend else "sent", error, when, draft_id)).rowcount or 0
+            if n and resend:
                 conn.execute(update(drafts).where(and_(drafts.c.id == draft_id, drafts.c.status == "sent"))
                              .values(status="sending", finished_at=None, updated_at=now))
-        return int(n)
+        return n
 
     def pending_count(self, draft_id: int) -> int:
-        """Rows of a draft still to send (read from the index of pending rows alone)."""
+        """Messages of a draft still to send: the rows above its cursor and the queued ones."""
         with self._tx() as conn:
-            return int(self._raw(conn, self._sql(
-                "SELECT count(*) FROM send_ledger WHERE draft_id = {p} AND status = 'pending'"),
+            row = self._raw(conn, self._sql(
+                "SELECT claimed_through, last_id FROM send_cursors WHERE draft_id = {p}"), (draft_id,)).fetchone()
+            n = 0
+            if row is not None:
+                n = self._raw(conn, self._sql(
+                    "SELECT COUNT(*) FROM send_ledger WHERE id > {p} AND id <= {p} AND +draft_id = {p} "
+                    "AND status = 'pending'"), (row[0], row[1], draft_id)).fetchone()[0]
+            return int(n) + int(self._raw(conn, self._sql(
+                "SELECT COUNT(*) FROM send_ledger WHERE draft_id = {p} AND status = 'queued'"),
                 (draft_id,)).fetchone()[0])
 
+    # A row's status as a reader sees it: its own, unless that is still "pending" and a ranged
+    # batch speaks for it; "queued" is pending too.
     def ledger_counts(self, draft_id: int) -> dict[str, int]:
+        """How many of a draft's messages are in each status."""
         with self._tx() as conn:
-            rows = conn.execute(select(send_ledger.c.status, func.count())
-                                .where(send_ledger.c.draft_id == draft_id)
-                                .group_by(send_ledger.c.status)).all()
-        return {r[0]: r[1] for r in rows}
+            own = self._raw(conn, self._sql(
+                "SELECT status, COUNT(*) FROM send_ledger WHERE draft_id = {p} GROUP BY status"),
+                (draft_id,)).fetchall()
+            by_batch = self._raw(conn, self._sql(
+                "SELECT b.status, COUNT(*) FROM send_batches b JOIN send_ledger l "
+                "ON l.id BETWEEN b.first_id AND b.last_id AND +l.draft_id = b.draft_id AND l.status = 'pending' "
+                "WHERE b.draft_id = {p} AND b.first_id IS NOT NULL GROUP BY b.status"), (draft_id,)).fetchall()
+        counts: Counter[str] = Counter()
+        for status, n in own:
+            counts["pending" if status == "queued" else status] += n
+        for status, n in by_batch:
+            counts["pending"] -= n
+            counts[status] += n
+        return {status: n for status, n in counts.items() if n}
 
     def drafts_with_ledger(self) -> list[int]:
         with self._tx() as conn:
@@ -880,9 +1048,22 @@ class Store:
     def ledger_rows(self, draft_id: int) -> list[tuple[int, str, str]]:
         """(ledger id, email, status) for every row of a draft, in id order (tests and status)."""
         with self._tx() as conn:
-            rows = conn.execute(select(send_ledger.c.id, send_ledger.c.email, send_ledger.c.status)
-                                .where(send_ledger.c.draft_id == draft_id).order_by(send_ledger.c.id)).all()
-        return [(r[0], r[1], r[2]) for r in rows]
+            rows = self._raw(conn, self._sql(
+                "SELECT id, email, status FROM send_ledger WHERE draft_id = {p} ORDER BY id"), (draft_id,)).fetchall()
+            ranges = self._raw(conn, self._sql(
+                "SELECT first_id, last_id, status FROM send_batches WHERE draft_id = {p} AND first_id IS NOT NULL "
+                "ORDER BY first_id"), (draft_id,)).fetchall()
+        starts = [r[0] for r in ranges]
+        out = []
+        for ledger_id, email, status in rows:
+            if status == "pending":
+                i = bisect.bisect_right(starts, ledger_id) - 1
+                if i >= 0 and ledger_id <= ranges[i][1]:
+                    status = ranges[i][2]
+            elif status == "queued":
+                status = "pending"
+            out.append((ledger_id, email, status))
+        return out
 
     # -- leases (rule 3: two `digest serve` processes never send the same draft at once) -----
 
