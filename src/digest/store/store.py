@@ -917,13 +917,15 @@ class Store:
                                           "settled_at = {p} WHERE id = {p}"), (provider, settled, batch.batch_id))
 
     def _settle_ranged(self, results: Sequence[SendResult], provider: str, settled: Any, batch_id: int) -> None:
-        def verdict(r: SendResult) -> tuple[str, str | None]:
-            return r.status, (r.error or None) and r.error[:1000]
-
-        (status, error), _n = Counter(map(verdict, results)).most_common(1)[0]
-        apart = [(r.status, provider, r.provider_message_id, verdict(r)[1], settled, batch_id, r.ledger_id)
-                 for r in results if verdict(r) != (status, error)]
-        alike = [r for r in results if verdict(r) == (status, error)]
+        status, error = results[0].status, results[0].error
+        if all(r.status == status and r.error == error for r in results):  # as a rule
+            alike, apart = results, []
+        else:
+            (status, error), _n = Counter((r.status, r.error) for r in results).most_common(1)[0]
+            alike = [r for r in results if r.status == status and r.error == error]
+            apart = [(r.status, provider, r.provider_message_id, (r.error or None) and r.error[:1000], settled,
+                      batch_id, r.ledger_id) for r in results if r.status != status or r.error != error]
+        error = (error or None) and error[:1000]
         ids = {r.provider_message_id for r in alike}
         message_id = message_ids = None
         if len(ids) == 1:
