@@ -569,8 +569,7 @@ def sendgrid_send(srv: FakeProviderServer, request: Request) -> Reply:
         return refused
     message_id = _new_id()[:22]
     if srv.light:
-        for match in _ANY_LEDGER_RE.finditer(request.body):
-            srv.accept(None, int(match.group(1)))
+        srv.accept_many([int(m) for m in _ANY_LEDGER_RE.findall(request.body)])
         return Reply(202, b"", {"X-Message-Id": message_id})
     try:
         data = request.json()

@@ -225,15 +225,17 @@ send_batches = Table(
     Index("ix_send_batches_draft", "draft_id", "status"),
 )
 
-# Per draft: its ledger rows with ids above ``claimed_through`` and up to ``last_id`` are
-# still to be claimed by range. Claims take turns on this row (a row lock on PostgreSQL, the
-# write lock on SQLite), so two ranges never overlap.
+# Per draft: its ``total`` ledger rows have ids from ``first_id`` to ``last_id``; those above
+# ``claimed_through`` are still to be claimed by range. Claims take turns on this row (a row
+# lock on PostgreSQL, the write lock on SQLite), so two ranges never overlap.
 send_cursors = Table(
     "send_cursors",
     metadata,
     Column("draft_id", Integer, ForeignKey("drafts.id"), primary_key=True),
     Column("claimed_through", Integer, nullable=False),
+    Column("first_id", Integer, nullable=False),
     Column("last_id", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
 )
 
 delivery_events = Table(

@@ -694,11 +694,12 @@ class Store:
         """Give the draft its claim cursor (before its first row) unless it has one; returns
         how many ledger rows the draft has."""
         first, last, total = self._raw(conn, self._sql(
-            "SELECT COALESCE(MIN(id), 1) - 1, COALESCE(MAX(id), 0), COUNT(*) FROM send_ledger "
+            "SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0), COUNT(*) FROM send_ledger "
             "WHERE draft_id = {p}"), (draft_id,)).fetchone()
         self._raw(conn, self._sql(
-            "INSERT INTO send_cursors (draft_id, claimed_through, last_id) VALUES ({p}, {p}, {p}) "
-            "ON CONFLICT (draft_id) DO NOTHING"), (draft_id, first, last))
+            "INSERT INTO send_cursors (draft_id, claimed_through, first_id, last_id, total) "
+            "VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (draft_id) DO NOTHING"),
+            (draft_id, first - 1, first, last, total))
         return int(total)
 
     def _lock_cursor(self, conn: Connection, draft_id: int) -> tuple[int, int]:
@@ -1027,9 +1028,20 @@ class Store:
     def ledger_counts(self, draft_id: int) -> dict[str, int]:
         """How many of a draft's messages are in each status."""
         with self._tx() as conn:
-            own = self._raw(conn, self._sql(
-                "SELECT status, COUNT(*) FROM send_ledger WHERE draft_id = {p} GROUP BY status"),
-                (draft_id,)).fetchall()
+            cursor = self._raw(conn, self._sql(
+                "SELECT first_id, last_id, total FROM send_cursors WHERE draft_id = {p}"), (draft_id,)).fetchone()
+            if cursor is None:  # a send from before migration 0007: every row says
+                own = self._raw(conn, self._sql(
+                    "SELECT status, COUNT(*) FROM send_ledger WHERE draft_id = {p} GROUP BY status"),
+                    (draft_id,)).fetchall()
+            else:
+                # The rows with a status of their own, read along the draft's id range; the
+                # others are pending or their batch's.
+                first, last, total = cursor
+                own = self._raw(conn, self._sql(
+                    "SELECT status, COUNT(*) FROM send_ledger WHERE id BETWEEN {p} AND {p} AND +draft_id = {p} "
+                    "AND status <> 'pending' GROUP BY status"), (first, last, draft_id)).fetchall()
+                own.append(("pending", total - sum(n for _status, n in own)))
             by_batch = self._raw(conn, self._sql(
                 "SELECT b.status, COUNT(*) FROM send_batches b JOIN send_ledger l "
                 "ON l.id BETWEEN b.first_id AND b.last_id AND +l.draft_id = b.draft_id AND l.status = 'pending' "

@@ -54,7 +54,9 @@ def upgrade() -> None:
         "send_cursors",
         sa.Column("draft_id", sa.Integer(), nullable=False),
         sa.Column("claimed_through", sa.Integer(), nullable=False),
+        sa.Column("first_id", sa.Integer(), nullable=False),
         sa.Column("last_id", sa.Integer(), nullable=False),
+        sa.Column("total", sa.Integer(), nullable=False),
         sa.ForeignKeyConstraint(["draft_id"], ["drafts.id"], name=op.f("fk_send_cursors_draft_id_drafts")),
         sa.PrimaryKeyConstraint("draft_id", name=op.f("pk_send_cursors")),
     )
