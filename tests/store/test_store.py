@@ -436,3 +436,16 @@ def test_downgrade_to_before_the_pending_index_restores_the_status_index(db_url:
     names = {ix["name"] for ix in inspect(engine).get_indexes("send_ledger")}
     assert "ix_send_ledger_queued" in names and "ix_send_ledger_draft_status" not in names
     engine.dispose()
+
+
+def test_a_sender_dying_between_a_partial_verdict_and_the_batch_verdict_leaves_all_uncertain(store: Store) -> None:
+    """Part of a batch is recorded uncertain, then the sender dies before the batch's own
+    verdict: the next sender finds every row of the batch uncertain, none sent or pending."""
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 3, "me", NOW)
+    store.mark_uncertain([batch[0].ledger_id], "reset mid-batch", NOW, batch)
+    assert store.ledger_counts(draft_id) == {"uncertain": 1, "claimed": 2}
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 2
+    assert store.ledger_counts(draft_id) == {"uncertain": 3}
+    assert store.claim_batch(draft_id, 3, "next", NOW) == []

@@ -652,10 +652,9 @@ class Sender:
                     # Answered: the built batch (its body) need not wait for the ledger's turn.
                     send = None
                 except PartialBatchError as exc:
-                    # Several calls, some answered: settle what is known, and only the calls that
-                    # may have gone out are uncertain.
-                    # The uncertain are recorded first: the batch's own verdict then covers the
-                    # rest, and a crash in between leaves the rest uncertain too, not sent.
+                    # Several calls, some answered: only the calls that may have gone out are
+                    # uncertain. They are recorded first, so that the batch's verdict then
+                    # covers the rest, and a crash in between leaves the rest uncertain, not sent.
                     self.store.mark_uncertain(list(exc.uncertain), str(exc), self.now(), batch)
                     known = [r for r in exc.results if r.ledger_id not in set(exc.uncertain)]
                     self._settle_known(known, claimed, summary)
