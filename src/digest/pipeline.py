@@ -75,7 +75,7 @@ class App:
         self._session: requests.Session | None = None
         self._provider: Provider | None = None
         self._secret: str | None = None
-        self._signer: tokens.LinkSigner | None = None
+        self._link_pair: Callable[[int, str], tuple[str, str]] | None = None
 
     @classmethod
     def open(cls, settings: Settings, now: Callable[[], datetime] = clock.now) -> App:
@@ -115,13 +115,13 @@ class App:
         """A recipient's unsubscribe and preferences URLs (signed, purpose-bound)."""
         return self.link_pair(recipient.subscriber_id, recipient.email)
 
-    def link_pair(self, subscriber_id: int, email: str) -> tuple[str, str]:
-        """:meth:`links` by subscriber id and address (the sender's per-message call)."""
-        if self._signer is None:
-            self._signer = tokens.LinkSigner(self.secret)
-        base = self.settings.newsletter.public_url
-        unsub, prefs = self._signer.sign_pair(subscriber_id, email)
-        return f"{base}/u/{unsub}", f"{base}/preferences/{prefs}"
+    @property
+    def link_pair(self) -> Callable[[int, str], tuple[str, str]]:
+        """:meth:`links` by subscriber id and address: the sender's per-message call."""
+        if self._link_pair is None:
+            base = self.settings.newsletter.public_url
+            self._link_pair = tokens.LinkSigner(self.secret).url_maker(f"{base}/u/", f"{base}/preferences/")
+        return self._link_pair
 
     def close(self) -> None:
         if self._provider is not None:

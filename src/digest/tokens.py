@@ -9,6 +9,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -49,12 +50,6 @@ def _keyed_sha256(key: bytes) -> Any:
     return hmac_new(key, b"", "sha256")
 
 
-def _b64url(raw: bytes) -> str:
-    """Unpadded base64url, as ``base64.urlsafe_b64encode(raw).rstrip(b"=")`` but without its
-    wrapper calls (this runs twice per recipient on the send path)."""
-    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
-
-
 class LinkSigner:
     """Short, deterministic, purpose-bound tokens for the links in every email.
 
@@ -74,18 +69,34 @@ class LinkSigner:
         self._half = LINK_PURPOSES.index(purpose)
         key = hmac.new(secret.encode(), b"digest-links", hashlib.sha256).digest()
         self._base = _keyed_sha256(key)
+        self._tokens: Callable[[int, str], tuple[str, str]] | None = None
 
-    def _digest(self, subscriber_id: int, email: str) -> bytes:
-        h = self._base.copy()
-        h.update(f"{subscriber_id}:{email.lower()}".encode())
-        digest: bytes = h.digest()
-        return digest
+    def url_maker(self, unsubscribe_prefix: str, preferences_prefix: str) -> Callable[[int, str], tuple[str, str]]:
+        """A function giving a subscriber's two links, each prefix followed by its token
+        (:meth:`sign_pair`'s tokens, from one HMAC).
+
+        For the send path, where it runs once per recipient: everything it needs is bound
+        once, and each URL is one string, not a token joined to its prefix afterwards.
+        """
+        base = self._base
+        b2a, urlsafe = binascii.b2a_base64, _URLSAFE
+
+        def urls(subscriber_id: int, email: str) -> tuple[str, str]:
+            h = base.copy()
+            h.update(f"{subscriber_id}:{email.lower()}".encode())
+            digest = h.digest()
+            return (f"{unsubscribe_prefix}{subscriber_id:x}."
+                    f"{b2a(digest[:16], newline=False).translate(urlsafe).rstrip(b'=').decode()}",
+                    f"{preferences_prefix}{subscriber_id:x}."
+                    f"{b2a(digest[16:], newline=False).translate(urlsafe).rstrip(b'=').decode()}")
+
+        return urls
 
     def sign_pair(self, subscriber_id: int, email: str) -> tuple[str, str]:
         """(unsubscribe token, preferences token) for one subscriber, from one HMAC."""
-        digest = self._digest(subscriber_id, email)
-        head = f"{subscriber_id:x}."
-        return (head + _b64url(digest[:16]), head + _b64url(digest[16:]))
+        if self._tokens is None:
+            self._tokens = self.url_maker("", "")
+        return self._tokens(subscriber_id, email)
 
     def sign(self, subscriber_id: int, email: str) -> str:
         return self.sign_pair(subscriber_id, email)[self._half]

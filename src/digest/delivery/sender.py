@@ -91,7 +91,7 @@ def holder_is_dead(holder: str) -> bool:
 class LinkMaker(Protocol):
     """Builds a subscriber's signed links: ``(unsubscribe URL, preferences URL)``."""
 
-    def __call__(self, subscriber_id: int, email: str) -> tuple[str, str]: ...
+    def __call__(self, subscriber_id: int, email: str, /) -> tuple[str, str]: ...
 
 
 @dataclass
