@@ -14,7 +14,8 @@ settle, without opening the database, compiling, freezing the audience and start
 processes), and times the provider layer alone: the prepared per-recipient values handed to the
 provider, which builds each request, posts it and reads the answer (no ledger, no signing).
 
-``ledger`` times the store's claim and settle per row; ``build`` times preparing one batch
+``ledger`` times the store's claim and settle per row (and freezing the audience first and
+counting the statuses after), on a new SQLite file or on ``--database``; ``build`` times preparing one batch
 (signing links, filling values) and building its request, without I/O.
 
 ``memory`` fills a database with N subscribers, sends to all of them in a child process, and
@@ -87,7 +88,7 @@ class FakeProcess:
 
 
 def make_settings(folder: Path, provider: str, url: str, concurrency: int, batch: int | None,
-                  processes: int = 1) -> Any:
+                  processes: int = 1, database: str | None = None) -> Any:
     from digest import config
     from digest.sources.folder import SAMPLE_DIR
 
@@ -99,7 +100,7 @@ def make_settings(folder: Path, provider: str, url: str, concurrency: int, batch
     if provider == "mailgun":
         delivery["domain"] = "mg.example.org"
     return config.from_dict({
-        "database": {"url": f"sqlite:///{folder / 'bench.db'}"},
+        "database": {"url": database or f"sqlite:///{folder / 'bench.db'}"},
         "sources": [{"name": "sample", "type": "folder", "path": str(SAMPLE_DIR)}],
         "newsletter": {"public_url": "https://news.example.org", "from": "Field Notes <digest@example.org>"},
         "digest": {"approval": {"required": False}},
@@ -322,11 +323,13 @@ def ledger(args: argparse.Namespace) -> None:
 
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     try:
-        settings = make_settings(base, args.provider, "http://127.0.0.1:9", 1, args.batch)
+        settings = make_settings(base, args.provider, "http://127.0.0.1:9", 1, args.batch, database=args.database)
         prepare(base, settings, args.recipients)
         app = pipeline.App.open(settings)
         store, now = app.store, datetime.now(UTC)
+        t0 = time.perf_counter()
         store.start_send(1, now)
+        freeze = time.perf_counter() - t0
         claim = settle = 0.0
         rows = 0
         while True:
@@ -342,11 +345,16 @@ def ledger(args: argparse.Namespace) -> None:
             claim += t1 - t0
             settle += time.perf_counter() - t2
             rows += len(claimed)
+        t0 = time.perf_counter()
+        counts = store.ledger_counts(1)
+        counting = time.perf_counter() - t0
+        assert counts == {"sent": rows}, counts
         app.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"{rows:,} ledger rows in batches of {args.batch or 1000}: claim {claim / rows * 1e6:.2f} µs/row, "
-          f"settle {settle / rows * 1e6:.2f} µs/row")
+    print(f"{rows:,} ledger rows in batches of {args.batch or 1000}: freeze {freeze / rows * 1e6:.2f} µs/row, "
+          f"claim {claim / rows * 1e6:.2f} µs/row, settle {settle / rows * 1e6:.2f} µs/row, "
+          f"counting them {counting * 1000:.0f} ms")
 
 
 def build(args: argparse.Namespace) -> None:
@@ -396,6 +404,9 @@ def main() -> None:
                         help="delivery.processes for the pipeline (throughput); the other runs use one")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--database", default=None,
+                        help="ledger: an empty database to run on (e.g. postgresql+psycopg://...); "
+                             "default a new SQLite file")
     args = parser.parse_args()
     if args.recipients is None:
         args.recipients = 1_000_000 if args.mode == "memory" else 20_000

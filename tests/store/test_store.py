@@ -449,3 +449,27 @@ def test_a_sender_dying_between_a_partial_verdict_and_the_batch_verdict_leaves_a
     assert store.mark_stale_claims_uncertain(draft_id, NOW) == 2
     assert store.ledger_counts(draft_id) == {"uncertain": 3}
     assert store.claim_batch(draft_id, 3, "next", NOW) == []
+
+
+def test_a_claim_reads_at_most_its_size_in_ids_past_the_cursor(store: Store) -> None:
+    """However the database plans the query, a claim reads a window of ``size`` ids, never the
+    rest of the audience (PostgreSQL without fresh statistics once sorted all of it per claim).
+    A window whose rows are all skipped (rule 2) moves on to the next one."""
+    emails = [f"r{i}@x.org" for i in range(7)]
+    draft_id = _sending(store, emails)
+    store.start_send(draft_id, NOW)
+    for email in emails[:2]:
+        store.suppress(email, "hard_bounce", "postmark", NOW)
+    windows: list[int] = []
+    raw = store._raw
+
+    def spy(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
+        if sql.startswith("SELECT l.id") and "l.id > " in sql:
+            windows.append(params[1] - params[0])
+        return raw(conn, sql, params, many)
+
+    store._raw = spy  # type: ignore[method-assign]
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    assert [c.recipient.email for c in batch] == ["r2@x.org", "r3@x.org"]
+    assert windows == [2, 2]
+    assert store.ledger_counts(draft_id) == {"skipped": 2, "claimed": 2, "pending": 3}

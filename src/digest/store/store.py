@@ -819,14 +819,19 @@ class Store:
             through, last = self._lock_cursor(conn, draft_id)
             queued_sql, select_sql = self._sql(self._QUEUED_SQL), self._sql(self._CLAIM_SQL)
             while True:  # until this claim holds a row, or no row is left
-                queued = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
-                rows = queued or self._raw(conn, select_sql, (through, last, draft_id, size)).fetchall()
-                if not rows:
-                    return ClaimedBatch((), 0, ranged=True)
+                rows = queued = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
+                if not queued:
+                    if through >= last:
+                        return ClaimedBatch((), 0, ranged=True)
+                    # The next ``size`` ids: a window that bounds the read whatever plan the
+                    # database picks. It holds fewer rows where some have a status of their
+                    # own already (or, on PostgreSQL, another draft froze its audience at
+                    # the same moment and took some of the ids).
+                    window = min(last, through + size)
+                    rows = self._raw(conn, select_sql, (through, window, draft_id, size)).fetchall()
+                    through = window
                 self._skip(conn, [r[0] for r in rows if not r[4]], when)
                 claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
-                if not queued:
-                    through = rows[-1][0]
                 if claimed:
                     break
             if queued:
@@ -1042,10 +1047,12 @@ class Store:
                     "SELECT status, COUNT(*) FROM send_ledger WHERE id BETWEEN {p} AND {p} AND +draft_id = {p} "
                     "AND status <> 'pending' GROUP BY status"), (first, last, draft_id)).fetchall()
                 own.append(("pending", total - sum(n for _status, n in own)))
+            # Per batch, a count over its own id range (a join over ranges can make a
+            # database read the whole ledger once per batch).
             by_batch = self._raw(conn, self._sql(
-                "SELECT b.status, COUNT(*) FROM send_batches b JOIN send_ledger l "
-                "ON l.id BETWEEN b.first_id AND b.last_id AND +l.draft_id = b.draft_id AND l.status = 'pending' "
-                "WHERE b.draft_id = {p} AND b.first_id IS NOT NULL GROUP BY b.status"), (draft_id,)).fetchall()
+                "SELECT b.status, (SELECT COUNT(*) FROM send_ledger l WHERE l.id BETWEEN b.first_id AND b.last_id "
+                "AND +l.draft_id = b.draft_id AND l.status = 'pending') FROM send_batches b "
+                "WHERE b.draft_id = {p} AND b.first_id IS NOT NULL"), (draft_id,)).fetchall()
         counts: Counter[str] = Counter()
         for status, n in own:
             counts["pending" if status == "queued" else status] += n
