@@ -543,3 +543,16 @@ def test_light_mode_records_ledger_ids(name: str, make_message: MessageFactory) 
         assert [r.status for r in results] == ["sent"] * 3
         assert sorted(server.ledger_ids) == [1, 2, 3]
         assert server.messages == []
+
+
+@pytest.mark.parametrize("server_side", ["sendgrid", "mailgun"])
+def test_light_mode_records_a_template_batch(server_side: str) -> None:
+    """Benchmarks send template batches to the light fake, which takes their ledger ids
+    without parsing the request (Mailgun: checking their number against the ``to`` fields)."""
+    with FakeProviderServer(token=TOKEN, light=True) as server:
+        SPECS[server_side].install(server)
+        provider = provider_for(server_side, server)
+        results = provider.send_template_batch(make_template(), [make_recipient(i) for i in (4, 5, 6)])
+        assert [r.status for r in results] == ["sent"] * 3
+        assert sorted(server.ledger_ids) == [4, 5, 6]
+        assert server.messages == []

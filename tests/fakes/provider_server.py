@@ -42,8 +42,9 @@ delayed ACK, adding ~40 ms to every call, which would make throughput tests meas
 
 ``light=True`` skips JSON parsing of batches (ledger ids are pulled out with a literal search,
 or a regex, and every message is accepted) and keeps only ledger ids, not messages: use it in
-benchmarks so the fake is not the bottleneck. Mailgun's light path still validates the form
-but substitutes only each reader's ledger id, not their copy of the bodies.
+benchmarks so the fake is not the bottleneck. Mailgun's light path reads a batch's ledger ids
+from recipient-variables without parsing the form (it checks their number against the ``to``
+fields); a single message still has its form parsed and only its ledger id substituted.
 """
 
 from __future__ import annotations
@@ -671,6 +672,8 @@ def mailgun_send(srv: FakeProviderServer, request: Request) -> Reply:
     refused = _mailgun_auth(srv, request)
     if refused is not None:
         return refused
+    if srv.light and b'name="recipient-variables"' in request.body:
+        return _mailgun_batch_light(srv, request.body)
     try:
         fields = parse_form(request)
     except (ValueError, UnicodeDecodeError):
@@ -769,6 +772,19 @@ _PLAIN_MAILBOX_RE = re.compile(
 
 def _parsed_address(value: str) -> str:
     return parseaddr(value)[1]
+
+
+def _mailgun_batch_light(srv: FakeProviderServer, body: bytes) -> Reply:
+    """A benchmark's batch: each reader's ledger id read from recipient-variables with a
+    literal search, checked against the number of ``to`` fields, without parsing the form.
+    Parsing it (an 840 KB form for 1,000 readers) took 6 µs a reader, on the cores the
+    sender being measured needs."""
+    ledger_ids = [int(i) for i in _ANY_LEDGER_RE.findall(body)]
+    if not ledger_ids or body.count(b'name="to"') != len(ledger_ids):
+        return Reply.of_json(400, {"message": "recipient-variables do not match the 'to' parameters"})
+    srv.accept_many(ledger_ids)
+    message_id = f"<{datetime.now(UTC):%Y%m%d%H%M%S}.{_new_id()[:12]}@{srv.mailgun_domain}>"
+    return Reply.of_json(200, {"id": message_id, "message": "Queued. Thank you."})
 
 
 def _mailbox_address(value: str) -> str:
