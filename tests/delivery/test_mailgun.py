@@ -188,12 +188,26 @@ def test_template_form(provider: MailgunProvider) -> None:
     )
     assert ids == (1, 2)
     single = dict(form(call))
-    assert single["html"].startswith("<html><body><p>Hello %recipient.digest_html_name%,</p>")
-    assert 'href="%recipient.digest_html_unsubscribe_url%"' in single["html"]
-    assert single["text"].endswith("Unsubscribe: %recipient.digest_text_unsubscribe_url%\n")
+    # HTML and text values agree for both readers: one variable per slot serves both parts.
+    assert single["html"].startswith("<html><body><p>Hello %recipient.digest_name%,</p>")
+    assert 'href="%recipient.digest_unsubscribe_url%"' in single["html"]
+    assert single["text"].endswith("Unsubscribe: %recipient.digest_unsubscribe_url%\n")
     variables = json.loads(single["recipient-variables"])
-    assert variables["reader2@example.com"]["digest_text_name"] == "Reader 2"
+    assert variables["reader2@example.com"]["digest_name"] == "Reader 2"
     assert variables["reader2@example.com"]["ledger_id"] == "2"
+
+
+def test_a_slot_whose_html_and_text_values_differ_keeps_two_variables(provider: MailgunProvider) -> None:
+    ann = make_recipient(2, name="Ann & Bo")
+    ann = ann._replace(html_values=("Ann &amp; Bo", *ann.html_values[1:]))
+    call, _ids = provider.build_template_request(make_template(), [make_recipient(1), ann])
+    single = dict(form(call))
+    assert single["html"].startswith("<html><body><p>Hello %recipient.digest_html_name%,</p>")
+    assert 'href="%recipient.digest_unsubscribe_url%"' in single["html"]
+    assert single["text"].startswith("Hello %recipient.digest_text_name%,")
+    variables = json.loads(single["recipient-variables"])["reader2@example.com"]
+    assert (variables["digest_html_name"], variables["digest_text_name"]) == ("Ann &amp; Bo", "Ann & Bo")
+    assert "digest_html_unsubscribe_url" not in variables
 
 
 def test_duplicate_and_invalid_addresses_are_refused(provider: MailgunProvider) -> None:
@@ -223,17 +237,24 @@ def expected_variables(
 ) -> dict[str, dict[str, str]]:
     """recipient-variables as Mailgun must read them: per reader, the ledger id, every header
     any reader has ("" where this one has none; the last value of a repeated one), cleaned,
-    and the template's slot values, neutralized."""
+    and the template's slot values, neutralized: one ``digest_<slot>`` where the HTML and
+    text values agree for every reader, else ``digest_html_<slot>`` and ``digest_text_<slot>``."""
     names = list(dict.fromkeys(name for r in recipients for name, _ in r.headers))
+
+    def slots(r: TemplateRecipient) -> tuple[dict[str, str], dict[str, str]]:
+        html = {s: neutralize_html(v) for s, v in zip(SLOT_NAMES, r.html_values)}
+        return html, {s: neutralize_text(v) for s, v in zip(SLOT_NAMES, r.text_values)}
+
+    shared = {s for s in template.html_slots if s in template.text_slots
+              and all(slots(r)[0][s] == slots(r)[1][s] for r in recipients)}
     out: dict[str, dict[str, str]] = {}
     for r in recipients:
         given = dict(r.headers)
         values = {"ledger_id": str(r.ledger_id)}
         values |= {f"h:{n}": clean_header_value(given.get(n, "")) for n in names}
-        html = dict(zip(SLOT_NAMES, r.html_values))
-        text = dict(zip(SLOT_NAMES, r.text_values))
-        values |= {f"digest_html_{s}": neutralize_html(html[s]) for s in template.html_slots}
-        values |= {f"digest_text_{s}": neutralize_text(text[s]) for s in template.text_slots}
+        html, text = slots(r)
+        values |= {f"digest_{s}" if s in shared else f"digest_html_{s}": html[s] for s in template.html_slots}
+        values |= {f"digest_{s}" if s in shared else f"digest_text_{s}": text[s] for s in template.text_slots}
         out[r.to_email] = values
     return out
 
@@ -316,7 +337,7 @@ def test_refusals_keep_their_order_and_reasons(provider: MailgunProvider) -> Non
     variables = json.loads(dict(form(call))["recipient-variables"])
     assert set(variables) == {"reader1@example.com", "reader2@example.com"}
     assert variables["reader2@example.com"]["ledger_id"] == "7"
-    assert variables["reader2@example.com"]["digest_text_name"] == "Reader 7"
+    assert variables["reader2@example.com"]["digest_name"] == "Reader 7"
 
 
 def test_no_reader_left(provider: MailgunProvider) -> None:
