@@ -360,7 +360,7 @@ class MailgunProvider(HttpProvider):
             keys.append(key)
             columns.append(_escaped(column if everyone else [column[i] for i in kept]))
         # The object as one join of pieces, reader by reader, each column a stream:
-        # {"a@x.org":{"ledger_id":"1","h:X":"...","digest_html_name":"..."},"b@y.org":{...}}
+        # {"a@x.org":{"ledger_id":"1","h:X":"...","digest_name":"..."},"b@y.org":{...}}
         # The first reader opens the object, each next one follows a comma.
         streams: list[Iterable[str]] = [
             chain(['{"'], repeat(',"')),
@@ -433,8 +433,9 @@ class MailgunProvider(HttpProvider):
     ) -> tuple[PreparedCall, tuple[int, ...]]:
         """The one call for a template batch and the ledger ids it carries, in order. Pure.
 
-        Static parts are neutralized, then joined with ``%recipient.digest_html_<slot>%`` (and
-        ``_text_``) variables whose values, neutralized too, sit in recipient-variables.
+        Static parts are neutralized, then joined with ``%recipient.digest_<slot>%`` variables
+        whose values, neutralized too, sit in recipient-variables: one per slot whose HTML and
+        text values agree for every reader, else ``digest_html_<slot>`` and ``digest_text_<slot>``.
         """
         fields = self._common_fields(
             template.from_addr, template.subject, template.reply_to, template.tag, template.draft_id
