@@ -692,7 +692,11 @@ class Store:
 
     def _ensure_cursor(self, conn: Connection, draft_id: int) -> int:
         """Give the draft its claim cursor (before its first row) unless it has one; returns
-        how many ledger rows the draft has."""
+        how many ledger rows the draft has (a resumed send reads it from the cursor)."""
+        known = self._raw(conn, self._sql("SELECT total FROM send_cursors WHERE draft_id = {p}"),
+                          (draft_id,)).fetchone()
+        if known is not None:
+            return int(known[0])
         first, last, total = self._raw(conn, self._sql(
             "SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0), COUNT(*) FROM send_ledger "
             "WHERE draft_id = {p}"), (draft_id,)).fetchone()
@@ -737,6 +741,12 @@ class Store:
                 "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, error = {p} "
                 "WHERE draft_id = {p} AND status = 'claimed'"), (when, error, draft_id))
         return n
+
+    def _uncertain_ranges(self, conn: Connection, draft_id: int) -> list[tuple[int, int, int]]:
+        """(batch id, first id, last id) of the draft's uncertain ranged batches, in order."""
+        return [tuple(r) for r in self._raw(conn, self._sql(
+            "SELECT id, first_id, last_id FROM send_batches WHERE draft_id = {p} AND status = 'uncertain' "
+            "AND first_id IS NOT NULL ORDER BY id"), (draft_id,)).fetchall()]
 
     def _covered(self, conn: Connection, draft_id: int, first: int, last: int) -> int:
         """How many rows a ranged batch speaks for: those in its range without their own status."""
@@ -797,6 +807,14 @@ class Store:
             "VALUES ({p}, {p}, {p}, 'claimed', {p}, 1, {p}) RETURNING id"),
             (draft_id, first, last, token, when)).fetchone()[0])
 
+    def _claim_rows(self, conn: Connection, draft_id: int, ids: Sequence[int], token: str, when: Any) -> int:
+        """A batch without a range for ``ids``: each row says it is claimed, and by which batch."""
+        batch_id = self._new_batch(conn, draft_id, token, when)
+        where, params = self._ids_clause("id", ids)
+        self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed', batch_id = {p}, "
+                                  f"attempts = attempts + 1 WHERE {where}"), (batch_id, *params))
+        return batch_id
+
     def _skip(self, conn: Connection, ids: Sequence[int], when: Any) -> None:
         """Rule 2: rows whose address may no longer be sent to, found by a claim."""
         if ids:
@@ -835,10 +853,7 @@ class Store:
                 if claimed:
                     break
             if queued:
-                batch_id = self._new_batch(conn, draft_id, token, when)
-                where, params = self._ids_clause("id", [c.ledger_id for c in claimed])
-                self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed', batch_id = {p}, "
-                                          f"attempts = attempts + 1 WHERE {where}"), (batch_id, *params))
+                batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when)
                 return ClaimedBatch(claimed, batch_id, ranged=False)
             self._raw(conn, self._sql("UPDATE send_cursors SET claimed_through = {p} WHERE draft_id = {p}"),
                       (through, draft_id))
@@ -851,9 +866,7 @@ class Store:
         when = self._when(now)
         out: list[ClaimedBatch] = []
         with self._tx() as conn:
-            ranged = self._raw(conn, self._sql(
-                "SELECT id, first_id, last_id FROM send_batches WHERE draft_id = {p} AND status = 'uncertain' "
-                "AND first_id IS NOT NULL ORDER BY id"), (draft_id,)).fetchall()
+            ranged = self._uncertain_ranges(conn, draft_id)
             for batch_id, first, last in ranged:
                 rows = self._raw(conn, self._sql(
                     "SELECT l.id, l.subscriber_id, s.email, s.name FROM send_ledger l "
@@ -876,10 +889,7 @@ class Store:
             for r in rows:
                 groups.setdefault(r[4] or r[5] or f"row-{r[0]}", []).append(r)
             for members in groups.values():
-                batch_id = self._new_batch(conn, draft_id, token, when)
-                where, params = self._ids_clause("id", [r[0] for r in members])
-                self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed', batch_id = {p}, "
-                                          f"attempts = attempts + 1 WHERE {where}"), (batch_id, *params))
+                batch_id = self._claim_rows(conn, draft_id, [r[0] for r in members], token, when)
                 out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False))
         return out
 
@@ -992,10 +1002,7 @@ class Store:
         resend = how == "resend"
         with self._tx() as conn:
             n = 0
-            ranged = self._raw(conn, self._sql(
-                "SELECT id, first_id, last_id FROM send_batches WHERE draft_id = {p} AND status = 'uncertain' "
-                "AND first_id IS NOT NULL"), (draft_id,)).fetchall()
-            for batch_id, first, last in ranged:
+            for batch_id, first, last in self._uncertain_ranges(conn, draft_id):
                 if resend:  # its rows go back one by one: the batch no longer speaks for them
                     n += self._raw(conn, self._sql(
                         "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = {p} WHERE id BETWEEN "

@@ -471,17 +471,17 @@ class MailgunProvider(HttpProvider):
         shared = {slot for (kind, slot), column in columns.items()
                   if kind == "html" and ("text", slot) in columns and tuple(columns["text", slot]) == tuple(column)}
 
-        def key(kind: str) -> Callable[[str], str]:
-            return lambda slot: f"digest_{slot}" if slot in shared else f"digest_{kind}_{slot}"
+        def key(kind: str, slot: str) -> str:
+            return f"digest_{slot}" if slot in shared else f"digest_{kind}_{slot}"
 
-        more = {key(kind)(slot): column for (kind, slot), column in columns.items()}
+        more = {key(kind, slot): column for (kind, slot), column in columns.items()}
         del columns
         if template.text_slots or any(template.text_parts):
             text_parts = [neutralize_text(p) for p in template.text_parts]
-            fields.append(("text", _join(text_parts, template.text_slots, key("text"))))
+            fields.append(("text", _join(text_parts, template.text_slots, partial(key, "text"))))
         if template.html_slots or any(template.html_parts):
             html_parts = [neutralize_html(p) for p in template.html_parts]
-            fields.append(("html", _join(html_parts, template.html_slots, key("html"))))
+            fields.append(("html", _join(html_parts, template.html_slots, partial(key, "html"))))
         runs, ids, refused = self._recipients(envelopes, list(more.items()))
         del more
         body, content_type = _multipart([(name, [value]) for name, value in fields] + runs)
