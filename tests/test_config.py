@@ -141,3 +141,16 @@ def test_public_url_must_be_https_for_real_providers(tmp_path: Path) -> None:
         config.load(write(tmp_path, text))
     local = "newsletter: {public_url: 'http://127.0.0.1:8080'}\ndelivery: {provider: postmark, api_key: k}\n"
     assert config.load(write(tmp_path, local)).newsletter.public_url == "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(("delivery", "rate"), [
+    ({"provider": "resend", "api_key": "re_x"}, 2.0),  # Resend: 2 requests a second per team
+    ({"provider": "ses", "region": "eu-west-1", "aws_access_key_id": "a", "aws_secret_access_key": "b"}, 14.0),
+    ({"provider": "postmark", "api_key": "t"}, 50.0),
+    ({"provider": "resend", "api_key": "re_x", "rate_per_second": 10}, 10.0),  # the operator's own
+    ({"provider": "resend", "api_key": "re_x", "rate_per_second": None}, 2.0),  # null: the default
+])
+def test_rate_per_second_defaults_to_the_providers_limit(delivery: dict[str, object], rate: float) -> None:
+    settings = config.from_dict({"delivery": delivery, "newsletter": {"public_url": "https://news.example.org"}},
+                                file="test.yaml")
+    assert settings.delivery.rate_per_second == rate

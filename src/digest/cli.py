@@ -334,7 +334,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
                    + (" — finished" if s.finished else ""))
         if s.stopped:
             click.echo(f"draft {s.draft_id}: {s.stopped}")
-    if any(s.stopped and "credentials" in s.stopped for s in summaries):
+    if any(s.stopped and s.blocked for s in summaries):
         sys.exit(1)
 
 
@@ -395,6 +395,12 @@ def status(obj: _Context) -> None:
                      f"skipped {counts.get('skipped', 0)}")
         click.echo(line)
         if counts and counts.get("uncertain"):
+            listed = report.uncertain.get(d.id, [])
+            for m in listed:
+                reason = m.error or "no reason recorded"
+                click.echo(f"    {m.email} (ledger {m.ledger_id}, {_when(m.at, tz)}): {reason}")
+            if counts["uncertain"] > len(listed):
+                click.echo(f"    ... and {counts['uncertain'] - len(listed)} more")
             click.echo(f"    {counts['uncertain']} uncertain: resolve with "
                        f"`digest send --resolve-uncertain resend|mark-sent --draft {d.id}`")
     if not report.drafts:

@@ -105,12 +105,20 @@ class DigestSettings(_Strict):
     approval: Approval = Approval()
 
 
+# delivery.rate_per_second when the config leaves it out: provider calls per second. Resend
+# allows 2 requests a second per team unless raised on request; a new SES account out of the
+# sandbox sends 14 messages a second (one message per call here). The others publish no limit
+# for sending that a digest comes near.
+DEFAULT_RATES: dict[str, float] = {"resend": 2.0, "ses": 14.0}
+DEFAULT_RATE = 50.0
+
+
 class Delivery(_Strict):
     provider: Literal["outbox", "postmark", "sendgrid", "mailgun", "ses", "resend", "smtp"] = "outbox"
     api_key: str | None = None
     base_url: str | None = None
     batch_size: int | None = Field(None, ge=1)
-    rate_per_second: float = Field(50, gt=0)
+    rate_per_second: float = Field(DEFAULT_RATE, gt=0)
     timeout: float = Field(30, gt=0)
     max_retries: int = Field(5, ge=0)
     outbox_dir: str = "outbox"
@@ -139,6 +147,14 @@ class Delivery(_Strict):
     smtp_ca_file: str | None = None
     username: str | None = None
     password: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_rate(cls, data: Any) -> Any:
+        """Each provider's own default for ``rate_per_second`` (see DEFAULT_RATES)."""
+        if isinstance(data, dict) and data.get("rate_per_second") is None:
+            data = {**data, "rate_per_second": DEFAULT_RATES.get(str(data.get("provider") or "outbox"), DEFAULT_RATE)}
+        return data
 
     @model_validator(mode="after")
     def _needs_key(self) -> Delivery:

@@ -80,7 +80,15 @@ class DeliveryError(DigestError):
         self.response_text = response_text
 
 
-class AuthError(DeliveryError):
+class BlockedError(DeliveryError):
+    """The provider will take no batch as things stand, whoever it is for: an account, quota or
+    configuration problem (a quota used up, sending paused or suspended, a domain or sender
+    not verified or unknown, a wrong URL, requests too large). Nothing in the batch was sent,
+    and nothing about its readers is wrong: the sender puts the batch back in the queue and
+    stops until the operator fixes it (``hint`` says what), instead of failing readers."""
+
+
+class AuthError(BlockedError):
     """The provider rejected the credentials; nothing more can be sent until config is fixed."""
 
 

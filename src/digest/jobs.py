@@ -45,7 +45,10 @@ def _log_batch(summary: SendSummary, size: int) -> None:
 def send_job(app: pipeline.App, should_stop: Callable[[], bool] = lambda: False) -> None:
     try:
         for summary in pipeline.send(app, should_stop=should_stop, on_batch=_log_batch):
-            log.info("send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s", summary.draft_id,
+            # A send the provider blocks (credentials, quota, account) waits for the operator:
+            # an error in the log, not a line among the others.
+            level = logging.ERROR if summary.blocked else logging.INFO
+            log.log(level, "send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s", summary.draft_id,
                      summary.sent, sum(summary.failed.values()), summary.uncertain, summary.seconds,
                      f" ({summary.stopped})" if summary.stopped else "")
     except Exception:

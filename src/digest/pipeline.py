@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from digest.http import build_session
 from digest.render.cache import render_key
 from digest.render.fill import CompiledEmail, personalize
 from digest.store import Store, open_store
-from digest.store.store import CollectStats, DraftSummary, SourceStatus
+from digest.store.store import CollectStats, DraftSummary, SourceStatus, UncertainMessage
 from digest.types import CollectResult, DeliveryEvent, Draft, OutgoingMessage, Recipient
 
 if TYPE_CHECKING:  # the lazily loaded names below, for type checkers
@@ -345,16 +346,25 @@ def send(app: App, *, dry_run: bool = False,
          should_stop: Callable[[], bool] = lambda: False) -> list[SendSummary]:
     """Send approved, due drafts and resume unfinished sends."""
     summaries = []
+    links = _dry_run_links(app) if dry_run else app.link_pair
     for draft_id in app.store.due_drafts(app.now()):
         draft = app.store.get_draft(draft_id)
         compiled = compile_for(app, draft)
-        sender = Sender(app.store, app.provider, app.settings, draft, compiled, app.link_pair, now=app.now,
+        sender = Sender(app.store, app.provider, app.settings, draft, compiled, links, now=app.now,
                         on_batch=on_batch, should_stop=should_stop)
         summary = sender.dry_run() if dry_run else sender.run()
         summaries.append(summary)
-        if summary.stopped and (should_stop() or "credentials" in summary.stopped):
+        if summary.stopped and (should_stop() or summary.blocked):
             break  # shutting down, or the next draft would fail the same way
     return summaries
+
+
+def _dry_run_links(app: App) -> Callable[[int, str], tuple[str, str]]:
+    """The links of a dry run's messages, signed with a key of its own: as long as a send's,
+    so every request is as large, while the key that signs real links, made on first use,
+    is not written to the database by a dry run. Its messages are never sent."""
+    base = app.settings.newsletter.public_url
+    return tokens.LinkSigner(secrets.token_urlsafe(32)).url_maker(f"{base}/u/", f"{base}/preferences/")
 
 
 def resolve_uncertain(app: App, draft_id: int, how: str) -> int:
@@ -390,6 +400,12 @@ class StatusReport:
     subscribers: dict[str, int]
     events: dict[str, int]
     next_runs: dict[str, datetime | None] = field(default_factory=dict)
+    # Per draft with messages whose fate is unknown, the first of them (at most UNCERTAIN_LISTED).
+    uncertain: dict[int, list[UncertainMessage]] = field(default_factory=dict)
+
+
+# How many uncertain messages `digest status` lists per draft; it says how many more there are.
+UNCERTAIN_LISTED = 20
 
 
 def status(app: App) -> StatusReport:
@@ -399,16 +415,19 @@ def status(app: App) -> StatusReport:
     now = app.now()
     tz = app.settings.newsletter.timezone
     d = app.settings.digest
+    ledgers = {i: app.store.ledger_counts(i) for i in app.store.drafts_with_ledger()[-10:]}
     return StatusReport(
         sources=app.store.source_statuses(),
         configured_sources=[name for b in app.settings.sources
                             for name in (str(b["name"]), *(str(c["name"]) for c in comment_blocks(b)))],
         drafts=app.store.list_drafts(limit=10),
-        ledgers={i: app.store.ledger_counts(i) for i in app.store.drafts_with_ledger()[-10:]},
+        ledgers=ledgers,
         subscribers=app.store.count_subscribers(),
         events=app.store.event_counts(),
         next_runs={"collect": next_run(d.collect_schedule, tz, now), "draft": next_run(d.schedule, tz, now),
                    "send": next_run(d.send_schedule, tz, now)},
+        uncertain={i: app.store.uncertain_messages(i, UNCERTAIN_LISTED)
+                   for i, counts in ledgers.items() if counts.get("uncertain")},
     )
 
 

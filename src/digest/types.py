@@ -14,7 +14,10 @@ DraftStatus = Literal["pending_review", "approved", "sending", "sent", "rejected
 LedgerStatus = Literal[
     "pending", "claimed", "sent", "failed", "rejected", "invalid", "suppressed", "uncertain", "skipped"
 ]
-ResultStatus = Literal["sent", "rejected", "invalid", "suppressed", "failed"]
+#: A provider's verdict on one message. ``deferred``: not sent this time, for a reason that may
+#: pass (a rate limit, maintenance, a temporary refusal of the address, a call that never
+#: went out): the sender puts it back in the queue. The ledger never stores it as such.
+ResultStatus = Literal["sent", "rejected", "invalid", "suppressed", "failed", "deferred"]
 
 #: The per-recipient slots of a compiled digest, in the order slot values are given.
 SLOT_NAMES: tuple[str, ...] = ("name", "unsubscribe_url", "preferences_url")

@@ -9,7 +9,7 @@ import pytest
 from digest.config import Delivery
 from digest.delivery.providers.base import UncertainDeliveryError, maybe_delivered
 from digest.delivery.providers.postmark import PostmarkProvider
-from digest.errors import AuthError, DeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import OutgoingMessage
 from tests.delivery.conftest import MessageFactory, payload_bytes
 
@@ -62,7 +62,7 @@ def test_every_per_message_case(provider: PostmarkProvider, make_message: Messag
         "rejected",  # 300 about something else (the From)
         "sent",  # no ErrorCode: "delivery may be delayed" is still a success
         "suppressed",  # "Message OK, but will not deliver to these inactive addresses" naming ours
-        "failed",  # per-message 429: not sent, may work later
+        "deferred",  # per-message 429: not sent, may work later
         "rejected",  # any other code
     ]
     assert [r.ledger_id for r in results] == list(range(1, 10))
@@ -144,13 +144,13 @@ def test_garbage_on_200_is_uncertain_and_not_retryable(
         ("error_422_invalid_request.json", DeliveryError, False, None),
         (
             "error_422_too_many_messages.json",
-            DeliveryError,
+            BlockedError,
             False,
             "lower delivery.batch_size (Postmark takes at most 500 messages per batch)",
         ),
         (
             "error_422_sender_signature.json",
-            DeliveryError,
+            BlockedError,
             False,
             "the From address needs a confirmed sender signature or domain in Postmark",
         ),
@@ -226,5 +226,6 @@ def test_other_statuses_are_not_retryable(
 ) -> None:
     with pytest.raises(DeliveryError) as info:
         provider.handle_response(status, {}, b'{"Message":"?"}', batch(make_message, "a@x.example"))
-    assert type(info.value) is DeliveryError
+    # A 404 means the URL is wrong, for every batch alike: the send stops, nobody is failed.
+    assert type(info.value) is (BlockedError if status == 404 else DeliveryError)
     assert not info.value.retryable and info.value.status == status

@@ -23,7 +23,7 @@ from digest.delivery.providers.base import (
 from digest.delivery.providers.outbox import OutboxProvider
 from digest.delivery.providers.postmark import PostmarkProvider
 from digest.delivery.providers.registry import PROVIDERS, build_provider, provider_class
-from digest.errors import AuthError, DeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import OutgoingMessage, SendResult
 from tests.delivery.conftest import MessageFactory
 
@@ -99,9 +99,9 @@ def _cert_error() -> requests.exceptions.SSLError:
             DeliveryError,
             True,
         ),
-        (_cert_error(), DeliveryError, False),
-        (requests.exceptions.InvalidURL("bad"), DeliveryError, False),
-        (requests.exceptions.MissingSchema("bad"), DeliveryError, False),
+        (_cert_error(), BlockedError, False),
+        (requests.exceptions.InvalidURL("bad"), BlockedError, False),
+        (requests.exceptions.MissingSchema("bad"), BlockedError, False),
         (requests.ReadTimeout("read"), UncertainDeliveryError, True),
         (
             requests.ConnectionError(ProtocolError("Connection aborted.", ConnectionResetError())),

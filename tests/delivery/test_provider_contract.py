@@ -449,9 +449,9 @@ def test_send_in_calls_keeps_accepted_messages_after_a_retryable_error(
     assert [(r.ledger_id, r.status) for r in results] == [
         (1, "sent"),
         (2, "sent"),
-        (3, "failed"),
-        (4, "failed"),
-        (5, "failed"),
+        (3, "deferred"),
+        (4, "deferred"),
+        (5, "deferred"),
     ]
     assert all("not sent" in (r.error or "") and "429" in (r.error or "") for r in results[2:])
 
@@ -469,8 +469,8 @@ def test_send_in_calls_reports_uncertain_calls_apart(make_message: MessageFactor
     assert err.uncertain == (2,)
     assert [(r.ledger_id, r.status) for r in err.results] == [
         (1, "sent"),
-        (3, "failed"),
-        (4, "failed"),
+        (3, "deferred"),
+        (4, "deferred"),
     ]
 
 
@@ -481,7 +481,7 @@ def test_send_in_calls_uncertain_first_call_is_still_partial(make_message: Messa
     with pytest.raises(PartialBatchError) as info:
         send_in_calls("t", [[m] for m in _msgs(make_message, 3)], send)
     assert info.value.uncertain == (1,)
-    assert [r.status for r in info.value.results] == ["failed", "failed"]
+    assert [r.status for r in info.value.results] == ["deferred", "deferred"]
 
 
 def test_send_in_calls_in_parallel_stops_starting_calls(make_message: MessageFactory) -> None:
@@ -504,7 +504,7 @@ def test_send_in_calls_in_parallel_stops_starting_calls(make_message: MessageFac
     assert len(started) < 40  # calls stopped starting after the error
     assert {r.ledger_id for r in results} == set(range(1, 41))
     assert all(
-        r.status == ("sent" if r.ledger_id in set(started) - {1} else "failed") for r in results
+        r.status == ("sent" if r.ledger_id in set(started) - {1} else "deferred") for r in results
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 from digest.config import Delivery
 from digest.delivery.providers.base import UncertainDeliveryError, maybe_delivered
 from digest.delivery.providers.resend import ResendProvider
-from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from tests.delivery.conftest import MessageFactory
 from tests.fakes.provider_server import FakeProviderServer, Reply, install_resend
 
@@ -127,8 +127,8 @@ def test_wrong_number_of_ids_is_uncertain(
         (422, "error_422_validation.json", DeliveryError, False, None, None),
         (409, "error_409_concurrent.json", DeliveryError, True, 1.0, None),
         (429, "error_429_rate_limit.json", DeliveryError, True, 2.0, None),
-        (429, "error_429_daily_quota.json", DeliveryError, False, None, "daily quota"),
-        (429, "error_429_monthly_quota.json", DeliveryError, False, None, "monthly quota"),
+        (429, "error_429_daily_quota.json", BlockedError, False, None, "daily quota"),
+        (429, "error_429_monthly_quota.json", BlockedError, False, None, "monthly quota"),
         (
             409,
             "error_409_invalid_idempotent.json",

@@ -335,7 +335,7 @@ def test_partial_batch_settles_the_known_and_marks_only_the_in_flight_uncertain(
 def test_unsent_part_of_a_batch_goes_back_to_the_queue(app: pipeline.App) -> None:
     def half(messages):  # type: ignore[no-untyped-def]
         return [SendResult(messages[0].ledger_id, "sent", "ok"),
-                SendResult(messages[1].ledger_id, "failed", None, "not sent: HTTP 429 after the first call")]
+                SendResult(messages[1].ledger_id, "deferred", None, "not sent: HTTP 429 after the first call")]
 
     provider = ScriptedProvider([half])
     summary = sender(app, provider).run()
@@ -414,3 +414,17 @@ def test_workers_build_one_batch_at_a_time(tmp_path: Path, clock: FrozenClock) -
         a.close()
     assert summary.sent == 12 and len(provider.built) == 6
     assert provider.most_at_once == 1
+
+
+def test_a_providers_retry_after_is_capped(app: pipeline.App) -> None:
+    """An hour's Retry-After (a provider's daily quota, a misread header) waits MAX_BACKOFF
+    at most, with its jitter, and then the batch goes out."""
+    from digest.delivery.sender import MAX_BACKOFF
+
+    sleeps: list[float] = []
+    provider = ScriptedProvider([DeliveryError("HTTP 429", retryable=True, status=429, retry_after=3600)])
+    summary = sender(app, provider, sleeps).run()
+    assert summary.sent == 5 and summary.finished
+    assert received(provider) == sorted(EMAILS)
+    (waited,) = [s for s in sleeps if s >= 1]  # the backoff; the rate limit's waits are short
+    assert MAX_BACKOFF <= waited <= MAX_BACKOFF * 1.25

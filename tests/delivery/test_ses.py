@@ -18,7 +18,7 @@ from digest.delivery.providers.ses import (
     error_type,
     sigv4_headers,
 )
-from digest.errors import AuthError, DeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError
 from tests.delivery.conftest import MessageFactory
 from tests.fakes.provider_server import FakeProviderServer, Reply, install_ses
 
@@ -229,7 +229,6 @@ def test_sent(provider: SesProvider, make_message: MessageFactory) -> None:
     ("kind", "file"),
     [
         ("MessageRejected", "error_message_rejected.json"),
-        ("MailFromDomainNotVerifiedException", "error_mail_from_not_verified.json"),
     ],
 )
 def test_per_message_refusals_are_rejected(
@@ -251,6 +250,7 @@ def test_per_message_refusals_are_rejected(
         (400, "SendingPausedException", "error_sending_paused.json", False, "paused"),
         (400, "BadRequestException", "error_bad_request.json", False, None),
         (404, "NotFoundException", "error_bad_request.json", False, "configuration_set"),
+        (400, "MailFromDomainNotVerifiedException", "error_mail_from_not_verified.json", False, "MAIL FROM"),
         (500, "InternalServiceErrorException", "error_bad_request.json", True, None),
     ],
 )
@@ -267,6 +267,9 @@ def test_whole_call_errors(
         provider.handle_response(status, err(kind), payload(file), [make_message(1)])
     assert not isinstance(info.value, AuthError)
     assert info.value.retryable is retryable
+    # An account or configuration problem (the ones with a hint here) stops the send with the
+    # batch back in the queue; the others fail or retry the batch.
+    assert isinstance(info.value, BlockedError) is (hint is not None)
     assert kind in str(info.value)
     if hint:
         assert info.value.hint and hint in info.value.hint
@@ -337,7 +340,7 @@ def test_a_later_throttle_keeps_the_accepted_messages(
         [(), (), ("status", 429, err("TooManyRequestsException"), {"message": "slow"})]
     )
     results = live(srv, concurrency=1).send_batch([make_message(i) for i in range(1, 6)])
-    assert [r.status for r in results] == ["sent", "sent", "failed", "failed", "failed"]
+    assert [r.status for r in results] == ["sent", "sent", "deferred", "deferred", "deferred"]
     assert "not sent" in (results[2].error or "") and len(srv.requests) == 3
 
 
@@ -366,7 +369,7 @@ def test_lost_answer_is_uncertain_for_that_message(
     with pytest.raises(PartialBatchError) as info:
         live(srv, concurrency=1).send_batch([make_message(i) for i in (1, 2, 3)])
     assert info.value.uncertain == (2,)
-    assert [(r.ledger_id, r.status) for r in info.value.results] == [(1, "sent"), (3, "failed")]
+    assert [(r.ledger_id, r.status) for r in info.value.results] == [(1, "sent"), (3, "deferred")]
 
 
 def test_check(srv: FakeProviderServer) -> None:

@@ -384,7 +384,7 @@ def test_refused_recipients_are_results(
         "sent",
         "rejected",
         "invalid",
-        "failed",
+        "deferred",
         "sent",
         "invalid",
     ]
@@ -418,7 +418,7 @@ def test_421_mid_batch_keeps_the_sent_ones(
 ) -> None:
     server = plain(servers, Handler(mail_replies={2: "421 4.7.0 Too many messages, closing"}))
     results = provider(server).send_batch([make_message(i) for i in (1, 2, 3)])
-    assert [r.status for r in results] == ["sent", "failed", "failed"]
+    assert [r.status for r in results] == ["sent", "deferred", "deferred"]
     assert all("not sent" in (r.error or "") and "421" in (r.error or "") for r in results[1:])
     assert len(server.handler.received) == 1
 
@@ -451,7 +451,7 @@ def test_connection_lost_during_data_is_uncertain_for_that_message(
         provider(server).send_batch([make_message(i) for i in (1, 2, 3)])
     err = info.value
     assert err.uncertain == (2,)
-    assert [(r.ledger_id, r.status) for r in err.results] == [(1, "sent"), (3, "failed")]
+    assert [(r.ledger_id, r.status) for r in err.results] == [(1, "sent"), (3, "deferred")]
     # And the server had indeed queued message 2: resending it blindly would duplicate it.
     assert [r.rcpt_tos[0] for r in server.handler.received] == [
         "reader1@example.com",

@@ -318,7 +318,7 @@ def test_claims_from_two_senders_never_overlap(store: Store) -> None:
     assert store.ledger_counts(draft_id) == {"sent": 90}
 
 
-def test_released_rows_are_claimed_again_before_the_cursor_moves_on(store: Store) -> None:
+def test_released_rows_are_claimed_again_once_the_cursor_is_through(store: Store) -> None:
     draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
     store.start_send(draft_id, NOW)
     first = store.claim_batch(draft_id, 3, "me", NOW)
@@ -327,13 +327,14 @@ def test_released_rows_are_claimed_again_before_the_cursor_moves_on(store: Store
     store.settle([SendResult(a, "sent", None), SendResult(c, "sent", None)], "outbox", NOW, first)
     assert store.ledger_counts(draft_id) == {"sent": 2, "pending": 2}
     assert store.pending_count(draft_id) == 2
+    # The rest of the range first: a message put back (deferred, say) holds up nobody.
+    rest = store.claim_batch(draft_id, 3, "me", NOW)
+    assert [x.recipient.email for x in rest] == ["d@x.org"] and rest.ranged
+    store.settle([SendResult(rest[0].ledger_id, "sent", None)], "outbox", NOW, rest)
     again = store.claim_batch(draft_id, 3, "me", NOW)
     assert [x.ledger_id for x in again] == [b] and not again.ranged
-    assert store.ledger_counts(draft_id) == {"sent": 2, "claimed": 1, "pending": 1}
+    assert store.ledger_counts(draft_id) == {"sent": 3, "claimed": 1}
     store.settle([SendResult(b, "sent", None)], "outbox", NOW, again)
-    last = store.claim_batch(draft_id, 3, "me", NOW)
-    assert [x.recipient.email for x in last] == ["d@x.org"] and last.ranged
-    store.settle([SendResult(last[0].ledger_id, "sent", None)], "outbox", NOW, last)
     assert store.ledger_counts(draft_id) == {"sent": 4}
     assert store.claim_batch(draft_id, 3, "me", NOW) == []
 
@@ -345,8 +346,27 @@ def test_a_whole_batch_released_goes_back_to_the_queue(store: Store) -> None:
     store.release([x.ledger_id for x in batch], "401", NOW, batch)
     assert _batches(store)[0][2] == "released"
     assert store.ledger_counts(draft_id) == {"pending": 3}
+    rest = store.claim_batch(draft_id, 5, "me", NOW)
+    assert [x.recipient.email for x in rest] == ["c@x.org"]
     again = store.claim_batch(draft_id, 5, "me", NOW)
     assert [x.ledger_id for x in again] == [x.ledger_id for x in batch]
+
+
+def test_a_claim_past_rows_no_longer_eligible_moves_the_cursor_before_the_queue(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    first = store.claim_batch(draft_id, 1, "me", NOW)
+    store.release([first[0].ledger_id], "not sent", NOW, first)
+    for email in ("b@x.org", "c@x.org"):
+        sub = store.subscriber_by_email(email)
+        assert sub is not None
+        store.set_subscriber_status(sub.id, "unsubscribed", NOW)
+    # b and c are skipped on the way (rule 2), then the queued a is claimed.
+    again = store.claim_batch(draft_id, 5, "me", NOW)
+    assert [x.ledger_id for x in again] == [first[0].ledger_id]
+    assert store.ledger_counts(draft_id) == {"claimed": 1, "skipped": 2}
+    store.settle([SendResult(first[0].ledger_id, "sent", None)], "outbox", NOW, again)
+    assert store.claim_batch(draft_id, 5, "me", NOW) == []
 
 
 def test_an_uncertain_batch_is_one_write_and_resolves_either_way(store: Store) -> None:

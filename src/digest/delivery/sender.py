@@ -32,15 +32,21 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
 from digest.config import Settings
-from digest.delivery.providers.base import PartialBatchError, Provider, UncertainDeliveryError
-from digest.errors import AuthError, DeliveryError
+from digest.delivery.providers.base import (
+    HttpProvider,
+    PartialBatchError,
+    PreparedCall,
+    Provider,
+    UncertainDeliveryError,
+)
+from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
 from digest.store.store import Claimed, ClaimedBatch
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 300
 RENEW_EVERY = timedelta(seconds=LEASE_SECONDS / 10)
 MAX_BACKOFF = 60.0
+IDEMPOTENCY_MARGIN = timedelta(hours=1)
 HOST = socket.gethostname()
 
 
@@ -109,6 +116,9 @@ class SendSummary:
     batches: int = 0
     seconds: float = 0.0
     stopped: str | None = None
+    # Stopped by a refusal every batch would meet (credentials, account, configuration: a
+    # BlockedError), so another draft through the same provider would stop the same way.
+    blocked: bool = False
     finished: bool = False
     dry_run: bool = False
 
@@ -292,7 +302,7 @@ def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: 
                 if stop.is_set() or orphaned():
                     break
             summary = sender.work() if go.is_set() else SendSummary(draft_id)
-            report = {**summary.tally(), "final": True, "stopped": sender._stop}
+            report = {**summary.tally(), "final": True, "stopped": sender._stop, "blocked": sender._blocked}
         finally:
             app.close()
     except BaseException as exc:  # reported, so the parent stops the send with the reason
@@ -363,23 +373,70 @@ class Sender:
     # -- dry run -----------------------------------------------------------------------------
 
     def dry_run(self) -> SendSummary:
-        """Render and batch everything for the current audience; send and write nothing."""
+        """Render and batch everything a send starting now would, and build each batch's
+        request as it would; send nothing and write nothing.
+
+        The audience is the one :meth:`Store.start_send` would freeze (active, not suppressed),
+        streamed, so a dry run of a million readers holds one batch at a time. ``sent`` counts
+        the messages the provider would be handed, ``failed`` those it would refuse before
+        sending (an address no header can carry), by reason. A problem with every batch (a bad
+        newsletter.from) is raised as the provider gives it, for the CLI to print.
+        """
         summary = SendSummary(self.draft.id or 0, dry_run=True)
         started = time.perf_counter()
         batch: list[Claimed] = []
-        for n, sub in enumerate(self.store.list_subscribers(status="active")):
+        for n, sub in enumerate(self.store.audience()):
             batch.append(Claimed(-(n + 1), sub.id, sub.email, sub.name))
             if len(batch) >= self.batch_size:
-                self._prepare(batch)
-                summary.batches += 1
-                summary.sent += len(batch)
+                self._dry_batch(summary, batch)
                 batch = []
         if batch:
-            self._prepare(batch)
-            summary.batches += 1
-            summary.sent += len(batch)
+            self._dry_batch(summary, batch)
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def _dry_batch(self, summary: SendSummary, batch: Sequence[Claimed]) -> None:
+        """One batch of a dry run: prepared and built as a send would, counted, let go."""
+        refused = self._build_only(self._prepare(batch))
+        summary.batches += 1
+        summary.sent += len(batch) - len(refused)
+        for r in refused:  # the reasons a send would record for them
+            summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1
+
+    def _build_only(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> list[SendResult]:
+        """Build the provider's request(s) for a prepared batch, as :meth:`_ready` and the
+        provider's send would, without any I/O; returns the results of the messages left out
+        of them (``PreparedCall.refused``).
+
+        The pure build steps: ``build_template_request`` for a template batch, ``build_request``
+        for full bodies (one request per message for providers that make a call per message,
+        as SES does and SendGrid and Mailgun do with full bodies, each reader's body being
+        their own), each checked against the provider's size limit. Without one, a template
+        goes through ``template_sender``, which by contract builds but sends nothing until
+        called; full bodies (SMTP, the outbox) are only prepared.
+        """
+        provider = self.provider
+        calls: Iterable[PreparedCall]
+        if self.template is not None:
+            build_template = getattr(provider, "build_template_request", None)
+            if build_template is None:
+                provider.template_sender(self.template, prepared)  # type: ignore[arg-type]
+                return []
+            built = build_template(self.template, prepared)
+            # SendGrid and Mailgun give the call and the ledger ids it carries.
+            calls = [built[0] if isinstance(built, tuple) else built]
+        else:
+            build = getattr(provider, "build_request", None)
+            if build is None:
+                return []
+            # One at a time: a batch of full bodies built at once is tens of megabytes.
+            calls = (build([m]) for m in prepared) if provider.parallel_calls else [build(prepared)]
+        refused: list[SendResult] = []
+        for call in calls:
+            if isinstance(provider, HttpProvider):
+                provider.check_size(call)
+            refused += call.refused
+        return refused
 
     # -- the real thing ----------------------------------------------------------------------
 
@@ -413,8 +470,12 @@ class Sender:
                             draft_id, stale)
             if self.idempotent:
                 # The provider drops a repeated batch itself (same key, same body within its
-                # window), so uncertain batches are resent at once, each exactly as it was.
-                again = self.store.uncertain_batches(draft_id, self.holder, self.now())
+                # window), so uncertain batches are resent at once, each exactly as it was:
+                # those first sent within the window (less an hour, for clocks and retries)
+                # whose readers may all still be sent to. The rest wait for the operator.
+                window = getattr(self.provider, "idempotency_window", timedelta(hours=24))
+                since = self.now() - max(timedelta(0), window - IDEMPOTENCY_MARGIN)
+                again = self.store.uncertain_batches(draft_id, self.holder, self.now(), since)
                 summary.total = sum(map(len, again))
                 for batch in again:
                     if self._stop:
@@ -435,6 +496,7 @@ class Sender:
         if self._exception is not None:
             raise self._exception
         summary.stopped = self._stop
+        summary.blocked = self._blocked
         counts = self.store.ledger_counts(draft_id)
         summary.uncertain = counts.get("uncertain", 0)
         if summary.stopped is None and not counts.get("pending") and not counts.get("claimed"):
@@ -443,6 +505,7 @@ class Sender:
         return summary
 
     _exception: BaseException | None = None
+    _blocked = False
 
     def work(self, summary: SendSummary | None = None, lease: str | None = None) -> SendSummary:
         """Run ``delivery.concurrency`` workers until no pending row is left or the send stops.
@@ -527,6 +590,8 @@ class Sender:
                     self._add(summary, seen[conn], report)
                     seen[conn] = report
                     reason = report.get("stopped")
+                    if report.get("blocked"):
+                        self._blocked = True
                     if reason and not reason.startswith("stopped on request"):
                         self._halt(reason)
                 if report.get("final"):
@@ -563,13 +628,17 @@ class Sender:
                     return
                 outcome = self._send_one(summary, claimed, lease)
                 del claimed  # not kept while the next batch is claimed
-                if outcome == "failed":
+                if outcome in ("failed", "back"):
                     consecutive_failures += 1
                     if consecutive_failures >= self.max_consecutive_failures:
                         self._halt(f"paused after {consecutive_failures} failed batches in a row; "
                                    "run `digest send` to resume")
-                elif outcome == "ok":
+                elif outcome in ("ok", "deferred"):
                     consecutive_failures = 0
+                if outcome in ("back", "deferred") and self._stop is None:
+                    # The provider said "later" (a rate limit, maintenance): a moment before the
+                    # next batch. The deferred messages come again once the range is done.
+                    self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** consecutive_failures) * random.uniform(1.0, 1.25))
                 if self.should_stop():
                     self._halt("stopped on request after the batch in flight; `digest send` resumes")
         except BaseException as exc:  # a store failure (rule 9) or a bug: stop every worker
@@ -671,9 +740,17 @@ class Sender:
                     with self._lock:
                         summary.uncertain += len(ids)
                     return "failed"
-                except AuthError as exc:
+                except BlockedError as exc:
+                    # Nothing was sent, and no reader is at fault: the batch goes back to the
+                    # queue, whole, and the send stops until the operator has fixed the cause.
                     self.store.release(ids, str(exc), self.now(), batch)
-                    self._halt(f"{name} refused the credentials: {exc}; fix delivery.api_key and run `digest send`")
+                    self._blocked = True
+                    if isinstance(exc, AuthError):
+                        self._halt(f"{name} refused the credentials: {exc}; fix delivery.api_key and run "
+                                   "`digest send`")
+                    else:
+                        self._halt(f"{exc}; {exc.hint or 'fix the cause'}, then run `digest send`: "
+                                   f"nothing was lost, {len(ids)} messages are back in the queue")
                     return "stop"
                 except DeliveryError as exc:
                     if exc.retryable and attempt <= self.settings.delivery.max_retries:
@@ -692,9 +769,12 @@ class Sender:
                         summary.failed[_reason(str(exc))] += len(ids)
                     return "failed"
                 released = self._settle(results, claimed, summary)
-                # Messages handed back unsent count as a failed batch, so a provider that keeps
-                # refusing part of every batch pauses the send instead of being asked forever.
-                return "failed" if released else "ok"
+                if not released:
+                    return "ok"
+                # Messages handed back (deferred) wait a little before they are asked again. A
+                # batch of which nothing was taken counts as failed, so a provider that keeps
+                # deferring the same messages pauses the send instead of being asked forever.
+                return "deferred" if any(r.status == "sent" for r in results) else "back"
         finally:
             if held:
                 building.release()
@@ -708,16 +788,16 @@ class Sender:
 
     def _settle_known(self, complete: Sequence[SendResult], claimed: Sequence[Claimed],
                       summary: SendSummary) -> int:
-        """Record results; one ``failed`` as "not sent" was never handed over, so it goes back
-        to the queue. Returns how many went back."""
-        retry = [r.ledger_id for r in complete if r.status == "failed" and r.error
-                 and r.error.startswith("not sent")]
+        """Record results; a ``deferred`` one was not sent this time, so it goes back to the
+        queue. Returns how many went back."""
+        retry = [r for r in complete if r.status == "deferred"]
         if retry:
-            back = set(retry)
+            back = {r.ledger_id for r in retry}
             complete = [r for r in complete if r.ledger_id not in back]
         batch = claimed if isinstance(claimed, ClaimedBatch) else None
         if retry:  # first: the batch's verdict (below) is for the rows without one of their own
-            self.store.release(retry, "not sent: the batch stopped first", self.now(), batch)
+            self.store.release(list(back), retry[0].error or "not sent: the provider will take it later",
+                               self.now(), batch)
         self.store.settle(complete, self.provider.name, self.now(), batch)
         emails = {c.ledger_id: c.email for c in claimed}
         with self._lock:

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Integer,
@@ -69,6 +70,12 @@ from digest.types import (
 # Drafts whose essays count as already featured.
 FEATURING_STATUSES = ("pending_review", "approved", "sending", "sent")
 INELIGIBLE = ("unsubscribed", "bounced", "complained", "removed")
+
+
+def _sendable() -> ColumnElement[bool]:
+    """Who a send's audience takes (rule 2): active subscribers whose address is not on the
+    suppression list. One clause for the send and for its dry run, so they never disagree."""
+    return and_(subscribers.c.status == "active", subscribers.c.email.not_in(select(suppressions.c.email)))
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,17 @@ class DraftSummary:
     essays: int
     comments: int
     note: str | None
+
+
+@dataclass(frozen=True)
+class UncertainMessage:
+    """A message whose fate is unknown (rule 1), for ``digest status``: what the sender met
+    (``error``) and when it recorded that (``at``)."""
+
+    ledger_id: int
+    email: str
+    error: str
+    at: datetime | None
 
 
 class Claimed(NamedTuple):
@@ -565,11 +583,19 @@ class Store:
 
     def list_subscribers(self, status: str | None = None) -> Iterator[Subscriber]:
         """Stream subscribers in id order (never all in memory at once)."""
+        return self._stream_subscribers(*([subscribers.c.status == status] if status else []))
+
+    def audience(self) -> Iterator[Subscriber]:
+        """The subscribers a send starting now would freeze as its audience (:meth:`start_send`),
+        streamed in id order: what ``digest send --dry-run`` goes through."""
+        return self._stream_subscribers(_sendable())
+
+    def _stream_subscribers(self, *conditions: ColumnElement[bool]) -> Iterator[Subscriber]:
+        """The subscribers matching ``conditions`` in id order, a thousand rows per read."""
         last = 0
         while True:
-            stmt = select(subscribers).where(subscribers.c.id > last).order_by(subscribers.c.id).limit(1000)
-            if status:
-                stmt = stmt.where(subscribers.c.status == status)
+            stmt = (select(subscribers).where(subscribers.c.id > last, *conditions)
+                    .order_by(subscribers.c.id).limit(1000))
             with self._tx() as conn:
                 rows = conn.execute(stmt).all()
             if not rows:
@@ -683,8 +709,7 @@ class Store:
             if changed:
                 audience = select(
                     literal(draft_id, Integer), subscribers.c.id, subscribers.c.email, literal("pending", String),
-                ).where(and_(subscribers.c.status == "active",
-                             subscribers.c.email.not_in(select(suppressions.c.email))))
+                ).where(_sendable())
                 conn.execute(insert(send_ledger).from_select(
                     ["draft_id", "subscriber_id", "email", "status"], audience))
             total = self._ensure_cursor(conn, draft_id)
@@ -758,10 +783,10 @@ class Store:
     # building them and their thousand-row results through SQLAlchemy's expression layer cost
     # several times what the database needs to run them. Same text on both databases but the
     # placeholder. The fifth column says whether the address may still be sent to (rule 2).
+    _MAY_SEND = ("CASE WHEN s.status = 'active' AND NOT EXISTS "
+                 "(SELECT 1 FROM suppressions x WHERE x.email = l.email) THEN 1 ELSE 0 END")
     _ELIGIBLE = (
-        "SELECT l.id, l.subscriber_id, s.email, s.name, "
-        "CASE WHEN s.status = 'active' AND NOT EXISTS "
-        "(SELECT 1 FROM suppressions x WHERE x.email = l.email) THEN 1 ELSE 0 END "
+        f"SELECT l.id, l.subscriber_id, s.email, s.name, {_MAY_SEND} "
         "FROM send_ledger l JOIN subscribers s ON s.id = l.subscriber_id "
     )
     # The next rows above the cursor: a range of the table's primary key, read in order.
@@ -827,20 +852,26 @@ class Store:
         """Claim up to ``size`` rows, skipping (rule 2) those no longer eligible; an empty
         batch when none is left.
 
-        Rows put back in the queue come first, one by one; then the next rows above the
-        draft's cursor, as a range: one ``send_batches`` row and the cursor move, whatever
-        the batch's size. Eligibility is read for the claimed rows only, in the transaction
-        that claims them, so each claim costs the same with a thousand rows left or a million.
+        The next rows above the draft's cursor come first, as a range: one ``send_batches``
+        row and the cursor move, whatever the batch's size. Rows put back in the queue
+        (deferred by the provider, released by a stopped send, resent by the operator) come
+        once the range is done, one by one: a message the provider defers again and again
+        then holds up nobody else. Eligibility is read for the claimed rows only, in the
+        transaction that claims them, so each claim costs the same with a thousand rows left
+        or a million.
         """
         when = self._when(now)
         with self._tx() as conn:
             through, last = self._lock_cursor(conn, draft_id)
+            start = through
             queued_sql, select_sql = self._sql(self._QUEUED_SQL), self._sql(self._CLAIM_SQL)
             while True:  # until this claim holds a row, or no row is left
-                rows = queued = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
-                if not queued:
-                    if through >= last:
-                        return ClaimedBatch((), 0, ranged=True)
+                queued = through >= last
+                if queued:
+                    rows = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
+                    if not rows:
+                        break
+                else:
                     # The next ``size`` ids: a window that bounds the read whatever plan the
                     # database picks. It holds fewer rows where some have a status of their
                     # own already (or, on PostgreSQL, another draft froze its audience at
@@ -852,44 +883,74 @@ class Store:
                 claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
                 if claimed:
                     break
+            if through != start:  # past rows skipped, or claimed as a range
+                self._raw(conn, self._sql("UPDATE send_cursors SET claimed_through = {p} WHERE draft_id = {p}"),
+                          (through, draft_id))
+            if not rows:
+                return ClaimedBatch((), 0, ranged=True)
             if queued:
                 batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when)
                 return ClaimedBatch(claimed, batch_id, ranged=False)
-            self._raw(conn, self._sql("UPDATE send_cursors SET claimed_through = {p} WHERE draft_id = {p}"),
-                      (through, draft_id))
             batch_id = self._new_batch(conn, draft_id, token, when, claimed[0].ledger_id, claimed[-1].ledger_id)
         return ClaimedBatch(claimed, batch_id, ranged=True)
 
-    def uncertain_batches(self, draft_id: int, token: str, now: datetime) -> list[ClaimedBatch]:
+    def uncertain_batches(self, draft_id: int, token: str, now: datetime,
+                          since: datetime | None = None) -> list[ClaimedBatch]:
         """Claim the uncertain messages again, grouped exactly as they went out (for an
-        idempotent provider's resend: the same batch again is the same request)."""
+        idempotent provider's resend: the same batch again is the same request).
+
+        Only batches first sent at or after ``since`` (the provider keeps its idempotency keys
+        for a while only: an older batch sent again could be delivered twice), and only those
+        whose every message may still be sent (rule 2: a batch without the reader who has
+        unsubscribed since would be another request, which the provider would not recognise).
+        The others stay uncertain, for the operator (``digest send --resolve-uncertain``).
+        A batch keeps the time it was first sent, however often it is claimed again.
+        """
         when = self._when(now)
+        # Whether a batch first went at or after ``since``: a column of the queries below.
+        fresh_params: tuple[Any, ...] = () if since is None else (self._when(since),)
+
+        def fresh(column: str) -> str:
+            return "1" if since is None else f"CASE WHEN {column} >= {{p}} THEN 1 ELSE 0 END"
+
         out: list[ClaimedBatch] = []
         with self._tx() as conn:
-            ranged = self._uncertain_ranges(conn, draft_id)
-            for batch_id, first, last in ranged:
+            ranged = self._raw(conn, self._sql(
+                f"SELECT id, first_id, last_id, {fresh('claimed_at')} FROM send_batches "
+                "WHERE draft_id = {p} AND status = 'uncertain' AND first_id IS NOT NULL ORDER BY id"),
+                (*fresh_params, draft_id)).fetchall()
+            taken = []
+            for batch_id, first, last, is_fresh in ranged:
+                if not is_fresh:
+                    continue
                 rows = self._raw(conn, self._sql(
-                    "SELECT l.id, l.subscriber_id, s.email, s.name FROM send_ledger l "
-                    "JOIN subscribers s ON s.id = l.subscriber_id WHERE l.id BETWEEN {p} AND {p} "
-                    "AND +l.draft_id = {p} AND l.status = 'pending' ORDER BY l.id"), (first, last, draft_id)).fetchall()
-                if rows:
-                    out.append(ClaimedBatch([Claimed(*r) for r in rows], batch_id, ranged=True))
-            if ranged:
-                where, params = self._ids_clause("id", [b[0] for b in ranged])
+                    self._ELIGIBLE + "WHERE l.id BETWEEN {p} AND {p} AND +l.draft_id = {p} "
+                    "AND l.status = 'pending' ORDER BY l.id"), (first, last, draft_id)).fetchall()
+                if rows and all(r[4] for r in rows):
+                    out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in rows], batch_id, ranged=True))
+                    taken.append(batch_id)
+            if taken:
+                where, params = self._ids_clause("id", taken)
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'claimed', claim_token = {p}, "
-                                          f"claimed_at = {{p}}, attempts = attempts + 1 WHERE {where}"),
-                          (token, when, *params))
+                                          f"attempts = attempts + 1 WHERE {where}"), (token, *params))
             # Rows uncertain on their own: grouped by their batch (or, from before migration
-            # 0007, by the batch key they went out under).
+            # 0007, by the batch key they went out under), with the time that batch first went.
+            first_sent = "COALESCE(b.claimed_at, l.claimed_at)"
             rows = self._raw(conn, self._sql(
-                "SELECT l.id, l.subscriber_id, s.email, s.name, l.batch_id, l.batch_key FROM send_ledger l "
-                "JOIN subscribers s ON s.id = l.subscriber_id WHERE l.draft_id = {p} AND l.status = 'uncertain' "
-                "ORDER BY l.batch_id, l.batch_key, l.id"), (draft_id,)).fetchall()
+                f"SELECT l.id, l.subscriber_id, s.email, s.name, {self._MAY_SEND}, l.batch_id, l.batch_key, "
+                f"{first_sent}, {fresh(first_sent)} "
+                "FROM send_ledger l JOIN subscribers s ON s.id = l.subscriber_id "
+                "LEFT JOIN send_batches b ON b.id = l.batch_id "
+                "WHERE l.draft_id = {p} AND l.status = 'uncertain' ORDER BY l.batch_id, l.batch_key, l.id"),
+                (*fresh_params, draft_id)).fetchall()
             groups: dict[Any, list[Any]] = {}
             for r in rows:
-                groups.setdefault(r[4] or r[5] or f"row-{r[0]}", []).append(r)
+                groups.setdefault(r[5] or r[6] or f"row-{r[0]}", []).append(r)
             for members in groups.values():
-                batch_id = self._claim_rows(conn, draft_id, [r[0] for r in members], token, when)
+                if not all(r[4] and r[8] for r in members):
+                    continue
+                batch_id = self._claim_rows(conn, draft_id, [r[0] for r in members], token,
+                                            members[0][7] or when)
                 out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False))
         return out
 
@@ -1141,6 +1202,43 @@ class Store:
                                                             compiled=compiled, created_at=now))
         except IntegrityError:
             pass
+
+    # -- what `digest status` lists of a send -------------------------------------------------
+
+    def uncertain_messages(self, draft_id: int, limit: int = 20) -> list[UncertainMessage]:
+        """The first ``limit`` messages of a draft whose fate is unknown, in ledger order.
+
+        Read as :meth:`ledger_counts` counts them (which gives how many there are in all):
+        rows uncertain on their own, and the rows an uncertain ranged batch speaks for (their
+        own status still ``pending``), which carry the batch's error and time.
+        """
+        if limit <= 0:
+            return []
+        with self._tx() as conn:
+            found = self._raw(conn, self._sql(
+                "SELECT id, email, error, settled_at FROM send_ledger WHERE draft_id = {p} "
+                "AND status = 'uncertain' ORDER BY id LIMIT {p}"), (draft_id, limit)).fetchall()
+            # Ranges never overlap, so in range order the first ``limit`` rows found are the
+            # first ``limit`` in ledger order.
+            batches = self._raw(conn, self._sql(
+                "SELECT first_id, last_id, error, settled_at FROM send_batches WHERE draft_id = {p} "
+                "AND status = 'uncertain' AND first_id IS NOT NULL ORDER BY first_id"), (draft_id,)).fetchall()
+            in_batches: list[tuple[Any, ...]] = []
+            for first, last, error, when in batches:
+                if len(in_batches) >= limit:
+                    break
+                rows = self._raw(conn, self._sql(
+                    "SELECT id, email FROM send_ledger WHERE id BETWEEN {p} AND {p} AND +draft_id = {p} "
+                    "AND status = 'pending' ORDER BY id LIMIT {p}"),
+                    (first, last, draft_id, limit - len(in_batches))).fetchall()
+                in_batches += [(ledger_id, email, error, when) for ledger_id, email in rows]
+        dialect = self.engine.dialect
+        # Raw SQL returns SQLite's timestamps as text: parsed as SQLAlchemy would.
+        parse = send_ledger.c.settled_at.type.dialect_impl(dialect).result_processor(dialect, None)
+        first_rows = sorted([*found, *in_batches], key=lambda r: int(r[0]))[:limit]
+        return [UncertainMessage(int(ledger_id), email, error or "", _dt(parse(when) if parse else when))
+                for ledger_id, email, error, when in first_rows]
+
 
 def open_store(url: str) -> Store:
     """Open (and on first use create) the database at ``url``."""

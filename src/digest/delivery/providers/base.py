@@ -5,7 +5,10 @@ A :class:`Provider` takes a batch of at most :attr:`Provider.max_batch` messages
 the order given. A failure of the whole call is an exception::
 
     DeliveryError (digest.errors)     the call failed; ``retryable`` says whether to try again
-    ├── AuthError (digest.errors)     credentials refused: stop the send, fix the config
+    ├── BlockedError (digest.errors)  the account or the configuration stops every batch (a
+    │   │                             quota, a paused account, an unknown domain, a wrong URL):
+    │   │                             the batch goes back to the queue and the send stops
+    │   └── AuthError (digest.errors) credentials refused: the same, fix the credentials
     └── UncertainDeliveryError        (here) the call failed *after* the request went out: the
                                       provider may have accepted the messages. ``maybe_delivered``
                                       is True; the sender marks the rows 'uncertain' instead of
@@ -16,7 +19,8 @@ the order given. A failure of the whole call is an exception::
                                       messages whose fate is known, ``uncertain`` the ledger ids
                                       that may have been delivered.
 
-Per-message outcomes (a bad address, an inactive recipient) are values, never exceptions.
+Per-message outcomes (a bad address, an inactive recipient, a message the provider will take
+only later: ``deferred``) are values, never exceptions.
 
 HTTP providers subclass :class:`HttpProvider`, which owns the send loop (the template method
 :meth:`HttpProvider.send_batch`) and the HTTP status classification. A new HTTP provider writes
@@ -44,6 +48,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -53,7 +58,7 @@ from urllib3.exceptions import NewConnectionError
 
 from digest.config import Delivery
 from digest.delivery.mime import RESERVED_HEADERS, clean_header_value
-from digest.errors import AuthError, DeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.http import build_session, describe, retry_after_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
@@ -181,6 +186,9 @@ class Provider(ABC):
     #: True when sending the very same batch again cannot deliver it twice (the provider
     #: dedupes by an idempotency key), so a batch with an uncertain outcome may be resent.
     idempotent: ClassVar[bool] = False
+    #: How long an idempotent provider keeps a batch's key: a batch first sent longer ago
+    #: than this (less a margin) is not resent automatically, since it could arrive twice.
+    idempotency_window: ClassVar[timedelta] = timedelta(hours=24)
     #: ``send_batch`` makes several calls per batch, ``delivery.concurrency`` at a time (SES,
     #: and SendGrid and Mailgun with full bodies); the sender then runs one batch at a time,
     #: so that ``delivery.concurrency`` stays the number of provider calls in flight.
@@ -482,15 +490,11 @@ class HttpProvider(Provider):
                 requests.exceptions.InvalidHeader,
             ),
         ):
-            return DeliveryError(
-                what, retryable=False, hint="check delivery.base_url and delivery.api_key"
-            )
+            return BlockedError(what, hint="check delivery.base_url and delivery.api_key")
         causes = _causes(exc)
         if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
             # The TLS handshake failed, so nothing was sent; retrying will not fix a certificate.
-            return DeliveryError(
-                what, retryable=False, hint="check the TLS certificate of delivery.base_url"
-            )
+            return BlockedError(what, hint="check the TLS certificate of delivery.base_url")
         if isinstance(exc, requests.exceptions.ConnectTimeout) or any(
             isinstance(c, NewConnectionError) for c in causes
         ):
@@ -549,6 +553,9 @@ class HttpProvider(Provider):
     def status_error(self, status: int, body: bytes, detail: str = "") -> DeliveryError:
         """A not-retryable :class:`DeliveryError` for a status the provider does not document."""
         suffix = f": {detail}" if detail else ""
+        if status == 404:  # the endpoint is not there: a wrong URL, for every batch alike
+            return BlockedError(f"{self.name}: HTTP 404{suffix}", status=status,
+                                response_text=response_text(body), hint="check delivery.base_url")
         return DeliveryError(
             f"{self.name}: HTTP {status}{suffix}",
             retryable=False,
@@ -703,7 +710,8 @@ def send_in_calls(
       error is raised as it is (an :class:`AuthError` first), exactly as for a single-call
       provider, so the sender retries, releases or fails the batch as usual;
     * some messages were accepted and every failed call certainly was not: the results are
-      returned, ``failed`` (with the reason, "not sent") for the messages never accepted.
+      returned, ``deferred`` (with the reason, "not sent: ...") for the messages never
+      accepted, which the sender puts back in the queue.
       Why not raise: a retryable error would make the sender retry the whole batch and
       deliver the accepted messages twice;
     * some call may have been accepted (:func:`maybe_delivered`): :class:`PartialBatchError`
@@ -746,8 +754,8 @@ def send_in_calls(
     uncertain_calls = [i for i, e in errors if maybe_delivered(e)]
     accepted = any(r.status == "sent" for r in flat)
     if not accepted and not uncertain_calls:
-        auth = [e for _, e in errors if isinstance(e, AuthError)]
-        raise auth[0] if auth else errors[0][1]
+        blocked = [e for _, e in errors if isinstance(e, BlockedError)]
+        raise blocked[0] if blocked else errors[0][1]
     first = errors[0][1]
     results: list[SendResult] = []
     uncertain: list[int] = []
@@ -759,7 +767,7 @@ def send_in_calls(
         else:
             why = outcome if isinstance(outcome, BaseException) else first
             reason = response_text(f"not sent: {why}")
-            results.extend(SendResult(m.ledger_id, "failed", None, reason) for m in calls[i])
+            results.extend(SendResult(m.ledger_id, "deferred", None, reason) for m in calls[i])
     if uncertain:
         cause = outcomes[uncertain_calls[0]]
         raise PartialBatchError(

@@ -65,7 +65,7 @@ from digest.delivery.providers.base import (
     response_text,
     slot_map,
 )
-from digest.errors import ConfigError, DeliveryError
+from digest.errors import BlockedError, ConfigError, DeliveryError
 from digest.http import build_session
 from digest.types import (
     SLOT_NAMES,
@@ -286,7 +286,7 @@ class MailgunProvider(HttpProvider):
                 reply_name, reply_email = parse_mailbox(reply_to)
                 fields.append(("h:Reply-To", format_address(reply_name, reply_email)))
         except ValueError as exc:
-            raise DeliveryError(
+            raise BlockedError(
                 f"mailgun: bad From or Reply-To address: {exc}",
                 hint="check newsletter.from and newsletter.reply_to",
             ) from exc
@@ -533,10 +533,9 @@ class MailgunProvider(HttpProvider):
         if status == 200 and _MAGNIFICENT in body:
             # Why: Mailgun answers a request to a path it does not serve with 200 and this
             # text. Nothing was sent; the URL is wrong.
-            raise DeliveryError(
+            raise BlockedError(
                 "mailgun: the API answered 'Mailgun Magnificent API' instead of sending: "
                 f"wrong URL {self.messages_url}",
-                retryable=False,
                 status=status,
                 response_text=response_text(body),
                 hint=_DOMAIN_HINT,
@@ -554,20 +553,25 @@ class MailgunProvider(HttpProvider):
             return [SendResult(i, "sent", str(message_id)) for i in ids]
         detail = _message(body)
         if status == 404:
-            raise DeliveryError(
+            raise BlockedError(
                 f"mailgun: HTTP 404: {detail or 'not found'} (domain {self.domain!r})",
-                retryable=False,
                 status=status,
                 response_text=response_text(body),
                 hint=_DOMAIN_HINT,
             )
-        if status in (400, 413):
+        if status == 413:
+            raise BlockedError(
+                f"mailgun: HTTP 413: {detail or 'the request is too large'}",
+                status=status,
+                response_text=response_text(body),
+                hint="lower delivery.batch_size",
+            )
+        if status == 400:
             raise DeliveryError(
-                f"mailgun: HTTP {status}: {detail or 'bad request'}",
+                f"mailgun: HTTP 400: {detail or 'bad request'}",
                 retryable=False,
                 status=status,
                 response_text=response_text(body),
-                hint="lower delivery.batch_size" if status == 413 else None,
             )
         raise self.status_error(status, body, detail)
 

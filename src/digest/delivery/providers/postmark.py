@@ -33,7 +33,7 @@ from digest.delivery.providers.base import (
     json_string,
     response_text,
 )
-from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.types import (
     SLOT_NAMES,
     OutgoingMessage,
@@ -361,7 +361,7 @@ class PostmarkProvider(HttpProvider):
                 return format_address(name, addr)
             except ValueError as exc:
                 key = "newsletter.from" if kind == "from" else "newsletter.reply_to"
-                raise DeliveryError(
+                raise BlockedError(
                     f"postmark: bad {kind} address: {exc}", hint=f"check {key}"
                 ) from exc
         return clean_header_value(value)  # custom_headers already cleaned values; cheap if so
@@ -428,7 +428,7 @@ class PostmarkProvider(HttpProvider):
         elif code == _INVALID_REQUEST and _INVALID_TO_RE.match(text):
             result = "invalid"  # "Invalid 'To' address: ..." / "Error parsing 'To': ..."
         elif code in _RETRY_LATER:
-            result = "failed"  # not sent, and a later call may succeed
+            result = "deferred"  # not sent, and a later call may succeed
         else:
             result = "rejected"
         return SendResult(
@@ -450,6 +450,8 @@ class PostmarkProvider(HttpProvider):
         if code in _RETRY_LATER:
             return DeliveryError(what, retryable=True, status=status, response_text=shown)
         hint = _CALL_HINTS.get(code) if code is not None else None
+        if code in _CALL_HINTS:  # the sender, the account or the batch size: every batch alike
+            return BlockedError(what, status=status, response_text=shown, hint=hint)
         return DeliveryError(what, retryable=False, status=status, response_text=shown, hint=hint)
 
     def check(self) -> str:

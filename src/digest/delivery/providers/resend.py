@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, ClassVar, NamedTuple
 
 import requests
@@ -41,7 +42,7 @@ from digest.delivery.providers.base import (
     json_string,
     response_text,
 )
-from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.http import retry_after_seconds
 from digest.types import (
     SLOT_NAMES,
@@ -144,6 +145,7 @@ class ResendProvider(HttpProvider):
     max_batch: ClassVar[int] = 100
     default_base_url: ClassVar[str] = API_URL
     idempotent: ClassVar[bool] = True
+    idempotency_window: ClassVar[timedelta] = timedelta(hours=24)  # how long Resend keeps a key
 
     def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
         if not settings.api_key:
@@ -331,7 +333,7 @@ class ResendProvider(HttpProvider):
         try:
             name, addr = parse_mailbox(value)
         except ValueError as exc:
-            raise DeliveryError(
+            raise BlockedError(
                 f"resend: bad address in {key}: {exc}", hint=f"check {key}"
             ) from exc
         memo[(key, value)] = formatted = format_address(name, addr)
@@ -391,9 +393,8 @@ class ResendProvider(HttpProvider):
             # Why not retryable: the quota resets at the end of the day or month; retrying
             # within the sender's backoff (seconds) only burns attempts.
             period = "daily" if name.startswith("daily") else "monthly"
-            raise DeliveryError(
+            raise BlockedError(
                 what,
-                retryable=False,
                 status=status,
                 response_text=shown,
                 hint=f"the Resend {period} quota is used up: run `digest send` after it resets, "
@@ -432,8 +433,10 @@ class ResendProvider(HttpProvider):
         name, message = _error(body)
         if status in (400, 422):
             # validation_error, missing_required_field, invalid_from_address,
-            # invalid_idempotency_key ...: the request is wrong and stays wrong.
-            raise DeliveryError(
+            # invalid_idempotency_key ...: the request is wrong and stays wrong. A From that
+            # Resend refuses is refused in every batch: the send stops, nobody is failed.
+            error = BlockedError if name == "invalid_from_address" else DeliveryError
+            raise error(
                 f"resend: HTTP {status} {name or 'error'}: {message}".rstrip(": "),
                 retryable=False,
                 status=status,

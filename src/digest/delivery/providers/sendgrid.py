@@ -45,7 +45,7 @@ from digest.delivery.providers.base import (
     checked_headers,
     response_text,
 )
-from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.http import build_session
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
@@ -192,7 +192,7 @@ class SendGridProvider(HttpProvider):
                 reply_name, reply_email = parse_mailbox(reply_to)
                 data["reply_to"] = _email_object(reply_name, reply_email, quote_name=False)
         except ValueError as exc:
-            raise DeliveryError(
+            raise BlockedError(
                 f"sendgrid: bad From or Reply-To address: {exc}",
                 hint="check newsletter.from and newsletter.reply_to",
             ) from exc
@@ -458,9 +458,8 @@ class SendGridProvider(HttpProvider):
                 response_text=response_text(body),
             )
         if status == 413:
-            raise DeliveryError(
+            raise BlockedError(
                 "sendgrid: HTTP 413: the request is too large",
-                retryable=False,
                 status=status,
                 response_text=response_text(body),
                 hint="lower delivery.batch_size",

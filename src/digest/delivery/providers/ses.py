@@ -9,9 +9,15 @@ that every call goes through ``requests`` like the other providers. Answer: 200
 body's ``__type``/``code``) and a ``message``. Reference: shared/reference/APIS.md section A.4.
 
 Why one message per call: ``SendEmail`` with ``Content.Simple`` takes one body for all its
-recipients, and the bulk endpoint only renders SES-stored templates. So ``max_batch`` is 50
-(the size of a batch the sender claims at once) and :meth:`SesProvider.send_batch` makes one
-call per message, ``delivery.concurrency`` at a time, paced by ``delivery.rate_per_second``.
+recipients. The bulk endpoint (``SendBulkEmail``, 50 entries a call) renders a template, stored
+or given inline, with each entry's replacement data; but SES documents inline templates as
+"simple substitutions" without saying how a value is escaped in the HTML part or how literal
+``{{`` in the digest's text is kept from being substituted, and a comment quoting ``{{name}}``
+must reach readers as written. Full bodies send exactly the approved bytes. SES meters its
+sending rate and quota per message, not per call, so batching would not send faster either.
+So ``max_batch`` is 50 (the size of a batch the sender claims at once) and
+:meth:`SesProvider.send_batch` makes one call per message, ``delivery.concurrency`` at a time,
+paced by ``delivery.rate_per_second``.
 A batch is then several calls, with the partial-batch rules of
 :func:`~digest.delivery.providers.base.send_in_calls`: once a message was accepted, a later
 429 no longer fails the whole batch (that would make the sender send the accepted ones
@@ -43,7 +49,7 @@ from digest.delivery.providers.base import (
     response_text,
     send_in_calls,
 )
-from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.http import build_session, retry_after_seconds
 from digest.types import OutgoingMessage, SendResult
 
@@ -54,12 +60,13 @@ ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 # Error types that concern one message: it is refused, the batch goes on.
-_REJECTED = frozenset({"MessageRejected", "MailFromDomainNotVerifiedException"})
+_REJECTED = frozenset({"MessageRejected"})
 # Error types that stop every message of the account: not retryable, with what to do.
 _ACCOUNT_HINTS: dict[str, str] = {
     "AccountSuspendedException": "the SES account may no longer send; see the SES console",
     "SendingPausedException": "sending is paused for the SES account or configuration set",
     "NotFoundException": "check delivery.configuration_set and that the From identity exists",
+    "MailFromDomainNotVerifiedException": "verify the MAIL FROM domain of newsletter.from in SES",
 }
 _THROTTLED = frozenset({"TooManyRequestsException", "ThrottlingException", "Throttling"})
 # Why read the text: SES reports the daily quota with a throttling-looking error, but retrying
@@ -231,8 +238,8 @@ class SesProvider(HttpProvider):
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """One call per message, ``delivery.concurrency`` at a time; see ``send_in_calls``.
 
-        Per-message refusals (``MessageRejected``, an unverified MAIL FROM domain) are
-        ``rejected`` results; throttling, auth and account errors stop the batch.
+        Per-message refusals (``MessageRejected``) are ``rejected`` results; throttling, auth
+        and account errors (an unverified MAIL FROM domain among them) stop the batch.
         """
         if not messages:
             return []
@@ -307,7 +314,7 @@ class SesProvider(HttpProvider):
             name, addr = parse_mailbox(value)
             return format_address(name, addr)
         except ValueError as exc:
-            raise DeliveryError(f"ses: bad address in {key}: {exc}", hint=f"check {key}") from exc
+            raise BlockedError(f"ses: bad address in {key}: {exc}", hint=f"check {key}") from exc
 
     def perform(self, call: PreparedCall) -> tuple[int, Mapping[str, str], bytes]:
         """Sign ``call`` now (SigV4 dates expire after 15 minutes) and send it once."""
@@ -351,18 +358,15 @@ class SesProvider(HttpProvider):
             # SignatureDoesNotMatch, InvalidClientTokenId, ExpiredToken, AccessDenied ...
             raise AuthError(what, status=status, response_text=shown, hint=_AUTH_HINT)
         if _DAILY_QUOTA_RE.search(text):
-            raise DeliveryError(
+            raise BlockedError(
                 what,
-                retryable=False,
                 status=status,
                 response_text=shown,
                 hint="the SES daily sending quota is used up; send resumes after it resets "
                 "(run `digest send` later) or ask AWS for a higher quota",
             )
         if kind in _ACCOUNT_HINTS:
-            raise DeliveryError(
-                what, retryable=False, status=status, response_text=shown, hint=_ACCOUNT_HINTS[kind]
-            )
+            raise BlockedError(what, status=status, response_text=shown, hint=_ACCOUNT_HINTS[kind])
         if kind == "LimitExceededException":
             raise DeliveryError(what, retryable=False, status=status, response_text=shown)
         if status == 429 or status >= 500 or kind in _THROTTLED:
@@ -397,8 +401,8 @@ class SesProvider(HttpProvider):
         kind, text = error_type(headers, body)
         if kind in _REJECTED:
             # MessageRejected: e.g. an unverified recipient in the sandbox, or content SES
-            # refuses. MailFromDomainNotVerified: SES says so per message, so we record it per
-            # message; when it hits every message the batch shows it plainly.
+            # refuses. (An unverified MAIL FROM domain comes per message too, but refuses
+            # every message alike: it stops the send instead, see _ACCOUNT_HINTS.)
             return [SendResult(m.ledger_id, "rejected", None, response_text(f"SES {kind}: {text}"))]
         raise self.status_error(status, body, f"{kind}: {text}" if kind else text)
 

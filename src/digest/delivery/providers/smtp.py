@@ -10,7 +10,8 @@ Replies map to results and errors like this:
 
 * a refused recipient (``RCPT TO`` answered 5xx): ``invalid`` for 501/553 (a malformed or
   disallowed address), ``rejected`` for the rest (550 no such user, 554 ...); a 4xx for one
-  recipient (greylisting, full mailbox) is ``failed``: not sent, the batch goes on;
+  recipient (greylisting, full mailbox) is ``deferred``: not sent now, the batch goes on, and
+  the sender puts it back in the queue for a later attempt;
 * content refused after ``DATA`` with 5xx: ``rejected``;
 * 421 at any point (the server is closing the connection), any other 4xx for the sender or the
   data, or a connection that fails before the message data went out: a retryable
@@ -20,7 +21,7 @@ Replies map to results and errors like this:
 
 Several messages per session makes a batch several "calls", so the partial-batch rules of
 :func:`~digest.delivery.providers.base.send_in_calls` apply: messages accepted before a failure
-stay ``sent``; after a retryable failure the rest come back ``failed`` ("not sent") instead of
+stay ``sent``; after a retryable failure the rest come back ``deferred`` ("not sent") instead of
 an error, because retrying the whole batch would send the accepted ones twice; when the
 failure left one message uncertain, :class:`~digest.delivery.providers.base.PartialBatchError`
 carries the known results and that message's ledger id.
@@ -45,7 +46,7 @@ from digest.delivery.providers.base import (
     response_text,
     send_in_calls,
 )
-from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.types import OutgoingMessage, ResultStatus, SendResult
 
 _INVALID_CODES = frozenset({501, 553})  # syntax error in the address; mailbox name not allowed
@@ -203,7 +204,7 @@ class SmtpProvider(Provider):
         try:
             from_addr = parse_mailbox(msg.from_addr)[1]
         except ValueError as exc:
-            raise DeliveryError(
+            raise BlockedError(
                 f"smtp: bad From address: {exc}", hint="check newsletter.from"
             ) from exc
         message_id = str(mime["Message-ID"])
@@ -219,17 +220,22 @@ class SmtpProvider(Provider):
             if 500 <= code < 600:
                 status = "invalid" if code in _INVALID_CODES else "rejected"
             else:
-                status = "failed"  # a temporary refusal of this one address: not sent
+                status = "deferred"  # a temporary refusal of this one address: not sent
             return SendResult(msg.ledger_id, status, None, f"RCPT TO refused: {reply}")
         except smtplib.SMTPSenderRefused as exc:
             reply = _reply(exc.smtp_code, exc.smtp_error)
             if exc.smtp_code == _CLOSING:
                 raise self._closing(reply) from exc
-            raise DeliveryError(
+            if exc.smtp_code < 500:
+                raise DeliveryError(
+                    f"smtp: MAIL FROM <{from_addr}> refused for now: {reply}",
+                    retryable=True,
+                    status=exc.smtp_code,
+                ) from exc
+            raise BlockedError(
                 f"smtp: MAIL FROM <{from_addr}> refused: {reply}",
-                retryable=400 <= exc.smtp_code < 500,
                 status=exc.smtp_code,
-                hint=None if exc.smtp_code < 500 else "the server will not send as newsletter.from",
+                hint="the server will not send as newsletter.from",
             ) from exc
         except smtplib.SMTPDataError as exc:
             reply = _reply(exc.smtp_code, exc.smtp_error)

@@ -1,0 +1,197 @@
+"""``digest send --dry-run``: the audience a send would freeze, each batch built as a send
+would build it, nothing sent and nothing written. Every provider, against the fake server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import responses
+from click.testing import CliRunner
+
+from digest import pipeline
+from digest.cli import cli
+from digest.delivery.sender import Sender, SendSummary
+from digest.errors import DeliveryError
+from digest.store import Store
+from digest.store.schema import metadata
+from tests.conftest import FrozenClock, make_settings
+from tests.fakes.provider_server import (
+    FakeProviderServer,
+    install_mailgun,
+    install_resend,
+    install_sendgrid,
+    install_ses,
+)
+
+TOKEN = "dry-run-token"
+DOMAIN = "mg.example.org"
+ACTIVE = [f"r{i}@example.com" for i in range(5)]
+UNSUBSCRIBED = "gone@example.com"
+SUPPRESSED = "bounced@example.com"  # active, but bounced on an earlier list: suppressed
+INVALID = "two words@example.com"  # no header can carry it
+
+# delivery settings (base_url added) and the fake server's routes, per provider and path.
+PROVIDERS: dict[str, tuple[dict[str, Any], Callable[[FakeProviderServer], None]]] = {
+    "postmark": ({"provider": "postmark", "api_key": TOKEN}, lambda srv: None),
+    "resend": ({"provider": "resend", "api_key": TOKEN}, install_resend),
+    "sendgrid": ({"provider": "sendgrid", "api_key": TOKEN}, install_sendgrid),
+    "sendgrid-full-bodies": ({"provider": "sendgrid", "api_key": TOKEN, "server_side_personalization": False},
+                             install_sendgrid),
+    "mailgun": ({"provider": "mailgun", "api_key": TOKEN, "domain": DOMAIN},
+                lambda srv: install_mailgun(srv, DOMAIN)),
+    "mailgun-full-bodies": ({"provider": "mailgun", "api_key": TOKEN, "domain": DOMAIN,
+                             "server_side_personalization": False}, lambda srv: install_mailgun(srv, DOMAIN)),
+    "ses": ({"provider": "ses", "region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE",
+             "aws_secret_access_key": TOKEN}, lambda srv: install_ses(srv, secret_key=TOKEN)),
+}
+
+
+@pytest.fixture(params=sorted(PROVIDERS))
+def provider(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def srv(provider: str) -> Iterator[FakeProviderServer]:
+    with FakeProviderServer(token=TOKEN) as server:
+        PROVIDERS[provider][1](server)
+        yield server
+
+
+def open_app(tmp_path: Path, clock: FrozenClock, provider: str, srv: FakeProviderServer, db_url: str | None = None,
+             extra: Sequence[str] = (), **newsletter: str) -> pipeline.App:
+    """An app on the fake server with an approved draft; its subscribers: ACTIVE and
+    ``extra``, one who unsubscribed and one whose address is suppressed."""
+    delivery = {**PROVIDERS[provider][0], "base_url": srv.url, "batch_size": 2, "timeout": 5,
+                "rate_per_second": 1000, "max_retries": 0}
+    settings = make_settings(tmp_path, db_url, delivery=delivery, digest={"approval": {"required": False}},
+                             newsletter=newsletter)
+    app = pipeline.App.open(settings, clock)
+    store = app.store
+    store.suppress(SUPPRESSED, "hard_bounce", "postmark", clock())  # before the address came back
+    store.upsert_subscribers([(e, f"Reader {i}") for i, e in enumerate([*ACTIVE, *extra, UNSUBSCRIBED,
+                                                                        SUPPRESSED])], "cli", clock())
+    gone = store.subscriber_by_email(UNSUBSCRIBED)
+    assert gone is not None
+    store.set_subscriber_status(gone.id, "unsubscribed", clock())
+    pipeline.collect(app)
+    outcome = pipeline.make_draft(app)
+    assert outcome.draft is not None and outcome.draft.status == "approved"
+    return app
+
+
+def dry_run(app: pipeline.App) -> SendSummary:
+    (summary,) = pipeline.send(app, dry_run=True)
+    return summary
+
+
+def database(store: Store) -> dict[str, list[str]]:
+    """Every row of every table, to tell whether anything was written."""
+    with store.engine.connect() as conn:
+        return {t.name: sorted(repr(tuple(r)) for r in conn.execute(t.select())) for t in metadata.sorted_tables}
+
+
+def test_a_dry_run_counts_the_audience_a_send_freezes_and_sends_it_nothing(
+        tmp_path: Path, clock: FrozenClock, db_url: str, provider: str, srv: FakeProviderServer) -> None:
+    app = open_app(tmp_path, clock, provider, srv, db_url)
+    try:
+        before = database(app.store)
+        with responses.RequestsMock() as mocked:  # any HTTP request would fail the run
+            summary = dry_run(app)
+            assert len(mocked.calls) == 0
+        assert summary.dry_run and summary.sent == 5 and not summary.failed and summary.batches == 3
+        assert srv.requests == []
+        assert database(app.store) == before  # no ledger, no batch, no status change, nothing
+        (draft_id,) = app.store.due_drafts(app.now())
+        assert app.store.get_draft(draft_id).status == "approved" and app.store.ledger_counts(draft_id) == {}
+        # The send it rehearsed: the same readers, the same count.
+        (real,) = pipeline.send(app)
+        assert real.finished and (real.sent, real.failed) == (summary.sent, summary.failed)
+        assert {email for _id, email, _status in app.store.ledger_rows(draft_id)} == set(ACTIVE)
+    finally:
+        app.close()
+
+
+def test_a_dry_run_reports_an_address_the_provider_would_refuse(
+        tmp_path: Path, clock: FrozenClock, provider: str, srv: FakeProviderServer) -> None:
+    app = open_app(tmp_path, clock, provider, srv, extra=[INVALID])
+    try:
+        summary = dry_run(app)
+        assert summary.sent == 5 and summary.failed == {"invalid": 1}
+        assert srv.requests == []
+        (real,) = pipeline.send(app)
+        assert (real.sent, real.failed) == (summary.sent, summary.failed)
+        assert {email: status for _id, email, status in app.store.ledger_rows(real.draft_id)}[INVALID] == "invalid"
+    finally:
+        app.close()
+
+
+def test_a_dry_run_with_a_bad_from_address_fails_with_the_providers_error(
+        tmp_path: Path, clock: FrozenClock, provider: str, srv: FakeProviderServer) -> None:
+    app = open_app(tmp_path, clock, provider, srv, **{"from": "not an address"})
+    try:
+        before = database(app.store)
+        with pytest.raises(DeliveryError, match="(?i)bad (from|address)") as info:
+            dry_run(app)
+        assert "'not'" in str(info.value) and "newsletter.from" in str(info.value)  # what, and what to fix
+        assert srv.requests == [] and database(app.store) == before
+    finally:
+        app.close()
+
+
+def test_the_cli_prints_a_bad_from_address_as_one_line(tmp_path: Path, clock: FrozenClock) -> None:
+    from digest.sources.folder import SAMPLE_DIR
+
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(f"""
+database: {{url: "sqlite:///{tmp_path / 'd.db'}"}}
+newsletter: {{public_url: "https://news.example.org", from: "Field Notes <digest@>"}}
+sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
+digest: {{approval: {{required: false}}}}
+delivery: {{provider: postmark, api_key: "{TOKEN}", base_url: "{srv.url}"}}
+""", encoding="utf-8")
+        runner = CliRunner()
+        for args in (["subscribers", "add", "ann@example.com"], ["collect"], ["draft"]):
+            assert runner.invoke(cli, ["--config", str(cfg), *args]).exit_code == 0
+        result = runner.invoke(cli, ["--config", str(cfg), "send", "--dry-run"])
+        assert srv.requests == []
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "error: postmark: bad from address: not an email address: 'Field Notes <digest@>' (check newsletter.from)"]
+
+
+def test_a_dry_run_reads_the_audience_as_it_goes(tmp_path: Path, clock: FrozenClock,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch in memory at a time: the next readers are read only once a batch is built."""
+    settings = make_settings(tmp_path, delivery={"batch_size": 2}, digest={"approval": {"required": False}})
+    app = pipeline.App.open(settings, clock)
+    try:
+        app.store.upsert_subscribers([(e, "") for e in ACTIVE], "cli", clock())
+        pipeline.collect(app)
+        pipeline.make_draft(app)
+        read: list[str] = []
+        audience = app.store.audience
+
+        def counted() -> Iterator[Any]:
+            for sub in audience():
+                read.append(sub.email)
+                yield sub
+
+        seen: list[int] = []
+        build = Sender._dry_batch
+
+        def spy(self: Sender, summary: SendSummary, batch: Any) -> None:
+            seen.append(len(read))
+            build(self, summary, batch)
+
+        monkeypatch.setattr(app.store, "audience", counted)
+        monkeypatch.setattr(Sender, "_dry_batch", spy)
+        summary = dry_run(app)
+        assert summary.sent == 5 and seen == [2, 4, 5]
+        assert not list((tmp_path / "outbox").glob("**/*.eml"))  # the outbox wrote nothing
+    finally:
+        app.close()

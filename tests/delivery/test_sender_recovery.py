@@ -1,0 +1,196 @@
+"""What a send does after things went wrong: uncertain batches resent through an idempotent
+provider only while the provider still knows them and only to readers who may still get
+them; errors about the account pause the send with nobody lost; per-recipient refusals that
+may pass later are tried again."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from digest import pipeline
+from digest.store import Store
+from digest.types import SendResult
+from tests.conftest import NOW
+from tests.delivery.test_sender import EMAILS, IdempotentProvider, app, received, sender  # noqa: F401
+
+DEAD = "otherhost:1:dead"  # a sender on another host whose lease ran out
+
+
+def _crash_mid_batch(a: pipeline.App, size: int = 2) -> list[str]:
+    """A sender that claimed a batch of ``size`` and died before recording the answer."""
+    (draft_id,) = a.store.due_drafts(a.now())
+    a.store.start_send(draft_id, a.now())
+    a.store.acquire_lease(f"send:{draft_id}", DEAD, a.now(), a.now() + timedelta(seconds=300))
+    claimed = a.store.claim_batch(draft_id, size, DEAD, a.now())
+    return [c.email for c in claimed]
+
+
+def test_a_crashed_batch_is_resent_automatically_within_the_key_window(app: pipeline.App, clock) -> None:  # noqa: F811
+    in_flight = _crash_mid_batch(app)
+    clock.advance(hours=22)  # the provider still knows the key (24 h) with an hour to spare
+    provider = IdempotentProvider(lose_answers=0)
+    summary = sender(app, provider).run()
+    assert summary.finished and summary.uncertain == 0
+    assert [m.to_email for m in provider.calls[0]] == in_flight  # the same batch, first
+    assert received(provider) == sorted(EMAILS)
+
+
+def test_a_batch_older_than_the_key_window_is_left_for_the_operator(app: pipeline.App, clock) -> None:  # noqa: F811
+    in_flight = _crash_mid_batch(app)
+    clock.advance(hours=23, minutes=30)  # inside 24 h, but not by the margin the sender keeps
+    provider = IdempotentProvider(lose_answers=0)
+    summary = sender(app, provider).run()
+    # The key may be gone by the time the batch arrives: resending could deliver it twice.
+    assert received(provider) == sorted(set(EMAILS) - set(in_flight))
+    assert summary.uncertain == 2
+    assert app.store.ledger_counts(summary.draft_id) == {"sent": 3, "uncertain": 2}
+    # The operator decides; asking to resend puts them through like any other message.
+    assert app.store.resolve_uncertain(summary.draft_id, "resend", app.now()) == 2
+    later = IdempotentProvider(lose_answers=0)
+    assert sender(app, later).run().finished
+    assert received(later) == sorted(in_flight)
+
+
+def test_a_batch_with_a_reader_who_unsubscribed_since_is_not_resent(app: pipeline.App, clock) -> None:  # noqa: F811
+    in_flight = _crash_mid_batch(app)
+    gone = app.store.subscriber_by_email(in_flight[0])
+    assert gone is not None
+    app.store.set_subscriber_status(gone.id, "unsubscribed", app.now())
+    clock.advance(seconds=301)
+    provider = IdempotentProvider(lose_answers=0)
+    summary = sender(app, provider).run()
+    # Without that reader the batch is another request, which the provider would not know:
+    # it stays uncertain, and the reader who left gets nothing new.
+    assert in_flight[0] not in received(provider) and in_flight[1] not in received(provider)
+    assert summary.uncertain == 2
+    assert app.store.resolve_uncertain(summary.draft_id, "resend", app.now()) == 2
+    later = IdempotentProvider(lose_answers=0)
+    sender(app, later).run()
+    assert received(later) == [in_flight[1]]  # rule 2 at the claim: the unsubscribed is skipped
+
+
+def _sending(store: Store, emails: list[str]) -> int:
+    from tests.store.test_store import _sending as make
+
+    return make(store, emails)
+
+
+def test_rows_uncertain_on_their_own_keep_the_time_their_batch_first_went(store: Store) -> None:
+    draft_id = _sending(store, [f"r{i}@x.org" for i in range(3)])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 3, "me", NOW)
+    # Part of the batch is uncertain, the rest was sent (a batch sent in several calls).
+    store.mark_uncertain([batch[0].ledger_id], "reset", NOW, batch)
+    store.settle([SendResult(x.ledger_id, "sent", None) for x in batch[1:]], "resend", NOW, batch)
+    later = NOW + timedelta(hours=30)
+    assert store.uncertain_batches(draft_id, "again", later, since=later - timedelta(hours=23)) == []
+    assert store.ledger_counts(draft_id) == {"sent": 2, "uncertain": 1}
+    (again,) = store.uncertain_batches(draft_id, "again", later, since=NOW)
+    assert [x.ledger_id for x in again] == [batch[0].ledger_id]
+    # Claimed again, the group still carries its first time: after another crash it is no
+    # fresher than it was.
+    store.mark_stale_claims_uncertain(draft_id, later)
+    assert store.uncertain_batches(draft_id, "third", later, since=NOW + timedelta(minutes=1)) == []
+    assert [x.ledger_id for x in store.uncertain_batches(draft_id, "third", later, since=NOW)[0]] == [
+        batch[0].ledger_id]
+
+
+# -- errors about the account or the configuration: the send stops, nobody is lost ---------
+
+
+def _fake_send_app(tmp_path, clock, srv, provider: str, **delivery):  # type: ignore[no-untyped-def]
+    from tests.conftest import make_settings
+
+    sender_from = delivery.pop("from_", None)
+    newsletter = {"newsletter": {"public_url": "https://news.example.org", "from": sender_from}} if sender_from else {}
+    settings = make_settings(tmp_path, digest={"approval": {"required": False}}, delivery={
+        "provider": provider, "api_key": "t0k", "base_url": srv.url, "batch_size": 2,
+        "concurrency": 1, "max_retries": 2, "timeout": 2.0, **delivery}, **newsletter)
+    a = pipeline.App.open(settings, clock)
+    a.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
+    pipeline.collect(a)
+    pipeline.make_draft(a)
+    return a
+
+
+def test_a_used_up_quota_stops_the_send_and_resumes_with_everyone(tmp_path, clock) -> None:  # type: ignore[no-untyped-def]
+    from tests.fakes.provider_server import FakeProviderServer, install_resend
+
+    with FakeProviderServer(token="t0k") as srv:
+        install_resend(srv)
+        a = _fake_send_app(tmp_path, clock, srv, "resend")
+        srv.faults.append(("status", 429, {}, {"statusCode": 429, "name": "daily_quota_exceeded",
+                                              "message": "You have reached your daily email sending quota."}))
+        (first,) = pipeline.send(a)
+        assert first.blocked and first.sent == 0 and not first.failed
+        assert "daily quota" in (first.stopped or "") and "back in the queue" in (first.stopped or "")
+        assert len(srv.requests) == 1  # not retried: a quota does not pass in seconds
+        counts = a.store.ledger_counts(first.draft_id)
+        assert counts == {"pending": 5}, counts  # back in the queue, not failed
+        clock.advance(hours=24)  # the quota resets
+        (second,) = pipeline.send(a)
+        assert second.finished and second.sent == 5
+        assert sorted(srv.ledger_ids) == sorted(set(srv.ledger_ids)) and len(srv.ledger_ids) == 5
+        a.close()
+
+
+def test_a_from_address_the_providers_cannot_use_stops_the_send_with_nobody_failed(tmp_path, clock) -> None:  # type: ignore[no-untyped-def]
+    from tests.fakes.provider_server import FakeProviderServer
+
+    with FakeProviderServer(token="t0k") as srv:
+        a = _fake_send_app(tmp_path, clock, srv, "postmark", from_="Field Notes <digest@>")
+        (summary,) = pipeline.send(a)
+        assert summary.blocked and summary.sent == 0 and not summary.failed
+        assert "newsletter.from" in (summary.stopped or "")
+        assert srv.requests == [] and a.store.ledger_counts(summary.draft_id) == {"pending": 5}
+        a.close()
+
+
+def test_an_account_pending_approval_stops_the_send_with_nobody_failed(tmp_path, clock) -> None:  # type: ignore[no-untyped-def]
+    from tests.fakes.provider_server import FakeProviderServer
+
+    with FakeProviderServer(token="t0k") as srv:
+        a = _fake_send_app(tmp_path, clock, srv, "postmark")
+        srv.faults.append(("status", 422, {}, {"ErrorCode": 412, "Message": "Your account is pending approval."}))
+        (summary,) = pipeline.send(a)
+        assert summary.blocked and "pending approval" in (summary.stopped or "")
+        assert a.store.ledger_counts(summary.draft_id) == {"pending": 5}
+        (again,) = pipeline.send(a)  # approved since
+        assert again.finished and sorted(m["To"] for m in srv.messages) == sorted(EMAILS)
+        a.close()
+
+
+# -- messages the provider will take only later: back in the queue, sent in the same run ----
+
+
+def test_messages_deferred_by_the_provider_are_sent_later_in_the_same_run(tmp_path, clock) -> None:  # type: ignore[no-untyped-def]
+    from tests.fakes.provider_server import FakeProviderServer
+
+    with FakeProviderServer(token="t0k") as srv:
+        a = _fake_send_app(tmp_path, clock, srv, "postmark", batch_size=4)
+        # The first batch: its second message rate limited, its third under maintenance.
+        srv.faults.append(("partial", {1: (429, "Rate limit exceeded"), 2: (100, "Maintenance")}))
+        (summary,) = pipeline.send(a)
+        assert summary.finished and summary.sent == 5 and not summary.failed
+        assert sorted(m["To"] for m in srv.messages) == sorted(EMAILS)  # each exactly once
+        assert a.store.ledger_counts(summary.draft_id) == {"sent": 5}
+        a.close()
+
+
+def test_a_provider_that_keeps_deferring_the_same_messages_pauses_the_send(app: pipeline.App) -> None:  # noqa: F811
+    from tests.fakes.scripted_provider import ScriptedProvider
+
+    stubborn = EMAILS[1]
+
+    def defer_one(messages):  # type: ignore[no-untyped-def]
+        return [SendResult(m.ledger_id, "deferred", None, "not sent: try later") if m.to_email == stubborn
+                else SendResult(m.ledger_id, "sent", "ok") for m in messages]
+
+    sleeps: list[float] = []
+    provider = ScriptedProvider([defer_one] * 20)
+    summary = sender(app, provider, sleeps).run()
+    assert summary.stopped and "paused after 3 failed batches" in summary.stopped
+    assert received(provider) == sorted(set(EMAILS) - {stubborn})
+    assert app.store.ledger_counts(summary.draft_id) == {"sent": 4, "pending": 1}
+    # Asked again only after a pause that grows: the provider said "later".
+    assert len(sleeps) >= 3 and sleeps == sorted(sleeps)

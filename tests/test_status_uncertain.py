@@ -1,0 +1,144 @@
+"""``digest status`` lists the messages whose fate is unknown (rule 1), not only their count:
+the store reads them as the ledger records them (ranged batches and rows of their own) on
+every backend, and the CLI shows the first twenty after a sender died mid-batch."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from click.testing import CliRunner
+
+from digest import pipeline
+from digest.cli import cli
+from digest.config import load
+from digest.delivery.sender import Sender
+from digest.store import Store
+from digest.store.store import UncertainMessage
+from digest.types import Draft, SendResult
+from tests.conftest import NOW
+from tests.fakes.scripted_provider import ScriptedProvider
+
+STOPPED = "the sender stopped while this message was in flight"
+
+
+def _sending(store: Store, emails: list[str]) -> int:
+    d, _ = store.create_draft(Draft("P1", "Subject", "", ()), [], NOW)
+    assert d.id is not None
+    store.upsert_subscribers([(e, "") for e in emails], "cli", NOW)
+    store.transition(d.id, ("pending_review",), "approved", NOW)
+    store.start_send(d.id, NOW)
+    return int(d.id)
+
+
+def test_uncertain_messages_reads_ranged_batches_and_rows_of_their_own(store: Store) -> None:
+    emails = [f"{c}@x.org" for c in "abcdef"]
+    draft_id = _sending(store, emails)
+    later = NOW + timedelta(hours=1)
+    # a, b: a whole ranged batch timed out after sending (one write, on the batch).
+    first = store.claim_batch(draft_id, 2, "me", NOW)
+    store.mark_uncertain([x.ledger_id for x in first], "timed out", NOW, first)
+    # c: uncertain on its own; d sent; e put back in the queue, then claimed alone.
+    c, d, e = store.claim_batch(draft_id, 3, "me", NOW)
+    store.mark_uncertain([c.ledger_id], "reset mid-batch", NOW, None)
+    store.release([e.ledger_id], "not sent: 429", NOW)
+    store.settle([SendResult(d.ledger_id, "sent", "m-d")], "outbox", NOW)
+    assert [x.email for x in store.claim_batch(draft_id, 5, "me", NOW)] == ["f@x.org"]  # a ranged one
+    assert [x.email for x in store.claim_batch(draft_id, 5, "me", NOW)] == ["e@x.org"]  # a batch without range
+    # The sender dies with e and f in flight; the next one finds them so.
+    assert store.mark_stale_claims_uncertain(draft_id, later) == 2
+    assert store.ledger_counts(draft_id) == {"uncertain": 5, "sent": 1}
+
+    ids = {email: ledger_id for ledger_id, email, _status in store.ledger_rows(draft_id)}
+    listed = store.uncertain_messages(draft_id)
+    assert listed == [
+        UncertainMessage(ids["a@x.org"], "a@x.org", "timed out", NOW),
+        UncertainMessage(ids["b@x.org"], "b@x.org", "timed out", NOW),
+        UncertainMessage(ids["c@x.org"], "c@x.org", "reset mid-batch", NOW),
+        UncertainMessage(ids["e@x.org"], "e@x.org", STOPPED, later),
+        UncertainMessage(ids["f@x.org"], "f@x.org", STOPPED, later),
+    ]
+    # A limit keeps the first in ledger order, wherever it cuts.
+    assert [m.email for m in store.uncertain_messages(draft_id, limit=1)] == ["a@x.org"]
+    assert [m.email for m in store.uncertain_messages(draft_id, limit=3)] == ["a@x.org", "b@x.org", "c@x.org"]
+    assert store.uncertain_messages(draft_id, limit=0) == []
+    # Nothing uncertain once the operator decided, nor for another draft.
+    assert store.resolve_uncertain(draft_id, "mark-sent", later) == 5
+    assert store.uncertain_messages(draft_id) == []
+    assert store.uncertain_messages(draft_id + 1) == []
+
+
+class Killed(BaseException):
+    """The sender's process dying where it stands (kill -9 spares no ``except``)."""
+
+
+class DiesOnSecondBatch(ScriptedProvider):
+    """Takes the first batch; the process dies while the second one is in flight."""
+
+    max_batch: ClassVar[int] = 25
+
+    def __init__(self) -> None:
+        super().__init__([lambda messages: None, Killed()])
+
+
+def _died_mid_batch(tmp_path: Path, emails: list[str]) -> tuple[str, set[str]]:
+    """A config (outbox), an approved draft, and a sender that died with its second batch in
+    flight; then `digest send` finished the rest. Returns the config and that batch's readers."""
+    from digest.sources.folder import SAMPLE_DIR
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"""
+database: {{url: "sqlite:///{tmp_path / 'd.db'}"}}
+newsletter: {{public_url: https://news.example.org}}
+sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
+digest: {{approval: {{required: false}}}}
+delivery: {{provider: outbox, outbox_dir: out, concurrency: 1}}
+""", encoding="utf-8")
+    app = pipeline.App.open(load(str(cfg)))
+    try:
+        app.store.upsert_subscribers([(e, "") for e in emails], "cli", app.now())
+        pipeline.collect(app)
+        draft = pipeline.make_draft(app).draft
+        assert draft is not None and draft.status == "approved"
+        provider = DiesOnSecondBatch()
+        with pytest.raises(Killed):
+            Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.link_pair,
+                   now=app.now).run()
+    finally:
+        app.close()
+    in_flight = {m.to_email for m in provider.calls[1]}
+    result = CliRunner().invoke(cli, ["--config", str(cfg), "send"])
+    assert result.exit_code == 0 and "finished" in result.output
+    return str(cfg), in_flight
+
+
+def _listed(output: str) -> list[str]:
+    """The addresses `digest status` lists as uncertain."""
+    return [line.split()[0] for line in output.splitlines() if "(ledger " in line]
+
+
+def test_status_lists_the_messages_a_dead_sender_left_uncertain(tmp_path: Path) -> None:
+    emails = [f"r{i:02d}@example.com" for i in range(30)]
+    cfg, in_flight = _died_mid_batch(tmp_path, emails)
+    assert len(in_flight) == 5  # the 30 went as 25, then 5, and the 5 were in flight
+    result = CliRunner().invoke(cli, ["--config", cfg, "status"])
+    assert result.exit_code == 0
+    listed = _listed(result.output)
+    assert sorted(listed) == sorted(in_flight) and listed == sorted(listed)  # in ledger order
+    assert "    r25@example.com (ledger 26, 2" in result.output and f"): {STOPPED}\n" in result.output
+    assert "... and" not in result.output
+    assert "5 uncertain: resolve with `digest send --resolve-uncertain resend|mark-sent --draft 1`" in result.output
+
+
+def test_status_lists_twenty_and_says_how_many_more(tmp_path: Path) -> None:
+    emails = [f"r{i:02d}@example.com" for i in range(50)]
+    cfg, in_flight = _died_mid_batch(tmp_path, emails)
+    assert len(in_flight) == 25
+    result = CliRunner().invoke(cli, ["--config", cfg, "status"])
+    listed = _listed(result.output)
+    assert len(listed) == 20 and set(listed) < in_flight and listed == sorted(in_flight)[:20]
+    lines = result.output.splitlines()
+    hint = next(i for i, line in enumerate(lines) if "25 uncertain: resolve with" in line)
+    assert lines[hint - 1] == "    ... and 5 more"
