@@ -330,7 +330,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
         verb = "would send" if s.dry_run else "sent"
         failed = ", ".join(f"{n} {why}" for why, n in sorted(s.failed.items())) or "0"
         click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {s.batches} batches, failed {failed}, "
-                   f"uncertain {s.uncertain}, {s.seconds:.2f}s ({s.rate:.0f}/s)"
+                   f"uncertain {s.uncertain}" + (f", skipped {s.skipped}" if s.skipped else "")
+                   + f", {s.seconds:.2f}s ({s.rate:.0f}/s)"
                    + (" — finished" if s.finished else ""))
         if s.stopped:
             click.echo(f"draft {s.draft_id}: {s.stopped}")

@@ -1,9 +1,12 @@
 """``digest send --dry-run``: the audience a send would freeze, each batch built as a send
-would build it, nothing sent and nothing written. Every provider, against the fake server."""
+would build it, nothing sent and nothing written. Every provider: the HTTP ones against the
+fake server, SMTP against a real SMTP server (aiosmtpd), the outbox into a folder."""
 
 from __future__ import annotations
 
+import smtplib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,11 @@ from click.testing import CliRunner
 from digest import pipeline
 from digest.cli import cli
 from digest.delivery.sender import Sender, SendSummary
-from digest.errors import DeliveryError
+from digest.errors import BlockedError
 from digest.store import Store
 from digest.store.schema import metadata
 from tests.conftest import FrozenClock, make_settings
+from tests.delivery.test_smtp import Handler, Server, start
 from tests.fakes.provider_server import (
     FakeProviderServer,
     install_mailgun,
@@ -33,8 +37,11 @@ UNSUBSCRIBED = "gone@example.com"
 SUPPRESSED = "bounced@example.com"  # active, but bounced on an earlier list: suppressed
 INVALID = "two words@example.com"  # no header can carry it
 
-# delivery settings (base_url added) and the fake server's routes, per provider and path.
+# delivery settings (Outlet.delivery adds where to) and the fake server's routes, per provider
+# and path.
 PROVIDERS: dict[str, tuple[dict[str, Any], Callable[[FakeProviderServer], None]]] = {
+    "outbox": ({"provider": "outbox"}, lambda srv: None),
+    "smtp": ({"provider": "smtp", "smtp_host": "127.0.0.1", "smtp_security": "none"}, lambda srv: None),
     "postmark": ({"provider": "postmark", "api_key": TOKEN}, lambda srv: None),
     "resend": ({"provider": "resend", "api_key": TOKEN}, install_resend),
     "sendgrid": ({"provider": "sendgrid", "api_key": TOKEN}, install_sendgrid),
@@ -61,12 +68,44 @@ def srv(provider: str) -> Iterator[FakeProviderServer]:
         yield server
 
 
-def open_app(tmp_path: Path, clock: FrozenClock, provider: str, srv: FakeProviderServer, db_url: str | None = None,
+@dataclass
+class Outlet:
+    """Where a send through the provider goes: the fake HTTP server, the outbox folder, or for
+    SMTP a real server (aiosmtpd) on 127.0.0.1."""
+
+    srv: FakeProviderServer
+    outbox: Path
+    smtp: Server | None
+
+    def delivery(self, provider: str) -> dict[str, Any]:
+        port = {"smtp_port": self.smtp.port} if self.smtp is not None else {}
+        return {**PROVIDERS[provider][0], "base_url": self.srv.url, "outbox_dir": str(self.outbox), **port}
+
+    def received(self) -> list[object]:
+        """Everything that arrived: HTTP requests, SMTP messages, .eml files."""
+        mails = self.smtp.handler.received if self.smtp is not None else []
+        return [*self.srv.requests, *mails, *sorted(self.outbox.glob("**/*.eml"))]
+
+
+@pytest.fixture
+def outlet(provider: str, srv: FakeProviderServer, tmp_path: Path) -> Iterator[Outlet]:
+    smtp = None
+    if provider == "smtp":
+        handler = Handler()
+        smtp = Server(handler, start(handler))
+    try:
+        yield Outlet(srv, tmp_path / "outbox", smtp)
+    finally:
+        if smtp is not None:
+            smtp.controller.stop()
+
+
+def open_app(tmp_path: Path, clock: FrozenClock, provider: str, outlet: Outlet, db_url: str | None = None,
              extra: Sequence[str] = (), **newsletter: str) -> pipeline.App:
-    """An app on the fake server with an approved draft; its subscribers: ACTIVE and
+    """An app sending to ``outlet`` with an approved draft; its subscribers: ACTIVE and
     ``extra``, one who unsubscribed and one whose address is suppressed."""
-    delivery = {**PROVIDERS[provider][0], "base_url": srv.url, "batch_size": 2, "timeout": 5,
-                "rate_per_second": 1000, "max_retries": 0}
+    delivery = {**outlet.delivery(provider), "batch_size": 2, "timeout": 5, "rate_per_second": 1000,
+                "max_retries": 0}
     settings = make_settings(tmp_path, db_url, delivery=delivery, digest={"approval": {"required": False}},
                              newsletter=newsletter)
     app = pipeline.App.open(settings, clock)
@@ -83,8 +122,15 @@ def open_app(tmp_path: Path, clock: FrozenClock, provider: str, srv: FakeProvide
     return app
 
 
+def _no_connection(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a dry run connected to the SMTP server")
+
+
 def dry_run(app: pipeline.App) -> SendSummary:
-    (summary,) = pipeline.send(app, dry_run=True)
+    """``digest send --dry-run``, with any SMTP connection an error: a dry run needs no server."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(smtplib.SMTP, "connect", _no_connection)  # SMTP_SSL's too
+        (summary,) = pipeline.send(app, dry_run=True)
     return summary
 
 
@@ -95,15 +141,15 @@ def database(store: Store) -> dict[str, list[str]]:
 
 
 def test_a_dry_run_counts_the_audience_a_send_freezes_and_sends_it_nothing(
-        tmp_path: Path, clock: FrozenClock, db_url: str, provider: str, srv: FakeProviderServer) -> None:
-    app = open_app(tmp_path, clock, provider, srv, db_url)
+        tmp_path: Path, clock: FrozenClock, db_url: str, provider: str, outlet: Outlet) -> None:
+    app = open_app(tmp_path, clock, provider, outlet, db_url)
     try:
         before = database(app.store)
         with responses.RequestsMock() as mocked:  # any HTTP request would fail the run
             summary = dry_run(app)
             assert len(mocked.calls) == 0
         assert summary.dry_run and summary.sent == 5 and not summary.failed and summary.batches == 3
-        assert srv.requests == []
+        assert outlet.received() == []
         assert database(app.store) == before  # no ledger, no batch, no status change, nothing
         (draft_id,) = app.store.due_drafts(app.now())
         assert app.store.get_draft(draft_id).status == "approved" and app.store.ledger_counts(draft_id) == {}
@@ -111,17 +157,18 @@ def test_a_dry_run_counts_the_audience_a_send_freezes_and_sends_it_nothing(
         (real,) = pipeline.send(app)
         assert real.finished and (real.sent, real.failed) == (summary.sent, summary.failed)
         assert {email for _id, email, _status in app.store.ledger_rows(draft_id)} == set(ACTIVE)
+        assert outlet.received()  # and it did go there
     finally:
         app.close()
 
 
 def test_a_dry_run_reports_an_address_the_provider_would_refuse(
-        tmp_path: Path, clock: FrozenClock, provider: str, srv: FakeProviderServer) -> None:
-    app = open_app(tmp_path, clock, provider, srv, extra=[INVALID])
+        tmp_path: Path, clock: FrozenClock, provider: str, outlet: Outlet) -> None:
+    app = open_app(tmp_path, clock, provider, outlet, extra=[INVALID])
     try:
         summary = dry_run(app)
         assert summary.sent == 5 and summary.failed == {"invalid": 1}
-        assert srv.requests == []
+        assert outlet.received() == []
         (real,) = pipeline.send(app)
         assert (real.sent, real.failed) == (summary.sent, summary.failed)
         assert {email: status for _id, email, status in app.store.ledger_rows(real.draft_id)}[INVALID] == "invalid"
@@ -129,15 +176,21 @@ def test_a_dry_run_reports_an_address_the_provider_would_refuse(
         app.close()
 
 
-def test_a_dry_run_with_a_bad_from_address_fails_with_the_providers_error(
-        tmp_path: Path, clock: FrozenClock, provider: str, srv: FakeProviderServer) -> None:
-    app = open_app(tmp_path, clock, provider, srv, **{"from": "not an address"})
+def test_a_bad_from_address_fails_the_dry_run_and_stops_the_send_with_nobody_failed(
+        tmp_path: Path, clock: FrozenClock, provider: str, outlet: Outlet) -> None:
+    app = open_app(tmp_path, clock, provider, outlet, **{"from": "not an address"})
     try:
         before = database(app.store)
-        with pytest.raises(DeliveryError, match="(?i)bad (from|address)") as info:
+        with pytest.raises(BlockedError, match="(?i)bad (from|address)") as info:
             dry_run(app)
         assert "'not'" in str(info.value) and "newsletter.from" in str(info.value)  # what, and what to fix
-        assert srv.requests == [] and database(app.store) == before
+        assert outlet.received() == [] and database(app.store) == before
+        # The send it rehearsed stops with the same error before anything goes out, its batch
+        # back in the queue: no reader failed for a mistake in the configuration.
+        (real,) = pipeline.send(app)
+        assert real.blocked and real.sent == 0 and not real.failed
+        assert str(info.value) in (real.stopped or "")
+        assert outlet.received() == [] and app.store.ledger_counts(real.draft_id) == {"pending": 5}
     finally:
         app.close()
 

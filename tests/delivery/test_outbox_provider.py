@@ -10,7 +10,7 @@ import pytest
 
 from digest.config import Delivery
 from digest.delivery.providers.outbox import OutboxProvider, eml_path, safe_local_part
-from digest.errors import DeliveryError
+from digest.errors import BlockedError, DeliveryError
 from tests.delivery.conftest import MessageFactory
 
 
@@ -79,6 +79,38 @@ def test_invalid_address_is_a_result_not_an_error(
     assert [r.status for r in results] == ["invalid", "sent"]
     assert results[0].error and "not-an-address" in results[0].error
     assert [p.name for p in (tmp_path / "outbox" / "7").iterdir()] == ["2-reader2.eml"]
+    # A dry run finds the same refusal, the same reason, and writes nothing.
+    assert outbox.refusals([make_message(1, to_email="not-an-address"), make_message(3)]) == [results[0]]
+    assert not (tmp_path / "outbox" / "7" / "3-reader3.eml").exists()
+
+
+def test_a_bad_from_address_stops_the_batch(
+    outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path
+) -> None:
+    """Not every reader ``invalid``: the configuration is wrong, and the sender puts the batch
+    back in the queue for a BlockedError."""
+    messages = [make_message(i, from_addr="Field Notes <digest@>") for i in (1, 2)]
+    with pytest.raises(BlockedError) as info:
+        outbox.send_batch(messages)
+    assert str(info.value) == (
+        "outbox: bad From address: not an email address: 'Field Notes <digest@>' "
+        "(check newsletter.from)"
+    )
+    assert not (tmp_path / "outbox").exists()
+    with pytest.raises(BlockedError, match="bad From address"):
+        outbox.refusals(messages)  # the dry run's check
+
+
+def test_a_bad_reply_to_address_stops_the_batch_too(
+    outbox: OutboxProvider, make_message: MessageFactory, tmp_path: Path
+) -> None:
+    messages = [make_message(i, reply_to="replies@") for i in (1, 2)]
+    with pytest.raises(BlockedError, match="bad Reply-To address") as info:
+        outbox.send_batch(messages)
+    assert info.value.hint == "check newsletter.reply_to"
+    assert not (tmp_path / "outbox").exists()
+    with pytest.raises(BlockedError, match="bad Reply-To address"):
+        outbox.refusals(messages)
 
 
 def test_unwritable_folder_fails_the_call(tmp_path: Path, make_message: MessageFactory) -> None:

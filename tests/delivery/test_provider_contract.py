@@ -7,7 +7,9 @@ the provider's own refusals); 401 is an AuthError; 429 and 5xx are retryable (42
 retry_after); permanent errors are not; ``delivery.base_url`` is where requests go.
 Providers that personalize server-side meet the same contract through send_template_batch.
 
-The outbox writes files and SMTP talks SMTP: they have their own tests. The helpers at the
+The outbox writes files and SMTP talks SMTP: they have their own tests, and
+test_provider_contract_all.py runs the shared part of this contract over every provider,
+them included, each through its real transport. The helpers at the
 end (send_in_calls, PartialBatchError, expand_template) are what the multi-call providers
 (SES, SMTP, full-body SendGrid and Mailgun) stand on.
 """

@@ -194,3 +194,24 @@ def test_a_provider_that_keeps_deferring_the_same_messages_pauses_the_send(app: 
     assert app.store.ledger_counts(summary.draft_id) == {"sent": 4, "pending": 1}
     # Asked again only after a pause that grows: the provider said "later".
     assert len(sleeps) >= 3 and sleeps == sorted(sleeps)
+
+
+def test_a_dry_run_of_a_stopped_send_rehearses_what_it_has_left(app: pipeline.App) -> None:  # noqa: F811
+    from digest.errors import BlockedError
+    from tests.fakes.scripted_provider import ScriptedProvider
+
+    quota = BlockedError("scripted: daily quota used up", hint="run `digest send` after it resets")
+    first = sender(app, ScriptedProvider([lambda m: None, quota])).run()  # one batch of 2, then blocked
+    assert first.blocked and first.sent == 2
+    left = sorted(set(EMAILS) - {m for m in EMAILS[:2]})
+    gone = app.store.subscriber_by_email(left[-1])
+    assert gone is not None
+    app.store.set_subscriber_status(gone.id, "unsubscribed", app.now())
+    counts = app.store.ledger_counts(first.draft_id)
+    rehearsal = sender(app, ScriptedProvider()).dry_run()
+    # The two sent are not counted again; the one who left is skipped, as a claim would.
+    assert (rehearsal.sent, rehearsal.skipped, rehearsal.batches) == (2, 1, 1)
+    assert app.store.ledger_counts(first.draft_id) == counts  # it looked, and wrote nothing
+    resumed = ScriptedProvider()
+    assert sender(app, resumed).run().sent == rehearsal.sent
+    assert received(resumed) == left[:-1]

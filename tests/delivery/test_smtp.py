@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from digest.config import Delivery
 from digest.delivery.providers.base import PartialBatchError
 from digest.delivery.providers.smtp import SmtpProvider
-from digest.errors import AuthError, DeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError
 from tests.delivery.conftest import MessageFactory
 
 USER, PASSWORD = "digest", "s3cret pass"
@@ -473,6 +473,34 @@ def test_nothing_listening_is_retryable(make_message: MessageFactory) -> None:
     with pytest.raises(DeliveryError) as info:
         p.send_batch([make_message(1)])
     assert info.value.retryable
+
+
+def test_refusals_and_a_bad_from_need_no_server(make_message: MessageFactory) -> None:
+    """Each message is built before the session opens (build_mime_message, the check a dry run
+    runs too): refused addresses and a bad From are found with nothing listening."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = SmtpProvider(
+        Delivery(
+            provider="smtp", smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", timeout=2
+        )
+    )
+    refused = [make_message(1, to_email="no address"), make_message(2, to_email="x@y@example.com")]
+    results = p.send_batch(refused)
+    assert [r.status for r in results] == ["invalid", "invalid"]
+    assert p.refusals(refused) == results  # what a dry run reports, reasons included
+    bad_from = [make_message(i, from_addr="Field Notes <digest@>") for i in (1, 2)]
+    with pytest.raises(BlockedError) as info:
+        p.send_batch(bad_from)
+    assert str(info.value) == (
+        "smtp: bad From address: not an email address: 'Field Notes <digest@>' "
+        "(check newsletter.from)"
+    )
+    with pytest.raises(BlockedError, match="bad From address"):
+        p.refusals(bad_from)
 
 
 def test_check_without_login(servers: list[EphemeralController]) -> None:

@@ -493,3 +493,22 @@ def test_a_claim_reads_at_most_its_size_in_ids_past_the_cursor(store: Store) -> 
     assert [c.recipient.email for c in batch] == ["r2@x.org", "r3@x.org"]
     assert windows == [2, 2]
     assert store.ledger_counts(draft_id) == {"skipped": 2, "claimed": 2, "pending": 3}
+
+
+def test_remaining_is_what_a_claim_would_find_without_claiming_it(store: Store) -> None:
+    draft_id = _sending(store, [f"{c}@x.org" for c in "abcde"])
+    assert store.remaining(draft_id) is None  # not frozen yet: the audience is the answer
+    store.start_send(draft_id, NOW)
+    first = store.claim_batch(draft_id, 2, "me", NOW)
+    store.settle([SendResult(x.ledger_id, "sent", None) for x in first], "outbox", NOW, first)
+    back = store.claim_batch(draft_id, 1, "me", NOW)
+    store.release([back[0].ledger_id], "not sent: 429", NOW, back)
+    gone = store.subscriber_by_email("e@x.org")
+    assert gone is not None
+    store.set_subscriber_status(gone.id, "unsubscribed", NOW)
+    rows = store.remaining(draft_id, page=2)  # pages smaller than the rest: read in several
+    assert rows is not None
+    assert [(c.email, ok) for c, ok in rows] == [("c@x.org", True), ("d@x.org", True), ("e@x.org", False)]
+    # Nothing was claimed or skipped by looking.
+    assert store.ledger_counts(draft_id) == {"sent": 2, "pending": 3}
+    assert [x.email for x in store.claim_batch(draft_id, 5, "me", NOW)] == ["d@x.org"]

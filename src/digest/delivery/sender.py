@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -377,16 +377,24 @@ class Sender:
         request as it would; send nothing and write nothing.
 
         The audience is the one :meth:`Store.start_send` would freeze (active, not suppressed),
-        streamed, so a dry run of a million readers holds one batch at a time. ``sent`` counts
-        the messages the provider would be handed, ``failed`` those it would refuse before
-        sending (an address no header can carry), by reason. A problem with every batch (a bad
-        newsletter.from) is raised as the provider gives it, for the CLI to print.
+        streamed, so a dry run of a million readers holds one batch at a time; for a send that
+        has started (stopped, paused), what it has left (:meth:`Store.remaining`), with the
+        readers a claim would now skip counted as ``skipped``. ``sent`` counts the messages the
+        provider would be handed, ``failed`` those it would refuse before sending (an address
+        no header can carry), by reason. A problem with every batch (a bad newsletter.from) is
+        raised as the provider gives it, for the CLI to print.
         """
         summary = SendSummary(self.draft.id or 0, dry_run=True)
         started = time.perf_counter()
+        left = self.store.remaining(summary.draft_id)
+        readers: Iterator[tuple[Claimed, bool]] = left if left is not None else (
+            (Claimed(-(n + 1), sub.id, sub.email, sub.name), True) for n, sub in enumerate(self.store.audience()))
         batch: list[Claimed] = []
-        for n, sub in enumerate(self.store.audience()):
-            batch.append(Claimed(-(n + 1), sub.id, sub.email, sub.name))
+        for row, may_send in readers:
+            if not may_send:
+                summary.skipped += 1
+                continue
+            batch.append(row)
             if len(batch) >= self.batch_size:
                 self._dry_batch(summary, batch)
                 batch = []
@@ -413,7 +421,8 @@ class Sender:
         as SES does and SendGrid and Mailgun do with full bodies, each reader's body being
         their own), each checked against the provider's size limit. Without one, a template
         goes through ``template_sender``, which by contract builds but sends nothing until
-        called; full bodies (SMTP, the outbox) are only prepared.
+        called; full bodies go through :meth:`Provider.refusals` (SMTP and the outbox build
+        each message there exactly as their send does).
         """
         provider = self.provider
         calls: Iterable[PreparedCall]
@@ -428,7 +437,7 @@ class Sender:
         else:
             build = getattr(provider, "build_request", None)
             if build is None:
-                return []
+                return provider.refusals(prepared)  # type: ignore[arg-type]
             # One at a time: a batch of full bodies built at once is tens of megabytes.
             calls = (build([m]) for m in prepared) if provider.parallel_calls else [build(prepared)]
         refused: list[SendResult] = []

@@ -590,6 +590,38 @@ class Store:
         streamed in id order: what ``digest send --dry-run`` goes through."""
         return self._stream_subscribers(_sendable())
 
+    def remaining(self, draft_id: int, page: int = 1000) -> Iterator[tuple[Claimed, bool]] | None:
+        """What a send of a draft whose audience is frozen has left, as a claim would find it:
+        each row not yet claimed (above the cursor) or back in the queue, with whether its
+        address may still be sent to (rule 2); streamed in ledger order. ``None`` when the
+        draft has no ledger rows yet (its send has not started: see :meth:`audience`).
+
+        For ``digest send --dry-run`` of a send that stopped or paused; it writes nothing.
+        """
+        with self._tx() as conn:
+            if self._raw(conn, self._sql("SELECT 1 FROM send_ledger WHERE draft_id = {p} LIMIT 1"),
+                         (draft_id,)).fetchone() is None:
+                return None
+            cursor = self._raw(conn, self._sql("SELECT claimed_through FROM send_cursors WHERE draft_id = {p}"),
+                               (draft_id,)).fetchone()
+        # Without a cursor (a send started before migration 0007) every row has its own status.
+        through = int(cursor[0]) if cursor else 0
+        sql = self._sql(self._ELIGIBLE + "WHERE l.draft_id = {p} AND l.id > {p} AND "
+                        "((l.id > {p} AND l.status = 'pending') OR l.status = 'queued') ORDER BY l.id LIMIT {p}")
+
+        def rows() -> Iterator[tuple[Claimed, bool]]:
+            last = 0
+            while True:
+                with self._tx() as conn:
+                    found = self._raw(conn, sql, (draft_id, last, through, page)).fetchall()
+                for r in found:
+                    yield Claimed(r[0], r[1], r[2], r[3]), bool(r[4])
+                if len(found) < page:
+                    return
+                last = found[-1][0]
+
+        return rows()
+
     def _stream_subscribers(self, *conditions: ColumnElement[bool]) -> Iterator[Subscriber]:
         """The subscribers matching ``conditions`` in id order, a thousand rows per read."""
         last = 0

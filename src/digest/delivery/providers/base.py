@@ -25,7 +25,10 @@ only later: ``deferred``) are values, never exceptions.
 HTTP providers subclass :class:`HttpProvider`, which owns the send loop (the template method
 :meth:`HttpProvider.send_batch`) and the HTTP status classification. A new HTTP provider writes
 only two pure methods, :meth:`~HttpProvider.build_request` and
-:meth:`~HttpProvider.parse_response`, plus :meth:`~Provider.check`.
+:meth:`~HttpProvider.parse_response`, plus :meth:`~Provider.check`. Providers that hand over
+finished MIME messages (SMTP, the outbox) subclass :class:`MimeProvider`, whose pure
+:meth:`~MimeProvider.build_mime_message` builds each message for their send and for
+:meth:`~Provider.refusals`.
 
 Optional hooks a provider may add (the defaults keep the behaviour above):
 
@@ -33,6 +36,10 @@ Optional hooks a provider may add (the defaults keep the behaviour above):
   each recipient's values itself (SendGrid substitutions, Mailgun recipient-variables), so a
   batch is one template plus small per-recipient values instead of one full body each;
 * :attr:`Provider.idempotent`: resending the same batch is safe (Resend's Idempotency-Key);
+* :meth:`Provider.refusals`: without I/O, the messages a send would refuse before handing them
+  over, and the :class:`BlockedError` it would raise (a bad From), for ``digest send --dry-run``
+  through a provider that has no pure :meth:`~HttpProvider.build_request` (the default refuses
+  nothing; :class:`MimeProvider` runs its send's own build);
 * :func:`send_in_calls`: the send loop for providers that need several calls per batch (one
   message per call), with the partial-batch rules described there.
 """
@@ -48,7 +55,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from email.message import EmailMessage
 from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -56,8 +64,15 @@ from typing import Any, ClassVar, Self
 import requests
 from urllib3.exceptions import NewConnectionError
 
+from digest import clock
 from digest.config import Delivery
-from digest.delivery.mime import RESERVED_HEADERS, clean_header_value
+from digest.delivery.mime import (
+    RESERVED_HEADERS,
+    build_mime,
+    clean_header_value,
+    normalize_address,
+    parse_mailbox,
+)
 from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.http import build_session, describe, retry_after_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
@@ -231,6 +246,18 @@ class Provider(ABC):
         builds nothing ahead: each call is a :meth:`send_template_batch`.
         """
         return partial(self.send_template_batch, template, recipients)
+
+    def refusals(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """The results a send of ``messages`` would give without handing them over (``invalid``:
+        an address no header can carry), found without I/O; the rest would be handed over.
+
+        Raises the :class:`BlockedError` the send would raise for a problem that stops every
+        message (a From address that cannot be used). The dry run calls it for providers
+        without a pure :meth:`HttpProvider.build_request` (those report refusals in
+        :attr:`PreparedCall.refused`). A provider overriding it must run the very checks its
+        send runs, so that a dry run and a send cannot disagree. The default refuses nothing.
+        """
+        return []
 
     @abstractmethod
     def check(self) -> str:
@@ -582,6 +609,63 @@ class HttpProvider(Provider):
         """Close the HTTP session if this provider created it."""
         if self._owns_session:
             self.session.close()
+
+
+@dataclass(frozen=True)
+class BuiltMessage:
+    """One message built without I/O by :meth:`MimeProvider.build_mime_message`: the MIME
+    message to hand over, and its envelope's bare addresses."""
+
+    mime: EmailMessage
+    mail_from: str
+    rcpt_to: str
+
+
+class MimeProvider(Provider):
+    """A provider that hands over each message as a finished MIME message (SMTP, the outbox).
+
+    Its :meth:`send_batch` builds every message with :meth:`build_mime_message` before handing
+    it over, and :meth:`refusals` (the dry run) runs that same build: the two cannot disagree
+    on which readers are refused or on a From address that stops the send.
+    """
+
+    def build_mime_message(self, msg: OutgoingMessage, now: datetime) -> BuiltMessage | SendResult:
+        """``msg`` as :func:`~digest.delivery.mime.build_mime` makes it (Date ``now``), with its
+        envelope. Pure: no I/O.
+
+        A message no header can carry (its To address; a header or a Message-ID build_mime
+        refuses) comes back as an ``invalid`` result, with build_mime's reason. A From or
+        Reply-To address that cannot be used raises :class:`BlockedError`: it would refuse
+        every message of the send, and no reader is at fault.
+        """
+        # Why before build_mime: it parses these too, and its ValueError would mark every
+        # reader invalid for a mistake in the configuration.
+        try:
+            mail_from = parse_mailbox(msg.from_addr)[1]
+        except ValueError as exc:
+            raise BlockedError(
+                f"{self.name}: bad From address: {exc}", hint="check newsletter.from"
+            ) from exc
+        if msg.reply_to:
+            try:
+                parse_mailbox(msg.reply_to)
+            except ValueError as exc:
+                raise BlockedError(
+                    f"{self.name}: bad Reply-To address: {exc}", hint="check newsletter.reply_to"
+                ) from exc
+        try:
+            mime = build_mime(msg, now=now)
+            rcpt_to = normalize_address(msg.to_email)
+        except ValueError as exc:
+            return SendResult(msg.ledger_id, "invalid", None, str(exc))
+        return BuiltMessage(mime, mail_from, rcpt_to)
+
+    def refusals(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """:meth:`build_mime_message` of each message, as the send runs it; the results of the
+        messages it refuses. The messages built are dropped one by one."""
+        now = clock.now()
+        built = (self.build_mime_message(m, now) for m in messages)
+        return [b for b in built if isinstance(b, SendResult)]
 
 
 # -- helpers for providers that personalize or send one message per call -----------------------

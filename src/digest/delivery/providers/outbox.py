@@ -19,8 +19,8 @@ import requests
 
 from digest import clock
 from digest.config import Delivery
-from digest.delivery.mime import as_bytes, build_mime
-from digest.delivery.providers.base import Provider
+from digest.delivery.mime import as_bytes
+from digest.delivery.providers.base import MimeProvider
 from digest.errors import DeliveryError
 from digest.types import OutgoingMessage, SendResult
 
@@ -55,7 +55,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-class OutboxProvider(Provider):
+class OutboxProvider(MimeProvider):
     """Writes ``.eml`` files into ``delivery.outbox_dir``; every written message is ``sent``.
 
     ``outbox_dir`` is used as given: a relative path is relative to the working folder, so the
@@ -70,7 +70,9 @@ class OutboxProvider(Provider):
         self.root = Path(settings.outbox_dir).expanduser()
 
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        """Write one file per message. A message no header can carry is ``invalid``.
+        """Write one file per message. A message no header can carry is ``invalid``; a From
+        address that cannot be used raises :class:`~digest.errors.BlockedError` instead of
+        writing anything for it (both from :meth:`build_mime_message`, as in a dry run).
 
         A disk error fails the whole call (retryable): rewriting a file is harmless because
         its name depends only on the draft and the ledger row.
@@ -79,13 +81,11 @@ class OutboxProvider(Provider):
         now = clock.now()
         results: list[SendResult] = []
         for msg in messages:
-            try:
-                mime = build_mime(msg, now=now)
-            except ValueError as exc:
-                results.append(
-                    SendResult(ledger_id=msg.ledger_id, status="invalid", error=str(exc))
-                )
+            built = self.build_mime_message(msg, now)
+            if isinstance(built, SendResult):
+                results.append(built)
                 continue
+            mime = built.mime
             path = eml_path(self.root, msg)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,13 @@ or, for tests only, plain text (``none``). It logs in when ``delivery.username``
 every message of the batch (built by :func:`digest.delivery.mime.build_mime`, the same bytes
 the outbox writes) with its own envelope, and quits.
 
+Before anything goes out for it, each message is built by
+:meth:`~digest.delivery.providers.base.MimeProvider.build_mime_message`, the check a dry run
+runs too: an address no header can carry is ``invalid`` without reaching the server, and a
+From address that cannot be used stops the batch with a
+:class:`~digest.errors.BlockedError`. The session opens for the first message to send, so
+neither needs a server.
+
 Replies map to results and errors like this:
 
 * a refused recipient (``RCPT TO`` answered 5xx): ``invalid`` for 501/553 (a malformed or
@@ -32,16 +39,15 @@ from __future__ import annotations
 import smtplib
 import ssl
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, ClassVar
 
 import requests
 
 from digest import clock
 from digest.config import Delivery
-from digest.delivery.mime import build_mime, normalize_address, parse_mailbox
 from digest.delivery.providers.base import (
-    Provider,
+    BuiltMessage,
+    MimeProvider,
     UncertainDeliveryError,
     response_text,
     send_in_calls,
@@ -80,7 +86,7 @@ def _reply(code: int, text: bytes | str) -> str:
     return response_text(f"{code} {text}".strip())
 
 
-class SmtpProvider(Provider):
+class SmtpProvider(MimeProvider):
     """Sends through an SMTP server, one session per batch; see the module docstring."""
 
     name: ClassVar[str] = "smtp"
@@ -178,35 +184,36 @@ class SmtpProvider(Provider):
     # -- sending ------------------------------------------------------------------------------
 
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        """One session for the batch, one transaction per message; see the module docstring."""
+        """One session for the batch, one transaction per message; see the module docstring.
+
+        The session opens when the first message to send has been built, so a refused address
+        or a bad From (:meth:`build_mime_message`) is found without reaching the server.
+        """
         if not messages:
             return []
         self._check_batch(messages)
-        conn = self.connect()  # a failure here sent nothing: it is raised as it is
         now = clock.now()
+        session: list[_Session | _TlsSession] = []  # the batch's one session, once opened
+
+        def send_call(ms: Sequence[OutgoingMessage]) -> list[SendResult]:
+            built = self.build_mime_message(ms[0], now)
+            if isinstance(built, SendResult):
+                return [built]
+            if not session:
+                # A failure here sent nothing of this batch: send_in_calls raises it as it is.
+                session.append(self.connect())
+            return [self._send_one(session[0], ms[0], built)]
+
         try:
-            return send_in_calls(
-                self.name,
-                [[m] for m in messages],
-                lambda ms: [self._send_one(conn, ms[0], now)],
-            )
+            return send_in_calls(self.name, [[m] for m in messages], send_call)
         finally:
-            self._quit(conn)
+            if session:
+                self._quit(session[0])
 
     def _send_one(
-        self, conn: _Session | _TlsSession, msg: OutgoingMessage, now: datetime
+        self, conn: _Session | _TlsSession, msg: OutgoingMessage, built: BuiltMessage
     ) -> SendResult:
-        try:
-            mime = build_mime(msg, now=now)
-            to_addr = normalize_address(msg.to_email)
-        except ValueError as exc:
-            return SendResult(msg.ledger_id, "invalid", None, str(exc))
-        try:
-            from_addr = parse_mailbox(msg.from_addr)[1]
-        except ValueError as exc:
-            raise BlockedError(
-                f"smtp: bad From address: {exc}", hint="check newsletter.from"
-            ) from exc
+        mime, from_addr, to_addr = built.mime, built.mail_from, built.rcpt_to
         message_id = str(mime["Message-ID"])
         conn.in_data = False
         try:
