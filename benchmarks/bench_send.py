@@ -87,13 +87,13 @@ class FakeProcess:
         return accepted
 
 
-def make_settings(folder: Path, provider: str, url: str, concurrency: int, batch: int | None,
+def make_settings(folder: Path, provider: str, url: str, concurrency: int | None, batch: int | None,
                   processes: int = 1, database: str | None = None) -> Any:
     from digest import config
     from digest.sources.folder import SAMPLE_DIR
 
     delivery: dict[str, Any] = {"provider": provider, "api_key": TOKEN, "base_url": url,
-                                "rate_per_second": 1_000_000, "concurrency": concurrency,
+                                "rate_per_second": 1_000_000, "concurrency": concurrency,  # None: the default
                                 "processes": processes}
     if batch:
         delivery["batch_size"] = batch
@@ -232,6 +232,7 @@ def throughput(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     try:
         settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch, args.processes)
+        args.concurrency = settings.delivery.concurrency  # the provider's default when not given
         prepare(base, settings, args.recipients)
         shutil.copy(base / "bench.db", base / "pristine.db")
         pipe_times, bare_times, handoff_times, sending_times = [], [], [], []
@@ -297,6 +298,7 @@ def memory(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     try:
         settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch)
+        args.concurrency = settings.delivery.concurrency
         t0 = time.perf_counter()
         prepare(base, settings, args.recipients)
         setup = time.perf_counter() - t0
@@ -399,7 +401,8 @@ def main() -> None:
     parser.add_argument("mode", choices=["throughput", "memory", "ledger", "build"])
     parser.add_argument("--provider", default="postmark")
     parser.add_argument("--recipients", type=int, default=None)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="delivery.concurrency; default: the provider's (2 for SendGrid and Mailgun, 4 otherwise)")
     parser.add_argument("--processes", type=int, default=1,
                         help="delivery.processes for the pipeline (throughput); the other runs use one")
     parser.add_argument("--batch", type=int, default=None)

@@ -154,3 +154,16 @@ def test_rate_per_second_defaults_to_the_providers_limit(delivery: dict[str, obj
     settings = config.from_dict({"delivery": delivery, "newsletter": {"public_url": "https://news.example.org"}},
                                 file="test.yaml")
     assert settings.delivery.rate_per_second == rate
+
+
+@pytest.mark.parametrize(("delivery", "concurrency"), [
+    ({"provider": "sendgrid", "api_key": "k"}, 2),  # one request a thousand readers: two in flight do
+    ({"provider": "mailgun", "api_key": "k", "domain": "mg.example.org"}, 2),
+    ({"provider": "sendgrid", "api_key": "k", "server_side_personalization": False}, 4),  # full bodies
+    ({"provider": "postmark", "api_key": "t"}, 4),
+    ({"provider": "mailgun", "api_key": "k", "domain": "mg.example.org", "concurrency": 8}, 8),
+])
+def test_concurrency_defaults_by_how_the_provider_is_sent_to(delivery: dict[str, object], concurrency: int) -> None:
+    settings = config.from_dict({"delivery": delivery, "newsletter": {"public_url": "https://news.example.org"}},
+                                file="test.yaml")
+    assert settings.delivery.concurrency == concurrency
