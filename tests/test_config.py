@@ -160,6 +160,7 @@ def test_rate_per_second_defaults_to_the_providers_limit(delivery: dict[str, obj
     ({"provider": "sendgrid", "api_key": "k"}, 2),  # one request a thousand readers: two in flight do
     ({"provider": "mailgun", "api_key": "k", "domain": "mg.example.org"}, 2),
     ({"provider": "sendgrid", "api_key": "k", "server_side_personalization": False}, 4),  # full bodies
+    ({"provider": "sendgrid", "api_key": "k", "server_side_personalization": "false"}, 4),  # from ${ENV}
     ({"provider": "postmark", "api_key": "t"}, 4),
     ({"provider": "mailgun", "api_key": "k", "domain": "mg.example.org", "concurrency": 8}, 8),
 ])

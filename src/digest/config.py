@@ -167,7 +167,10 @@ class Delivery(_Strict):
         if data.get("rate_per_second") is None:
             data = {**data, "rate_per_second": DEFAULT_RATES.get(provider, DEFAULT_RATE)}
         if data.get("concurrency") is None:
-            server_side = provider in SERVER_SIDE and data.get("server_side_personalization") is not False
+            # The raw value: a YAML boolean, or text from an ${ENV} placeholder ("false").
+            raw = data.get("server_side_personalization", True)
+            off = raw is False or str(raw).strip().lower() in ("false", "0", "no", "off", "f", "n")
+            server_side = provider in SERVER_SIDE and not off
             data = {**data, "concurrency": SERVER_SIDE_CONCURRENCY if server_side else DEFAULT_CONCURRENCY}
         return data
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from digest import pipeline
+from digest.delivery.providers.base import UncertainDeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.store import Store
 from digest.types import SendResult
 from tests.conftest import NOW
@@ -197,7 +201,6 @@ def test_a_provider_that_keeps_deferring_the_same_messages_pauses_the_send(app: 
 
 
 def test_a_dry_run_of_a_stopped_send_rehearses_what_it_has_left(app: pipeline.App) -> None:  # noqa: F811
-    from digest.errors import BlockedError
     from tests.fakes.scripted_provider import ScriptedProvider
 
     quota = BlockedError("scripted: daily quota used up", hint="run `digest send` after it resets")
@@ -215,3 +218,59 @@ def test_a_dry_run_of_a_stopped_send_rehearses_what_it_has_left(app: pipeline.Ap
     resumed = ScriptedProvider()
     assert sender(app, resumed).run().sent == rehearsal.sent
     assert received(resumed) == left[:-1]
+
+
+# -- a batch that may have gone out never goes back to the queue ------------------------------
+
+
+class LostAnswerThen(IdempotentProvider):
+    """The first call is delivered and its answer lost; the retry (same key) meets ``then``."""
+
+    def __init__(self, then: Exception) -> None:
+        super().__init__(lose_answers=0)
+        self.then = then
+
+    def send_batch(self, messages):  # type: ignore[no-untyped-def]
+        self.calls.append(list(messages))
+        if len(self.calls) == 1:
+            self.delivered.extend(messages)
+            raise UncertainDeliveryError("read timeout after sending", retryable=True)
+        raise self.then
+
+
+@pytest.mark.parametrize("then", [
+    BlockedError("resend: HTTP 429 monthly_quota_exceeded", hint="the quota is used up"),
+    AuthError("resend: HTTP 403 validation_error"),
+    DeliveryError("resend: HTTP 503", retryable=True),
+    DeliveryError("resend: HTTP 422 validation_error", retryable=False),
+], ids=["quota", "auth", "5xx-to-the-end", "permanent"])
+def test_a_refused_retry_of_a_batch_that_may_have_gone_out_leaves_it_uncertain(
+        app: pipeline.App, clock, then: Exception) -> None:  # noqa: F811
+    first = LostAnswerThen(then)
+    summary = sender(app, first).run()
+    in_flight = [m.to_email for m in first.calls[0]]
+    # Not back in the queue as never sent, not failed: nobody knows, so uncertain.
+    assert summary.uncertain == 2 and app.store.ledger_counts(summary.draft_id).get("uncertain") == 2
+    assert sorted(m.email for m in app.store.uncertain_messages(summary.draft_id)) == sorted(in_flight)
+    clock.advance(days=3)  # the provider has long forgotten the key
+    later = IdempotentProvider(lose_answers=0)
+    sender(app, later).run()
+    assert not set(received(later)) & set(in_flight)  # no second copy without the operator
+
+
+def test_an_automatic_resend_that_meets_a_quota_stays_uncertain(app: pipeline.App, clock) -> None:  # noqa: F811
+    in_flight = _crash_mid_batch(app)  # the dead sender may have delivered it
+    clock.advance(hours=1)
+
+    class Quota(IdempotentProvider):
+        def send_batch(self, messages):  # type: ignore[no-untyped-def]
+            self.calls.append(list(messages))
+            raise BlockedError("resend: HTTP 429 daily_quota_exceeded")
+
+    first = sender(app, Quota(lose_answers=0)).run()
+    assert first.blocked and "uncertain" in (first.stopped or "")
+    assert first.uncertain == 2 and app.store.ledger_counts(first.draft_id) == {"uncertain": 2, "pending": 3}
+    clock.advance(hours=30)  # past the key's lifetime: the batch is now the operator's to decide
+    later = IdempotentProvider(lose_answers=0)
+    sender(app, later).run()
+    assert not set(received(later)) & set(in_flight)

@@ -489,7 +489,7 @@ class Sender:
                 for batch in again:
                     if self._stop:
                         break
-                    self._send_one(summary, batch, lease)
+                    self._send_one(summary, batch, lease, maybe_sent=True)
             summary.total += self.store.pending_count(draft_id)
             if helpers and not self._stop:
                 self._go.set()
@@ -656,8 +656,9 @@ class Sender:
                     self._exception = exc
             self._halt(f"stopped: {exc}")
 
-    def _send_one(self, summary: SendSummary, claimed: Sequence[Claimed], lease: str | None) -> str:
-        outcome = self._deliver(claimed, summary)
+    def _send_one(self, summary: SendSummary, claimed: Sequence[Claimed], lease: str | None,
+                  maybe_sent: bool = False) -> str:
+        outcome = self._deliver(claimed, summary, maybe_sent)
         with self._lock:
             summary.batches += 1
         if self.on_batch:
@@ -693,7 +694,14 @@ class Sender:
             return self.provider.template_sender(self.template, prepared)  # type: ignore[arg-type]
         return partial(self.provider.send_batch, prepared)  # type: ignore[arg-type]
 
-    def _deliver(self, claimed: Sequence[Claimed], summary: SendSummary) -> str:
+    def _deliver(self, claimed: Sequence[Claimed], summary: SendSummary, maybe_sent: bool = False) -> str:
+        """Send one claimed batch, retrying as the provider's answers allow, and record its fate.
+
+        ``maybe_sent``: an earlier attempt at this very batch may have been delivered (it is
+        being resent under an idempotency key). It is set too when an attempt here ends that
+        way and the batch is tried again. Then no later failure can put the batch back in the
+        queue or call it failed: it becomes uncertain, keeping the time it first went out.
+        """
         ids = [c.ledger_id for c in claimed]
         # The claim's record in the ledger, handed back with every verdict on its rows.
         batch = claimed if isinstance(claimed, ClaimedBatch) else None
@@ -742,6 +750,7 @@ class Sender:
                 except UncertainDeliveryError as exc:
                     if self.idempotent and exc.retryable and attempt <= self.settings.delivery.max_retries:
                         # Same batch, same body, same idempotency key: the provider sends it once.
+                        maybe_sent = True
                         self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25))
                         continue
                     # The provider may have taken the batch: resending could double-send (rule 1).
@@ -750,16 +759,16 @@ class Sender:
                         summary.uncertain += len(ids)
                     return "failed"
                 except BlockedError as exc:
-                    # Nothing was sent, and no reader is at fault: the batch goes back to the
-                    # queue, whole, and the send stops until the operator has fixed the cause.
-                    self.store.release(ids, str(exc), self.now(), batch)
+                    # No reader is at fault: the send stops until the operator has fixed the
+                    # cause. This attempt sent nothing, so the batch goes back to the queue,
+                    # whole (unless an earlier one may have gone out: then it is uncertain).
                     self._blocked = True
+                    where = self._give_up(ids, exc, batch, summary, maybe_sent)
                     if isinstance(exc, AuthError):
                         self._halt(f"{name} refused the credentials: {exc}; fix delivery.api_key and run "
                                    "`digest send`")
                     else:
-                        self._halt(f"{exc}; {exc.hint or 'fix the cause'}, then run `digest send`: "
-                                   f"nothing was lost, {len(ids)} messages are back in the queue")
+                        self._halt(f"{exc}; fix it, then run `digest send`: {where}")
                     return "stop"
                 except DeliveryError as exc:
                     if exc.retryable and attempt <= self.settings.delivery.max_retries:
@@ -768,10 +777,12 @@ class Sender:
                         self.sleep(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25))
                         continue
                     if exc.retryable:
-                        self.store.release(ids, str(exc), self.now(), batch)
-                        self._halt(f"{name} kept failing ({exc}); paused with {len(ids)} messages "
-                                   "back in the queue; run `digest send` to resume")
+                        where = self._give_up(ids, exc, batch, summary, maybe_sent)
+                        self._halt(f"{name} kept failing ({exc}); paused: {where}; run `digest send` to resume")
                         return "stop"
+                    if maybe_sent:
+                        self._give_up(ids, exc, batch, summary, maybe_sent)
+                        return "failed"
                     self.store.settle([SendResult(i, "failed", None, str(exc)) for i in ids], name, self.now(),
                                       batch)
                     with self._lock:
@@ -787,6 +798,20 @@ class Sender:
         finally:
             if held:
                 building.release()
+
+    def _give_up(self, ids: list[int], exc: DeliveryError, batch: ClaimedBatch | None, summary: SendSummary,
+                 maybe_sent: bool) -> str:
+        """Stop trying a batch this attempt did not send: back in the queue, or uncertain when an
+        earlier attempt may have delivered it (rule 1: a queued row would go out again, under
+        another key or after the provider forgot this one). Says which, for the operator."""
+        if not maybe_sent:
+            self.store.release(ids, str(exc), self.now(), batch)
+            return f"nothing was lost, {len(ids)} messages are back in the queue"
+        self.store.mark_uncertain(ids, f"{exc}; an earlier attempt may have been delivered", self.now(), batch)
+        with self._lock:
+            summary.uncertain += len(ids)
+        return (f"{len(ids)} messages an earlier attempt may have delivered are uncertain "
+                "(`digest status` lists them)")
 
     def _settle(self, results: Sequence[SendResult], claimed: Sequence[Claimed], summary: SendSummary) -> int:
         by_id = {r.ledger_id: r for r in results}
