@@ -512,3 +512,22 @@ def test_remaining_is_what_a_claim_would_find_without_claiming_it(store: Store) 
     # Nothing was claimed or skipped by looking.
     assert store.ledger_counts(draft_id) == {"sent": 2, "pending": 3}
     assert [x.email for x in store.claim_batch(draft_id, 5, "me", NOW)] == ["d@x.org"]
+
+
+def test_a_batch_whose_rows_all_have_their_own_verdict_is_closed_not_left_in_flight(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    a, b = (x.ledger_id for x in batch)
+    # A batch sent in several calls: one message may have gone out, the other is deferred.
+    store.mark_uncertain([a], "reset", NOW, batch)
+    store.release([b], "not sent: 429", NOW, batch)
+    store.settle([], "ses", NOW, batch)
+    assert _batches(store)[0][2] == "settled"
+    # The next sender finds nothing in flight: no batch turned uncertain, a still uncertain.
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 0
+    assert store.ledger_counts(draft_id) == {"uncertain": 1, "pending": 2}
+    # A batch the sender did not get to settle at all stays in flight, as before.
+    other = store.claim_batch(draft_id, 1, "me", NOW)
+    store.settle([], "ses", NOW, None)
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == len(other)

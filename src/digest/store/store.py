@@ -997,9 +997,16 @@ class Store:
         their whole verdict in one statement, rows with their own message ids in one
         ``executemany``.
         """
-        if not results:
-            return
         settled = self._when(now)
+        if not results:
+            if batch is not None:
+                # Every row of the batch has a verdict of its own already (uncertain, back in
+                # the queue): its record is closed, not left looking in flight.
+                with self._tx() as conn:
+                    self._raw(conn, self._sql("UPDATE send_batches SET status = 'settled', provider = {p}, "
+                                              "settled_at = {p} WHERE id = {p} AND status = 'claimed'"),
+                              (provider, settled, batch.batch_id))
+            return
         if batch is not None and batch.ranged:
             self._settle_ranged(results, provider, settled, batch.batch_id)
             return
