@@ -83,9 +83,8 @@ class DiesOnSecondBatch(ScriptedProvider):
         super().__init__([lambda messages: None, Killed()])
 
 
-def _died_mid_batch(tmp_path: Path, emails: list[str]) -> tuple[str, set[str]]:
-    """A config (outbox), an approved draft, and a sender that died with its second batch in
-    flight; then `digest send` finished the rest. Returns the config and that batch's readers."""
+def _config(tmp_path: Path) -> Path:
+    """A config file: the outbox, the bundled sample, drafts approved as they are made."""
     from digest.sources.folder import SAMPLE_DIR
 
     cfg = tmp_path / "config.yaml"
@@ -96,6 +95,13 @@ sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
 digest: {{approval: {{required: false}}}}
 delivery: {{provider: outbox, outbox_dir: out, concurrency: 1}}
 """, encoding="utf-8")
+    return cfg
+
+
+def _died_mid_batch(tmp_path: Path, emails: list[str]) -> tuple[str, set[str]]:
+    """A config (outbox), an approved draft, and a sender that died with its second batch in
+    flight; then `digest send` finished the rest. Returns the config and that batch's readers."""
+    cfg = _config(tmp_path)
     app = pipeline.App.open(load(str(cfg)))
     try:
         app.store.upsert_subscribers([(e, "") for e in emails], "cli", app.now())
@@ -142,3 +148,41 @@ def test_status_lists_twenty_and_says_how_many_more(tmp_path: Path) -> None:
     lines = result.output.splitlines()
     hint = next(i for i, line in enumerate(lines) if "25 uncertain: resolve with" in line)
     assert lines[hint - 1] == "    ... and 5 more"
+
+
+def test_stopped_on_names_the_refusal_that_put_the_last_batch_back(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    assert store.stopped_on(draft_id) is None  # nothing claimed yet
+    first = store.claim_batch(draft_id, 1, "me", NOW)
+    store.settle([SendResult(first[0].ledger_id, "sent", "m")], "resend", NOW, first)
+    assert store.stopped_on(draft_id) is None  # the last batch went out
+    later = NOW + timedelta(minutes=5)
+    second = store.claim_batch(draft_id, 1, "me", later)
+    store.release([second[0].ledger_id], "resend: HTTP 429 daily_quota_exceeded", later, second)
+    assert store.stopped_on(draft_id) == ("resend: HTTP 429 daily_quota_exceeded", later)
+    # Resumed, and a batch went out since: the old reason no longer holds.
+    third = store.claim_batch(draft_id, 2, "me", later)
+    store.settle([SendResult(x.ledger_id, "sent", "m") for x in third], "resend", later, third)
+    assert store.stopped_on(draft_id) is None
+
+
+def test_status_says_why_a_send_waits(tmp_path: Path) -> None:
+    from digest.errors import BlockedError
+
+    cfg = _config(tmp_path)
+    app = pipeline.App.open(load(str(cfg)))
+    try:
+        app.store.upsert_subscribers([(f"r{i}@example.com", "") for i in range(4)], "cli", app.now())
+        pipeline.collect(app)
+        draft = pipeline.make_draft(app).draft
+        assert draft is not None
+        quota = BlockedError("outbox: the disk quota is used up", hint="free some space")
+        summary = Sender(app.store, ScriptedProvider([quota]), app.settings, draft, pipeline.compile_for(app, draft),
+                         app.link_pair, now=app.now).run()
+        assert summary.blocked
+    finally:
+        app.close()
+    result = CliRunner().invoke(cli, ["--config", str(cfg), "status"])
+    assert result.exit_code == 0
+    assert "    stopped " in result.output
+    assert ": outbox: the disk quota is used up (free some space)\n" in result.output

@@ -395,6 +395,9 @@ def status(obj: _Context) -> None:
                      f"pending {counts.get('pending', 0) + counts.get('claimed', 0)}, "
                      f"skipped {counts.get('skipped', 0)}")
         click.echo(line)
+        if d.id in report.stopped:
+            error, at = report.stopped[d.id]
+            click.echo(f"    stopped {_when(at, tz)}: {error}")
         if counts and counts.get("uncertain"):
             listed = report.uncertain.get(d.id, [])
             for m in listed:

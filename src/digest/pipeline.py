@@ -402,6 +402,8 @@ class StatusReport:
     next_runs: dict[str, datetime | None] = field(default_factory=dict)
     # Per draft with messages whose fate is unknown, the first of them (at most UNCERTAIN_LISTED).
     uncertain: dict[int, list[UncertainMessage]] = field(default_factory=dict)
+    # Per draft still sending whose last batch was put back whole: why, and when.
+    stopped: dict[int, tuple[str, datetime | None]] = field(default_factory=dict)
 
 
 # How many uncertain messages `digest status` lists per draft; it says how many more there are.
@@ -428,6 +430,8 @@ def status(app: App) -> StatusReport:
                    "send": next_run(d.send_schedule, tz, now)},
         uncertain={i: app.store.uncertain_messages(i, UNCERTAIN_LISTED)
                    for i, counts in ledgers.items() if counts.get("uncertain")},
+        stopped={i: why for i, counts in ledgers.items()
+                 if counts.get("pending") and (why := app.store.stopped_on(i)) is not None},
     )
 
 

@@ -49,6 +49,7 @@ from digest.store.schema import (
     essays,
     leases,
     meta,
+    send_batches,
     send_ledger,
     source_state,
     subscribers,
@@ -1243,6 +1244,23 @@ class Store:
             pass
 
     # -- what `digest status` lists of a send -------------------------------------------------
+
+    def stopped_on(self, draft_id: int) -> tuple[str, datetime | None] | None:
+        """Why a draft's send stopped, when its last batch was put back in the queue whole (a
+        refusal every batch would meet, or failures to the end): that batch's error and time.
+        ``None`` when the last batch went out, or there is none.
+
+        For ``digest status``: a send that ``digest serve`` keeps trying shows why it waits.
+        """
+        with self._tx() as conn:
+            row = self._raw(conn, self._sql(
+                "SELECT status, error, settled_at FROM send_batches WHERE draft_id = {p} ORDER BY id DESC LIMIT 1"),
+                (draft_id,)).fetchone()
+        if row is None or row[0] != "released":
+            return None
+        dialect = self.engine.dialect
+        parse = send_batches.c.settled_at.type.dialect_impl(dialect).result_processor(dialect, None)
+        return str(row[1] or ""), _dt(parse(row[2]) if parse else row[2])
 
     def uncertain_messages(self, draft_id: int, limit: int = 20) -> list[UncertainMessage]:
         """The first ``limit`` messages of a draft whose fate is unknown, in ledger order.
