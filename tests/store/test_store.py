@@ -531,3 +531,22 @@ def test_a_batch_whose_rows_all_have_their_own_verdict_is_closed_not_left_in_fli
     other = store.claim_batch(draft_id, 1, "me", NOW)
     store.settle([], "ses", NOW, None)
     assert store.mark_stale_claims_uncertain(draft_id, NOW) == len(other)
+
+
+def test_freezing_skips_foreign_key_lookups_on_its_own_connection_only(tmp_path: Any) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    store = open_store(f"sqlite:///{tmp_path / 'fk.db'}")
+    try:
+        draft_id = _sending(store, ["a@x.org", "b@x.org"])
+        assert store.start_send(draft_id, NOW) == 2
+        assert {email for _id, email, _status in store.ledger_rows(draft_id)} == {"a@x.org", "b@x.org"}
+        # The store's own connections still refuse a row whose parent does not exist.
+        with pytest.raises(IntegrityError), store.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO send_ledger (draft_id, subscriber_id, email, status) "
+                                 "VALUES (?, 9999, 'ghost@x.org', 'pending')", (draft_id,))
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+    finally:
+        store.close()
