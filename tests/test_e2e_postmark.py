@@ -79,6 +79,25 @@ def test_wrong_token_stops_with_one_clear_line(tmp_path: Path) -> None:
         assert srv.messages == []
 
 
+def test_an_account_refusal_stops_the_send_says_why_and_resumes_with_everyone(tmp_path: Path) -> None:
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = setup(tmp_path, srv.url, 3)
+        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
+        cli_run(cfg, "collect")
+        cli_run(cfg, "draft")
+        srv.faults.append(("status", 422, {}, {"ErrorCode": 412, "Message": "Your account is pending approval."}))
+        result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), "send"])
+        assert result.exit_code == 1
+        assert "pending approval" in result.output and "back in the queue" in result.output
+        assert srv.messages == []
+        status = cli_run(cfg, "status")
+        assert "failed 0" in status and "stopped " in status and "pending approval" in status
+        cli_run(cfg, "send")  # approved since
+        assert sorted(m["To"] for m in srv.messages) == sorted(set(m["To"] for m in srv.messages))
+        assert len(srv.messages) == 3
+        assert "stopped " not in cli_run(cfg, "status")
+
+
 def test_timeout_after_acceptance_is_uncertain_and_never_resent(tmp_path: Path) -> None:
     with FakeProviderServer(token=TOKEN) as srv:
         cfg = setup(tmp_path, srv.url, 4)
