@@ -120,8 +120,7 @@ class App:
     def link_pair(self) -> Callable[[int, str], tuple[str, str]]:
         """:meth:`links` by subscriber id and address: the sender's per-message call."""
         if self._link_pair is None:
-            base = self.settings.newsletter.public_url
-            self._link_pair = tokens.LinkSigner(self.secret).url_maker(f"{base}/u/", f"{base}/preferences/")
+            self._link_pair = _link_maker(self.settings.newsletter.public_url, self.secret)
         return self._link_pair
 
     def close(self) -> None:
@@ -363,8 +362,13 @@ def _dry_run_links(app: App) -> Callable[[int, str], tuple[str, str]]:
     """The links of a dry run's messages, signed with a key of its own: as long as a send's,
     so every request is as large, while the key that signs real links, made on first use,
     is not written to the database by a dry run. Its messages are never sent."""
-    base = app.settings.newsletter.public_url
-    return tokens.LinkSigner(secrets.token_urlsafe(32)).url_maker(f"{base}/u/", f"{base}/preferences/")
+    return _link_maker(app.settings.newsletter.public_url, secrets.token_urlsafe(32))
+
+
+def _link_maker(public_url: str, secret: str) -> Callable[[int, str], tuple[str, str]]:
+    """A subscriber's (unsubscribe URL, preferences URL), signed with ``secret``: the web
+    app's ``/u/<token>`` and ``/preferences/<token>``."""
+    return tokens.LinkSigner(secret).url_maker(f"{public_url}/u/", f"{public_url}/preferences/")
 
 
 def resolve_uncertain(app: App, draft_id: int, how: str) -> int:

@@ -49,7 +49,6 @@ from digest.store.schema import (
     essays,
     leases,
     meta,
-    send_batches,
     send_ledger,
     source_state,
     subscribers,
@@ -232,6 +231,7 @@ class Store:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._bind_time: Callable[[Any], Any] | None = None
+        self._parse_time: Callable[[Any], Any] | None = None
         # SQLite has one writer at a time, and a connection that finds the database locked
         # sleeps in steps of milliseconds before trying again. The sender's threads would
         # keep waking each other that way; taking turns in-process costs nothing instead.
@@ -866,6 +866,15 @@ class Store:
             self._bind_time = process or (lambda value: value)
         return self._bind_time(now)
 
+    def _read_time(self, value: Any) -> datetime | None:
+        """A timestamp column's value as raw SQL returns it (text, on SQLite), as a datetime:
+        the reverse of :meth:`_when`."""
+        if self._parse_time is None:
+            dialect = self.engine.dialect
+            process = send_ledger.c.settled_at.type.dialect_impl(dialect).result_processor(dialect, None)
+            self._parse_time = process or (lambda value: value)
+        return _dt(self._parse_time(value))
+
     def _ids_clause(self, column: str, ids: Sequence[int]) -> tuple[str, list[Any]]:
         """``column IN (...)`` for ``ids``: one array parameter on PostgreSQL."""
         if self.dialect == "postgresql":
@@ -1001,6 +1010,11 @@ class Store:
                 out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False))
         return out
 
+    # A batch whose rows carry their own verdicts: its record says it is done (unless the
+    # batch was already put back or made uncertain as a whole).
+    _CLOSE_BATCH = ("UPDATE send_batches SET status = 'settled', provider = {p}, settled_at = {p} "
+                    "WHERE id = {p} AND status = 'claimed'")
+
     def settle(self, results: Sequence[SendResult], provider: str, now: datetime,
                batch: ClaimedBatch | None = None) -> None:
         """Record each message's fate. Failing here stops the send (rule 9).
@@ -1018,9 +1032,7 @@ class Store:
                 # Every row of the batch has a verdict of its own already (uncertain, back in
                 # the queue): its record is closed, not left looking in flight.
                 with self._tx() as conn:
-                    self._raw(conn, self._sql("UPDATE send_batches SET status = 'settled', provider = {p}, "
-                                              "settled_at = {p} WHERE id = {p} AND status = 'claimed'"),
-                              (provider, settled, batch.batch_id))
+                    self._raw(conn, self._sql(self._CLOSE_BATCH), (provider, settled, batch.batch_id))
             return
         if batch is not None and batch.ranged:
             self._settle_ranged(results, provider, settled, batch.batch_id)
@@ -1044,8 +1056,7 @@ class Store:
             if singles:
                 self._raw(conn, self._sql(head + "id = {p}"), singles, many=True)
             if batch is not None:
-                self._raw(conn, self._sql("UPDATE send_batches SET status = 'settled', provider = {p}, "
-                                          "settled_at = {p} WHERE id = {p}"), (provider, settled, batch.batch_id))
+                self._raw(conn, self._sql(self._CLOSE_BATCH), (provider, settled, batch.batch_id))
 
     def _settle_ranged(self, results: Sequence[SendResult], provider: str, settled: Any, batch_id: int) -> None:
         status, error = results[0].status, results[0].error
@@ -1272,9 +1283,7 @@ class Store:
                 (draft_id,)).fetchone()
         if row is None or row[0] != "released":
             return None
-        dialect = self.engine.dialect
-        parse = send_batches.c.settled_at.type.dialect_impl(dialect).result_processor(dialect, None)
-        return str(row[1] or ""), _dt(parse(row[2]) if parse else row[2])
+        return str(row[1] or ""), self._read_time(row[2])
 
     def uncertain_messages(self, draft_id: int, limit: int = 20) -> list[UncertainMessage]:
         """The first ``limit`` messages of a draft whose fate is unknown, in ledger order.
@@ -1303,11 +1312,8 @@ class Store:
                     "AND status = 'pending' ORDER BY id LIMIT {p}"),
                     (first, last, draft_id, limit - len(in_batches))).fetchall()
                 in_batches += [(ledger_id, email, error, when) for ledger_id, email in rows]
-        dialect = self.engine.dialect
-        # Raw SQL returns SQLite's timestamps as text: parsed as SQLAlchemy would.
-        parse = send_ledger.c.settled_at.type.dialect_impl(dialect).result_processor(dialect, None)
         first_rows = sorted([*found, *in_batches], key=lambda r: int(r[0]))[:limit]
-        return [UncertainMessage(int(ledger_id), email, error or "", _dt(parse(when) if parse else when))
+        return [UncertainMessage(int(ledger_id), email, error or "", self._read_time(when))
                 for ledger_id, email, error, when in first_rows]
 
 
