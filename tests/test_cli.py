@@ -70,7 +70,7 @@ def test_the_whole_flow_through_the_runner(tmp_path: Path) -> None:
     code, out = invoke("--config", cfg, "send", "--dry-run")
     assert "would send 2" in out
     code, out = invoke("--config", cfg, "send")
-    assert code == 0 and "sent 2 in 1 batches" in out and "finished" in out
+    assert code == 0 and "sent 2 in 1 batch," in out and "finished" in out
     assert "draft 1: batch 1 (2): 2/2 done — 2 sent, 0 failed, 0 uncertain" in out  # progress, on stderr
     assert len(list((tmp_path / "out" / "1").glob("*.eml"))) == 2
     code, out = invoke("--config", cfg, "send")

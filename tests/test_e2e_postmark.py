@@ -109,7 +109,7 @@ def test_timeout_after_acceptance_is_uncertain_and_never_resent(tmp_path: Path) 
         out = cli_run(cfg, "send")
         assert "uncertain 4" in out
         assert len(srv.messages) == 4
-        assert "4 uncertain: resolve with" in cli_run(cfg, "status")
+        assert "4 uncertain; resolve with" in cli_run(cfg, "status")
         cli_run(cfg, "send")
         assert len(srv.messages) == 4  # never resent silently
         cli_run(cfg, "send", "--resolve-uncertain", "mark-sent")

@@ -133,9 +133,12 @@ def test_status_lists_the_messages_a_dead_sender_left_uncertain(tmp_path: Path) 
     assert result.exit_code == 0
     listed = _listed(result.output)
     assert sorted(listed) == sorted(in_flight) and listed == sorted(listed)  # in ledger order
-    assert "    r25@example.com (ledger 26, 2" in result.output and f"): {STOPPED}\n" in result.output
-    assert "... and" not in result.output
-    assert "5 uncertain: resolve with `digest send --resolve-uncertain resend|mark-sent --draft 1`" in result.output
+    lines = result.output.splitlines()
+    hint = lines.index("    5 uncertain; resolve with `digest send --resolve-uncertain resend|mark-sent --draft 1`:")
+    # The batch's reason and time once, then its readers.
+    assert lines[hint + 1].startswith("      2") and lines[hint + 1].endswith(f": {STOPPED}")
+    assert lines[hint + 2:hint + 7] == [f"        r{25 + i}@example.com (ledger {26 + i})" for i in range(5)]
+    assert "... and" not in result.output and result.output.count(STOPPED) == 1
 
 
 def test_status_lists_twenty_and_says_how_many_more(tmp_path: Path) -> None:
@@ -146,8 +149,8 @@ def test_status_lists_twenty_and_says_how_many_more(tmp_path: Path) -> None:
     listed = _listed(result.output)
     assert len(listed) == 20 and set(listed) < in_flight and listed == sorted(in_flight)[:20]
     lines = result.output.splitlines()
-    hint = next(i for i, line in enumerate(lines) if "25 uncertain: resolve with" in line)
-    assert lines[hint - 1] == "    ... and 5 more"
+    hint = next(i for i, line in enumerate(lines) if "25 uncertain; resolve with" in line)
+    assert lines[hint + 22] == "      ... and 5 more"
 
 
 def test_stopped_on_names_the_refusal_that_put_the_last_batch_back(store: Store) -> None:
@@ -186,3 +189,18 @@ def test_status_says_why_a_send_waits(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "    stopped " in result.output
     assert ": outbox: the disk quota is used up (free some space)\n" in result.output
+
+
+def test_status_summarizes_the_delivery_events_providers_reported(tmp_path: Path) -> None:
+    from digest.types import DeliveryEvent
+
+    cfg = _config(tmp_path)
+    app = pipeline.App.open(load(str(cfg)))
+    try:
+        events = [DeliveryEvent("postmark", f"e{i}", kind, f"r{i}@example.com")
+                  for i, kind in enumerate(["delivered", "delivered", "hard_bounce", "complaint"])]
+        pipeline.apply_events(app, "postmark", [*events, events[0]])  # a retry of the first: stored once
+    finally:
+        app.close()
+    output = CliRunner().invoke(cli, ["--config", str(cfg), "status"]).output
+    assert "Delivery events: 1 complaint, 2 delivered, 1 hard_bounce\n" in output

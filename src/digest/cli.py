@@ -10,7 +10,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from digest.config import Settings, load
 from digest.delivery.sender import SendSummary
 from digest.errors import DigestError
 from digest.store import db
+from digest.store.store import UncertainMessage
 
 
 class _Group(click.Group):
@@ -329,7 +330,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
     for s in summaries:
         verb = "would send" if s.dry_run else "sent"
         failed = ", ".join(f"{n} {why}" for why, n in sorted(s.failed.items())) or "0"
-        click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {s.batches} batches, failed {failed}, "
+        batches = f"{s.batches} batch" + ("" if s.batches == 1 else "es")
+        click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {batches}, failed {failed}, "
                    f"uncertain {s.uncertain}" + (f", skipped {s.skipped}" if s.skipped else "")
                    + f", {s.seconds:.2f}s ({s.rate:.0f}/s)"
                    + (" — finished" if s.finished else ""))
@@ -369,6 +371,22 @@ def serve(obj: _Context, host: str | None, port: int | None) -> None:
     run_service(obj.app, host=host, port=port, ready=ready)
 
 
+def _echo_uncertain(draft_id: int, total: int, listed: Sequence[UncertainMessage], tz: Any) -> None:
+    """The first uncertain messages of a draft, under each reason and time once (a batch
+    that went uncertain is hundreds of messages with one reason), then how many more."""
+    click.echo(f"    {total:,} uncertain; resolve with "
+               f"`digest send --resolve-uncertain resend|mark-sent --draft {draft_id}`:")
+    heading = None
+    for m in listed:
+        this = f"{_when(m.at, tz)}: {m.error or 'no reason recorded'}"
+        if this != heading:
+            click.echo(f"      {this}")
+            heading = this
+        click.echo(f"        {m.email} (ledger {m.ledger_id})")
+    if total > len(listed):
+        click.echo(f"      ... and {total - len(listed):,} more")
+
+
 @cli.command()
 @pass_ctx
 def status(obj: _Context) -> None:
@@ -399,14 +417,7 @@ def status(obj: _Context) -> None:
             error, at = report.stopped[d.id]
             click.echo(f"    stopped {_when(at, tz)}: {error}")
         if counts and counts.get("uncertain"):
-            listed = report.uncertain.get(d.id, [])
-            for m in listed:
-                reason = m.error or "no reason recorded"
-                click.echo(f"    {m.email} (ledger {m.ledger_id}, {_when(m.at, tz)}): {reason}")
-            if counts["uncertain"] > len(listed):
-                click.echo(f"    ... and {counts['uncertain'] - len(listed)} more")
-            click.echo(f"    {counts['uncertain']} uncertain: resolve with "
-                       f"`digest send --resolve-uncertain resend|mark-sent --draft {d.id}`")
+            _echo_uncertain(d.id, counts["uncertain"], report.uncertain.get(d.id, []), tz)
     if not report.drafts:
         click.echo("  none")
     subs = report.subscribers

@@ -76,7 +76,7 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path) -> None
         assert by_status["sent"] | by_status["uncertain"] == set(emails)
         assert by_status["sent"] <= received
         assert 1 <= len(by_status["uncertain"]) <= 5 * 4  # at most the batches in flight (4 workers)
-        assert "uncertain: resolve with" in status
+        assert "uncertain; resolve with" in status
 
         # The operator checks the provider's log and marks them sent: nothing more goes out.
         subprocess.run([*run, "send", "--resolve-uncertain", "mark-sent"], env=env, check=True, capture_output=True)

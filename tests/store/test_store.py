@@ -155,6 +155,41 @@ def test_claim_skips_addresses_that_became_ineligible(store: Store) -> None:
     assert store.ledger_counts(draft_id) == {"skipped": 2, "claimed": 1}
 
 
+def test_suppressing_an_address_another_transaction_is_suppressing_waits_and_keeps_one_row(store: Store) -> None:
+    """Two events for one address at the same moment (a bounce and the provider's own notice):
+    the second suppression waits for the first and adds nothing (no unique-key error)."""
+    import threading
+
+    from sqlalchemy import func, insert, select
+
+    from digest.store.schema import suppressions
+
+    store.upsert_subscribers([("a@x.org", "")], "cli", NOW)
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            store.suppress("a@x.org", "hard_bounce", "sendgrid", NOW)
+        except BaseException as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    with store.engine.connect() as conn:
+        tx = conn.begin()
+        conn.execute(insert(suppressions).values(email="a@x.org", reason="complaint", origin="postmark",
+                                                 created_at=NOW))
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(0.5)  # it waits on the uncommitted row (PostgreSQL) or the write lock (SQLite)
+        tx.commit()
+    other.join(30)
+    assert not other.is_alive() and errors == []
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(suppressions.c.reason, func.count()).group_by(suppressions.c.reason)).all()
+    assert rows == [("complaint", 1)]  # the first reason stands
+    sub = store.subscriber_by_email("a@x.org")
+    assert sub is not None and sub.status == "bounced"
+
+
 def test_settle_release_uncertain_and_resolve(store: Store) -> None:
     draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
     store.start_send(draft_id, NOW)

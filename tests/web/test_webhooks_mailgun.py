@@ -147,6 +147,7 @@ def test_legacy_form_posts_and_garbage_are_400(client: FlaskClient) -> None:
     r = client.post("/webhooks/mailgun", data={"timestamp": "1", "token": "t", "signature": "s", "event": "bounced"})
     assert r.status_code == 400
     assert post(client, b"\xff\xfe").status_code == 400
+    assert post(client, b"[" * 100_000).status_code == 400  # nested too deep to parse: no 500
 
 
 def test_unconfigured_mailgun_refuses_everything(tmp_path: Path, clock: FrozenClock) -> None:
@@ -165,7 +166,12 @@ def test_parse_normalizes_through_the_tables() -> None:
 
     bounce = one("failed_permanent.json")
     assert (bounce.event_type, bounce.email, bounce.event_id, bounce.ledger_id) == (
-        "hard_bounce", "ada@example.com", "G9Bn5sl1TC6nu79C8C0bwg", 1)
+        "hard_bounce", "ada@example.com", "G9Bn5sl1TC6nu79C8C0bwg@1795683570.25", 1)
+    # Mailgun's ids are unique within a day: the same id a day later is another event.
+    later = json.loads((DATA / "failed_permanent.json").read_bytes())
+    later["event-data"]["timestamp"] += 86_400
+    (next_day,) = mailgun.parse(json.dumps(later).encode())
+    assert next_day.event_id != bounce.event_id
     assert bounce.detail["code"] == "550" and bounce.occurred_at is not None
     assert one("failed_temporary.json").event_type == "deferred"
     assert one("failed_old.json").event_type == "soft_bounce"

@@ -84,6 +84,18 @@ def test_a_signed_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClie
     assert sorted(c.recipient.email for c in claimed) == ["ben@example.org", "chloe@example.net"]
 
 
+def test_a_bounce_echoing_the_named_to_suppresses_the_address(app: pipeline.App, client: FlaskClient,
+                                                               clock: FrozenClock) -> None:
+    """Our messages go to "Name <address>", and Resend reports the To as it was given."""
+    draft_id = sending_draft(app)
+    raw = (DATA / "bounced.json").read_bytes().replace(b'"ada@example.com"', b'"Ada Quill <ada@example.com>"')
+    r = post(client, raw, headers_for(raw, clock))
+    assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 1
+    assert status_of(app, "ada@example.com") == "bounced"
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    assert sorted(c.recipient.email for c in claimed) == ["ben@example.org", "chloe@example.net"]
+
+
 def test_any_v1_entry_of_the_list_may_match(client: FlaskClient, clock: FrozenClock) -> None:
     raw = (DATA / "delivered.json").read_bytes()
     headers = headers_for(raw, clock)

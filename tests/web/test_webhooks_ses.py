@@ -81,8 +81,9 @@ def confirmed() -> list[str]:
 
 
 @pytest.fixture
-def client(app: pipeline.App, served: Served, confirmed: list[str]) -> FlaskClient:
-    web = create_app(app, sns_certificates=ses.CertificateCache(fetch=served), sns_confirm=confirmed.append)
+def client(app: pipeline.App, served: Served, confirmed: list[str], clock: FrozenClock) -> FlaskClient:
+    certificates = ses.CertificateCache(fetch=served, clock=lambda: clock().timestamp())
+    web = create_app(app, sns_certificates=certificates, sns_confirm=confirmed.append)
     return web.test_client()
 
 
@@ -231,10 +232,21 @@ def test_an_unavailable_certificate_is_503_and_the_retry_works(app: pipeline.App
                                                                key: rsa.RSAPrivateKey) -> None:
     certificate = served.certs.pop(CERT_URL)
     envelope = sign(load("bounce_permanent.json"), key, clock)
-    assert post(client, envelope).status_code == 503
+    assert post(client, envelope).status_code == 503 and served.fetched == [CERT_URL]
     served.certs[CERT_URL] = certificate
-    assert post(client, envelope).status_code == 200  # SNS's retry of the same message
+    # A copy right after is answered without another fetch (forged requests naming missing
+    # certificates cost a fetch per URL every few seconds, not one per request) ...
+    assert post(client, envelope).status_code == 503 and served.fetched == [CERT_URL]
+    clock.advance(seconds=20)  # ... and SNS's retry, 20 seconds later, fetches again
+    assert post(client, envelope).status_code == 200
+    assert served.fetched == [CERT_URL, CERT_URL]
     assert status_of(app, "ada@example.com") == "bounced"
+
+
+def test_a_stale_copy_costs_no_certificate_fetch(client: FlaskClient, served: Served, clock: FrozenClock,
+                                                 key: rsa.RSAPrivateKey) -> None:
+    envelope = sign(load("bounce_permanent.json"), key, clock, age=3600)
+    assert post(client, envelope).status_code == 403 and served.fetched == []
 
 
 def test_a_subscription_confirmation_is_verified_then_confirmed(app: pipeline.App, client: FlaskClient,
@@ -323,6 +335,7 @@ def test_unconfigured_ses_refuses_everything(tmp_path: Path, served: Served, clo
 
 def test_unparseable_body_is_400(client: FlaskClient) -> None:
     assert post(client, b"<xml/>").status_code == 400
+    assert post(client, b"[" * 100_000).status_code == 400  # nested too deep to parse: no 500
 
 
 def test_config_checks_topic_arns() -> None:

@@ -658,8 +658,11 @@ class Store:
         """Add an address to the suppression list (idempotent) and mark its subscriber."""
         email = email.lower()
         with self._tx() as conn:
-            if conn.execute(select(suppressions.c.email).where(suppressions.c.email == email)).first() is None:
-                conn.execute(insert(suppressions).values(email=email, reason=reason, origin=origin, created_at=now))
+            # One statement, not a read then an insert: two events for one address (a bounce
+            # and the provider's own suppression notice) may arrive at the same moment.
+            self._raw(conn, self._sql(
+                "INSERT INTO suppressions (email, reason, origin, created_at) VALUES ({p}, {p}, {p}, {p}) "
+                "ON CONFLICT (email) DO NOTHING"), (email, reason, origin, self._when(now)))
             status = {"hard_bounce": "bounced", "complaint": "complained"}.get(reason, "unsubscribed")
             conn.execute(update(subscribers).where(and_(subscribers.c.email == email,
                                                         subscribers.c.status == "active"))

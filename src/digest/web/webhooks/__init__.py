@@ -28,6 +28,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from typing import Any, Protocol
 
 from digest.config import Webhooks
@@ -151,8 +152,23 @@ def load_json(raw_body: bytes) -> Any:
     """The body as JSON; ``MalformedPayload`` (HTTP 400) if it is not."""
     try:
         return json.loads(raw_body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: a body nested thousands deep (which no provider sends).
         raise MalformedPayload(f"body is not JSON ({exc.__class__.__name__})") from exc
+
+
+def address(value: Any) -> str:
+    """The bare address of a recipient a provider reports, lower-cased ('' for none).
+
+    Providers echo the To they were given, and ours carry the reader's name
+    (``"Ada Quill <ada@example.com>"``): an event must suppress ``ada@example.com``.
+    """
+    if not isinstance(value, str):
+        return ""
+    found: str = value.strip()
+    if "<" in found:
+        found = parseaddr(found)[1] or found
+    return found.strip().lower()
 
 
 def content_id(value: Any) -> str:

@@ -25,6 +25,7 @@ from digest.web.webhooks import (
     BadCredentials,
     MalformedPayload,
     Verified,
+    address,
     check_fresh,
     content_id,
     epoch,
@@ -114,9 +115,11 @@ def _event(item: dict[str, Any]) -> DeliveryEvent:
     }
     return DeliveryEvent(
         provider=NAME,
-        event_id=short_id(str(raw_id)) if raw_id else content_id(item),
+        # Mailgun promises its event ids unique "within a day" only: with the event's own
+        # time (the same on every retry of one webhook), two days' events never collide.
+        event_id=short_id(f"{raw_id}@{item.get('timestamp')}") if raw_id else content_id(item),
         event_type=event_type,
-        email=str(item.get("recipient") or "").strip().lower(),
+        email=address(item.get("recipient")),
         occurred_at=epoch(item.get("timestamp")),
         ledger_id=ledger_id(variables.get(LEDGER_KEY)),
         detail={k: v for k, v in detail.items() if v},

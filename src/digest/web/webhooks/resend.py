@@ -25,6 +25,7 @@ from digest.web.webhooks import (
     BadCredentials,
     MalformedPayload,
     Verified,
+    address,
     check_fresh,
     header,
     iso,
@@ -132,9 +133,9 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     return [
         DeliveryEvent(
             provider=NAME,
-            event_id=short_id(f"{email_id}:{kind}:{data.get('created_at') or ''}:{str(to).lower()}"),
+            event_id=short_id(f"{email_id}:{kind}:{data.get('created_at') or ''}:{address(to)}"),
             event_type=event_type,
-            email=str(to).strip().lower(),
+            email=address(to),
             occurred_at=occurred,
             ledger_id=ledger_id(_tag(body.get("tags"), LEDGER_KEY)),
             detail={k: v for k, v in detail.items() if v},
@@ -151,7 +152,7 @@ def _contact_event(kind: str, body: dict[str, Any], data: dict[str, Any],
         provider=NAME,
         event_id=short_id(f"{body.get('id') or ''}:{kind}:{body.get('updated_at') or data.get('created_at') or ''}"),
         event_type=event_type,
-        email=str(body.get("email") or "").strip().lower(),
+        email=address(body.get("email")),
         occurred_at=occurred,
         detail={"type": kind, "audience_id": text(body.get("audience_id"))},
     )

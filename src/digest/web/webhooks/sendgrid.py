@@ -33,6 +33,7 @@ from digest.web.webhooks import (
     BadCredentials,
     MalformedPayload,
     Verified,
+    address,
     check_fresh,
     content_id,
     epoch,
@@ -146,7 +147,7 @@ def _event(item: Any) -> DeliveryEvent:
         provider=NAME,
         event_id=short_id(str(raw_id)) if raw_id else content_id(item),
         event_type=event_type,
-        email=str(item.get("email") or "").strip().lower(),
+        email=address(item.get("email")),
         occurred_at=epoch(item.get("timestamp")),
         # custom_args come back as top-level keys of each event.
         ledger_id=ledger_id(item.get(LEDGER_KEY)),

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,7 @@ from digest.web.webhooks import (
     Refused,
     Unavailable,
     Verified,
+    address,
     check_age,
     header,
     iso,
@@ -138,10 +140,18 @@ class CertificateCache:
     because an attacker can name many (trusted-host) URLs.
     """
 
-    def __init__(self, fetch: Callable[[str], bytes] | None = None, max_entries: int = 32) -> None:
+    # How long a URL that could not be fetched is not tried again: requests naming URLs that do
+    # not exist (on a trusted host) then cost a fetch every few seconds each, not one per
+    # request. Shorter than SNS's 20 seconds between retries, so its retry fetches again.
+    RETRY_AFTER = 10.0
+
+    def __init__(self, fetch: Callable[[str], bytes] | None = None, max_entries: int = 32,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.fetch = fetch or _https_get
         self.max_entries = max_entries
+        self.clock = clock
         self._certs: dict[str, x509.Certificate] = {}
+        self._failed: dict[str, float] = {}  # url -> when its fetch failed
         self._lock = threading.Lock()
 
     def get(self, url: str) -> x509.Certificate:
@@ -149,20 +159,25 @@ class CertificateCache:
         trusted_sns_url(url, pem=True)
         with self._lock:
             cached = self._certs.get(url)
+            failed = self._failed.get(url)
         if cached is not None:
             return cached
+        if failed is not None and self.clock() - failed < self.RETRY_AFTER:
+            raise Unavailable("signing certificate unavailable")
         try:
             body = self.fetch(url)
+            cert = x509.load_pem_x509_certificate(body)
         except WebhookVerificationError:
             raise
-        except (DigestError, OSError, KeyError) as exc:
-            log.warning("webhooks: ses: could not fetch the SNS certificate %s: %s", url, exc)
+        except (DigestError, OSError, KeyError, ValueError) as exc:
+            log.warning("webhooks: ses: could not fetch or read the SNS certificate %s: %s", url, exc)
+            with self._lock:
+                if len(self._failed) >= self.max_entries:
+                    self._failed.pop(next(iter(self._failed)))
+                self._failed[url] = self.clock()
             raise Unavailable("signing certificate unavailable") from exc
-        try:
-            cert = x509.load_pem_x509_certificate(body)
-        except ValueError as exc:
-            raise Unavailable("signing certificate unreadable") from exc
         with self._lock:
+            self._failed.pop(url, None)
             if len(self._certs) >= self.max_entries:
                 self._certs.pop(next(iter(self._certs)))
             self._certs[url] = cert
@@ -213,6 +228,12 @@ def verify(request_headers: Mapping[str, str], raw_body: bytes, settings: Webhoo
         signature = base64.b64decode(str(envelope.get("Signature") or ""), validate=True)
     except (binascii.Error, ValueError):
         raise BadCredentials("bad signature") from None
+    sent_at = iso(envelope.get("Timestamp"))
+    if sent_at is None:
+        raise BadCredentials("bad timestamp")
+    # Before the certificate: a stale or replayed copy costs no fetch. The signature checked
+    # below covers the timestamp, so the order changes nothing else.
+    check_age(sent_at, settings, now)
     signed = string_to_sign(envelope)
     cert = (certificates or CERTIFICATES).get(cert_url)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
@@ -224,10 +245,6 @@ def verify(request_headers: Mapping[str, str], raw_body: bytes, settings: Webhoo
         key.verify(signature, signed, padding.PKCS1v15(), hash_factory())
     except InvalidSignature:
         raise BadCredentials("bad signature") from None
-    sent_at = iso(envelope.get("Timestamp"))
-    if sent_at is None:
-        raise BadCredentials("bad timestamp")
-    check_age(sent_at, settings, now)
     subscribe_url = None
     if kind == "SubscriptionConfirmation":
         subscribe_url = trusted_sns_url(str(envelope.get("SubscribeURL") or ""), pem=False)
@@ -299,9 +316,9 @@ def _events(sns_id: str, message: dict[str, Any]) -> list[DeliveryEvent]:
         DeliveryEvent(
             provider=NAME,
             # The SNS MessageId is the same on every SNS retry; one event per recipient in it.
-            event_id=short_id(f"{sns_id}:{str(email).lower()}"),
+            event_id=short_id(f"{sns_id}:{address(email)}"),
             event_type=event_type,
-            email=str(email).strip().lower(),
+            email=address(email),
             occurred_at=iso(when) or iso(mail.get("timestamp")),
             ledger_id=ledger_id(tags.get(LEDGER_KEY)),
             detail={k: v for k, v in {**base_detail, **extra}.items() if v},
