@@ -30,6 +30,13 @@ delivery: {{provider: postmark, api_key: "${{PM_TOKEN}}", base_url: "{url}", bat
     return cfg
 
 
+def drafted(cfg: Path, tmp_path: Path) -> None:
+    """The subscribers imported, the sample collected, a draft made (and approved)."""
+    cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
+    cli_run(cfg, "collect")
+    cli_run(cfg, "draft")
+
+
 def cli_run(cfg: Path, *args: str) -> str:
     result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -39,9 +46,7 @@ def cli_run(cfg: Path, *args: str) -> str:
 def test_send_through_postmark_once_with_faults(tmp_path: Path) -> None:
     with FakeProviderServer(token=TOKEN) as srv:
         cfg = setup(tmp_path, srv.url, 10)
-        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
-        cli_run(cfg, "collect")
-        cli_run(cfg, "draft")
+        drafted(cfg, tmp_path)
         srv.faults.extend([("status", 500), ("status", 429, {"Retry-After": "0"})])
         srv.inactive.add("r3@example.com")
         out = cli_run(cfg, "send")
@@ -62,7 +67,13 @@ def test_send_through_postmark_once_with_faults(tmp_path: Path) -> None:
         assert "nothing to send" in cli_run(cfg, "send")
         assert len(srv.messages) == 9
         status = cli_run(cfg, "status")
-        assert "sent 9, failed 1, uncertain 0" in status
+        assert "sent 9, failed 1 (1 suppressed), uncertain 0" in status
+        lines = status.splitlines()
+        at = lines.index("    1 failed (`digest status --draft 1` lists them):")
+        assert lines[at + 1].startswith("      1 since ") and ": suppressed: " in lines[at + 1]
+        detail = cli_run(cfg, "status", "--draft", "1").splitlines()
+        at = detail.index("    1 failed:")
+        assert detail[at + 2:at + 4] == ["      they are:", "        r3@example.com (ledger 4)"]
         listing = cli_run(cfg, "subscribers", "list", "--status", "unsubscribed")
         assert "r3@example.com" in listing
 
@@ -70,9 +81,7 @@ def test_send_through_postmark_once_with_faults(tmp_path: Path) -> None:
 def test_wrong_token_stops_with_one_clear_line(tmp_path: Path) -> None:
     with FakeProviderServer(token="the-right-one") as srv:
         cfg = setup(tmp_path, srv.url, 3)
-        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
-        cli_run(cfg, "collect")
-        cli_run(cfg, "draft")
+        drafted(cfg, tmp_path)
         result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), "send"])
         assert result.exit_code == 1
         assert "refused the credentials" in result.output and "delivery.api_key" in result.output
@@ -82,13 +91,11 @@ def test_wrong_token_stops_with_one_clear_line(tmp_path: Path) -> None:
 def test_an_account_refusal_stops_the_send_says_why_and_resumes_with_everyone(tmp_path: Path) -> None:
     with FakeProviderServer(token=TOKEN) as srv:
         cfg = setup(tmp_path, srv.url, 3)
-        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
-        cli_run(cfg, "collect")
-        cli_run(cfg, "draft")
+        drafted(cfg, tmp_path)
         srv.faults.append(("status", 422, {}, {"ErrorCode": 412, "Message": "Your account is pending approval."}))
         result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), "send"])
         assert result.exit_code == 1
-        assert "pending approval" in result.output and "back in the queue" in result.output
+        assert "pending approval" in result.output and "messages wait to be sent" in result.output
         assert srv.messages == []
         status = cli_run(cfg, "status")
         assert "failed 0" in status and "stopped " in status and "pending approval" in status
@@ -102,12 +109,12 @@ def test_timeout_after_acceptance_is_uncertain_and_never_resent(tmp_path: Path) 
     with FakeProviderServer(token=TOKEN) as srv:
         cfg = setup(tmp_path, srv.url, 4)
         cfg.write_text(cfg.read_text().replace("max_retries: 3", "max_retries: 3, timeout: 1.0"))
-        cli_run(cfg, "subscribers", "import", str(tmp_path / "subs.csv"))
-        cli_run(cfg, "collect")
-        cli_run(cfg, "draft")
+        drafted(cfg, tmp_path)
         srv.faults.append(("delay", 2.5))  # accepted, but the answer comes too late
-        out = cli_run(cfg, "send")
-        assert "uncertain 4" in out
+        result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), "send"])
+        out = result.output
+        assert result.exit_code == 3  # finished, and uncertain messages wait for the operator
+        assert "uncertain 4" in out and "4 messages may or may not have gone out" in out
         assert len(srv.messages) == 4
         assert "4 uncertain; resolve with" in cli_run(cfg, "status")
         cli_run(cfg, "send")
@@ -126,3 +133,21 @@ def test_postmark_send_in_a_real_process(tmp_path: Path) -> None:
             assert proc.returncode == 0, proc.stderr
         assert "5 sent" in proc.stdout
         assert sorted(m["To"] for m in srv.messages) == [f"R{i} <r{i}@example.com>" for i in range(5)]
+
+
+def test_a_send_paused_by_an_outage_exits_75_and_the_next_send_finishes(tmp_path: Path) -> None:
+    """Exit codes tell cron and systemd what happened: 75 (try again later) when the provider
+    kept failing and the send paused, 0 once the next send has delivered everyone."""
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = setup(tmp_path, srv.url, 8)
+        cfg.write_text(cfg.read_text().replace("max_retries: 3", "max_retries: 0"))
+        drafted(cfg, tmp_path)
+        srv.faults.extend([("status", 500)] * 2)  # each of the two batches of 4 meets one
+        result = CliRunner(env={"PM_TOKEN": TOKEN}).invoke(cli, ["--config", str(cfg), "send"])
+        assert result.exit_code == 75, result.output
+        assert "kept failing" in result.output and "draft 1: 8 messages wait to be sent\n" in result.output
+        assert srv.messages == []
+        srv.faults.clear()
+        out = cli_run(cfg, "send")
+        assert "sent 8 in 2 batches" in out and "finished" in out
+        assert sorted(m["To"] for m in srv.messages) == sorted(f"R{i} <r{i}@example.com>" for i in range(8))

@@ -16,7 +16,7 @@ from digest.cli import cli
 from digest.config import load
 from digest.delivery.sender import Sender
 from digest.store import Store
-from digest.store.store import UncertainMessage
+from digest.store.store import ReasonCount, UncertainMessage
 from digest.types import Draft, SendResult
 from tests.conftest import NOW
 from tests.fakes.scripted_provider import ScriptedProvider
@@ -60,6 +60,10 @@ def test_uncertain_messages_reads_ranged_batches_and_rows_of_their_own(store: St
         UncertainMessage(ids["e@x.org"], "e@x.org", STOPPED, later),
         UncertainMessage(ids["f@x.org"], "f@x.org", STOPPED, later),
     ]
+    # How many for each reason, most first, each with its first time.
+    assert store.reasons(draft_id, ("uncertain",)) == [
+        ReasonCount("uncertain", STOPPED, 2, later), ReasonCount("uncertain", "timed out", 2, NOW),
+        ReasonCount("uncertain", "reset mid-batch", 1, NOW)]
     # A limit keeps the first in ledger order, wherever it cuts.
     assert [m.email for m in store.uncertain_messages(draft_id, limit=1)] == ["a@x.org"]
     assert [m.email for m in store.uncertain_messages(draft_id, limit=3)] == ["a@x.org", "b@x.org", "c@x.org"]
@@ -68,6 +72,31 @@ def test_uncertain_messages_reads_ranged_batches_and_rows_of_their_own(store: St
     assert store.resolve_uncertain(draft_id, "mark-sent", later) == 5
     assert store.uncertain_messages(draft_id) == []
     assert store.uncertain_messages(draft_id + 1) == []
+
+
+def test_failed_messages_and_their_reasons_read_batches_and_rows(store: Store) -> None:
+    """A batch refused whole (its verdict written once, on the batch) and rows refused one by
+    one: listed in ledger order and counted by status and error, as `digest status` shows."""
+    draft_id = _sending(store, [f"{c}@x.org" for c in "abcdef"])
+    whole = store.claim_batch(draft_id, 3, "me", NOW)
+    store.settle([SendResult(x.ledger_id, "failed", None, "HTTP 422: bad template") for x in whole],
+                 "postmark", NOW, whole)
+    d, e, f = store.claim_batch(draft_id, 3, "me", NOW)
+    later = NOW + timedelta(minutes=1)
+    store.settle([SendResult(d.ledger_id, "sent", "m-d"), SendResult(e.ledger_id, "suppressed", None, "inactive"),
+                  SendResult(f.ledger_id, "rejected", None, "no such user")], "postmark", later)
+    statuses = ("failed", "rejected", "invalid", "suppressed")
+    assert store.reasons(draft_id, statuses) == [
+        ReasonCount("failed", "HTTP 422: bad template", 3, NOW), ReasonCount("rejected", "no such user", 1, later),
+        ReasonCount("suppressed", "inactive", 1, later)]
+    listed = store.messages_in(draft_id, statuses)
+    assert [(m.email, m.status, m.error) for m in listed] == [
+        ("a@x.org", "failed", "HTTP 422: bad template"), ("b@x.org", "failed", "HTTP 422: bad template"),
+        ("c@x.org", "failed", "HTTP 422: bad template"), ("e@x.org", "suppressed", "inactive"),
+        ("f@x.org", "rejected", "no such user")]
+    assert [m.email for m in store.messages_in(draft_id, statuses, limit=4)] == ["a@x.org", "b@x.org", "c@x.org",
+                                                                                 "e@x.org"]
+    assert store.reasons(draft_id, ("uncertain",)) == []
 
 
 class Killed(BaseException):
@@ -116,7 +145,10 @@ def _died_mid_batch(tmp_path: Path, emails: list[str]) -> tuple[str, set[str]]:
         app.close()
     in_flight = {m.to_email for m in provider.calls[1]}
     result = CliRunner().invoke(cli, ["--config", str(cfg), "send"])
-    assert result.exit_code == 0 and "finished" in result.output
+    # Finished, and exit 3: messages whose fate is unknown wait for the operator.
+    assert result.exit_code == 3 and "finished" in result.output
+    assert (f"draft 1: {len(in_flight)} messages may or may not have gone out: `digest status` lists them; "
+            "settle them with `digest send --resolve-uncertain resend|mark-sent --draft 1`") in result.output
     return str(cfg), in_flight
 
 
@@ -135,9 +167,10 @@ def test_status_lists_the_messages_a_dead_sender_left_uncertain(tmp_path: Path) 
     assert sorted(listed) == sorted(in_flight) and listed == sorted(listed)  # in ledger order
     lines = result.output.splitlines()
     hint = lines.index("    5 uncertain; resolve with `digest send --resolve-uncertain resend|mark-sent --draft 1`:")
-    # The batch's reason and time once, then its readers.
-    assert lines[hint + 1].startswith("      2") and lines[hint + 1].endswith(f": {STOPPED}")
-    assert lines[hint + 2:hint + 7] == [f"        r{25 + i}@example.com (ledger {26 + i})" for i in range(5)]
+    # How many for each reason (the batch's, once, with its time), then the readers.
+    assert lines[hint + 1].startswith("      5 since 2") and lines[hint + 1].endswith(f" UTC: {STOPPED}")
+    assert lines[hint + 2] == "      they are:"
+    assert lines[hint + 3:hint + 8] == [f"        r{25 + i}@example.com (ledger {26 + i})" for i in range(5)]
     assert "... and" not in result.output and result.output.count(STOPPED) == 1
 
 
@@ -150,7 +183,8 @@ def test_status_lists_twenty_and_says_how_many_more(tmp_path: Path) -> None:
     assert len(listed) == 20 and set(listed) < in_flight and listed == sorted(in_flight)[:20]
     lines = result.output.splitlines()
     hint = next(i for i, line in enumerate(lines) if "25 uncertain; resolve with" in line)
-    assert lines[hint + 22] == "      ... and 5 more"
+    assert lines[hint + 1].startswith("      25 since ") and lines[hint + 2] == "      the first 20:"
+    assert lines[hint + 23] == "      ... and 5 more"
 
 
 def test_stopped_on_names_the_refusal_that_put_the_last_batch_back(store: Store) -> None:

@@ -6,11 +6,15 @@ with ``error:`` and exits 1; a bug still shows its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from digest.config import Settings, load
 from digest.delivery.sender import SendSummary
 from digest.errors import DigestError
 from digest.store import db
-from digest.store.store import UncertainMessage
+from digest.store.store import ReasonCount, UncertainMessage
 
 
 class _Group(click.Group):
@@ -304,30 +308,78 @@ class SendProgress:
             self.pending_newline = False
 
 
+@contextlib.contextmanager
+def _stop_on_signals(progress: SendProgress) -> Iterator[Callable[[], bool]]:
+    """While sending: the first Ctrl-C or SIGTERM asks the send to stop after the batches in
+    flight (it then settles them and reports); a second quits at once, as a crash would (rule
+    1: the next send marks what was in flight uncertain). Outside the main thread, nothing."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        progress.close()
+        if requested.is_set():
+            click.echo("quitting now: what was in flight is marked uncertain by the next `digest send`",
+                       err=True)
+            os._exit(128 + signum)
+        requested.set()
+        click.echo("stopping after the batches in flight (again to quit at once)", err=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Render and batch everything, send nothing.")
 @click.option("--resolve-uncertain", type=click.Choice(["resend", "mark-sent"]), default=None,
-              help="Settle messages whose fate is unknown after a crash, then send.")
+              help="Settle messages whose fate is unknown: resend puts them back in the queue and "
+                   "sends; mark-sent records them as sent and sends nothing.")
 @click.option("--draft", "draft_id", type=int, default=None, help="With --resolve-uncertain: which draft.")
 @pass_ctx
 def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: int | None) -> None:
-    """Send approved, due drafts; resume unfinished sends."""
+    """Send approved, due drafts; resume unfinished sends.
+
+    Ctrl-C (or SIGTERM) stops after the batches in flight, with a summary; a second one quits
+    at once (the next `digest send` marks what was in flight uncertain). Exit codes: 0 done,
+    1 stopped by a refusal to fix (credentials, account, From), 3 uncertain messages wait for
+    --resolve-uncertain, 75 paused or interrupted (the next `digest send` resumes).
+    """
     app = obj.app
+    if draft_id is not None and not resolve_uncertain:
+        raise click.UsageError("--draft goes with --resolve-uncertain")
     if resolve_uncertain:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
         for target in targets:
             n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
             if n:
                 click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}")
+                if resolve_uncertain == "resend" and not app.provider.idempotent:
+                    click.echo(f"note: {app.provider.name} has no idempotency key: those of them that did "
+                               "arrive arrive again (its activity log tells which did)", err=True)
         if resolve_uncertain == "mark-sent":
             return
     progress = SendProgress(interactive=sys.stderr.isatty())
-    summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress)
+    with _stop_on_signals(progress) as should_stop:
+        summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop)
     progress.close()
     if not summaries:
         click.echo("nothing to send: no approved draft is due")
         return
     for s in summaries:
+        if s.stale:
+            click.echo(f"draft {s.draft_id}: {s.stale} messages were in flight when a sender stopped; "
+                       "marked uncertain")
+        if s.stopped and not s.batches and not s.dry_run:
+            click.echo(f"draft {s.draft_id}: {s.stopped}")  # nothing went out: no counts to show
+            if s.pending:
+                click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
+            continue
         verb = "would send" if s.dry_run else "sent"
         failed = ", ".join(f"{n} {why}" for why, n in sorted(s.failed.items())) or "0"
         batches = f"{s.batches} batch" + ("" if s.batches == 1 else "es")
@@ -337,8 +389,32 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
                    + (" — finished" if s.finished else ""))
         if s.stopped:
             click.echo(f"draft {s.draft_id}: {s.stopped}")
+            if s.pending and not s.dry_run:
+                click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
+        if s.uncertain_total > s.resendable and not s.dry_run:
+            click.echo(f"draft {s.draft_id}: {s.uncertain_total - s.resendable} messages may or may not have gone out: "
+                       "`digest status` lists them; settle them with "
+                       f"`digest send --resolve-uncertain resend|mark-sent --draft {s.draft_id}`")
+    sys.exit(_send_exit_code(summaries))
+
+
+# Exit codes of the commands that send (README "Exit codes"): 0 all done (or nothing due);
+# 1 a send was stopped by a refusal only the operator can fix; 3 messages whose fate is
+# unknown wait for the operator (`digest send --resolve-uncertain`); 75 (EX_TEMPFAIL) a send
+# paused or was interrupted and the next `digest send` resumes it. Click uses 2 for usage errors.
+EXIT_BLOCKED = 1
+EXIT_UNCERTAIN = 3
+EXIT_PAUSED = 75
+
+
+def _send_exit_code(summaries: Sequence[SendSummary]) -> int:
     if any(s.stopped and s.blocked for s in summaries):
-        sys.exit(1)
+        return EXIT_BLOCKED
+    if any(s.uncertain_total > s.resendable and not s.dry_run for s in summaries):
+        return EXIT_UNCERTAIN
+    if any(s.stopped and not s.dry_run for s in summaries):
+        return EXIT_PAUSED
+    return 0
 
 
 @cli.command()
@@ -353,6 +429,7 @@ def run(obj: _Context) -> None:
     for s in outcome.sends:
         click.echo(f"send draft {s.draft_id}: {s.sent} sent, {sum(s.failed.values())} failed, "
                    f"{s.uncertain} uncertain" + (f" ({s.stopped})" if s.stopped else ""))
+    sys.exit(_send_exit_code(outcome.sends))
 
 
 @cli.command()
@@ -371,27 +448,46 @@ def serve(obj: _Context, host: str | None, port: int | None) -> None:
     run_service(obj.app, host=host, port=port, ready=ready)
 
 
-def _echo_uncertain(draft_id: int, total: int, listed: Sequence[UncertainMessage], tz: Any) -> None:
-    """The first uncertain messages of a draft, under each reason and time once (a batch
-    that went uncertain is hundreds of messages with one reason), then how many more."""
-    click.echo(f"    {total:,} uncertain; resolve with "
-               f"`digest send --resolve-uncertain resend|mark-sent --draft {draft_id}`:")
-    heading = None
+# How many distinct reasons `digest status` shows per draft and kind (uncertain, failed).
+REASONS_LISTED = 5
+
+
+def _echo_reasons(reasons: Sequence[ReasonCount], tz: Any, *, show_status: bool) -> None:
+    """How many messages for each reason (most first), then how many more reasons."""
+    for r in reasons[:REASONS_LISTED]:
+        kind = f"{r.status}: " if show_status else ""
+        click.echo(f"      {r.count:,} since {_when(r.at, tz)}: {kind}{r.error or 'no reason recorded'}")
+    if len(reasons) > REASONS_LISTED:
+        more = sum(r.count for r in reasons[REASONS_LISTED:])
+        click.echo(f"      {more:,} more with {len(reasons) - REASONS_LISTED} other reasons")
+
+
+def _echo_messages(total: int, listed: Sequence[UncertainMessage]) -> None:
+    """The first messages of a kind, one a line, then how many more."""
+    click.echo(f"      the first {len(listed)}:" if total > len(listed) else "      they are:")
     for m in listed:
-        this = f"{_when(m.at, tz)}: {m.error or 'no reason recorded'}"
-        if this != heading:
-            click.echo(f"      {this}")
-            heading = this
         click.echo(f"        {m.email} (ledger {m.ledger_id})")
     if total > len(listed):
         click.echo(f"      ... and {total - len(listed):,} more")
 
 
+def _echo_uncertain(draft_id: int, total: int, reasons: Sequence[ReasonCount],
+                    listed: Sequence[UncertainMessage], tz: Any) -> None:
+    """A draft's uncertain messages: how to settle them, how many for each reason (a batch
+    that went uncertain is hundreds of messages with one), and the first of them."""
+    click.echo(f"    {total:,} uncertain; resolve with "
+               f"`digest send --resolve-uncertain resend|mark-sent --draft {draft_id}`:")
+    _echo_reasons([r for r in reasons if r.status == "uncertain"], tz, show_status=False)
+    _echo_messages(total, listed)
+
+
 @cli.command()
+@click.option("--draft", "draft_id", type=int, default=None,
+              help="One draft, with its failed messages listed too.")
 @pass_ctx
-def status(obj: _Context) -> None:
+def status(obj: _Context, draft_id: int | None) -> None:
     """Sources, drafts, sends in progress, next runs, recent errors."""
-    report = pipeline.status(obj.app)
+    report = pipeline.status(obj.app, draft_id)
     tz = obj.settings.newsletter.tz
     click.echo("Sources:")
     known = {s.source: s for s in report.sources}
@@ -407,17 +503,26 @@ def status(obj: _Context) -> None:
     for d in report.drafts or []:
         line = f"  #{d.id} {d.status:<15} {d.subject}"
         counts = report.ledgers.get(d.id)
+        failed = sum(counts.get(k, 0) for k in pipeline.FAILED_STATUSES) if counts else 0
         if counts:
-            failed = sum(v for k, v in counts.items() if k in ("failed", "rejected", "invalid", "suppressed"))
-            line += (f"  — sent {counts.get('sent', 0)}, failed {failed}, uncertain {counts.get('uncertain', 0)}, "
+            kinds = ", ".join(f"{counts[k]} {k}" for k in pipeline.FAILED_STATUSES if counts.get(k))
+            line += (f"  — sent {counts.get('sent', 0)}, failed {failed}" + (f" ({kinds})" if kinds else "")
+                     + f", uncertain {counts.get('uncertain', 0)}, "
                      f"pending {counts.get('pending', 0) + counts.get('claimed', 0)}, "
                      f"skipped {counts.get('skipped', 0)}")
         click.echo(line)
         if d.id in report.stopped:
             error, at = report.stopped[d.id]
             click.echo(f"    stopped {_when(at, tz)}: {error}")
+        reasons = report.reasons.get(d.id, [])
         if counts and counts.get("uncertain"):
-            _echo_uncertain(d.id, counts["uncertain"], report.uncertain.get(d.id, []), tz)
+            _echo_uncertain(d.id, counts["uncertain"], reasons, report.uncertain.get(d.id, []), tz)
+        if failed:
+            click.echo(f"    {failed:,} failed" + (":" if draft_id is not None else
+                                                   f" (`digest status --draft {d.id}` lists them):"))
+            _echo_reasons([r for r in reasons if r.status in pipeline.FAILED_STATUSES], tz, show_status=True)
+            if d.id in report.failed:
+                _echo_messages(failed, report.failed[d.id])
     if not report.drafts:
         click.echo("  none")
     subs = report.subscribers

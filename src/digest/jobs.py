@@ -47,7 +47,9 @@ def send_job(app: pipeline.App, should_stop: Callable[[], bool] = lambda: False)
         for summary in pipeline.send(app, should_stop=should_stop, on_batch=_log_batch):
             # A send the provider blocks (credentials, quota, account) waits for the operator:
             # an error in the log, not a line among the others.
-            level = logging.ERROR if summary.blocked else logging.INFO
+            # Uncertain messages wait for the operator too, and a paused send for the next run.
+            level = (logging.ERROR if summary.blocked else logging.WARNING
+                     if summary.uncertain_total > summary.resendable or summary.stopped else logging.INFO)
             log.log(level, "send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s", summary.draft_id,
                      summary.sent, sum(summary.failed.values()), summary.uncertain, summary.seconds,
                      f" ({summary.stopped})" if summary.stopped else "")

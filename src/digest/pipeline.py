@@ -28,7 +28,7 @@ from digest.http import build_session
 from digest.render.cache import render_key
 from digest.render.fill import CompiledEmail, personalize
 from digest.store import Store, open_store
-from digest.store.store import CollectStats, DraftSummary, SourceStatus, UncertainMessage
+from digest.store.store import CollectStats, DraftSummary, ReasonCount, SourceStatus, UncertainMessage
 from digest.types import CollectResult, DeliveryEvent, Draft, OutgoingMessage, Recipient
 
 if TYPE_CHECKING:  # the lazily loaded names below, for type checkers
@@ -408,25 +408,41 @@ class StatusReport:
     uncertain: dict[int, list[UncertainMessage]] = field(default_factory=dict)
     # Per draft still sending whose last batch was put back whole: why, and when.
     stopped: dict[int, tuple[str, datetime | None]] = field(default_factory=dict)
+    # Per draft with uncertain or failed messages: how many for each status and error.
+    reasons: dict[int, list[ReasonCount]] = field(default_factory=dict)
+    # With ``status(app, draft_id=N)``: that draft's first failed messages.
+    failed: dict[int, list[UncertainMessage]] = field(default_factory=dict)
 
 
 # How many uncertain messages `digest status` lists per draft; it says how many more there are.
 UNCERTAIN_LISTED = 20
 
 
-def status(app: App) -> StatusReport:
+# The statuses of a message the provider or the sender gave up on (``failed`` in summaries).
+FAILED_STATUSES = ("failed", "rejected", "invalid", "suppressed")
+
+
+def status(app: App, draft_id: int | None = None) -> StatusReport:
+    """What `digest status` shows: the last ten drafts, or with ``draft_id`` that one, with
+    its failed messages listed too."""
     from digest.scheduler import next_run
     from digest.sources.registry import comment_blocks
 
     now = app.now()
     tz = app.settings.newsletter.timezone
     d = app.settings.digest
-    ledgers = {i: app.store.ledger_counts(i) for i in app.store.drafts_with_ledger()[-10:]}
+    ids = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()[-10:]
+    ledgers = {i: app.store.ledger_counts(i) for i in ids}
+    drafts = app.store.list_drafts(limit=10)
+    if draft_id is not None:
+        drafts = [x for x in app.store.list_drafts(limit=None) if x.id == draft_id]
+        if not drafts:
+            raise DraftError(f"no draft with id {draft_id}", hint="`digest drafts` lists them")
     return StatusReport(
         sources=app.store.source_statuses(),
         configured_sources=[name for b in app.settings.sources
                             for name in (str(b["name"]), *(str(c["name"]) for c in comment_blocks(b)))],
-        drafts=app.store.list_drafts(limit=10),
+        drafts=drafts,
         ledgers=ledgers,
         subscribers=app.store.count_subscribers(),
         events=app.store.event_counts(),
@@ -436,6 +452,11 @@ def status(app: App) -> StatusReport:
                    for i, counts in ledgers.items() if counts.get("uncertain")},
         stopped={i: why for i, counts in ledgers.items()
                  if counts.get("pending") and (why := app.store.stopped_on(i)) is not None},
+        reasons={i: app.store.reasons(i, ("uncertain", *FAILED_STATUSES)) for i, counts in ledgers.items()
+                 if any(counts.get(s) for s in ("uncertain", *FAILED_STATUSES))},
+        failed={i: app.store.messages_in(i, FAILED_STATUSES, UNCERTAIN_LISTED)
+                for i, counts in ledgers.items()
+                if draft_id is not None and any(counts.get(s) for s in FAILED_STATUSES)},
     )
 
 

@@ -66,3 +66,12 @@ def fake_provider() -> Iterator[FakeProviderServer]:
     """A running fake provider server that accepts ``TOKEN``."""
     with FakeProviderServer(token=TOKEN) as server:
         yield server
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Any]]:
+    """The SMTP servers (aiosmtpd controllers) a test starts; each is stopped after it."""
+    started: list[Any] = []
+    yield started
+    for controller in started:
+        controller.stop()

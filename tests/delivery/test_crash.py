@@ -59,7 +59,9 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path) -> None
         srv.faults.clear()
 
         again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
-        assert again.returncode == 0, again.stderr
+        # Finished, exit 3: the killed sender's batches in flight wait for the operator.
+        assert again.returncode == 3, again.stderr
+        assert "messages were in flight when a sender stopped; marked uncertain" in again.stdout
         status = subprocess.run([*run, "status"], env=env, capture_output=True, text=True, check=True).stdout
 
         counts = collections.Counter(m["To"] for m in srv.messages)
@@ -146,13 +148,45 @@ def test_sigkill_of_a_send_with_helper_processes_then_restart_never_sends_twice(
         srv.faults.clear()
 
         again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=120)
-        assert again.returncode == 0, again.stderr
         counts = collections.Counter(m["To"] for m in srv.messages)
         assert max(counts.values()) == 1, "someone got two copies"
         by_status = collections.defaultdict(set)
         for _id, email, st in store.ledger_rows(1):
             by_status[st].add(email)
         store.close()
+        # Exit 3 when batches that were in flight wait for the operator as uncertain.
+        assert again.returncode == (3 if by_status["uncertain"] else 0), again.stderr
         assert by_status.keys() <= {"sent", "uncertain"}
         assert by_status["sent"] | by_status["uncertain"] == set(emails)
         assert by_status["sent"] <= set(counts)
+
+
+def test_ctrl_c_stops_after_the_batches_in_flight_with_a_summary(tmp_path: Path) -> None:
+    """The first SIGINT stops claiming; the batches in flight are answered and settled, the
+    summary is printed, the exit code says "resumable"; the next send delivers the rest, and
+    nobody gets two copies or is left uncertain."""
+    emails = [f"k{i:03d}@example.com" for i in range(200)]
+    with FakeProviderServer(token=TOKEN) as srv:
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark")
+        srv.faults.extend([("delay", 0.25)] * 40)
+        proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while len(srv.messages) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 75, (out, err)
+        assert "stopping after the batches in flight" in err
+        assert "stopped on request" in out and "draft 1: sent " in out
+        received = len(srv.messages)
+        assert 20 <= received < len(emails)  # it stopped well before the end
+        store = open_store(f"sqlite:///{db}")
+        counts = store.ledger_counts(1)
+        store.close()
+        assert counts == {"sent": received, "pending": len(emails) - received}  # in flight: settled
+        srv.faults.clear()
+
+        again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "finished" in again.stdout, again.stderr
+        got = collections.Counter(m["To"] for m in srv.messages)
+        assert sorted(got) == emails and set(got.values()) == {1}

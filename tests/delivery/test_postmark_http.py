@@ -178,6 +178,7 @@ def test_connection_refused_is_retryable_and_certain(
     with pytest.raises(DeliveryError) as info:
         provider.send_batch([make_message(1)])
     assert info.value.retryable and not maybe_delivered(info.value)
+    assert info.value.hint == "if it persists, check delivery.base_url"  # most often a wrong URL
 
 
 @responses.activate

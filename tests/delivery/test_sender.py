@@ -90,9 +90,19 @@ def test_exhausted_retries_pause_and_resume_without_duplicates(app: pipeline.App
 def test_auth_error_stops_with_a_clear_message(app: pipeline.App) -> None:
     provider = ScriptedProvider([AuthError("HTTP 401: bad token", status=401)])
     summary = sender(app, provider).run()
-    assert summary.stopped and "credentials" in summary.stopped and "delivery.api_key" in summary.stopped
+    assert summary.stopped and "refused the credentials" in summary.stopped
+    assert "back in the queue" in summary.stopped and summary.pending == 5
     assert len(provider.calls) == 1
     assert app.store.ledger_counts(summary.draft_id) == {"pending": 5}
+
+
+def test_an_auth_error_names_the_settings_its_provider_needs(app: pipeline.App) -> None:
+    """SES signs with AWS keys and SMTP logs in: the stop names what the error's hint names,
+    never an API key those providers do not have."""
+    hint = "check delivery.aws_access_key_id, delivery.aws_secret_access_key and delivery.region"
+    provider = ScriptedProvider([AuthError("ses: HTTP 403 SignatureDoesNotMatch", status=403, hint=hint)])
+    summary = sender(app, provider).run()
+    assert summary.stopped and hint in summary.stopped and "api_key" not in summary.stopped
 
 
 def test_permanent_error_fails_the_batch_and_moves_on(app: pipeline.App) -> None:
@@ -270,6 +280,22 @@ def test_idempotent_provider_settles_uncertain_rows_left_by_a_crash(app: pipelin
     resumed = sender(app, later).run()
     assert resumed.finished and app.store.ledger_counts(resumed.draft_id) == {"sent": 5}
     assert received(later) == sorted(EMAILS)
+
+
+def test_an_idempotent_batch_left_uncertain_keeps_the_draft_sending_for_the_next_run(app: pipeline.App) -> None:
+    """A batch whose every attempt lost its answer, while the others went out: the send does
+    not finish, since the next run resends that batch under its key by itself."""
+    first = IdempotentProvider(lose_answers=app.settings.delivery.max_retries + 1)
+    summary = sender(app, first).run()
+    assert summary.sent == 3 and summary.uncertain == 2 and summary.resendable == 2
+    assert not summary.finished and "the next `digest send` does it" in (summary.stopped or "")
+    assert app.store.get_draft(summary.draft_id).status == "sending"
+    later = IdempotentProvider(lose_answers=0)
+    later.answers, later.delivered = first.answers, first.delivered  # the provider keeps its keys
+    resumed = sender(app, later).run()
+    assert resumed.finished and resumed.uncertain_total == 0
+    assert app.store.ledger_counts(resumed.draft_id) == {"sent": 5}
+    assert received(later) == sorted(EMAILS)  # each exactly once
 
 
 def test_concurrent_workers_send_everyone_exactly_once(tmp_path: Path, db_url: str, clock: FrozenClock) -> None:

@@ -46,7 +46,7 @@ def test_a_batch_older_than_the_key_window_is_left_for_the_operator(app: pipelin
     summary = sender(app, provider).run()
     # The key may be gone by the time the batch arrives: resending could deliver it twice.
     assert received(provider) == sorted(set(EMAILS) - set(in_flight))
-    assert summary.uncertain == 2
+    assert summary.stale == 2 and summary.uncertain_total == 2 and summary.resendable == 0
     assert app.store.ledger_counts(summary.draft_id) == {"sent": 3, "uncertain": 2}
     # The operator decides; asking to resend puts them through like any other message.
     assert app.store.resolve_uncertain(summary.draft_id, "resend", app.now()) == 2
@@ -66,7 +66,7 @@ def test_a_batch_with_a_reader_who_unsubscribed_since_is_not_resent(app: pipelin
     # Without that reader the batch is another request, which the provider would not know:
     # it stays uncertain, and the reader who left gets nothing new.
     assert in_flight[0] not in received(provider) and in_flight[1] not in received(provider)
-    assert summary.uncertain == 2
+    assert summary.stale == 2 and summary.uncertain_total == 2 and summary.resendable == 0
     assert app.store.resolve_uncertain(summary.draft_id, "resend", app.now()) == 2
     later = IdempotentProvider(lose_answers=0)
     sender(app, later).run()
@@ -128,6 +128,7 @@ def test_a_used_up_quota_stops_the_send_and_resumes_with_everyone(tmp_path, cloc
         (first,) = pipeline.send(a)
         assert first.blocked and first.sent == 0 and not first.failed
         assert "daily quota" in (first.stopped or "") and "back in the queue" in (first.stopped or "")
+        assert first.pending == 5
         assert len(srv.requests) == 1  # not retried: a quota does not pass in seconds
         counts = a.store.ledger_counts(first.draft_id)
         assert counts == {"pending": 5}, counts  # back in the queue, not failed

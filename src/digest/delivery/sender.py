@@ -109,9 +109,19 @@ class SendSummary:
     # Messages this run set out to send (pending when it started, and uncertain ones an
     # idempotent provider resends); 0 when unknown (a dry run).
     total: int = 0
+    # What this run did: sent, failed by reason, made uncertain (``done`` adds them up).
     sent: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     uncertain: int = 0
+    # Rows a sender that died had in flight, found and marked uncertain as this run started.
+    stale: int = 0
+    # The draft's uncertain messages when the run ended (this run's, a dead sender's, earlier
+    # runs'): they wait for the operator (``digest send --resolve-uncertain``).
+    uncertain_total: int = 0
+    # Of those, how many the next run resends by itself under their idempotency keys.
+    resendable: int = 0
+    # Messages still to send when the run ended (a paused or stopped send: the next run's).
+    pending: int = 0
     skipped: int = 0
     batches: int = 0
     seconds: float = 0.0
@@ -473,7 +483,7 @@ class Sender:
         helpers = self._start_helpers(summary) if self.processes > 1 else []
         try:
             self.store.start_send(draft_id, self.now())
-            stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
+            stale = summary.stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
             if stale:
                 log.warning("draft %s: %d messages were in flight when a sender stopped; marked uncertain",
                             draft_id, stale)
@@ -482,9 +492,7 @@ class Sender:
                 # window), so uncertain batches are resent at once, each exactly as it was:
                 # those first sent within the window (less an hour, for clocks and retries)
                 # whose readers may all still be sent to. The rest wait for the operator.
-                window = getattr(self.provider, "idempotency_window", timedelta(hours=24))
-                since = self.now() - max(timedelta(0), window - IDEMPOTENCY_MARGIN)
-                again = self.store.uncertain_batches(draft_id, self.holder, self.now(), since)
+                again = self.store.uncertain_batches(draft_id, self.holder, self.now(), self._resend_since())
                 summary.total = sum(map(len, again))
                 for batch in again:
                     if self._stop:
@@ -507,11 +515,30 @@ class Sender:
         summary.stopped = self._stop
         summary.blocked = self._blocked
         counts = self.store.ledger_counts(draft_id)
-        summary.uncertain = counts.get("uncertain", 0)
-        if summary.stopped is None and not counts.get("pending") and not counts.get("claimed"):
+        summary.uncertain_total = counts.get("uncertain", 0)
+        summary.pending = counts.get("pending", 0) + counts.get("claimed", 0)
+        if self.idempotent and summary.uncertain_total:
+            # Batches the next run resends under their keys by itself (see above): the draft
+            # stays in sending for it (``digest serve`` runs it on its schedule).
+            summary.resendable = sum(map(len, self.store.uncertain_batches(
+                draft_id, self.holder, self.now(), self._resend_since(), peek=True)))
+        if not counts.get("pending") and not counts.get("claimed") and not summary.resendable:
+            # Every message has its fate, whatever stopped the run (a pause after failures
+            # that left nothing to send, a stop request after the last batch): done.
             self.store.transition(draft_id, ("sending",), "sent", self.now(), finished_at=self.now())
             summary.finished = True
+            summary.stopped = None
+        elif summary.resendable and summary.stopped is None:
+            summary.stopped = (f"{summary.resendable} uncertain messages wait to be sent again under the "
+                               f"same idempotency keys ({self.provider.name} delivers each once): "
+                               "the next `digest send` does it")
         return summary
+
+    def _resend_since(self) -> datetime:
+        """Batches first sent since then may be resent under their keys: the provider's window
+        less a margin for clocks and retries."""
+        window = getattr(self.provider, "idempotency_window", timedelta(hours=24))
+        return self.now() - max(timedelta(0), window - IDEMPOTENCY_MARGIN)
 
     _exception: BaseException | None = None
     _blocked = False
@@ -741,7 +768,9 @@ class Sender:
                     # Several calls, some answered: only the calls that may have gone out are
                     # uncertain. They are recorded first, so that the batch's verdict then
                     # covers the rest, and a crash in between leaves the rest uncertain, not sent.
-                    self.store.mark_uncertain(list(exc.uncertain), str(exc), self.now(), batch)
+                    # Each message with its own call's failure (calls in flight fail apart).
+                    for reason, group in exc.uncertain_by_reason():
+                        self.store.mark_uncertain(group, reason, self.now(), batch)
                     known = [r for r in exc.results if r.ledger_id not in set(exc.uncertain)]
                     self._settle_known(known, claimed, summary)
                     with self._lock:
@@ -764,11 +793,12 @@ class Sender:
                     # whole (unless an earlier one may have gone out: then it is uncertain).
                     self._blocked = True
                     where = self._give_up(ids, exc, batch, summary, maybe_sent)
-                    if isinstance(exc, AuthError):
-                        self._halt(f"{name} refused the credentials: {exc}; fix delivery.api_key and run "
-                                   "`digest send`")
-                    else:
-                        self._halt(f"{exc}; fix it, then run `digest send`: {where}")
+                    # The error names the setting to fix (its hint: the API key, SES's AWS keys,
+                    # SMTP's login, the From address ...).
+                    what = str(exc)
+                    if isinstance(exc, AuthError) and not exc.hint:
+                        what = f"{name} refused the credentials: {exc} (check the provider's keys under delivery:)"
+                    self._halt(f"{what}; fix it, then run `digest send`: {where}")
                     return "stop"
                 except DeliveryError as exc:
                     if exc.retryable and attempt <= self.settings.delivery.max_retries:
@@ -806,7 +836,7 @@ class Sender:
         another key or after the provider forgot this one). Says which, for the operator."""
         if not maybe_sent:
             self.store.release(ids, str(exc), self.now(), batch)
-            return f"nothing was lost, {len(ids)} messages are back in the queue"
+            return "nothing was lost, the batch is back in the queue"
         self.store.mark_uncertain(ids, f"{exc}; an earlier attempt may have been delivered", self.now(), batch)
         with self._lock:
             summary.uncertain += len(ids)

@@ -131,12 +131,23 @@ class DraftSummary:
 
 @dataclass(frozen=True)
 class UncertainMessage:
-    """A message whose fate is unknown (rule 1), for ``digest status``: what the sender met
-    (``error``) and when it recorded that (``at``)."""
+    """A message whose fate is unknown (rule 1), or that failed, for ``digest status``: what
+    the sender met (``error``) and when it recorded that (``at``)."""
 
     ledger_id: int
     email: str
     error: str
+    at: datetime | None
+    status: str = "uncertain"
+
+
+@dataclass(frozen=True)
+class ReasonCount:
+    """How many of a draft's messages ended in ``status`` with ``error``, the first ``at``."""
+
+    status: str
+    error: str
+    count: int
     at: datetime | None
 
 
@@ -494,7 +505,7 @@ class Store:
                      items=items_from_snapshot(row.snapshot), id=row.id, status=row.status,
                      created_at=_dt(row.created_at), send_at=_dt(row.send_at), content_hash=row.content_hash)
 
-    def list_drafts(self, limit: int = 50) -> list[DraftSummary]:
+    def list_drafts(self, limit: int | None = 50) -> list[DraftSummary]:
         with self._tx() as conn:
             rows = conn.execute(select(drafts).order_by(drafts.c.id.desc()).limit(limit)).all()
         out = []
@@ -954,7 +965,7 @@ class Store:
         return ClaimedBatch(claimed, batch_id, ranged=True)
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime,
-                          since: datetime | None = None) -> list[ClaimedBatch]:
+                          since: datetime | None = None, *, peek: bool = False) -> list[ClaimedBatch]:
         """Claim the uncertain messages again, grouped exactly as they went out (for an
         idempotent provider's resend: the same batch again is the same request).
 
@@ -964,6 +975,8 @@ class Store:
         unsubscribed since would be another request, which the provider would not recognise).
         The others stay uncertain, for the operator (``digest send --resolve-uncertain``).
         A batch keeps the time it was first sent, however often it is claimed again.
+        With ``peek`` nothing is claimed: the batches a call would take (batch ids of 0 for
+        rows uncertain on their own).
         """
         when = self._when(now)
         # Whether a batch first went at or after ``since``: a column of the queries below.
@@ -988,7 +1001,7 @@ class Store:
                 if rows and all(r[4] for r in rows):
                     out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in rows], batch_id, ranged=True))
                     taken.append(batch_id)
-            if taken:
+            if taken and not peek:
                 where, params = self._ids_clause("id", taken)
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'claimed', claim_token = {p}, "
                                           f"attempts = attempts + 1 WHERE {where}"), (token, *params))
@@ -1008,8 +1021,8 @@ class Store:
             for members in groups.values():
                 if not all(r[4] and r[8] for r in members):
                     continue
-                batch_id = self._claim_rows(conn, draft_id, [r[0] for r in members], token,
-                                            members[0][7] or when)
+                batch_id = 0 if peek else self._claim_rows(conn, draft_id, [r[0] for r in members], token,
+                                                           members[0][7] or when)
                 out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False))
         return out
 
@@ -1289,35 +1302,69 @@ class Store:
         return str(row[1] or ""), self._read_time(row[2])
 
     def uncertain_messages(self, draft_id: int, limit: int = 20) -> list[UncertainMessage]:
-        """The first ``limit`` messages of a draft whose fate is unknown, in ledger order.
+        """The first ``limit`` messages of a draft whose fate is unknown, in ledger order
+        (see :meth:`messages_in`)."""
+        return self.messages_in(draft_id, ("uncertain",), limit)
+
+    def messages_in(self, draft_id: int, statuses: Sequence[str], limit: int = 20) -> list[UncertainMessage]:
+        """The first ``limit`` messages of a draft in any of ``statuses``, in ledger order.
 
         Read as :meth:`ledger_counts` counts them (which gives how many there are in all):
-        rows uncertain on their own, and the rows an uncertain ranged batch speaks for (their
-        own status still ``pending``), which carry the batch's error and time.
+        rows with such a status of their own, and the rows a ranged batch with such a verdict
+        speaks for (their own status still ``pending``), which carry the batch's error and time.
         """
-        if limit <= 0:
+        if limit <= 0 or not statuses:
             return []
+        marks = ",".join(["{p}"] * len(statuses))
         with self._tx() as conn:
             found = self._raw(conn, self._sql(
-                "SELECT id, email, error, settled_at FROM send_ledger WHERE draft_id = {p} "
-                "AND status = 'uncertain' ORDER BY id LIMIT {p}"), (draft_id, limit)).fetchall()
+                "SELECT id, email, error, settled_at, status FROM send_ledger WHERE draft_id = {p} "
+                f"AND status IN ({marks}) ORDER BY id LIMIT {{p}}"), (draft_id, *statuses, limit)).fetchall()
             # Ranges never overlap, so in range order the first ``limit`` rows found are the
             # first ``limit`` in ledger order.
             batches = self._raw(conn, self._sql(
-                "SELECT first_id, last_id, error, settled_at FROM send_batches WHERE draft_id = {p} "
-                "AND status = 'uncertain' AND first_id IS NOT NULL ORDER BY first_id"), (draft_id,)).fetchall()
+                "SELECT first_id, last_id, error, settled_at, status FROM send_batches WHERE draft_id = {p} "
+                f"AND status IN ({marks}) AND first_id IS NOT NULL ORDER BY first_id"),
+                (draft_id, *statuses)).fetchall()
             in_batches: list[tuple[Any, ...]] = []
-            for first, last, error, when in batches:
+            for first, last, error, when, status in batches:
                 if len(in_batches) >= limit:
                     break
                 rows = self._raw(conn, self._sql(
                     "SELECT id, email FROM send_ledger WHERE id BETWEEN {p} AND {p} AND +draft_id = {p} "
                     "AND status = 'pending' ORDER BY id LIMIT {p}"),
                     (first, last, draft_id, limit - len(in_batches))).fetchall()
-                in_batches += [(ledger_id, email, error, when) for ledger_id, email in rows]
+                in_batches += [(ledger_id, email, error, when, status) for ledger_id, email in rows]
         first_rows = sorted([*found, *in_batches], key=lambda r: int(r[0]))[:limit]
-        return [UncertainMessage(int(ledger_id), email, error or "", self._read_time(when))
-                for ledger_id, email, error, when in first_rows]
+        return [UncertainMessage(int(ledger_id), email, error or "", self._read_time(when), status)
+                for ledger_id, email, error, when, status in first_rows]
+
+    def reasons(self, draft_id: int, statuses: Sequence[str]) -> list[ReasonCount]:
+        """How many of a draft's messages are in each of ``statuses``, by status and error
+        (rows of their own and the rows ranged batches speak for), most first."""
+        if not statuses:
+            return []
+        marks = ",".join(["{p}"] * len(statuses))
+        groups: dict[tuple[str, str], list[Any]] = {}
+
+        def add(status: str, error: str | None, when: Any, n: int) -> None:
+            at = self._read_time(when)
+            group = groups.setdefault((status, error or ""), [0, at])
+            group[0] += n
+            if at is not None and (group[1] is None or at < group[1]):
+                group[1] = at
+
+        with self._tx() as conn:
+            for status, error, when, n in self._raw(conn, self._sql(
+                    "SELECT status, error, MIN(settled_at), COUNT(*) FROM send_ledger WHERE draft_id = {p} "
+                    f"AND status IN ({marks}) GROUP BY status, error"), (draft_id, *statuses)).fetchall():
+                add(status, error, when, int(n))
+            for first, last, error, when, status in self._raw(conn, self._sql(
+                    "SELECT first_id, last_id, error, settled_at, status FROM send_batches WHERE draft_id = {p} "
+                    f"AND status IN ({marks}) AND first_id IS NOT NULL"), (draft_id, *statuses)).fetchall():
+                add(status, error, when, self._covered(conn, draft_id, first, last))
+        out = [ReasonCount(status, error, n, at) for (status, error), (n, at) in groups.items() if n]
+        return sorted(out, key=lambda r: (-r.count, r.status, r.error))
 
 
 def open_store(url: str) -> Store:

@@ -17,7 +17,8 @@ the order given. A failure of the whole call is an exception::
         └── PartialBatchError         (here) a batch sent as several calls (SES, SMTP ...) stopped
                                       with some messages possibly accepted: ``results`` holds the
                                       messages whose fate is known, ``uncertain`` the ledger ids
-                                      that may have been delivered.
+                                      that may have been delivered, ``reasons`` why, each
+                                      message its own call's failure.
 
 Per-message outcomes (a bad address, an inactive recipient, a message the provider will take
 only later: ``deferred``) are values, never exceptions.
@@ -104,6 +105,12 @@ class PartialBatchError(UncertainDeliveryError):
     those may have been delivered. A sender that does not read these attributes treats the
     whole batch as uncertain, which never double-sends; one that does can settle ``results``
     and mark only ``uncertain`` as such.
+
+    ``reasons`` maps every uncertain ledger id to why *that message* is uncertain: the failure
+    of its own call (a reset, a timeout, an unreadable answer), without the batch's tally.
+    Calls of one batch can fail in different ways, so this is what an operator should read
+    per message; :meth:`uncertain_by_reason` groups the ids for recording. ``str()`` of the
+    error is the batch's summary, for logs. Ids given no reason get that summary.
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class PartialBatchError(UncertainDeliveryError):
         *,
         results: Sequence[SendResult],
         uncertain: Sequence[int],
+        reasons: Mapping[int, str] | None = None,
         retryable: bool = False,
         status: int | None = None,
         response_text: str | None = None,
@@ -122,6 +130,17 @@ class PartialBatchError(UncertainDeliveryError):
         )
         self.results: tuple[SendResult, ...] = tuple(results)
         self.uncertain: tuple[int, ...] = tuple(uncertain)
+        given = reasons or {}
+        summary = str(self)
+        self.reasons: dict[int, str] = {i: given.get(i) or summary for i in self.uncertain}
+
+    def uncertain_by_reason(self) -> list[tuple[str, list[int]]]:
+        """The uncertain ledger ids grouped by their reason, in order of first appearance:
+        one ``(reason, ids)`` per distinct failure (one ``mark_uncertain`` each)."""
+        groups: dict[str, list[int]] = {}
+        for ledger_id in self.uncertain:
+            groups.setdefault(self.reasons[ledger_id], []).append(ledger_id)
+        return list(groups.items())
 
 
 def maybe_delivered(exc: BaseException) -> bool:
@@ -526,8 +545,9 @@ class HttpProvider(Provider):
             isinstance(c, NewConnectionError) for c in causes
         ):
             # requests raises these before writing anything: connection refused, DNS failure,
-            # connect timeout (urllib3's NewConnectionError, wrapped in MaxRetryError).
-            return DeliveryError(what, retryable=True)
+            # connect timeout (urllib3's NewConnectionError, wrapped in MaxRetryError). Retried
+            # (a provider's outage passes), but named: most often it is a wrong base_url.
+            return DeliveryError(what, retryable=True, hint="if it persists, check delivery.base_url")
         if not sends_mail:
             return DeliveryError(what, retryable=True)
         # Why not every SSLError is "not sent": an abrupt close of a TLS connection mid-request
@@ -799,7 +819,10 @@ def send_in_calls(
       Why not raise: a retryable error would make the sender retry the whole batch and
       deliver the accepted messages twice;
     * some call may have been accepted (:func:`maybe_delivered`): :class:`PartialBatchError`
-      with the known results and the uncertain ledger ids.
+      with the known results, the uncertain ledger ids and, for each of them, its own call's
+      failure (``reasons``: calls in flight together can fail in different ways). The messages
+      of calls never started, or that failed without going out, are ``deferred`` among the
+      results: the provider never had them, so they can go back to the queue.
     """
     outcomes: list[list[SendResult] | BaseException | None] = [None] * len(calls)
     stop = threading.Event()
@@ -843,25 +866,54 @@ def send_in_calls(
     first = errors[0][1]
     results: list[SendResult] = []
     uncertain: list[int] = []
+    reasons: dict[int, str] = {}  # each uncertain message: its own call's failure
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, list):
             results.extend(outcome)
         elif isinstance(outcome, BaseException) and maybe_delivered(outcome):
             uncertain.extend(m.ledger_id for m in calls[i])
+            reasons.update((m.ledger_id, str(outcome)) for m in calls[i])
         else:
-            why = outcome if isinstance(outcome, BaseException) else first
-            reason = response_text(f"not sent: {why}")
+            # Its own call failed and certainly sent nothing, or it never started because
+            # another call had failed: either way the provider never had it.
+            if isinstance(outcome, BaseException):
+                reason = response_text(f"not sent: {outcome}")
+            else:
+                reason = response_text(f"not sent: the batch stopped when another call failed ({first})")
             results.extend(SendResult(m.ledger_id, "deferred", None, reason) for m in calls[i])
     if uncertain:
         cause = outcomes[uncertain_calls[0]]
         raise PartialBatchError(
-            f"{name}: {len(uncertain)} message(s) may have been accepted although the call "
-            f"failed ({cause}); {sum(r.status == 'sent' for r in results)} were accepted",
+            _partial_summary(name, uncertain, reasons, results),
             results=results,
             uncertain=uncertain,
+            reasons=reasons,
             retryable=False,
         ) from (cause if isinstance(cause, BaseException) else None)
     return results
+
+
+def _partial_summary(
+    name: str, uncertain: Sequence[int], reasons: Mapping[int, str], results: Sequence[SendResult]
+) -> str:
+    """One line for the logs on a batch that stopped with messages uncertain: how many, each
+    distinct failure once (with its count when shared), and the fate of the rest."""
+    counts: dict[str, int] = {}
+    for ledger_id in uncertain:
+        counts[reasons[ledger_id]] = counts.get(reasons[ledger_id], 0) + 1
+    shown = [f"{reason} [{n} messages]" if n > 1 else reason for reason, n in list(counts.items())[:3]]
+    if len(counts) > 3:
+        shown.append(f"and {len(counts) - 3} other failure(s)")
+    sent = sum(r.status == "sent" for r in results)
+    not_sent = sum(r.status == "deferred" for r in results)
+    refused = len(results) - sent - not_sent
+    rest = f"of the other {len(results)}: {sent} accepted, {not_sent} not sent"
+    if refused:
+        rest += f", {refused} refused"
+    return (
+        f"{name}: {len(uncertain)} message(s) may have been accepted although their call "
+        f"failed ({' | '.join(shown)}); {rest}"
+    )
 
 
 def _causes(exc: BaseException, limit: int = 20) -> list[BaseException]:

@@ -169,9 +169,13 @@ class SmtpProvider(MimeProvider):
                 retryable=400 <= code < 500,
                 status=code,
             )
+        if isinstance(exc, ConnectionRefusedError):
+            return DeliveryError(f"smtp: {where} refused the connection", retryable=True,
+                                 hint="if it persists, check delivery.smtp_host, smtp_port and smtp_security")
         if isinstance(exc, (OSError, smtplib.SMTPException)):
             # Refused, timed out, DNS, TLS handshake cut, server hung up: nothing was sent.
-            return DeliveryError(what, retryable=True)
+            return DeliveryError(what, retryable=True,
+                                 hint="if it persists, check delivery.smtp_host, smtp_port and smtp_security")
         return None  # a bug: let it show
 
     @staticmethod
