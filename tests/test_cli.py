@@ -102,6 +102,7 @@ def test_reject_and_run(tmp_path: Path) -> None:
         (("approve", "1", "--at", "tomorrow"), "error: --at 'tomorrow' is not a time"),
         (("subscribers", "add", "nope"), "error: nope: "),
         (("send", "--resolve-uncertain", "resend", "--draft", "9"), "error: no draft with id 9"),
+        (("status", "--draft", "9"), "error: no draft with id 9"),
     ],
 )
 def test_user_mistakes_print_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -109,6 +110,11 @@ def test_user_mistakes_print_one_line(tmp_path: Path, args: tuple[str, ...], mes
     code, out = invoke("--config", cfg, *args)
     assert code == 1
     assert out.startswith(message) and out.count("\n") == 1 and "Traceback" not in out
+
+
+def test_draft_without_resolve_uncertain_is_a_usage_error(tmp_path: Path) -> None:
+    code, out = invoke("--config", str(config_file(tmp_path)), "send", "--draft", "1")
+    assert code == 2 and "--draft goes with --resolve-uncertain" in out
 
 
 def test_bad_config_prints_the_key(tmp_path: Path) -> None:

@@ -385,6 +385,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
         batches = f"{s.batches} batch" + ("" if s.batches == 1 else "es")
         click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {batches}, failed {failed}, "
                    f"uncertain {s.uncertain}" + (f", skipped {s.skipped}" if s.skipped else "")
+                   + (f", {s.retries} {'retry' if s.retries == 1 else 'retries'}" if s.retries else "")
                    + f", {s.seconds:.2f}s ({s.rate:.0f}/s)"
                    + (" — finished" if s.finished else ""))
         if s.stopped:

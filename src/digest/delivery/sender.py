@@ -122,6 +122,8 @@ class SendSummary:
     resendable: int = 0
     # Messages still to send when the run ended (a paused or stopped send: the next run's).
     pending: int = 0
+    # Provider calls made again after a rate limit, a 5xx or a network error (the same batch).
+    retries: int = 0
     skipped: int = 0
     batches: int = 0
     seconds: float = 0.0
@@ -144,7 +146,7 @@ class SendSummary:
     def tally(self) -> dict[str, Any]:
         """The counts, as a helper process reports them to the sender it works for."""
         return {"sent": self.sent, "failed": dict(self.failed), "uncertain": self.uncertain,
-                "batches": self.batches}
+                "batches": self.batches, "retries": self.retries}
 
 
 class TokenBucket:
@@ -643,6 +645,7 @@ class Sender:
             summary.uncertain += now["uncertain"] - before["uncertain"]
             batches = now["batches"] - before["batches"]
             summary.batches += batches
+            summary.retries += now["retries"] - before["retries"]
             if self.on_batch and "size" in now:
                 self.on_batch(summary, now["size"])
 
@@ -780,6 +783,7 @@ class Sender:
                     if self.idempotent and exc.retryable and attempt <= self.settings.delivery.max_retries:
                         # Same batch, same body, same idempotency key: the provider sends it once.
                         maybe_sent = True
+                        self._count_retry(summary)
                         self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25))
                         continue
                     # The provider may have taken the batch: resending could double-send (rule 1).
@@ -804,6 +808,7 @@ class Sender:
                     if exc.retryable and attempt <= self.settings.delivery.max_retries:
                         delay = exc.retry_after if exc.retry_after is not None else min(
                             MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
+                        self._count_retry(summary)
                         self.sleep(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25))
                         continue
                     if exc.retryable:
@@ -828,6 +833,10 @@ class Sender:
         finally:
             if held:
                 building.release()
+
+    def _count_retry(self, summary: SendSummary) -> None:
+        with self._lock:
+            summary.retries += 1
 
     def _give_up(self, ids: list[int], exc: DeliveryError, batch: ClaimedBatch | None, summary: SendSummary,
                  maybe_sent: bool) -> str:

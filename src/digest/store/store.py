@@ -674,7 +674,10 @@ class Store:
             self._raw(conn, self._sql(
                 "INSERT INTO suppressions (email, reason, origin, created_at) VALUES ({p}, {p}, {p}, {p}) "
                 "ON CONFLICT (email) DO NOTHING"), (email, reason, origin, self._when(now)))
-            status = {"hard_bounce": "bounced", "complaint": "complained"}.get(reason, "unsubscribed")
+            # The provider's own list (Postmark's inactive recipients: a hard bounce or a
+            # complaint there) is not the reader's choice: "bounced", as for our own bounces.
+            status = {"hard_bounce": "bounced", "provider_suppressed": "bounced",
+                      "complaint": "complained"}.get(reason, "unsubscribed")
             conn.execute(update(subscribers).where(and_(subscribers.c.email == email,
                                                         subscribers.c.status == "active"))
                          .values(status=status, updated_at=now, unsubscribed_at=now))
