@@ -231,10 +231,38 @@ def test_status_summarizes_the_delivery_events_providers_reported(tmp_path: Path
     cfg = _config(tmp_path)
     app = pipeline.App.open(load(str(cfg)))
     try:
-        events = [DeliveryEvent("postmark", f"e{i}", kind, f"r{i}@example.com")
+        app.store.upsert_subscribers([(f"r{i}@example.com", "") for i in range(4)], "cli", app.now())
+        pipeline.collect(app)
+        assert pipeline.make_draft(app).draft is not None
+        (sent,) = pipeline.send(app)
+        assert sent.finished and sent.sent == 4
+        ledger = {email: ledger_id for ledger_id, email, _status in app.store.ledger_rows(sent.draft_id)}
+        events = [DeliveryEvent("postmark", f"e{i}", kind, f"r{i}@example.com", ledger_id=ledger[f"r{i}@example.com"])
                   for i, kind in enumerate(["delivered", "delivered", "hard_bounce", "complaint"])]
         pipeline.apply_events(app, "postmark", [*events, events[0]])  # a retry of the first: stored once
     finally:
         app.close()
     output = CliRunner().invoke(cli, ["--config", str(cfg), "status"]).output
-    assert "Delivery events: 1 complaint, 2 delivered, 1 hard_bounce\n" in output
+    assert "Delivery events: 1 complaint, 2 delivered, 1 hard_bounce\n" in output  # all drafts, ever
+    assert "\n    provider events: 1 complaint, 2 delivered, 1 hard_bounce\n" in output  # under draft 1
+
+
+def test_each_drafts_provider_events_are_counted_through_its_ledger_rows(store: Store) -> None:
+    from digest.types import DeliveryEvent
+
+    first = _sending(store, ["a@x.org", "b@x.org"])
+    d, _ = store.create_draft(Draft("P2", "Next", "", ()), [], NOW)
+    assert d.id is not None
+    store.transition(d.id, ("pending_review",), "approved", NOW)
+    store.start_send(d.id, NOW)
+    ids = {(draft, email): ledger_id for draft in (first, d.id)
+           for ledger_id, email, _status in store.ledger_rows(draft)}
+    events = [("delivered", first, "a@x.org"), ("delivered", first, "b@x.org"), ("hard_bounce", first, "b@x.org"),
+              ("complaint", d.id, "a@x.org")]
+    for n, (kind, draft, email) in enumerate(events):
+        assert store.record_event(DeliveryEvent("postmark", f"e{n}", kind, email, ledger_id=ids[(draft, email)]), NOW)
+    store.record_event(DeliveryEvent("postmark", "no-ledger", "delivered", "a@x.org"), NOW)  # names no message
+    assert store.draft_event_counts([first, d.id]) == {
+        first: {"delivered": 2, "hard_bounce": 1}, d.id: {"complaint": 1}}
+    assert store.draft_event_counts([first]) == {first: {"delivered": 2, "hard_bounce": 1}}
+    assert store.draft_event_counts([]) == {}

@@ -515,6 +515,9 @@ def status(obj: _Context, draft_id: int | None) -> None:
         if d.id in report.stopped:
             error, at = report.stopped[d.id]
             click.echo(f"    stopped {_when(at, tz)}: {error}")
+        events = report.draft_events.get(d.id)
+        if events:
+            click.echo("    provider events: " + ", ".join(f"{n} {k}" for k, n in sorted(events.items())))
         reasons = report.reasons.get(d.id, [])
         if counts and counts.get("uncertain"):
             _echo_uncertain(d.id, counts["uncertain"], reasons, report.uncertain.get(d.id, []), tz)

@@ -412,6 +412,8 @@ class StatusReport:
     reasons: dict[int, list[ReasonCount]] = field(default_factory=dict)
     # With ``status(app, draft_id=N)``: that draft's first failed messages.
     failed: dict[int, list[UncertainMessage]] = field(default_factory=dict)
+    # Per draft: the provider events (delivered, bounces, complaints ...) about its messages.
+    draft_events: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 # How many uncertain messages `digest status` lists per draft; it says how many more there are.
@@ -454,6 +456,7 @@ def status(app: App, draft_id: int | None = None) -> StatusReport:
                  if counts.get("pending") and (why := app.store.stopped_on(i)) is not None},
         reasons={i: app.store.reasons(i, ("uncertain", *FAILED_STATUSES)) for i, counts in ledgers.items()
                  if any(counts.get(s) for s in ("uncertain", *FAILED_STATUSES))},
+        draft_events=app.store.draft_event_counts(list(ledgers)),
         failed={i: app.store.messages_in(i, FAILED_STATUSES, UNCERTAIN_LISTED)
                 for i, counts in ledgers.items()
                 if draft_id is not None and any(counts.get(s) for s in FAILED_STATUSES)},

@@ -585,3 +585,19 @@ def test_freezing_skips_foreign_key_lookups_on_its_own_connection_only(tmp_path:
             assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
     finally:
         store.close()
+
+
+def test_upgrade_to_0008_indexes_events_by_ledger_row_and_downgrade_drops_it(db_url: str) -> None:
+    from alembic import command
+
+    engine = db.make_engine(db_url)
+    db.upgrade(engine, "0007")
+    assert "ix_delivery_events_ledger" not in {ix["name"] for ix in inspect(engine).get_indexes("delivery_events")}
+    assert db.upgrade(engine) == ("0007", "0008") and db.HEAD == "0008"
+    assert "ix_delivery_events_ledger" in {ix["name"] for ix in inspect(engine).get_indexes("delivery_events")}
+    with engine.begin() as conn:
+        cfg = db._alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0007")
+    assert "ix_delivery_events_ledger" not in {ix["name"] for ix in inspect(engine).get_indexes("delivery_events")}
+    engine.dispose()

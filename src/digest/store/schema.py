@@ -251,6 +251,8 @@ delivery_events = Table(
     _ts("received_at", nullable=False),
     Column("detail", Text, nullable=False, server_default="{}"),
     UniqueConstraint("provider", "event_id"),
+    # `digest status` sums each draft's events through the ledger rows they name (0008).
+    Index("ix_delivery_events_ledger", "ledger_id"),
 )
 
 suppressions = Table(

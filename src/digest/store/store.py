@@ -694,6 +694,21 @@ class Store:
             return False
         return True
 
+    def draft_event_counts(self, draft_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """Per draft, how many provider events of each type name one of its messages."""
+        if not draft_ids:
+            return {}
+        marks = ",".join(["{p}"] * len(draft_ids))
+        with self._tx() as conn:
+            rows = self._raw(conn, self._sql(
+                "SELECT l.draft_id, e.event_type, COUNT(*) FROM delivery_events e "
+                f"JOIN send_ledger l ON l.id = e.ledger_id WHERE l.draft_id IN ({marks}) "
+                "GROUP BY l.draft_id, e.event_type"), tuple(draft_ids)).fetchall()
+        out: dict[int, dict[str, int]] = {}
+        for draft_id, event_type, n in rows:
+            out.setdefault(int(draft_id), {})[event_type] = int(n)
+        return out
+
     def event_counts(self) -> dict[str, int]:
         with self._tx() as conn:
             rows = conn.execute(select(delivery_events.c.event_type, func.count())
