@@ -68,7 +68,9 @@ def test_the_whole_flow_through_the_runner(tmp_path: Path) -> None:
     code, out = invoke("--config", cfg, "approve", "1")
     assert code == 0 and "draft 1 approved" in out
     code, out = invoke("--config", cfg, "send", "--dry-run")
-    assert "would send 2" in out
+    assert code == 0 and "would send 2 in 1 batch," in out and ", built in " in out
+    # What the send's pace will be: one call for the batch, at the outbox's default rate.
+    assert "draft 1: 1 provider calls at most 50 a second (delivery.rate_per_second): the send takes at least 1s" in out
     code, out = invoke("--config", cfg, "send")
     assert code == 0 and "sent 2 in 1 batch," in out and "finished" in out
     assert "draft 1: batch 1 (2): 2/2 done — 2 sent, 0 failed, 0 uncertain" in out  # progress, on stderr

@@ -127,9 +127,10 @@ delivery: {{provider: outbox, outbox_dir: out, concurrency: 1}}
     return cfg
 
 
-def _died_mid_batch(tmp_path: Path, emails: list[str]) -> tuple[str, set[str]]:
+def _died_mid_batch(tmp_path: Path, emails: list[str], resume: bool = True) -> tuple[str, set[str]]:
     """A config (outbox), an approved draft, and a sender that died with its second batch in
-    flight; then `digest send` finished the rest. Returns the config and that batch's readers."""
+    flight; then (``resume``) `digest send` finished the rest. Returns the config and that
+    batch's readers."""
     cfg = _config(tmp_path)
     app = pipeline.App.open(load(str(cfg)))
     try:
@@ -144,6 +145,8 @@ def _died_mid_batch(tmp_path: Path, emails: list[str]) -> tuple[str, set[str]]:
     finally:
         app.close()
     in_flight = {m.to_email for m in provider.calls[1]}
+    if not resume:
+        return str(cfg), in_flight
     result = CliRunner().invoke(cli, ["--config", str(cfg), "send"])
     # Finished, and exit 3: messages whose fate is unknown wait for the operator.
     assert result.exit_code == 3 and "finished" in result.output
@@ -172,6 +175,13 @@ def test_status_lists_the_messages_a_dead_sender_left_uncertain(tmp_path: Path) 
     assert lines[hint + 2] == "      they are:"
     assert lines[hint + 3:hint + 8] == [f"        r{25 + i}@example.com (ledger {26 + i})" for i in range(5)]
     assert "... and" not in result.output and result.output.count(STOPPED) == 1
+
+
+def test_status_says_when_messages_in_flight_have_lost_their_sender(tmp_path: Path) -> None:
+    cfg, in_flight = _died_mid_batch(tmp_path, [f"r{i:02d}@example.com" for i in range(30)], resume=False)
+    output = CliRunner().invoke(cli, ["--config", cfg, "status"]).output
+    assert "sent 25, failed 0, uncertain 0, pending 0, in flight 5, skipped 0" in output
+    assert "    5 in flight when their sender stopped: the next `digest send` marks them uncertain\n" in output
 
 
 def test_status_lists_twenty_and_says_how_many_more(tmp_path: Path) -> None:
@@ -266,3 +276,25 @@ def test_each_drafts_provider_events_are_counted_through_its_ledger_rows(store: 
         first: {"delivered": 2, "hard_bounce": 1}, d.id: {"complaint": 1}}
     assert store.draft_event_counts([first]) == {first: {"delivered": 2, "hard_bounce": 1}}
     assert store.draft_event_counts([]) == {}
+
+
+def test_messages_in_flight_are_orphaned_only_once_their_sender_is_gone(tmp_path: Path) -> None:
+    from datetime import timedelta as td
+
+    from digest.delivery.sender import lease_holder
+
+    app = pipeline.App.open(load(str(_config(tmp_path))))
+    try:
+        app.store.upsert_subscribers([(f"r{i}@example.com", "") for i in range(3)], "cli", app.now())
+        pipeline.collect(app)
+        draft = pipeline.make_draft(app).draft
+        assert draft is not None and draft.id is not None
+        app.store.start_send(draft.id, app.now())
+        me = lease_holder()  # a sender alive in this very process
+        assert app.store.acquire_lease(f"send:{draft.id}", me, app.now(), app.now() + td(minutes=5))
+        assert len(app.store.claim_batch(draft.id, 2, me, app.now())) == 2
+        assert pipeline.status(app).orphaned == set()
+        app.store.release_lease(f"send:{draft.id}", me)  # gone without settling its batch
+        assert pipeline.status(app).orphaned == {draft.id}
+    finally:
+        app.close()

@@ -386,8 +386,12 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
         click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {batches}, failed {failed}, "
                    f"uncertain {s.uncertain}" + (f", skipped {s.skipped}" if s.skipped else "")
                    + (f", {s.retries} {'retry' if s.retries == 1 else 'retries'}" if s.retries else "")
-                   + f", {s.seconds:.2f}s ({s.rate:.0f}/s)"
+                   + (f", built in {s.seconds:.2f}s" if s.dry_run else f", {s.seconds:.2f}s ({s.rate:.0f}/s)")
                    + (" — finished" if s.finished else ""))
+        if s.dry_run and s.calls:
+            rate = obj.settings.delivery.rate_per_second
+            click.echo(f"draft {s.draft_id}: {s.calls} provider calls at most {rate:g} a second "
+                       f"(delivery.rate_per_second): the send takes at least {_duration(s.calls / rate)}")
         if s.stopped:
             click.echo(f"draft {s.draft_id}: {s.stopped}")
             if s.pending and not s.dry_run:
@@ -406,6 +410,16 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
 EXIT_BLOCKED = 1
 EXIT_UNCERTAIN = 3
 EXIT_PAUSED = 75
+
+
+def _duration(seconds: float) -> str:
+    """``2h05m``, ``3m34s``, ``12s``: a time for people."""
+    whole = max(1, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _send_exit_code(summaries: Sequence[SendSummary]) -> int:
@@ -508,10 +522,13 @@ def status(obj: _Context, draft_id: int | None) -> None:
         if counts:
             kinds = ", ".join(f"{counts[k]} {k}" for k in pipeline.FAILED_STATUSES if counts.get(k))
             line += (f"  — sent {counts.get('sent', 0)}, failed {failed}" + (f" ({kinds})" if kinds else "")
-                     + f", uncertain {counts.get('uncertain', 0)}, "
-                     f"pending {counts.get('pending', 0) + counts.get('claimed', 0)}, "
-                     f"skipped {counts.get('skipped', 0)}")
+                     + f", uncertain {counts.get('uncertain', 0)}, pending {counts.get('pending', 0)}, "
+                     + (f"in flight {counts['claimed']}, " if counts.get("claimed") else "")
+                     + f"skipped {counts.get('skipped', 0)}")
         click.echo(line)
+        if counts and d.id in report.orphaned:
+            click.echo(f"    {counts['claimed']} in flight when their sender stopped: the next `digest send` "
+                       "marks them uncertain")
         if d.id in report.stopped:
             error, at = report.stopped[d.id]
             click.echo(f"    stopped {_when(at, tz)}: {error}")

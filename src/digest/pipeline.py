@@ -414,6 +414,8 @@ class StatusReport:
     failed: dict[int, list[UncertainMessage]] = field(default_factory=dict)
     # Per draft: the provider events (delivered, bounces, complaints ...) about its messages.
     draft_events: dict[int, dict[str, int]] = field(default_factory=dict)
+    # Drafts with messages in flight whose sender is gone (killed, crashed, its lease run out).
+    orphaned: set[int] = field(default_factory=set)
 
 
 # How many uncertain messages `digest status` lists per draft; it says how many more there are.
@@ -457,10 +459,23 @@ def status(app: App, draft_id: int | None = None) -> StatusReport:
         reasons={i: app.store.reasons(i, ("uncertain", *FAILED_STATUSES)) for i, counts in ledgers.items()
                  if any(counts.get(s) for s in ("uncertain", *FAILED_STATUSES))},
         draft_events=app.store.draft_event_counts(list(ledgers)),
+        orphaned={i for i, counts in ledgers.items() if counts.get("claimed") and not _sender_alive(app, i, now)},
         failed={i: app.store.messages_in(i, FAILED_STATUSES, UNCERTAIN_LISTED)
                 for i, counts in ledgers.items()
                 if draft_id is not None and any(counts.get(s) for s in FAILED_STATUSES)},
     )
+
+
+def _sender_alive(app: App, draft_id: int, now: datetime) -> bool:
+    """Whether a sender holds the draft's lease: not run out, and not a process of this host
+    that is gone."""
+    from digest.delivery.sender import holder_is_dead
+
+    lease = app.store.lease(f"send:{draft_id}")
+    if lease is None:
+        return False
+    holder, until = lease
+    return until is not None and until > now and not holder_is_dead(holder)
 
 
 def check(app: App) -> list[tuple[str, bool, str]]:

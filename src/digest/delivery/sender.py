@@ -124,6 +124,8 @@ class SendSummary:
     pending: int = 0
     # Provider calls made again after a rate limit, a 5xx or a network error (the same batch).
     retries: int = 0
+    # A dry run: the provider calls the send would make.
+    calls: int = 0
     skipped: int = 0
     batches: int = 0
     seconds: float = 0.0
@@ -419,6 +421,10 @@ class Sender:
         """One batch of a dry run: prepared and built as a send would, counted, let go."""
         refused = self._build_only(self._prepare(batch))
         summary.batches += 1
+        # Provider calls the send would make for it (paced by delivery.rate_per_second): one
+        # per batch, or one per message for providers that send a batch as several calls.
+        per_message = self.template is None and self.provider.parallel_calls
+        summary.calls += len(batch) - len(refused) if per_message else 1
         summary.sent += len(batch) - len(refused)
         for r in refused:  # the reasons a send would record for them
             summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1

@@ -1277,6 +1277,12 @@ class Store:
         except IntegrityError:
             return False
 
+    def lease(self, name: str) -> tuple[str, datetime | None] | None:
+        """The lease ``name``'s holder and until when, if anyone holds or held it."""
+        with self._tx() as conn:
+            row = conn.execute(select(leases.c.holder, leases.c.expires_at).where(leases.c.name == name)).first()
+        return None if row is None else (str(row.holder), _dt(row.expires_at))
+
     def release_lease(self, name: str, holder: str) -> None:
         with self._tx() as conn:
             conn.execute(delete(leases).where(and_(leases.c.name == name, leases.c.holder == holder)))
