@@ -319,13 +319,16 @@ def _stop_on_signals(progress: SendProgress) -> Iterator[Callable[[], bool]]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        progress.close()
-        if requested.is_set():
-            click.echo("quitting now: what was in flight is marked uncertain by the next `digest send`",
-                       err=True)
-            os._exit(128 + signum)
+        again = requested.is_set()
         requested.set()
-        click.echo("stopping after the batches in flight (again to quit at once)", err=True)
+        # The signal may land in the middle of a write to stderr (the progress bar): a second
+        # write there fails, and the request stands all the same.
+        with contextlib.suppress(RuntimeError):
+            progress.close()
+            click.echo("quitting now: what was in flight is marked uncertain by the next `digest send`" if again
+                       else "stopping after the batches in flight (again to quit at once)", err=True)
+        if again:
+            os._exit(128 + signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -435,8 +438,9 @@ def _send_exit_code(summaries: Sequence[SendSummary]) -> int:
 @cli.command()
 @pass_ctx
 def run(obj: _Context) -> None:
-    """One full cycle: collect, draft, send what is due."""
-    outcome = pipeline.run_cycle(obj.app)
+    """One full cycle: collect, draft, send what is due (Ctrl-C stops as in `digest send`)."""
+    with _stop_on_signals(SendProgress(interactive=False)) as should_stop:
+        outcome = pipeline.run_cycle(obj.app, should_stop)
     for o in outcome.collected:
         click.echo(f"collect {o.source}: " + (f"FAILED: {o.error}" if o.error else
                                               f"{o.stats.new_essays} new essays, {o.stats.new_comments} new comments"))

@@ -353,7 +353,7 @@ def send(app: App, *, dry_run: bool = False,
                         on_batch=on_batch, should_stop=should_stop)
         summary = sender.dry_run() if dry_run else sender.run()
         summaries.append(summary)
-        if summary.stopped and (should_stop() or summary.blocked):
+        if should_stop() or summary.blocked:
             break  # shutting down, or the next draft would fail the same way
     return summaries
 
@@ -388,11 +388,11 @@ class CycleOutcome:
     sends: list[SendSummary]
 
 
-def run_cycle(app: App) -> CycleOutcome:
+def run_cycle(app: App, should_stop: Callable[[], bool] = lambda: False) -> CycleOutcome:
     """collect → draft → send what is due."""
     collected = collect(app)
     drafted = make_draft(app)
-    return CycleOutcome(collected, drafted, send(app))
+    return CycleOutcome(collected, drafted, send(app, should_stop=should_stop))
 
 
 @dataclass

@@ -190,3 +190,29 @@ def test_ctrl_c_stops_after_the_batches_in_flight_with_a_summary(tmp_path: Path)
         assert again.returncode == 0 and "finished" in again.stdout, again.stderr
         got = collections.Counter(m["To"] for m in srv.messages)
         assert sorted(got) == emails and set(got.values()) == {1}
+
+
+def test_ctrl_c_on_the_terminal_reaches_helper_processes_without_cutting_their_batches(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C goes to the whole process group, helpers included: they finish their
+    batch in flight and stop when the parent says so; nothing is left in flight or uncertain."""
+    emails = [f"k{i:03d}@example.com" for i in range(200)]
+    with FakeProviderServer(token=TOKEN) as srv:
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark, processes: 2, concurrency: 1")
+        srv.faults.extend([("delay", 0.3)] * 60)
+        proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 30
+        while len(srv.messages) < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 75, (out, err)
+        store = open_store(f"sqlite:///{db}")
+        counts = store.ledger_counts(1)
+        store.close()
+        assert set(counts) == {"sent", "pending"} and counts["sent"] == len(srv.messages), counts
+        srv.faults.clear()
+        again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr
+        got = collections.Counter(m["To"] for m in srv.messages)
+        assert sorted(got) == emails and set(got.values()) == {1}

@@ -11,10 +11,10 @@ import pytest
 
 from digest import pipeline
 from digest.delivery.providers.base import UncertainDeliveryError
-from digest.delivery.sender import Sender, TokenBucket
-from digest.errors import AuthError, DeliveryError, StoreError
+from digest.delivery.sender import Sender, SendSummary, TokenBucket
+from digest.errors import AuthError, BlockedError, DeliveryError, StoreError
 from digest.store import Store
-from digest.types import SLOT_NAMES, SendResult
+from digest.types import SLOT_NAMES, Draft, SendResult
 from tests.conftest import FrozenClock, make_settings
 from tests.fakes.scripted_provider import ScriptedProvider
 
@@ -454,3 +454,95 @@ def test_a_providers_retry_after_is_capped(app: pipeline.App) -> None:
     assert received(provider) == sorted(EMAILS)
     (waited,) = [s for s in sleeps if s >= 1]  # the backoff; the rate limit's waits are short
     assert MAX_BACKOFF <= waited <= MAX_BACKOFF * 1.25
+
+
+def _second_due_draft(app: pipeline.App) -> int:
+    """Another approved, due draft beside the fixture's (the same items, another period)."""
+    (first_id,) = app.store.due_drafts(app.now())
+    first = app.store.get_draft(first_id)
+    second, _ = app.store.create_draft(Draft("next-period", first.subject, "", first.items), [], app.now(),
+                                       status="approved")
+    assert second.id is not None and set(app.store.due_drafts(app.now())) == {first_id, second.id}
+    return second.id
+
+
+def test_a_stop_request_during_a_drafts_last_batch_starts_no_other_draft(app: pipeline.App) -> None:
+    second = _second_due_draft(app)
+    provider = ScriptedProvider()
+    app._provider = provider
+    stop = [False]
+
+    def on_batch(summary: SendSummary, size: int) -> None:
+        if summary.done == summary.total:  # the first draft's last batch: Ctrl-C now
+            stop[0] = True
+
+    summaries = pipeline.send(app, on_batch=on_batch, should_stop=lambda: stop[0])
+    assert [(s.draft_id, s.sent, s.finished) for s in summaries] == [(summaries[0].draft_id, 5, True)]
+    assert app.store.get_draft(second).status == "approved"  # not started: no audience frozen
+    assert app.store.ledger_counts(second) == {}
+
+
+def test_a_refusal_stops_the_other_workers_before_the_batch_goes_back(tmp_path: Path, db_url: str,
+                                                                    clock: FrozenClock) -> None:
+    """The batch a refusal puts back in the queue is not taken by another worker of the same
+    send: it waits, with every other, for the next `digest send`."""
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}},
+                             delivery={"max_retries": 0, "rate_per_second": 1000, "concurrency": 4, "batch_size": 2})
+    a = pipeline.App.open(settings, clock)
+    try:
+        a.store.upsert_subscribers([(f"w{i}@example.com", "") for i in range(40)], "cli", clock())
+        pipeline.collect(a)
+        assert pipeline.make_draft(a).draft is not None
+        refused: list[str] = []
+        lock = threading.Lock()
+
+        def first_refused(messages):  # type: ignore[no-untyped-def]
+            with lock:
+                first = not refused
+                if first:
+                    refused.extend(m.to_email for m in messages)
+            if first:
+                raise BlockedError("quota used up", hint="wait for tomorrow")
+            time.sleep(0.01)  # the others are in flight meanwhile
+            return [SendResult(m.ledger_id, "sent", "ok") for m in messages]
+
+        provider = ScriptedProvider([first_refused] * 100)
+        summary = sender(a, provider).run()
+        assert summary.blocked and not summary.finished
+        # The refused batch went back to the queue and stayed there: none of its readers got
+        # the digest in this run, and what was sent is what the ledger says.
+        assert len(refused) == 2 and not set(refused) & set(received(provider))
+        assert a.store.ledger_counts(summary.draft_id).get("sent", 0) == summary.sent == len(provider.delivered)
+    finally:
+        a.close()
+
+
+def test_a_batch_that_keeps_coming_back_uncertain_is_left_to_the_operator(app: pipeline.App) -> None:
+    """The draft stays in sending while the next run may resend under the keys by itself, but
+    only AUTO_RESENDS times: then it finishes, and the uncertain messages wait for the operator."""
+    from digest.delivery.sender import AUTO_RESENDS
+
+    provider = IdempotentProvider(lose_answers=10_000)  # every answer lost, every time
+    runs = [sender(app, provider).run()]
+    while not runs[-1].finished and len(runs) < 10:
+        runs.append(sender(app, provider).run())
+    assert len(runs) == 1 + AUTO_RESENDS
+    assert [r.resendable for r in runs] == [5] * AUTO_RESENDS + [0]
+    last = runs[-1]
+    assert last.finished and last.uncertain_total == 5 and last.stopped is None
+    assert received(provider) == sorted(EMAILS)  # the provider kept each once, whatever we sent
+
+
+def test_a_stop_during_the_resends_leaves_the_rest_uncertain_not_claimed(app: pipeline.App) -> None:
+    first = IdempotentProvider(lose_answers=10_000)
+    assert sender(app, first).run().resendable == 5  # three batches, all uncertain
+    later = IdempotentProvider(lose_answers=0)
+    later.answers, later.delivered = first.answers, first.delivered
+    calls = []
+    s = sender(app, later)
+    s.should_stop = lambda: bool(calls)  # Ctrl-C as the first resend goes out
+    s.on_batch = lambda summary, size: calls.append(size)
+    summary = s.run()
+    counts = app.store.ledger_counts(summary.draft_id)
+    assert len(calls) == 1 and "claimed" not in counts and counts.get("uncertain") == 5 - calls[0]
+    assert not summary.finished and summary.stopped and "stopped on request" in summary.stopped

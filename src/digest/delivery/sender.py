@@ -65,6 +65,9 @@ LEASE_SECONDS = 300
 RENEW_EVERY = timedelta(seconds=LEASE_SECONDS / 10)
 MAX_BACKOFF = 60.0
 IDEMPOTENCY_MARGIN = timedelta(hours=1)
+# How many times a later run resends an uncertain batch under its key by itself, keeping its
+# draft in sending for it; a batch that is still uncertain then waits for the operator.
+AUTO_RESENDS = 2
 HOST = socket.gethostname()
 
 
@@ -296,7 +299,15 @@ def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: 
     Stops after the batch in flight when the parent says so or is gone (killed: its rows in
     flight stay claimed, and the next ``digest send`` marks them uncertain, as for any crash).
     """
+    import signal
+
     from digest import pipeline  # here, not at the top: pipeline imports this module
+
+    # The parent stops its helpers (``stop``, or by being gone). A Ctrl-C on the terminal, or
+    # systemd's SIGTERM to the whole service, reaches every process: it must not cut a helper's
+    # batch in flight (its readers would become uncertain) before the parent asks it to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def orphaned() -> bool:
         return os.getppid() != parent
@@ -489,6 +500,7 @@ class Sender:
         gc.freeze()
         # Helper processes start first, so they get ready while the audience is frozen.
         helpers = self._start_helpers(summary) if self.processes > 1 else []
+        done = False
         try:
             self.store.start_send(draft_id, self.now())
             stale = summary.stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
@@ -502,24 +514,42 @@ class Sender:
                 # whose readers may all still be sent to. The rest wait for the operator.
                 again = self.store.uncertain_batches(draft_id, self.holder, self.now(), self._resend_since())
                 summary.total = sum(map(len, again))
-                for batch in again:
-                    if self._stop:
+                for n, batch in enumerate(again):
+                    if self._stop is None and self.should_stop():
+                        self._halt("stopped on request; `digest send` resumes")
+                    if self._stop is not None:
+                        # Claimed for resending but not sent: uncertain again, as they were.
+                        for rest in again[n:]:
+                            self.store.mark_uncertain([c.ledger_id for c in rest], "not resent yet: the send "
+                                                      "stopped first", self.now(), rest)
                         break
                     self._send_one(summary, batch, lease, maybe_sent=True)
             summary.total += self.store.pending_count(draft_id)
             if helpers and not self._stop:
                 self._go.set()
             self.work(summary, lease)
+            done = self._exception is None
         finally:
             if helpers:
                 if not self._go.is_set():  # stopped, or failed, before the ledger was ready
                     self._halt(self._stop or "stopped before the send started")
                 self._join_helpers(helpers, lease)
             gc.unfreeze()
-            self.store.release_lease(lease, self.holder)
+            if not done:  # failed: no verdict on the draft (else that comes first, below)
+                self.store.release_lease(lease, self.holder)
             summary.seconds = time.perf_counter() - started
         if self._exception is not None:
             raise self._exception
+        try:  # the verdict on the draft, still holding the lease: no other sender is in it
+            self._conclude(summary, draft_id)
+        finally:
+            self.store.release_lease(lease, self.holder)
+        return summary
+
+    def _conclude(self, summary: SendSummary, draft_id: int) -> None:
+        """The run's end: the draft's counts, and the draft finished when every message has
+        its fate (whatever stopped the run: a pause that left nothing to send, a stop request
+        after the last batch), unless batches wait for an automatic resend."""
         summary.stopped = self._stop
         summary.blocked = self._blocked
         counts = self.store.ledger_counts(draft_id)
@@ -527,12 +557,12 @@ class Sender:
         summary.pending = counts.get("pending", 0) + counts.get("claimed", 0)
         if self.idempotent and summary.uncertain_total:
             # Batches the next run resends under their keys by itself (see above): the draft
-            # stays in sending for it (``digest serve`` runs it on its schedule).
+            # stays in sending for it (``digest serve`` runs it on its schedule). Not a batch
+            # sent AUTO_RESENDS times already: what keeps failing waits for the operator.
             summary.resendable = sum(map(len, self.store.uncertain_batches(
-                draft_id, self.holder, self.now(), self._resend_since(), peek=True)))
+                draft_id, self.holder, self.now(), self._resend_since(), peek=True,
+                max_attempts=1 + AUTO_RESENDS)))
         if not counts.get("pending") and not counts.get("claimed") and not summary.resendable:
-            # Every message has its fate, whatever stopped the run (a pause after failures
-            # that left nothing to send, a stop request after the last batch): done.
             self.store.transition(draft_id, ("sending",), "sent", self.now(), finished_at=self.now())
             summary.finished = True
             summary.stopped = None
@@ -540,7 +570,6 @@ class Sender:
             summary.stopped = (f"{summary.resendable} uncertain messages wait to be sent again under the "
                                f"same idempotency keys ({self.provider.name} delivers each once): "
                                "the next `digest send` does it")
-        return summary
 
     def _resend_since(self) -> datetime:
         """Batches first sent since then may be resent under their keys: the provider's window
@@ -668,8 +697,16 @@ class Sender:
         consecutive_failures = 0
         try:
             while self._stop is None and not (self._peers is not None and self._peers.is_set()):
+                if self.should_stop():
+                    self._halt("stopped on request after the batch in flight; `digest send` resumes")
+                    return
                 claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now())
                 if not claimed:
+                    return
+                if self._stop is not None:
+                    # Another worker stopped the send while this one claimed: never sent, so
+                    # back in the queue (with the reason the send stopped).
+                    self.store.release([c.ledger_id for c in claimed], self._stop, self.now(), claimed)
                     return
                 outcome = self._send_one(summary, claimed, lease)
                 del claimed  # not kept while the next batch is claimed
@@ -802,13 +839,14 @@ class Sender:
                     # cause. This attempt sent nothing, so the batch goes back to the queue,
                     # whole (unless an earlier one may have gone out: then it is uncertain).
                     self._blocked = True
-                    where = self._give_up(ids, exc, batch, summary, maybe_sent)
                     # The error names the setting to fix (its hint: the API key, SES's AWS keys,
                     # SMTP's login, the From address ...).
                     what = str(exc)
                     if isinstance(exc, AuthError) and not exc.hint:
                         what = f"{name} refused the credentials: {exc} (check the provider's keys under delivery:)"
-                    self._halt(f"{what}; fix it, then run `digest send`: {where}")
+                    # Halted before the batch goes back: no other worker may claim it again.
+                    self._halt(f"{what}; fix it, then run `digest send`: {self._fate(ids, maybe_sent)}")
+                    self._give_up(ids, exc, batch, summary, maybe_sent)
                     return "stop"
                 except DeliveryError as exc:
                     if exc.retryable and attempt <= self.settings.delivery.max_retries:
@@ -818,8 +856,9 @@ class Sender:
                         self.sleep(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25))
                         continue
                     if exc.retryable:
-                        where = self._give_up(ids, exc, batch, summary, maybe_sent)
-                        self._halt(f"{name} kept failing ({exc}); paused: {where}; run `digest send` to resume")
+                        self._halt(f"{name} kept failing ({exc}); paused: {self._fate(ids, maybe_sent)}; "
+                                   "run `digest send` to resume")
+                        self._give_up(ids, exc, batch, summary, maybe_sent)
                         return "stop"
                     if maybe_sent:
                         self._give_up(ids, exc, batch, summary, maybe_sent)
@@ -845,16 +884,22 @@ class Sender:
             summary.retries += 1
 
     def _give_up(self, ids: list[int], exc: DeliveryError, batch: ClaimedBatch | None, summary: SendSummary,
-                 maybe_sent: bool) -> str:
+                 maybe_sent: bool) -> None:
         """Stop trying a batch this attempt did not send: back in the queue, or uncertain when an
         earlier attempt may have delivered it (rule 1: a queued row would go out again, under
-        another key or after the provider forgot this one). Says which, for the operator."""
+        another key or after the provider forgot this one). :meth:`_fate` says which."""
         if not maybe_sent:
             self.store.release(ids, str(exc), self.now(), batch)
-            return "nothing was lost, the batch is back in the queue"
+            return
         self.store.mark_uncertain(ids, f"{exc}; an earlier attempt may have been delivered", self.now(), batch)
         with self._lock:
             summary.uncertain += len(ids)
+
+    @staticmethod
+    def _fate(ids: Sequence[int], maybe_sent: bool) -> str:
+        """What :meth:`_give_up` does with a batch, for the operator."""
+        if not maybe_sent:
+            return "nothing was lost, the batch is back in the queue"
         return (f"{len(ids)} messages an earlier attempt may have delivered are uncertain "
                 "(`digest status` lists them)")
 

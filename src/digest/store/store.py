@@ -983,7 +983,8 @@ class Store:
         return ClaimedBatch(claimed, batch_id, ranged=True)
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime,
-                          since: datetime | None = None, *, peek: bool = False) -> list[ClaimedBatch]:
+                          since: datetime | None = None, *, peek: bool = False,
+                          max_attempts: int | None = None) -> list[ClaimedBatch]:
         """Claim the uncertain messages again, grouped exactly as they went out (for an
         idempotent provider's resend: the same batch again is the same request).
 
@@ -994,8 +995,10 @@ class Store:
         The others stay uncertain, for the operator (``digest send --resolve-uncertain``).
         A batch keeps the time it was first sent, however often it is claimed again.
         With ``peek`` nothing is claimed: the batches a call would take (batch ids of 0 for
-        rows uncertain on their own).
+        rows uncertain on their own). ``max_attempts`` leaves out the batches (rows) claimed
+        that many times already.
         """
+        tries = max_attempts if max_attempts is not None else 1 << 30
         when = self._when(now)
         # Whether a batch first went at or after ``since``: a column of the queries below.
         fresh_params: tuple[Any, ...] = () if since is None else (self._when(since),)
@@ -1006,12 +1009,12 @@ class Store:
         out: list[ClaimedBatch] = []
         with self._tx() as conn:
             ranged = self._raw(conn, self._sql(
-                f"SELECT id, first_id, last_id, {fresh('claimed_at')} FROM send_batches "
+                f"SELECT id, first_id, last_id, {fresh('claimed_at')}, attempts FROM send_batches "
                 "WHERE draft_id = {p} AND status = 'uncertain' AND first_id IS NOT NULL ORDER BY id"),
                 (*fresh_params, draft_id)).fetchall()
             taken = []
-            for batch_id, first, last, is_fresh in ranged:
-                if not is_fresh:
+            for batch_id, first, last, is_fresh, attempts in ranged:
+                if not is_fresh or (attempts or 0) >= tries:
                     continue
                 rows = self._raw(conn, self._sql(
                     self._ELIGIBLE + "WHERE l.id BETWEEN {p} AND {p} AND +l.draft_id = {p} "
@@ -1028,7 +1031,7 @@ class Store:
             first_sent = "COALESCE(b.claimed_at, l.claimed_at)"
             rows = self._raw(conn, self._sql(
                 f"SELECT l.id, l.subscriber_id, s.email, s.name, {self._MAY_SEND}, l.batch_id, l.batch_key, "
-                f"{first_sent}, {fresh(first_sent)} "
+                f"{first_sent}, {fresh(first_sent)}, l.attempts "
                 "FROM send_ledger l JOIN subscribers s ON s.id = l.subscriber_id "
                 "LEFT JOIN send_batches b ON b.id = l.batch_id "
                 "WHERE l.draft_id = {p} AND l.status = 'uncertain' ORDER BY l.batch_id, l.batch_key, l.id"),
@@ -1037,7 +1040,7 @@ class Store:
             for r in rows:
                 groups.setdefault(r[5] or r[6] or f"row-{r[0]}", []).append(r)
             for members in groups.values():
-                if not all(r[4] and r[8] for r in members):
+                if not all(r[4] and r[8] and (r[9] or 0) < tries for r in members):
                     continue
                 batch_id = 0 if peek else self._claim_rows(conn, draft_id, [r[0] for r in members], token,
                                                            members[0][7] or when)

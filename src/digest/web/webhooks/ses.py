@@ -267,6 +267,8 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     except json.JSONDecodeError:
         # SNS test messages and SES's "Successfully validated" notice are plain text.
         return []
+    except RecursionError as exc:
+        raise MalformedPayload("ses: the message is nested too deep") from exc
     if not isinstance(message, dict):
         return []
     try:
