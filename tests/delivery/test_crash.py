@@ -216,3 +216,34 @@ def test_ctrl_c_on_the_terminal_reaches_helper_processes_without_cutting_their_b
         assert again.returncode == 0, again.stdout + again.stderr
         got = collections.Counter(m["To"] for m in srv.messages)
         assert sorted(got) == emails and set(got.values()) == {1}
+
+
+def test_ctrl_c_while_waiting_out_a_retry_after_stops_at_once(tmp_path: Path) -> None:
+    """A 429 asking for a minute's wait does not hold up a Ctrl-C: the batch the provider
+    refused goes back to the queue, and the next send delivers everyone once."""
+    emails = [f"k{i:03d}@example.com" for i in range(10)]
+    with FakeProviderServer(token=TOKEN) as srv:
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark, concurrency: 1")
+        (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text().replace(
+            "max_retries: 0", "max_retries: 3"))
+        srv.faults.append(("status", 429, {"Retry-After": "60"}))
+        proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not srv.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # waiting out the Retry-After now
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()  # (a no-op once it has exited)
+        assert time.monotonic() - asked < 5, "the send sat out the Retry-After"
+        assert proc.returncode == 75 and "while waiting to retry" in out, (out, err)
+        assert srv.messages == []
+        store = open_store(f"sqlite:///{db}")
+        assert store.ledger_counts(1) == {"pending": 10}
+        store.close()
+        again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert sorted(m["To"] for m in srv.messages) == emails

@@ -720,7 +720,7 @@ class Sender:
                 if outcome in ("back", "deferred") and self._stop is None:
                     # The provider said "later" (a rate limit, maintenance): a moment before the
                     # next batch. The deferred messages come again once the range is done.
-                    self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** consecutive_failures) * random.uniform(1.0, 1.25))
+                    self._pause(min(MAX_BACKOFF, 0.5 * 2 ** consecutive_failures) * random.uniform(1.0, 1.25))
                 if self.should_stop():
                     self._halt("stopped on request after the batch in flight; `digest send` resumes")
         except BaseException as exc:  # a store failure (rule 9) or a bug: stop every worker
@@ -827,7 +827,9 @@ class Sender:
                         # Same batch, same body, same idempotency key: the provider sends it once.
                         maybe_sent = True
                         self._count_retry(summary)
-                        self.sleep(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25))
+                        if not self._pause(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25)):
+                            self._give_up(ids, exc, batch, summary, maybe_sent)  # uncertain, as it is
+                            return "stop"
                         continue
                     # The provider may have taken the batch: resending could double-send (rule 1).
                     self.store.mark_uncertain(ids, str(exc), self.now(), batch)
@@ -853,7 +855,9 @@ class Sender:
                         delay = exc.retry_after if exc.retry_after is not None else min(
                             MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
                         self._count_retry(summary)
-                        self.sleep(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25))
+                        if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
+                            self._give_up(ids, exc, batch, summary, maybe_sent)  # not sent: back in the queue
+                            return "stop"
                         continue
                     if exc.retryable:
                         self._halt(f"{name} kept failing ({exc}); paused: {self._fate(ids, maybe_sent)}; "
@@ -878,6 +882,20 @@ class Sender:
         finally:
             if held:
                 building.release()
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` before a retry; False (the send halted) when it is asked to stop
+        meanwhile, or another worker stopped it: a Retry-After of a minute does not hold up a
+        Ctrl-C. With a ``sleep`` of its own (tests), that sleep, then the same check."""
+        if self.sleep is time.sleep:
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0 and self._stop is None and not self.should_stop():
+                time.sleep(min(left, 0.2))
+        else:
+            self.sleep(seconds)
+        if self._stop is None and self.should_stop():
+            self._halt("stopped on request while waiting to retry a batch; `digest send` resumes")
+        return self._stop is None
 
     def _count_retry(self, summary: SendSummary) -> None:
         with self._lock:
