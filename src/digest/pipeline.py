@@ -347,6 +347,8 @@ def send(app: App, *, dry_run: bool = False,
     summaries = []
     links = _dry_run_links(app) if dry_run else app.link_pair
     for draft_id in app.store.due_drafts(app.now()):
+        if should_stop():
+            break  # shutting down: no draft is started
         draft = app.store.get_draft(draft_id)
         compiled = compile_for(app, draft)
         sender = Sender(app.store, app.provider, app.settings, draft, compiled, links, now=app.now,

@@ -546,3 +546,52 @@ def test_a_stop_during_the_resends_leaves_the_rest_uncertain_not_claimed(app: pi
     counts = app.store.ledger_counts(summary.draft_id)
     assert len(calls) == 1 and "claimed" not in counts and counts.get("uncertain") == 5 - calls[0]
     assert not summary.finished and summary.stopped and "stopped on request" in summary.stopped
+    # Those not resent keep their reason, and the resend they did not get is not counted.
+    assert {m.error for m in app.store.uncertain_messages(summary.draft_id)} == {"connection reset after sending"}
+    again = app.store.uncertain_batches(summary.draft_id, "peek", app.now(), peek=True, max_attempts=2)
+    assert sum(map(len, again)) == 5 - calls[0]  # claimed once only: one automatic resend left each
+
+
+def test_a_stop_asked_before_a_send_starts_freezes_nothing(app: pipeline.App) -> None:
+    s = sender(app, ScriptedProvider())
+    s.should_stop = lambda: True
+    summary = s.run()
+    assert summary.stopped and "before the send started" in summary.stopped and summary.batches == 0
+    assert app.store.get_draft(summary.draft_id).status == "approved"
+    assert app.store.ledger_counts(summary.draft_id) == {}
+
+
+def test_a_batch_resent_as_often_as_allowed_is_not_resent_by_a_run_that_has_other_work(app: pipeline.App) -> None:
+    """The cap holds for the resend a run makes at its start too, not only for the count that
+    keeps a draft in sending: a draft kept there by messages still to send resends nothing more."""
+    from digest.delivery.sender import AUTO_RESENDS
+
+    provider = IdempotentProvider(lose_answers=10_000)
+    def one_batch_a_run() -> None:  # the run stops after one batch: the rest stays pending
+        s = sender(app, provider)
+        batches: list[int] = []
+        s.on_batch = lambda summary, size: batches.append(size)
+        s.should_stop = lambda: len(batches) >= 1
+        s.run()
+
+    for _ in range(1 + AUTO_RESENDS):
+        one_batch_a_run()
+    calls_before = len(provider.calls)
+    s = sender(app, provider)
+    s.should_stop = lambda: False
+    later = s.run()
+    resent = [c for c in provider.calls[calls_before:] if c[0].ledger_id == provider.calls[0][0].ledger_id]
+    assert resent == []  # the first batch went 1 + AUTO_RESENDS times, and no more
+    assert later.uncertain_total >= 2
+
+
+def test_a_pause_ends_when_the_parent_of_a_helper_says_stop() -> None:
+    import multiprocessing
+
+    s = Sender.__new__(Sender)  # only what _pause reads
+    s.sleep, s.should_stop, s._stop, s._lock = time.sleep, (lambda: False), None, threading.Lock()
+    s._peers = multiprocessing.get_context("spawn").Event()
+    s._peers.set()
+    started = time.monotonic()
+    assert s._pause(30.0) is False and time.monotonic() - started < 1
+    assert s._stop and "stopped on request" in s._stop

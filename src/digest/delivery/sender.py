@@ -498,10 +498,15 @@ class Sender:
         # the cycle collector from walking it again at every collection of the send's
         # short-lived objects (about a tenth of the send's time otherwise).
         gc.freeze()
-        # Helper processes start first, so they get ready while the audience is frozen.
-        helpers = self._start_helpers(summary) if self.processes > 1 else []
+        helpers: list[Any] = []
         done = False
         try:
+            if self.should_stop():  # asked to stop before it started: nothing frozen, nothing claimed
+                self._halt("stopped on request before the send started; `digest send` starts it")
+                summary.stopped = self._stop
+                return summary  # (the lease is let go below)
+            # Helper processes start first, so they get ready while the audience is frozen.
+            helpers = self._start_helpers(summary) if self.processes > 1 else []
             self.store.start_send(draft_id, self.now())
             stale = summary.stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
             if stale:
@@ -512,7 +517,8 @@ class Sender:
                 # window), so uncertain batches are resent at once, each exactly as it was:
                 # those first sent within the window (less an hour, for clocks and retries)
                 # whose readers may all still be sent to. The rest wait for the operator.
-                again = self.store.uncertain_batches(draft_id, self.holder, self.now(), self._resend_since())
+                again = self.store.uncertain_batches(draft_id, self.holder, self.now(), self._resend_since(),
+                                                     max_attempts=1 + AUTO_RESENDS)
                 summary.total = sum(map(len, again))
                 for n, batch in enumerate(again):
                     if self._stop is None and self.should_stop():
@@ -520,8 +526,7 @@ class Sender:
                     if self._stop is not None:
                         # Claimed for resending but not sent: uncertain again, as they were.
                         for rest in again[n:]:
-                            self.store.mark_uncertain([c.ledger_id for c in rest], "not resent yet: the send "
-                                                      "stopped first", self.now(), rest)
+                            self.store.unclaim_uncertain(rest)
                         break
                     self._send_one(summary, batch, lease, maybe_sent=True)
             summary.total += self.store.pending_count(draft_id)
@@ -530,13 +535,20 @@ class Sender:
             self.work(summary, lease)
             done = self._exception is None
         finally:
-            if helpers:
-                if not self._go.is_set():  # stopped, or failed, before the ledger was ready
-                    self._halt(self._stop or "stopped before the send started")
-                self._join_helpers(helpers, lease)
-            gc.unfreeze()
-            if not done:  # failed: no verdict on the draft (else that comes first, below)
-                self.store.release_lease(lease, self.holder)
+            try:
+                if helpers:
+                    if not self._go.is_set():  # stopped, or failed, before the ledger was ready
+                        self._halt(self._stop or "stopped before the send started")
+                    self._join_helpers(helpers, lease)
+            except BaseException:
+                done = False
+                if self._peers is not None:
+                    self._peers.set()  # the helpers stop, whatever failed here
+                raise
+            finally:
+                gc.unfreeze()
+                if not done:  # failed: no verdict on the draft (else that comes first, below)
+                    self.store.release_lease(lease, self.holder)
             summary.seconds = time.perf_counter() - started
         if self._exception is not None:
             raise self._exception
@@ -856,7 +868,8 @@ class Sender:
                             MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
                         self._count_retry(summary)
                         if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
-                            self._give_up(ids, exc, batch, summary, maybe_sent)  # not sent: back in the queue
+                            # Not sent: back in the queue, under the reason the send stopped.
+                            self._give_up(ids, DeliveryError(self._stop or str(exc)), batch, summary, maybe_sent)
                             return "stop"
                         continue
                     if exc.retryable:
@@ -887,13 +900,16 @@ class Sender:
         """Wait ``seconds`` before a retry; False (the send halted) when it is asked to stop
         meanwhile, or another worker stopped it: a Retry-After of a minute does not hold up a
         Ctrl-C. With a ``sleep`` of its own (tests), that sleep, then the same check."""
+        def asked() -> bool:  # here, or by the parent of a helper process (or a helper, to it)
+            return self.should_stop() or (self._peers is not None and self._peers.is_set())
+
         if self.sleep is time.sleep:
             end = time.monotonic() + seconds
-            while (left := end - time.monotonic()) > 0 and self._stop is None and not self.should_stop():
+            while (left := end - time.monotonic()) > 0 and self._stop is None and not asked():
                 time.sleep(min(left, 0.2))
         else:
             self.sleep(seconds)
-        if self._stop is None and self.should_stop():
+        if self._stop is None and asked():
             self._halt("stopped on request while waiting to retry a batch; `digest send` resumes")
         return self._stop is None
 

@@ -1040,7 +1040,9 @@ class Store:
             for r in rows:
                 groups.setdefault(r[5] or r[6] or f"row-{r[0]}", []).append(r)
             for members in groups.values():
-                if not all(r[4] and r[8] and (r[9] or 0) < tries for r in members):
+                # A row's own attempts count its claims one by one; its first send, in a batch
+                # by range, is not among them.
+                if not all(r[4] and r[8] and (r[9] or 0) + 1 < tries for r in members):
                     continue
                 batch_id = 0 if peek else self._claim_rows(conn, draft_id, [r[0] for r in members], token,
                                                            members[0][7] or when)
@@ -1156,6 +1158,24 @@ class Store:
             self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = 'uncertain', error = {p}, settled_at = {p}, "
                 f"batch_id = COALESCE({{p}}, batch_id) WHERE {where}"), (error[:1000], when, batch_id, *params))
+            if batch is not None and not batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
+                # The batch's record says so too (it is not still in flight).
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
+                                          "settled_at = {p} WHERE id = {p} AND status = 'claimed'"),
+                          (error[:1000], when, batch.batch_id))
+
+    def unclaim_uncertain(self, batch: ClaimedBatch) -> None:
+        """Put a batch :meth:`uncertain_batches` claimed, but that was not sent, back as it was:
+        uncertain, with its error, its time and its count of attempts."""
+        with self._tx() as conn:
+            if batch.ranged:
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', attempts = attempts - 1 "
+                                          "WHERE id = {p} AND status = 'claimed'"), (batch.batch_id,))
+                return
+            self._raw(conn, self._sql("UPDATE send_ledger SET status = 'uncertain', attempts = attempts - 1 "
+                                      "WHERE batch_id = {p} AND status = 'claimed'"), (batch.batch_id,))
+            self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain' WHERE id = {p} "
+                                      "AND status = 'claimed'"), (batch.batch_id,))
 
     def resolve_uncertain(self, draft_id: int, how: str, now: datetime) -> int:
         """``resend``: back in the queue; ``mark-sent``: count them as delivered. Returns how
