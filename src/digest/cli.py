@@ -379,9 +379,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
             click.echo(f"draft {s.draft_id}: {s.stale} messages were in flight when a sender stopped; "
                        "marked uncertain")
         if s.stopped and not s.batches and not s.dry_run:
-            click.echo(f"draft {s.draft_id}: {s.stopped}")  # nothing went out: no counts to show
-            if s.pending:
-                click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
+            _echo_stopped(s)  # nothing went out: no counts to show
             continue
         verb = "would send" if s.dry_run else "sent"
         failed = ", ".join(f"{n} {why}" for why, n in sorted(s.failed.items())) or "0"
@@ -396,9 +394,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
             click.echo(f"draft {s.draft_id}: {s.calls} provider calls at most {rate:g} a second "
                        f"(delivery.rate_per_second): the send takes at least {_duration(s.calls / rate)}")
         if s.stopped:
-            click.echo(f"draft {s.draft_id}: {s.stopped}")
-            if s.pending and not s.dry_run:
-                click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
+            _echo_stopped(s)
         if s.uncertain_total > s.resendable and not s.dry_run:
             click.echo(f"draft {s.draft_id}: {s.uncertain_total - s.resendable} messages may or may not have gone out: "
                        "`digest status` lists them; settle them with "
@@ -413,6 +409,13 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
 EXIT_BLOCKED = 1
 EXIT_UNCERTAIN = 3
 EXIT_PAUSED = 75
+
+
+def _echo_stopped(s: SendSummary) -> None:
+    """Why a send stopped, and what waits for the next one."""
+    click.echo(f"draft {s.draft_id}: {s.stopped}")
+    if s.pending and not s.dry_run:
+        click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
 
 
 def _duration(seconds: float) -> str:

@@ -450,17 +450,19 @@ def test_connection_lost_during_data_is_uncertain_for_that_message(
     ]
 
 
-def test_nothing_listening_is_retryable(make_message: MessageFactory) -> None:
+def unreachable() -> tuple[SmtpProvider, int]:
+    """A provider for a port nothing listens on (bound once, then let go), and that port."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    p = SmtpProvider(
-        Delivery(
-            provider="smtp", smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", timeout=2
-        )
-    )
+    return SmtpProvider(Delivery(provider="smtp", smtp_host="127.0.0.1", smtp_port=port, smtp_security="none",
+                                 timeout=2)), port
+
+
+def test_nothing_listening_is_retryable(make_message: MessageFactory) -> None:
+    p, port = unreachable()
     with pytest.raises(DeliveryError) as info:
         p.send_batch([make_message(1)])
     assert info.value.retryable
@@ -472,16 +474,7 @@ def test_nothing_listening_is_retryable(make_message: MessageFactory) -> None:
 def test_refusals_and_a_bad_from_need_no_server(make_message: MessageFactory) -> None:
     """Each message is built before the session opens (build_mime_message, the check a dry run
     runs too): refused addresses and a bad From are found with nothing listening."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    p = SmtpProvider(
-        Delivery(
-            provider="smtp", smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", timeout=2
-        )
-    )
+    p, _port = unreachable()
     refused = [make_message(1, to_email="no address"), make_message(2, to_email="x@y@example.com")]
     results = p.send_batch(refused)
     assert [r.status for r in results] == ["invalid", "invalid"]
