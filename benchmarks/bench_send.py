@@ -213,46 +213,101 @@ def post_bare(calls: list[tuple[str, dict[str, str], bytes]], concurrency: int) 
     return time.perf_counter() - started
 
 
-def sending_phase(db: Path) -> float:
+def sending_phase(settings: Any) -> float:
     """Seconds from the send's first claim to its last settle, read from the ledger: the
     pipeline's time without opening the database, compiling the draft, freezing the audience
     and starting helper processes."""
-    import sqlite3
+    from sqlalchemy import create_engine, text
 
-    conn = sqlite3.connect(db)
+    engine = create_engine(settings.database.url)
     try:
-        first, last = conn.execute("SELECT min(claimed_at), max(settled_at) FROM send_batches").fetchone()
+        with engine.connect() as conn:
+            first, last = conn.execute(text("SELECT min(claimed_at), max(settled_at) FROM send_batches")).one()
     finally:
-        conn.close()
-    return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+        engine.dispose()
+    if isinstance(first, str):  # SQLite keeps timestamps as text
+        first, last = datetime.fromisoformat(first), datetime.fromisoformat(last)
+    return float((last - first).total_seconds())
+
+
+class Fresh:
+    """The prepared database, restored before each run: a copy of the SQLite file, or on
+    PostgreSQL a new database made from the prepared one as its template (``--database``
+    names a database this benchmark may drop and create, with a ``_pristine`` twin)."""
+
+    def __init__(self, base: Path, database: str | None) -> None:
+        self.base, self.url = base, database
+        if database:
+            from sqlalchemy.engine import make_url
+
+            url = make_url(database)
+            self.name, self.pristine = url.database, f"{url.database}_pristine"
+            self.admin = url.set(database="postgres")
+            self._sql(f'DROP DATABASE IF EXISTS "{self.pristine}"', f'CREATE DATABASE "{self.pristine}"')
+            self.prepare_url = url.set(database=self.pristine).render_as_string(hide_password=False)
+
+    def _sql(self, *statements: str) -> None:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.admin, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                for statement in statements:
+                    conn.execute(text(statement))
+        finally:
+            engine.dispose()
+
+    def prepared(self) -> None:
+        """The database is filled: keep it as the pristine copy."""
+        if not self.url:
+            shutil.copy(self.base / "bench.db", self.base / "pristine.db")
+
+    def restore(self) -> None:
+        if self.url:
+            self._sql(f'DROP DATABASE IF EXISTS "{self.name}"',
+                      f'CREATE DATABASE "{self.name}" TEMPLATE "{self.pristine}"')
+            return
+        for suffix in ("-wal", "-shm"):
+            (self.base / f"bench.db{suffix}").unlink(missing_ok=True)
+        shutil.copy(self.base / "pristine.db", self.base / "bench.db")
+
+    def drop(self) -> None:
+        if self.url:
+            self._sql(f'DROP DATABASE IF EXISTS "{self.name}"', f'DROP DATABASE IF EXISTS "{self.pristine}"')
 
 
 def throughput(args: argparse.Namespace) -> None:
     fake = FakeProcess(args.provider)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    fresh = Fresh(base, args.database)
     try:
-        settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch, args.processes)
+        settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch, args.processes,
+                                 database=args.database)
         args.concurrency = settings.delivery.concurrency  # the provider's default when not given
-        prepare(base, settings, args.recipients)
-        shutil.copy(base / "bench.db", base / "pristine.db")
+        if args.database:
+            prepare(base, make_settings(base, args.provider, fake.url, args.concurrency, args.batch,
+                                        database=fresh.prepare_url), args.recipients)
+        else:
+            prepare(base, settings, args.recipients)
+        fresh.prepared()
         pipe_times, bare_times, handoff_times, sending_times = [], [], [], []
+        fresh.restore()
         calls = bare_bodies(settings, args.recipients)
         payload = sum(len(b) for _, _, b in calls)
         for _ in range(args.runs):
-            for suffix in ("-wal", "-shm"):
-                (base / f"bench.db{suffix}").unlink(missing_ok=True)
-            shutil.copy(base / "pristine.db", base / "bench.db")
+            fresh.restore()
             fake.clear()
             elapsed, sent = send_once(settings)
             assert sent == args.recipients, sent
             fake.clear()
             pipe_times.append(elapsed)
-            sending_times.append(sending_phase(base / "bench.db"))
+            sending_times.append(sending_phase(settings))
             bare_times.append(post_bare(calls, args.concurrency))
             fake.clear()
             handoff_times.append(handoff(settings, args.recipients, args.concurrency))
         accepted = fake.stop()
     finally:
+        fresh.drop()
         shutil.rmtree(base, ignore_errors=True)
     pipe, bare = statistics.median(pipe_times), statistics.median(bare_times)
     n = args.recipients
@@ -409,7 +464,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--database", default=None,
                         help="ledger: an empty database to run on (e.g. postgresql+psycopg://...); "
-                             "default a new SQLite file")
+                             "throughput: a PostgreSQL database to drop and create for each run, made from "
+                             "a '<name>_pristine' twin it fills first; default a new SQLite file")
     args = parser.parse_args()
     if args.recipients is None:
         args.recipients = 1_000_000 if args.mode == "memory" else 20_000

@@ -568,23 +568,43 @@ def test_a_batch_whose_rows_all_have_their_own_verdict_is_closed_not_left_in_fli
     assert store.mark_stale_claims_uncertain(draft_id, NOW) == len(other)
 
 
-def test_freezing_skips_foreign_key_lookups_on_its_own_connection_only(tmp_path: Any) -> None:
+def _ledger_keys(engine: Any) -> set[str]:
+    return {fk["name"] for fk in inspect(engine).get_foreign_keys("send_ledger")}
+
+
+def test_0009_drops_the_ledgers_foreign_keys_and_keeps_its_rows_and_rule_1(db_url: str) -> None:
+    from alembic import command
     from sqlalchemy.exc import IntegrityError
 
-    store = open_store(f"sqlite:///{tmp_path / 'fk.db'}")
-    try:
-        draft_id = _sending(store, ["a@x.org", "b@x.org"])
-        assert store.start_send(draft_id, NOW) == 2
-        assert {email for _id, email, _status in store.ledger_rows(draft_id)} == {"a@x.org", "b@x.org"}
-        # The store's own connections still refuse a row whose parent does not exist.
-        with pytest.raises(IntegrityError), store.engine.begin() as conn:
-            conn.exec_driver_sql("INSERT INTO send_ledger (draft_id, subscriber_id, email, status) "
-                                 "VALUES (?, 9999, 'ghost@x.org', 'pending')", (draft_id,))
-        with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
-    finally:
-        store.close()
+    store = open_store(db_url)
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    assert store.start_send(draft_id, NOW) == 3
+    claimed = store.claim_batch(draft_id, 2, "me", NOW)
+    before = store.ledger_rows(draft_id)
+    engine = store.engine
+    assert _ledger_keys(engine) == set()
+    with engine.begin() as conn:
+        cfg = db._alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0008")
+    assert _ledger_keys(engine) == {"fk_send_ledger_draft_id_drafts", "fk_send_ledger_subscriber_id_subscribers"}
+    assert db.upgrade(engine) == ("0008", "0009") and db.HEAD == "0009"
+    assert _ledger_keys(engine) == set()
+    # The rows, their ids and the send's progress are as they were; the send goes on.
+    assert store.ledger_rows(draft_id) == before
+    assert {ix["name"] for ix in inspect(engine).get_indexes("send_ledger")} >= {
+        "ix_send_ledger_queued", "ix_send_ledger_batch"}
+    store.settle([SendResult(c.ledger_id, "sent", f"m{c.ledger_id}") for c in claimed], "postmark", NOW, claimed)
+    assert [c.email for c in store.claim_batch(draft_id, 2, "me", NOW)] == ["c@x.org"]
+    # Rule 1's key stays: a reader cannot get a second row in the same send.
+    with engine.connect() as conn:
+        subscriber_id = conn.exec_driver_sql(
+            "SELECT subscriber_id FROM send_ledger ORDER BY id LIMIT 1").scalar_one()
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO send_ledger (draft_id, subscriber_id, email, status) "
+            f"VALUES ({draft_id}, {subscriber_id}, 'a@x.org', 'pending')")
+    store.close()
 
 
 def test_upgrade_to_0008_indexes_events_by_ledger_row_and_downgrade_drops_it(db_url: str) -> None:
@@ -593,7 +613,7 @@ def test_upgrade_to_0008_indexes_events_by_ledger_row_and_downgrade_drops_it(db_
     engine = db.make_engine(db_url)
     db.upgrade(engine, "0007")
     assert "ix_delivery_events_ledger" not in {ix["name"] for ix in inspect(engine).get_indexes("delivery_events")}
-    assert db.upgrade(engine) == ("0007", "0008") and db.HEAD == "0008"
+    assert db.upgrade(engine, "0008") == ("0007", "0008")
     assert "ix_delivery_events_ledger" in {ix["name"] for ix in inspect(engine).get_indexes("delivery_events")}
     with engine.begin() as conn:
         cfg = db._alembic_config(engine)

@@ -7,7 +7,6 @@ one is left alone until the operator runs ``digest db upgrade``.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest revision in migrations/versions. Kept here so that opening a database needs no
 # Alembic import (it costs ~10 MB and 100 ms at every start); a test checks it matches.
-HEAD = "0008"
+HEAD = "0009"
 
 
 def make_engine(url: str) -> Engine:
@@ -42,25 +41,10 @@ def make_engine(url: str) -> Engine:
         raise StoreError(f"database.url: cannot open {url!r}: {exc}") from exc
 
 
-def bulk_engine(engine: Engine) -> Engine:
-    """For one SQLite file: an engine whose connections do not enforce foreign keys, each
-    opened for one use and closed after it (no pool to leave such a connection in).
-
-    For statements that copy rows whose parents they have just read in the same transaction
-    (freezing a send's audience): SQLite would look up both parents of every row, a third of
-    the statement's time, to confirm what the statement itself guarantees.
-    """
-    from sqlalchemy.pool import NullPool
-
-    bulk = create_engine(engine.url, connect_args={"timeout": 30}, poolclass=NullPool)
-    event.listen(bulk, "connect", partial(_sqlite_pragmas, foreign_keys=False))
-    return bulk
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any, foreign_keys: bool = True) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     # FULL, not WAL's usual NORMAL: a claim must survive a power cut as well as a killed
     # process, or the rows it sent could be pending again after a reboot and go out twice

@@ -250,9 +250,9 @@ class Store:
             threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext())
 
     @contextmanager
-    def _tx(self, engine: Engine | None = None) -> Iterator[Connection]:
+    def _tx(self) -> Iterator[Connection]:
         try:
-            with self._turn, (engine or self.engine).begin() as conn:
+            with self._turn, self.engine.begin() as conn:
                 yield conn
         except (IntegrityError, DraftError):
             raise
@@ -765,22 +765,8 @@ class Store:
         """approved → sending, freezing the audience as ledger rows, in one transaction.
 
         Returns how many rows the audience has. A draft already ``sending`` is left alone.
-
-        On a SQLite file, through a connection that does not check foreign keys (see
-        :func:`db.bulk_engine`): each row's parents are the draft this transaction updates
-        and the subscriber it was just read from.
         """
-        bulk = None
-        if self.dialect == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
-            bulk = db.bulk_engine(self.engine)
-        try:
-            return self._freeze(draft_id, now, bulk)
-        finally:
-            if bulk is not None:
-                bulk.dispose()
-
-    def _freeze(self, draft_id: int, now: datetime, engine: Engine | None) -> int:
-        with self._tx(engine) as conn:
+        with self._tx() as conn:
             changed = conn.execute(
                 update(drafts).where(and_(drafts.c.id == draft_id, drafts.c.status == "approved"))
                 .values(status="sending", started_at=now, updated_at=now)
