@@ -595,3 +595,20 @@ def test_a_pause_ends_when_the_parent_of_a_helper_says_stop() -> None:
     started = time.monotonic()
     assert s._pause(30.0) is False and time.monotonic() - started < 1
     assert s._stop and "stopped on request" in s._stop
+
+
+def test_progress_counts_the_whole_audience_at_first_and_only_whats_left_on_resuming(app: pipeline.App) -> None:
+    app._provider = ScriptedProvider()  # batches of 2
+    stop = [False]
+    totals: list[int] = []
+
+    def on_batch(summary: SendSummary, size: int) -> None:
+        totals.append(summary.total)
+        stop[0] = True  # Ctrl-C after the first batch
+
+    (first,) = pipeline.send(app, on_batch=on_batch, should_stop=lambda: stop[0])
+    assert (first.total, first.sent, first.finished) == (5, 2, False)
+    stop[0] = False
+    totals.clear()
+    (second,) = pipeline.send(app, on_batch=lambda s, size: totals.append(s.total))
+    assert second.total == 3 and second.finished and totals and set(totals) == {3}

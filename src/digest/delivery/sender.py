@@ -507,7 +507,10 @@ class Sender:
                 return summary  # (the lease is let go below)
             # Helper processes start first, so they get ready while the audience is frozen.
             helpers = self._start_helpers(summary) if self.processes > 1 else []
-            self.store.start_send(draft_id, self.now())
+            # Read under the lease: whether this run freezes the audience, and so has every
+            # row still to send (counting them is a tenth of a second for a million).
+            fresh = self.store.get_draft(draft_id).status == "approved"
+            frozen = self.store.start_send(draft_id, self.now())
             stale = summary.stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
             if stale:
                 log.warning("draft %s: %d messages were in flight when a sender stopped; marked uncertain",
@@ -529,7 +532,7 @@ class Sender:
                             self.store.unclaim_uncertain(rest)
                         break
                     self._send_one(summary, batch, lease, maybe_sent=True)
-            summary.total += self.store.pending_count(draft_id)
+            summary.total += frozen if fresh else self.store.pending_count(draft_id)
             if helpers and not self._stop:
                 self._go.set()
             self.work(summary, lease)
