@@ -36,6 +36,12 @@ class StoreError(DigestError):
     """The database could not be read or written."""
 
 
+class TakenOverError(StoreError):
+    """Another sender took over a batch (or the draft's lease) from this one, which it took
+    for stopped: this sender stops, and what it would have recorded is left as the other
+    sender recorded it (uncertain, at worst: rule 1)."""
+
+
 class SourceError(DigestError):
     """A source could not be fetched or parsed. ``status`` is the HTTP status, when there was one."""
 

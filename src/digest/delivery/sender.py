@@ -46,7 +46,7 @@ from digest.delivery.providers.base import (
     Provider,
     UncertainDeliveryError,
 )
-from digest.errors import AuthError, BlockedError, DeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError, TakenOverError
 from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
 from digest.store.store import Claimed, ClaimedBatch
@@ -507,9 +507,15 @@ class Sender:
                 return summary  # (the lease is let go below)
             # Helper processes start first, so they get ready while the audience is frozen.
             helpers = self._start_helpers(summary) if self.processes > 1 else []
-            # Read under the lease: whether this run freezes the audience, and so has every
-            # row still to send (counting them is a tenth of a second for a million).
-            fresh = self.store.get_draft(draft_id).status == "approved"
+            # Read again under the lease: another sender may have finished the draft between
+            # the first read and taking the lease. And whether this run freezes the audience,
+            # and so has every row still to send (counting them is a tenth of a second for a
+            # million).
+            current = self.store.get_draft(draft_id).status
+            if current not in ("approved", "sending"):
+                summary.stopped = f"draft {draft_id} is {current}; nothing to send"
+                return summary  # (the lease is let go below)
+            fresh = current == "approved"
             frozen = self.store.start_send(draft_id, self.now())
             stale = summary.stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
             if stale:
@@ -762,7 +768,11 @@ class Sender:
         if lease is not None and (self._renewed is None or now - self._renewed >= RENEW_EVERY):
             with self._lock:
                 self._renewed = now
-            self.store.acquire_lease(lease, self.holder, now, now + timedelta(seconds=LEASE_SECONDS))
+            if not self.store.acquire_lease(lease, self.holder, now, now + timedelta(seconds=LEASE_SECONDS)):
+                # It ran out (a very long retry) and another sender took it: two senders must
+                # not work on one draft (its batches are fenced too, see Store._hold).
+                raise TakenOverError(f"the lease on draft {self.draft.id} was taken over by another sender; "
+                                     "this one stops")
 
     def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
         links = self.links

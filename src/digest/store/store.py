@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from digest.clock import as_utc
-from digest.errors import DraftError, StoreError
+from digest.errors import DraftError, StoreError, TakenOverError
 from digest.store import db
 from digest.store.schema import (
     comments,
@@ -172,13 +172,16 @@ class ClaimedBatch(list[Claimed]):
 
     ``ranged``: the batch speaks for its rows by their id range (they keep no status of their
     own); otherwise each row says it is claimed, and by this batch. Pass the batch back to
-    :meth:`Store.settle`, :meth:`Store.release` and :meth:`Store.mark_uncertain`.
+    :meth:`Store.settle`, :meth:`Store.release` and :meth:`Store.mark_uncertain`: with the
+    ``token`` it was claimed under, they write only while the batch's record still carries
+    that token (see :meth:`Store._hold`).
     """
 
-    def __init__(self, rows: Iterable[Claimed], batch_id: int, *, ranged: bool) -> None:
+    def __init__(self, rows: Iterable[Claimed], batch_id: int, *, ranged: bool, token: str = "") -> None:
         super().__init__(rows)
         self.batch_id = batch_id
         self.ranged = ranged
+        self.token = token
 
 
 def _dt(value: Any) -> datetime | None:
@@ -827,8 +830,9 @@ class Store:
                         "WHERE batch_id = {p} AND status = 'claimed'"), (when, error, batch_id)).rowcount or 0
                 else:
                     n += self._covered(conn, draft_id, first, last)
+            # The token goes: a verdict the stopped sender may still write comes too late.
             self._raw(conn, self._sql(
-                "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, error = {p} "
+                "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, error = {p}, claim_token = NULL "
                 "WHERE draft_id = {p} AND status = 'claimed'"), (when, error, draft_id))
         return n
 
@@ -964,9 +968,9 @@ class Store:
                 return ClaimedBatch((), 0, ranged=True)
             if queued:
                 batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when)
-                return ClaimedBatch(claimed, batch_id, ranged=False)
+                return ClaimedBatch(claimed, batch_id, ranged=False, token=token)
             batch_id = self._new_batch(conn, draft_id, token, when, claimed[0].ledger_id, claimed[-1].ledger_id)
-        return ClaimedBatch(claimed, batch_id, ranged=True)
+        return ClaimedBatch(claimed, batch_id, ranged=True, token=token)
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime,
                           since: datetime | None = None, *, peek: bool = False,
@@ -1006,7 +1010,8 @@ class Store:
                     self._ELIGIBLE + "WHERE l.id BETWEEN {p} AND {p} AND +l.draft_id = {p} "
                     "AND l.status = 'pending' ORDER BY l.id"), (first, last, draft_id)).fetchall()
                 if rows and all(r[4] for r in rows):
-                    out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in rows], batch_id, ranged=True))
+                    out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in rows], batch_id, ranged=True,
+                                            token="" if peek else token))
                     taken.append(batch_id)
             if taken and not peek:
                 where, params = self._ids_clause("id", taken)
@@ -1032,8 +1037,29 @@ class Store:
                     continue
                 batch_id = 0 if peek else self._claim_rows(conn, draft_id, [r[0] for r in members], token,
                                                            members[0][7] or when)
-                out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False))
+                out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False,
+                                        token="" if peek else token))
         return out
+
+    def _hold(self, conn: Connection, batch: ClaimedBatch | None) -> None:
+        """Go on only while ``batch``'s record still carries the token it was claimed under.
+
+        Another sender that took this one for dead (its lease holder gone, say a parent killed
+        while a helper process still had a batch out) marks the batch uncertain and clears the
+        token, or claims it again under its own. A late verdict from the first sender must not
+        then put the batch back in the queue of a draft already finished, or overwrite what the
+        other recorded: :class:`TakenOverError` instead, which stops this sender. The statement
+        is a write, so that it is the transaction's first lock (SQLite) and holds the batch's
+        row until the verdict commits (PostgreSQL).
+        """
+        if batch is None or not batch.token:
+            return
+        held = self._raw(conn, self._sql("UPDATE send_batches SET claim_token = claim_token "
+                                         "WHERE id = {p} AND claim_token = {p}"),
+                         (batch.batch_id, batch.token)).rowcount
+        if not held:
+            raise TakenOverError(f"batch {batch.batch_id} was taken over by another sender, which took this one "
+                                 "for stopped; this sender stops and leaves the batch as that one recorded it")
 
     # A batch whose rows carry their own verdicts: its record says it is done (unless the
     # batch was already put back or made uncertain as a whole).
@@ -1057,10 +1083,11 @@ class Store:
                 # Every row of the batch has a verdict of its own already (uncertain, back in
                 # the queue): its record is closed, not left looking in flight.
                 with self._tx() as conn:
+                    self._hold(conn, batch)
                     self._raw(conn, self._sql(self._CLOSE_BATCH), (provider, settled, batch.batch_id))
             return
         if batch is not None and batch.ranged:
-            self._settle_ranged(results, provider, settled, batch.batch_id)
+            self._settle_ranged(results, provider, settled, batch)
             return
         shared: dict[tuple[str, str | None, str | None], list[int]] = {}
         singles: list[tuple[Any, ...]] = []
@@ -1075,6 +1102,7 @@ class Store:
         head = ("UPDATE send_ledger SET status = {p}, provider = {p}, provider_message_id = {p}, "
                 "error = {p}, settled_at = {p} WHERE ")
         with self._tx() as conn:
+            self._hold(conn, batch)
             for (status, message_id, error), ids in shared.items():
                 where, params = self._ids_clause("id", ids)
                 self._raw(conn, self._sql(head) + where, (status, provider, message_id, error, settled, *params))
@@ -1083,7 +1111,9 @@ class Store:
             if batch is not None:
                 self._raw(conn, self._sql(self._CLOSE_BATCH), (provider, settled, batch.batch_id))
 
-    def _settle_ranged(self, results: Sequence[SendResult], provider: str, settled: Any, batch_id: int) -> None:
+    def _settle_ranged(self, results: Sequence[SendResult], provider: str, settled: Any,
+                       batch: ClaimedBatch) -> None:
+        batch_id = batch.batch_id
         status, error = results[0].status, results[0].error
         if all(r.status == status and r.error == error for r in results):  # as a rule
             alike, apart = results, []
@@ -1101,6 +1131,7 @@ class Store:
             message_ids = json.dumps({r.ledger_id: r.provider_message_id for r in alike if r.provider_message_id},
                                      separators=(",", ":"))
         with self._tx() as conn:
+            self._hold(conn, batch)
             if apart:
                 self._raw(conn, self._sql(
                     "UPDATE send_ledger SET status = {p}, provider = {p}, provider_message_id = {p}, error = {p}, "
@@ -1119,6 +1150,7 @@ class Store:
         where, params = self._ids_clause("id", ledger_ids)
         batch_id = batch.batch_id if batch is not None else None
         with self._tx() as conn:
+            self._hold(conn, batch)
             self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = COALESCE({p}, batch_id) "
                 f"WHERE {where} AND status IN ('claimed', 'pending')"), (error[:1000], batch_id, *params))
@@ -1135,6 +1167,7 @@ class Store:
             return
         when = self._when(now)
         with self._tx() as conn:
+            self._hold(conn, batch)
             if batch is not None and batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
                                           "settled_at = {p} WHERE id = {p}"), (error[:1000], when, batch.batch_id))
@@ -1154,6 +1187,7 @@ class Store:
         """Put a batch :meth:`uncertain_batches` claimed, but that was not sent, back as it was:
         uncertain, with its error, its time and its count of attempts."""
         with self._tx() as conn:
+            self._hold(conn, batch)
             if batch.ranged:
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', attempts = attempts - 1 "
                                           "WHERE id = {p} AND status = 'claimed'"), (batch.batch_id,))
@@ -1180,8 +1214,9 @@ class Store:
                 else:
                     n += self._covered(conn, draft_id, first, last)
             self._raw(conn, self._sql(
-                "UPDATE send_batches SET status = {p}, error = {p}, settled_at = {p} WHERE draft_id = {p} "
-                "AND status = 'uncertain'"), ("requeued" if resend else "sent", error, when, draft_id))
+                "UPDATE send_batches SET status = {p}, error = {p}, settled_at = {p}, claim_token = NULL "
+                "WHERE draft_id = {p} AND status = 'uncertain'"),
+                ("requeued" if resend else "sent", error, when, draft_id))
             n += self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = {p}, error = {p}, settled_at = {p} WHERE draft_id = {p} "
                 "AND status = 'uncertain'"), ("queued" if resend else "sent", error, when, draft_id)).rowcount or 0
