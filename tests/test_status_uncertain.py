@@ -298,3 +298,44 @@ def test_messages_in_flight_are_orphaned_only_once_their_sender_is_gone(tmp_path
         assert pipeline.status(app).orphaned == {draft.id}
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("how", ["resend", "mark-sent"])
+def test_a_dry_run_of_resolving_says_what_it_would_settle_and_writes_nothing(tmp_path: Path, how: str) -> None:
+    emails = [f"r{i:02d}@example.com" for i in range(30)]
+    cfg, in_flight = _died_mid_batch(tmp_path, emails)
+    before = CliRunner().invoke(cli, ["--config", cfg, "status"]).output
+    result = CliRunner().invoke(cli, ["--config", cfg, "send", "--dry-run", "--resolve-uncertain", how])
+    assert result.exit_code == 0, result.output
+    assert f"draft 1: 5 uncertain messages → {how} (dry run: left as they are)" in result.output
+    assert CliRunner().invoke(cli, ["--config", cfg, "status"]).output == before
+    assert sorted(_listed(before)) == sorted(in_flight)
+
+
+def test_resolving_with_nothing_uncertain_says_so(tmp_path: Path) -> None:
+    emails = [f"r{i:02d}@example.com" for i in range(30)]
+    cfg, _in_flight = _died_mid_batch(tmp_path, emails)
+    assert CliRunner().invoke(cli, ["--config", cfg, "send", "--resolve-uncertain", "mark-sent"]).exit_code == 0
+    again = CliRunner().invoke(cli, ["--config", cfg, "send", "--resolve-uncertain", "mark-sent", "--draft", "1"])
+    assert again.exit_code == 0 and again.output.strip() == "no uncertain messages to resolve in draft 1"
+
+
+def test_a_send_that_finds_another_sender_on_the_draft_exits_0(tmp_path: Path) -> None:
+    """Overlapping cron runs are normal: the one that finds the draft taken has nothing to do,
+    which is not "paused, resume later" (75)."""
+    from digest.delivery.sender import LEASE_SECONDS, lease_holder
+
+    cfg = _config(tmp_path)
+    app = pipeline.App.open(load(str(cfg)))
+    try:
+        app.store.upsert_subscribers([("a@example.com", "")], "cli", app.now())
+        pipeline.collect(app)
+        draft = pipeline.make_draft(app).draft
+        assert draft is not None and draft.status == "approved"
+        assert app.store.acquire_lease(f"send:{draft.id}", lease_holder(), app.now(),
+                                       app.now() + timedelta(seconds=LEASE_SECONDS))
+    finally:
+        app.close()
+    result = CliRunner().invoke(cli, ["--config", str(cfg), "send"])
+    assert result.exit_code == 0, result.output
+    assert f"draft {draft.id}: another sender is working on this draft" in result.output

@@ -358,13 +358,22 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
         raise click.UsageError("--draft goes with --resolve-uncertain")
     if resolve_uncertain:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
+        resolved = 0
         for target in targets:
-            n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+            if dry_run:  # what it would settle; nothing is written
+                app.store.get_draft(target)
+                n = app.store.ledger_counts(target).get("uncertain", 0)
+            else:
+                n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+            resolved += n
             if n:
-                click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}")
+                click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}"
+                           + (" (dry run: left as they are)" if dry_run else ""))
                 if resolve_uncertain == "resend" and not app.provider.idempotent:
                     click.echo(f"note: {app.provider.name} has no idempotency key: those of them that did "
                                "arrive arrive again (its activity log tells which did)", err=True)
+        if not resolved:
+            click.echo("no uncertain messages to resolve" + (f" in draft {draft_id}" if draft_id is not None else ""))
         if resolve_uncertain == "mark-sent":
             return
     progress = SendProgress(interactive=sys.stderr.isatty())
@@ -433,7 +442,7 @@ def _send_exit_code(summaries: Sequence[SendSummary]) -> int:
         return EXIT_BLOCKED
     if any(s.uncertain_total > s.resendable and not s.dry_run for s in summaries):
         return EXIT_UNCERTAIN
-    if any(s.stopped and not s.dry_run for s in summaries):
+    if any(s.stopped and not s.dry_run and not s.idle for s in summaries):
         return EXIT_PAUSED
     return 0
 
@@ -457,8 +466,10 @@ def run(obj: _Context) -> None:
 @cli.command()
 @click.option("--host", default=None, help="Override web.listen's host.")
 @click.option("--port", type=int, default=None, help="Override web.listen's port.")
+@click.option("--web-only", is_flag=True,
+              help="The web app alone (links, review, webhooks), no jobs: for jobs run from cron.")
 @pass_ctx
-def serve(obj: _Context, host: str | None, port: int | None) -> None:
+def serve(obj: _Context, host: str | None, port: int | None, web_only: bool) -> None:
     """Run the scheduled jobs and the web app until SIGTERM."""
     from digest.scheduler import serve as run_service
 
@@ -467,7 +478,7 @@ def serve(obj: _Context, host: str | None, port: int | None) -> None:
     def ready(bound: int) -> None:
         click.echo(f"digest serving on port {bound}", err=True)
 
-    run_service(obj.app, host=host, port=port, ready=ready)
+    run_service(obj.app, host=host, port=port, ready=ready, web_only=web_only)
 
 
 # How many distinct reasons `digest status` shows per draft and kind (uncertain, failed).

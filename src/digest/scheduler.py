@@ -53,9 +53,15 @@ def previous_run(expr: str, timezone: str, now: datetime) -> datetime | None:
     return None
 
 
+def _when(moment: datetime | None) -> str:
+    """A job's next run for the log; a schedule that never fires (31 February) has none."""
+    return f"{moment:%Y-%m-%d %H:%M %Z}" if moment is not None else "never"
+
+
 def serve(app: App, *, host: str | None = None, port: int | None = None,
-          ready: Callable[[int], None] | None = None) -> None:
-    """Run the jobs on their schedules and the web app until SIGTERM or SIGINT.
+          ready: Callable[[int], None] | None = None, web_only: bool = False) -> None:
+    """Run the jobs on their schedules and the web app until SIGTERM or SIGINT; with
+    ``web_only``, the web app alone (the jobs run from cron, say).
 
     On a signal: no new job starts, a send in progress finishes its current batch and stops
     (the rest resumes at the next start), then the process exits.
@@ -83,11 +89,12 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
         timezone=ZoneInfo(tz),
     )
     d = settings.digest
-    scheduler.add_job(jobs.collect_job, parse_cron(d.collect_schedule, tz), args=[app], id="collect",
-                      next_run_time=datetime.now(ZoneInfo(tz)))
-    scheduler.add_job(jobs.draft_job, parse_cron(d.schedule, tz), args=[app], id="draft")
-    scheduler.add_job(jobs.send_job, parse_cron(d.send_schedule, tz), args=[app, stop.is_set], id="send",
-                      next_run_time=datetime.now(ZoneInfo(tz)))
+    if not web_only:  # collect and send once at start (catching up), then on their schedules
+        scheduler.add_job(jobs.collect_job, parse_cron(d.collect_schedule, tz), args=[app], id="collect",
+                          next_run_time=datetime.now(ZoneInfo(tz)))
+        scheduler.add_job(jobs.draft_job, parse_cron(d.schedule, tz), args=[app], id="draft")
+        scheduler.add_job(jobs.send_job, parse_cron(d.send_schedule, tz), args=[app, stop.is_set], id="send",
+                          next_run_time=datetime.now(ZoneInfo(tz)))
 
     listen_host, _, listen_port = settings.web.listen.rpartition(":")
     server = create_server(create_app(app), host=host or listen_host,
@@ -104,7 +111,8 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
         scheduler.start()
         web_thread.start()
         log.info("serving on http://%s:%d; jobs: %s", host or listen_host, bound_port,
-                 ", ".join(f"{j.id} next at {j.next_run_time:%Y-%m-%d %H:%M %Z}" for j in scheduler.get_jobs()))
+                 ", ".join(f"{j.id} next at {_when(j.next_run_time)}" for j in scheduler.get_jobs())
+                 or "none (--web-only)")
         if ready is not None:
             ready(bound_port)
         stop.wait()

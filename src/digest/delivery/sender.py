@@ -136,6 +136,8 @@ class SendSummary:
     # Stopped by a refusal every batch would meet (credentials, account, configuration: a
     # BlockedError), so another draft through the same provider would stop the same way.
     blocked: bool = False
+    # Nothing for this run to do: another sender has the draft, or finished it meanwhile.
+    idle: bool = False
     finished: bool = False
     dry_run: bool = False
 
@@ -486,12 +488,14 @@ class Sender:
         current = self.store.get_draft(draft_id).status
         if current not in ("approved", "sending"):
             summary.stopped = f"draft {draft_id} is {current}; nothing to send"
+            summary.idle = True
             return summary
         started = time.perf_counter()
         lease = f"send:{draft_id}"
         if not self.store.acquire_lease(lease, self.holder, self.now(),
                                         self.now() + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
             summary.stopped = "another sender is working on this draft"
+            summary.idle = True
             return summary
         self._renewed = self.now()
         # Everything alive now (imports, config, the compiled draft) outlives the send: keep
@@ -514,6 +518,7 @@ class Sender:
             current = self.store.get_draft(draft_id).status
             if current not in ("approved", "sending"):
                 summary.stopped = f"draft {draft_id} is {current}; nothing to send"
+                summary.idle = True
                 return summary  # (the lease is let go below)
             fresh = current == "approved"
             frozen = self.store.start_send(draft_id, self.now())

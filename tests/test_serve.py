@@ -1,0 +1,69 @@
+"""`digest serve` as a process: the web app with the jobs, or alone (``--web-only``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(tmp_path: Path, schedules: str, *args: str) -> tuple[str, Path]:
+    """An approved, due draft and one subscriber; `digest serve ARGS` until it answers, then
+    SIGTERM. Returns its log and the outbox folder."""
+    from digest.sources.folder import SAMPLE_DIR
+
+    port = _free_port()
+    (tmp_path / "config.yaml").write_text(f"""
+newsletter: {{public_url: "http://127.0.0.1:{port}"}}
+database: {{url: "sqlite:///{tmp_path / 'd.db'}"}}
+sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
+delivery: {{provider: outbox, outbox_dir: "{tmp_path / 'out'}"}}
+digest: {{approval: {{required: false}}, {schedules}}}
+web: {{listen: "127.0.0.1:{port}"}}
+""")
+    env = {**os.environ, "DIGEST_CONFIG": str(tmp_path / "config.yaml")}
+    run = [sys.executable, "-m", "digest"]
+    for step in (["subscribers", "add", "ann@example.com"], ["collect"], ["draft"]):
+        subprocess.run([*run, *step], env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.Popen([*run, "serve", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        time.sleep(1.0)  # time for a job started at once to send
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, log = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log
+    return log, tmp_path / "out"
+
+
+def test_web_only_serves_the_links_and_runs_no_job(tmp_path: Path) -> None:
+    log, outbox = _serve(tmp_path, 'send_schedule: "*/5 * * * *"', "--web-only")
+    assert "jobs: none (--web-only)" in log
+    assert not outbox.exists() or not list(outbox.iterdir())  # the due draft was not sent
+
+
+@pytest.mark.parametrize("never", ["0 0 31 2 *"])
+def test_schedules_that_never_fire_start_without_a_traceback(tmp_path: Path, never: str) -> None:
+    log, _outbox = _serve(tmp_path, f'schedule: "{never}", collect_schedule: "{never}", send_schedule: "{never}"')
+    assert "Traceback" not in log
+    assert "draft next at never" in log
