@@ -105,8 +105,10 @@ def test_an_auth_error_names_the_settings_its_provider_needs(app: pipeline.App) 
     assert summary.stopped and hint in summary.stopped and "api_key" not in summary.stopped
 
 
-def test_permanent_error_fails_the_batch_and_moves_on(app: pipeline.App) -> None:
-    provider = ScriptedProvider([DeliveryError("HTTP 400: bad request", retryable=False, status=400)])
+@pytest.mark.parametrize("error", ["HTTP 400: bad request", "sendgrid: HTTP 400: bad request"])
+def test_permanent_error_fails_the_batch_and_moves_on(app: pipeline.App, error: str) -> None:
+    """Counted by what went wrong, with or without the provider's name in front."""
+    provider = ScriptedProvider([DeliveryError(error, retryable=False, status=400)])
     summary = sender(app, provider).run()
     assert summary.failed == {"HTTP 400": 2} and summary.sent == 3 and summary.finished
     assert len(provider.calls) == 3

@@ -621,3 +621,40 @@ def test_upgrade_to_0008_indexes_events_by_ledger_row_and_downgrade_drops_it(db_
         command.downgrade(cfg, "0007")
     assert "ix_delivery_events_ledger" not in {ix["name"] for ix in inspect(engine).get_indexes("delivery_events")}
     engine.dispose()
+
+
+def test_commands_started_together_on_a_new_database_all_find_it_ready(db_url: str, tmp_path: Any) -> None:
+    """`digest serve` and a cron job (or two hosts) opening a database nobody has used yet:
+    one creates the schema, the others wait for it, and nobody fails on "already exists" or
+    "locked"."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    code = (
+        "import os, sys, time\n"
+        "from digest.store import db\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "db.ensure_schema(db.make_engine(sys.argv[1]))\n"
+        "print('ready')\n"
+    )
+    for _round in range(3):
+        if db_url.startswith("sqlite"):
+            for leftover in tmp_path.glob("digest.db*"):
+                leftover.unlink()
+        else:
+            from tests.conftest import _reset_pg
+
+            _reset_pg(db_url)
+        go.unlink(missing_ok=True)
+        procs = [subprocess.Popen([sys.executable, "-c", code, db_url], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        time.sleep(1.0)  # all three started and waiting
+        go.touch()
+        outcomes = [p.communicate(timeout=120) for p in procs]
+        assert [(p.returncode, out.strip()) for p, (out, _err) in zip(procs, outcomes, strict=True)] == \
+            [(0, "ready")] * 3, [err for _out, err in outcomes]
+        engine = db.make_engine(db_url)
+        assert db.current_revision(engine) == db.HEAD
+        engine.dispose()

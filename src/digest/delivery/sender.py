@@ -991,4 +991,9 @@ class Sender:
 
 
 def _reason(error: str) -> str:
-    return error.split(":", 1)[0][:60] or "failed"
+    """A failure's key in the summary: its first part ("HTTP 400"), without the provider's
+    name that some errors start with ("sendgrid: HTTP 400: ..." counted as "sendgrid")."""
+    head, sep, rest = error.partition(":")
+    if sep and head.isalpha() and head.islower() and rest.strip():
+        head = rest.strip().split(":", 1)[0]
+    return head[:60] or "failed"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from digest.errors import StoreError
@@ -41,9 +41,28 @@ def make_engine(url: str) -> Engine:
         raise StoreError(f"database.url: cannot open {url!r}: {exc}") from exc
 
 
+def _wal(cursor: Any) -> None:
+    """Switch a SQLite file to WAL. On a new file, two processes opening it at once both make
+    the switch, which needs the file to themselves: SQLite then answers "locked" at once,
+    without waiting out the busy timeout, so this waits and tries again (a few seconds at
+    most; an already-WAL file is not switched, so this costs nothing after the first time)."""
+    import sqlite3
+    import time
+
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")  # first: the next statement may wait for a lock
+    _wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     # FULL, not WAL's usual NORMAL: a claim must survive a power cut as well as a killed
@@ -93,11 +112,28 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     cfg = _alembic_config(engine)
     try:
         with engine.begin() as conn:
+            _migration_lock(conn)
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            command.upgrade(cfg, revision)  # reads the revision again, under the lock
     except SQLAlchemyError as exc:
-        raise StoreError(f"migration failed: {exc}") from exc
+        raise StoreError(f"migration failed: {str(exc).splitlines()[0]}") from exc
     return before, current_revision(engine) or ""
+
+
+def _migration_lock(conn: Connection) -> None:
+    """One migration at a time, in one transaction: two commands started together on a new
+    database (`digest serve` and a cron job, two hosts) would otherwise both create the
+    tables, and one fail on "already exists".
+
+    SQLite: the write lock from the start (BEGIN IMMEDIATE; the other waits out its busy
+    timeout), which also makes the migration one transaction: the driver does not begin one
+    before DDL on its own, so a migration that failed halfway left what it had done.
+    PostgreSQL: a transaction-scoped advisory lock (its DDL is transactional already).
+    """
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('digest: migrations'))")
 
 
 def ensure_schema(engine: Engine) -> None:
