@@ -658,3 +658,90 @@ def test_commands_started_together_on_a_new_database_all_find_it_ready(db_url: s
         engine = db.make_engine(db_url)
         assert db.current_revision(engine) == db.HEAD
         engine.dispose()
+
+
+def test_a_holder_renewing_its_lease_from_two_threads_keeps_it(store: Store) -> None:
+    """Two workers of one sender renewing at the same moment: both renewals are the holder's
+    own, and neither may read as "taken by another" (which stops the send)."""
+    import threading
+
+    assert store.acquire_lease("send:1", "me", NOW, NOW + timedelta(minutes=5))
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def renew(offset: int) -> None:
+        for i in range(100):
+            now = NOW + timedelta(seconds=i * 2 + offset)
+            ok = store.acquire_lease("send:1", "me", now, now + timedelta(minutes=5))
+            with lock:
+                results.append(ok)
+
+    threads = [threading.Thread(target=renew, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 200
+    assert not store.acquire_lease("send:1", "other", NOW, NOW + timedelta(minutes=5))
+
+
+@pytest.mark.postgres
+def test_a_restart_and_a_late_verdict_on_one_batch_take_their_locks_in_one_order(pg_database: str) -> None:
+    """The restart marks a batch uncertain while the sender it took for dead settles it: on
+    PostgreSQL each locks the batch's record before its rows, so one waits for the other
+    instead of both waiting for each other (a deadlock, which aborts one of them)."""
+    import threading
+
+    from tests.conftest import _reset_pg
+
+    _reset_pg(pg_database)
+    store = open_store(pg_database)
+    try:
+        draft_id = _sending(store, [f"r{i}@x.org" for i in range(4)])
+        store.start_send(draft_id, NOW)
+        first = store.claim_batch(draft_id, 4, "old", NOW)
+        store.release([c.ledger_id for c in first], "HTTP 503", NOW, first)  # back in the queue
+        batch = store.claim_batch(draft_id, 4, "old", NOW)  # claimed row by row: no range
+        assert not batch.ranged and len(batch) == 4
+        held = threading.Event()
+        raw = Store._raw
+
+        def paced(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
+            # The restart's batch statement waits until the late verdict holds the batch.
+            if threading.current_thread().name == "restart" and sql.startswith("UPDATE send_batches"):
+                held.wait(5)
+            cursor = raw(conn, sql, params, many)
+            if threading.current_thread().name == "late" and "claim_token = claim_token" in sql:
+                held.set()
+            return cursor
+
+        out: dict[str, object] = {}
+
+        def restart() -> None:
+            try:
+                out["restart"] = store.mark_stale_claims_uncertain(draft_id, NOW)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                out["restart"] = exc
+
+        def late() -> None:
+            try:
+                store.settle([SendResult(c.ledger_id, "sent", "m") for c in batch], "sendgrid", NOW, batch)
+                out["late"] = "settled"
+            except Exception as exc:  # noqa: BLE001 - reported below
+                out["late"] = exc
+
+        Store._raw = staticmethod(paced)  # type: ignore[method-assign]
+        try:
+            threads = [threading.Thread(target=restart, name="restart"), threading.Thread(target=late, name="late")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        finally:
+            Store._raw = staticmethod(raw)  # type: ignore[method-assign]
+        # The late verdict came first here (it held the batch): it stands, and the restart
+        # finds nothing in flight.
+        assert out == {"late": "settled", "restart": 0}
+        assert store.ledger_counts(draft_id) == {"sent": 4}
+    finally:
+        store.close()

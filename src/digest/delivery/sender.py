@@ -334,7 +334,10 @@ def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: 
             app.close()
     except BaseException as exc:  # reported, so the parent stops the send with the reason
         report = {"error": f"{type(exc).__name__}: {exc}", "final": True}
-    conn.send(report)
+    try:
+        conn.send(report)
+    except OSError:  # the parent is gone (killed): nobody to tell, and nothing to say on stderr
+        pass
 
 
 class Sender:
@@ -770,14 +773,17 @@ class Sender:
         """Renew the lease well before it runs out, but not after every batch: a thousand
         batches a minute need not be a thousand lease writes."""
         now = self.now()
-        if lease is not None and (self._renewed is None or now - self._renewed >= RENEW_EVERY):
-            with self._lock:
-                self._renewed = now
-            if not self.store.acquire_lease(lease, self.holder, now, now + timedelta(seconds=LEASE_SECONDS)):
-                # It ran out (a very long retry) and another sender took it: two senders must
-                # not work on one draft (its batches are fenced too, see Store._hold).
-                raise TakenOverError(f"the lease on draft {self.draft.id} was taken over by another sender; "
-                                     "this one stops")
+        if lease is None:
+            return
+        with self._lock:  # one worker renews; the others go on
+            if self._renewed is not None and now - self._renewed < RENEW_EVERY:
+                return
+            self._renewed = now
+        if not self.store.acquire_lease(lease, self.holder, now, now + timedelta(seconds=LEASE_SECONDS)):
+            # It ran out (a very long retry) and another sender took it: two senders must not
+            # work on one draft (its batches are fenced too, see Store._hold).
+            raise TakenOverError(f"the lease on draft {self.draft.id} was taken over by another sender; "
+                                 "this one stops")
 
     def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
         links = self.links

@@ -98,14 +98,20 @@ def head_revision(engine: Engine) -> str:
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at, or ``None`` for a database digest never touched."""
     with engine.connect() as conn:
-        if "alembic_version" not in inspect(conn).get_table_names():
-            return None
-        value = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        return str(value) if value is not None else None
+        return _version(conn)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
-    """Migrate to ``revision``; returns (before, after)."""
+def _version(conn: Connection) -> str | None:
+    if "alembic_version" not in inspect(conn).get_table_names():
+        return None
+    value = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return str(value) if value is not None else None
+
+
+def upgrade(engine: Engine, revision: str = "head", *, new: bool = False) -> tuple[str | None, str]:
+    """Migrate to ``revision``; returns (before, after). ``new``: the caller found no schema
+    version, and wants the schema created; checked again under the lock (another process may
+    have created it meanwhile, which is fine; tables without a version are not)."""
     from alembic import command
 
     before = current_revision(engine)
@@ -113,6 +119,9 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     try:
         with engine.begin() as conn:
             _migration_lock(conn)
+            if new and _version(conn) is None and "essays" in inspect(conn).get_table_names():
+                raise StoreError("the database has digest tables but no schema version",
+                                 hint="point database.url at a digest database")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)  # reads the revision again, under the lock
     except SQLAlchemyError as exc:
@@ -141,10 +150,7 @@ def ensure_schema(engine: Engine) -> None:
     try:
         current = current_revision(engine)
         if current is None:
-            if "essays" in inspect(engine).get_table_names():
-                raise StoreError("the database has digest tables but no schema version",
-                                 hint="point database.url at a digest database")
-            upgrade(engine)
+            upgrade(engine, new=True)
             return
     except SQLAlchemyError as exc:
         raise StoreError(f"database {engine.url.render_as_string()}: {exc.__class__.__name__}: {exc}") from exc

@@ -817,11 +817,13 @@ class Store:
         error = "the sender stopped while this message was in flight"
         when = self._when(now)
         with self._tx() as conn:
+            # The batches first, then their rows: the order in which a sender's verdict takes
+            # them (Store._hold), so the two never wait for each other on PostgreSQL. The token
+            # goes: a verdict the stopped sender may still write comes too late.
             stale = self._raw(conn, self._sql(
-                "SELECT id, first_id, last_id FROM send_batches WHERE draft_id = {p} AND status = 'claimed'"),
-                (draft_id,)).fetchall()
-            if not stale:
-                return 0
+                "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, error = {p}, claim_token = NULL "
+                "WHERE draft_id = {p} AND status = 'claimed' RETURNING id, first_id, last_id"),
+                (when, error, draft_id)).fetchall()
             n = 0
             for batch_id, first, last in stale:
                 if first is None:
@@ -830,10 +832,6 @@ class Store:
                         "WHERE batch_id = {p} AND status = 'claimed'"), (when, error, batch_id)).rowcount or 0
                 else:
                     n += self._covered(conn, draft_id, first, last)
-            # The token goes: a verdict the stopped sender may still write comes too late.
-            self._raw(conn, self._sql(
-                "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, error = {p}, claim_token = NULL "
-                "WHERE draft_id = {p} AND status = 'claimed'"), (when, error, draft_id))
         return n
 
     def _uncertain_ranges(self, conn: Connection, draft_id: int) -> list[tuple[int, int, int]]:
@@ -1312,7 +1310,11 @@ class Store:
                 if row is None:
                     conn.execute(insert(leases).values(name=name, holder=holder, expires_at=until))
                     return True
-                if row.holder == holder or as_utc(row.expires_at) <= now or holder_is_dead(row.holder):
+                if row.holder == holder:  # a renewal: ours whatever another thread of ours wrote
+                    changed = conn.execute(update(leases).where(and_(
+                        leases.c.name == name, leases.c.holder == holder)).values(expires_at=until)).rowcount
+                    return bool(changed)
+                if as_utc(row.expires_at) <= now or holder_is_dead(row.holder):
                     changed = conn.execute(update(leases).where(and_(
                         leases.c.name == name, leases.c.holder == row.holder,
                         leases.c.expires_at == row.expires_at)).values(holder=holder, expires_at=until)).rowcount
