@@ -425,6 +425,9 @@ def _echo_stopped(s: SendSummary) -> None:
     click.echo(f"draft {s.draft_id}: {s.stopped}")
     if s.pending and not s.dry_run:
         click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
+    if s.in_flight and not s.dry_run:
+        click.echo(f"draft {s.draft_id}: {s.in_flight} messages were in flight in a process that stopped: "
+                   "the next `digest send` marks them uncertain")
 
 
 def _duration(seconds: float) -> str:

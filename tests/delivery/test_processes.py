@@ -99,3 +99,47 @@ def test_a_failure_before_the_audience_is_frozen_stops_the_waiting_helpers(
     assert len(started) == 1  # the helper was started before the audience was frozen ...
     assert [proc.exitcode for proc in started] == [0]  # ... and stopped cleanly, without a claim
     assert multiprocessing.active_children() == []
+
+
+def test_a_helper_killed_mid_send_stops_the_send_and_its_batch_is_uncertain_next_time(
+        tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    """kill -9 of a helper process alone: the parent stops the send and says what the helper
+    had in flight, apart from what waits; the next send marks that uncertain and sends the rest,
+    each reader once."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    with FakeProviderServer(token=TOKEN) as srv:
+        srv.faults.extend([("delay", 0.3)] * 200)  # every answer slow: batches stay in flight
+        app = _app(tmp_path, db_url, clock, srv.url, TOKEN)
+        out: list[Any] = []
+        sending = threading.Thread(target=lambda: out.extend(pipeline.send(app)))
+        sending.start()
+        deadline = time.monotonic() + 30
+        killed = False
+        while time.monotonic() < deadline and not killed:
+            with app.store.engine.connect() as conn:
+                holders = {t for (t,) in conn.exec_driver_sql(
+                    "SELECT DISTINCT claim_token FROM send_batches WHERE status = 'claimed'").all()}
+            helpers = multiprocessing.active_children()
+            mine = [p for p in helpers if any(f":{p.pid}:" in h for h in holders)]
+            if mine:
+                os.kill(mine[0].pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.05)
+        sending.join(60)
+        assert killed, "no helper process held a batch"
+        (first,) = out
+        assert not first.finished and "a helper process died" in (first.stopped or "")
+        assert first.in_flight == 2  # the helper's batch (batch_size 2)
+        assert first.pending + first.in_flight + first.sent == len(EMAILS)
+        srv.faults.clear()
+        (second,) = pipeline.send(app)
+        app.close()
+        received = collections.Counter(m["To"] for m in srv.messages)
+    assert second.stale == 2 and second.finished
+    assert set(received.values()) == {1}  # nobody twice
+    assert len(received) in (len(EMAILS) - 2, len(EMAILS))  # the two in flight: delivered or not, once at most

@@ -125,6 +125,9 @@ class SendSummary:
     resendable: int = 0
     # Messages still to send when the run ended (a paused or stopped send: the next run's).
     pending: int = 0
+    # Messages still claimed when the run ended: a helper process died with them in flight,
+    # and the next run marks them uncertain (rule 1).
+    in_flight: int = 0
     # Provider calls made again after a rate limit, a 5xx or a network error (the same batch).
     retries: int = 0
     # A dry run: the provider calls the send would make.
@@ -583,7 +586,8 @@ class Sender:
         summary.blocked = self._blocked
         counts = self.store.ledger_counts(draft_id)
         summary.uncertain_total = counts.get("uncertain", 0)
-        summary.pending = counts.get("pending", 0) + counts.get("claimed", 0)
+        summary.pending = counts.get("pending", 0)
+        summary.in_flight = counts.get("claimed", 0)
         if self.idempotent and summary.uncertain_total:
             # Batches the next run resends under their keys by itself (see above): the draft
             # stays in sending for it (``digest serve`` runs it on its schedule). Not a batch
