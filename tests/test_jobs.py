@@ -42,3 +42,21 @@ def test_a_failing_job_logs_and_keeps_the_service_up(app: pipeline.App, caplog: 
     jobs.draft_job(app)
     assert len([r for r in caplog.records if r.exc_info and "database went away" in str(r.exc_info[1])]) == 2
     assert "collect job failed" in caplog.text and "draft job failed" in caplog.text
+
+
+def test_the_send_job_logs_another_senders_draft_at_info_and_uncertain_ones_with_the_hint(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from digest import jobs, pipeline
+    from digest.delivery.sender import SendSummary
+
+    busy = SendSummary(1, stopped="another sender is working on this draft", idle=True)
+    left = SendSummary(2, sent=3, uncertain_total=4, finished=True)
+    monkeypatch.setattr(pipeline, "send", lambda app, **kw: [busy, left])
+    with caplog.at_level(logging.INFO, logger="digest"):
+        jobs.send_job(None)  # type: ignore[arg-type]
+    levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records if r.name == "digest.jobs"}
+    assert levels == {"send draft 1": logging.INFO, "send draft 2": logging.WARNING}
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("send draft 2")]
+    assert "4 messages may or may not have gone out" in line and "--draft 2" in line

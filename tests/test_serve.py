@@ -67,3 +67,21 @@ def test_schedules_that_never_fire_start_without_a_traceback(tmp_path: Path, nev
     log, _outbox = _serve(tmp_path, f'schedule: "{never}", collect_schedule: "{never}", send_schedule: "{never}"')
     assert "Traceback" not in log
     assert "draft next at never" in log
+
+
+def test_a_port_in_use_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "config.yaml").write_text(f"""
+newsletter: {{public_url: "http://127.0.0.1:{port}"}}
+database: {{url: "sqlite:///{tmp_path / 'd.db'}"}}
+sources: []
+web: {{listen: "127.0.0.1:{port}"}}
+""")
+        env = {**os.environ, "DIGEST_CONFIG": str(tmp_path / "config.yaml")}
+        out = subprocess.run([sys.executable, "-m", "digest", "serve", "--web-only"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"web.listen: cannot listen on 127.0.0.1:{port}" in out.stderr

@@ -13,7 +13,7 @@ frozen snapshot stored with the draft; approval tokens are bound to its content 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from digest import tokens
 from digest.config import Settings, parse_duration
@@ -30,8 +30,10 @@ def approve(store: Store, draft_id: int, now: datetime, *, at: datetime | None =
     """pending_review → approved, sending at ``at`` (or at the next send run)."""
     if at is not None and at.tzinfo is None:
         raise DraftError("the approval time needs a timezone")
+    # In UTC, as every time the store keeps: SQLite drops an offset without converting, so a
+    # local 03:43 in New York was read back as 03:43 UTC and sent hours early.
     return store.transition(draft_id, ("pending_review",), "approved", now,
-                            approved_at=now, approved_by=by[:200], send_at=at)
+                            approved_at=now, approved_by=by[:200], send_at=at and at.astimezone(UTC))
 
 
 def reject(store: Store, draft_id: int, now: datetime, *, reason: str = "", by: str = "cli") -> Draft:

@@ -48,10 +48,15 @@ def send_job(app: pipeline.App, should_stop: Callable[[], bool] = lambda: False)
             # A send the provider blocks (credentials, quota, account) waits for the operator:
             # an error in the log, not a line among the others.
             # Uncertain messages wait for the operator too, and a paused send for the next run.
+            # Another process sending the draft is the lease at work, not a problem.
+            waiting = summary.uncertain_total - summary.resendable
             level = (logging.ERROR if summary.blocked else logging.WARNING
-                     if summary.uncertain_total > summary.resendable or summary.stopped else logging.INFO)
-            log.log(level, "send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s", summary.draft_id,
+                     if waiting > 0 or (summary.stopped and not summary.idle) else logging.INFO)
+            log.log(level, "send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s%s", summary.draft_id,
                      summary.sent, sum(summary.failed.values()), summary.uncertain, summary.seconds,
-                     f" ({summary.stopped})" if summary.stopped else "")
+                     f" ({summary.stopped})" if summary.stopped else "",
+                     f"; {waiting} messages may or may not have gone out: `digest status` lists them, "
+                     f"`digest send --resolve-uncertain resend|mark-sent --draft {summary.draft_id}` "
+                     "settles them" if waiting > 0 else "")
     except Exception:
         log.exception("send job failed")

@@ -75,6 +75,7 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
     from waitress import create_server
 
     from digest import jobs
+    from digest.errors import ConfigError
     from digest.web.app import create_app
 
     log = logging.getLogger("digest.serve")
@@ -97,8 +98,13 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
                           next_run_time=datetime.now(ZoneInfo(tz)))
 
     listen_host, _, listen_port = settings.web.listen.rpartition(":")
-    server = create_server(create_app(app), host=host or listen_host,
-                           port=port if port is not None else int(listen_port), threads=4)
+    try:
+        server = create_server(create_app(app), host=host or listen_host,
+                               port=port if port is not None else int(listen_port), threads=4)
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        raise ConfigError(f"web.listen: cannot listen on {host or listen_host}:"
+                          f"{port if port is not None else listen_port}: {exc.strerror or exc}",
+                          hint="stop what uses the port, or set web.listen (or --port)") from exc
     bound_port = int(server.effective_port)
     web_thread = threading.Thread(target=server.run, name="web", daemon=True)
 

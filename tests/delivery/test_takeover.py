@@ -146,3 +146,59 @@ def test_a_sender_that_lost_its_lease_stops(app: pipeline.App, clock: FrozenCloc
         _sender(app, provider).run()
     assert len(provider.calls) == 1  # no batch after the lease was gone
     assert app.store.ledger_counts(draft_id) == {"sent": 2, "pending": 3}
+
+
+def test_a_long_retry_wait_renews_the_lease(tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    """Five Retry-After minutes outlast the lease; another `digest serve` must not find it run
+    out and take the draft over while this sender waits to retry (rule 3)."""
+    from digest.delivery.sender import LEASE_SECONDS
+
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}},
+                             delivery={"max_retries": 5, "rate_per_second": 1000, "concurrency": 1})
+    app = pipeline.App.open(settings, clock)
+    try:
+        app.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
+        pipeline.collect(app)
+        assert pipeline.make_draft(app).draft is not None
+        (draft_id,) = app.store.due_drafts(app.now())
+        started = clock()
+        seen: list[bool] = []
+
+        def lease_still_held(messages):  # type: ignore[no-untyped-def]
+            lease = app.store.lease(f"send:{draft_id}")
+            assert lease is not None and lease[1] is not None
+            seen.append(lease[1] > clock())
+            return None
+
+        busy = [DeliveryError("HTTP 429", retryable=True, status=429, retry_after=60) for _ in range(5)]
+        provider = ScriptedProvider([*busy, lease_still_held])
+        draft = app.store.get_draft(draft_id)
+        sender = Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.link_pair,
+                        now=app.now, sleep=lambda s: clock.advance(seconds=s))
+        summary = sender.run()
+        assert summary.finished and summary.sent == 5
+        assert (clock() - started).total_seconds() > LEASE_SECONDS  # the waits outlasted a lease
+        assert seen == [True]
+    finally:
+        app.close()
+
+
+def test_a_send_time_given_in_another_timezone_is_kept_as_that_instant(app: pipeline.App) -> None:
+    """`digest approve --at` in New York: stored as the instant it names, so the draft is not
+    due a minute before it (SQLite dropped the offset and read local time as UTC)."""
+    from datetime import UTC, timedelta
+    from zoneinfo import ZoneInfo
+
+    from digest.approval import approve
+    from digest.types import Draft
+
+    (draft_id,) = app.store.due_drafts(app.now())
+    first = app.store.get_draft(draft_id)
+    other, _ = app.store.create_draft(Draft("later-period", first.subject, "", first.items), [], app.now(),
+                                      status="pending_review")
+    assert other.id is not None
+    at = (app.now() + timedelta(hours=2)).astimezone(ZoneInfo("America/New_York"))
+    approve(app.store, other.id, app.now(), at=at)
+    utc = at.astimezone(UTC)  # the service's clock is UTC
+    assert other.id not in app.store.due_drafts(utc - timedelta(minutes=1))
+    assert other.id in app.store.due_drafts(utc)

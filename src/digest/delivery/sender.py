@@ -402,6 +402,7 @@ class Sender:
         self._building = threading.Lock()
         self._stop: str | None = None
         self._renewed: datetime | None = None
+        self._lease: str | None = None  # the draft's lease, held by run() (helpers hold none)
 
     # -- dry run -----------------------------------------------------------------------------
 
@@ -504,6 +505,7 @@ class Sender:
             summary.idle = True
             return summary
         self._renewed = self.now()
+        self._lease = lease
         # Everything alive now (imports, config, the compiled draft) outlives the send: keep
         # the cycle collector from walking it again at every collection of the send's
         # short-lived objects (about a tenth of the send's time otherwise).
@@ -931,12 +933,16 @@ class Sender:
         def asked() -> bool:  # here, or by the parent of a helper process (or a helper, to it)
             return self.should_stop() or (self._peers is not None and self._peers.is_set())
 
+        # The lease is renewed while waiting too: a Retry-After of a minute, five times over,
+        # outlasts it, and another `digest serve` would take the draft over meanwhile (rule 3).
         if self.sleep is time.sleep:
             end = time.monotonic() + seconds
             while (left := end - time.monotonic()) > 0 and self._stop is None and not asked():
                 time.sleep(min(left, 0.2))
+                self._renew(self._lease)
         else:
             self.sleep(seconds)
+            self._renew(self._lease)
         if self._stop is None and asked():
             self._halt("stopped on request while waiting to retry a batch; `digest send` resumes")
         return self._stop is None
