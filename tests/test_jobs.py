@@ -60,3 +60,31 @@ def test_the_send_job_logs_another_senders_draft_at_info_and_uncertain_ones_with
     assert levels == {"send draft 1": logging.INFO, "send draft 2": logging.WARNING}
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("send draft 2")]
     assert "4 messages may or may not have gone out" in line and "--draft 2" in line
+
+
+@pytest.mark.parametrize(("weekday", "fires_on"), [
+    ("1", {"Mon"}), ("0", {"Sun"}), ("7", {"Sun"}), ("1-5", {"Mon", "Tue", "Wed", "Thu", "Fri"}),
+    ("0,6", {"Sun", "Sat"}), ("*/2", {"Sun", "Tue", "Thu", "Sat"}), ("mon", {"Mon"}), ("sat,0", {"Sat", "Sun"}),
+])
+def test_weekday_numbers_count_as_in_crontab(weekday: str, fires_on: set[str]) -> None:
+    """0 and 7 are Sunday and 1 is Monday, as in crontab (APScheduler alone counts from Monday:
+    `0 7 * * 1` fired on Tuesdays)."""
+    from datetime import UTC, datetime, timedelta
+
+    from digest.scheduler import next_run
+
+    now, days = datetime(2026, 12, 7, 8, 0, tzinfo=UTC), set()
+    for _ in range(7):
+        when = next_run(f"0 7 * * {weekday}", "UTC", now)
+        assert when is not None
+        days.add(when.strftime("%a"))
+        now = when + timedelta(minutes=1)
+    assert days == fires_on
+
+
+@pytest.mark.parametrize("weekday", ["8", "5-1"])
+def test_weekday_numbers_outside_crontabs_are_refused(weekday: str) -> None:
+    from digest.scheduler import parse_cron
+
+    with pytest.raises(ValueError, match="0 and 7 are Sunday"):
+        parse_cron(f"0 7 * * {weekday}", "UTC")

@@ -18,11 +18,46 @@ if TYPE_CHECKING:
 
 
 def parse_cron(expr: str, timezone: str) -> CronTrigger:
-    """A five-field crontab expression in ``timezone``; ``ValueError`` if it is malformed."""
+    """A five-field crontab expression in ``timezone``; ``ValueError`` if it is malformed.
+
+    Weekday numbers are cron's (0 and 7 Sunday, 1 Monday), which APScheduler counts from
+    Monday: they are given to it as names, so `0 7 * * 1` fires on Mondays, as in crontab.
+    """
     fields = expr.split()
     if len(fields) != 5:
         raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(fields)}")
-    return CronTrigger.from_crontab(expr, timezone=ZoneInfo(timezone))
+    fields[4] = _cron_weekdays(fields[4])
+    return CronTrigger.from_crontab(" ".join(fields), timezone=ZoneInfo(timezone))
+
+
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_weekdays(field: str) -> str:
+    """cron's weekday field with its numbers (``1-5``, ``0,6``, ``*/2``, ``7``) as day names."""
+    out = []
+    for part in field.split(","):
+        span, _, step_text = part.partition("/")
+        if not any(c.isdigit() for c in span) and not step_text:
+            out.append(part)  # names, or "*": the same for both
+            continue
+        if not span.replace("-", "").isdigit() and span != "*":
+            out.append(part)  # names with a step ("mon-fri/2"): APScheduler reads them right
+            continue
+        if not step_text.isdigit() and step_text:
+            raise ValueError(f"weekday step {step_text!r} is not a number")
+        step = int(step_text or 1)
+        if span == "*":
+            first, last = 0, 6
+        else:
+            low, _, high = span.partition("-")
+            first = int(low)
+            # "5/2" is 5 to the end of the week in steps of 2; "5" alone is 5.
+            last = int(high) if high else (7 if step_text else first)
+        if not (0 <= first <= 7 and 0 <= last <= 7) or first > last or step < 1:
+            raise ValueError(f"weekday {part!r}: cron counts 0-7 (0 and 7 are Sunday)")
+        out.append(",".join(dict.fromkeys(_DAYS[d % 7] for d in range(first, last + 1, step))))
+    return ",".join(out)
 
 
 def next_run(expr: str, timezone: str, now: datetime) -> datetime | None:
