@@ -196,3 +196,15 @@ def test_every_command_is_in_the_readme() -> None:
                     f"digest {name} " in readme and sub in readme), f"`digest {name} {sub}` is not in the README"
         else:
             assert f"digest {name}" in readme, f"`digest {name}` is not in the README"
+
+
+def test_approving_for_a_later_time_says_which_send_takes_it(tmp_path: Path) -> None:
+    cfg = str(config_file(tmp_path))
+    assert invoke("--config", cfg, "collect")[0] == 0
+    assert invoke("--config", cfg, "draft")[0] == 0
+    code, out = invoke("--config", cfg, "approve", "1", "--at", "2030-01-07T07:00")
+    assert code == 0
+    assert out.strip() == ("draft 1 approved; the first `digest send` from 2030-01-07 07:00 UTC on sends it "
+                           "(digest.send_schedule, under `digest serve`)")
+    code, out = invoke("--config", cfg, "send")
+    assert code == 0 and "nothing to send" in out  # not before that time

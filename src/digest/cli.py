@@ -239,7 +239,8 @@ def approve(obj: _Context, draft_id: int, at: str | None) -> None:
     """Approve a draft (optionally for a later time)."""
     when = _parse_at(at, obj.settings)
     d = pipeline.approve(obj.app, draft_id, at=when)
-    click.echo(f"draft {d.id} approved; " + (f"it goes out at {_when(when, obj.settings.newsletter.tz)}"
+    click.echo(f"draft {d.id} approved; " + (f"the first `digest send` from {_when(when, obj.settings.newsletter.tz)} "
+                                             "on sends it (digest.send_schedule, under `digest serve`)"
                                              if when else "the next `digest send` sends it"))
 
 
