@@ -405,10 +405,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
                        f"(delivery.rate_per_second): the send takes at least {_duration(s.calls / rate)}")
         if s.stopped:
             _echo_stopped(s)
-        if s.uncertain_total > s.resendable and not s.dry_run:
-            click.echo(f"draft {s.draft_id}: {s.uncertain_total - s.resendable} messages may or may not have gone out: "
-                       "`digest status` lists them; settle them with "
-                       f"`digest send --resolve-uncertain resend|mark-sent --draft {s.draft_id}`")
+        if s.for_operator:
+            click.echo(f"draft {s.draft_id}: {s.uncertain_hint()}")
     sys.exit(_send_exit_code(summaries))
 
 
@@ -444,7 +442,7 @@ def _duration(seconds: float) -> str:
 def _send_exit_code(summaries: Sequence[SendSummary]) -> int:
     if any(s.stopped and s.blocked for s in summaries):
         return EXIT_BLOCKED
-    if any(s.uncertain_total > s.resendable and not s.dry_run for s in summaries):
+    if any(s.for_operator for s in summaries):
         return EXIT_UNCERTAIN
     if any(s.stopped and not s.dry_run and not s.idle for s in summaries):
         return EXIT_PAUSED

@@ -49,14 +49,11 @@ def send_job(app: pipeline.App, should_stop: Callable[[], bool] = lambda: False)
             # an error in the log, not a line among the others.
             # Uncertain messages wait for the operator too, and a paused send for the next run.
             # Another process sending the draft is the lease at work, not a problem.
-            waiting = summary.uncertain_total - summary.resendable
             level = (logging.ERROR if summary.blocked else logging.WARNING
-                     if waiting > 0 or (summary.stopped and not summary.idle) else logging.INFO)
+                     if summary.for_operator or (summary.stopped and not summary.idle) else logging.INFO)
             log.log(level, "send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s%s", summary.draft_id,
                      summary.sent, sum(summary.failed.values()), summary.uncertain, summary.seconds,
                      f" ({summary.stopped})" if summary.stopped else "",
-                     f"; {waiting} messages may or may not have gone out: `digest status` lists them, "
-                     f"`digest send --resolve-uncertain resend|mark-sent --draft {summary.draft_id}` "
-                     "settles them" if waiting > 0 else "")
+                     f"; {summary.uncertain_hint()}" if summary.for_operator else "")
     except Exception:
         log.exception("send job failed")

@@ -153,6 +153,17 @@ class SendSummary:
         """Messages settled so far in this run, whatever their fate."""
         return self.sent + sum(self.failed.values()) + self.uncertain
 
+    @property
+    def for_operator(self) -> int:
+        """Uncertain messages only the operator can settle (not a dry run's, not those the
+        next run resends under their keys by itself)."""
+        return 0 if self.dry_run else max(0, self.uncertain_total - self.resendable)
+
+    def uncertain_hint(self) -> str:
+        """What to do about :attr:`for_operator`, for the CLI and the service's log alike."""
+        return (f"{self.for_operator} messages may or may not have gone out: `digest status` lists them; "
+                f"settle them with `digest send --resolve-uncertain resend|mark-sent --draft {self.draft_id}`")
+
     def tally(self) -> dict[str, Any]:
         """The counts, as a helper process reports them to the sender it works for."""
         return {"sent": self.sent, "failed": dict(self.failed), "uncertain": self.uncertain,
