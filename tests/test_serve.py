@@ -85,3 +85,41 @@ web: {{listen: "127.0.0.1:{port}"}}
                              text=True, timeout=60)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"web.listen: cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_stopping_while_the_web_thread_polls_raises_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop arrives while the web thread is between listing its sockets and select():
+    the sockets must not be closed under it (it failed with EBADF and a traceback in the log)."""
+    import select
+    import threading
+
+    from digest import scheduler
+    from digest.pipeline import App
+    from tests.conftest import make_settings
+
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    polling = threading.Event()
+    real_select = select.select
+
+    def held_select(r: list[object], w: list[object], e: list[object], timeout: float | None = None) -> object:
+        if threading.current_thread().name == "web" and not polling.is_set():
+            polling.set()
+            time.sleep(0.3)  # the stop arrives now, with these sockets already listed
+        return real_select(r, w, e, timeout)
+
+    monkeypatch.setattr(select, "select", held_select)
+
+    def stop_when_polling(_port: int) -> None:
+        def stop() -> None:
+            assert polling.wait(10)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=stop, daemon=True).start()
+
+    app = App.open(make_settings(tmp_path))
+    scheduler.serve(app, host="127.0.0.1", port=0, ready=stop_when_polling, web_only=True)
+    assert polling.is_set()
+    for thread in threading.enumerate():
+        if thread.name == "web":
+            thread.join(5)  # what it did after the stop
+    assert failures == []

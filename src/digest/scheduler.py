@@ -141,7 +141,17 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
                           f"{port if port is not None else listen_port}: {exc.strerror or exc}",
                           hint="stop what uses the port, or set web.listen (or --port)") from exc
     bound_port = int(server.effective_port)
-    web_thread = threading.Thread(target=server.run, name="web", daemon=True)
+    web_stop = threading.Event()
+
+    def run_web() -> None:
+        # waitress's own run() loops until its sockets are closed; closing them from this
+        # thread while that loop waits in select() fails the loop with EBADF. So the loop
+        # checks a flag between polls, and the sockets close only after it has ended.
+        while not web_stop.is_set():
+            server.asyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map,
+                                 use_poll=server.adj.asyncore_use_poll, count=1)
+
+    web_thread = threading.Thread(target=run_web, name="web", daemon=True)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received signal %d: finishing the work in flight, then stopping", signum)
@@ -159,6 +169,11 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
         stop.wait()
     finally:
         scheduler.shutdown(wait=True)  # waits for the running job, which stops after its batch
+        web_stop.set()
+        if web_thread.is_alive():
+            server.pull_trigger()  # wakes the poll at once
+            web_thread.join(timeout=10)
+        server.task_dispatcher.shutdown()  # lets a request being answered finish
         server.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
