@@ -376,8 +376,19 @@ def _link_maker(public_url: str, secret: str) -> Callable[[int, str], tuple[str,
 def resolve_uncertain(app: App, draft_id: int, how: str) -> int:
     if how not in ("resend", "mark-sent"):
         raise DraftError(f"unknown resolution {how!r}: use resend or mark-sent")
+    from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder
+
     app.store.get_draft(draft_id)
-    return app.store.resolve_uncertain(draft_id, how, app.now())
+    # The send's own lease: a sender at work on the draft may be marking a batch uncertain
+    # this very moment, and its verdicts and this resolution must not cross.
+    lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
+    if not app.store.acquire_lease(lease, holder, now, now + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
+        raise DraftError(f"draft {draft_id} is being sent by another process; resolve its uncertain "
+                         "messages once that send has finished or stopped")
+    try:
+        return app.store.resolve_uncertain(draft_id, how, now)
+    finally:
+        app.store.release_lease(lease, holder)
 
 
 # -- one cycle, status, check ------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from digest import pipeline
 from digest.delivery.providers.base import UncertainDeliveryError
 from digest.delivery.sender import Sender, SendSummary, TokenBucket
-from digest.errors import AuthError, BlockedError, DeliveryError, StoreError
+from digest.errors import AuthError, BlockedError, DeliveryError, DraftError, StoreError
 from digest.store import Store
 from digest.types import SLOT_NAMES, Draft, SendResult
 from tests.conftest import FrozenClock, make_settings
@@ -127,6 +127,21 @@ def test_uncertain_batch_is_never_resent_silently(app: pipeline.App) -> None:
     assert resent.sent == 2 and len(again.delivered) == 2
 
 
+def test_resolving_waits_for_a_sender_at_work_on_the_draft(app: pipeline.App) -> None:
+    """Resolution takes the send's lease: while another live sender holds it, it refuses and
+    changes nothing; afterwards it resolves and lets the lease go for the next send."""
+    provider = ScriptedProvider([UncertainDeliveryError("read timeout after sending", retryable=True)])
+    summary = sender(app, provider).run()
+    lease = f"send:{summary.draft_id}"
+    assert app.store.acquire_lease(lease, "elsewhere:1:abc", app.now(), app.now() + timedelta(minutes=5))
+    with pytest.raises(DraftError, match="being sent by another process"):
+        pipeline.resolve_uncertain(app, summary.draft_id, "resend")
+    assert app.store.ledger_counts(summary.draft_id) == {"sent": 3, "uncertain": 2}
+    app.store.release_lease(lease, "elsewhere:1:abc")
+    assert pipeline.resolve_uncertain(app, summary.draft_id, "resend") == 2
+    assert sender(app, ScriptedProvider()).run().sent == 2  # the lease is free again
+
+
 def test_per_message_results_are_applied_one_by_one(app: pipeline.App) -> None:
     def mixed(messages):  # type: ignore[no-untyped-def]
         return [SendResult(messages[0].ledger_id, "sent", "ok"),
@@ -225,6 +240,26 @@ def test_token_bucket_limits_rate() -> None:
     for _ in range(11):
         bucket.acquire()
     assert t[0] == pytest.approx(1.0)
+
+
+def test_waits_for_the_rate_limit_before_claiming(app: pipeline.App) -> None:
+    """Rows are claimed after the rate limit's wait, not held through it: a kill -9 during the
+    wait would leave them uncertain though they never left."""
+    provider = ScriptedProvider()
+    s = sender(app, provider)
+    assert s.draft.id is not None
+    t = [0.0]
+    claimed_while_waiting: list[int] = []
+
+    def sleep(seconds: float) -> None:
+        claimed_while_waiting.append(app.store.ledger_counts(s.draft.id or 0).get("claimed", 0))
+        t[0] += seconds
+
+    s.bucket = TokenBucket(1, burst=1, clock=lambda: t[0], sleep=sleep)
+    summary = s.run()
+    assert summary.sent == 5 and summary.finished
+    assert len(claimed_while_waiting) >= 2  # three batches, the first without a wait
+    assert set(claimed_while_waiting) == {0}
 
 
 def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App) -> None:

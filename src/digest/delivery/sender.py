@@ -746,6 +746,11 @@ class Sender:
                 if self.should_stop():
                     self._halt("stopped on request after the batch in flight; `digest send` resumes")
                     return
+                # The rate limit's wait comes before the claim: rows claimed and then held
+                # through the wait would be uncertain after a kill -9, though they never left.
+                self.bucket.acquire()
+                if self._stop is not None or self.should_stop():
+                    continue  # (the loop's checks end it)
                 claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now())
                 if not claimed:
                     return
@@ -754,7 +759,7 @@ class Sender:
                     # back in the queue (with the reason the send stopped).
                     self.store.release([c.ledger_id for c in claimed], self._stop, self.now(), claimed)
                     return
-                outcome = self._send_one(summary, claimed, lease)
+                outcome = self._send_one(summary, claimed, lease, paced=True)
                 del claimed  # not kept while the next batch is claimed
                 if outcome in ("failed", "back"):
                     consecutive_failures += 1
@@ -776,8 +781,8 @@ class Sender:
             self._halt(f"stopped: {exc}")
 
     def _send_one(self, summary: SendSummary, claimed: Sequence[Claimed], lease: str | None,
-                  maybe_sent: bool = False) -> str:
-        outcome = self._deliver(claimed, summary, maybe_sent)
+                  maybe_sent: bool = False, paced: bool = False) -> str:
+        outcome = self._deliver(claimed, summary, maybe_sent, paced)
         with self._lock:
             summary.batches += 1
         if self.on_batch:
@@ -820,7 +825,8 @@ class Sender:
             return self.provider.template_sender(self.template, prepared)  # type: ignore[arg-type]
         return partial(self.provider.send_batch, prepared)  # type: ignore[arg-type]
 
-    def _deliver(self, claimed: Sequence[Claimed], summary: SendSummary, maybe_sent: bool = False) -> str:
+    def _deliver(self, claimed: Sequence[Claimed], summary: SendSummary, maybe_sent: bool = False,
+                 paced: bool = False) -> str:
         """Send one claimed batch, retrying as the provider's answers allow, and record its fate.
 
         ``maybe_sent``: an earlier attempt at this very batch may have been delivered (it is
@@ -832,9 +838,11 @@ class Sender:
         # The claim's record in the ledger, handed back with every verdict on its rows.
         batch = claimed if isinstance(claimed, ClaimedBatch) else None
         name = self.provider.name
-        # The first attempt's token comes before the batch is prepared, so that no worker
-        # waits for the rate limit while holding the lock on building.
-        self.bucket.acquire()
+        # The first attempt's token comes before the batch is prepared (``paced``: before it
+        # was claimed), so that no worker waits for the rate limit while holding the lock on
+        # building.
+        if not paced:
+            self.bucket.acquire()
         building = self._building
         building.acquire()
         held = True
