@@ -336,13 +336,41 @@ def test_check_reaches_the_provider_without_sending(name: str, srv: FakeProvider
     assert srv.messages == [] and all(r.method == "GET" for r in srv.requests)
 
 
+# Each API's documented limit on one call (shared/reference/APIS.md): Postmark's batch
+# endpoint 500 messages, SendGrid 1000 personalizations, Mailgun 1000 recipients, Resend's
+# batch 100 emails; SES sends one message per call here, and a batch is 50 of them.
+DOCUMENTED_LIMITS = {"postmark": 500, "sendgrid": 1000, "mailgun": 1000, "resend": 100, "ses": 50}
+
+
+def test_batches_are_the_size_each_api_documents(name: str) -> None:
+    assert provider_class(name).max_batch == DOCUMENTED_LIMITS[name]
+
+
 def test_batch_limit_is_enforced(
     name: str, srv: FakeProviderServer, make_message: MessageFactory
 ) -> None:
     provider = provider_for(name, srv)
-    limit = provider_class(name).max_batch
+    limit = DOCUMENTED_LIMITS[name]
     with pytest.raises(ValueError, match="the limit is"):
         provider.send_batch([make_message(i) for i in range(1, limit + 2)])
+    assert srv.requests == []
+
+
+def test_a_full_batch_goes_in_as_few_calls_as_the_api_allows(
+    name: str, srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    """A batch of the documented size is one call (the fake refuses a call over the real
+    limit), through server-side personalization where the provider has it; SES's is one call
+    per message."""
+    limit = DOCUMENTED_LIMITS[name]
+    with provider_for(name, srv) as provider:
+        if provider.personalizes:
+            results = provider.send_template_batch(make_template(), [make_recipient(i) for i in range(1, limit + 1)])
+        else:
+            results = provider.send_batch([make_message(i) for i in range(1, limit + 1)])
+    assert [r.status for r in results] == ["sent"] * limit
+    assert sorted(srv.ledger_ids) == list(range(1, limit + 1))
+    assert len([r for r in srv.requests if r.method == "POST"]) == (limit if name == "ses" else 1)
 
 
 # -- the same contract through server-side personalization ---------------------------------
