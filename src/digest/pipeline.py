@@ -233,9 +233,17 @@ def missed_draft_run(app: App) -> datetime | None:
     return due if since is not None and since < due else None
 
 
+def apply_deadlines(app: App, now: datetime) -> None:
+    """Skip or approve the drafts left unreviewed past ``digest.approval.deadline``. Each draft
+    run and each send applies them, so a deadline takes effect by the first send after it (by
+    the next draft alone, a week late with a weekly schedule)."""
+    for draft_id, what in approval.apply_deadlines(app.store, app.settings, now):
+        log.info("draft %s was not reviewed before the approval deadline: %s", draft_id, what)
+
+
 def _make_draft(app: App, now: datetime) -> DraftOutcome:
     settings = app.settings
-    approval.apply_deadlines(app.store, settings, now)
+    apply_deadlines(app, now)
     key = period_key(settings, now)
     existing = app.store.live_draft_for_period(key)
     if existing is not None:
@@ -374,7 +382,10 @@ def preview(app: App, draft_id: int, out: Path) -> tuple[Path, Path]:
 def send(app: App, *, dry_run: bool = False,
          on_batch: Callable[[SendSummary, int], None] | None = None,
          should_stop: Callable[[], bool] = lambda: False) -> list[SendSummary]:
-    """Send approved, due drafts and resume unfinished sends."""
+    """Apply the approval deadlines, then send approved, due drafts and resume unfinished
+    sends. A dry run changes nothing, deadlines included."""
+    if not dry_run:
+        apply_deadlines(app, app.now())
     summaries = []
     links = _dry_run_links(app) if dry_run else app.link_pair
     for draft_id in app.store.due_drafts(app.now()):
