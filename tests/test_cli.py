@@ -66,7 +66,7 @@ def test_the_whole_flow_through_the_runner(tmp_path: Path) -> None:
     code, out = invoke("--config", cfg, "send", "--dry-run")
     assert "nothing to send" in out
     code, out = invoke("--config", cfg, "approve", "1")
-    assert code == 0 and "draft 1 approved" in out
+    assert code == 0 and out == "draft 1 approved; the next `digest send` (or the service's next send) sends it\n"
     code, out = invoke("--config", cfg, "send", "--dry-run")
     assert code == 0 and "would send 2 in 1 batch," in out and ", built in " in out
     # What the send's pace will be: one call for the batch, at the outbox's default rate.
