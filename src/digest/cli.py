@@ -205,9 +205,12 @@ def drafts(obj: _Context) -> None:
     if not rows:
         click.echo("no drafts yet: run `digest collect` then `digest draft`")
         return
+    tz = obj.settings.newsletter.tz
     for d in rows:
+        # An approved draft with a time (`digest approve --at`) waits for the first send from then on.
+        when = f"  sends from {_when(d.send_at, tz)}" if d.status == "approved" and d.send_at else ""
         click.echo(f"#{d.id:<4} {d.status:<15} {d.period_key}  {d.essays} essays, {d.comments} comments  "
-                   f"{d.subject}" + (f"  [{d.note}]" if d.note else ""))
+                   f"{d.subject}{when}" + (f"  [{d.note}]" if d.note else ""))
 
 
 @cli.command()
