@@ -66,7 +66,7 @@ def test_the_whole_flow_through_the_runner(tmp_path: Path) -> None:
     code, out = invoke("--config", cfg, "send", "--dry-run")
     assert "nothing to send" in out
     code, out = invoke("--config", cfg, "approve", "1")
-    assert code == 0 and "draft 1 approved" in out
+    assert code == 0 and out == "draft 1 approved; the next `digest send` (or the service's next send) sends it\n"
     code, out = invoke("--config", cfg, "send", "--dry-run")
     assert code == 0 and "would send 2 in 1 batch," in out and ", built in " in out
     # What the send's pace will be: one call for the batch, at the outbox's default rate.
@@ -208,3 +208,15 @@ def test_approving_for_a_later_time_says_which_send_takes_it(tmp_path: Path) -> 
                            "(digest.send_schedule, under `digest serve`)")
     code, out = invoke("--config", cfg, "send")
     assert code == 0 and "nothing to send" in out  # not before that time
+
+
+def test_drafts_says_when_an_approved_draft_with_a_time_goes_out(tmp_path: Path) -> None:
+    cfg = str(config_file(tmp_path))
+    assert invoke("--config", cfg, "collect")[0] == 0
+    assert invoke("--config", cfg, "draft")[0] == 0
+    assert "sends from" not in invoke("--config", cfg, "drafts")[1]  # not approved yet
+    assert invoke("--config", cfg, "approve", "1", "--at", "2030-01-07T08:00+01:00")[0] == 0
+    code, out = invoke("--config", cfg, "drafts")
+    (line,) = out.splitlines()
+    assert code == 0 and line.startswith("#1    approved ")
+    assert line.endswith("  sends from 2030-01-07 07:00 UTC")  # in newsletter.timezone

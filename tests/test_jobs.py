@@ -88,3 +88,40 @@ def test_weekday_numbers_outside_crontabs_are_refused(weekday: str) -> None:
 
     with pytest.raises(ValueError, match="0 and 7 are Sunday"):
         parse_cron(f"0 7 * * {weekday}", "UTC")
+
+
+def test_a_draft_run_counts_as_missed_when_the_schedule_fired_since_the_last_one(
+        tmp_path: Path, clock: FrozenClock) -> None:
+    """Like anacron: every draft run is recorded, and `digest serve` drafts at start when the
+    schedule (Mondays 07:00) fired since the last one, but not twice for a period, and not on
+    a new install whose service has never drafted."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import delete
+
+    from digest.store.schema import meta
+
+    a = pipeline.App.open(make_settings(tmp_path), clock)  # Thursday 2026-11-26 09:00 UTC
+    try:
+        assert pipeline.missed_draft_run(a) is None  # a new install: the schedule makes the first draft
+        pipeline.collect(a)
+        first = pipeline.make_draft(a).draft  # `digest draft` by hand
+        assert first is not None and first.id is not None
+        assert a.store.last_run("draft") == clock()
+        assert pipeline.missed_draft_run(a) is None
+        clock.advance(days=4)  # Monday 09:00, and nothing ran at 07:00
+        monday = datetime(2026, 11, 30, 7, 0, tzinfo=UTC)
+        assert pipeline.missed_draft_run(a) == monday
+        with a.store.engine.begin() as conn:  # a database from before runs were recorded
+            conn.execute(delete(meta))
+        assert pipeline.missed_draft_run(a) == monday  # its newest draft is older than Monday 07:00
+        pipeline.reject(a, first.id)
+        caught_up = pipeline.make_draft(a)  # what the service runs at start
+        assert caught_up.created and caught_up.draft is not None and caught_up.draft.id is not None
+        assert caught_up.draft.period_key == "2026-11-30T07:00"
+        assert pipeline.missed_draft_run(a) is None
+        pipeline.reject(a, caught_up.draft.id)
+        clock.advance(hours=2)
+        assert pipeline.missed_draft_run(a) is None  # a restart does not draft the period again
+    finally:
+        a.close()

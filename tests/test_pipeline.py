@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import logging
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,49 @@ def test_deadline_skips_an_unreviewed_draft(app: pipeline.App, clock: FrozenCloc
     clock.advance(hours=25)
     assert approval.apply_deadlines(app.store, app.settings, clock()) == [(d.id, "skipped")]
     assert app.store.get_draft(d.id).status == "skipped"
+
+
+@pytest.mark.parametrize(("on_deadline", "outcome"), [("approve", "approved"), ("skip", "skipped")])
+def test_the_first_send_after_the_deadline_applies_it(tmp_path: Path, db_url: str, clock: FrozenClock,
+                                                      caplog: pytest.LogCaptureFixture, on_deadline: str,
+                                                      outcome: str) -> None:
+    """Under a weekly draft schedule, the send (every few minutes, or from cron) applies the
+    approval deadline, not the next week's draft."""
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"deadline": "24h", "on_deadline": on_deadline}})
+    a = pipeline.App.open(settings, clock)
+    try:
+        a.store.upsert_subscribers([("r@example.com", "R")], "cli", clock())
+        pipeline.collect(a)
+        d = pipeline.make_draft(a).draft
+        assert d is not None and d.id is not None and d.status == "pending_review"
+        clock.advance(hours=23)
+        assert pipeline.send(a) == [] and a.store.get_draft(d.id).status == "pending_review"
+        clock.advance(hours=2)
+        caplog.set_level(logging.INFO, logger="digest")
+        summaries = pipeline.send(a)
+        after = a.store.get_draft(d.id)
+        if outcome == "approved":
+            (summary,) = summaries
+            assert summary.sent == 1 and summary.finished and after.status == "sent"
+        else:
+            assert summaries == [] and after.status == "skipped"
+        assert f"draft {d.id} was not reviewed before the approval deadline: {outcome}" in caplog.text
+    finally:
+        a.close()
+
+
+def test_a_dry_run_leaves_the_deadline_to_the_send(tmp_path: Path, clock: FrozenClock) -> None:
+    settings = make_settings(tmp_path, digest={"approval": {"deadline": "24h", "on_deadline": "approve"}})
+    a = pipeline.App.open(settings, clock)
+    try:
+        pipeline.collect(a)
+        d = pipeline.make_draft(a).draft
+        assert d is not None and d.id is not None
+        clock.advance(hours=25)
+        assert pipeline.send(a, dry_run=True) == []
+        assert a.store.get_draft(d.id).status == "pending_review"
+    finally:
+        a.close()
 
 
 def test_approval_tokens_bind_to_content(app: pipeline.App) -> None:

@@ -123,3 +123,55 @@ def test_stopping_while_the_web_thread_polls_raises_nothing(tmp_path: Path, monk
         if thread.name == "web":
             thread.join(5)  # what it did after the stop
     assert failures == []
+
+
+@pytest.mark.parametrize("down_on_monday", [True, False])
+def test_a_draft_run_missed_while_the_service_was_down_is_caught_up_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        down_on_monday: bool) -> None:
+    """The draft is scheduled for Mondays 07:00; the service starts on Monday at 09:00. If it
+    last drafted a week ago, it drafts at start, after the start-up collect (so the draft has
+    what it found) and before the start-up send; if it drafted at 07:00, it waits for the next
+    Monday."""
+    import logging
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from digest import jobs, scheduler
+    from digest.pipeline import App
+    from tests.conftest import FrozenClock, make_settings
+
+    clock = FrozenClock(datetime(2026, 11, 30, 9, 0, tzinfo=UTC))
+    app = App.open(make_settings(tmp_path), clock)
+    app.store.record_run("draft", clock.value - (timedelta(days=7) if down_on_monday else timedelta(hours=2)))
+    ran: list[str] = []
+    sent = threading.Event()
+    for name in ("collect", "draft", "send"):
+        def job(*args: object, _name: str = name, _real: object = getattr(jobs, f"{name}_job")) -> None:
+            ran.append(_name)
+            _real(*args)  # type: ignore[operator]
+            if _name == "send":
+                sent.set()
+        monkeypatch.setattr(jobs, f"{name}_job", job)
+
+    def stop_after_the_first_send(_port: int) -> None:
+        def stop() -> None:
+            sent.wait(30)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=stop, daemon=True).start()
+
+    caplog.set_level(logging.INFO, logger="digest")
+    try:
+        scheduler.serve(app, host="127.0.0.1", port=0, ready=stop_after_the_first_send)
+        drafts = app.store.list_drafts()
+    finally:
+        app.close()
+    assert sent.is_set()
+    if down_on_monday:
+        assert ran == ["collect", "draft", "send"]
+        assert "the draft run due at 2026-11-30 07:00 UTC was missed: catching it up now" in caplog.text
+        (draft,) = drafts
+        assert draft.period_key == "2026-11-30T07:00" and draft.essays == 4  # what the collect found
+    else:
+        assert ran == ["collect", "send"] and drafts == []
+        assert "catching it up" not in caplog.text

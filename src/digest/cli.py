@@ -23,7 +23,7 @@ import click
 
 from digest import __version__, clock, pipeline, resources
 from digest.config import Settings, load
-from digest.delivery.sender import SendSummary
+from digest.delivery.sender import NEXT_SEND, SendSummary
 from digest.errors import DigestError
 from digest.store import db
 from digest.store.store import ReasonCount, UncertainMessage
@@ -205,9 +205,12 @@ def drafts(obj: _Context) -> None:
     if not rows:
         click.echo("no drafts yet: run `digest collect` then `digest draft`")
         return
+    tz = obj.settings.newsletter.tz
     for d in rows:
+        # An approved draft with a time (`digest approve --at`) waits for the first send from then on.
+        when = f"  sends from {_when(d.send_at, tz)}" if d.status == "approved" and d.send_at else ""
         click.echo(f"#{d.id:<4} {d.status:<15} {d.period_key}  {d.essays} essays, {d.comments} comments  "
-                   f"{d.subject}" + (f"  [{d.note}]" if d.note else ""))
+                   f"{d.subject}{when}" + (f"  [{d.note}]" if d.note else ""))
 
 
 @cli.command()
@@ -241,7 +244,7 @@ def approve(obj: _Context, draft_id: int, at: str | None) -> None:
     d = pipeline.approve(obj.app, draft_id, at=when)
     click.echo(f"draft {d.id} approved; " + (f"the first `digest send` from {_when(when, obj.settings.newsletter.tz)} "
                                              "on sends it (digest.send_schedule, under `digest serve`)"
-                                             if when else "the next `digest send` sends it"))
+                                             if when else f"{NEXT_SEND} sends it"))
 
 
 @cli.command()
@@ -326,7 +329,7 @@ def _stop_on_signals(progress: SendProgress) -> Iterator[Callable[[], bool]]:
         # write there fails, and the request stands all the same.
         with contextlib.suppress(RuntimeError):
             progress.close()
-            click.echo("quitting now: what was in flight is marked uncertain by the next `digest send`" if again
+            click.echo(f"quitting now: {NEXT_SEND} marks what was in flight uncertain" if again
                        else "stopping after the batches in flight (again to quit at once)", err=True)
         if again:
             os._exit(128 + signum)
@@ -426,7 +429,7 @@ def _echo_stopped(s: SendSummary) -> None:
         click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
     if s.in_flight and not s.dry_run:
         click.echo(f"draft {s.draft_id}: {s.in_flight} messages were in flight in a process that stopped: "
-                   "the next `digest send` marks them uncertain")
+                   f"{NEXT_SEND} marks them uncertain")
 
 
 def _duration(seconds: float) -> str:
@@ -547,7 +550,7 @@ def status(obj: _Context, draft_id: int | None) -> None:
                      + f"skipped {counts.get('skipped', 0)}")
         click.echo(line)
         if counts and d.id in report.orphaned:
-            click.echo(f"    {counts['claimed']} in flight when their sender stopped: the next `digest send` "
+            click.echo(f"    {counts['claimed']} in flight when their sender stopped: {NEXT_SEND} "
                        "marks them uncertain")
         if d.id in report.stopped:
             error, at = report.stopped[d.id]

@@ -201,10 +201,49 @@ class DraftOutcome:
 
 
 def make_draft(app: App) -> DraftOutcome:
-    """Compose the period's draft, if there is anything new, and ask the approvers to review it."""
+    """Compose the period's draft, if there is anything new, and ask the approvers to review it.
+
+    Every run is recorded (the service's, `digest draft`'s, `digest run`'s), for
+    :func:`missed_draft_run`.
+    """
     now = app.now()
+    outcome = _make_draft(app, now)
+    app.store.record_run("draft", now)
+    return outcome
+
+
+def missed_draft_run(app: App) -> datetime | None:
+    """The draft schedule's latest time, if no draft run has happened since it (the service
+    was down then); else ``None``. `digest serve` then drafts at start, as anacron would.
+
+    Since when: the last recorded run; on a database from before runs were recorded, the
+    newest draft's creation. A database with neither has never drafted: a new install, whose
+    first draft is the schedule's, not one at the service's first start (with nothing to say
+    when it was installed, no scheduled time can be said to have been missed).
+    """
+    from digest.scheduler import previous_run
+
+    due = previous_run(app.settings.digest.schedule, app.settings.newsletter.timezone, app.now())
+    if due is None:
+        return None
+    since = app.store.last_run("draft")
+    if since is None:
+        newest = app.store.list_drafts(limit=1)
+        since = newest[0].created_at if newest else None
+    return due if since is not None and since < due else None
+
+
+def apply_deadlines(app: App, now: datetime) -> None:
+    """Skip or approve the drafts left unreviewed past ``digest.approval.deadline``. Each draft
+    run and each send applies them, so a deadline takes effect by the first send after it (by
+    the next draft alone, a week late with a weekly schedule)."""
+    for draft_id, what in approval.apply_deadlines(app.store, app.settings, now):
+        log.info("draft %s was not reviewed before the approval deadline: %s", draft_id, what)
+
+
+def _make_draft(app: App, now: datetime) -> DraftOutcome:
     settings = app.settings
-    approval.apply_deadlines(app.store, settings, now)
+    apply_deadlines(app, now)
     key = period_key(settings, now)
     existing = app.store.live_draft_for_period(key)
     if existing is not None:
@@ -343,7 +382,10 @@ def preview(app: App, draft_id: int, out: Path) -> tuple[Path, Path]:
 def send(app: App, *, dry_run: bool = False,
          on_batch: Callable[[SendSummary, int], None] | None = None,
          should_stop: Callable[[], bool] = lambda: False) -> list[SendSummary]:
-    """Send approved, due drafts and resume unfinished sends."""
+    """Apply the approval deadlines, then send approved, due drafts and resume unfinished
+    sends. A dry run changes nothing, deadlines included."""
+    if not dry_run:
+        apply_deadlines(app, app.now())
     summaries = []
     links = _dry_run_links(app) if dry_run else app.link_pair
     for draft_id in app.store.due_drafts(app.now()):

@@ -109,8 +109,8 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
     from apscheduler.schedulers.background import BackgroundScheduler
     from waitress import create_server
 
-    from digest import jobs
-    from digest.errors import ConfigError
+    from digest import jobs, pipeline
+    from digest.errors import ConfigError, DigestError
     from digest.web.app import create_app
 
     log = logging.getLogger("digest.serve")
@@ -125,12 +125,26 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
         timezone=ZoneInfo(tz),
     )
     d = settings.digest
-    if not web_only:  # collect and send once at start (catching up), then on their schedules
+    if not web_only:
+        # Collect and send once at start (catching up), then on their schedules; the draft
+        # too if its scheduled run was missed while the service was not running. Jobs due
+        # together run one at a time in the order of their times: the collect first, so that
+        # a draft drafts what it found, then the draft, then the send, which may send it.
+        start = datetime.now(ZoneInfo(tz))
         scheduler.add_job(jobs.collect_job, parse_cron(d.collect_schedule, tz), args=[app], id="collect",
-                          next_run_time=datetime.now(ZoneInfo(tz)))
-        scheduler.add_job(jobs.draft_job, parse_cron(d.schedule, tz), args=[app], id="draft")
+                          next_run_time=start)
+        try:
+            missed = pipeline.missed_draft_run(app)
+        except DigestError as exc:  # the database is down: the jobs will say so as they run
+            log.warning("cannot tell whether a draft run was missed: %s", exc)
+            missed = None
+        catch_up: dict[str, datetime] = {}
+        if missed is not None:
+            log.info("the draft run due at %s was missed: catching it up now", _when(missed))
+            catch_up["next_run_time"] = start + timedelta(microseconds=1)
+        scheduler.add_job(jobs.draft_job, parse_cron(d.schedule, tz), args=[app], id="draft", **catch_up)
         scheduler.add_job(jobs.send_job, parse_cron(d.send_schedule, tz), args=[app, stop.is_set], id="send",
-                          next_run_time=datetime.now(ZoneInfo(tz)))
+                          next_run_time=start + timedelta(microseconds=2))
 
     listen_host, _, listen_port = settings.web.listen.rpartition(":")
     try:

@@ -194,7 +194,8 @@ def test_a_provider_that_keeps_deferring_the_same_messages_pauses_the_send(app: 
     sleeps: list[float] = []
     provider = ScriptedProvider([defer_one] * 20)
     summary = sender(app, provider, sleeps).run()
-    assert summary.stopped and "paused after 3 failed batches" in summary.stopped
+    assert summary.stopped == ("paused after 3 failed batches in a row; "
+                               "the next `digest send` (or the service's next send) resumes it")
     assert received(provider) == sorted(set(EMAILS) - {stubborn})
     assert app.store.ledger_counts(summary.draft_id) == {"sent": 4, "pending": 1}
     # Asked again only after a pause that grows: the provider said "later".
@@ -204,7 +205,7 @@ def test_a_provider_that_keeps_deferring_the_same_messages_pauses_the_send(app: 
 def test_a_dry_run_of_a_stopped_send_rehearses_what_it_has_left(app: pipeline.App) -> None:  # noqa: F811
     from tests.fakes.scripted_provider import ScriptedProvider
 
-    quota = BlockedError("scripted: daily quota used up", hint="run `digest send` after it resets")
+    quota = BlockedError("scripted: daily quota used up", hint="the send can resume once it resets")
     first = sender(app, ScriptedProvider([lambda m: None, quota])).run()  # one batch of 2, then blocked
     assert first.blocked and first.sent == 2
     left = sorted(set(EMAILS) - {m for m in EMAILS[:2]})

@@ -226,6 +226,19 @@ def test_secret_is_generated_once(store: Store) -> None:
     assert len(store.secret()) >= 40
 
 
+def test_a_recorded_run_only_moves_forward(store: Store) -> None:
+    from zoneinfo import ZoneInfo
+
+    assert store.last_run("draft") is None
+    store.record_run("draft", NOW)
+    assert store.last_run("draft") == NOW
+    later = (NOW + timedelta(hours=1, microseconds=5)).astimezone(ZoneInfo("America/New_York"))
+    store.record_run("draft", later)
+    store.record_run("draft", NOW)  # an earlier run (another process's, finishing late)
+    assert store.last_run("draft") == later
+    assert store.last_run("collect") is None
+
+
 def test_upgrade_from_the_first_schema_keeps_data(db_url: str) -> None:
     engine = db.make_engine(db_url)
     db.upgrade(engine, "0001")

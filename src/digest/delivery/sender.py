@@ -13,7 +13,7 @@ with the provider's verdict. Whatever happens in between is covered:
   key and the provider itself drops the duplicate;
 * an auth error releases the batch and stops the send with a clear message;
 * a permanent error settles the batch as ``failed``;
-* too many failures in a row release the batch and pause; the next ``digest send`` resumes;
+* too many failures in a row release the batch and pause; the next send resumes;
 * a database error stops at once (rule 9): rows left claimed become ``uncertain`` next time.
 
 With ``delivery.concurrency`` above 1, that many workers run this loop side by side; each
@@ -69,6 +69,9 @@ IDEMPOTENCY_MARGIN = timedelta(hours=1)
 # draft in sending for it; a batch that is still uncertain then waits for the operator.
 AUTO_RESENDS = 2
 HOST = socket.gethostname()
+# Who takes up a send that stopped or paused, in the messages that say so: the operator's
+# next `digest send` (from cron, say), or by itself the send job of `digest serve`.
+NEXT_SEND = "the next `digest send` (or the service's next send)"
 
 
 def lease_holder() -> str:
@@ -313,7 +316,7 @@ def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: 
     Started while the parent freezes the audience: it gets ready (imports, database, the
     compiled draft) meanwhile, then waits for ``go`` before its first claim.
     Stops after the batch in flight when the parent says so or is gone (killed: its rows in
-    flight stay claimed, and the next ``digest send`` marks them uncertain, as for any crash).
+    flight stay claimed, and the next send marks them uncertain, as for any crash).
     """
     import signal
 
@@ -525,7 +528,7 @@ class Sender:
         done = False
         try:
             if self.should_stop():  # asked to stop before it started: nothing frozen, nothing claimed
-                self._halt("stopped on request before the send started; `digest send` starts it")
+                self._halt(f"stopped on request before the send started; {NEXT_SEND} starts it")
                 summary.stopped = self._stop
                 return summary  # (the lease is let go below)
             # Helper processes start first, so they get ready while the audience is frozen.
@@ -555,7 +558,7 @@ class Sender:
                 summary.total = sum(map(len, again))
                 for n, batch in enumerate(again):
                     if self._stop is None and self.should_stop():
-                        self._halt("stopped on request; `digest send` resumes")
+                        self._halt(f"stopped on request; {NEXT_SEND} resumes it")
                     if self._stop is not None:
                         # Claimed for resending but not sent: uncertain again, as they were.
                         for rest in again[n:]:
@@ -615,7 +618,7 @@ class Sender:
         elif summary.resendable and summary.stopped is None:
             summary.stopped = (f"{summary.resendable} uncertain messages wait to be sent again under the "
                                f"same idempotency keys ({self.provider.name} delivers each once): "
-                               "the next `digest send` does it")
+                               f"{NEXT_SEND} does it")
 
     def _resend_since(self) -> datetime:
         """Batches first sent since then may be resent under their keys: the provider's window
@@ -704,7 +707,7 @@ class Sender:
                     proc.join(5)
                     report = {"error": f"a helper process died (exit code {proc.exitcode})", "final": True}
                 if "error" in report:
-                    self._halt(f"stopped: {report['error']}; run `digest send` to resume")
+                    self._halt(f"stopped: {report['error']}; {NEXT_SEND} resumes it")
                 else:
                     self._add(summary, seen[conn], report)
                     seen[conn] = report
@@ -744,7 +747,7 @@ class Sender:
         try:
             while self._stop is None and not (self._peers is not None and self._peers.is_set()):
                 if self.should_stop():
-                    self._halt("stopped on request after the batch in flight; `digest send` resumes")
+                    self._halt(f"stopped on request after the batch in flight; {NEXT_SEND} resumes it")
                     return
                 # The rate limit's wait comes before the claim: rows claimed and then held
                 # through the wait would be uncertain after a kill -9, though they never left.
@@ -765,7 +768,7 @@ class Sender:
                     consecutive_failures += 1
                     if consecutive_failures >= self.max_consecutive_failures:
                         self._halt(f"paused after {consecutive_failures} failed batches in a row; "
-                                   "run `digest send` to resume")
+                                   f"{NEXT_SEND} resumes it")
                 elif outcome in ("ok", "deferred"):
                     consecutive_failures = 0
                 if outcome in ("back", "deferred") and self._stop is None:
@@ -773,7 +776,7 @@ class Sender:
                     # next batch. The deferred messages come again once the range is done.
                     self._pause(min(MAX_BACKOFF, 0.5 * 2 ** consecutive_failures) * random.uniform(1.0, 1.25))
                 if self.should_stop():
-                    self._halt("stopped on request after the batch in flight; `digest send` resumes")
+                    self._halt(f"stopped on request after the batch in flight; {NEXT_SEND} resumes it")
         except BaseException as exc:  # a store failure (rule 9) or a bug: stop every worker
             with self._lock:
                 if self._exception is None:
@@ -908,7 +911,8 @@ class Sender:
                     if isinstance(exc, AuthError) and not exc.hint:
                         what = f"{name} refused the credentials: {exc} (check the provider's keys under delivery:)"
                     # Halted before the batch goes back: no other worker may claim it again.
-                    self._halt(f"{what}; fix it, then run `digest send`: {self._fate(ids, maybe_sent)}")
+                    self._halt(f"{what}; fix it, then {NEXT_SEND} resumes (the service reads a changed config "
+                               f"when restarted): {self._fate(ids, maybe_sent)}")
                     self._give_up(ids, exc, batch, summary, maybe_sent)
                     return "stop"
                 except DeliveryError as exc:
@@ -923,7 +927,7 @@ class Sender:
                         continue
                     if exc.retryable:
                         self._halt(f"{name} kept failing ({exc}); paused: {self._fate(ids, maybe_sent)}; "
-                                   "run `digest send` to resume")
+                                   f"{NEXT_SEND} resumes it")
                         self._give_up(ids, exc, batch, summary, maybe_sent)
                         return "stop"
                     if maybe_sent:
@@ -963,7 +967,7 @@ class Sender:
             self.sleep(seconds)
             self._renew(self._lease)
         if self._stop is None and asked():
-            self._halt("stopped on request while waiting to retry a batch; `digest send` resumes")
+            self._halt(f"stopped on request while waiting to retry a batch; {NEXT_SEND} resumes it")
         return self._stop is None
 
     def _count_retry(self, summary: SendSummary) -> None:

@@ -282,6 +282,31 @@ class Store:
             with self._tx() as conn:
                 return str(conn.execute(select(meta.c.value).where(meta.c.key == name)).scalar_one())
 
+    # When a scheduled use case last ran, under ``last_run:<name>``: `digest serve` compares it
+    # with the schedule at start to catch up a run it missed while it was not running. Kept as
+    # fixed-width UTC text, whose text order is time order, so a record only moves forward.
+
+    _RUN_PREFIX = "last_run:"
+
+    def record_run(self, name: str, at: datetime) -> None:
+        """Record that ``name`` ran at ``at`` (unless a later run is recorded already)."""
+        key, value = f"{self._RUN_PREFIX}{name}", as_utc(at).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+        try:
+            with self._tx() as conn:
+                if conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar() is None:
+                    conn.execute(insert(meta).values(key=key, value=value))
+                    return
+        except IntegrityError:
+            pass  # another process recorded its run first: keep the later of the two
+        with self._tx() as conn:
+            conn.execute(update(meta).where(and_(meta.c.key == key, meta.c.value < value)).values(value=value))
+
+    def last_run(self, name: str) -> datetime | None:
+        """When ``name`` last ran, as :meth:`record_run` recorded it; ``None`` if never."""
+        with self._tx() as conn:
+            value = conn.execute(select(meta.c.value).where(meta.c.key == f"{self._RUN_PREFIX}{name}")).scalar()
+        return datetime.fromisoformat(value) if value is not None else None
+
     # -- sources ----------------------------------------------------------------------------
 
     def cursor(self, source: str) -> SourceCursor:

@@ -397,7 +397,7 @@ class ResendProvider(HttpProvider):
                 what,
                 status=status,
                 response_text=shown,
-                hint=f"the Resend {period} quota is used up: run `digest send` after it resets, "
+                hint=f"the Resend {period} quota is used up: the send can resume once it resets, "
                 "or raise the plan's quota",
             )
         if status == 429:  # rate_limit_exceeded (2 requests/s per team by default)

@@ -362,8 +362,8 @@ class SesProvider(HttpProvider):
                 what,
                 status=status,
                 response_text=shown,
-                hint="the SES daily sending quota is used up; send resumes after it resets "
-                "(run `digest send` later) or ask AWS for a higher quota",
+                hint="the SES daily sending quota is used up; the send can resume once it resets, "
+                "or ask AWS for a higher quota",
             )
         if kind in _ACCOUNT_HINTS:
             raise BlockedError(what, status=status, response_text=shown, hint=_ACCOUNT_HINTS[kind])
