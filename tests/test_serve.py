@@ -175,3 +175,35 @@ def test_a_draft_run_missed_while_the_service_was_down_is_caught_up_at_start(
     else:
         assert ran == ["collect", "send"] and drafts == []
         assert "catching it up" not in caplog.text
+
+
+def test_a_tick_a_long_run_spans_is_one_info_line_not_apschedulers_chatter(caplog: pytest.LogCaptureFixture) -> None:
+    """A send that outlasts its tick is how a large list goes: the service says so once, at
+    INFO, and APScheduler's warning and its two lines per run stay out of the log."""
+    import logging
+    import threading
+
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from digest import scheduler
+
+    caplog.set_level(logging.INFO)
+    sched = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1)},
+                                job_defaults={"coalesce": True, "max_instances": 1})
+    scheduler._quiet(sched, logging.getLogger("digest.serve"))
+    released = threading.Event()
+    sched.add_job(released.wait, "interval", seconds=0.2, args=[5], id="send")
+    sched.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "skipped" not in caplog.text:
+            time.sleep(0.05)
+    finally:
+        released.set()
+        sched.shutdown(wait=True)
+    from_apscheduler = [r for r in caplog.records if r.name.startswith("apscheduler")]
+    assert from_apscheduler == []
+    skipped = [r for r in caplog.records if r.name == "digest.serve" and "skipped" in r.getMessage()]
+    assert skipped and skipped[0].levelno == logging.INFO
+    assert skipped[0].getMessage().startswith("send: the run due at ")

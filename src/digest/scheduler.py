@@ -6,6 +6,7 @@ they only trigger idempotent use cases, so a late or repeated run is harmless.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -14,6 +15,8 @@ from zoneinfo import ZoneInfo
 from apscheduler.triggers.cron import CronTrigger
 
 if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
+
     from digest.pipeline import App
 
 
@@ -93,6 +96,33 @@ def _when(moment: datetime | None) -> str:
     return f"{moment:%Y-%m-%d %H:%M %Z}" if moment is not None else "never"
 
 
+class _NoSkipWarning:
+    """Drops APScheduler's warning for a run skipped because the job's last run still goes:
+    the service logs that as information of its own (see :func:`_quiet`)."""
+
+    @staticmethod
+    def filter(record: object) -> bool:
+        return "maximum number of running instances" not in str(getattr(record, "msg", ""))
+
+
+def _quiet(scheduler: BaseScheduler, log: logging.Logger) -> None:
+    """The service's log without APScheduler's chatter: its two lines for every run of every
+    job (a send tick every few minutes) and a warning for each tick a long send spans, which is
+    how a send of a large list is meant to go. The jobs log what they did; a skipped tick is
+    one line at INFO. APScheduler's other warnings (a run missed by more than the grace time,
+    a failed job store) stay."""
+    from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
+
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler.scheduler").addFilter(_NoSkipWarning)
+
+    def skipped(event: JobSubmissionEvent) -> None:
+        log.info("%s: the run due at %s is skipped: its last run is still going", event.job_id,
+                 _when(event.scheduled_run_times[-1]))
+
+    scheduler.add_listener(skipped, EVENT_JOB_MAX_INSTANCES)
+
+
 def serve(app: App, *, host: str | None = None, port: int | None = None,
           ready: Callable[[int], None] | None = None, web_only: bool = False) -> None:
     """Run the jobs on their schedules and the web app until SIGTERM or SIGINT; with
@@ -101,7 +131,6 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
     On a signal: no new job starts, a send in progress finishes its current batch and stops
     (the rest resumes at the next start), then the process exits.
     """
-    import logging
     import signal
     import threading
 
@@ -124,6 +153,7 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
         timezone=ZoneInfo(tz),
     )
+    _quiet(scheduler, log)
     d = settings.digest
     if not web_only:
         # Collect and send once at start (catching up), then on their schedules; the draft
