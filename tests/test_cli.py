@@ -220,3 +220,17 @@ def test_drafts_says_when_an_approved_draft_with_a_time_goes_out(tmp_path: Path)
     (line,) = out.splitlines()
     assert code == 0 and line.startswith("#1    approved ")
     assert line.endswith("  sends from 2030-01-07 07:00 UTC")  # in newsletter.timezone
+
+
+def test_send_says_which_drafts_their_approval_deadline_approved(tmp_path: Path) -> None:
+    import time
+
+    cfg = str(config_file(tmp_path, 'digest: {approval: {deadline: "1s", on_deadline: approve}}'))
+    assert invoke("--config", cfg, "subscribers", "add", "ann@example.com")[0] == 0
+    assert invoke("--config", cfg, "collect")[0] == 0
+    assert invoke("--config", cfg, "draft")[0] == 0
+    time.sleep(1.2)
+    code, out = invoke("--config", cfg, "send")
+    assert code == 0, out
+    assert "draft 1 was not reviewed before its approval deadline: approved (digest.approval.on_deadline)" in out
+    assert "draft 1: sent 1" in out

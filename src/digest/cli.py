@@ -380,6 +380,10 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
             click.echo("no uncertain messages to resolve" + (f" in draft {draft_id}" if draft_id is not None else ""))
         if resolve_uncertain == "mark-sent":
             return
+    if not dry_run:  # (the send applies them too; here first, to say so)
+        for deadlined, what in pipeline.apply_deadlines(app, app.now()):
+            click.echo(f"draft {deadlined} was not reviewed before its approval deadline: {what} "
+                       "(digest.approval.on_deadline)")
     progress = SendProgress(interactive=sys.stderr.isatty())
     with _stop_on_signals(progress) as should_stop:
         summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop)

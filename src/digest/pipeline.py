@@ -233,12 +233,15 @@ def missed_draft_run(app: App) -> datetime | None:
     return due if since is not None and since < due else None
 
 
-def apply_deadlines(app: App, now: datetime) -> None:
+def apply_deadlines(app: App, now: datetime) -> list[tuple[int, str]]:
     """Skip or approve the drafts left unreviewed past ``digest.approval.deadline``. Each draft
     run and each send applies them, so a deadline takes effect by the first send after it (by
-    the next draft alone, a week late with a weekly schedule)."""
-    for draft_id, what in approval.apply_deadlines(app.store, app.settings, now):
+    the next draft alone, a week late with a weekly schedule). Returns (draft id, "approved"
+    or "skipped") for each."""
+    done = approval.apply_deadlines(app.store, app.settings, now)
+    for draft_id, what in done:
         log.info("draft %s was not reviewed before the approval deadline: %s", draft_id, what)
+    return done
 
 
 def _make_draft(app: App, now: datetime) -> DraftOutcome:
