@@ -234,3 +234,21 @@ def test_send_says_which_drafts_their_approval_deadline_approved(tmp_path: Path)
     assert code == 0, out
     assert "draft 1 was not reviewed before its approval deadline: approved (digest.approval.on_deadline)" in out
     assert "draft 1: sent 1" in out
+
+
+def test_status_tells_when_the_draft_last_ran_and_a_missed_run(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from digest.store import open_store
+
+    cfg = str(config_file(tmp_path))
+    assert invoke("--config", cfg, "db", "upgrade")[0] == 0
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    store.record_run("draft", datetime.now(UTC) - timedelta(days=8))  # the weekly run since then was missed
+    store.close()
+    code, out = invoke("--config", cfg, "status")
+    assert code == 0 and "(last run " in out
+    assert "was missed: `digest serve` catches it up at start, or run `digest draft`" in out
+    assert invoke("--config", cfg, "draft")[0] == 0
+    code, out = invoke("--config", cfg, "status")
+    assert "(last run " in out and "was missed" not in out

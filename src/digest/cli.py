@@ -579,7 +579,13 @@ def status(obj: _Context, draft_id: int | None) -> None:
         click.echo("Delivery events: " + ", ".join(f"{n} {k}" for k, n in sorted(report.events.items())))
     click.echo("Next runs:")
     for job, when in report.next_runs.items():
-        click.echo(f"  {job}: {_when(when, tz)}")
+        line = f"  {job}: {_when(when, tz)}"
+        if job == "draft" and report.last_draft_run is not None:
+            line += f" (last run {_when(report.last_draft_run, tz)})"
+        if job == "draft" and report.missed_draft_run is not None:
+            line += (f"; the run due {_when(report.missed_draft_run, tz)} was missed: `digest serve` "
+                     "catches it up at start, or run `digest draft`")
+        click.echo(line)
 
 
 # -- subscribers -------------------------------------------------------------------------------

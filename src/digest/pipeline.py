@@ -462,6 +462,9 @@ class StatusReport:
     subscribers: dict[str, int]
     events: dict[str, int]
     next_runs: dict[str, datetime | None] = field(default_factory=dict)
+    # The draft run: when it last ran, and the scheduled time it missed (see missed_draft_run).
+    last_draft_run: datetime | None = None
+    missed_draft_run: datetime | None = None
     # Per draft with messages whose fate is unknown, the first of them (at most UNCERTAIN_LISTED).
     uncertain: dict[int, list[UncertainMessage]] = field(default_factory=dict)
     # Per draft still sending whose last batch was put back whole: why, and when.
@@ -510,6 +513,8 @@ def status(app: App, draft_id: int | None = None) -> StatusReport:
         events=app.store.event_counts(),
         next_runs={"collect": next_run(d.collect_schedule, tz, now), "draft": next_run(d.schedule, tz, now),
                    "send": next_run(d.send_schedule, tz, now)},
+        last_draft_run=app.store.last_run("draft"),
+        missed_draft_run=missed_draft_run(app),
         uncertain={i: app.store.uncertain_messages(i, UNCERTAIN_LISTED)
                    for i, counts in ledgers.items() if counts.get("uncertain")},
         stopped={i: why for i, counts in ledgers.items()
