@@ -252,3 +252,58 @@ def test_status_tells_when_the_draft_last_ran_and_a_missed_run(tmp_path: Path) -
     assert invoke("--config", cfg, "draft")[0] == 0
     code, out = invoke("--config", cfg, "status")
     assert "(last run " in out and "was missed" not in out
+
+
+def test_two_collects_at_once_both_succeed_and_report_each_item_new_once(db_url: str, tmp_path: Path) -> None:
+    """`digest collect` from cron while `digest serve` collects (or two services starting
+    together) on one database: no traceback, and between them each item is reported new once."""
+    import re
+    import time
+
+    from digest.sources.folder import SAMPLE_DIR
+    from digest.store import open_store
+
+    (tmp_path / "config.yaml").write_text(f"""
+database: {{url: "{db_url}"}}
+newsletter: {{public_url: https://news.example.org}}
+sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
+delivery: {{provider: outbox, outbox_dir: out}}
+""", encoding="utf-8")
+    env = {"DIGEST_CONFIG": str(tmp_path / "config.yaml")}
+    go = tmp_path / "go"
+    # Each process waits, with what the collect imports loaded, until both can start it at once.
+    code = ("import os, pathlib, sys, time\nimport markdown, digest.pipeline, digest.sources.registry\n"
+            "from digest.cli import main\npathlib.Path(sys.argv[1]).touch()\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.002)\n"
+            "sys.argv = ['digest', 'collect']\nmain()\n")
+    for _round in range(2):  # before the fix one of the two failed in about four rounds of five
+        if db_url.startswith("sqlite"):
+            path = Path(db_url.split("///", 1)[1])
+            for leftover in path.parent.glob(path.name + "*"):
+                leftover.unlink()
+        else:
+            from tests.conftest import _reset_pg
+
+            _reset_pg(db_url)
+        open_store(db_url).close()  # the schema: both commands find it ready
+        ready = [tmp_path / f"ready{i}" for i in range(2)]
+        for path in (go, *ready):
+            path.unlink(missing_ok=True)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=tmp_path, env={**os.environ, **env},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for path in ready]
+        deadline = time.monotonic() + 60
+        while not all(path.exists() for path in ready) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        outcomes = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err for _out, err in outcomes]
+        assert not any("Traceback" in err for _out, err in outcomes), [err for _out, err in outcomes]
+        new = [re.fullmatch(r"sample: (\d+) new essays, 0 updated; (\d+) new comments, 0 updated, 0 gone",
+                            out.strip()) for out, _err in outcomes]
+        assert all(new), [out for out, _err in outcomes]
+        store = open_store(db_url)
+        (status,) = store.source_statuses()
+        store.close()
+        assert status.essays == 4 and status.comments > 0
+        assert sum(int(m.group(1)) for m in new if m) == status.essays
+        assert sum(int(m.group(2)) for m in new if m) == status.comments

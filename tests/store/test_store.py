@@ -79,6 +79,123 @@ def test_comment_on_unknown_essay_is_ignored(store: Store) -> None:
     assert stats.new_comments == 0
 
 
+def _source_result(source: str, essays: int = 5, per_essay: int = 8) -> CollectResult:
+    """A source's first collect: ``essays`` essays with ``per_essay`` comments each."""
+    from dataclasses import replace
+
+    es = tuple(replace(essay(f"e{i}", f"Essay {i}"), source=source) for i in range(essays))
+    cs = tuple(replace(comment(f"e{i}", f"c{i}-{j}", j), source=source) for i in range(essays)
+               for j in range(per_essay))
+    return CollectResult(source, essays=es, comments=cs, cursor=SourceCursor(etag=f'"{source}"'))
+
+
+def _rows(store: Store, source: str) -> tuple[int, int, int]:
+    """How many essay, comment and source state rows ``source`` has."""
+    from sqlalchemy import func, select
+
+    from digest.store.schema import comments, essays, source_state
+
+    with store.engine.connect() as conn:
+        return tuple(conn.execute(select(func.count()).select_from(t).where(t.c.source == source)).scalar_one()
+                     for t in (essays, comments, source_state))  # type: ignore[return-value]
+
+
+def test_two_collects_of_one_source_at_once_store_each_item_once_and_count_it_new_once(store: Store) -> None:
+    """Two `digest serve` processes starting together, or a cron `digest collect` overlapping
+    the service's: each with its own connection, the same source's items at the same moment.
+    Neither fails on a unique key, every item is stored once, and between them the two
+    collects report each item new exactly once."""
+    import threading
+
+    other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        for round_ in range(5):  # a new source each round: each round races for the first rows
+            source = f"src{round_}"
+            result = _source_result(source)
+            barrier = threading.Barrier(2, timeout=30)
+            out: dict[str, Any] = {}
+
+            def collect(s: Store, name: str, result: CollectResult = result,
+                        barrier: threading.Barrier = barrier, out: dict[str, Any] = out) -> None:
+                barrier.wait()
+                try:
+                    out[name] = s.record_collect(result, NOW)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    out[name] = exc
+
+            threads = [threading.Thread(target=collect, args=(s, n)) for s, n in ((store, "a"), (other, "b"))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            errors = [v for v in out.values() if isinstance(v, Exception)]
+            assert errors == [], f"round {round_}: {errors!r}"
+            a, b = out["a"], out["b"]
+            assert (a.new_essays + b.new_essays, a.new_comments + b.new_comments) == (5, 40)
+            assert (a.updated_essays, b.updated_essays, a.updated_comments, b.updated_comments) == (0, 0, 0, 0)
+            assert (a.deleted_comments, b.deleted_comments) == (0, 0)
+            assert _rows(store, source) == (5, 40, 1)
+            assert store.cursor(source) == SourceCursor(etag=f'"{source}"')
+            (status,) = [s for s in store.source_statuses() if s.source == source]
+            assert (status.essays, status.comments, status.last_error) == (5, 40, None)
+    finally:
+        other.close()
+
+
+@pytest.mark.postgres
+def test_an_item_another_collect_stored_after_this_one_looked_is_neither_new_nor_lost(pg_database: str) -> None:
+    """Another collect stores an essay and a comment (and commits) between this collect's
+    look for them and its insert: this one neither fails on the unique key nor counts them
+    new, and what it fetched is what stays stored."""
+    from sqlalchemy import event, insert, select
+
+    from digest.store.schema import comments, essays
+    from tests.conftest import _reset_pg
+
+    _reset_pg(pg_database)
+    store = open_store(pg_database)
+    other = db.make_engine(pg_database)
+    try:
+        store.record_collect(CollectResult("s", essays=(essay("e1"),)), NOW)
+        with other.connect() as conn:
+            e1 = conn.execute(select(essays.c.id).where(essays.c.key == "e1")).scalar_one()
+        # (SQLite has one writer at a time: there, the other collect waits for this one.)
+        injected: list[str] = []
+
+        def meanwhile(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            """Just before this collect's first insert into a table, the other one stores an
+            item of that table this collect has not found (and commits)."""
+            table = statement.removeprefix("INSERT INTO ").split(" ", 1)[0]
+            if not statement.startswith("INSERT INTO ") or table not in ("essays", "comments") or table in injected:
+                return
+            injected.append(table)
+            with other.begin() as conn:
+                if table == "essays":
+                    conn.execute(insert(essays).values(source="s", key="e2", url="https://x.org/e2", title="T",
+                                                       html="<p>x</p>", published_at=NOW, first_seen_at=NOW,
+                                                       updated_at=NOW))
+                else:  # fetched a moment earlier, with a lower score
+                    conn.execute(insert(comments).values(source="s", key="c1", essay_id=e1, author="ac1",
+                                                         html="<p>some words here</p>", score=1,
+                                                         first_seen_at=NOW, updated_at=NOW))
+
+        event.listen(store.engine, "before_cursor_execute", meanwhile)
+        later = NOW + timedelta(minutes=1)
+        stats = store.record_collect(CollectResult("s", essays=(essay("e1"), essay("e2")), comments=(
+            comment("e1", "c1", 7), comment("e1", "c2"), comment("e2", "c3"))), later)
+        event.remove(store.engine, "before_cursor_execute", meanwhile)
+        assert injected == ["essays", "comments"]
+        assert (stats.new_essays, stats.updated_essays) == (0, 0)  # e1 was there; the other stored e2
+        assert (stats.new_comments, stats.updated_comments, stats.deleted_comments) == (2, 1, 0)
+        assert _rows(store, "s") == (2, 3, 1)
+        ids = [i for i, _ in store.candidate_essays(None, 10)]
+        scores = {c.key: c.score for cs in store.comments_for(ids).values() for _, c in cs}
+        assert scores == {"c1": 7.0, "c2": 1.0, "c3": 1.0}
+    finally:
+        other.dispose()
+        store.close()
+
+
 def _draft(store: Store, period: str = "P1") -> Draft:
     store.record_collect(CollectResult("s", essays=(essay("e1", "One"),), comments=(comment("e1", "c1"),)), NOW)
     (eid, e), = store.candidate_essays(None, 10)

@@ -14,11 +14,11 @@ import json
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -26,7 +26,9 @@ from sqlalchemy import (
     Engine,
     Integer,
     String,
+    Table,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -70,6 +72,13 @@ from digest.types import (
 # Drafts whose essays count as already featured.
 FEATURING_STATUSES = ("pending_review", "approved", "sending", "sent")
 INELIGIBLE = ("unsubscribed", "bounced", "complained", "removed")
+# A collect looks its items up by key this many at a time.
+_KEYS_PER_QUERY = 500
+# What a collect compares of a stored comment with the one fetched.
+_COMMENT_COMPARED = (comments.c.id, comments.c.source, comments.c.key, comments.c.html, comments.c.score,
+                     comments.c.author, comments.c.position, comments.c.upvotes, comments.c.downvotes,
+                     comments.c.parent_key, comments.c.deleted_at)
+_Item = TypeVar("_Item")
 
 
 def _sendable() -> ColumnElement[bool]:
@@ -317,7 +326,14 @@ class Store:
         return SourceCursor(etag=row.etag, last_modified=row.last_modified)
 
     def record_collect(self, result: CollectResult, now: datetime) -> CollectStats:
-        """Upsert a source's essays and comments and its fetch state, in one transaction."""
+        """Upsert a source's essays and comments and its fetch state, in one transaction.
+
+        Two collects of one source may run at once (two `digest serve` processes starting
+        together, a cron `digest collect` overlapping the service's). No write here fails on
+        a row the other inserted first: such a row is taken as found, so an item counts as
+        new only for the collect that inserted it, and as updated only where what this one
+        fetched differs from what is stored.
+        """
         with self._tx() as conn:
             self._touch_source(conn, result, now)
             if result.error or result.not_modified:
@@ -335,11 +351,6 @@ class Store:
         return CollectStats(stats[0], stats[1], *cstats)
 
     def _touch_source(self, conn: Connection, result: CollectResult, now: datetime) -> None:
-        exists = conn.execute(
-            select(source_state.c.source).where(source_state.c.source == result.source)
-        ).first()
-        if exists is None:
-            conn.execute(insert(source_state).values(source=result.source))
         values: dict[str, Any] = {"last_fetch_at": now}
         if result.error:
             values.update(last_error=result.error[:2000], last_error_at=now)
@@ -347,30 +358,43 @@ class Store:
             warning = "; ".join(result.warnings)[:2000] or None
             values.update(last_success_at=now, last_error=warning, last_error_at=now if warning else None,
                           etag=result.cursor.etag, last_modified=result.cursor.last_modified)
-        conn.execute(update(source_state).where(source_state.c.source == result.source).values(**values))
+        # One statement, not a read then an insert: the other collect may be inserting the row
+        # too. The row written stays locked until this collect commits, so a second collect of
+        # the source waits here for the first to finish (SQLite: for its one writer at a time).
+        stmt = self._insert(source_state).values(source=result.source, **values)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[source_state.c.source], set_=values))
+
+    def _insert(self, table: Table) -> Any:
+        """``INSERT INTO table`` that takes ``ON CONFLICT`` clauses, in this database's dialect
+        (whose module the engine has loaded already)."""
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+            return postgresql_insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table)
 
     def _upsert_essays(self, conn: Connection, result: CollectResult, now: datetime) -> tuple[int, int]:
-        new = updated = 0
-        for essay in result.essays:
-            row = conn.execute(
-                select(essays).where(and_(essays.c.source == essay.source, essays.c.key == essay.key))
-            ).first()
-            values = {"url": essay.url, "title": essay.title, "author": essay.author,
-                      "html": essay.html, "summary": essay.summary, "published_at": essay.published,
-                      "comments_url": essay.comments_url}
-            if row is None:
-                conn.execute(insert(essays).values(source=essay.source, key=essay.key,
-                                                   first_seen_at=now, updated_at=now, **values))
-                new += 1
-            elif any(getattr(row, k) != v for k, v in values.items() if k != "published_at") or (
-                _dt(row.published_at) != essay.published
-            ):
-                conn.execute(update(essays).where(essays.c.id == row.id).values(updated_at=now, **values))
-                updated += 1
-        return new, updated
+        fetched = {(e.source, e.key): e for e in result.essays}  # an essay listed twice: its last copy
+
+        def values(essay: Essay) -> dict[str, Any]:
+            return {"url": essay.url, "title": essay.title, "author": essay.author, "html": essay.html,
+                    "summary": essay.summary, "published_at": essay.published,
+                    "comments_url": essay.comments_url}
+
+        found, new = self._insert_missing(conn, essays, tuple(essays.c), fetched, values, now)
+        changes = []
+        for k, essay in fetched.items():
+            row = found.get(k)
+            if row is not None and (any(getattr(row, c) != v for c, v in values(essay).items()
+                                        if c != "published_at") or _dt(row.published_at) != essay.published):
+                changes.append({"row_id": row.id, "updated_at": now, **values(essay)})
+        self._update_rows(conn, essays, changes)
+        return new, len(changes)
 
     def _upsert_comments(self, conn: Connection, result: CollectResult, now: datetime) -> tuple[int, int, int]:
-        new = updated = deleted = 0
+        deleted = 0
         essay_ids: dict[tuple[str, str], int | None] = {}
         seen_by_essay: dict[int, set[str]] = {}
         # Essays whose full comment list we hold: comments of theirs missing now were deleted.
@@ -378,29 +402,32 @@ class Store:
         covered = list(result.covered) or [(e.source, e.key) for e in result.essays]
         for source, key in covered:
             seen_by_essay.setdefault(self._essay_id(conn, essay_ids, source, key) or -1, set())
+        fetched: dict[tuple[str, str], tuple[int, Comment]] = {}  # a comment listed twice: its last copy
         for c in result.comments:
             essay_id = self._essay_id(conn, essay_ids, c.essay_source or c.source, c.essay_key)
             if essay_id is None:
                 continue  # a comment on an essay we do not have: nothing to attach it to
             if essay_id in seen_by_essay:  # only essays whose whole list we hold
                 seen_by_essay[essay_id].add(c.key)
-            row = conn.execute(
-                select(comments).where(and_(comments.c.source == c.source, comments.c.key == c.key))
-            ).first()
-            values = {"essay_id": essay_id, "author": c.author, "html": c.html, "url": c.url,
-                      "score": c.score, "position": c.position, "parent_key": c.parent_key,
-                      "upvotes": c.upvotes, "downvotes": c.downvotes,
-                      "published_at": c.published, "deleted_at": None}
-            if row is None:
-                conn.execute(insert(comments).values(source=c.source, key=c.key, first_seen_at=now,
-                                                     updated_at=now, **values))
-                new += 1
-            elif (row.html, row.score, row.author, row.position, row.upvotes, row.downvotes,
-                  row.parent_key, row.deleted_at) != (
+            fetched[(c.source, c.key)] = (essay_id, c)
+
+        def values(item: tuple[int, Comment]) -> dict[str, Any]:
+            essay_id, c = item
+            return {"essay_id": essay_id, "author": c.author, "html": c.html, "url": c.url,
+                    "score": c.score, "position": c.position, "parent_key": c.parent_key,
+                    "upvotes": c.upvotes, "downvotes": c.downvotes,
+                    "published_at": c.published, "deleted_at": None}
+
+        found, new = self._insert_missing(conn, comments, _COMMENT_COMPARED, fetched, values, now)
+        changes = []
+        for k, (essay_id, c) in fetched.items():
+            row = found.get(k)
+            if row is not None and (row.html, row.score, row.author, row.position, row.upvotes, row.downvotes,
+                                    row.parent_key, row.deleted_at) != (
                 c.html, c.score, c.author, c.position, c.upvotes, c.downvotes, c.parent_key, None
             ):
-                conn.execute(update(comments).where(comments.c.id == row.id).values(updated_at=now, **values))
-                updated += 1
+                changes.append({"row_id": row.id, "updated_at": now, **values((essay_id, c))})
+        self._update_rows(conn, comments, changes)
         for essay_id, keys in seen_by_essay.items():
             if essay_id < 0:
                 continue
@@ -410,7 +437,52 @@ class Store:
                 gone = and_(gone, comments.c.key.not_in(keys))
             stmt = update(comments).where(gone).values(deleted_at=now, updated_at=now)
             deleted += conn.execute(stmt).rowcount or 0
-        return new, updated, deleted
+        return new, len(changes), deleted
+
+    def _insert_missing(self, conn: Connection, table: Table, columns: Sequence[ColumnElement[Any]],
+                        fetched: Mapping[tuple[str, str], _Item], values: Callable[[_Item], dict[str, Any]],
+                        now: datetime) -> tuple[dict[tuple[str, str], Any], int]:
+        """Insert the fetched items (by source and key) that ``table`` (essays or comments) does
+        not hold yet; returns the rows it held (their ``columns``), to compare with what was
+        fetched, and how many items were inserted.
+
+        Another collect may insert an item after this one looked for it: the insert skips that
+        item (PostgreSQL first waits for the other to commit), and its row is read back with
+        the others held. So the item counts as new once, for the collect that inserted it.
+        """
+        found = self._rows_by_key(conn, table, columns, list(fetched))
+        missing = [k for k in fetched if k not in found]
+        if not missing:
+            return found, 0
+        stmt = (self._insert(table).on_conflict_do_nothing(index_elements=[table.c.source, table.c.key])
+                .returning(table.c.source, table.c.key))
+        rows = [{"source": source, "key": key, "first_seen_at": now, "updated_at": now,
+                 **values(fetched[(source, key)])} for source, key in missing]
+        inserted = {(r.source, r.key) for r in conn.execute(stmt, rows)}
+        found.update(self._rows_by_key(conn, table, columns, [k for k in missing if k not in inserted]))
+        return found, len(inserted)
+
+    @staticmethod
+    def _rows_by_key(conn: Connection, table: Table, columns: Sequence[ColumnElement[Any]],
+                     keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        """The rows of ``table`` with these (source, key)s, by (source, key): a few hundred
+        keys per query, not a query per key."""
+        by_source: dict[str, list[str]] = {}
+        for source, key in keys:
+            by_source.setdefault(source, []).append(key)
+        found: dict[tuple[str, str], Any] = {}
+        for source, names in by_source.items():
+            for i in range(0, len(names), _KEYS_PER_QUERY):
+                stmt = select(*columns).where(and_(table.c.source == source,
+                                                   table.c.key.in_(names[i:i + _KEYS_PER_QUERY])))
+                found.update(((row.source, row.key), row) for row in conn.execute(stmt))
+        return found
+
+    @staticmethod
+    def _update_rows(conn: Connection, table: Table, changes: list[dict[str, Any]]) -> None:
+        """Set each change's columns on the row ``row_id`` names: one statement for them all."""
+        if changes:
+            conn.execute(update(table).where(table.c.id == bindparam("row_id")), changes)
 
     @staticmethod
     def _essay_id(conn: Connection, cache: dict[tuple[str, str], int | None], source: str, key: str) -> int | None:
