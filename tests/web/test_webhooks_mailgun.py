@@ -69,6 +69,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 def test_a_signed_permanent_failure_suppresses_at_once(app: pipeline.App, client: FlaskClient,
                                                        clock: FrozenClock) -> None:
     draft_id = sending_draft(app)
@@ -126,13 +134,17 @@ def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: Flask
 
 
 def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert post(client, signed("complained.json", clock)).status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_an_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert post(client, signed("unsubscribed.json", clock)).status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
 
 
 def test_temporary_failures_are_delays_and_giving_up_is_a_counted_soft_bounce(

@@ -75,6 +75,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 def test_a_signed_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
     draft_id = sending_draft(app)
     r = send(client, clock, "bounced.json")
@@ -138,13 +146,17 @@ def test_a_replayed_svix_id_is_refused(app: pipeline.App, client: FlaskClient, c
 
 
 def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert send(client, clock, "complained.json").status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_an_audience_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert send(client, clock, "contact_unsubscribed.json").status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
 
 
 def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:

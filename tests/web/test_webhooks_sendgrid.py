@@ -89,6 +89,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 def test_a_signed_hard_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                                  key: ec.EllipticCurvePrivateKey) -> None:
     draft_id = sending_draft(app)
@@ -148,14 +156,18 @@ def test_a_replay_is_refused_even_with_a_rewritten_signature(app: pipeline.App, 
 
 def test_a_spam_report_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                   key: ec.EllipticCurvePrivateKey) -> None:
+    draft_id = sending_draft(app)
     assert send(client, key, clock, "spamreport.json").status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_an_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                     key: ec.EllipticCurvePrivateKey) -> None:
+    draft_id = sending_draft(app)
     assert send(client, key, clock, "unsubscribe.json").status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
 
 
 def test_a_block_is_a_soft_bounce_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
