@@ -155,6 +155,36 @@ def test_temporary_failures_are_delays_and_giving_up_is_a_counted_soft_bounce(
     assert app.store.event_counts() == {"deferred": 1, "soft_bounce": 1}
 
 
+def test_an_event_in_a_new_signed_request_is_applied_once(app: pipeline.App, client: FlaskClient,
+                                                          clock: FrozenClock) -> None:
+    assert post(client, signed("failed_permanent.json", clock)).status_code == 200
+    clock.advance(seconds=60)
+    again = post(client, signed("failed_permanent.json", clock))  # a new token and timestamp
+    assert again.status_code == 200
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert post(client, signed("complained.json", clock)).status_code == 200
+    again = post(client, signed("complained.json", clock))
+    assert again.status_code == 200 and again.json is not None and again.json["stored"] == 0
+    assert app.store.event_counts() == {"hard_bounce": 1, "complaint": 1}
+
+
+def test_a_soft_bounce_delivered_again_counts_once_toward_the_limit(app: pipeline.App, client: FlaskClient,
+                                                                    clock: FrozenClock) -> None:
+    for _ in range(3):
+        clock.advance(seconds=30)
+        r = post(client, signed("failed_old.json", clock))
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+    # Two soft bounces of her own (new Mailgun event ids) make three: now she is suppressed.
+    for n, suppressed in ((2, 0), (3, 1)):
+        body = signed("failed_old.json", clock)
+        body["event-data"]["id"] = f"Ht8-6u92T3nt-6Jh5I2Ks{n}"
+        r = post(client, body)
+        assert r.json is not None and r.json["suppressed"] == suppressed
+    assert status_of(app, "ada@example.com") == "bounced"
+
+
 def test_legacy_form_posts_and_garbage_are_400(client: FlaskClient) -> None:
     r = client.post("/webhooks/mailgun", data={"timestamp": "1", "token": "t", "signature": "s", "event": "bounced"})
     assert r.status_code == 400

@@ -166,6 +166,38 @@ def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClie
     assert app.store.event_counts() == {"soft_bounce": 1, "deferred": 1}
 
 
+def test_an_event_in_a_new_svix_message_is_applied_once(app: pipeline.App, client: FlaskClient,
+                                                        clock: FrozenClock) -> None:
+    raw = (DATA / "bounced.json").read_bytes()
+    assert post(client, raw, headers_for(raw, clock, msg_id="msg_first")).status_code == 200
+    clock.advance(seconds=60)
+    again = post(client, raw, headers_for(raw, clock, msg_id="msg_second"))
+    assert again.status_code == 200
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    complaint = (DATA / "complained.json").read_bytes()
+    assert post(client, complaint, headers_for(complaint, clock, msg_id="msg_c1")).status_code == 200
+    again = post(client, complaint, headers_for(complaint, clock, msg_id="msg_c2"))
+    assert again.status_code == 200 and again.json is not None and again.json["stored"] == 0
+    assert app.store.event_counts() == {"hard_bounce": 1, "complaint": 1}
+
+
+def test_a_soft_bounce_delivered_again_counts_once_toward_the_limit(app: pipeline.App, client: FlaskClient,
+                                                                    clock: FrozenClock) -> None:
+    raw = (DATA / "bounced_transient.json").read_bytes()
+    for n in range(3):
+        clock.advance(seconds=30)
+        r = post(client, raw, headers_for(raw, clock, msg_id=f"msg_soft_{n}"))
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+    # Two bounces of her own (other emails of ours) make three: now she is suppressed.
+    for n, suppressed in ((2, 0), (3, 1)):
+        other = raw.replace(b"ff6fc54ce619", f"ff6fc54ce6{n:02d}".encode())
+        r = post(client, other, headers_for(other, clock, msg_id=f"msg_other_{n}"))
+        assert r.json is not None and r.json["suppressed"] == suppressed
+    assert status_of(app, "ada@example.com") == "bounced"
+
+
 def test_unparseable_but_signed_body_is_400(client: FlaskClient, clock: FrozenClock) -> None:
     for raw in (b"nope", b'{"type": "email.bounced"}'):
         assert post(client, raw, headers_for(raw, clock)).status_code == 400

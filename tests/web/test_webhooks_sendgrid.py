@@ -177,6 +177,48 @@ def test_a_block_is_a_soft_bounce_only_counted(app: pipeline.App, client: FlaskC
     assert app.store.event_counts() == {"soft_bounce": 1}
 
 
+def send_raw(client: FlaskClient, key: ec.EllipticCurvePrivateKey, clock: FrozenClock, raw: bytes) -> TestResponse:
+    """Post ``raw`` in a request of its own, signed now."""
+    return post(client, raw, signed_headers(key, str(int(clock().timestamp())), raw))
+
+
+def events_of(*names: str, **changes: Any) -> list[dict[str, Any]]:
+    """The events of saved payloads, each edited by ``changes``."""
+    return [event | changes for name in names for event in json.loads((DATA / name).read_bytes())]
+
+
+def test_an_event_in_a_new_signed_request_is_applied_once(app: pipeline.App, client: FlaskClient,
+                                                          clock: FrozenClock,
+                                                          key: ec.EllipticCurvePrivateKey) -> None:
+    assert send(client, key, clock, "hard_bounce.json").status_code == 200
+    clock.advance(seconds=45)  # SendGrid's retry: signed again, with a new timestamp
+    again = send(client, key, clock, "hard_bounce.json")
+    assert again.status_code == 200
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    # ... or the same event batched with others.
+    batch = json.dumps(events_of("hard_bounce.json", "spamreport.json")).encode()
+    r = send_raw(client, key, clock, batch)
+    assert r.status_code == 200 and r.json == {"received": 2, "stored": 1, "duplicates": 1, "suppressed": 2}
+    assert app.store.event_counts() == {"hard_bounce": 1, "complaint": 1}
+
+
+def test_a_soft_bounce_delivered_again_counts_once_toward_the_limit(app: pipeline.App, client: FlaskClient,
+                                                                    clock: FrozenClock,
+                                                                    key: ec.EllipticCurvePrivateKey) -> None:
+    for _ in range(3):
+        clock.advance(seconds=30)
+        r = send(client, key, clock, "soft_bounce.json")
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+    # Two blocks of her own (new sg_event_ids) make three: now she is suppressed.
+    r = send_raw(client, key, clock, json.dumps(events_of("soft_bounce.json", sg_event_id="sg-blocked-2")).encode())
+    assert r.json is not None and r.json["suppressed"] == 0
+    r = send_raw(client, key, clock, json.dumps(events_of("soft_bounce.json", sg_event_id="sg-blocked-3")).encode())
+    assert r.json is not None and r.json["suppressed"] == 1
+    assert status_of(app, "ada@example.com") == "bounced"
+
+
 def test_unparseable_but_signed_body_is_400(client: FlaskClient, clock: FrozenClock,
                                             key: ec.EllipticCurvePrivateKey) -> None:
     ts = str(int(clock().timestamp()))
