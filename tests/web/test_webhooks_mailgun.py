@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,18 +105,54 @@ def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, a
     assert r.status_code == expected
 
 
-def test_a_replayed_token_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+def test_a_replayed_token_is_a_duplicate_only_on_the_same_body(app: pipeline.App, client: FlaskClient,
+                                                               clock: FrozenClock,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     body = signed("failed_permanent.json", clock)
     assert post(client, body).status_code == 200
-    again = post(client, body)
-    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    # Mailgun retrying after our answer was lost: the same token on the same body.
+    with caplog.at_level(logging.INFO, logger="digest.web.app"):
+        again = post(client, body)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert [r.levelno for r in caplog.records if "copy of a request" in r.getMessage()] == [logging.INFO]
+    # Re-serialized (other spacing and key order) it is still the same body.
+    respaced = json.dumps(body, indent=2, sort_keys=True).encode()
+    assert post(client, respaced).json == again.json
     # The signature covers only timestamp + token, so a captured one stapled onto a forged
-    # event is stopped by the token memory.
+    # event is stopped by the token memory: 406, which tells Mailgun not to retry.
     forged = signed("unsubscribed.json", clock)
     forged["signature"] = body["signature"]
-    assert post(client, forged).status_code == 403
+    r = post(client, forged)
+    assert r.status_code == 406 and r.json == {"error": "replayed signature on a different body"}
+    tweaked = json.loads(json.dumps(body))
+    tweaked["event-data"]["recipient"] = "chloe@example.net"
+    assert post(client, tweaked).status_code == 406
     assert status_of(app, "chloe@example.net") == "active"
     assert app.store.event_counts() == {"hard_bounce": 1}
+    # The first body stays the one remembered: its copies are still duplicates.
+    assert post(client, body).status_code == 200
+
+
+def test_a_duplicate_that_fails_keeps_the_first_body_remembered(app: pipeline.App, client: FlaskClient,
+                                                                clock: FrozenClock,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the request that took the token forgets it on failure: a failing copy must not open
+    the token to a forged body."""
+    body = signed("failed_permanent.json", clock)
+    assert post(client, body).status_code == 200
+
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise StoreError("database is locked")
+
+    real = app.store.record_event
+    monkeypatch.setattr(app.store, "record_event", broken)
+    assert post(client, body).status_code == 500
+    monkeypatch.setattr(app.store, "record_event", real)
+    forged = signed("unsubscribed.json", clock)
+    forged["signature"] = body["signature"]
+    assert post(client, forged).status_code == 406
+    assert status_of(app, "chloe@example.net") == "active"
 
 
 def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: FlaskClient, clock: FrozenClock,

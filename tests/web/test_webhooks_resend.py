@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,16 +135,44 @@ def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, a
     assert send(client, clock, "bounced.json", age=age).status_code == expected
 
 
-def test_a_replayed_svix_id_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+def test_a_retried_svix_id_is_a_duplicate(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Svix retries a message whose 2xx it did not get under the same svix-id, re-signed with a
+    new timestamp, and disables an endpoint that keeps failing: the copy answers 200."""
     raw = (DATA / "bounced.json").read_bytes()
     headers = headers_for(raw, clock, msg_id="msg_replayed")
     assert post(client, raw, headers).status_code == 200
-    assert post(client, raw, headers).json == {"error": "replayed request"}
-    # Even re-signed with a new timestamp (how Svix retries), the same svix-id is a replay of
-    # something already applied.
-    clock.advance(seconds=30)
-    assert post(client, raw, headers_for(raw, clock, msg_id="msg_replayed")).status_code == 403
+    duplicate = {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    with caplog.at_level(logging.INFO, logger="digest.web.app"):
+        again = post(client, raw, headers)
+    assert again.status_code == 200 and again.json == duplicate
+    assert [r.levelno for r in caplog.records if "copy of a request" in r.getMessage()] == [logging.INFO]
+    clock.advance(seconds=5)  # Svix's first retry, re-signed
+    again = post(client, raw, headers_for(raw, clock, msg_id="msg_replayed"))
+    assert again.status_code == 200 and again.json == duplicate
     assert app.store.event_counts() == {"hard_bounce": 1}
+
+
+def test_a_retried_soft_bounce_counts_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    raw = (DATA / "bounced_transient.json").read_bytes()
+    for _ in range(3):
+        r = post(client, raw, headers_for(raw, clock, msg_id="msg_soft"))
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+        clock.advance(seconds=5)
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+
+
+def test_a_copy_of_a_request_whose_first_attempt_never_finished_is_applied(
+        app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    """The key was remembered, then the process died before the event was stored: the retry,
+    a copy, still stores and applies it (apply is idempotent, so a copy is applied again)."""
+    app.store.remember_webhook_key("resend", "svix:msg_unfinished", clock(), clock() + timedelta(seconds=600))
+    raw = (DATA / "bounced.json").read_bytes()
+    r = post(client, raw, headers_for(raw, clock, msg_id="msg_unfinished"))
+    assert r.status_code == 200
+    assert r.json == {"duplicate": True, "received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
 
 
 def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,19 +136,26 @@ def test_stale_and_future_timestamps_are_refused(client: FlaskClient, clock: Fro
         assert r.json == {"error": "stale timestamp"}
 
 
-def test_a_replay_is_refused_even_with_a_rewritten_signature(app: pipeline.App, client: FlaskClient,
-                                                             clock: FrozenClock,
-                                                             key: ec.EllipticCurvePrivateKey) -> None:
+def test_a_replay_is_a_duplicate_even_with_a_rewritten_signature(app: pipeline.App, client: FlaskClient,
+                                                                  clock: FrozenClock,
+                                                                  key: ec.EllipticCurvePrivateKey,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """SendGrid retries a POST whose 2xx it did not get: the copy is the same signed bytes,
+    so it answers 200 (a 403 would only make SendGrid retry again) and applies nothing twice."""
     raw = (DATA / "hard_bounce.json").read_bytes()
     headers = signed_headers(key, str(int(clock().timestamp())), raw)
     assert post(client, raw, headers).status_code == 200
-    again = post(client, raw, headers)
-    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    with caplog.at_level(logging.INFO, logger="digest.web.app"):
+        again = post(client, raw, headers)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert [r.levelno for r in caplog.records if "copy of a request" in r.getMessage()] == [logging.INFO]
     # ECDSA is malleable: (r, n - s) verifies too, so the replay key is the signed bytes.
     r_value, s_value = decode_dss_signature(base64.b64decode(headers[sendgrid.SIGNATURE_HEADER]))
     malleated = encode_dss_signature(r_value, P256_ORDER - s_value)
     twin = headers | {sendgrid.SIGNATURE_HEADER: base64.b64encode(malleated).decode()}
-    assert post(client, raw, twin).status_code == 403
+    r = post(client, raw, twin)
+    assert r.status_code == 200 and r.json is not None and r.json["duplicate"] is True
     assert app.store.event_counts() == {"hard_bounce": 1}
     # Once the memory lapses the copy is stale anyway.
     clock.advance(seconds=601)

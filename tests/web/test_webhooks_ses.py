@@ -218,14 +218,30 @@ def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, k
     assert post(client, sign(load("bounce_permanent.json"), key, clock, age=age)).status_code == expected
 
 
-def test_a_replayed_message_id_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
-                                          clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+def test_a_retried_message_id_is_a_duplicate(app: pipeline.App, client: FlaskClient, served: Served,
+                                             clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    """SNS retries (same MessageId, same signed fields) when it did not get a 2xx in time."""
     envelope = sign(load("bounce_permanent.json"), key, clock)
     assert post(client, envelope).status_code == 200
+    clock.advance(seconds=20)  # SNS's default retry delay
     again = post(client, envelope)
-    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
     assert app.store.event_counts() == {"hard_bounce": 1}
     assert served.fetched == [CERT_URL]  # fetched once, then cached
+    # Past the freshness window the same copy is refused as stale, as before.
+    clock.advance(seconds=300)
+    assert post(client, envelope).json == {"error": "stale timestamp"}
+
+
+def test_a_retried_confirmation_is_not_confirmed_twice(client: FlaskClient, confirmed: list[str],
+                                                       clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    envelope = sign(load("subscription_confirmation.json"), key, clock)
+    assert post(client, envelope).status_code == 200
+    again = post(client, envelope)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 0, "stored": 0, "duplicates": 0, "suppressed": 0}
+    assert confirmed == [envelope["SubscribeURL"]]
 
 
 def test_an_expired_certificate_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
