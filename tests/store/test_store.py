@@ -875,3 +875,26 @@ def test_a_restart_and_a_late_verdict_on_one_batch_take_their_locks_in_one_order
         assert store.ledger_counts(draft_id) == {"sent": 4}
     finally:
         store.close()
+
+
+def test_webhook_replay_memory_tells_a_copy_from_the_same_key_on_other_content(store: Store) -> None:
+    until = NOW + timedelta(seconds=600)
+    assert store.remember_webhook_key("svix", "msg_1", NOW, until) == "new"
+    assert store.remember_webhook_key("svix", "msg_1", NOW, until) == "duplicate"
+    assert store.remember_webhook_key("other", "msg_1", NOW, until) == "new"  # per provider
+    # A content hash (Mailgun's body): the first one stays, a copy must match it.
+    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:aa") == "new"
+    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:aa") == "duplicate"
+    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:bb") == "conflict"
+    assert store.remember_webhook_key("mailgun", "token:t", NOW, until) == "conflict"
+    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:aa") == "duplicate"
+    # Forgotten (its request failed), the key is new again, with the next request's content.
+    store.forget_webhook_key("mailgun", "token:t")
+    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:bb") == "new"
+    # Expired keys, with or without a hash, are purged by the next insert and are new again.
+    later = until + timedelta(seconds=1)
+    assert store.remember_webhook_key("svix", "msg_2", later, later + timedelta(seconds=600)) == "new"
+    assert store.remember_webhook_key("svix", "msg_1", later, later + timedelta(seconds=600)) == "new"
+    assert store.remember_webhook_key("mailgun", "token:t", later, later, "sha256:cc") == "new"
+    # A key that expires exactly now is still held (as before the hash was stored with it).
+    assert store.remember_webhook_key("mailgun", "token:t", later, later, "sha256:cc") == "duplicate"

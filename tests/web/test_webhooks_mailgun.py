@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 def test_a_signed_permanent_failure_suppresses_at_once(app: pipeline.App, client: FlaskClient,
                                                        clock: FrozenClock) -> None:
     draft_id = sending_draft(app)
@@ -96,18 +105,54 @@ def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, a
     assert r.status_code == expected
 
 
-def test_a_replayed_token_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+def test_a_replayed_token_is_a_duplicate_only_on_the_same_body(app: pipeline.App, client: FlaskClient,
+                                                               clock: FrozenClock,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     body = signed("failed_permanent.json", clock)
     assert post(client, body).status_code == 200
-    again = post(client, body)
-    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    # Mailgun retrying after our answer was lost: the same token on the same body.
+    with caplog.at_level(logging.INFO, logger="digest.web.app"):
+        again = post(client, body)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert [r.levelno for r in caplog.records if "copy of a request" in r.getMessage()] == [logging.INFO]
+    # Re-serialized (other spacing and key order) it is still the same body.
+    respaced = json.dumps(body, indent=2, sort_keys=True).encode()
+    assert post(client, respaced).json == again.json
     # The signature covers only timestamp + token, so a captured one stapled onto a forged
-    # event is stopped by the token memory.
+    # event is stopped by the token memory: 406, which tells Mailgun not to retry.
     forged = signed("unsubscribed.json", clock)
     forged["signature"] = body["signature"]
-    assert post(client, forged).status_code == 403
+    r = post(client, forged)
+    assert r.status_code == 406 and r.json == {"error": "replayed signature on a different body"}
+    tweaked = json.loads(json.dumps(body))
+    tweaked["event-data"]["recipient"] = "chloe@example.net"
+    assert post(client, tweaked).status_code == 406
     assert status_of(app, "chloe@example.net") == "active"
     assert app.store.event_counts() == {"hard_bounce": 1}
+    # The first body stays the one remembered: its copies are still duplicates.
+    assert post(client, body).status_code == 200
+
+
+def test_a_duplicate_that_fails_keeps_the_first_body_remembered(app: pipeline.App, client: FlaskClient,
+                                                                clock: FrozenClock,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the request that took the token forgets it on failure: a failing copy must not open
+    the token to a forged body."""
+    body = signed("failed_permanent.json", clock)
+    assert post(client, body).status_code == 200
+
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise StoreError("database is locked")
+
+    real = app.store.record_event
+    monkeypatch.setattr(app.store, "record_event", broken)
+    assert post(client, body).status_code == 500
+    monkeypatch.setattr(app.store, "record_event", real)
+    forged = signed("unsubscribed.json", clock)
+    forged["signature"] = body["signature"]
+    assert post(client, forged).status_code == 406
+    assert status_of(app, "chloe@example.net") == "active"
 
 
 def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
@@ -126,13 +171,17 @@ def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: Flask
 
 
 def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert post(client, signed("complained.json", clock)).status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_an_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert post(client, signed("unsubscribed.json", clock)).status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
 
 
 def test_temporary_failures_are_delays_and_giving_up_is_a_counted_soft_bounce(
@@ -141,6 +190,36 @@ def test_temporary_failures_are_delays_and_giving_up_is_a_counted_soft_bounce(
     assert post(client, signed("failed_old.json", clock)).status_code == 200
     assert status_of(app, "ada@example.com") == "active"
     assert app.store.event_counts() == {"deferred": 1, "soft_bounce": 1}
+
+
+def test_an_event_in_a_new_signed_request_is_applied_once(app: pipeline.App, client: FlaskClient,
+                                                          clock: FrozenClock) -> None:
+    assert post(client, signed("failed_permanent.json", clock)).status_code == 200
+    clock.advance(seconds=60)
+    again = post(client, signed("failed_permanent.json", clock))  # a new token and timestamp
+    assert again.status_code == 200
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert post(client, signed("complained.json", clock)).status_code == 200
+    again = post(client, signed("complained.json", clock))
+    assert again.status_code == 200 and again.json is not None and again.json["stored"] == 0
+    assert app.store.event_counts() == {"hard_bounce": 1, "complaint": 1}
+
+
+def test_a_soft_bounce_delivered_again_counts_once_toward_the_limit(app: pipeline.App, client: FlaskClient,
+                                                                    clock: FrozenClock) -> None:
+    for _ in range(3):
+        clock.advance(seconds=30)
+        r = post(client, signed("failed_old.json", clock))
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+    # Two soft bounces of her own (new Mailgun event ids) make three: now she is suppressed.
+    for n, suppressed in ((2, 0), (3, 1)):
+        body = signed("failed_old.json", clock)
+        body["event-data"]["id"] = f"Ht8-6u92T3nt-6Jh5I2Ks{n}"
+        r = post(client, body)
+        assert r.json is not None and r.json["suppressed"] == suppressed
+    assert status_of(app, "ada@example.com") == "bounced"
 
 
 def test_legacy_form_posts_and_garbage_are_400(client: FlaskClient) -> None:

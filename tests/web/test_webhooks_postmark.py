@@ -74,6 +74,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 def test_right_credentials_and_a_hard_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient) -> None:
     draft_id = sending_draft(app)
     r = post(client, load("hard_bounce.json"))
@@ -138,15 +146,19 @@ def test_nothing_signed_means_no_staleness_check_an_old_event_is_applied_once(
 
 
 def test_a_spam_complaint_suppresses(app: pipeline.App, client: FlaskClient) -> None:
+    draft_id = sending_draft(app)
     assert post(client, load("spam_complaint.json")).status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
     assert status_of(app, "ada@example.com") == "active"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_a_subscription_change_unsubscribes_and_a_reactivation_does_not_resubscribe(
         app: pipeline.App, client: FlaskClient) -> None:
+    draft_id = sending_draft(app)
     assert post(client, load("subscription_change.json")).status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
     assert post(client, load("reactivation.json")).status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
 

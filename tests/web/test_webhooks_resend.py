@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 def test_a_signed_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
     draft_id = sending_draft(app)
     r = send(client, clock, "bounced.json")
@@ -125,26 +135,58 @@ def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, a
     assert send(client, clock, "bounced.json", age=age).status_code == expected
 
 
-def test_a_replayed_svix_id_is_refused(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+def test_a_retried_svix_id_is_a_duplicate(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Svix retries a message whose 2xx it did not get under the same svix-id, re-signed with a
+    new timestamp, and disables an endpoint that keeps failing: the copy answers 200."""
     raw = (DATA / "bounced.json").read_bytes()
     headers = headers_for(raw, clock, msg_id="msg_replayed")
     assert post(client, raw, headers).status_code == 200
-    assert post(client, raw, headers).json == {"error": "replayed request"}
-    # Even re-signed with a new timestamp (how Svix retries), the same svix-id is a replay of
-    # something already applied.
-    clock.advance(seconds=30)
-    assert post(client, raw, headers_for(raw, clock, msg_id="msg_replayed")).status_code == 403
+    duplicate = {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    with caplog.at_level(logging.INFO, logger="digest.web.app"):
+        again = post(client, raw, headers)
+    assert again.status_code == 200 and again.json == duplicate
+    assert [r.levelno for r in caplog.records if "copy of a request" in r.getMessage()] == [logging.INFO]
+    clock.advance(seconds=5)  # Svix's first retry, re-signed
+    again = post(client, raw, headers_for(raw, clock, msg_id="msg_replayed"))
+    assert again.status_code == 200 and again.json == duplicate
     assert app.store.event_counts() == {"hard_bounce": 1}
 
 
+def test_a_retried_soft_bounce_counts_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    raw = (DATA / "bounced_transient.json").read_bytes()
+    for _ in range(3):
+        r = post(client, raw, headers_for(raw, clock, msg_id="msg_soft"))
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+        clock.advance(seconds=5)
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+
+
+def test_a_copy_of_a_request_whose_first_attempt_never_finished_is_applied(
+        app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    """The key was remembered, then the process died before the event was stored: the retry,
+    a copy, still stores and applies it (apply is idempotent, so a copy is applied again)."""
+    app.store.remember_webhook_key("resend", "svix:msg_unfinished", clock(), clock() + timedelta(seconds=600))
+    raw = (DATA / "bounced.json").read_bytes()
+    r = post(client, raw, headers_for(raw, clock, msg_id="msg_unfinished"))
+    assert r.status_code == 200
+    assert r.json == {"duplicate": True, "received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+
+
 def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert send(client, clock, "complained.json").status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_an_audience_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    draft_id = sending_draft(app)
     assert send(client, clock, "contact_unsubscribed.json").status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
 
 
 def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
@@ -152,6 +194,38 @@ def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClie
     assert send(client, clock, "delivery_delayed.json").status_code == 200
     assert status_of(app, "ada@example.com") == "active"
     assert app.store.event_counts() == {"soft_bounce": 1, "deferred": 1}
+
+
+def test_an_event_in_a_new_svix_message_is_applied_once(app: pipeline.App, client: FlaskClient,
+                                                        clock: FrozenClock) -> None:
+    raw = (DATA / "bounced.json").read_bytes()
+    assert post(client, raw, headers_for(raw, clock, msg_id="msg_first")).status_code == 200
+    clock.advance(seconds=60)
+    again = post(client, raw, headers_for(raw, clock, msg_id="msg_second"))
+    assert again.status_code == 200
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    complaint = (DATA / "complained.json").read_bytes()
+    assert post(client, complaint, headers_for(complaint, clock, msg_id="msg_c1")).status_code == 200
+    again = post(client, complaint, headers_for(complaint, clock, msg_id="msg_c2"))
+    assert again.status_code == 200 and again.json is not None and again.json["stored"] == 0
+    assert app.store.event_counts() == {"hard_bounce": 1, "complaint": 1}
+
+
+def test_a_soft_bounce_delivered_again_counts_once_toward_the_limit(app: pipeline.App, client: FlaskClient,
+                                                                    clock: FrozenClock) -> None:
+    raw = (DATA / "bounced_transient.json").read_bytes()
+    for n in range(3):
+        clock.advance(seconds=30)
+        r = post(client, raw, headers_for(raw, clock, msg_id=f"msg_soft_{n}"))
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+    # Two bounces of her own (other emails of ours) make three: now she is suppressed.
+    for n, suppressed in ((2, 0), (3, 1)):
+        other = raw.replace(b"ff6fc54ce619", f"ff6fc54ce6{n:02d}".encode())
+        r = post(client, other, headers_for(other, clock, msg_id=f"msg_other_{n}"))
+        assert r.json is not None and r.json["suppressed"] == suppressed
+    assert status_of(app, "ada@example.com") == "bounced"
 
 
 def test_unparseable_but_signed_body_is_400(client: FlaskClient, clock: FrozenClock) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 def test_a_signed_hard_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                                  key: ec.EllipticCurvePrivateKey) -> None:
     draft_id = sending_draft(app)
@@ -127,19 +136,26 @@ def test_stale_and_future_timestamps_are_refused(client: FlaskClient, clock: Fro
         assert r.json == {"error": "stale timestamp"}
 
 
-def test_a_replay_is_refused_even_with_a_rewritten_signature(app: pipeline.App, client: FlaskClient,
-                                                             clock: FrozenClock,
-                                                             key: ec.EllipticCurvePrivateKey) -> None:
+def test_a_replay_is_a_duplicate_even_with_a_rewritten_signature(app: pipeline.App, client: FlaskClient,
+                                                                  clock: FrozenClock,
+                                                                  key: ec.EllipticCurvePrivateKey,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """SendGrid retries a POST whose 2xx it did not get: the copy is the same signed bytes,
+    so it answers 200 (a 403 would only make SendGrid retry again) and applies nothing twice."""
     raw = (DATA / "hard_bounce.json").read_bytes()
     headers = signed_headers(key, str(int(clock().timestamp())), raw)
     assert post(client, raw, headers).status_code == 200
-    again = post(client, raw, headers)
-    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    with caplog.at_level(logging.INFO, logger="digest.web.app"):
+        again = post(client, raw, headers)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert [r.levelno for r in caplog.records if "copy of a request" in r.getMessage()] == [logging.INFO]
     # ECDSA is malleable: (r, n - s) verifies too, so the replay key is the signed bytes.
     r_value, s_value = decode_dss_signature(base64.b64decode(headers[sendgrid.SIGNATURE_HEADER]))
     malleated = encode_dss_signature(r_value, P256_ORDER - s_value)
     twin = headers | {sendgrid.SIGNATURE_HEADER: base64.b64encode(malleated).decode()}
-    assert post(client, raw, twin).status_code == 403
+    r = post(client, raw, twin)
+    assert r.status_code == 200 and r.json is not None and r.json["duplicate"] is True
     assert app.store.event_counts() == {"hard_bounce": 1}
     # Once the memory lapses the copy is stale anyway.
     clock.advance(seconds=601)
@@ -148,14 +164,18 @@ def test_a_replay_is_refused_even_with_a_rewritten_signature(app: pipeline.App, 
 
 def test_a_spam_report_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                   key: ec.EllipticCurvePrivateKey) -> None:
+    draft_id = sending_draft(app)
     assert send(client, key, clock, "spamreport.json").status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_an_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                     key: ec.EllipticCurvePrivateKey) -> None:
+    draft_id = sending_draft(app)
     assert send(client, key, clock, "unsubscribe.json").status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
 
 
 def test_a_block_is_a_soft_bounce_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
@@ -163,6 +183,48 @@ def test_a_block_is_a_soft_bounce_only_counted(app: pipeline.App, client: FlaskC
     assert send(client, key, clock, "soft_bounce.json").status_code == 200
     assert status_of(app, "ada@example.com") == "active"
     assert app.store.event_counts() == {"soft_bounce": 1}
+
+
+def send_raw(client: FlaskClient, key: ec.EllipticCurvePrivateKey, clock: FrozenClock, raw: bytes) -> TestResponse:
+    """Post ``raw`` in a request of its own, signed now."""
+    return post(client, raw, signed_headers(key, str(int(clock().timestamp())), raw))
+
+
+def events_of(*names: str, **changes: Any) -> list[dict[str, Any]]:
+    """The events of saved payloads, each edited by ``changes``."""
+    return [event | changes for name in names for event in json.loads((DATA / name).read_bytes())]
+
+
+def test_an_event_in_a_new_signed_request_is_applied_once(app: pipeline.App, client: FlaskClient,
+                                                          clock: FrozenClock,
+                                                          key: ec.EllipticCurvePrivateKey) -> None:
+    assert send(client, key, clock, "hard_bounce.json").status_code == 200
+    clock.advance(seconds=45)  # SendGrid's retry: signed again, with a new timestamp
+    again = send(client, key, clock, "hard_bounce.json")
+    assert again.status_code == 200
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    # ... or the same event batched with others.
+    batch = json.dumps(events_of("hard_bounce.json", "spamreport.json")).encode()
+    r = send_raw(client, key, clock, batch)
+    assert r.status_code == 200 and r.json == {"received": 2, "stored": 1, "duplicates": 1, "suppressed": 2}
+    assert app.store.event_counts() == {"hard_bounce": 1, "complaint": 1}
+
+
+def test_a_soft_bounce_delivered_again_counts_once_toward_the_limit(app: pipeline.App, client: FlaskClient,
+                                                                    clock: FrozenClock,
+                                                                    key: ec.EllipticCurvePrivateKey) -> None:
+    for _ in range(3):
+        clock.advance(seconds=30)
+        r = send(client, key, clock, "soft_bounce.json")
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+    # Two blocks of her own (new sg_event_ids) make three: now she is suppressed.
+    r = send_raw(client, key, clock, json.dumps(events_of("soft_bounce.json", sg_event_id="sg-blocked-2")).encode())
+    assert r.json is not None and r.json["suppressed"] == 0
+    r = send_raw(client, key, clock, json.dumps(events_of("soft_bounce.json", sg_event_id="sg-blocked-3")).encode())
+    assert r.json is not None and r.json["suppressed"] == 1
+    assert status_of(app, "ada@example.com") == "bounced"
 
 
 def test_unparseable_but_signed_body_is_400(client: FlaskClient, clock: FrozenClock,

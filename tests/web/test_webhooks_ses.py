@@ -136,6 +136,14 @@ def sending_draft(app: pipeline.App) -> int:
     return draft.id
 
 
+def assert_next_claim_skips(app: pipeline.App, draft_id: int, email: str) -> None:
+    """Rule 2: the very next claim of the send in progress skips ``email`` (as for a hard bounce)."""
+    claimed = app.store.claim_batch(draft_id, 10, "claim-1", app.now())
+    others = sorted(e for e, _ in pipeline.DEMO_SUBSCRIBERS if e != email)
+    assert sorted(c.recipient.email for c in claimed) == others
+    assert (email, "skipped") in [(e, s) for _, e, s in app.store.ledger_rows(draft_id)]
+
+
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_a_signed_permanent_bounce_suppresses_at_once(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                                       key: rsa.RSAPrivateKey, version: str) -> None:
@@ -210,14 +218,30 @@ def test_a_stale_timestamp_is_refused(client: FlaskClient, clock: FrozenClock, k
     assert post(client, sign(load("bounce_permanent.json"), key, clock, age=age)).status_code == expected
 
 
-def test_a_replayed_message_id_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
-                                          clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+def test_a_retried_message_id_is_a_duplicate(app: pipeline.App, client: FlaskClient, served: Served,
+                                             clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    """SNS retries (same MessageId, same signed fields) when it did not get a 2xx in time."""
     envelope = sign(load("bounce_permanent.json"), key, clock)
     assert post(client, envelope).status_code == 200
+    clock.advance(seconds=20)  # SNS's default retry delay
     again = post(client, envelope)
-    assert again.status_code == 403 and again.json == {"error": "replayed request"}
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
     assert app.store.event_counts() == {"hard_bounce": 1}
     assert served.fetched == [CERT_URL]  # fetched once, then cached
+    # Past the freshness window the same copy is refused as stale, as before.
+    clock.advance(seconds=300)
+    assert post(client, envelope).json == {"error": "stale timestamp"}
+
+
+def test_a_retried_confirmation_is_not_confirmed_twice(client: FlaskClient, confirmed: list[str],
+                                                       clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    envelope = sign(load("subscription_confirmation.json"), key, clock)
+    assert post(client, envelope).status_code == 200
+    again = post(client, envelope)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 0, "stored": 0, "duplicates": 0, "suppressed": 0}
+    assert confirmed == [envelope["SubscribeURL"]]
 
 
 def test_an_expired_certificate_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
@@ -302,14 +326,18 @@ def test_an_unsubscribe_confirmation_changes_nothing(app: pipeline.App, client: 
 
 def test_a_complaint_suppresses(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                 key: rsa.RSAPrivateKey) -> None:
+    draft_id = sending_draft(app)
     assert post(client, sign(load("complaint.json"), key, clock)).status_code == 200
     assert status_of(app, "ben@example.org") == "complained"
+    assert_next_claim_skips(app, draft_id, "ben@example.org")
 
 
 def test_a_list_unsubscribe_is_honoured(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
                                         key: rsa.RSAPrivateKey) -> None:
+    draft_id = sending_draft(app)
     assert post(client, sign(load("subscription_unsubscribe.json"), key, clock)).status_code == 200
     assert status_of(app, "chloe@example.net") == "unsubscribed"
+    assert_next_claim_skips(app, draft_id, "chloe@example.net")
 
 
 def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
@@ -319,6 +347,63 @@ def test_a_transient_bounce_is_only_counted(app: pipeline.App, client: FlaskClie
     assert post(client, sign(load("delivery_delay.json"), key, clock)).status_code == 200
     assert status_of(app, "ada@example.com") == "active"
     assert app.store.event_counts() == {"soft_bounce": 1, "deferred": 1}
+
+
+def in_another_message(envelope: dict[str, Any], message_id: str, **changes: Any) -> dict[str, Any]:
+    """The same SES event published again: SNS gives every publish a MessageId of its own.
+
+    ``changes`` edit the SES event inside (for example ``notificationType`` for the identity
+    notification that carries the same bounce as event publishing does).
+    """
+    message = json.loads(envelope["Message"])
+    message.update(changes)
+    message = {k: v for k, v in message.items() if v is not None}
+    return envelope | {"MessageId": message_id, "Message": json.dumps(message)}
+
+
+def another_bounce(envelope: dict[str, Any], n: int) -> dict[str, Any]:
+    """Another bounce of the same reader: its own feedbackId, in its own SNS message."""
+    message = json.loads(envelope["Message"])
+    message["bounce"]["feedbackId"] = f"0100-bounce-other-{n}"
+    return envelope | {"MessageId": f"a1b2c3d4-09{n:02d}-5e6f-7a8b-9c0d1e2f3a4b", "Message": json.dumps(message)}
+
+
+def test_an_event_published_again_in_a_new_sns_message_is_applied_once(
+        app: pipeline.App, client: FlaskClient, clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    original = load("bounce_permanent.json")
+    assert post(client, sign(original, key, clock)).status_code == 200
+    clock.advance(seconds=40)
+    again = post(client, sign(in_another_message(original, "a1b2c3d4-0101-5e6f-7a8b-9c0d1e2f3a4b"), key, clock))
+    assert again.status_code == 200
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    complaint = load("complaint.json")
+    assert post(client, sign(complaint, key, clock)).status_code == 200
+    again = post(client, sign(in_another_message(complaint, "a1b2c3d4-0103-5e6f-7a8b-9c0d1e2f3a4b"), key, clock))
+    assert again.status_code == 200 and again.json is not None and again.json["stored"] == 0
+    assert app.store.event_counts() == {"hard_bounce": 1, "complaint": 1}
+
+
+def test_a_soft_bounce_published_again_counts_once_toward_the_limit(
+        app: pipeline.App, client: FlaskClient, clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    original = load("bounce_transient.json")
+    copies = [
+        original,
+        in_another_message(original, "a1b2c3d4-0102-5e6f-7a8b-9c0d1e2f3a4b"),
+        # The same bounce as an identity notification (notificationType, not eventType), which
+        # SES sends besides event publishing when both are set up.
+        in_another_message(original, "a1b2c3d4-0202-5e6f-7a8b-9c0d1e2f3a4b",
+                           eventType=None, notificationType="Bounce"),  # None: left out
+    ]
+    for envelope in copies:
+        clock.advance(seconds=20)
+        r = post(client, sign(envelope, key, clock))
+        assert r.status_code == 200 and r.json is not None and r.json["suppressed"] == 0
+    assert app.store.event_counts() == {"soft_bounce": 1}
+    assert status_of(app, "ada@example.com") == "active"
+    # Two bounces of her own (new feedbackIds) make three: now she is suppressed.
+    assert post(client, sign(another_bounce(original, 1), key, clock)).json["suppressed"] == 0  # type: ignore[index]
+    assert post(client, sign(another_bounce(original, 2), key, clock)).json["suppressed"] == 1  # type: ignore[index]
+    assert status_of(app, "ada@example.com") == "bounced"
 
 
 def test_unconfigured_ses_refuses_everything(tmp_path: Path, served: Served, clock: FrozenClock,
@@ -349,14 +434,19 @@ def test_parse_normalizes_through_the_tables() -> None:
 
     (bounce,) = events("bounce_permanent.json")
     assert (bounce.event_type, bounce.email, bounce.ledger_id) == ("hard_bounce", "ada@example.com", 1)
-    assert bounce.event_id == "a1b2c3d4-0001-5e6f-7a8b-9c0d1e2f3a4b:ada@example.com"
+    assert bounce.event_id == "ses-feedback:0100-bounce-1:ada@example.com"  # SES's feedbackId, not SNS's id
     assert bounce.detail["bounce_subtype"] == "General"
     assert [e.event_type for e in events("bounce_transient.json")] == ["soft_bounce"]
     assert [e.event_type for e in events("complaint.json")] == ["complaint"]
     assert [e.event_type for e in events("subscription_unsubscribe.json")] == ["unsubscribe"]
     assert [e.event_type for e in events("delivery_delay.json")] == ["deferred"]
-    assert [(e.event_type, e.email) for e in events("delivery.json")] == [
+    deliveries = events("delivery.json")
+    assert [(e.event_type, e.email) for e in deliveries] == [
         ("delivered", "ada@example.com"), ("delivered", "ben@example.org")]
+    # No feedbackId: the content identifies the event, per recipient, whatever SNS message carries it.
+    assert deliveries[0].event_id != deliveries[1].event_id
+    assert [e.event_id for e in deliveries] == [e.event_id for e in ses.parse(json.dumps(
+        load("delivery.json") | {"MessageId": "another-sns-message"}).encode())]
     assert events("subscription_confirmation.json") == []
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -79,6 +79,11 @@ _COMMENT_COMPARED = (comments.c.id, comments.c.source, comments.c.key, comments.
                      comments.c.author, comments.c.position, comments.c.upvotes, comments.c.downvotes,
                      comments.c.parent_key, comments.c.deleted_at)
 _Item = TypeVar("_Item")
+
+
+# What remember_webhook_key found: the first request with this key, a copy of it, or the same
+# key on other content.
+ReplaySeen = Literal["new", "duplicate", "conflict"]
 
 
 def _sendable() -> ColumnElement[bool]:
@@ -827,7 +832,8 @@ class Store:
     # -- webhook replay memory (DESIGN.md rule 7) ---------------------------------------------
     # Kept in ``meta`` under a prefix, without a schema change: the primary key makes "first
     # one wins" atomic across processes, and expired keys are purged on each insert, so the
-    # table holds at most the keys of the last few minutes.
+    # table holds at most the keys of the last few minutes. The value is the expiry (fixed
+    # width, so text order is time order), then a space and the content hash if there is one.
 
     _REPLAY_PREFIX = "webhook-replay:"
 
@@ -835,18 +841,33 @@ class Store:
         # Hashed: provider keys (Mailgun tokens, Svix ids) are long and caller-chosen.
         return f"{self._REPLAY_PREFIX}{provider[:20]}:{hashlib.sha256(key.encode('utf-8')).hexdigest()[:60]}"
 
-    def remember_webhook_key(self, provider: str, key: str, now: datetime, keep_until: datetime) -> bool:
-        """Record a webhook's replay key; False if it is already remembered (a replay)."""
-        expires = f"{int(as_utc(keep_until).timestamp()):012d}"  # fixed width: text order is time order
+    def remember_webhook_key(self, provider: str, key: str, now: datetime, keep_until: datetime,
+                             content_hash: str = "") -> ReplaySeen:
+        """Record a webhook's replay key, with a hash of what its signature does not cover.
+
+        ``"new"`` the first time. For a key already remembered: ``"duplicate"`` if it came with
+        the same ``content_hash`` (a copy of that request), ``"conflict"`` if with another (the
+        same key on different content). The first request's hash stays: a later one never
+        replaces it.
+        """
+        expires = f"{int(as_utc(keep_until).timestamp()):012d}"
         cutoff = f"{int(as_utc(now).timestamp()):012d}"
-        try:
-            with self._tx() as conn:
-                conn.execute(delete(meta).where(and_(meta.c.key.startswith(self._REPLAY_PREFIX, autoescape=True),
-                                                     meta.c.value < cutoff)))
-                conn.execute(insert(meta).values(key=self._replay_meta_key(provider, key), value=expires))
-        except IntegrityError:
-            return False
-        return True
+        meta_key = self._replay_meta_key(provider, key)
+        value = f"{expires} {content_hash}" if content_hash else expires
+        for _ in range(3):
+            try:
+                with self._tx() as conn:
+                    conn.execute(delete(meta).where(and_(
+                        meta.c.key.startswith(self._REPLAY_PREFIX, autoescape=True), meta.c.value < cutoff)))
+                    conn.execute(insert(meta).values(key=meta_key, value=value))
+            except IntegrityError:
+                with self._tx() as conn:
+                    held = conn.execute(select(meta.c.value).where(meta.c.key == meta_key)).scalar_one_or_none()
+                if held is None:
+                    continue  # forgotten in between (its request failed): this one takes it
+                return "duplicate" if held.partition(" ")[2] == content_hash else "conflict"
+            return "new"
+        raise StoreError("webhook replay memory: the key kept changing hands")
 
     def forget_webhook_key(self, provider: str, key: str) -> None:
         """Drop a replay key again: its request failed, so the provider's retry must be let in."""

@@ -6,9 +6,12 @@ providers send with ``List-Unsubscribe=One-Click`` and no cookies. ``/preference
 shows the subscription and offers the same unsubscribe button.
 
 ``/webhooks/<provider>`` (POST only): verify (401 bad credentials or signature; 403 stale,
-replayed, wrong topic or provider not configured; 503 when an SNS certificate cannot be
-fetched), parse (400 if malformed), then apply through ``pipeline.apply_events`` and answer
-200 with JSON counts. See ``digest.web.webhooks`` for each provider's rules.
+wrong topic or provider not configured; 503 when an SNS certificate cannot be fetched), parse
+(400 if malformed), then apply through ``pipeline.apply_events`` and answer 200 with JSON
+counts. A copy of a request already received (its replay key remembered: the provider's retry
+after our answer was lost) answers 200 too, with ``"duplicate": true``, and is applied
+idempotently, so nothing is stored or counted twice; only a Mailgun token reused on a different
+body is refused, with 406. See ``digest.web.webhooks`` for each provider's rules.
 """
 
 from __future__ import annotations
@@ -132,32 +135,48 @@ def create_app(
             log.warning("webhooks: %s: unparseable body: %s", provider, exc)
             return webhook_answer(400, error="unparseable body")
         key = verified.replay_key
+        # Whether this request took the key; a copy must not forget the first request's key.
+        owns_key = duplicate = False
         if key is not None:
             # Remembered past the freshness window on both sides; older copies are stale anyway.
             keep_until = now + timedelta(seconds=2 * settings.max_age)
-            if not app.store.remember_webhook_key(provider, key, now, keep_until):
-                log.warning("webhooks: %s: refused a replayed request", provider)
-                return webhook_answer(403, error="replayed request")
+            seen = app.store.remember_webhook_key(provider, key, now, keep_until, verified.content_hash or "")
+            if seen == "conflict":
+                # Only where the signature leaves the body uncovered (Mailgun): a captured
+                # signature on another body. 406 is what makes Mailgun stop retrying.
+                log.warning("webhooks: %s: refused a reused signature on a different body", provider)
+                return webhook_answer(406, error="replayed signature on a different body")
+            owns_key = seen == "new"
+            duplicate = seen == "duplicate"
+            if duplicate:
+                # The same signed content again: the provider retrying after our answer was
+                # lost (or a replay). 200 stops the retries; applying again is idempotent, and
+                # stores what an unfinished first attempt did not.
+                log.info("webhooks: %s: a copy of a request already received; answering 200, "
+                         "nothing is applied twice", provider)
         try:
-            if verified.subscribe_url is not None:
+            # The SNS handshake is done (or reported) once, by the first copy.
+            if verified.subscribe_url is not None and not duplicate:
                 (sns_confirm or ses.confirm_subscription)(verified.subscribe_url)
                 log.info("webhooks: ses: confirmed the SNS subscription")
-            elif verified.message_type == "unsubscribe_confirmation":
+            elif verified.message_type == "unsubscribe_confirmation" and not duplicate:
                 log.warning("webhooks: ses: SNS reports this endpoint was unsubscribed from its topic")
             outcome = apply_events(app, provider, events)
         except webhooks.Unavailable as exc:
-            if key is not None:
+            if key is not None and owns_key:
                 app.store.forget_webhook_key(provider, key)
             log.warning("webhooks: %s: %s", provider, exc)
             return webhook_answer(503, error=str(exc))
         except Exception:
             # Not applied: forget the key so the provider's retry is let in (and applied).
-            if key is not None:
+            if key is not None and owns_key:
                 app.store.forget_webhook_key(provider, key)
             raise
         body: dict[str, Any] = {"received": outcome.received, "stored": outcome.stored,
                                 "duplicates": outcome.duplicates, "suppressed": len(outcome.suppressed)}
-        if verified.subscribe_url is not None:
+        if duplicate:
+            body["duplicate"] = True
+        elif verified.subscribe_url is not None:
             body["confirmed"] = True
         return webhook_answer(200, **body)
 

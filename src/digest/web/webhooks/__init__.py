@@ -8,10 +8,19 @@ One module per provider, each with two pure functions (DESIGN.md rule 7)::
 ``verify`` never touches the store: it checks credentials or the signature and the signed
 timestamp's freshness, and returns the request's *replay key* (Mailgun's token, the Svix id,
 the SNS message id, a hash of SendGrid's signed bytes). The web route remembers replay keys
-for ``2 * max_age`` and refuses a second request carrying one; that memory only has to outlive
-the freshness window, because an older copy is already refused as stale. Postmark signs
-nothing and sends no timestamp, so it has no replay key; its replays are harmless because
-applying an event is idempotent (one stored row per provider event id).
+for ``2 * max_age``; that memory only has to outlive the freshness window, because an older
+copy is already refused as stale.
+
+A second request carrying a remembered key is, for SendGrid, SNS and Svix, the same signed
+content again: their signatures cover the whole body (and the key), so it is the provider
+retrying after our answer was lost, or someone replaying a captured request. Either way it
+is answered 200 as a duplicate and applied idempotently (one stored row per provider event
+id), so nothing is applied twice, and the provider stops retrying instead of flagging the
+endpoint. Mailgun signs only timestamp + token, so its ``verify`` also returns a
+``content_hash`` of the body: the token is a duplicate only on the same content; on other
+content it is a captured signature stapled onto a forged event, and refused with 406 (which
+Mailgun takes as "rejected, do not retry"). Postmark signs nothing and sends no timestamp,
+so it has no replay key; its replays are harmless for the same reason (idempotent apply).
 
 ``parse`` normalizes each provider's vocabulary through a small mapping table into
 :data:`EVENT_TYPES`; anything unknown becomes ``other`` and is stored, never applied.
@@ -65,7 +74,7 @@ class BadCredentials(WebhookVerificationError):
 
 
 class Refused(WebhookVerificationError):
-    """Authentic-looking but refused (not configured, stale, replayed, wrong topic): HTTP 403."""
+    """Authentic-looking but refused (not configured, stale, wrong topic): HTTP 403."""
 
     status = 403
 
@@ -80,12 +89,16 @@ class Unavailable(WebhookVerificationError):
 class Verified:
     """What a successful ``verify`` learned about the request.
 
-    ``replay_key`` is unique per delivery attempt the provider signed (``None`` when the
-    provider signs nothing). ``subscribe_url`` is set only for an SNS SubscriptionConfirmation,
-    already checked to be an https URL on an ``sns.<region>.amazonaws.com`` host.
+    ``replay_key`` names what the provider signed: the same on the provider's retries of one
+    delivery (``None`` when the provider signs nothing). ``content_hash`` is set only where the
+    signature does not cover the body (Mailgun): a hash of that body, which a request reusing
+    the key must match to count as a duplicate. ``subscribe_url`` is set only for an SNS
+    SubscriptionConfirmation, already checked to be an https URL on an
+    ``sns.<region>.amazonaws.com`` host.
     """
 
     replay_key: str | None = None
+    content_hash: str | None = None
     subscribe_url: str | None = None
     message_type: str = "notification"
 

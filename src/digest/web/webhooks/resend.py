@@ -5,7 +5,10 @@ Verification (APIS.md A.5): the headers ``svix-id``, ``svix-timestamp`` (epoch s
 The key is the base64-decoded part of ``webhooks.resend_secret`` after ``whsec_``; the signed
 content is ``"{svix-id}.{svix-timestamp}.{raw body}"``. Any one ``v1`` entry matching (in
 constant time) is enough. ``svix-id`` stays the same across Svix's retries, so it is the replay
-key; each retry is freshly signed with a new timestamp.
+key; each retry is freshly signed with a new timestamp. The signature covers the id and the
+body, so a retry of a message we already took (our 200 was lost) is the same content: it is
+answered 200 as a duplicate, since Svix keeps retrying, and in the end disables, an endpoint
+that answers anything else.
 """
 
 from __future__ import annotations

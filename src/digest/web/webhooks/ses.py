@@ -17,7 +17,9 @@ in this order:
    so a retry older than ``max_age`` is refused; raise ``max_age`` to match a topic's delivery
    policy if it retries longer.
 
-The SNS ``MessageId`` (the same on SNS retries) is the replay key. A SubscriptionConfirmation is
+The SNS ``MessageId`` (the same on SNS retries) is the replay key, but never an event's id: an
+event published again in another SNS message is the same event (SES's ``feedbackId`` for bounces
+and complaints, the content for the rest), stored and counted once. A SubscriptionConfirmation is
 verified the same way; its ``SubscribeURL`` must be ``https://sns.<region>.amazonaws.com/`` with
 ``Action=ConfirmSubscription`` before the web route fetches it.
 """
@@ -53,6 +55,7 @@ from digest.web.webhooks import (
     Verified,
     address,
     check_age,
+    content_id,
     header,
     iso,
     ledger_id,
@@ -261,7 +264,6 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
         raise MalformedPayload("ses: the body must be an SNS message object")
     if envelope.get("Type") != "Notification":
         return []
-    sns_id = str(envelope.get("MessageId") or "")
     try:
         message = json.loads(str(envelope.get("Message") or ""))
     except json.JSONDecodeError:
@@ -272,13 +274,22 @@ def parse(raw_body: bytes) -> list[DeliveryEvent]:
     if not isinstance(message, dict):
         return []
     try:
-        return _events(sns_id, message)
+        return _events(message)
     except (KeyError, TypeError, AttributeError) as exc:
         raise MalformedPayload(f"ses: unexpected event shape ({exc.__class__.__name__}: {exc})") from exc
 
 
-def _events(sns_id: str, message: dict[str, Any]) -> list[DeliveryEvent]:
+def _events(message: dict[str, Any]) -> list[DeliveryEvent]:
     kind = str(message.get("eventType") or message.get("notificationType") or "")
+    # The event's own identity, never the SNS MessageId: SNS keeps that id only across its own
+    # retries, and every publish gets a new one, so one SES event published twice (event
+    # publishing and identity notifications both set up, or two topics of ours) would count
+    # twice, and a soft bounce twice toward the limit. Bounces and complaints carry SES's
+    # feedbackId; other events have no id of their own, so their content identifies them.
+    feedback_id = ""
+    if kind in ("Bounce", "Complaint"):
+        feedback_id = str(obj(message.get(kind.lower())).get("feedbackId") or "")
+    identity = f"ses-feedback:{feedback_id}" if feedback_id else content_id(message)
     mail: dict[str, Any] = message.get("mail") or {}
     tags = obj(mail.get("tags"))
     base_detail = {"event": kind, "message_id": text(mail.get("messageId"))}
@@ -317,8 +328,8 @@ def _events(sns_id: str, message: dict[str, Any]) -> list[DeliveryEvent]:
     return [
         DeliveryEvent(
             provider=NAME,
-            # The SNS MessageId is the same on every SNS retry; one event per recipient in it.
-            event_id=short_id(f"{sns_id}:{address(email)}"),
+            # One event per recipient the SES event concerns.
+            event_id=short_id(f"{identity}:{address(email)}"),
             event_type=event_type,
             email=address(email),
             occurred_at=iso(when) or iso(mail.get("timestamp")),
