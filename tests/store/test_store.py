@@ -898,3 +898,46 @@ def test_webhook_replay_memory_tells_a_copy_from_the_same_key_on_other_content(s
     assert store.remember_webhook_key("mailgun", "token:t", later, later, "sha256:cc") == "new"
     # A key that expires exactly now is still held (as before the hash was stored with it).
     assert store.remember_webhook_key("mailgun", "token:t", later, later, "sha256:cc") == "duplicate"
+
+
+def test_an_address_given_twice_counts_once_with_its_last_name(store: Store) -> None:
+    store.upsert_subscribers([("ann@example.com", "Ann"), ("bo@example.com", "Bo")], "cli", NOW)
+    added, updated, skipped = store.upsert_subscribers(
+        [("Cy@Example.com", "Cy"), ("cy@example.com", "Cyrus"), ("ann@example.com", "Ann B."),
+         ("bo@example.com", ""), ("ann@example.com", "")], "import", NOW)
+    assert (added, updated, skipped) == (1, 1, [])
+    names = {s.email: s.name for s in store.list_subscribers()}
+    assert names == {"ann@example.com": "Ann B.", "bo@example.com": "Bo", "cy@example.com": "Cyrus"}
+
+
+def test_two_imports_of_one_list_at_once_add_each_address_once(store: Store) -> None:
+    """An import from the CLI while another runs (or the subscribe form takes one of its
+    addresses): neither fails on the unique address, and between them each is added once."""
+    import threading
+
+    other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        for round_ in range(3):
+            rows = [(f"r{round_}-{i}@example.com", f"R {i}") for i in range(300)]
+            barrier = threading.Barrier(2, timeout=30)
+            out: dict[str, Any] = {}
+
+            def run(s: Store, name: str, rows: list[tuple[str, str]] = rows, barrier: threading.Barrier = barrier,
+                    out: dict[str, Any] = out) -> None:
+                barrier.wait()
+                try:
+                    out[name] = s.upsert_subscribers(rows, "import", NOW)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    out[name] = exc
+
+            threads = [threading.Thread(target=run, args=(s, n)) for s, n in ((store, "a"), (other, "b"))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            errors = [v for v in out.values() if isinstance(v, Exception)]
+            assert errors == [], f"round {round_}: {errors!r}"
+            assert out["a"][0] + out["b"][0] == 300
+            assert sum(1 for s in store.list_subscribers() if s.email.startswith(f"r{round_}-")) == 300
+    finally:
+        other.close()

@@ -674,28 +674,51 @@ class Store:
                            reactivate_removed: bool = False) -> tuple[int, int, list[str]]:
         """Add (email, name) rows. Returns (added, updated, skipped emails).
 
-        An address that unsubscribed, bounced or complained is never re-activated here.
+        An address that unsubscribed, bounced or complained is never re-activated here. An
+        address given twice counts once, with the last name given for it. Addresses are looked
+        up a few hundred per query and the new ones inserted in one statement, skipping any
+        another process (an import, the subscribe form) inserted meanwhile: that one is then
+        treated as found.
         """
+        wanted: dict[str, str] = {}
+        for email, name in rows:
+            email = email.lower()
+            wanted[email] = name or wanted.get(email, "")
         added = updated = 0
         skipped: list[str] = []
+        columns = (subscribers.c.id, subscribers.c.email, subscribers.c.name, subscribers.c.status)
         with self._tx() as conn:
-            for email, name in rows:
-                email = email.lower()
-                row = conn.execute(select(subscribers).where(subscribers.c.email == email)).first()
-                if row is None:
-                    conn.execute(insert(subscribers).values(email=email, name=name, status="active",
-                                                            origin=origin, created_at=now, updated_at=now))
-                    added += 1
-                elif row.status == "removed" and reactivate_removed:
-                    conn.execute(update(subscribers).where(subscribers.c.id == row.id).values(
-                        status="active", name=name, updated_at=now, unsubscribed_at=None))
-                    added += 1
-                elif row.status != "active":
-                    skipped.append(email)
-                elif name and name != row.name:
-                    conn.execute(update(subscribers).where(subscribers.c.id == row.id)
-                                 .values(name=name, updated_at=now))
-                    updated += 1
+            emails = list(wanted)
+            for i in range(0, len(emails), _KEYS_PER_QUERY):
+                chunk = emails[i:i + _KEYS_PER_QUERY]
+                found = {r.email: r for r in conn.execute(select(*columns).where(subscribers.c.email.in_(chunk)))}
+                missing = [e for e in chunk if e not in found]
+                if missing:
+                    stmt = (self._insert(subscribers).on_conflict_do_nothing(index_elements=[subscribers.c.email])
+                            .returning(subscribers.c.email))
+                    inserted = {r.email for r in conn.execute(stmt, [
+                        {"email": e, "name": wanted[e], "status": "active", "origin": origin, "created_at": now,
+                         "updated_at": now} for e in missing])}
+                    added += len(inserted)
+                    late = [e for e in missing if e not in inserted]
+                    if late:
+                        found.update((r.email, r) for r in conn.execute(
+                            select(*columns).where(subscribers.c.email.in_(late))))
+                back: list[dict[str, Any]] = []
+                renamed: list[dict[str, Any]] = []
+                for email, row in found.items():
+                    name = wanted[email]
+                    if row.status == "removed" and reactivate_removed:
+                        back.append({"row_id": row.id, "status": "active", "name": name, "updated_at": now,
+                                     "unsubscribed_at": None})
+                    elif row.status != "active":
+                        skipped.append(email)
+                    elif name and name != row.name:
+                        renamed.append({"row_id": row.id, "name": name, "updated_at": now})
+                self._update_rows(conn, subscribers, back)
+                self._update_rows(conn, subscribers, renamed)
+                added += len(back)
+                updated += len(renamed)
         return added, updated, skipped
 
     def list_subscribers(self, status: str | None = None) -> Iterator[Subscriber]:
