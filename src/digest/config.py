@@ -229,6 +229,14 @@ class Web(_Strict):
 _TOPIC_ARN_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]{1,256}$")
 
 
+# How old a signed webhook timestamp may be. Five minutes, but for Mailgun, whose retries
+# (5, 10 and 15 minutes, then 1, 2 and 4 hours after a failed answer) keep the signature and
+# timestamp of the first attempt: its events would be lost whenever this endpoint failed once
+# (a restart), every retry refused as stale. Its replay guard, the token memory, is kept as long.
+DEFAULT_WEBHOOK_MAX_AGE = 300
+WEBHOOK_MAX_AGE = {"mailgun": 9 * 3600}
+
+
 class Webhooks(_Strict):
     """Provider webhook secrets (DESIGN.md rule 7).
 
@@ -236,14 +244,20 @@ class Webhooks(_Strict):
     unconfigured endpoint must never become an open door for forged bounces or unsubscribes.
     """
 
-    # Seconds a signed timestamp may be away from now (either way) before a request is stale.
-    max_age: int = Field(300, ge=1)
+    # Seconds a signed timestamp may be away from now (either way) before a request is stale;
+    # unset, each provider's own (see max_age_for).
+    max_age: int | None = Field(None, ge=1)
     postmark_username: str | None = None
     postmark_password: str | None = None
     sendgrid_public_key: str | None = None
     mailgun_signing_key: str | None = None
     resend_secret: str | None = None
     ses_topic_arns: tuple[str, ...] = ()
+
+    def max_age_for(self, provider: str) -> int:
+        """How old a signed timestamp from ``provider`` may be: ``max_age`` if set, else
+        :data:`WEBHOOK_MAX_AGE`'s."""
+        return self.max_age or WEBHOOK_MAX_AGE.get(provider, DEFAULT_WEBHOOK_MAX_AGE)
 
     @field_validator("sendgrid_public_key")
     @classmethod

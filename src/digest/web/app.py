@@ -139,7 +139,7 @@ def create_app(
         owns_key = duplicate = False
         if key is not None:
             # Remembered past the freshness window on both sides; older copies are stale anyway.
-            keep_until = now + timedelta(seconds=2 * settings.max_age)
+            keep_until = now + timedelta(seconds=2 * settings.max_age_for(provider))
             seen = app.store.remember_webhook_key(provider, key, now, keep_until, verified.content_hash or "")
             if seen == "conflict":
                 # Only where the signature leaves the body uncovered (Mailgun): a captured

@@ -137,8 +137,9 @@ def not_configured(provider: str, keys: str) -> Refused:
     return Refused(f"{provider} webhooks are not configured")
 
 
-def check_fresh(timestamp: str | None, settings: Webhooks, now: datetime) -> int:
-    """The signed epoch-seconds ``timestamp`` as an int, if within ``max_age`` of ``now``.
+def check_fresh(timestamp: str | None, settings: Webhooks, now: datetime, provider: str) -> int:
+    """The signed epoch-seconds ``timestamp`` as an int, if within the provider's
+    ``max_age`` (:meth:`Webhooks.max_age_for`) of ``now``.
 
     Future timestamps are refused too: a clock far ahead would otherwise stretch the replay
     window past the memory that guards it.
@@ -146,13 +147,13 @@ def check_fresh(timestamp: str | None, settings: Webhooks, now: datetime) -> int
     if not timestamp or not timestamp.strip().isascii() or not timestamp.strip().isdigit():
         raise BadCredentials("missing or malformed timestamp")
     value = int(timestamp.strip())
-    check_age(datetime.fromtimestamp(value, UTC), settings, now)
+    check_age(datetime.fromtimestamp(value, UTC), settings, now, provider)
     return value
 
 
-def check_age(when: datetime, settings: Webhooks, now: datetime) -> None:
-    """Refuse ``when`` if it is more than ``max_age`` seconds away from ``now``."""
-    if abs((now - when).total_seconds()) > settings.max_age:
+def check_age(when: datetime, settings: Webhooks, now: datetime, provider: str) -> None:
+    """Refuse ``when`` if it is more than the provider's ``max_age`` seconds away from ``now``."""
+    if abs((now - when).total_seconds()) > settings.max_age_for(provider):
         raise Refused("stale timestamp")
 
 

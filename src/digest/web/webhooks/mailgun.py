@@ -5,9 +5,11 @@ Verification (APIS.md A.3): the body is ``{"signature": {"timestamp", "token", "
 signing key (``webhooks.mailgun_signing_key``, which is *not* the API key), of
 ``timestamp + token``. The signature covers only those two values, not the event, so the
 freshness check and the token replay check are what stop an old signature being stapled to a
-forged event: the token is the replay key, remembered for ``2 * max_age`` together with a hash
-of the body. The same token on the same body is a copy (Mailgun retrying after our answer was
-lost): 200, applied idempotently. The same token on another body is refused with 406, the
+forged event: the token is the replay key, remembered for twice the freshness window together
+with a hash of the body. That window is nine hours unless ``webhooks.max_age`` is set, because
+Mailgun retries for eight hours with the first attempt's signature and timestamp. The same
+token on the same body is a copy (Mailgun retrying after our answer was lost): 200, applied
+idempotently. The same token on another body is refused with 406, the
 status Mailgun's docs say makes it stop retrying (documentation.mailgun.com, webhook retries).
 The hash is of the parsed JSON in a canonical form, so a copy re-serialized with other spacing
 or key order still matches, while any change to what is applied does not.
@@ -85,7 +87,7 @@ def verify(request_headers: Mapping[str, str], raw_body: bytes, settings: Webhoo
                         (timestamp + token).encode("utf-8"), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected.encode("ascii"), signature.lower().encode("utf-8")):
         raise BadCredentials("bad signature")
-    check_fresh(timestamp, settings, now)
+    check_fresh(timestamp, settings, now, "mailgun")
     return Verified(replay_key=f"token:{token}", content_hash=content_id(data))
 
 

@@ -101,7 +101,7 @@ def verify(request_headers: Mapping[str, str], raw_body: bytes, settings: Webhoo
             matched = True
     if not matched:
         raise BadCredentials("bad signature")
-    check_fresh(timestamp, settings, now)
+    check_fresh(timestamp, settings, now, "resend")
     return Verified(replay_key=f"svix:{msg_id}")
 
 

@@ -114,7 +114,7 @@ def verify(request_headers: Mapping[str, str], raw_body: bytes, settings: Webhoo
     except InvalidSignature:
         raise BadCredentials("bad signature") from None
     # Only an authentic request learns that it is stale.
-    check_fresh(timestamp, settings, now)
+    check_fresh(timestamp, settings, now, "sendgrid")
     return Verified(replay_key="sha256:" + hashlib.sha256(signed).hexdigest())
 
 

@@ -236,7 +236,7 @@ def verify(request_headers: Mapping[str, str], raw_body: bytes, settings: Webhoo
         raise BadCredentials("bad timestamp")
     # Before the certificate: a stale or replayed copy costs no fetch. The signature checked
     # below covers the timestamp, so the order changes nothing else.
-    check_age(sent_at, settings, now)
+    check_age(sent_at, settings, now, "ses")
     signed = string_to_sign(envelope)
     cert = (certificates or CERTIFICATES).get(cert_url)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
