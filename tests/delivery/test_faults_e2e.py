@@ -1,6 +1,7 @@
 """Every fault the issue lists, through the real sender against the fake provider server, for
-every HTTP provider (Postmark, SendGrid and Mailgun with server-side personalization, SES, and
-Resend with its idempotency key), and an SMTP server that answers after the client gave up.
+every HTTP provider (Postmark; SendGrid and Mailgun with server-side personalization, one call
+for the batch, and with full bodies, a call per reader; SES; Resend with its idempotency key),
+and an SMTP server that answers after the client gave up.
 Each asserts exactly what every subscriber received (copies per address, from the fake's
 record) and each ledger row's status.
 
@@ -12,6 +13,7 @@ time. Only the client timeouts are real.
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parseaddr
@@ -27,6 +29,7 @@ from tests.delivery.test_smtp import EphemeralController, Handler, plain
 from tests.fakes.provider_server import (
     FakeProviderServer,
     Fault,
+    Request,
     install_mailgun,
     install_resend,
     install_sendgrid,
@@ -60,9 +63,15 @@ PROVIDERS: dict[str, Via] = {
     "ses": Via({"provider": "ses", "region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE",
                 "aws_secret_access_key": TOKEN}, lambda srv: install_ses(srv, secret_key=TOKEN), per_call=1),
     "resend": Via({"provider": "resend", "api_key": TOKEN}, install_resend),
+    # Full bodies: a call per reader (every body holds its reader's own links).
+    "sendgrid-full-bodies": Via({"provider": "sendgrid", "api_key": TOKEN, "server_side_personalization": False},
+                                install_sendgrid, per_call=1),
+    "mailgun-full-bodies": Via({"provider": "mailgun", "api_key": TOKEN, "domain": DOMAIN,
+                                "server_side_personalization": False}, lambda srv: install_mailgun(srv, DOMAIN),
+                               per_call=1),
 }
 # Without an idempotency key: an unanswered call's readers are uncertain, never resent.
-PLAIN = ["postmark", "sendgrid", "mailgun", "ses"]
+PLAIN = [p for p in PROVIDERS if p != "resend"]
 
 
 def open_app(tmp_path: Path, clock: FrozenClock, delivery: dict[str, Any]) -> pipeline.App:
@@ -100,6 +109,12 @@ def copies(srv: FakeProviderServer) -> collections.Counter[str]:
 
 def once(emails: list[str]) -> collections.Counter[str]:
     return collections.Counter(emails)
+
+
+def content(request: Request) -> bytes:
+    """A request's body without its multipart boundary (drawn anew for each build)."""
+    boundary = re.search(r'boundary="?([^";]+)', request.headers.get("content-type", ""))
+    return request.body.replace(boundary.group(1).encode(), b"") if boundary else request.body
 
 
 def ledger(app: pipeline.App) -> dict[str, str]:
@@ -154,7 +169,7 @@ def test_retryable_faults_deliver_everyone_once(tmp_path: Path, clock: FrozenClo
         assert wait <= paused <= wait * 1.25
     # The refused calls and their retry carried the same readers; the retry delivered them.
     refused = srv.requests[: len(faults) + 1]
-    assert len({r.body for r in refused}) == 1
+    assert len({content(r) for r in refused}) == 1
     assert [r.ledger_ids for r in refused] == [[]] * len(faults) + [ids_of(app, EMAILS[: via.per_call])]
     app.close()
 
@@ -234,6 +249,30 @@ def test_resend_retries_an_unanswered_batch_under_its_key_and_everyone_gets_one(
         assert (first.ledger_ids, again.ledger_ids) == ([], batch)
     else:  # the first was accepted: the retry got its answer again, and sent nothing
         assert (first.ledger_ids, again.ledger_ids) == (batch, [])
+    app.close()
+
+
+def test_resend_retry_that_finds_the_first_attempt_in_progress_waits_and_gets_its_answer(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer) -> None:
+    """The first call times out after Resend accepted it; the retry under the same key comes
+    while Resend is still on the first (409 concurrent_idempotent_requests): the sender waits
+    as asked and asks again, and gets the first call's answer. Nobody gets two copies."""
+    install_resend(srv)
+    app = open_app(tmp_path, clock, {**PROVIDERS["resend"].delivery, "base_url": srv.url})
+    srv.faults.extend([("delay", DELAY), ("status", 409, {"Retry-After": "2"}, {
+        "statusCode": 409, "name": "concurrent_idempotent_requests",
+        "message": "Same idempotency key used while original request is still in progress."})])
+    pauses: list[float] = []
+    summary = send(app, pauses)
+
+    assert copies(srv) == once(EMAILS)
+    assert with_status(ledger(app), "sent") == EMAILS
+    assert summary.finished and summary.uncertain == 0 and summary.retries == 2
+    # the backoff after the timeout, then the wait Resend asked for
+    assert len(pauses) == 2 and 0.5 <= pauses[0] <= 0.625 and 2.0 <= pauses[1] <= 2.5
+    calls = srv.requests[:3]
+    assert len({r.headers["idempotency-key"] for r in calls}) == 1 and len({r.body for r in calls}) == 1
+    assert [r.ledger_ids for r in calls] == [ids_of(app, EMAILS[:BATCH]), [], []]
     app.close()
 
 
