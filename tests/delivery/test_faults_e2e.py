@@ -40,8 +40,8 @@ TOKEN = "fault-token"
 DOMAIN = "mg.example.org"
 EMAILS = [f"f{i:02d}@example.com" for i in range(12)]
 BATCH = 4
-TIMEOUT = 1.0  # the client's; a ("delay", DELAY) outlives it
-DELAY = 2.5
+TIMEOUT = 2.0  # the client's (a busy machine never takes this long to answer); a ("delay", DELAY) outlives it
+DELAY = 5.0  # (the server thread is woken when the test closes the fake)
 
 
 @dataclass(frozen=True)
