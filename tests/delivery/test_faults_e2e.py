@@ -1,80 +1,347 @@
-"""Every fault the issue lists, through the real sender against the fake Postmark server;
-each asserts exactly what every subscriber received."""
+"""Every fault the issue lists, through the real sender against the fake provider server, for
+every HTTP provider (Postmark; SendGrid and Mailgun with server-side personalization, one call
+for the batch, and with full bodies, a call per reader; SES; Resend with its idempotency key),
+and an SMTP server that answers after the client gave up.
+Each asserts exactly what every subscriber received (copies per address, from the fake's
+record) and each ledger row's status.
+
+The sender runs with a ``sleep`` that records its waits instead of sleeping them: the retry
+tests assert the waits the sender chose (Retry-After honoured, backoff doubling) and take no
+time. Only the client timeouts are real.
+"""
 
 from __future__ import annotations
 
 import collections
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parseaddr
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from digest import pipeline
+from digest.delivery.sender import Sender, SendSummary
 from tests.conftest import FrozenClock, make_settings
-from tests.fakes.provider_server import FakeProviderServer
+from tests.delivery.test_smtp import EphemeralController, Handler, plain
+from tests.fakes.provider_server import (
+    FakeProviderServer,
+    Fault,
+    Request,
+    install_mailgun,
+    install_resend,
+    install_sendgrid,
+    install_ses,
+)
 
 TOKEN = "fault-token"
+DOMAIN = "mg.example.org"
 EMAILS = [f"f{i:02d}@example.com" for i in range(12)]
+BATCH = 4
+TIMEOUT = 2.0  # the client's (a busy machine never takes this long to answer); a ("delay", DELAY) outlives it
+DELAY = 5.0  # (the server thread is woken when the test closes the fake)
 
 
-def run(tmp_path: Path, clock: FrozenClock, faults: list[tuple], inactive: set[str] = frozenset()
-        ) -> tuple[dict[str, int], dict[str, str], pipeline.SendSummary]:  # type: ignore[type-arg]
-    with FakeProviderServer(token=TOKEN) as srv:
-        settings = make_settings(tmp_path, digest={"approval": {"required": False}}, delivery={
-            "provider": "postmark", "api_key": TOKEN, "base_url": srv.url, "batch_size": 4,
-            "concurrency": 1, "max_retries": 4, "timeout": 1.0})
-        app = pipeline.App.open(settings, clock)
-        app.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
-        pipeline.collect(app)
-        pipeline.make_draft(app)
-        srv.faults.extend(faults)
-        srv.inactive.update(inactive)
-        (summary,) = pipeline.send(app)
-        ledger = {email: status for _id, email, status in app.store.ledger_rows(1)}
-        app.close()
-        received = collections.Counter(m["To"] for m in srv.messages)
-    return received, ledger, summary
+@dataclass(frozen=True)
+class Via:
+    """A provider as these tests drive it: its delivery settings and the fake's routes."""
+
+    delivery: dict[str, Any]
+    install: Callable[[FakeProviderServer], None]
+    # Readers one provider call carries: the whole batch, or one (SES: a call per message).
+    per_call: int = BATCH
 
 
-def by_status(ledger: dict[str, str], status: str) -> set[str]:
-    return {e for e, s in ledger.items() if s == status}
+PROVIDERS: dict[str, Via] = {
+    "postmark": Via({"provider": "postmark", "api_key": TOKEN}, lambda srv: None),
+    # Server-side personalization (the default): one call carries the whole batch.
+    "sendgrid": Via({"provider": "sendgrid", "api_key": TOKEN}, install_sendgrid),
+    "mailgun": Via({"provider": "mailgun", "api_key": TOKEN, "domain": DOMAIN},
+                   lambda srv: install_mailgun(srv, DOMAIN)),
+    "ses": Via({"provider": "ses", "region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE",
+                "aws_secret_access_key": TOKEN}, lambda srv: install_ses(srv, secret_key=TOKEN), per_call=1),
+    "resend": Via({"provider": "resend", "api_key": TOKEN}, install_resend),
+    # Full bodies: a call per reader (every body holds its reader's own links).
+    "sendgrid-full-bodies": Via({"provider": "sendgrid", "api_key": TOKEN, "server_side_personalization": False},
+                                install_sendgrid, per_call=1),
+    "mailgun-full-bodies": Via({"provider": "mailgun", "api_key": TOKEN, "domain": DOMAIN,
+                                "server_side_personalization": False}, lambda srv: install_mailgun(srv, DOMAIN),
+                               per_call=1),
+}
+# Without an idempotency key: an unanswered call's readers are uncertain, never resent.
+PLAIN = [p for p in PROVIDERS if p != "resend"]
 
 
-@pytest.mark.parametrize("faults", [
-    [("status", 429, {"Retry-After": "0"})],
-    [("status", 429)],
-    [("status", 500), ("status", 502), ("status", 503)],
-], ids=["429-retry-after", "429-no-retry-after", "500-burst"])
-def test_retryable_faults_deliver_everyone_once(tmp_path: Path, clock: FrozenClock, faults: list[tuple]) -> None:  # type: ignore[type-arg]
-    received, ledger, summary = run(tmp_path, clock, faults)
-    assert summary.finished and summary.sent == 12
-    assert set(received) == set(EMAILS) and set(received.values()) == {1}
-    assert by_status(ledger, "sent") == set(EMAILS)
+def open_app(tmp_path: Path, clock: FrozenClock, delivery: dict[str, Any]) -> pipeline.App:
+    """The app with EMAILS subscribed and an approved draft; batches of BATCH, one at a time
+    (SES: one call at a time), a rate that never makes the sender wait."""
+    settings = make_settings(tmp_path, digest={"approval": {"required": False}}, delivery={
+        **delivery, "batch_size": BATCH, "concurrency": 1, "max_retries": 4, "timeout": TIMEOUT,
+        "rate_per_second": 1000})
+    app = pipeline.App.open(settings, clock)
+    app.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
+    pipeline.collect(app)
+    pipeline.make_draft(app)
+    return app
 
 
-@pytest.mark.parametrize("fault", [("delay", 2.5), ("reset", "after"), ("garbage",)],
-                         ids=["timeout-after-accept", "reset-after-accept", "garbage-body"])
-def test_accepted_but_unanswered_batches_are_uncertain_never_resent(tmp_path: Path, clock: FrozenClock,
-                                                                   fault: tuple) -> None:  # type: ignore[type-arg]
-    received, ledger, summary = run(tmp_path, clock, [fault])
-    uncertain = by_status(ledger, "uncertain")
-    assert len(uncertain) == 4 and summary.uncertain == 4
-    assert set(received.values()) == {1}  # nobody twice
-    assert set(received) == set(EMAILS)  # the fake did take the first batch
-    assert by_status(ledger, "sent") == set(EMAILS) - uncertain
+def send(app: pipeline.App, pauses: list[float]) -> SendSummary:
+    """One run of the real sender on the draft, as ``digest send`` runs it, except that its
+    waits (retry backoff, Retry-After) are appended to ``pauses`` instead of slept."""
+    (draft_id,) = app.store.due_drafts(app.now())
+    draft = app.store.get_draft(draft_id)
+    sender = Sender(app.store, app.provider, app.settings, draft, pipeline.compile_for(app, draft),
+                    app.link_pair, now=app.now, sleep=pauses.append)
+    return sender.run()
 
 
-def test_reset_before_the_request_arrives(tmp_path: Path, clock: FrozenClock) -> None:
-    received, ledger, _summary = run(tmp_path, clock, [("reset", "before")])
-    assert set(received.values()) == {1}
-    # Whatever the client concluded, nobody got two copies and nobody is lost silently:
-    assert set(received) | by_status(ledger, "uncertain") == set(EMAILS)
-    assert by_status(ledger, "sent") <= set(received)
+def copies(srv: FakeProviderServer) -> collections.Counter[str]:
+    """How many copies each address got, from the fake's record of accepted messages."""
+    counts: collections.Counter[str] = collections.Counter()
+    for m in srv.messages:
+        to = m["To"] if "To" in m else m["to"]  # Postmark's field, the others'
+        for address in to if isinstance(to, list) else [to]:  # Resend's is a list
+            counts[parseaddr(address)[1].lower()] += 1
+    return counts
 
 
-def test_partial_batch_failure_applies_each_result(tmp_path: Path, clock: FrozenClock) -> None:
-    received, ledger, summary = run(tmp_path, clock, [("partial", {1: (300, "Invalid 'To' address: 'x'")})],
-                                    inactive={EMAILS[7]})
+def once(emails: list[str]) -> collections.Counter[str]:
+    return collections.Counter(emails)
+
+
+def content(request: Request) -> bytes:
+    """A request's body without its multipart boundary (drawn anew for each build)."""
+    boundary = re.search(r'boundary="?([^";]+)', request.headers.get("content-type", ""))
+    return request.body.replace(boundary.group(1).encode(), b"") if boundary else request.body
+
+
+def ledger(app: pipeline.App) -> dict[str, str]:
+    return {email: status for _id, email, status in app.store.ledger_rows(1)}
+
+
+def ids_of(app: pipeline.App, emails: list[str]) -> list[int]:
+    wanted = set(emails)
+    return [i for i, email, _status in app.store.ledger_rows(1) if email in wanted]
+
+
+def with_status(rows: dict[str, str], status: str) -> list[str]:
+    return sorted(e for e, s in rows.items() if s == status)
+
+
+@pytest.fixture
+def srv() -> Any:
+    with FakeProviderServer(token=TOKEN) as server:
+        yield server
+
+
+# -- retryable: the provider took nothing, the same batch goes again ----------------------------
+
+RETRYABLE: dict[str, tuple[list[Fault], list[float]]] = {
+    # the faults, and the waits the sender must choose before each retry (less its jitter)
+    "429-retry-after": ([("status", 429, {"Retry-After": "3"})], [3.0]),
+    "429-no-retry-after": ([("status", 429)], [0.5]),
+    "500-burst": ([("status", 500), ("status", 502), ("status", 503)], [0.5, 1.0, 2.0]),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(RETRYABLE))
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+def test_retryable_faults_deliver_everyone_once(tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer,
+                                                provider: str, fault: str) -> None:
+    via = PROVIDERS[provider]
+    via.install(srv)
+    faults, waits = RETRYABLE[fault]
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    srv.faults.extend(faults)
+    pauses: list[float] = []
+    summary = send(app, pauses)
+
+    assert copies(srv) == once(EMAILS)  # everyone exactly once
+    assert with_status(ledger(app), "sent") == EMAILS
+    assert summary.finished and summary.sent == 12 and summary.uncertain == 0
+    assert summary.retries == len(faults)
+    # Each retry waited what the provider asked (Retry-After), else the doubling backoff,
+    # plus up to 25% of jitter.
+    assert len(pauses) == len(waits)
+    for paused, wait in zip(pauses, waits):
+        assert wait <= paused <= wait * 1.25
+    # The refused calls and their retry carried the same readers; the retry delivered them.
+    refused = srv.requests[: len(faults) + 1]
+    assert len({content(r) for r in refused}) == 1
+    assert [r.ledger_ids for r in refused] == [[]] * len(faults) + [ids_of(app, EMAILS[: via.per_call])]
+    app.close()
+
+
+# -- accepted but unanswered: uncertain, never resent (no idempotency key) ----------------------
+
+UNANSWERED: dict[str, Fault] = {
+    "timeout-after-accept": ("delay", DELAY),
+    "reset-after-accept": ("reset", "after"),
+    "garbage-body": ("garbage",),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(UNANSWERED))
+@pytest.mark.parametrize("provider", PLAIN)
+def test_accepted_but_unanswered_batches_are_uncertain_never_resent(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str, fault: str) -> None:
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    srv.faults.append(UNANSWERED[fault])
+    summary = send(app, [])
+
+    in_call = EMAILS[: via.per_call]  # the readers of the call that got no usable answer
+    assert srv.requests[0].ledger_ids == ids_of(app, in_call)  # the fake did take them
+    assert copies(srv) == once(EMAILS)  # ... and nobody got a second copy
+    rows = ledger(app)
+    assert with_status(rows, "uncertain") == in_call
+    assert with_status(rows, "sent") == EMAILS[via.per_call:]
+    assert summary.uncertain == via.per_call and summary.retries == 0
+    assert summary.finished and summary.for_operator == via.per_call
+    app.close()
+
+
+@pytest.mark.parametrize("provider", PLAIN)
+def test_reset_before_the_request_arrives(tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer,
+                                          provider: str) -> None:
+    """The connection drops after the request was written, before the provider handled it.
+    The client cannot tell this from a reset after acceptance (HttpProvider.transport_error:
+    only a failure to connect proves nothing went out), so the call's readers are uncertain
+    and not resent, although the provider never had them: exactly that, nothing else."""
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    srv.faults.append(("reset", "before"))
+    summary = send(app, [])
+
+    in_call = EMAILS[: via.per_call]
+    assert srv.requests[0].ledger_ids == []  # the fake never handled it
+    assert copies(srv) == once(EMAILS[via.per_call:])  # ... so they got nothing, the rest one each
+    rows = ledger(app)
+    assert with_status(rows, "uncertain") == in_call
+    assert with_status(rows, "sent") == EMAILS[via.per_call:]
+    assert summary.uncertain == via.per_call and summary.retries == 0 and summary.finished
+    app.close()
+
+
+# -- Resend: an unanswered batch is sent again under its key, and the provider drops it --------
+
+
+@pytest.mark.parametrize("fault", [("delay", DELAY), ("reset", "after"), ("reset", "before")],
+                         ids=["timeout-after-accept", "reset-after-accept", "reset-before"])
+def test_resend_retries_an_unanswered_batch_under_its_key_and_everyone_gets_one(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, fault: Fault) -> None:
+    install_resend(srv)
+    app = open_app(tmp_path, clock, {**PROVIDERS["resend"].delivery, "base_url": srv.url})
+    srv.faults.append(fault)
+    summary = send(app, [])
+
+    assert copies(srv) == once(EMAILS)
+    assert with_status(ledger(app), "sent") == EMAILS
+    assert summary.finished and summary.sent == 12 and summary.uncertain == 0 and summary.retries == 1
+    first, again = srv.requests[:2]
+    assert again.headers["idempotency-key"] == first.headers["idempotency-key"] and again.body == first.body
+    batch = ids_of(app, EMAILS[:BATCH])
+    if fault[0] == "reset" and fault[1] == "before":  # the first never arrived: the retry sent it
+        assert (first.ledger_ids, again.ledger_ids) == ([], batch)
+    else:  # the first was accepted: the retry got its answer again, and sent nothing
+        assert (first.ledger_ids, again.ledger_ids) == (batch, [])
+    app.close()
+
+
+def test_resend_retry_that_finds_the_first_attempt_in_progress_waits_and_gets_its_answer(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer) -> None:
+    """The first call times out after Resend accepted it; the retry under the same key comes
+    while Resend is still on the first (409 concurrent_idempotent_requests): the sender waits
+    as asked and asks again, and gets the first call's answer. Nobody gets two copies."""
+    install_resend(srv)
+    app = open_app(tmp_path, clock, {**PROVIDERS["resend"].delivery, "base_url": srv.url})
+    srv.faults.extend([("delay", DELAY), ("status", 409, {"Retry-After": "2"}, {
+        "statusCode": 409, "name": "concurrent_idempotent_requests",
+        "message": "Same idempotency key used while original request is still in progress."})])
+    pauses: list[float] = []
+    summary = send(app, pauses)
+
+    assert copies(srv) == once(EMAILS)
+    assert with_status(ledger(app), "sent") == EMAILS
+    assert summary.finished and summary.uncertain == 0 and summary.retries == 2
+    # the backoff after the timeout, then the wait Resend asked for
+    assert len(pauses) == 2 and 0.5 <= pauses[0] <= 0.625 and 2.0 <= pauses[1] <= 2.5
+    calls = srv.requests[:3]
+    assert len({r.headers["idempotency-key"] for r in calls}) == 1 and len({r.body for r in calls}) == 1
+    assert [r.ledger_ids for r in calls] == [ids_of(app, EMAILS[:BATCH]), [], []]
+    app.close()
+
+
+def test_resend_leaves_a_garbled_answer_uncertain_and_the_next_run_settles_it_under_its_key(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer) -> None:
+    """A 200 whose body is not JSON is not retried in the run (the provider answered), so the
+    batch is uncertain and the draft stays in sending; the next run resends it under the same
+    key, the provider answers as the first time, and nobody gets a second copy."""
+    install_resend(srv)
+    app = open_app(tmp_path, clock, {**PROVIDERS["resend"].delivery, "base_url": srv.url})
+    srv.faults.append(("garbage",))
+    first = send(app, [])
+
+    assert copies(srv) == once(EMAILS)
+    rows = ledger(app)
+    assert with_status(rows, "uncertain") == EMAILS[:BATCH]
+    assert with_status(rows, "sent") == EMAILS[BATCH:]
+    assert first.uncertain == BATCH and first.retries == 0 and first.resendable == BATCH
+    assert not first.finished and first.for_operator == 0
+
+    second = send(app, [])
+    assert copies(srv) == once(EMAILS)  # the resend delivered nothing new
+    assert with_status(ledger(app), "sent") == EMAILS
+    assert second.finished and second.sent == BATCH and second.uncertain_total == 0
+    garbled, resent = srv.requests[0], srv.requests[-1]
+    assert resent.headers["idempotency-key"] == garbled.headers["idempotency-key"]
+    assert (garbled.ledger_ids, resent.ledger_ids) == (ids_of(app, EMAILS[:BATCH]), [])
+    app.close()
+
+
+# -- Postmark's per-message results ---------------------------------------------------------------
+
+
+def test_partial_batch_failure_applies_each_result(tmp_path: Path, clock: FrozenClock,
+                                                   srv: FakeProviderServer) -> None:
+    app = open_app(tmp_path, clock, {**PROVIDERS["postmark"].delivery, "base_url": srv.url})
+    srv.faults.append(("partial", {1: (300, "Invalid 'To' address: 'x'")}))
+    srv.inactive.add(EMAILS[7])
+    summary = send(app, [])
+    rows = ledger(app)
     assert summary.finished
-    invalid, suppressed = by_status(ledger, "invalid"), by_status(ledger, "suppressed")
-    assert len(invalid) == 1 and suppressed == {EMAILS[7]}
-    assert by_status(ledger, "sent") == set(EMAILS) - invalid - suppressed == set(received)
+    assert with_status(rows, "invalid") == [EMAILS[1]] and with_status(rows, "suppressed") == [EMAILS[7]]
+    assert copies(srv) == once([e for e in EMAILS if e not in (EMAILS[1], EMAILS[7])])
+    assert with_status(rows, "sent") == sorted(copies(srv))
+    app.close()
+
+
+# -- SMTP: the server queued the message but answers after the client gave up ------------------
+
+
+def test_smtp_timeout_after_data_leaves_that_message_uncertain_and_sends_nobody_twice(
+        tmp_path: Path, clock: FrozenClock, servers: list[EphemeralController]) -> None:
+    """The second message's DATA is accepted and queued, and the 250 comes only after the
+    client's timeout (the handler waits for the test to let it answer): that message is
+    uncertain and never resent; the first is sent; the two never handed over go back to the
+    queue and out once, in a new session."""
+    handler = Handler(hold_after_data={EMAILS[1]})
+    server = plain(servers, handler)
+    app = open_app(tmp_path, clock, {"provider": "smtp", "smtp_host": "127.0.0.1", "smtp_port": server.port,
+                                     "smtp_security": "none"})
+    try:
+        summary = send(app, [])
+        assert handler.held == [EMAILS[1]]  # still unanswered when the send ended
+    finally:
+        handler.released.set()
+    received = collections.Counter(r.rcpt_tos[0] for r in handler.received)
+    assert received == once(EMAILS)  # the server holds the uncertain one; nobody twice
+    rows = ledger(app)
+    assert with_status(rows, "uncertain") == [EMAILS[1]]
+    assert with_status(rows, "sent") == [e for e in EMAILS if e != EMAILS[1]]
+    assert summary.uncertain == 1 and summary.retries == 0 and summary.finished
+    app.close()

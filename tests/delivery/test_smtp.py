@@ -4,9 +4,11 @@ and a connection lost in the middle of a message."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import ssl
+import threading
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
@@ -121,6 +123,11 @@ class Handler:
     mail_replies: dict[int, str] = field(default_factory=dict)  # nth MAIL FROM (1-based) -> reply
     data_replies: dict[str, str] = field(default_factory=dict)  # recipient -> reply after DATA
     drop_after_data: set[str] = field(default_factory=set)  # accept, then cut the connection
+    # Accept (record) the message, then answer 250 only once ``released`` is set: a client
+    # with a shorter timeout gives up on a message the server queued. ``held`` lists them.
+    hold_after_data: set[str] = field(default_factory=set)
+    released: threading.Event = field(default_factory=threading.Event)
+    held: list[str] = field(default_factory=list)
     mechanisms: list[str] = field(default_factory=list)
     mails: int = 0
 
@@ -154,6 +161,10 @@ class Handler:
         )
         if rcpt in self.drop_after_data:
             server.transport.abort()  # queued, but the client never hears so
+        if rcpt in self.hold_after_data:
+            self.held.append(rcpt)
+            while not self.released.is_set():
+                await asyncio.sleep(0.02)
         return "250 2.0.0 Message accepted for delivery"
 
     def authenticate(

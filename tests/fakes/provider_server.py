@@ -13,8 +13,10 @@ add their routes with :meth:`FakeProviderServer.route`::
 Faults (``srv.faults`` is a deque; each request takes the next one, whatever its path):
 
 ``("status", code[, headers[, json_body]])``
-    answer ``code`` at once (default body ``{"ErrorCode": code, "Message": ...}``); nothing is
-    recorded.
+    answer ``code`` at once; nothing is recorded. Without ``json_body`` the body (and any
+    header the provider adds, such as SES's ``x-amzn-ErrorType``) is the error shape of the
+    provider whose route the request was for (see :meth:`FakeProviderServer.route`), Postmark's
+    ``{"ErrorCode": code, "Message": ...}`` otherwise; ``headers`` are added to it.
 ``("delay", seconds)``
     handle the request (messages **are** recorded as accepted), then wait before answering:
     with a shorter client timeout, the client cannot know the messages were accepted.
@@ -24,6 +26,16 @@ Faults (``srv.faults`` is a deque; each request takes the next one, whatever its
     record the messages, then answer 200 with a body that is not JSON.
 ``("partial", {index: (error_code, message)})``
     the handler answers those messages with that error instead of accepting them.
+``("hold", event)``
+    handle the request (messages recorded), add it to ``srv.held``, then answer only once the
+    ``threading.Event`` is set (or the server closes): a test waits until ``srv.held`` holds the
+    requests it expects, and then knows exactly what is in flight (no timing involved).
+``("pass",)``
+    no fault: a placeholder, so that a fault meets the n-th request and not the first.
+
+Every request records, in ``Request.ledger_ids``, the ledger ids of the messages accepted while
+handling it (not in light mode): which readers a given call delivered, even with calls in flight
+side by side.
 
 ``srv.inactive`` is a set of addresses that always get Postmark's 406 (inactive recipient).
 
@@ -84,6 +96,7 @@ class Request:
     body: bytes
     size: int
     fault: Fault | None = None  # a handler-specific fault ("partial") for this request
+    ledger_ids: list[int] = field(default_factory=list)  # accepted while handling it
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -104,6 +117,8 @@ class Reply:
 
 
 Route = Callable[["FakeProviderServer", Request], Reply]
+# A provider's error answer for an HTTP status (what a "status" fault answers on its routes).
+ErrorReply = Callable[[int], Reply]
 
 
 class FakeProviderServer:
@@ -120,6 +135,9 @@ class FakeProviderServer:
         self.ledger_ids: list[int] = []  # Metadata.ledger_id of every accepted message
         self.requests: list[Request] = []  # every request (bodies dropped in light mode)
         self.routes: dict[tuple[str, str], Route] = {}
+        self.error_replies: dict[tuple[str, str], ErrorReply] = {}
+        self.held: list[Request] = []  # requests a ("hold", event) fault holds, or held
+        self._local = threading.local()  # the request being handled in this handler thread
         self.connections_opened = 0  # TCP connections accepted: shows whether keep-alive works
         # Provider-specific state for the routes below (unused by Postmark).
         self.ses_rejected: dict[str, str] = {}  # address -> SES MessageRejected message
@@ -169,22 +187,31 @@ class FakeProviderServer:
         self.close()
 
     # -- configuration and records ---------------------------------------------------------
-    def route(self, method: str, path: str, handler: Route) -> None:
-        """Answer ``method path`` with ``handler`` (how another provider plugs in)."""
+    def route(self, method: str, path: str, handler: Route, error: ErrorReply | None = None) -> None:
+        """Answer ``method path`` with ``handler`` (how another provider plugs in); ``error``
+        gives the provider's error answer for a status, for ``("status", code)`` faults."""
         self.routes[(method.upper(), path)] = handler
+        if error is not None:
+            self.error_replies[(method.upper(), path)] = error
 
     def accept(self, message: dict[str, Any] | None, ledger_id: int | None) -> None:
         """Record one accepted message (thread-safe); routes call this."""
+        current: Request | None = getattr(self._local, "request", None)
         with self.lock:
             if message is not None:
                 self.messages.append(message)
             if ledger_id is not None:
                 self.ledger_ids.append(ledger_id)
+                if current is not None:
+                    current.ledger_ids.append(ledger_id)
 
     def accept_many(self, ledger_ids: list[int]) -> None:
         """Record many accepted messages that are not kept (light mode), taking the lock once."""
+        current: Request | None = getattr(self._local, "request", None)
         with self.lock:
             self.ledger_ids.extend(ledger_ids)
+            if current is not None:
+                current.ledger_ids.extend(ledger_ids)
 
     def clear(self) -> None:
         """Forget recorded messages, requests and pending faults."""
@@ -194,8 +221,10 @@ class FakeProviderServer:
             self.requests.clear()
             self.faults.clear()
             self.idempotency.clear()
+            self.held.clear()
 
-    def _record(self, request: Request) -> None:
+    def _record(self, request: Request) -> Request:
+        """Keep ``request`` in :attr:`requests` (without its body in light mode); the kept one."""
         kept = request
         if self.light:  # a benchmark sends gigabytes; keep only the sizes
             kept = Request(
@@ -203,6 +232,18 @@ class FakeProviderServer:
             )
         with self.lock:
             self.requests.append(kept)
+        return kept
+
+    def _error_reply(self, request: Request, code: int, headers: dict[str, str]) -> Reply:
+        """What a ("status", code) fault answers: the route's provider's error shape, if it
+        has one, else Postmark's; with ``headers`` added."""
+        shape = self.error_replies.get((request.method, request.path))
+        if shape is not None:
+            reply = shape(code)
+        else:
+            reply = Reply.of_json(code, {"ErrorCode": code, "Message": f"injected HTTP {code}"})
+        reply.headers.update(headers)
+        return reply
 
     def _next_fault(self) -> Fault | None:
         try:
@@ -282,21 +323,30 @@ class _Handler(BaseHTTPRequestHandler):
             size=len(body),
             fault=fault if kind == "partial" else None,
         )
-        fake._record(request)
+        kept = fake._record(request)
         if fault is not None and kind == "reset" and fault[1:] in ((), ("before",)):
             self._reset()
             return
         if fault is not None and kind == "status":
             code = int(fault[1])
             headers = dict(fault[2]) if len(fault) > 2 else {}
-            data = (
-                fault[3]
-                if len(fault) > 3
-                else {"ErrorCode": code, "Message": f"injected HTTP {code}"}
-            )
-            self._write(Reply.of_json(code, data, headers))
+            if len(fault) > 3:
+                self._write(Reply.of_json(code, fault[3], headers))
+            else:
+                self._write(fake._error_reply(request, code, headers))
             return
-        reply = fake._dispatch(request)
+        # So that accept() notes the ledger ids on this request (not in a benchmark: light).
+        fake._local.request = None if fake.light else kept
+        try:
+            reply = fake._dispatch(request)
+        finally:
+            fake._local.request = None
+        if fault is not None and kind == "hold":
+            with fake.lock:
+                fake.held.append(kept)
+            released = fault[1]
+            while not released.wait(0.05) and not fake._stopping.is_set():
+                pass
         if kind == "reset":  # ("reset", "after"): the messages were recorded
             self._reset()
             return
@@ -545,14 +595,23 @@ SENDGRID_MAX_PERSONALIZATIONS = 1000
 
 def install_sendgrid(srv: FakeProviderServer) -> None:
     """Routes that play SendGrid v3: POST /v3/mail/send, GET /v3/scopes (key: srv.token)."""
-    srv.route("POST", "/v3/mail/send", sendgrid_send)
-    srv.route("GET", "/v3/scopes", sendgrid_scopes)
+    srv.route("POST", "/v3/mail/send", sendgrid_send, sendgrid_status_error)
+    srv.route("GET", "/v3/scopes", sendgrid_scopes, sendgrid_status_error)
 
 
 def _sendgrid_error(status: int, *messages: str) -> Reply:
     return Reply.of_json(
         status, {"errors": [{"message": m, "field": None, "help": None} for m in messages]}
     )
+
+
+def sendgrid_status_error(status: int) -> Reply:
+    """SendGrid's error shape for a status (a 429 when a limit is reached, a 5xx ...)."""
+    if status == 429:
+        return _sendgrid_error(429, "too many requests")
+    if status >= 500:
+        return _sendgrid_error(status, "internal error")
+    return _sendgrid_error(status, f"HTTP {status}")
 
 
 def _sendgrid_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
@@ -656,8 +715,14 @@ def install_mailgun(srv: FakeProviderServer, domain: str = "mg.example.org") -> 
     """Routes that play Mailgun for ``domain``: POST /v3/<domain>/messages and GET
     /v3/domains/<domain> (basic auth ``api:<srv.token>``)."""
     srv.mailgun_domain = domain
-    srv.route("POST", f"/v3/{domain}/messages", mailgun_send)
-    srv.route("GET", f"/v3/domains/{domain}", mailgun_domain)
+    srv.route("POST", f"/v3/{domain}/messages", mailgun_send, mailgun_status_error)
+    srv.route("GET", f"/v3/domains/{domain}", mailgun_domain, mailgun_status_error)
+
+
+def mailgun_status_error(status: int) -> Reply:
+    """Mailgun's error shape for a status: ``{"message": ...}``."""
+    text = {429: "Too many requests", 500: "Internal Server Error"}.get(status, f"HTTP {status}")
+    return Reply.of_json(status, {"message": text})
 
 
 def _mailgun_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
@@ -827,8 +892,20 @@ def install_ses(
     exactly as received.
     """
     srv.ses_credentials = (access_key, secret_key or srv.token, region)
-    srv.route("POST", "/v2/email/outbound-emails", ses_send)
-    srv.route("GET", "/v2/email/account", ses_account)
+    srv.route("POST", "/v2/email/outbound-emails", ses_send, ses_status_error)
+    srv.route("GET", "/v2/email/account", ses_account, ses_status_error)
+
+
+def ses_status_error(status: int) -> Reply:
+    """SES's error shape for a status: the type in x-amzn-ErrorType (no Retry-After: SES
+    sends none)."""
+    if status == 429:
+        return ses_error(429, "TooManyRequestsException", "Too Many Requests")
+    if status == 503:
+        return ses_error(503, "ServiceUnavailable", "Service is unavailable. Please try again later.")
+    if status >= 500:
+        return ses_error(status, "InternalFailure", "The request processing has failed because of an unknown error.")
+    return ses_error(status, "BadRequestException", f"HTTP {status}")
 
 
 def ses_error(status: int, kind: str, message: str) -> Reply:
@@ -949,13 +1026,25 @@ RESEND_MAX_BATCH = 100
 
 def install_resend(srv: FakeProviderServer) -> None:
     """Routes that play Resend: POST /emails/batch (with Idempotency-Key), GET /domains."""
-    srv.route("POST", "/emails/batch", resend_batch)
-    srv.route("GET", "/domains", resend_domains)
+    srv.route("POST", "/emails/batch", resend_batch, resend_status_error)
+    srv.route("GET", "/domains", resend_domains, resend_status_error)
 
 
 def resend_error(status: int, name: str, message: str) -> Reply:
     """A Resend error answer."""
     return Reply.of_json(status, {"statusCode": status, "name": name, "message": message})
+
+
+def resend_status_error(status: int) -> Reply:
+    """Resend's error shape for a status: ``rate_limit_exceeded`` for a 429,
+    ``internal_server_error`` for a 5xx."""
+    if status == 429:
+        return resend_error(
+            429, "rate_limit_exceeded", "Too many requests. You can only make 2 requests per second."
+        )
+    if status >= 500:
+        return resend_error(status, "internal_server_error", "An unexpected error occurred.")
+    return resend_error(status, "application_error", f"HTTP {status}")
 
 
 def _resend_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
