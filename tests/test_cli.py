@@ -230,6 +230,11 @@ def test_send_says_which_drafts_their_approval_deadline_approved(tmp_path: Path)
     assert invoke("--config", cfg, "collect")[0] == 0
     assert invoke("--config", cfg, "draft")[0] == 0
     time.sleep(1.2)
+    code, out = invoke("--config", cfg, "send", "--dry-run")  # says what the send will do, does nothing
+    assert code == 0 and ("draft 1 was not reviewed before its approval deadline: the send approves and sends it "
+                          "(digest.approval.on_deadline; this dry run leaves it as it is)") in out
+    code, out = invoke("--config", cfg, "drafts")
+    assert "pending_review" in out
     code, out = invoke("--config", cfg, "send")
     assert code == 0, out
     assert "draft 1 was not reviewed before its approval deadline: approved (digest.approval.on_deadline)" in out

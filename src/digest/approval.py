@@ -42,11 +42,16 @@ def reject(store: Store, draft_id: int, now: datetime, *, reason: str = "", by: 
     return store.transition(draft_id, ("pending_review", "approved"), "rejected", now, note=note[:1000])
 
 
+def past_deadline(store: Store, settings: Settings, now: datetime) -> list[int]:
+    """Drafts left unreviewed past ``approval.deadline``: what :func:`apply_deadlines` acts on."""
+    deadline = timedelta(seconds=parse_duration(settings.digest.approval.deadline))
+    return store.pending_review_before(now - deadline)
+
+
 def apply_deadlines(store: Store, settings: Settings, now: datetime) -> list[tuple[int, str]]:
     """Drafts left unreviewed past ``approval.deadline`` are skipped or approved, as configured."""
-    deadline = timedelta(seconds=parse_duration(settings.digest.approval.deadline))
     done: list[tuple[int, str]] = []
-    for draft_id in store.pending_review_before(now - deadline):
+    for draft_id in past_deadline(store, settings, now):
         try:
             if settings.digest.approval.on_deadline == "approve":
                 approve(store, draft_id, now, by="deadline")

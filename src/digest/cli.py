@@ -384,6 +384,13 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
         for deadlined, what in pipeline.apply_deadlines(app, app.now()):
             click.echo(f"draft {deadlined} was not reviewed before its approval deadline: {what} "
                        "(digest.approval.on_deadline)")
+    else:  # a dry run changes nothing: it says what the send would do first
+        from digest.approval import past_deadline
+
+        what = {"approve": "approves and sends", "skip": "skips"}[app.settings.digest.approval.on_deadline]
+        for deadlined in past_deadline(app.store, app.settings, app.now()):
+            click.echo(f"draft {deadlined} was not reviewed before its approval deadline: the send {what} it "
+                       "(digest.approval.on_deadline; this dry run leaves it as it is)")
     progress = SendProgress(interactive=sys.stderr.isatty())
     with _stop_on_signals(progress) as should_stop:
         summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop)
