@@ -229,12 +229,14 @@ class Web(_Strict):
 _TOPIC_ARN_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]{1,256}$")
 
 
-# How old a signed webhook timestamp may be. Five minutes, but for Mailgun, whose retries
-# (5, 10 and 15 minutes, then 1, 2 and 4 hours after a failed answer) keep the signature and
-# timestamp of the first attempt: its events would be lost whenever this endpoint failed once
-# (a restart), every retry refused as stale. Its replay guard, the token memory, is kept as long.
-DEFAULT_WEBHOOK_MAX_AGE = 300
-WEBHOOK_MAX_AGE = {"mailgun": 9 * 3600}
+# How old a signed Mailgun timestamp may be, unless webhooks.mailgun_max_age says otherwise.
+# Mailgun's retries (5, 10 and 15 minutes, then 1, 2 and 4 hours after a failed answer) keep
+# the first attempt's signature and timestamp, so with the five minutes of the others every
+# retry was refused as stale and the event lost whenever this endpoint failed once (a
+# restart). An hour takes the first three retries. Longer lets a forged event ride a Mailgun
+# signature seen elsewhere (another endpoint of the account) for longer: Mailgun signs only
+# its token, not the event.
+MAILGUN_MAX_AGE = 3600
 
 
 class Webhooks(_Strict):
@@ -245,8 +247,9 @@ class Webhooks(_Strict):
     """
 
     # Seconds a signed timestamp may be away from now (either way) before a request is stale;
-    # unset, each provider's own (see max_age_for).
-    max_age: int | None = Field(None, ge=1)
+    # Mailgun's has its own (see MAILGUN_MAX_AGE).
+    max_age: int = Field(300, ge=1)
+    mailgun_max_age: int = Field(MAILGUN_MAX_AGE, ge=1)
     postmark_username: str | None = None
     postmark_password: str | None = None
     sendgrid_public_key: str | None = None
@@ -255,9 +258,8 @@ class Webhooks(_Strict):
     ses_topic_arns: tuple[str, ...] = ()
 
     def max_age_for(self, provider: str) -> int:
-        """How old a signed timestamp from ``provider`` may be: ``max_age`` if set, else
-        :data:`WEBHOOK_MAX_AGE`'s."""
-        return self.max_age or WEBHOOK_MAX_AGE.get(provider, DEFAULT_WEBHOOK_MAX_AGE)
+        """How old a signed timestamp from ``provider`` may be."""
+        return self.mailgun_max_age if provider == "mailgun" else self.max_age
 
     @field_validator("sendgrid_public_key")
     @classmethod

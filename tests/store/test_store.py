@@ -941,3 +941,26 @@ def test_two_imports_of_one_list_at_once_add_each_address_once(store: Store) -> 
             assert sum(1 for s in store.list_subscribers() if s.email.startswith(f"r{round_}-")) == 300
     finally:
         other.close()
+
+
+def test_webhook_replay_memory_purges_expired_keys_at_most_once_a_minute(store: Store) -> None:
+    """The purge reads every remembered key: it runs once a minute per process, not for every
+    webhook. An expired key not yet purged is forgotten all the same."""
+    from digest.store.schema import meta
+
+    def remembered() -> int:
+        with store.engine.connect() as conn:
+            return len(conn.execute(meta.select().where(meta.c.key.startswith("webhook-replay:"))).all())
+
+    until = NOW + timedelta(seconds=60)
+    for i in range(5):
+        assert store.remember_webhook_key("svix", f"msg_{i}", NOW, until) == "new"
+    assert remembered() == 5
+    later = until + timedelta(seconds=1)
+    assert store.remember_webhook_key("svix", "msg_5", later, later + timedelta(seconds=60)) == "new"
+    assert remembered() == 6  # purged a moment ago, by the first key: not again yet
+    assert store.remember_webhook_key("svix", "msg_0", later, later + timedelta(seconds=60)) == "new"  # expired
+    assert store.remember_webhook_key("svix", "msg_0", later, later + timedelta(seconds=60)) == "duplicate"
+    store._next_replay_purge = 0.0  # a minute on
+    assert store.remember_webhook_key("svix", "msg_6", later, later + timedelta(seconds=60)) == "new"
+    assert remembered() == 3  # msg_0 (again), msg_5 and msg_6; the four expired are gone

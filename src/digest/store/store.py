@@ -13,6 +13,7 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -72,6 +73,8 @@ from digest.types import (
 # Drafts whose essays count as already featured.
 FEATURING_STATUSES = ("pending_review", "approved", "sending", "sent")
 INELIGIBLE = ("unsubscribed", "bounced", "complained", "removed")
+# Seconds between two purges of expired webhook replay keys, per process.
+REPLAY_PURGE_EVERY = 60.0
 # A collect looks its items up by key this many at a time.
 _KEYS_PER_QUERY = 500
 # What a collect compares of a stored comment with the one fetched.
@@ -864,6 +867,8 @@ class Store:
         # Hashed: provider keys (Mailgun tokens, Svix ids) are long and caller-chosen.
         return f"{self._REPLAY_PREFIX}{provider[:20]}:{hashlib.sha256(key.encode('utf-8')).hexdigest()[:60]}"
 
+    _next_replay_purge = 0.0  # time.monotonic() after which the next key purges the expired ones
+
     def remember_webhook_key(self, provider: str, key: str, now: datetime, keep_until: datetime,
                              content_hash: str = "") -> ReplaySeen:
         """Record a webhook's replay key, with a hash of what its signature does not cover.
@@ -877,15 +882,28 @@ class Store:
         cutoff = f"{int(as_utc(now).timestamp()):012d}"
         meta_key = self._replay_meta_key(provider, key)
         value = f"{expires} {content_hash}" if content_hash else expires
+        # Expired keys go at most once a minute per process: the purge reads every key
+        # remembered (a send's worth of delivery events), too much for every webhook.
+        purge = time.monotonic() >= self._next_replay_purge
         for _ in range(3):
             try:
                 with self._tx() as conn:
-                    conn.execute(delete(meta).where(and_(
-                        meta.c.key.startswith(self._REPLAY_PREFIX, autoescape=True), meta.c.value < cutoff)))
+                    if purge:
+                        conn.execute(delete(meta).where(and_(
+                            meta.c.key.startswith(self._REPLAY_PREFIX, autoescape=True), meta.c.value < cutoff)))
+                        self._next_replay_purge = time.monotonic() + REPLAY_PURGE_EVERY
+                        purge = False
                     conn.execute(insert(meta).values(key=meta_key, value=value))
             except IntegrityError:
                 with self._tx() as conn:
                     held = conn.execute(select(meta.c.value).where(meta.c.key == meta_key)).scalar_one_or_none()
+                    if held is not None and held.partition(" ")[0] < cutoff:
+                        # Expired, not yet purged: forgotten, as if the purge had run.
+                        taken = conn.execute(update(meta).where(and_(meta.c.key == meta_key, meta.c.value == held))
+                                             .values(value=value)).rowcount
+                        if taken:
+                            return "new"
+                        continue
                 if held is None:
                     continue  # forgotten in between (its request failed): this one takes it
                 return "duplicate" if held.partition(" ")[2] == content_hash else "conflict"

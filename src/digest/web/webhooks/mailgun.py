@@ -6,8 +6,9 @@ signing key (``webhooks.mailgun_signing_key``, which is *not* the API key), of
 ``timestamp + token``. The signature covers only those two values, not the event, so the
 freshness check and the token replay check are what stop an old signature being stapled to a
 forged event: the token is the replay key, remembered for twice the freshness window together
-with a hash of the body. That window is nine hours unless ``webhooks.max_age`` is set, because
-Mailgun retries for eight hours with the first attempt's signature and timestamp. The same
+with a hash of the body. That window is ``webhooks.mailgun_max_age`` (an hour), not the
+others' five minutes, because Mailgun retries with the first attempt's signature and
+timestamp (5, 15 and 30 minutes after it, then for hours). The same
 token on the same body is a copy (Mailgun retrying after our answer was lost): 200, applied
 idempotently. The same token on another body is refused with 406, the
 status Mailgun's docs say makes it stop retrying (documentation.mailgun.com, webhook retries).
