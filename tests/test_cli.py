@@ -312,3 +312,32 @@ delivery: {{provider: outbox, outbox_dir: out}}
         assert status.essays == 4 and status.comments > 0
         assert sum(int(m.group(1)) for m in new if m) == status.essays
         assert sum(int(m.group(2)) for m in new if m) == status.comments
+
+
+def test_resolving_every_draft_passes_over_one_being_sent(tmp_path: Path) -> None:
+    """`--resolve-uncertain` without `--draft`: a draft another process is sending right now
+    and that has nothing uncertain is no reason to stop; one with uncertain messages is named
+    and the rest go on."""
+    from datetime import UTC, datetime, timedelta
+
+    from digest.store import open_store
+
+    cfg = str(config_file(tmp_path))
+    for step in (["subscribers", "add", "ann@example.com"], ["collect"], ["draft"], ["approve", "1"], ["send"]):
+        assert invoke("--config", cfg, *step)[0] == 0
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    now = datetime.now(UTC)
+    assert store.acquire_lease("send:1", "elsewhere:1:abc", now, now + timedelta(minutes=5))
+    try:
+        code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "mark-sent")
+        assert code == 0 and "no uncertain messages to resolve" in out
+        ((ledger_id, _email, _status),) = store.ledger_rows(1)
+        store.mark_uncertain([ledger_id], "read timeout", now)
+        code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "mark-sent")
+        assert code == 0 and "draft 1 is being sent by another process" in out
+        assert store.ledger_counts(1) == {"uncertain": 1}
+    finally:
+        store.release_lease("send:1", "elsewhere:1:abc")
+        store.close()
+    code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "mark-sent")
+    assert code == 0 and "draft 1: 1 uncertain messages → mark-sent" in out

@@ -24,7 +24,7 @@ import click
 from digest import __version__, clock, pipeline, resources
 from digest.config import Settings, load
 from digest.delivery.sender import NEXT_SEND, SendSummary
-from digest.errors import DigestError
+from digest.errors import DigestError, DraftError
 from digest.store import db
 from digest.store.store import ReasonCount, UncertainMessage
 
@@ -367,6 +367,12 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
             if dry_run:  # what it would settle; nothing is written
                 app.store.get_draft(target)
                 n = app.store.ledger_counts(target).get("uncertain", 0)
+            elif draft_id is None:  # every draft: one being sent now is said, and the rest go on
+                try:
+                    n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+                except DraftError as exc:
+                    click.echo(f"{exc}", err=True)
+                    continue
             else:
                 n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
             resolved += n

@@ -424,6 +424,8 @@ def resolve_uncertain(app: App, draft_id: int, how: str) -> int:
     from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder
 
     app.store.get_draft(draft_id)
+    if not app.store.ledger_counts(draft_id).get("uncertain"):
+        return 0  # nothing to settle: no need to wait for a sender at work on the draft
     # The send's own lease: a sender at work on the draft may be marking a batch uncertain
     # this very moment, and its verdicts and this resolution must not cross.
     lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
