@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import (
@@ -459,7 +460,8 @@ class Store:
         the others held. So the item counts as new once, for the collect that inserted it.
         """
         found = self._rows_by_key(conn, table, columns, list(fetched))
-        missing = [k for k in fetched if k not in found]
+        # Sorted, as the updates are by row id: two collects at once lock rows in one order.
+        missing = sorted(k for k in fetched if k not in found)
         if not missing:
             return found, 0
         stmt = (self._insert(table).on_conflict_do_nothing(index_elements=[table.c.source, table.c.key])
@@ -488,9 +490,11 @@ class Store:
 
     @staticmethod
     def _update_rows(conn: Connection, table: Table, changes: list[dict[str, Any]]) -> None:
-        """Set each change's columns on the row ``row_id`` names: one statement for them all."""
+        """Set each change's columns on the row ``row_id`` names: one statement for them all,
+        in row order (two writers at once lock rows in one order)."""
         if changes:
-            conn.execute(update(table).where(table.c.id == bindparam("row_id")), changes)
+            conn.execute(update(table).where(table.c.id == bindparam("row_id")),
+                         sorted(changes, key=itemgetter("row_id")))
 
     @staticmethod
     def _essay_id(conn: Connection, cache: dict[tuple[str, str], int | None], source: str, key: str) -> int | None:
@@ -691,7 +695,9 @@ class Store:
         skipped: list[str] = []
         columns = (subscribers.c.id, subscribers.c.email, subscribers.c.name, subscribers.c.status)
         with self._tx() as conn:
-            emails = list(wanted)
+            # In one order whatever the file's: two imports at once then take their row locks
+            # in the same order (PostgreSQL), rather than each wait for the other's.
+            emails = sorted(wanted)
             for i in range(0, len(emails), _KEYS_PER_QUERY):
                 chunk = emails[i:i + _KEYS_PER_QUERY]
                 found = {r.email: r for r in conn.execute(select(*columns).where(subscribers.c.email.in_(chunk)))}
