@@ -117,8 +117,8 @@ def _quiet(scheduler: BaseScheduler, log: logging.Logger) -> None:
     logging.getLogger("apscheduler.scheduler").addFilter(_NoSkipWarning)
 
     def skipped(event: JobSubmissionEvent) -> None:
-        log.info("%s: the run due at %s is skipped: its last run is still going", event.job_id,
-                 _when(event.scheduled_run_times[-1]))
+        log.info("%s: the run due at %s is skipped: its last run has not finished (jobs run one at a time, "
+                 "so it may be waiting for another job)", event.job_id, _when(event.scheduled_run_times[-1]))
 
     scheduler.add_listener(skipped, EVENT_JOB_MAX_INSTANCES)
 
