@@ -262,6 +262,36 @@ def test_waits_for_the_rate_limit_before_claiming(app: pipeline.App) -> None:
     assert set(claimed_while_waiting) == {0}
 
 
+class OneCallPerMessage(ScriptedProvider):
+    """Plays SES (or SendGrid and Mailgun with full bodies): one call per message, the calls
+    of a batch run delivery.concurrency at a time."""
+
+    max_batch = 50
+    parallel_calls = True
+
+
+@pytest.mark.parametrize(("delivery", "size"), [
+    ({"rate_per_second": 14, "concurrency": 4}, 14),  # SES's default rate: a second of calls
+    ({"rate_per_second": 2, "concurrency": 4}, 4),  # never fewer than the calls in flight at once
+    ({"rate_per_second": 14, "concurrency": 4, "processes": 2}, 7),  # each process's share
+    ({"rate_per_second": 1000, "concurrency": 4}, 50),  # at most the provider's limit
+    ({"rate_per_second": 14, "concurrency": 4, "batch_size": 50}, 50),  # as the config says
+])
+def test_a_batch_of_one_call_per_message_is_about_a_second_of_calls(
+        app: pipeline.App, delivery: dict[str, float], size: int) -> None:
+    """A kill -9 leaves a whole claimed batch uncertain, most of it never sent when the batch
+    is the provider's limit (50 SES calls take 3.5 s at 14 a second): by default a batch is
+    what the rate lets go out in about a second."""
+    settings = app.settings.model_copy(update={"delivery": app.settings.delivery.model_copy(update=delivery)})
+    (draft_id,) = app.store.due_drafts(app.now())
+    draft = app.store.get_draft(draft_id)
+    s = Sender(app.store, OneCallPerMessage(), settings, draft, pipeline.compile_for(app, draft), app.link_pair,
+               now=app.now)
+    assert s.batch_size == size
+    assert Sender(app.store, ScriptedProvider(), settings, draft, pipeline.compile_for(app, draft), app.link_pair,
+                  now=app.now).batch_size == 2  # one call per batch: the provider's limit
+
+
 def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App) -> None:
     provider = ScriptedProvider()
     s = sender(app, provider)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import math
 import os
 import random
 import socket
@@ -407,6 +408,13 @@ class Sender:
         self.server_side = self.template is not None and server_side
         if self.template is None and getattr(provider, "parallel_calls", False):
             self.concurrency = 1  # the provider runs delivery.concurrency calls inside each batch
+            if not settings.delivery.batch_size:
+                # A batch of one call per message is about a second of calls at the rate
+                # limit, not the provider's limit (50 for SES at 14 a second, 1000 full bodies
+                # for SendGrid at 50): a kill -9 leaves the whole claimed batch uncertain, most
+                # of it never sent, and a second is what can be in flight.
+                per_second = math.ceil(settings.delivery.rate_per_second / self.processes)
+                self.batch_size = min(self.batch_size, max(settings.delivery.concurrency, per_second))
         self.domain = _domain(settings.newsletter.from_)
         self._lock = threading.Lock()
         # One worker at a time prepares or builds a batch: the interpreter runs one thread at
