@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -100,37 +101,42 @@ def _rows(store: Store, source: str) -> tuple[int, int, int]:
                      for t in (essays, comments, source_state))  # type: ignore[return-value]
 
 
+def _at_once(round_: int, store: Store, other: Store, work: Callable[[Store, bool], Any]) -> tuple[Any, Any]:
+    """``work(store, True)`` and ``work(other, False)`` in two threads, started together at a
+    barrier; their results, after asserting that neither raised."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=30)
+    out: dict[bool, Any] = {}
+
+    def run(s: Store, first: bool) -> None:
+        barrier.wait()
+        try:
+            out[first] = work(s, first)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            out[first] = exc
+
+    threads = [threading.Thread(target=run, args=(s, first)) for s, first in ((store, True), (other, False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    errors = [v for v in out.values() if isinstance(v, Exception)]
+    assert errors == [], f"round {round_}: {errors!r}"
+    return out[True], out[False]
+
+
 def test_two_collects_of_one_source_at_once_store_each_item_once_and_count_it_new_once(store: Store) -> None:
     """Two `digest serve` processes starting together, or a cron `digest collect` overlapping
     the service's: each with its own connection, the same source's items at the same moment.
     Neither fails on a unique key, every item is stored once, and between them the two
     collects report each item new exactly once."""
-    import threading
-
     other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
     try:
         for round_ in range(5):  # a new source each round: each round races for the first rows
             source = f"src{round_}"
             result = _source_result(source)
-            barrier = threading.Barrier(2, timeout=30)
-            out: dict[str, Any] = {}
-
-            def collect(s: Store, name: str, result: CollectResult = result,
-                        barrier: threading.Barrier = barrier, out: dict[str, Any] = out) -> None:
-                barrier.wait()
-                try:
-                    out[name] = s.record_collect(result, NOW)
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    out[name] = exc
-
-            threads = [threading.Thread(target=collect, args=(s, n)) for s, n in ((store, "a"), (other, "b"))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            errors = [v for v in out.values() if isinstance(v, Exception)]
-            assert errors == [], f"round {round_}: {errors!r}"
-            a, b = out["a"], out["b"]
+            a, b = _at_once(round_, store, other, lambda s, _first, result=result: s.record_collect(result, NOW))
             assert (a.new_essays + b.new_essays, a.new_comments + b.new_comments) == (5, 40)
             assert (a.updated_essays, b.updated_essays, a.updated_comments, b.updated_comments) == (0, 0, 0, 0)
             assert (a.deleted_comments, b.deleted_comments) == (0, 0)
@@ -914,31 +920,13 @@ def test_two_imports_of_one_list_at_once_add_each_address_once(store: Store) -> 
     """An import from the CLI while another runs (or the subscribe form takes one of its
     addresses): neither fails on the unique address or deadlocks (the other file lists the
     addresses in another order), and between them each is added once."""
-    import threading
-
     other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
     try:
         for round_ in range(3):
             rows = [(f"r{round_}-{i}@example.com", f"R {i}") for i in range(1000)]
-            barrier = threading.Barrier(2, timeout=30)
-            out: dict[str, Any] = {}
-
-            def run(s: Store, name: str, rows: list[tuple[str, str]] = rows, barrier: threading.Barrier = barrier,
-                    out: dict[str, Any] = out) -> None:
-                barrier.wait()
-                try:
-                    out[name] = s.upsert_subscribers(rows if name == "a" else rows[::-1], "import", NOW)
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    out[name] = exc
-
-            threads = [threading.Thread(target=run, args=(s, n)) for s, n in ((store, "a"), (other, "b"))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            errors = [v for v in out.values() if isinstance(v, Exception)]
-            assert errors == [], f"round {round_}: {errors!r}"
-            assert out["a"][0] + out["b"][0] == 1000
+            a, b = _at_once(round_, store, other, lambda s, first, rows=rows: s.upsert_subscribers(
+                rows if first else rows[::-1], "import", NOW))
+            assert a[0] + b[0] == 1000
             assert sum(1 for s in store.list_subscribers() if s.email.startswith(f"r{round_}-")) == 1000
     finally:
         other.close()
