@@ -386,11 +386,11 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
             click.echo("no uncertain messages to resolve" + (f" in draft {draft_id}" if draft_id is not None else ""))
         if resolve_uncertain == "mark-sent":
             return
-    if not dry_run:  # (the send applies them too; here first, to say so)
-        for deadlined, what in pipeline.apply_deadlines(app, app.now()):
-            click.echo(f"draft {deadlined} was not reviewed before its approval deadline: {what} "
-                       "(digest.approval.on_deadline)")
-    else:  # a dry run changes nothing: it says what the send would do first
+    def deadline_applied(deadlined: int, what: str) -> None:
+        click.echo(f"draft {deadlined} was not reviewed before its approval deadline: {what} "
+                   "(digest.approval.on_deadline)")
+
+    if dry_run:  # a dry run changes nothing: it says what the send would do first
         from digest.approval import past_deadline
 
         what = {"approve": "approves and sends", "skip": "skips"}[app.settings.digest.approval.on_deadline]
@@ -399,7 +399,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
                        "(digest.approval.on_deadline; this dry run leaves it as it is)")
     progress = SendProgress(interactive=sys.stderr.isatty())
     with _stop_on_signals(progress) as should_stop:
-        summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop)
+        summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop,
+                                  on_deadline=deadline_applied)
     progress.close()
     if not summaries:
         click.echo("nothing to send: no approved draft is due")

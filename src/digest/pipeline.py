@@ -387,11 +387,15 @@ def preview(app: App, draft_id: int, out: Path) -> tuple[Path, Path]:
 
 def send(app: App, *, dry_run: bool = False,
          on_batch: Callable[[SendSummary, int], None] | None = None,
-         should_stop: Callable[[], bool] = lambda: False) -> list[SendSummary]:
-    """Apply the approval deadlines, then send approved, due drafts and resume unfinished
-    sends. A dry run changes nothing, deadlines included."""
+         should_stop: Callable[[], bool] = lambda: False,
+         on_deadline: Callable[[int, str], None] | None = None) -> list[SendSummary]:
+    """Apply the approval deadlines (each told to ``on_deadline`` as draft id and "approved"
+    or "skipped"), then send approved, due drafts and resume unfinished sends. A dry run
+    changes nothing, deadlines included."""
     if not dry_run:
-        apply_deadlines(app, app.now())
+        for draft_id, what in apply_deadlines(app, app.now()):
+            if on_deadline is not None:
+                on_deadline(draft_id, what)
     summaries = []
     links = _dry_run_links(app) if dry_run else app.link_pair
     for draft_id in app.store.due_drafts(app.now()):

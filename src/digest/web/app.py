@@ -135,7 +135,7 @@ def create_app(
             log.warning("webhooks: %s: unparseable body: %s", provider, exc)
             return webhook_answer(400, error="unparseable body")
         key = verified.replay_key
-        # Whether this request took the key; a copy must not forget the first request's key.
+        # Whether this request took the key (a copy must not forget the first request's key).
         owns_key = duplicate = False
         if key is not None:
             # Remembered past the freshness window on both sides; older copies are stale anyway.

@@ -8,8 +8,8 @@ One module per provider, each with two pure functions (DESIGN.md rule 7)::
 ``verify`` never touches the store: it checks credentials or the signature and the signed
 timestamp's freshness, and returns the request's *replay key* (Mailgun's token, the Svix id,
 the SNS message id, a hash of SendGrid's signed bytes). The web route remembers replay keys
-for ``2 * max_age``; that memory only has to outlive the freshness window, because an older
-copy is already refused as stale.
+for twice the provider's freshness window (``Webhooks.max_age_for``); that memory only has to
+outlive the window, because an older copy is already refused as stale.
 
 A second request carrying a remembered key is, for SendGrid, SNS and Svix, the same signed
 content again: their signatures cover the whole body (and the key), so it is the provider
