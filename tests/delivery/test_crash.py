@@ -77,6 +77,9 @@ class Kill:
     hold: Callable[[FakeProviderServer, Any, threading.Event], Callable[[], int]]
     held: int
     batches: int  # batches in flight when ``held`` calls are
+    # A batch is several calls (one per message), recorded call by call: only the held calls'
+    # messages are uncertain after the kill, the rest of their batch is sent or sent again.
+    per_call: bool = False
 
 
 def _hold_http(passed: int, held: int) -> Callable[[FakeProviderServer, Any, threading.Event], Callable[[], int]]:
@@ -107,20 +110,21 @@ KILLS = {
     # and one of the third's are answered, the next two held (of batch 11-15, 11-13 went out).
     "ses": Kill(f"provider: ses, region: us-east-1, aws_access_key_id: AKIDEXAMPLE, "
                 f"aws_secret_access_key: {TOKEN}, concurrency: 2, rate_per_second: 500",
-                lambda srv: install_ses(srv, secret_key=TOKEN), _hold_http(11, 2), 2, 1),
+                lambda srv: install_ses(srv, secret_key=TOKEN), _hold_http(11, 2), 2, 1, per_call=True),
     # One session per batch, one worker: the second message of the third batch is held.
     "smtp": Kill("provider: smtp, smtp_host: 127.0.0.1, smtp_security: none, concurrency: 1",
-                 lambda srv: None, _hold_smtp(KILLED[11]), 1, 1),
+                 lambda srv: None, _hold_smtp(KILLED[11]), 1, 1, per_call=True),
 }
 
 
 @pytest.mark.parametrize("provider", sorted(KILLS))
 def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers: list[Any], provider: str) -> None:
     """kill -9 while calls are held unanswered at the provider, then restart: exactly the
-    batches in flight are uncertain (for SES and SMTP, whose batch is several calls, that is
-    the whole batch claimed: the ledger learns nothing of a batch until it is settled), nobody
-    gets two copies, everyone else is sent once; ``--resolve-uncertain mark-sent`` then sends
-    nothing more."""
+    messages in flight are uncertain (a batch of one call: all of it; for SES and SMTP, whose
+    batch is several calls recorded one by one, the held calls' messages only: those answered
+    before are sent, those never started go out after the restart), nobody gets two copies,
+    everyone else is sent once; ``--resolve-uncertain mark-sent`` then sends nothing more and
+    leaves everyone with exactly one copy."""
     kill = KILLS[provider]
     emails = KILLED
     with FakeProviderServer(token=TOKEN) as srv:
@@ -159,6 +163,9 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
         blocks = {(i - first) // 5 for i in held_ids}
         in_flight = {e for e, i in ids.items() if (i - first) // 5 in blocks}
         assert len(blocks) == kill.batches and len(in_flight) == 5 * kill.batches
+        held_emails = {e for e, i in ids.items() if i in held_ids}
+        assert len(held_emails) == (kill.held if kill.per_call else len(in_flight))  # (a message per call)
+        uncertain = held_emails if kill.per_call else in_flight
         # Before the kill, every batch claimed was handed over once: all of those answered,
         # and of those in flight what the held calls (and, in their batch, the calls
         # answered before them) carried.
@@ -171,7 +178,7 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
         assert again.returncode == 3, again.stdout + again.stderr
         assert "messages were in flight when a sender stopped; marked uncertain" in again.stdout
         status = subprocess.run([*run, "status"], env=env, capture_output=True, text=True, check=True).stdout
-        assert f"{len(in_flight)} uncertain; resolve with" in status
+        assert f"{len(uncertain)} uncertain; resolve with" in status
 
         counts = received()
         assert set(counts.values()) == {1}, "someone got two copies"
@@ -181,11 +188,10 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
             by_status[st].add(email)
         store.close()
         assert by_status.keys() == {"sent", "uncertain"}
-        assert by_status["uncertain"] == in_flight  # exactly the batches in flight
-        assert by_status["sent"] == set(emails) - in_flight == set(counts) - in_flight
-        # Of the batches in flight, the provider got what the kill found handed over: all of
-        # a one-call batch; for SES and SMTP the calls answered or held, not those never made.
-        assert set(counts) & in_flight == set(before) & in_flight
+        assert by_status["uncertain"] == uncertain  # exactly the messages in flight
+        assert by_status["sent"] == set(emails) - uncertain == set(counts) - uncertain
+        # The provider got the uncertain messages once, before the kill (the held calls).
+        assert set(counts) & uncertain == set(before) & uncertain == uncertain
 
         # The operator checks the provider's log and marks them sent: nothing more goes out.
         subprocess.run([*run, "send", "--resolve-uncertain", "mark-sent"], env=env, check=True, capture_output=True)
@@ -193,14 +199,14 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
         store = open_store(f"sqlite:///{db}")
         assert {st for _id, _email, st in store.ledger_rows(1)} == {"sent"}
         store.close()
-        never = in_flight - set(counts)
-        if provider in ("ses", "smtp"):
-            # The documented cost of a kill inside a batch of several calls: its messages never
-            # handed over are uncertain with the rest, and marking the batch sent leaves them
-            # without a copy (resending it would send the others twice).
-            assert sorted(never) == (KILLED[13:15] if provider == "ses" else KILLED[12:15])
-        else:
-            assert never == set() and counts == collections.Counter(emails)  # everyone exactly once
+        assert counts == collections.Counter(emails)  # everyone exactly once
+        if kill.per_call:
+            # In the killed batch: the calls answered before the held ones were recorded sent,
+            # and those never started went out after the restart, not uncertain with the rest.
+            killed_batch = sorted(in_flight)
+            assert killed_batch == KILLED[10:15]
+            assert sorted(uncertain) == (KILLED[11:13] if provider == "ses" else KILLED[11:12])
+            assert set(KILLED[13:15]) <= set(counts) - set(before)  # sent by the restart
 
 
 def test_sigkill_mid_send_through_resend_resends_in_flight_batches_safely(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from digest.delivery.providers.base import (
     PartialBatchError,
     Provider,
     UncertainDeliveryError,
+    call_journal,
     expand_template,
     fill_template,
     maybe_delivered,
@@ -502,6 +503,77 @@ def test_send_in_calls_reports_uncertain_calls_apart(make_message: MessageFactor
         (3, "deferred"),
         (4, "deferred"),
     ]
+
+
+class _Journal:
+    """Records what send_in_calls tells the batch's journal, in order."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.fail_at = fail_at
+
+    def starting(self, ledger_ids: Any) -> None:
+        if ledger_ids[0] == self.fail_at:
+            raise RuntimeError("the ledger is gone")
+        self.events.append(("start", list(ledger_ids)))
+
+    def finished(self, results: Any) -> None:
+        self.events.append(("done", [(r.ledger_id, r.status) for r in results]))
+
+
+def test_send_in_calls_tells_the_journal_of_each_call_before_and_after(make_message: MessageFactory) -> None:
+    """Each call is announced before it starts and reported once answered; a call that
+    certainly sent nothing is reported deferred, one that may have gone out is not reported
+    (it stays in flight until the batch's verdict), and calls never started are not announced."""
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        if ms[0].ledger_id == 2:
+            return [SendResult(2, "rejected", None, "refused")]
+        if ms[0].ledger_id == 3:
+            raise UncertainDeliveryError("read timeout", retryable=True)
+        return [SendResult(ms[0].ledger_id, "sent", "id")]
+
+    journal = _Journal()
+    token = call_journal.set(journal)
+    try:
+        with pytest.raises(PartialBatchError):
+            send_in_calls("t", [[m] for m in _msgs(make_message, 5)], send)
+    finally:
+        call_journal.reset(token)
+    assert journal.events == [("start", [1]), ("done", [(1, "sent")]), ("start", [2]), ("done", [(2, "rejected")]),
+                              ("start", [3])]
+
+    def refused(ms: list[OutgoingMessage]) -> list[SendResult]:
+        raise DeliveryError("HTTP 429", retryable=True, status=429)
+
+    journal = _Journal()
+    token = call_journal.set(journal)
+    try:
+        with pytest.raises(DeliveryError):
+            send_in_calls("t", [[m] for m in _msgs(make_message, 3)], refused)
+    finally:
+        call_journal.reset(token)
+    assert journal.events[0] == ("start", [1])
+    assert journal.events[1][0] == "done" and journal.events[1][1] == [(1, "deferred")]
+    assert len(journal.events) == 2
+
+
+def test_send_in_calls_makes_no_call_the_journal_could_not_record(make_message: MessageFactory) -> None:
+    """A call starts only once recorded: when the ledger fails, the batch stops there."""
+    sent: list[int] = []
+
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        sent.append(ms[0].ledger_id)
+        return [SendResult(ms[0].ledger_id, "sent", "id")]
+
+    for concurrency in (1, 3):
+        sent.clear()
+        token = call_journal.set(_Journal(fail_at=2))
+        try:
+            with pytest.raises(RuntimeError, match="the ledger is gone"):
+                send_in_calls("t", [[m] for m in _msgs(make_message, 4)], send, concurrency=concurrency)
+        finally:
+            call_journal.reset(token)
+        assert 2 not in sent and (concurrency > 1 or sent == [1])
 
 
 def test_send_in_calls_uncertain_first_call_is_still_partial(make_message: MessageFactory) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from digest.delivery.providers.base import UncertainDeliveryError
 from digest.delivery.sender import Sender, SendSummary, TokenBucket
 from digest.errors import AuthError, BlockedError, DeliveryError, DraftError, StoreError
 from digest.store import Store
-from digest.types import SLOT_NAMES, Draft, SendResult
+from digest.types import SLOT_NAMES, Draft, OutgoingMessage, SendResult
 from tests.conftest import FrozenClock, make_settings
 from tests.fakes.scripted_provider import ScriptedProvider
 
@@ -290,6 +291,55 @@ def test_a_batch_of_one_call_per_message_is_about_a_second_of_calls(
     assert s.batch_size == size
     assert Sender(app.store, ScriptedProvider(), settings, draft, pipeline.compile_for(app, draft), app.link_pair,
                   now=app.now).batch_size == 2  # one call per batch: the provider's limit
+
+
+class CallByCall(ScriptedProvider):
+    """Sends a batch as one call per message through send_in_calls, as SES and SMTP do: each
+    call pops the script in turn."""
+
+    max_batch = 5
+    parallel_calls = True
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        from digest.delivery.providers.base import send_in_calls
+
+        return send_in_calls(self.name, [[m] for m in messages], super().send_batch)
+
+
+def _own(app: pipeline.App) -> dict[int, str]:
+    with app.store.engine.connect() as conn:
+        return dict(conn.exec_driver_sql("SELECT id, status FROM send_ledger").all())  # type: ignore[arg-type]
+
+
+def test_a_batch_of_several_calls_is_recorded_call_by_call(app: pipeline.App) -> None:
+    """Before each call its rows are marked as going out, after it they have its verdict; a
+    call refused for now is not left marked while the batch waits to be tried again (a kill
+    during the wait leaves nothing uncertain); the batch then ends sent and closed."""
+    seen: list[dict[int, str]] = []
+
+    def third_call_sees(messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        seen.append(_own(app))
+        return [SendResult(messages[0].ledger_id, "sent", "id-3")]
+
+    waiting: list[dict[int, str]] = []
+    # The first call meets a 429: nothing taken, the whole batch is tried again after a wait.
+    provider = CallByCall([DeliveryError("HTTP 429", retryable=True, status=429),
+                           lambda ms: None, lambda ms: None, third_call_sees])
+    (draft_id,) = app.store.due_drafts(app.now())
+    draft = app.store.get_draft(draft_id)
+    s = Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.link_pair,
+               now=app.now, sleep=lambda seconds: waiting.append(_own(app)))
+    summary = s.run()
+    ids = sorted(_own(app))
+    # While the batch waited, none of its rows was marked as going out.
+    assert [[w[i] for i in ids] for w in waiting] == [["claimed"] * 5]
+    # At the third call: the first two recorded sent, the third going out, the rest not yet.
+    assert [seen[0][i] for i in ids] == ["sent", "sent", "sending", "claimed", "claimed"]
+    assert summary.sent == 5 and summary.finished and summary.retries == 1
+    assert set(_own(app).values()) == {"sent"}
+    with app.store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT status FROM send_batches").scalars().all() == ["settled"]
+    assert received(provider) == sorted(EMAILS)
 
 
 def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect
 
-from digest.errors import DraftError, StoreError
+from digest.errors import DraftError, StoreError, TakenOverError
 from digest.store import Store, db, open_store
 from digest.types import CollectResult, Comment, Draft, DraftItem, Essay, RankedComment, SendResult, SourceCursor
 from tests.conftest import NOW
@@ -640,6 +640,84 @@ def test_a_sender_dying_between_a_partial_verdict_and_the_batch_verdict_leaves_a
     assert store.mark_stale_claims_uncertain(draft_id, NOW) == 2
     assert store.ledger_counts(draft_id) == {"uncertain": 3}
     assert store.claim_batch(draft_id, 3, "next", NOW) == []
+
+
+def test_a_batch_recorded_call_by_call_leaves_only_its_calls_in_flight_uncertain(store: Store) -> None:
+    """A batch sent as several calls (SES, SMTP): each call's rows are marked before it starts
+    and the answered ones recorded with the next mark. When its sender dies, only the rows of
+    the call in flight are uncertain; those never started go back to the queue, the answered
+    ones keep their verdicts."""
+    emails = [f"{c}@x.org" for c in "abcdef"]
+    draft_id = _sending(store, emails)
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 5, "me", NOW)
+    a, b, c, d, e = (x.ledger_id for x in batch)
+    assert batch.ranged
+    store.record_calls(batch, draft_id, [a], [], "ses", NOW)
+    assert not batch.ranged  # its rows now have statuses of their own
+    assert {i: s for i, s in _own_statuses(store, draft_id).items() if i in (a, b, c, d, e)} == {
+        a: "sending", b: "claimed", c: "claimed", d: "claimed", e: "claimed"}
+    assert store.ledger_counts(draft_id) == {"claimed": 5, "pending": 1}  # sending is in flight
+    store.record_calls(batch, draft_id, [b], [SendResult(a, "sent", "m-a")], "ses", NOW)
+    # c: refused for now (certainly not sent), so not in flight any more; d's call starts.
+    store.record_calls(batch, draft_id, [c], [SendResult(b, "rejected", None, "MessageRejected")], "ses", NOW)
+    store.record_calls(batch, draft_id, [d], [SendResult(c, "deferred", None, "not sent: 429")], "ses", NOW)
+    rows = {i: s for i, _e, s in store.ledger_rows(draft_id)}
+    assert [rows[i] for i in (a, b, c, d, e)] == ["sent", "rejected", "claimed", "claimed", "claimed"]
+    assert _own_statuses(store, draft_id)[d] == "sending"
+    # The sender dies here, with d's call in flight.
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 1
+    rows = {i: s for i, _e, s in store.ledger_rows(draft_id)}
+    assert [rows[i] for i in (a, b, c, d, e)] == ["sent", "rejected", "pending", "uncertain", "pending"]
+    assert [m.ledger_id for m in store.uncertain_messages(draft_id)] == [d]
+    assert store.ledger_counts(draft_id) == {"sent": 1, "rejected": 1, "uncertain": 1, "pending": 3}
+    # The next claims take the rest of the range, then c and e from the queue: a never again.
+    taken = [x.ledger_id for x in store.claim_batch(draft_id, 5, "next", NOW)]
+    taken += [x.ledger_id for x in store.claim_batch(draft_id, 5, "next", NOW)]
+    assert sorted(taken) == sorted([c, e, max(_own_statuses(store, draft_id))])
+
+
+def test_a_batch_recorded_call_by_call_whose_calls_never_started_goes_back_whole(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    a, b = (x.ledger_id for x in batch)
+    store.record_calls(batch, draft_id, [a], [], "smtp", NOW)
+    store.record_calls(batch, draft_id, [], [SendResult(a, "deferred", None, "not sent: refused")], "smtp", NOW)
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 0
+    assert store.ledger_counts(draft_id) == {"pending": 2}
+    assert _batches(store)[0][2] == "released"
+
+
+def test_the_verdict_of_a_batch_recorded_call_by_call_covers_every_row(store: Store) -> None:
+    """After its last call the sender gives the batch's verdict as for any batch: every row,
+    the uncertain one and the one put back included; the batch is closed."""
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 3, "me", NOW)
+    a, b, c = (x.ledger_id for x in batch)
+    store.record_calls(batch, draft_id, [a], [], "ses", NOW)
+    store.record_calls(batch, draft_id, [b], [SendResult(a, "sent", "m-a")], "ses", NOW)
+    store.record_calls(batch, draft_id, [c], [], "ses", NOW)
+    store.mark_uncertain([b], "read timeout", NOW, batch)
+    store.release([c], "not sent: reset before the request", NOW, batch)  # c was 'sending'
+    store.settle([SendResult(a, "sent", "m-a")], "ses", NOW, batch)
+    assert {i: s for i, _e, s in store.ledger_rows(draft_id)} == {a: "sent", b: "uncertain", c: "pending"}
+    assert _batches(store)[0][2] == "settled"
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 0
+
+
+def test_a_late_call_record_from_a_sender_taken_over_is_refused(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    a, b = (x.ledger_id for x in batch)
+    store.record_calls(batch, draft_id, [a], [], "ses", NOW)
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 1  # another sender took it for dead
+    with pytest.raises(TakenOverError):
+        store.record_calls(batch, draft_id, [b], [SendResult(a, "sent", "m-a")], "ses", NOW)
+    rows = {i: s for i, _e, s in store.ledger_rows(draft_id)}
+    assert rows == {a: "uncertain", b: "pending"}  # as the other sender recorded it
 
 
 def test_a_claim_reads_at_most_its_size_in_ids_past_the_cursor(store: Store) -> None:

@@ -46,6 +46,7 @@ from digest.delivery.providers.base import (
     PreparedCall,
     Provider,
     UncertainDeliveryError,
+    call_journal,
 )
 from digest.errors import AuthError, BlockedError, DeliveryError, TakenOverError
 from digest.render import CompiledEmail, personalize, slot_values
@@ -172,6 +173,47 @@ class SendSummary:
         """The counts, as a helper process reports them to the sender it works for."""
         return {"sent": self.sent, "failed": dict(self.failed), "uncertain": self.uncertain,
                 "batches": self.batches, "retries": self.retries}
+
+
+class BatchJournal:
+    """A claimed batch's :class:`~digest.delivery.providers.base.CallJournal`: a provider that
+    sends the batch as several calls (SES, SMTP, full bodies through SendGrid or Mailgun) marks
+    each call's rows in the ledger before the call starts, and records the answered ones with
+    the next mark (one write per call). A kill -9 then leaves uncertain only the calls that
+    were in flight (and any answered since the last mark); the rest go back to the queue.
+    """
+
+    def __init__(self, store: Store, batch: ClaimedBatch, draft_id: int, provider: str,
+                 now: Callable[[], datetime]) -> None:
+        self.store = store
+        self.batch = batch
+        self.draft_id = draft_id
+        self.provider = provider
+        self.now = now
+        self._done: list[SendResult] = []
+        # One record at a time: the first turns the batch's rows into rows of their own.
+        self._lock = threading.Lock()
+
+    def starting(self, ledger_ids: Sequence[int]) -> None:
+        self._record(ledger_ids)
+
+    def finished(self, results: Sequence[SendResult]) -> None:
+        with self._lock:
+            self._done.extend(results)
+
+    def flush(self) -> None:
+        """Record the answers kept so far (before waiting to retry the batch)."""
+        if self._done:
+            self._record(())
+
+    def _record(self, ledger_ids: Sequence[int]) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+            try:
+                self.store.record_calls(self.batch, self.draft_id, ledger_ids, done, self.provider, self.now())
+            except BaseException:
+                self._done[:0] = done  # not recorded: the batch's verdict still has them
+                raise
 
 
 class TokenBucket:
@@ -860,6 +902,7 @@ class Sender:
         try:
             prepared: list[OutgoingMessage] | list[TemplateRecipient] | None = self._prepare(claimed)
             send: Callable[[], list[SendResult]] | None = None
+            journal: BatchJournal | None = None
             attempt = 0
             while True:
                 attempt += 1
@@ -879,7 +922,13 @@ class Sender:
                         # A retry sends this built batch again: the same recipients, the same
                         # body. The values it was built from need not wait with it for the answer.
                         prepared = None
-                    results = send()
+                    journal = None if batch is None else BatchJournal(self.store, batch, self.draft.id or 0, name,
+                                                                      self.now)
+                    entered = call_journal.set(journal)
+                    try:
+                        results = send()
+                    finally:
+                        call_journal.reset(entered)
                     # Answered: the built batch (its body) need not wait for the ledger's turn.
                     send = None
                 except PartialBatchError as exc:
@@ -928,6 +977,8 @@ class Sender:
                         delay = exc.retry_after if exc.retry_after is not None else min(
                             MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
                         self._count_retry(summary)
+                        if journal is not None:
+                            journal.flush()  # the calls that failed are not in flight while it waits
                         if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
                             # Not sent: back in the queue, under the reason the send stopped.
                             self._give_up(ids, DeliveryError(self._stop or str(exc)), batch, summary, maybe_sent)

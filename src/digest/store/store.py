@@ -202,6 +202,11 @@ class ClaimedBatch(list[Claimed]):
         self.token = token
 
 
+# A row's own status as readers see it: queued is pending (to send); sending (its call has
+# started, see Store.record_calls) is claimed (in flight).
+_AS_READ = {"queued": "pending", "sending": "claimed"}
+
+
 def _dt(value: Any) -> datetime | None:
     return as_utc(value) if isinstance(value, datetime) else None
 
@@ -985,11 +990,11 @@ class Store:
             # The batches first, then their rows: the order in which a sender's verdict takes
             # them (Store._hold), so the two never wait for each other on PostgreSQL. The token
             # goes: a verdict the stopped sender may still write comes too late.
+            n = self._stale_calls(conn, draft_id, when)
             stale = self._raw(conn, self._sql(
                 "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, error = {p}, claim_token = NULL "
                 "WHERE draft_id = {p} AND status = 'claimed' RETURNING id, first_id, last_id"),
                 (when, error, draft_id)).fetchall()
-            n = 0
             for batch_id, first, last in stale:
                 if first is None:
                     n += self._raw(conn, self._sql(
@@ -997,6 +1002,31 @@ class Store:
                         "WHERE batch_id = {p} AND status = 'claimed'"), (when, error, batch_id)).rowcount or 0
                 else:
                     n += self._covered(conn, draft_id, first, last)
+        return n
+
+    def _stale_calls(self, conn: Connection, draft_id: int, when: Any) -> int:
+        """Batches a stopped sender was sending call by call (:meth:`record_calls`): only the
+        rows whose call had started are uncertain; those whose call never started go back to
+        the queue (the provider never had them). Returns how many are uncertain."""
+        batches = self._raw(conn, self._sql(
+            "UPDATE send_batches SET status = 'uncertain', settled_at = {p}, claim_token = NULL "
+            "WHERE draft_id = {p} AND status = 'calls' RETURNING id"), (when, draft_id)).fetchall()
+        n = 0
+        for (batch_id,) in batches:
+            in_flight = self._raw(conn, self._sql(
+                "UPDATE send_ledger SET status = 'uncertain', settled_at = {p}, error = {p} "
+                "WHERE batch_id = {p} AND status = 'sending'"),
+                (when, "the sender stopped while this message's call was in flight", batch_id)).rowcount or 0
+            self._raw(conn, self._sql(
+                "UPDATE send_ledger SET status = 'queued', error = {p} WHERE batch_id = {p} AND status = 'claimed'"),
+                ("not sent: the sender stopped before this message's call", batch_id))
+            if not in_flight:  # nothing of it may have gone out unrecorded
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'released', error = NULL "
+                                          "WHERE id = {p}"), (batch_id,))
+            else:
+                self._raw(conn, self._sql("UPDATE send_batches SET error = {p} WHERE id = {p}"),
+                          (f"the sender stopped with {in_flight} message(s) of it in flight", batch_id))
+            n += in_flight
         return n
 
     def _uncertain_ranges(self, conn: Connection, draft_id: int) -> list[tuple[int, int, int]]:
@@ -1227,7 +1257,7 @@ class Store:
     # A batch whose rows carry their own verdicts: its record says it is done (unless the
     # batch was already put back or made uncertain as a whole).
     _CLOSE_BATCH = ("UPDATE send_batches SET status = 'settled', provider = {p}, settled_at = {p} "
-                    "WHERE id = {p} AND status = 'claimed'")
+                    "WHERE id = {p} AND status IN ('claimed', 'calls')")
 
     def settle(self, results: Sequence[SendResult], provider: str, now: datetime,
                batch: ClaimedBatch | None = None) -> None:
@@ -1316,7 +1346,7 @@ class Store:
             self._hold(conn, batch)
             self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = COALESCE({p}, batch_id) "
-                f"WHERE {where} AND status IN ('claimed', 'pending')"), (error[:1000], batch_id, *params))
+                f"WHERE {where} AND status IN ('claimed', 'sending', 'pending')"), (error[:1000], batch_id, *params))
             if batch is not None and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'released', error = {p}, "
                                           "settled_at = {p} WHERE id = {p}"),
@@ -1343,8 +1373,46 @@ class Store:
             if batch is not None and not batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 # The batch's record says so too (it is not still in flight).
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
-                                          "settled_at = {p} WHERE id = {p} AND status = 'claimed'"),
+                                          "settled_at = {p} WHERE id = {p} AND status IN ('claimed', 'calls')"),
                           (error[:1000], when, batch.batch_id))
+
+    def record_calls(self, batch: ClaimedBatch, draft_id: int, starting: Sequence[int],
+                     done: Sequence[SendResult], provider: str, now: datetime) -> None:
+        """A batch sent as several calls, recorded as it goes, in one transaction: the rows of
+        calls answered since the last record (``done``) get their verdicts, and those of the
+        call about to start (``starting``) are marked ``sending``.
+
+        The first record turns the batch into one whose rows each have a status of their own
+        (``claimed``: not started yet; the batch's record says ``calls``), so that a sender
+        killed in the middle leaves uncertain only the rows marked ``sending``
+        (:meth:`mark_stale_claims_uncertain`). A ``deferred`` result (certainly not sent) puts
+        its row back to ``claimed``. The batch's verdict (:meth:`settle` and the rest) still
+        comes after its last call, covering every row.
+        """
+        settled = self._when(now)
+        with self._tx() as conn:
+            self._hold(conn, batch)
+            if batch.ranged:  # the first record: its rows take a status of their own
+                where, params = self._ids_clause("id", [c.ledger_id for c in batch])
+                self._raw(conn, self._sql(f"UPDATE send_ledger SET status = 'claimed', batch_id = {{p}} "
+                                          f"WHERE {where} AND +draft_id = {{p}} AND status = 'pending'"),
+                          (batch.batch_id, *params, draft_id))
+            self._raw(conn, self._sql("UPDATE send_batches SET status = 'calls' WHERE id = {p} AND status = 'claimed'"),
+                      (batch.batch_id,))
+            back = [(r.ledger_id,) for r in done if r.status == "deferred"]
+            if back:
+                self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed' WHERE id = {p} "
+                                          "AND status = 'sending'"), back, many=True)
+            known = [(r.status, provider, r.provider_message_id, (r.error or None) and r.error[:1000], settled,
+                      r.ledger_id) for r in done if r.status != "deferred"]
+            if known:
+                self._raw(conn, self._sql("UPDATE send_ledger SET status = {p}, provider = {p}, "
+                                          "provider_message_id = {p}, error = {p}, settled_at = {p} WHERE id = {p}"),
+                          known, many=True)
+            if starting:
+                where, params = self._ids_clause("id", starting)
+                self._raw(conn, self._sql(f"UPDATE send_ledger SET status = 'sending' WHERE {where}"), params)
+        batch.ranged = False
 
     def unclaim_uncertain(self, batch: ClaimedBatch) -> None:
         """Put a batch :meth:`uncertain_batches` claimed, but that was not sent, back as it was:
@@ -1429,7 +1497,7 @@ class Store:
                 "WHERE b.draft_id = {p} AND b.first_id IS NOT NULL"), (draft_id,)).fetchall()
         counts: Counter[str] = Counter()
         for status, n in own:
-            counts["pending" if status == "queued" else status] += n
+            counts[_AS_READ.get(status, status)] += n
         for status, n in by_batch:
             counts["pending"] -= n
             counts[status] += n
@@ -1455,8 +1523,8 @@ class Store:
                 i = bisect.bisect_right(starts, ledger_id) - 1
                 if i >= 0 and ledger_id <= ranges[i][1]:
                     status = ranges[i][2]
-            elif status == "queued":
-                status = "pending"
+            else:
+                status = _AS_READ.get(status, status)
             out.append((ledger_id, email, status))
         return out
 

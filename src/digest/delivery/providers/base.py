@@ -42,7 +42,10 @@ Optional hooks a provider may add (the defaults keep the behaviour above):
   through a provider that has no pure :meth:`~HttpProvider.build_request` (the default refuses
   nothing; :class:`MimeProvider` runs its send's own build);
 * :func:`send_in_calls`: the send loop for providers that need several calls per batch (one
-  message per call), with the partial-batch rules described there.
+  message per call), with the partial-batch rules described there. It tells the sender's
+  :class:`CallJournal` (:data:`call_journal`) of each call before it starts and after it is
+  answered, so that a process killed inside such a batch leaves only its calls in flight
+  uncertain.
 """
 
 from __future__ import annotations
@@ -55,12 +58,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from functools import partial
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self
 
 import requests
 from urllib3.exceptions import NewConnectionError
@@ -792,6 +796,28 @@ class CallPacer:
             self._sleep(start - now)
 
 
+class CallJournal(Protocol):
+    """Where a batch sent as several calls is recorded call by call (the sender's ledger).
+
+    A batch is claimed whole, and without this record a process killed inside it would leave
+    all of it uncertain: the calls answered, the one in flight and those never made alike.
+    :func:`send_in_calls` reports each call to the journal in :data:`call_journal`, if any:
+    """
+
+    def starting(self, ledger_ids: Sequence[int]) -> None:
+        """The call carrying ``ledger_ids`` is about to start: recorded durably before it does
+        (it may then be delivered, whatever happens to this process)."""
+
+    def finished(self, results: Sequence[SendResult]) -> None:
+        """A call was answered (or certainly sent nothing: ``deferred`` results). May be kept
+        until the next :meth:`starting`; the batch's verdict comes after the last call anyway."""
+
+
+# The journal of the batch this thread is sending (set by the sender around a provider's send;
+# None outside a send, in a dry run and in tests of the providers alone).
+call_journal: ContextVar[CallJournal | None] = ContextVar("call_journal", default=None)
+
+
 def send_in_calls(
     name: str,
     calls: Sequence[Sequence[OutgoingMessage]],
@@ -826,6 +852,7 @@ def send_in_calls(
     """
     outcomes: list[list[SendResult] | BaseException | None] = [None] * len(calls)
     stop = threading.Event()
+    journal = call_journal.get()  # here: the pool's threads do not see the caller's context
 
     def run(index: int) -> None:
         if stop.is_set():
@@ -835,13 +862,23 @@ def send_in_calls(
             if stop.is_set():
                 return
         try:
-            outcomes[index] = send_call(calls[index])
+            if journal is not None:
+                journal.starting([m.ledger_id for m in calls[index]])
+            outcome = send_call(calls[index])
         except DeliveryError as exc:
             outcomes[index] = exc
             stop.set()
+            if journal is not None and not maybe_delivered(exc):
+                # Certainly not sent: not in flight any more (a retry of the batch may wait).
+                reason = response_text(f"not sent: {exc}")
+                journal.finished([SendResult(m.ledger_id, "deferred", None, reason) for m in calls[index]])
+            return
         except BaseException:
-            stop.set()  # a bug: stop sending, let it propagate
+            stop.set()  # a bug, or the ledger failed: stop sending, let it propagate
             raise
+        outcomes[index] = outcome
+        if journal is not None:
+            journal.finished(outcome)
 
     if concurrency <= 1 or len(calls) <= 1:
         for index in range(len(calls)):
