@@ -280,9 +280,9 @@ class OneCallPerMessage(ScriptedProvider):
 ])
 def test_a_batch_of_one_call_per_message_is_about_a_second_of_calls(
         app: pipeline.App, delivery: dict[str, float], size: int) -> None:
-    """A kill -9 leaves a whole claimed batch uncertain, most of it never sent when the batch
-    is the provider's limit (50 SES calls take 3.5 s at 14 a second): by default a batch is
-    what the rate lets go out in about a second."""
+    """A stop waits for the batch in flight, and a batch of the provider's limit is long (50
+    SES calls take 3.5 s at 14 a second): by default a batch is what the rate lets go out in
+    about a second."""
     settings = app.settings.model_copy(update={"delivery": app.settings.delivery.model_copy(update=delivery)})
     (draft_id,) = app.store.due_drafts(app.now())
     draft = app.store.get_draft(draft_id)
