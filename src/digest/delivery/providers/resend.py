@@ -10,7 +10,8 @@ section A.5.
 body returns the first answer (the same ids) and sends nothing. :meth:`ResendProvider.
 idempotency_key` derives the key from the batch itself (draft id and the sorted ledger ids), so
 the very same batch always carries the very same key, and resending it after an uncertain
-outcome (a timeout, a reset) cannot deliver it twice. That is what :attr:`idempotent` says.
+outcome (a timeout, a reset, a gateway's 502 or 504) cannot deliver it twice. That is what
+:attr:`idempotent` says.
 Our bodies are deterministic for a ledger row (the signed links carry no timestamp and we send
 no Message-ID), which is what makes the repeat byte-identical.
 
@@ -460,7 +461,7 @@ class ResendProvider(HttpProvider):
                 status=status,
                 hint="check delivery.api_key",
             )
-        self.raise_for_common_status(status, lowered, body)
+        self.raise_for_common_status(status, lowered, body, sends_mail=False)
         if status != 200:
             raise self.status_error(status, body)
         try:

@@ -408,7 +408,9 @@ class SendGridProvider(HttpProvider):
         self._raise_for_status(status, lowered, body)
         return self.parse_response(status, lowered, body, messages)
 
-    def _raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    def _raise_for_status(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, sends_mail: bool = True
+    ) -> None:
         if status in (401, 403):
             detail = _errors(body)
             # Why 403 is still an AuthError: SendGrid answers 403 both for a key without the
@@ -421,7 +423,7 @@ class SendGridProvider(HttpProvider):
                 response_text=response_text(body),
                 hint=hint,
             )
-        self.raise_for_common_status(status, headers, body)
+        self.raise_for_common_status(status, headers, body, sends_mail=sends_mail)
 
     def parse_response(
         self,
@@ -470,7 +472,9 @@ class SendGridProvider(HttpProvider):
         """``GET /v3/scopes``: proves the key and the URL, and that the key may send."""
         url = f"{self.base_url}{SCOPES_PATH}"
         status, headers, body = self.request("GET", url, self._read_headers)
-        self._raise_for_status(status, {k.lower(): v for k, v in headers.items()}, body)
+        self._raise_for_status(
+            status, {k.lower(): v for k, v in headers.items()}, body, sends_mail=False
+        )
         if status != 200:
             raise self.status_error(status, body, _errors(body))
         try:
