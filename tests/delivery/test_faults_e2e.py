@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from digest import clock as wall_clock
 from digest import pipeline
 from digest.delivery.sender import Sender, SendSummary
 from tests.conftest import FrozenClock, make_settings
@@ -172,6 +173,28 @@ def test_retryable_faults_deliver_everyone_once(tmp_path: Path, clock: FrozenClo
     refused = srv.requests[: len(faults) + 1]
     assert len({content(r) for r in refused}) == 1
     assert [r.ledger_ids for r in refused] == [[]] * len(faults) + [ids_of(app, EMAILS[: via.per_call])]
+    app.close()
+
+
+@pytest.mark.parametrize("provider", ["sendgrid", "sendgrid-full-bodies"])
+def test_sendgrid_rate_limit_waits_until_x_ratelimit_reset(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SendGrid's 429 without Retry-After, with X-RateLimit-Reset (Unix seconds): the sender
+    waits until the reset (plus jitter), not its own half-second backoff, then sends once."""
+    monkeypatch.setattr(wall_clock, "now", clock)  # what the provider reads the reset against
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    reset = int(clock().timestamp()) + 6
+    srv.faults.append(("status", 429, {"X-RateLimit-Limit": "600", "X-RateLimit-Remaining": "0",
+                                       "X-RateLimit-Reset": str(reset)}))
+    pauses: list[float] = []
+    summary = send(app, pauses)
+
+    assert copies(srv) == once(EMAILS)
+    assert summary.finished and summary.sent == 12 and summary.retries == 1
+    assert len(pauses) == 1 and 6.0 <= pauses[0] <= 7.5
     app.close()
 
 

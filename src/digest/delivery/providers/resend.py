@@ -355,6 +355,14 @@ class ResendProvider(HttpProvider):
         self.raise_for_common_status(status, lowered, body)
         return self.parse_response(status, lowered, body, messages)
 
+    def retry_after_of(self, status: int, headers: Mapping[str, str]) -> float | None:
+        """``retry-after``; on a 429 without it, ``ratelimit-reset`` (seconds until the limit
+        resets), which Resend sends on every answer (APIS.md A.5)."""
+        wait = super().retry_after_of(status, headers)
+        if wait is None and status == 429:
+            wait = retry_after_seconds(headers.get("ratelimit-reset"))
+        return wait
+
     def _raise_named(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         name, message = _error(body)
         what = f"resend: HTTP {status} {name or 'error'}: {message}".rstrip(": ")
@@ -403,7 +411,11 @@ class ResendProvider(HttpProvider):
             )
         if status == 429:  # rate_limit_exceeded (2 requests/s per team by default)
             raise DeliveryError(
-                what, retryable=True, status=status, response_text=shown, retry_after=retry_after
+                what,
+                retryable=True,
+                status=status,
+                response_text=shown,
+                retry_after=self.retry_after_of(status, headers),
             )
 
     def parse_response(
