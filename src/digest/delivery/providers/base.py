@@ -155,6 +155,56 @@ class PartialBatchError(UncertainDeliveryError):
         return list(groups.items())
 
 
+# `digest check` asks again after an answer that says "later" (a 429, a 5xx): at most this
+# many calls, waiting at most CHECK_MAX_WAIT seconds before each new one (it runs by hand).
+CHECK_ATTEMPTS = 3
+CHECK_MAX_WAIT = 5.0
+
+
+def check_with_retries(
+    provider: Provider,
+    *,
+    attempts: int = CHECK_ATTEMPTS,
+    max_wait: float = CHECK_MAX_WAIT,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """``provider.check()``, called again after an answer that asks to try later.
+
+    A rate limit (429), a server or gateway error (5xx) or another retryable answer the
+    provider gave (an HTTP status is set: SES throttling, Postmark maintenance, an SMTP 4xx)
+    is asked again, up to ``attempts`` calls in all, after its Retry-After or else a short
+    backoff (0.5 s, 1 s ...), capped at ``max_wait`` seconds. A check sends nothing, so asking
+    again is always safe. Anything else is raised at once: refused credentials and other
+    :class:`BlockedError` (retrying cannot fix them), and network failures with no answer,
+    which most often mean a wrong ``delivery.base_url``. When the last call still fails, the
+    error says in one line how many calls were made over how long.
+    """
+    waited = 0.0
+    for attempt in range(1, attempts + 1):
+        try:
+            return provider.check()
+        except BlockedError:
+            raise
+        except DeliveryError as exc:
+            if not (exc.retryable and exc.status is not None) or attempts == 1:
+                raise
+            if attempt >= attempts:
+                over = f" over {waited:.1f} s" if waited else ""
+                raise DeliveryError(
+                    f"{exc.args[0] if exc.args else exc}; still failing after {attempt} attempts{over}",
+                    retryable=True,
+                    status=exc.status,
+                    retry_after=exc.retry_after,
+                    response_text=exc.response_text,
+                    hint=exc.hint or "try `digest check` again later",
+                ) from exc
+            wait = exc.retry_after if exc.retry_after is not None else 0.5 * 2 ** (attempt - 1)
+            wait = min(max(wait, 0.0), max_wait)
+            sleep(wait)
+            waited += wait
+    raise ValueError(f"attempts must be at least 1, not {attempts}")
+
+
 def maybe_delivered(exc: BaseException) -> bool:
     """True when ``exc`` leaves open whether the provider accepted the messages."""
     return bool(getattr(exc, "maybe_delivered", False))
