@@ -144,6 +144,28 @@ def test_check_reports_each_part(tmp_path: Path) -> None:
     assert code == 1 and "source sample: FAILED" in out
 
 
+@pytest.mark.parametrize(("faults", "ok"), [(2, True), (3, False)])
+def test_check_asks_a_rate_limited_provider_again(tmp_path: Path, faults: int, ok: bool) -> None:
+    """`digest check` asks a provider that answers 429 again, up to three calls in all, then
+    reports the failure on one line. (Retry-After: 0, so the test does not wait.)"""
+    from tests.fakes.provider_server import FakeProviderServer
+
+    with FakeProviderServer(token="pm-token") as srv:
+        cfg = config_file(tmp_path)
+        cfg.write_text(cfg.read_text().replace(
+            "delivery: {provider: outbox, outbox_dir: out}",
+            f"delivery: {{provider: postmark, api_key: pm-token, base_url: '{srv.url}'}}"))
+        srv.faults.extend([("status", 429, {"Retry-After": "0"})] * faults)
+        code, out = invoke("--config", str(cfg), "check")
+        assert len(srv.requests) == 3 and all(r.method == "GET" for r in srv.requests)
+    (line,) = [line for line in out.splitlines() if line.startswith("provider postmark:")]
+    if ok:
+        assert code == 0 and line.startswith("provider postmark: ok (postmark: reached server")
+    else:
+        assert code == 1 and line == ("provider postmark: FAILED (postmark: HTTP 429 (rate limited); still "
+                                      "failing after 3 attempts (try `digest check` again later))")
+
+
 def test_demo_through_the_runner(tmp_path: Path) -> None:
     code, out = invoke("demo", "--dir", str(tmp_path / "demo"))
     assert code == 0

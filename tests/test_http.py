@@ -17,6 +17,7 @@ from digest.http import (
     Fetched,
     build_session,
     fetch,
+    reset_at_seconds,
     retry_after_seconds,
 )
 
@@ -56,6 +57,29 @@ def test_retry_after_cap() -> None:
     assert retry_after_seconds("100000", now=NOW, cap=60.0) == 60.0
     assert retry_after_seconds("Fri, 01 Jan 2100 00:00:00 GMT", now=NOW, cap=60.0) == 60.0
     assert retry_after_seconds("59", now=NOW, cap=60.0) == 59.0
+
+
+# --- reset_at_seconds (a rate-limit reset given as Unix time) ---------------------------------
+
+
+def test_reset_at_seconds_is_the_time_until_the_reset() -> None:
+    epoch = int(NOW.timestamp())
+    assert reset_at_seconds(str(epoch + 42), now=NOW) == 42.0
+    assert reset_at_seconds(f" {epoch + 2}.5 ", now=NOW) == 2.5
+    assert reset_at_seconds(str(epoch + 100_000), now=NOW) == 300.0  # capped
+    assert reset_at_seconds(str(epoch + 100_000), now=NOW, cap=60.0) == 60.0
+
+
+@pytest.mark.parametrize("offset", [0, -1, -3600])
+def test_a_reset_already_past_is_none_never_negative(offset: int) -> None:
+    # The window has reset, or the clocks disagree: the caller's own backoff applies.
+    assert reset_at_seconds(str(int(NOW.timestamp()) + offset), now=NOW) is None
+    assert reset_at_seconds("30", now=NOW) is None  # seconds, not a Unix time: long past
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "-5", "1e10", "nan", "inf", "1.2.3", "²", "Tue, 10 Nov 2026"])
+def test_reset_at_garbage_is_none(value: str | None) -> None:
+    assert reset_at_seconds(value, now=NOW) is None
 
 
 # --- fetch ------------------------------------------------------------------------------------

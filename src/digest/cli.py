@@ -127,7 +127,11 @@ def init(path: str, force: bool) -> None:
 @cli.command()
 @pass_ctx
 def check(obj: _Context) -> None:
-    """Validate the config and reach each source and the provider (sends nothing)."""
+    """Validate the config and reach each source and the provider (sends nothing).
+
+    A provider that answers it is rate limited or failing (429, 5xx) is asked again, up to
+    three calls in all, waiting a few seconds at most between them.
+    """
     settings = obj.settings
     click.echo(f"config: ok ({settings.path or 'embedded defaults'})")
     failed = False

@@ -59,6 +59,21 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None, cap: 
     return min(max(delta, 0.0), cap)
 
 
+def reset_at_seconds(value: str | None, *, now: datetime, cap: float = 300.0) -> float | None:
+    """Seconds from ``now`` until the Unix time in a rate-limit reset header (SendGrid's
+    ``X-RateLimit-Reset``), capped at ``cap``; None when the header is absent, unreadable, or
+    names a time already past: that says nothing about when to call (the window reset
+    already, or the clocks disagree), so the caller's own backoff applies instead of 0."""
+    if not value:
+        return None
+    value = value.strip()
+    # isascii(): as in retry_after_seconds; and no float("nan"), "inf" or exponents.
+    if not (value.isascii() and value.replace(".", "", 1).isdigit()):
+        return None
+    delta = float(value) - now.timestamp()
+    return min(delta, cap) if delta > 0 else None
+
+
 @dataclass(frozen=True)
 class Fetched:
     """A bounded HTTP GET's outcome."""

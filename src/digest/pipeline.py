@@ -10,6 +10,7 @@ import importlib
 import logging
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,7 +21,7 @@ import requests
 
 from digest import approval, clock, drafting, tokens
 from digest.config import Delivery, Settings
-from digest.delivery.providers.base import Provider
+from digest.delivery.providers.base import Provider, check_with_retries
 from digest.delivery.providers.registry import build_provider
 from digest.delivery.sender import Sender, SendSummary, share_of
 from digest.errors import DeliveryError, DigestError, DraftError, TokenError
@@ -550,8 +551,12 @@ def _sender_alive(app: App, draft_id: int, now: datetime) -> bool:
     return until is not None and until > now and not holder_is_dead(holder)
 
 
-def check(app: App) -> list[tuple[str, bool, str]]:
-    """Reach every source and the provider without sending: (what, ok, detail)."""
+def check(app: App, *, sleep: Callable[[float], None] = time.sleep) -> list[tuple[str, bool, str]]:
+    """Reach every source and the provider without sending: (what, ok, detail).
+
+    The provider is asked again (``sleep`` between calls) when it answers that it is rate
+    limited or failing (a 429, a 5xx), a few times; its detail is one line either way.
+    """
     from digest.sources.registry import build_source
 
     rows: list[tuple[str, bool, str]] = [("database", True, app.settings.database.url.split("@")[-1])]
@@ -564,10 +569,11 @@ def check(app: App) -> list[tuple[str, bool, str]]:
             detail = "not modified" if result.not_modified else (
                 f"{len(result.essays)} essays, {len(result.comments)} comments")
             rows.append((f"source {source.name}", True, detail))
+    what = f"provider {app.settings.delivery.provider}"
     try:
-        rows.append((f"provider {app.settings.delivery.provider}", True, app.provider.check()))
+        rows.append((what, True, check_with_retries(app.provider, sleep=sleep)))
     except DeliveryError as exc:
-        rows.append((f"provider {app.settings.delivery.provider}", False, str(exc)))
+        rows.append((what, False, " ".join(str(exc).split())))  # one line, whatever the provider said
     return rows
 
 

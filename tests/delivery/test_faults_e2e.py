@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from digest import clock as wall_clock
 from digest import pipeline
 from digest.delivery.sender import Sender, SendSummary
 from tests.conftest import FrozenClock, make_settings
@@ -142,7 +143,8 @@ RETRYABLE: dict[str, tuple[list[Fault], list[float]]] = {
     # the faults, and the waits the sender must choose before each retry (less its jitter)
     "429-retry-after": ([("status", 429, {"Retry-After": "3"})], [3.0]),
     "429-no-retry-after": ([("status", 429)], [0.5]),
-    "500-burst": ([("status", 500), ("status", 502), ("status", 503)], [0.5, 1.0, 2.0]),
+    # 5xx the provider answered itself (not a gateway's 502/504: see below)
+    "500-burst": ([("status", 500), ("status", 503), ("status", 500)], [0.5, 1.0, 2.0]),
 }
 
 
@@ -174,6 +176,28 @@ def test_retryable_faults_deliver_everyone_once(tmp_path: Path, clock: FrozenClo
     app.close()
 
 
+@pytest.mark.parametrize("provider", ["sendgrid", "sendgrid-full-bodies"])
+def test_sendgrid_rate_limit_waits_until_x_ratelimit_reset(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SendGrid's 429 without Retry-After, with X-RateLimit-Reset (Unix seconds): the sender
+    waits until the reset (plus jitter), not its own half-second backoff, then sends once."""
+    monkeypatch.setattr(wall_clock, "now", clock)  # what the provider reads the reset against
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    reset = int(clock().timestamp()) + 6
+    srv.faults.append(("status", 429, {"X-RateLimit-Limit": "600", "X-RateLimit-Remaining": "0",
+                                       "X-RateLimit-Reset": str(reset)}))
+    pauses: list[float] = []
+    summary = send(app, pauses)
+
+    assert copies(srv) == once(EMAILS)
+    assert summary.finished and summary.sent == 12 and summary.retries == 1
+    assert len(pauses) == 1 and 6.0 <= pauses[0] <= 7.5
+    app.close()
+
+
 # -- accepted but unanswered: uncertain, never resent (no idempotency key) ----------------------
 
 UNANSWERED: dict[str, Fault] = {
@@ -201,6 +225,34 @@ def test_accepted_but_unanswered_batches_are_uncertain_never_resent(
     assert with_status(rows, "sent") == EMAILS[via.per_call:]
     assert summary.uncertain == via.per_call and summary.retries == 0
     assert summary.finished and summary.for_operator == via.per_call
+    app.close()
+
+
+@pytest.mark.parametrize("status", [502, 504])
+@pytest.mark.parametrize("provider", PLAIN)
+def test_a_gateway_5xx_after_the_provider_took_the_batch_leaves_it_uncertain(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str, status: int) -> None:
+    """The provider took the call's readers, and the load balancer in front of it answered
+    502/504 (its answer lost or late). Resending, as for a 500, would give each of them a
+    second copy: they are uncertain, nobody gets two copies, and the other batches go out."""
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    srv.faults.append(("gateway", status, {"Retry-After": "1"}))
+    summary = send(app, [])
+
+    in_call = EMAILS[: via.per_call]
+    assert srv.requests[0].ledger_ids == ids_of(app, in_call)  # the provider did take them
+    assert copies(srv) == once(EMAILS)  # ... and nobody got a second copy
+    rows = ledger(app)
+    assert with_status(rows, "uncertain") == in_call
+    assert with_status(rows, "sent") == EMAILS[via.per_call:]
+    assert summary.uncertain == via.per_call and summary.retries == 0
+    assert summary.finished and summary.for_operator == via.per_call
+    # What `digest status` shows the operator for each of them: a gateway answered.
+    recorded = app.store.uncertain_messages(1)
+    assert sorted(m.email for m in recorded) == in_call
+    assert all(f"HTTP {status}" in m.error and "gateway" in m.error for m in recorded)
     app.close()
 
 
@@ -249,6 +301,57 @@ def test_resend_retries_an_unanswered_batch_under_its_key_and_everyone_gets_one(
         assert (first.ledger_ids, again.ledger_ids) == ([], batch)
     else:  # the first was accepted: the retry got its answer again, and sent nothing
         assert (first.ledger_ids, again.ledger_ids) == (batch, [])
+    app.close()
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_resend_sends_a_batch_a_gateway_answered_again_under_its_key_and_everyone_gets_one(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, status: int) -> None:
+    """Resend took the batch and its load balancer answered 502/504: the sender sends the same
+    batch again under the same Idempotency-Key, after the wait the gateway asked for, and Resend
+    answers as the first time without sending anything."""
+    install_resend(srv)
+    app = open_app(tmp_path, clock, {**PROVIDERS["resend"].delivery, "base_url": srv.url})
+    srv.faults.append(("gateway", status, {"Retry-After": "3"}))
+    pauses: list[float] = []
+    summary = send(app, pauses)
+
+    assert copies(srv) == once(EMAILS)
+    assert with_status(ledger(app), "sent") == EMAILS
+    assert summary.finished and summary.sent == 12 and summary.uncertain == 0 and summary.retries == 1
+    assert len(pauses) == 1 and 3.0 <= pauses[0] <= 3.75
+    first, again = srv.requests[:2]
+    assert again.headers["idempotency-key"] == first.headers["idempotency-key"] and again.body == first.body
+    assert (first.ledger_ids, again.ledger_ids) == (ids_of(app, EMAILS[:BATCH]), [])
+    app.close()
+
+
+def test_resend_keeps_a_batch_behind_a_failing_gateway_uncertain_and_the_next_run_sends_it_once(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer) -> None:
+    """Resend took the batch, and its gateway answers 504 to the first call and every retry.
+    The batch may have gone out, so it is not put back in the queue (where a later batch could
+    carry its readers under another key): it stays uncertain, under its key, and the next run
+    sends it again under that key. Everyone gets exactly one copy."""
+    install_resend(srv)
+    app = open_app(tmp_path, clock, {**PROVIDERS["resend"].delivery, "base_url": srv.url})
+    retries = app.settings.delivery.max_retries
+    srv.faults.extend([("gateway", 504)] + [("status", 504)] * retries)
+    first = send(app, [])
+
+    batch = EMAILS[:BATCH]
+    rows = ledger(app)
+    assert with_status(rows, "uncertain") == batch
+    assert with_status(rows, "sent") == EMAILS[BATCH:]
+    assert first.uncertain == BATCH and first.retries == retries and first.resendable == BATCH
+    assert not first.finished and first.for_operator == 0
+    assert copies(srv) == once(EMAILS)
+
+    second = send(app, [])
+    assert copies(srv) == once(EMAILS)  # Resend knew the key: nothing sent twice
+    assert with_status(ledger(app), "sent") == EMAILS
+    assert second.finished and second.uncertain_total == 0
+    keys = {r.headers["idempotency-key"] for r in srv.requests if r.ledger_ids == ids_of(app, batch)}
+    assert len(keys) == 1 and srv.requests[-1].headers["idempotency-key"] in keys
     app.close()
 
 

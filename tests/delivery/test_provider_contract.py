@@ -3,8 +3,11 @@
 For each provider: a batch carries a per-recipient List-Unsubscribe + List-Unsubscribe-Post
 pair and the ledger id as the provider's metadata (Metadata, custom_args, v:, EmailTags,
 tags); results come back one per message, in order, mapped to the ledger (sent, invalid, and
-the provider's own refusals); 401 is an AuthError; 429 and 5xx are retryable (429 with
-retry_after); permanent errors are not; ``delivery.base_url`` is where requests go.
+the provider's own refusals); 401 is an AuthError; 429 and a 5xx the provider answered
+itself (500, 503) are retryable (429 with retry_after); a 502 or 504, which a gateway in front
+of the provider answers, perhaps after the provider took the batch, is uncertain (retryable,
+but only the send ledger may resend it); permanent errors are not retryable;
+``delivery.base_url`` is where requests go.
 Providers that personalize server-side meet the same contract through send_template_batch.
 
 The outbox writes files and SMTP talks SMTP: they have their own tests, and
@@ -296,14 +299,65 @@ def test_429_is_retryable_with_retry_after(
     assert not isinstance(info.value, AuthError) and not maybe_delivered(info.value)
 
 
-@pytest.mark.parametrize("status", [500, 502, 503])
+@pytest.mark.parametrize("status", [500, 503])
 def test_5xx_is_retryable(
     name: str, srv: FakeProviderServer, make_message: MessageFactory, status: int
 ) -> None:
+    # The provider itself answered that the call failed: nothing was taken, send it again.
     srv.faults.append(("status", status, {}, {"message": "oops"}))
     with pytest.raises(DeliveryError) as info:
         provider_for(name, srv).send_batch([make_message(1)])
     assert info.value.retryable and info.value.status == status
+    assert not maybe_delivered(info.value)
+
+
+def gateway_error_of(err: DeliveryError) -> DeliveryError:
+    """The error of the call a gateway answered: ``err`` itself, or for a batch sent as
+    several calls (SES, full-body SendGrid and Mailgun) the call's error behind the
+    PartialBatchError."""
+    if isinstance(err, PartialBatchError):
+        assert isinstance(err.__cause__, DeliveryError)
+        return err.__cause__
+    return err
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_a_gateway_5xx_after_the_request_went_out_is_uncertain(
+    name: str, srv: FakeProviderServer, make_message: MessageFactory, status: int
+) -> None:
+    """A proxy or load balancer in front of the provider answers 502/504 after it passed the
+    request on: here the provider did take the messages. Sending the batch again would give
+    every reader a second copy (no idempotency key but Resend's), so the answer is uncertain,
+    still retryable (for a provider that dedupes), with the status and Retry-After kept."""
+    srv.faults.append(("gateway", status, {"Retry-After": "4"}))
+    with pytest.raises(DeliveryError) as info:
+        provider_for(name, srv).send_batch([make_message(1), make_message(2)])
+    err = info.value
+    assert maybe_delivered(err) and not isinstance(err, AuthError)
+    if isinstance(err, PartialBatchError):
+        # One call per message (SES; SendGrid and Mailgun with full bodies): the first call was
+        # answered so, and the second never started.
+        assert srv.ledger_ids == [1]
+        assert err.uncertain == (1,) and [(r.ledger_id, r.status) for r in err.results] == [(2, "deferred")]
+    else:
+        assert sorted(srv.ledger_ids) == [1, 2]  # the provider took them
+    call = gateway_error_of(err)
+    assert isinstance(call, UncertainDeliveryError)
+    assert call.retryable and call.status == status and call.retry_after == 4
+    assert "gateway" in str(call) and "may have accepted" in str(call)
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_a_gateway_5xx_that_never_reached_the_provider_is_uncertain_too(
+    name: str, srv: FakeProviderServer, make_message: MessageFactory, status: int
+) -> None:
+    # The client cannot tell this gateway from the one above: same answer, nothing resent.
+    srv.faults.append(("status", status))
+    with pytest.raises(DeliveryError) as info:
+        provider_for(name, srv).send_batch([make_message(1)])
+    assert srv.ledger_ids == []
+    assert maybe_delivered(info.value)
+    assert gateway_error_of(info.value).status == status
 
 
 def test_permanent_error_is_not_retryable(
@@ -414,7 +468,12 @@ def test_template_batch_meets_the_contract(pname: str) -> None:
             server.faults.append(("status", status, {"Retry-After": "3"}, {"message": "x"}))
             with pytest.raises(DeliveryError) as info:
                 provider.send_template_batch(template, recipients[:1])
-            assert info.value.retryable is retryable
+            assert info.value.retryable is retryable and not maybe_delivered(info.value)
+        for status in (502, 504):  # a gateway answered, after the provider took the batch
+            server.faults.append(("gateway", status))
+            with pytest.raises(UncertainDeliveryError) as uncertain:
+                provider.send_template_batch(template, recipients[:1])
+            assert uncertain.value.retryable and uncertain.value.status == status
         server.faults.append(("status", 401, {}, {"message": "no"}))
         with pytest.raises(AuthError):
             provider.send_template_batch(template, recipients[:1])

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import responses
 
 from digest.config import Delivery
 from digest.delivery.providers.base import UncertainDeliveryError, maybe_delivered
@@ -161,6 +162,37 @@ def test_errors(
         assert info.value.hint and hint in info.value.hint
     name = json.loads(payload(file))["name"]
     assert name in str(info.value)
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"ratelimit-limit": "2", "ratelimit-remaining": "0", "ratelimit-reset": "3"}, 3.0),
+        ({"retry-after": "1", "ratelimit-reset": "3"}, 1.0),  # retry-after wins
+        ({}, None),  # neither: the sender's own backoff
+    ],
+)
+def test_a_rate_limit_waits_for_ratelimit_reset_without_retry_after(
+    provider: ResendProvider, make_message: MessageFactory, headers: dict[str, str], expected: float | None
+) -> None:
+    # Resend sends ratelimit-reset (seconds) on every answer, and retry-after on a 429 (APIS.md A.5).
+    responses.add(responses.POST, "https://rs.test/emails/batch", status=429,
+                  body=payload("error_429_rate_limit.json"), headers=headers)
+    with pytest.raises(DeliveryError) as info:
+        provider.send_batch([make_message(1)])
+    assert type(info.value) is DeliveryError
+    assert info.value.retryable and info.value.status == 429 and info.value.retry_after == expected
+
+
+def test_ratelimit_reset_does_not_set_the_wait_of_a_concurrent_request(
+    provider: ResendProvider, make_message: MessageFactory
+) -> None:
+    # A 409 concurrent_idempotent_requests waits for the first request, not the rate window.
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(409, {"ratelimit-reset": "30"}, payload("error_409_concurrent.json"),
+                                 [make_message(1)])
+    assert info.value.retry_after == 1.0
 
 
 # -- against the fake -----------------------------------------------------------------------------

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import responses
 
+from digest import clock
 from digest.config import Delivery
 from digest.delivery.providers.base import PartialBatchError, expand_template
 from digest.delivery.providers.sendgrid import SendGridProvider
@@ -244,6 +247,69 @@ def test_429_uses_retry_after(provider: SendGridProvider, make_message: MessageF
             429, {"Retry-After": "12"}, payload("error_429.json"), [make_message(1)]
         )
     assert info.value.retryable and info.value.retry_after == 12
+
+
+SEND_URL = "https://sg.test/v3/mail/send"
+NOW = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def frozen_now(monkeypatch: pytest.MonkeyPatch) -> datetime:
+    """``digest.clock.now`` held at NOW, which the provider reads X-RateLimit-Reset against."""
+    monkeypatch.setattr(clock, "now", lambda: NOW)
+    return NOW
+
+
+def reset_in(seconds: float) -> str:
+    return str(int(NOW.timestamp() + seconds))
+
+
+@responses.activate
+@pytest.mark.parametrize("server_side", [True, False])
+def test_a_429_without_retry_after_waits_until_x_ratelimit_reset(
+    frozen_now: datetime, make_message: MessageFactory, server_side: bool
+) -> None:
+    """SendGrid's v3 limits come as X-RateLimit-Limit/-Remaining/-Reset (Unix seconds) and a
+    429 (APIS.md A.2): the wait is the time until the reset, through either send path."""
+    responses.add(responses.POST, SEND_URL, status=429, body=payload("error_429.json"),
+                  headers={"X-RateLimit-Limit": "600", "X-RateLimit-Remaining": "0",
+                           "X-RateLimit-Reset": reset_in(17)})
+    provider = SendGridProvider(Delivery(provider="sendgrid", api_key=KEY, base_url="https://sg.test"))
+    with pytest.raises(DeliveryError) as info:
+        if server_side:
+            provider.send_template_batch(make_template(), [make_recipient(1)])
+        else:
+            provider.send_batch([make_message(1)])
+    assert info.value.retryable and info.value.status == 429 and info.value.retry_after == 17.0
+    assert len(responses.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "5", "X-RateLimit-Reset": reset_in(40)}, 5.0),  # Retry-After wins
+        ({"X-RateLimit-Reset": reset_in(100_000)}, 300.0),  # capped (the sender caps it again)
+        ({"X-RateLimit-Reset": reset_in(-5)}, None),  # past: the sender's own backoff
+        ({"X-RateLimit-Reset": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_x_ratelimit_reset_only_when_retry_after_is_missing(
+    provider: SendGridProvider, frozen_now: datetime, make_message: MessageFactory,
+    headers: dict[str, str], expected: float | None,
+) -> None:
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(429, headers, payload("error_429.json"), [make_message(1)])
+    assert info.value.retryable and info.value.retry_after == expected
+
+
+def test_x_ratelimit_reset_is_read_on_a_429_only(
+    provider: SendGridProvider, frozen_now: datetime, make_message: MessageFactory
+) -> None:
+    # Every v3 answer carries the headers; only a 429 says the limit was hit.
+    with pytest.raises(DeliveryError) as info:
+        provider.handle_response(503, {"X-RateLimit-Reset": reset_in(30)}, b"", [make_message(1)])
+    assert info.value.retryable and info.value.retry_after is None
 
 
 def test_413_suggests_smaller_batches(

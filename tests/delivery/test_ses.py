@@ -275,6 +275,19 @@ def test_whole_call_errors(
         assert info.value.hint and hint in info.value.hint
 
 
+@pytest.mark.parametrize("status", [502, 504])
+@pytest.mark.parametrize("kind", [None, "InternalFailure", "AccountSuspendedException"])
+def test_a_gateway_status_is_uncertain_whatever_the_body_says(
+    provider: SesProvider, make_message: MessageFactory, status: int, kind: str | None
+) -> None:
+    # A 502/504 is a gateway's answer, not SES's: SES may have taken the message, so no error
+    # type in the body may turn it into a retry (a second copy) or a batch back in the queue.
+    headers = err(kind) if kind else {}
+    with pytest.raises(UncertainDeliveryError) as info:
+        provider.handle_response(status, headers, payload("error_bad_request.json"), [make_message(1)])
+    assert info.value.retryable and info.value.status == status
+
+
 def test_signature_errors_are_auth_errors(
     provider: SesProvider, make_message: MessageFactory
 ) -> None:

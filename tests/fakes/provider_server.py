@@ -24,6 +24,11 @@ Faults (``srv.faults`` is a deque; each request takes the next one, whatever its
     close the connection without answering (RST), before or after recording the messages.
 ``("garbage",)``
     record the messages, then answer 200 with a body that is not JSON.
+``("gateway", code[, headers])``
+    handle the request (messages **are** recorded as accepted), then answer ``code`` (502 or
+    504) with a proxy's HTML page instead of the provider's answer, as a load balancer in front
+    of the provider does when the provider's answer is lost or late. (A ``("status", 504)``
+    is a gateway that never passed the request on: nothing is recorded.)
 ``("partial", {index: (error_code, message)})``
     the handler answers those messages with that error instead of accepting them.
 ``("hold", event)``
@@ -354,6 +359,16 @@ class _Handler(BaseHTTPRequestHandler):
             reply = Reply(
                 200,
                 b"<html><body>502 Bad Gateway (not JSON)</body></html>",
+                content_type="text/html",
+            )
+        if fault is not None and kind == "gateway":
+            code = int(fault[1])
+            phrase = HTTPStatus(code).phrase
+            reply = Reply(
+                code,
+                f"<html><head><title>{code} {phrase}</title></head>"
+                f"<body><h1>{code} {phrase}</h1></body></html>".encode(),
+                dict(fault[2]) if len(fault) > 2 else {},
                 content_type="text/html",
             )
         if fault is not None and kind == "delay":

@@ -5,12 +5,14 @@ message per row without recompiling MJML (or, for providers that personalize ser
 one template plus per-recipient values), hand the batch to the provider, and settle each row
 with the provider's verdict. Whatever happens in between is covered:
 
-* a retryable error (network failure before the request went out, 429, 5xx) is retried with
-  exponential backoff and jitter, honouring ``Retry-After`` (capped);
-* an error after the provider may have accepted the batch marks its rows ``uncertain``;
-  they are never resent silently (``digest send --resolve-uncertain``) — except through a
-  provider with an idempotency key (Resend), where the same batch is resent with the same
-  key and the provider itself drops the duplicate;
+* a retryable error (network failure before the request went out, 429, a 5xx such as 500
+  or 503 that the provider itself answered) is retried with exponential backoff and jitter,
+  honouring ``Retry-After`` (capped);
+* an error after the provider may have accepted the batch (a read timeout, a reset, an
+  unreadable answer, a 502 or 504 from a gateway in front of the provider) marks its rows
+  ``uncertain``; they are never resent silently (``digest send --resolve-uncertain``) —
+  except through a provider with an idempotency key (Resend), where the same batch is resent
+  with the same key and the provider itself drops the duplicate;
 * an auth error releases the batch and stops the send with a clear message;
 * a permanent error settles the batch as ``failed``;
 * too many failures in a row release the batch and pause; the next send resumes;
@@ -133,7 +135,8 @@ class SendSummary:
     # Messages still claimed when the run ended: a helper process died with them in flight,
     # and the next run marks them uncertain (rule 1).
     in_flight: int = 0
-    # Provider calls made again after a rate limit, a 5xx or a network error (the same batch).
+    # Provider calls made again after a rate limit, a 5xx or a network error (the same batch;
+    # after a 502, a 504 or a timeout only under an idempotency key).
     retries: int = 0
     # A dry run: the provider calls the send would make.
     calls: int = 0
@@ -947,9 +950,11 @@ class Sender:
                 except UncertainDeliveryError as exc:
                     if self.idempotent and exc.retryable and attempt <= self.settings.delivery.max_retries:
                         # Same batch, same body, same idempotency key: the provider sends it once.
+                        # A gateway's 502/504 may say when to come back (Retry-After).
                         maybe_sent = True
                         self._count_retry(summary)
-                        if not self._pause(min(MAX_BACKOFF, 0.5 * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25)):
+                        delay = exc.retry_after if exc.retry_after is not None else 0.5 * 2 ** (attempt - 1)
+                        if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
                             self._give_up(ids, exc, batch, summary, maybe_sent)  # uncertain, as it is
                             return "stop"
                         continue

@@ -9,11 +9,14 @@ the order given. A failure of the whole call is an exception::
     │   │                             quota, a paused account, an unknown domain, a wrong URL):
     │   │                             the batch goes back to the queue and the send stops
     │   └── AuthError (digest.errors) credentials refused: the same, fix the credentials
-    └── UncertainDeliveryError        (here) the call failed *after* the request went out: the
-                                      provider may have accepted the messages. ``maybe_delivered``
-                                      is True; the sender marks the rows 'uncertain' instead of
-                                      retrying blindly, because none of Postmark, SendGrid,
-                                      Mailgun or SES has an idempotency key.
+    └── UncertainDeliveryError        (here) the call failed *after* the request went out (a
+                                      read timeout, a reset, an unreadable answer, a 502 or 504
+                                      from a gateway in front of the provider): the provider may
+                                      have accepted the messages. ``maybe_delivered`` is True;
+                                      the sender marks the rows 'uncertain' instead of retrying
+                                      blindly, because none of Postmark, SendGrid, Mailgun or
+                                      SES has an idempotency key (Resend's batches are sent
+                                      again under the same key).
         └── PartialBatchError         (here) a batch sent as several calls (SES, SMTP ...) stopped
                                       with some messages possibly accepted: ``results`` holds the
                                       messages whose fate is known, ``uncertain`` the ledger ids
@@ -24,7 +27,10 @@ Per-message outcomes (a bad address, an inactive recipient, a message the provid
 only later: ``deferred``) are values, never exceptions.
 
 HTTP providers subclass :class:`HttpProvider`, which owns the send loop (the template method
-:meth:`HttpProvider.send_batch`) and the HTTP status classification. A new HTTP provider writes
+:meth:`HttpProvider.send_batch`) and the HTTP status classification: a 5xx the provider itself
+answered (500, 503 ...) is a retryable :class:`DeliveryError`, since it failed the call; a 502 or
+504 comes from a proxy or load balancer that had already passed the request on, or may have,
+so it is an :class:`UncertainDeliveryError`. A new HTTP provider writes
 only two pure methods, :meth:`~HttpProvider.build_request` and
 :meth:`~HttpProvider.parse_response`, plus :meth:`~Provider.check`. Providers that hand over
 finished MIME messages (SMTP, the outbox) subclass :class:`MimeProvider`, whose pure
@@ -83,17 +89,23 @@ from digest.http import build_session, describe, retry_after_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
+# Answered by a gateway (proxy, load balancer) in front of the provider, not by the provider:
+# 502 Bad Gateway (the provider's answer was lost or unreadable) and 504 Gateway Timeout (the
+# provider did not answer in time). Either can follow a request the provider received and
+# acted on, so a send answered so may have been delivered.
+GATEWAY_STATUSES = frozenset({502, 504})
 
 
 class UncertainDeliveryError(DeliveryError):
     """The provider may have accepted the messages although the call failed.
 
     Raised when the request was (or may have been) sent but no usable answer came back: a read
-    timeout, a connection reset after sending, a 2xx whose body is not the expected JSON, a
-    result array of the wrong length. ``maybe_delivered`` is always True here (and absent, so
-    False, on a plain :class:`DeliveryError`: use :func:`maybe_delivered` to read it from any
-    exception). ``retryable`` still says whether the *provider* would take another call; it
-    does not mean a resend is safe: only the send ledger can decide that.
+    timeout, a connection reset after sending, a 502 or 504 from a gateway in front of the
+    provider, a 2xx whose body is not the expected JSON, a result array of the wrong length.
+    ``maybe_delivered`` is always True here (and absent, so False, on a plain
+    :class:`DeliveryError`: use :func:`maybe_delivered` to read it from any exception).
+    ``retryable`` still says whether the *provider* would take another call; it does not mean
+    a resend is safe: only the send ledger can decide that.
     """
 
     maybe_delivered: ClassVar[bool] = True
@@ -145,6 +157,56 @@ class PartialBatchError(UncertainDeliveryError):
         for ledger_id in self.uncertain:
             groups.setdefault(self.reasons[ledger_id], []).append(ledger_id)
         return list(groups.items())
+
+
+# `digest check` asks again after an answer that says "later" (a 429, a 5xx): at most this
+# many calls, waiting at most CHECK_MAX_WAIT seconds before each new one (it runs by hand).
+CHECK_ATTEMPTS = 3
+CHECK_MAX_WAIT = 5.0
+
+
+def check_with_retries(
+    provider: Provider,
+    *,
+    attempts: int = CHECK_ATTEMPTS,
+    max_wait: float = CHECK_MAX_WAIT,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """``provider.check()``, called again after an answer that asks to try later.
+
+    A rate limit (429), a server or gateway error (5xx) or another retryable answer the
+    provider gave (an HTTP status is set: SES throttling, Postmark maintenance, an SMTP 4xx)
+    is asked again, up to ``attempts`` calls in all, after its Retry-After or else a short
+    backoff (0.5 s, 1 s ...), capped at ``max_wait`` seconds. A check sends nothing, so asking
+    again is always safe. Anything else is raised at once: refused credentials and other
+    :class:`BlockedError` (retrying cannot fix them), and network failures with no answer,
+    which most often mean a wrong ``delivery.base_url``. When the last call still fails, the
+    error says in one line how many calls were made over how long.
+    """
+    waited = 0.0
+    for attempt in range(1, attempts + 1):
+        try:
+            return provider.check()
+        except BlockedError:
+            raise
+        except DeliveryError as exc:
+            if not (exc.retryable and exc.status is not None) or attempts == 1:
+                raise
+            if attempt >= attempts:
+                over = f" over {waited:.1f} s" if waited else ""
+                raise DeliveryError(
+                    f"{exc.args[0] if exc.args else exc}; still failing after {attempt} attempts{over}",
+                    retryable=True,
+                    status=exc.status,
+                    retry_after=exc.retry_after,
+                    response_text=exc.response_text,
+                    hint=exc.hint or "try `digest check` again later",
+                ) from exc
+            wait = exc.retry_after if exc.retry_after is not None else 0.5 * 2 ** (attempt - 1)
+            wait = min(max(wait, 0.0), max_wait)
+            sleep(wait)
+            waited += wait
+    raise ValueError(f"attempts must be at least 1, not {attempts}")
 
 
 def maybe_delivered(exc: BaseException) -> bool:
@@ -375,8 +437,11 @@ class HttpProvider(Provider):
       TLS handshake) → :class:`DeliveryError`, retryable;
     * network error after it may have gone out (read timeout, reset, truncated answer) →
       :class:`UncertainDeliveryError`, retryable;
-    * 401, 403 → :class:`AuthError`; 429 → retryable with ``retry_after`` from Retry-After;
-      5xx → retryable;
+    * 401, 403 → :class:`AuthError`; 429 → retryable with ``retry_after`` from Retry-After
+      (:meth:`retry_after_of`); a 5xx from the provider itself (500, 503 ...) → retryable;
+    * 502, 504 (:data:`GATEWAY_STATUSES`: a gateway answered, perhaps after the provider took
+      the batch) → :class:`UncertainDeliveryError`, retryable: the sender marks the batch
+      uncertain, or resends it under the same key where the provider has one (Resend);
     * anything else (2xx, 3xx, other 4xx) → :meth:`parse_response`, which raises
       :meth:`status_error` for statuses it does not understand.
     """
@@ -571,17 +636,21 @@ class HttpProvider(Provider):
     ) -> list[SendResult]:
         """Classify auth, rate-limit and server errors; hand everything else to parse_response.
 
-        Pure, like :meth:`parse_response`; override it only for a provider whose 401/429/5xx
-        mean something unusual.
+        Pure, like :meth:`parse_response` (but for :meth:`retry_after_of`, which may read the
+        clock); override it only for a provider whose 401/429/5xx mean something unusual.
         """
         lowered = {k.lower(): v for k, v in headers.items()}
         self.raise_for_common_status(status, lowered, body)
         return self.parse_response(status, lowered, body, messages)
 
-    def raise_for_common_status(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    def raise_for_common_status(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, sends_mail: bool = True
+    ) -> None:
         """Raise for 401/403 (auth), 429 (rate limit) and 5xx (server); return otherwise.
 
-        ``headers`` must have lower-case names.
+        A 502 or 504 answering a call that sends mail is an :class:`UncertainDeliveryError`
+        (:meth:`gateway_error`); ``sends_mail=False`` (``check()``, which sends nothing) makes
+        it a plain retryable error like any 5xx. ``headers`` must have lower-case names.
         """
         text = response_text(body)
         if status in (401, 403):
@@ -591,15 +660,41 @@ class HttpProvider(Provider):
                 response_text=text,
                 hint="check delivery.api_key",
             )
+        if sends_mail and status in GATEWAY_STATUSES:
+            raise self.gateway_error(status, headers, body)
         if status == 429 or status >= 500:
             kind = "rate limited" if status == 429 else "server error"
             raise DeliveryError(
                 f"{self.name}: HTTP {status} ({kind})",
                 retryable=True,
                 status=status,
-                retry_after=retry_after_seconds(headers.get("retry-after")),
+                retry_after=self.retry_after_of(status, headers),
                 response_text=text,
             )
+
+    def gateway_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UncertainDeliveryError:
+        """The error for a 502 or 504 answering a send: a gateway in front of the provider
+        answered, not the provider, and the request may have reached the provider first (a
+        504 is a timeout *after* forwarding it). Retryable, as a 5xx is, but uncertain: only
+        a provider with an idempotency key may be sent the same batch again.
+
+        ``headers`` must have lower-case names.
+        """
+        kind = "bad gateway" if status == 502 else "gateway timeout"
+        return UncertainDeliveryError(
+            f"{self.name}: HTTP {status} ({kind}): a gateway in front of the provider answered "
+            "after the request went out, so the provider may have accepted the messages",
+            retryable=True,
+            status=status,
+            retry_after=self.retry_after_of(status, headers),
+            response_text=response_text(body),
+        )
+
+    def retry_after_of(self, status: int, headers: Mapping[str, str]) -> float | None:
+        """How long the provider asks us to wait before calling again, in seconds, or None:
+        its ``Retry-After`` header (capped). Providers with rate-limit headers of their own
+        override it. ``headers`` must have lower-case names."""
+        return retry_after_seconds(headers.get("retry-after"))
 
     def status_error(self, status: int, body: bytes, detail: str = "") -> DeliveryError:
         """A not-retryable :class:`DeliveryError` for a status the provider does not document."""

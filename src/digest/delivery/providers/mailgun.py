@@ -579,7 +579,9 @@ class MailgunProvider(HttpProvider):
         """``GET /v3/domains/<domain>``: proves the key, the domain and the region."""
         url = f"{self.base_url}/v3/domains/{quote(self.domain, safe='')}"
         status, headers, body = self.request("GET", url, self._auth)
-        self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, body)
+        self.raise_for_common_status(
+            status, {k.lower(): v for k, v in headers.items()}, body, sends_mail=False
+        )
         if status == 404:
             raise DeliveryError(
                 f"mailgun: domain {self.domain!r} not found at {self.base_url}", hint=_DOMAIN_HINT

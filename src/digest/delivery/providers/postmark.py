@@ -458,7 +458,9 @@ class PostmarkProvider(HttpProvider):
         """``GET /server`` with the token: proves the URL and the token without sending."""
         url = f"{self.base_url}/server"
         status, headers, body = self.request("GET", url, self._read_headers)
-        self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, body)
+        self.raise_for_common_status(
+            status, {k.lower(): v for k, v in headers.items()}, body, sends_mail=False
+        )
         if status == 422:
             raise self.api_error(status, body)
         if status != 200:

@@ -10,7 +10,8 @@ section A.5.
 body returns the first answer (the same ids) and sends nothing. :meth:`ResendProvider.
 idempotency_key` derives the key from the batch itself (draft id and the sorted ledger ids), so
 the very same batch always carries the very same key, and resending it after an uncertain
-outcome (a timeout, a reset) cannot deliver it twice. That is what :attr:`idempotent` says.
+outcome (a timeout, a reset, a gateway's 502 or 504) cannot deliver it twice. That is what
+:attr:`idempotent` says.
 Our bodies are deterministic for a ledger row (the signed links carry no timestamp and we send
 no Message-ID), which is what makes the repeat byte-identical.
 
@@ -354,6 +355,14 @@ class ResendProvider(HttpProvider):
         self.raise_for_common_status(status, lowered, body)
         return self.parse_response(status, lowered, body, messages)
 
+    def retry_after_of(self, status: int, headers: Mapping[str, str]) -> float | None:
+        """``retry-after``; on a 429 without it, ``ratelimit-reset`` (seconds until the limit
+        resets), which Resend sends on every answer (APIS.md A.5)."""
+        wait = super().retry_after_of(status, headers)
+        if wait is None and status == 429:
+            wait = retry_after_seconds(headers.get("ratelimit-reset"))
+        return wait
+
     def _raise_named(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         name, message = _error(body)
         what = f"resend: HTTP {status} {name or 'error'}: {message}".rstrip(": ")
@@ -402,7 +411,11 @@ class ResendProvider(HttpProvider):
             )
         if status == 429:  # rate_limit_exceeded (2 requests/s per team by default)
             raise DeliveryError(
-                what, retryable=True, status=status, response_text=shown, retry_after=retry_after
+                what,
+                retryable=True,
+                status=status,
+                response_text=shown,
+                retry_after=self.retry_after_of(status, headers),
             )
 
     def parse_response(
@@ -460,7 +473,7 @@ class ResendProvider(HttpProvider):
                 status=status,
                 hint="check delivery.api_key",
             )
-        self.raise_for_common_status(status, lowered, body)
+        self.raise_for_common_status(status, lowered, body, sends_mail=False)
         if status != 200:
             raise self.status_error(status, body)
         try:

@@ -5,7 +5,8 @@ Request: JSON ``{from, reply_to, subject, content[text/plain, text/html], person
 ``Authorization: Bearer <key>``. Answer: **202** with an empty body and an ``X-Message-Id``
 header shared by the whole request; errors are ``{"errors": [{"message", "field"}]}`` with
 HTTP 400 (validation, all or nothing), 401/403, 413, 429 or 5xx. There are no per-recipient
-results and no idempotency key. Reference: shared/reference/APIS.md section A.2.
+results and no idempotency key. A 429 says when to call again in ``Retry-After`` or, failing
+that, ``X-RateLimit-Reset`` (Unix seconds). Reference: shared/reference/APIS.md section A.2.
 
 Two ways to send, because a request has **one** body for all its personalizations:
 
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 
 import requests
 
+from digest import clock
 from digest.config import Delivery
 from digest.delivery.mime import clean_header_value, normalize_address, parse_mailbox
 from digest.delivery.providers.base import (
@@ -46,7 +48,7 @@ from digest.delivery.providers.base import (
     response_text,
 )
 from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
-from digest.http import build_session
+from digest.http import build_session, reset_at_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 API_URL = "https://api.sendgrid.com"
@@ -408,7 +410,17 @@ class SendGridProvider(HttpProvider):
         self._raise_for_status(status, lowered, body)
         return self.parse_response(status, lowered, body, messages)
 
-    def _raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    def retry_after_of(self, status: int, headers: Mapping[str, str]) -> float | None:
+        """``Retry-After`` if SendGrid sent one; else, on a 429, the time until
+        ``X-RateLimit-Reset`` (Unix seconds) says the limit resets (APIS.md A.2)."""
+        wait = super().retry_after_of(status, headers)
+        if wait is None and status == 429:
+            wait = reset_at_seconds(headers.get("x-ratelimit-reset"), now=clock.now())
+        return wait
+
+    def _raise_for_status(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, sends_mail: bool = True
+    ) -> None:
         if status in (401, 403):
             detail = _errors(body)
             # Why 403 is still an AuthError: SendGrid answers 403 both for a key without the
@@ -421,7 +433,7 @@ class SendGridProvider(HttpProvider):
                 response_text=response_text(body),
                 hint=hint,
             )
-        self.raise_for_common_status(status, headers, body)
+        self.raise_for_common_status(status, headers, body, sends_mail=sends_mail)
 
     def parse_response(
         self,
@@ -470,7 +482,9 @@ class SendGridProvider(HttpProvider):
         """``GET /v3/scopes``: proves the key and the URL, and that the key may send."""
         url = f"{self.base_url}{SCOPES_PATH}"
         status, headers, body = self.request("GET", url, self._read_headers)
-        self._raise_for_status(status, {k.lower(): v for k, v in headers.items()}, body)
+        self._raise_for_status(
+            status, {k.lower(): v for k, v in headers.items()}, body, sends_mail=False
+        )
         if status != 200:
             raise self.status_error(status, body, _errors(body))
         try:

@@ -41,6 +41,7 @@ from digest import clock
 from digest.config import Delivery
 from digest.delivery.mime import format_address, parse_mailbox
 from digest.delivery.providers.base import (
+    GATEWAY_STATUSES,
     CallPacer,
     HttpProvider,
     PreparedCall,
@@ -50,7 +51,7 @@ from digest.delivery.providers.base import (
     send_in_calls,
 )
 from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
-from digest.http import build_session, retry_after_seconds
+from digest.http import build_session
 from digest.types import OutgoingMessage, SendResult
 
 SERVICE = "ses"
@@ -350,7 +351,13 @@ class SesProvider(HttpProvider):
             self._raise_for_error(status, lowered, body)
         return self.parse_response(status, lowered, body, messages)
 
-    def _raise_for_error(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    def _raise_for_error(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, sends_mail: bool = True
+    ) -> None:
+        if sends_mail and status in GATEWAY_STATUSES:
+            # Before any error type: a gateway answered, not SES, and SES may have taken the
+            # message already. Whatever the body says, only SES's own answer would tell.
+            raise self.gateway_error(status, headers, body)
         kind, text = error_type(headers, body)
         what = f"ses: HTTP {status} {kind or 'error'}: {text}".rstrip(": ")
         shown = response_text(body)
@@ -376,7 +383,7 @@ class SesProvider(HttpProvider):
                 retryable=True,
                 status=status,
                 response_text=shown,
-                retry_after=retry_after_seconds(headers.get("retry-after")),
+                retry_after=self.retry_after_of(status, headers),
             )
 
     def parse_response(
@@ -413,7 +420,7 @@ class SesProvider(HttpProvider):
         status, headers, body = self.request("GET", url, self._signed(call))
         lowered = {k.lower(): v for k, v in headers.items()}
         if status >= 400:
-            self._raise_for_error(status, lowered, body)
+            self._raise_for_error(status, lowered, body, sends_mail=False)
             raise self.status_error(status, body, " ".join(error_type(lowered, body)))
         try:
             data = json.loads(body)
