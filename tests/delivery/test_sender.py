@@ -733,3 +733,63 @@ def test_progress_counts_the_whole_audience_at_first_and_only_whats_left_on_resu
     totals.clear()
     (second,) = pipeline.send(app, on_batch=lambda s, size: totals.append(s.total))
     assert second.total == 3 and second.finished and totals and set(totals) == {3}
+
+
+class _SlowStore:
+    """Records each call record; the first one waits until released."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.records: list[tuple[list[int], list[int]]] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.fail = fail
+
+    def record_calls(self, batch, draft_id, starting, done, provider, now):  # type: ignore[no-untyped-def]
+        first = not self.records
+        self.records.append((sorted(starting), sorted(r.ledger_id for r in done)))
+        if first:
+            self.entered.set()
+            assert self.release.wait(5)
+            if self.fail:
+                raise StoreError("disk full")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_calls_starting_while_a_record_is_written_share_the_next_one(fail: bool) -> None:
+    """Group commit: a call waits only until its own rows are recorded; the starts that came
+    while one record was being written go into the next together. A record that fails fails
+    every call waiting on it, and its answers are kept for the batch's verdict."""
+    from datetime import UTC, datetime
+
+    from digest.delivery.sender import BatchJournal
+    from digest.store.store import ClaimedBatch
+
+    store = _SlowStore(fail=fail)
+    journal = BatchJournal(store, ClaimedBatch([], 1, ranged=False), 1, "ses",  # type: ignore[arg-type]
+                           lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    journal.finished([SendResult(9, "sent", "m9")])
+    errors: list[BaseException] = []
+
+    def start(ids: list[int]) -> None:
+        try:
+            journal.starting(ids)
+        except StoreError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=start, args=([1],))
+    first.start()
+    assert store.entered.wait(5)
+    others = [threading.Thread(target=start, args=([n],)) for n in (2, 3, 4)]
+    for t in others:
+        t.start()
+    time.sleep(0.2)  # they gather behind the record being written
+    store.release.set()
+    for t in [first, *others]:
+        t.join(5)
+        assert not t.is_alive()
+    if fail:
+        # The first record failed: its caller fails; the others, not in it, were written next.
+        assert len(errors) == 1 and store.records[0] == ([1], [9])
+        assert store.records[1] == ([2, 3, 4], [9])  # the answer it lost comes again
+    else:
+        assert errors == [] and store.records == [([1], [9]), ([2, 3, 4], [])]

@@ -182,8 +182,12 @@ class BatchJournal:
     """A claimed batch's :class:`~digest.delivery.providers.base.CallJournal`: a provider that
     sends the batch as several calls (SES, SMTP, full bodies through SendGrid or Mailgun) marks
     each call's rows in the ledger before the call starts, and records the answered ones with
-    the next mark (one write per call). A kill -9 then leaves uncertain only the calls that
-    were in flight (and any answered since the last mark); the rest go back to the queue.
+    the next mark. A kill -9 then leaves uncertain only the calls that were in flight (and any
+    answered since the last mark); the rest go back to the queue.
+
+    Calls that start while a record is being written share the next one (a group commit): with
+    ``delivery.concurrency`` calls in flight, a record can cover several starts, and each call
+    waits only until its own rows are durably marked.
     """
 
     def __init__(self, store: Store, batch: ClaimedBatch, draft_id: int, provider: str,
@@ -194,14 +198,18 @@ class BatchJournal:
         self.provider = provider
         self.now = now
         self._done: list[SendResult] = []
-        # One record at a time: the first turns the batch's rows into rows of their own.
-        self._lock = threading.Lock()
+        self._starting: list[int] = []
+        self._cond = threading.Condition()
+        self._writing = False
+        self._queued = 0  # the record now being gathered (starts waiting for it)
+        self._written = -1  # the last record written
+        self._failures: dict[int, BaseException] = {}  # records that failed, by number
 
     def starting(self, ledger_ids: Sequence[int]) -> None:
         self._record(ledger_ids)
 
     def finished(self, results: Sequence[SendResult]) -> None:
-        with self._lock:
+        with self._cond:
             self._done.extend(results)
 
     def flush(self) -> None:
@@ -210,13 +218,35 @@ class BatchJournal:
             self._record(())
 
     def _record(self, ledger_ids: Sequence[int]) -> None:
-        with self._lock:
+        with self._cond:
+            self._starting.extend(ledger_ids)
+            mine = self._queued
+            while self._writing and self._written < mine:
+                self._cond.wait()
+            if self._written >= mine:  # another thread's record took these ids too
+                if mine in self._failures:
+                    raise self._failures[mine]
+                return
+            # This thread writes record ``mine``: every start gathered so far; later arrivals
+            # gather for the next one.
+            self._writing = True
+            self._queued += 1
+            starting, self._starting = self._starting, []
             done, self._done = self._done, []
-            try:
-                self.store.record_calls(self.batch, self.draft_id, ledger_ids, done, self.provider, self.now())
-            except BaseException:
-                self._done[:0] = done  # not recorded: the batch's verdict still has them
-                raise
+        failed: BaseException | None = None
+        try:
+            self.store.record_calls(self.batch, self.draft_id, starting, done, self.provider, self.now())
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            with self._cond:
+                if failed is not None:
+                    self._done[:0] = done  # not recorded: the batch's verdict still has them
+                    self._failures[mine] = failed
+                self._written = mine
+                self._writing = False
+                self._cond.notify_all()
 
 
 class TokenBucket:
