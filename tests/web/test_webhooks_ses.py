@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -234,14 +235,49 @@ def test_a_retried_message_id_is_a_duplicate(app: pipeline.App, client: FlaskCli
     assert post(client, envelope).json == {"error": "stale timestamp"}
 
 
-def test_a_retried_confirmation_is_not_confirmed_twice(client: FlaskClient, confirmed: list[str],
-                                                       clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+def test_a_retried_confirmation_is_confirmed_again(client: FlaskClient, confirmed: list[str],
+                                                   clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    """SNS sends a SubscriptionConfirmation again (same MessageId) when it did not get our 200:
+    it is confirmed again, not answered as a duplicate, since the first answer may have been
+    lost with the subscription still pending (confirming twice is harmless)."""
     envelope = sign(load("subscription_confirmation.json"), key, clock)
-    assert post(client, envelope).status_code == 200
+    first = post(client, envelope)
+    clock.advance(seconds=20)  # SNS's default retry delay
     again = post(client, envelope)
-    assert again.status_code == 200
-    assert again.json == {"duplicate": True, "received": 0, "stored": 0, "duplicates": 0, "suppressed": 0}
-    assert confirmed == [envelope["SubscribeURL"]]
+    assert first.status_code == again.status_code == 200
+    assert first.json == again.json == {"confirmed": True, "received": 0, "stored": 0, "duplicates": 0,
+                                        "suppressed": 0}
+    assert confirmed == [envelope["SubscribeURL"]] * 2
+
+
+def test_a_confirmation_whose_first_answer_never_came_is_confirmed_by_the_retry(
+        app: pipeline.App, served: Served, clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    """The first fetch of SubscribeURL hangs until SNS gives up on our answer, and SNS sends the
+    confirmation again meanwhile: the retry fetches SubscribeURL itself rather than trusting
+    the first attempt to finish."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def hanging_once(url: str) -> None:
+        calls.append(url)
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+            raise Unavailable("could not confirm the subscription (read timed out)")
+
+    client = create_app(app, sns_certificates=ses.CertificateCache(fetch=served),
+                        sns_confirm=hanging_once).test_client()
+    envelope = sign(load("subscription_confirmation.json"), key, clock)
+    answers: list[Any] = []
+    first = threading.Thread(target=lambda: answers.append(post(client, envelope)))
+    first.start()
+    assert started.wait(10)
+    retry = post(client, envelope)  # while the first is still waiting for SNS
+    release.set()
+    first.join(10)
+    assert retry.status_code == 200 and retry.json is not None and retry.json["confirmed"] is True
+    assert [a.status_code for a in answers] == [503]
+    assert calls == [envelope["SubscribeURL"]] * 2
 
 
 def test_an_expired_certificate_is_refused(app: pipeline.App, client: FlaskClient, served: Served,

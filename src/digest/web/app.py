@@ -11,7 +11,8 @@ wrong topic or provider not configured; 503 when an SNS certificate cannot be fe
 counts. A copy of a request already received (its replay key remembered: the provider's retry
 after our answer was lost) answers 200 too, with ``"duplicate": true``, and is applied
 idempotently, so nothing is stored or counted twice; only a Mailgun token reused on a different
-body is refused, with 406. See ``digest.web.webhooks`` for each provider's rules.
+body is refused, with 406. An SNS SubscriptionConfirmation is confirmed on every validly signed
+copy. See ``digest.web.webhooks`` for each provider's rules.
 """
 
 from __future__ import annotations
@@ -134,6 +135,26 @@ def create_app(
         except ValueError as exc:
             log.warning("webhooks: %s: unparseable body: %s", provider, exc)
             return webhook_answer(400, error="unparseable body")
+        if verified.subscribe_url is not None:
+            # An SNS SubscriptionConfirmation is confirmed every time a validly signed, fresh copy
+            # arrives; it has no events and no replay memory. SNS sends one again, with the same
+            # MessageId (docs.aws.amazon.com/sns/latest/dg/http-subscription-confirmation-json.html),
+            # when it did not get our 200: our fetch of SubscribeURL failed or hung, or our answer
+            # was lost. A copy answered as a duplicate without fetching could leave the
+            # subscription pending for good. Fetching again is safe: the token stays valid for
+            # three days (AWS SNS API reference, Subscribe: "Confirmation tokens are valid for three
+            # days"), and ConfirmSubscription for a subscription already confirmed answers with its
+            # ARN and changes nothing. AWS's reference does not say that last part in words; it is
+            # what LocalStack's SNS does, whose HTTP subscription behaviour was checked against AWS
+            # (localstack/localstack, localstack/services/sns/provider.py, "ConfirmSubscription is
+            # idempotent"; pull request #8129).
+            try:
+                (sns_confirm or ses.confirm_subscription)(verified.subscribe_url)
+            except webhooks.Unavailable as exc:
+                log.warning("webhooks: %s: %s", provider, exc)
+                return webhook_answer(503, error=str(exc))
+            log.info("webhooks: ses: confirmed the SNS subscription")
+            return webhook_answer(200, received=0, stored=0, duplicates=0, suppressed=0, confirmed=True)
         key = verified.replay_key
         # Whether this request took the key (a copy must not forget the first request's key).
         owns_key = duplicate = False
@@ -155,11 +176,7 @@ def create_app(
                 log.info("webhooks: %s: a copy of a request already received; answering 200, "
                          "nothing is applied twice", provider)
         try:
-            # The SNS handshake is done (or reported) once, by the first copy.
-            if verified.subscribe_url is not None and not duplicate:
-                (sns_confirm or ses.confirm_subscription)(verified.subscribe_url)
-                log.info("webhooks: ses: confirmed the SNS subscription")
-            elif verified.message_type == "unsubscribe_confirmation" and not duplicate:
+            if verified.message_type == "unsubscribe_confirmation" and not duplicate:
                 log.warning("webhooks: ses: SNS reports this endpoint was unsubscribed from its topic")
             outcome = apply_events(app, provider, events)
         except webhooks.Unavailable as exc:
@@ -176,8 +193,6 @@ def create_app(
                                 "duplicates": outcome.duplicates, "suppressed": len(outcome.suppressed)}
         if duplicate:
             body["duplicate"] = True
-        elif verified.subscribe_url is not None:
-            body["confirmed"] = True
         return webhook_answer(200, **body)
 
     @web.get("/drafts/<int:draft_id>/<token>")

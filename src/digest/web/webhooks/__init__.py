@@ -20,7 +20,9 @@ endpoint. Mailgun signs only timestamp + token, so its ``verify`` also returns a
 ``content_hash`` of the body: the token is a duplicate only on the same content; on other
 content it is a captured signature stapled onto a forged event, and refused with 406 (which
 Mailgun takes as "rejected, do not retry"). Postmark signs nothing and sends no timestamp,
-so it has no replay key; its replays are harmless for the same reason (idempotent apply).
+so it has no replay key; its replays are harmless for the same reason (idempotent apply). An
+SNS SubscriptionConfirmation is confirmed again on every validly signed, fresh copy (see the web
+route), never answered as a duplicate.
 
 ``parse`` normalizes each provider's vocabulary through a small mapping table into
 :data:`EVENT_TYPES`; anything unknown becomes ``other`` and is stored, never applied.
