@@ -190,7 +190,7 @@ def test_a_copy_of_a_bounce_after_the_reader_came_back_changes_nothing(app: pipe
     assert post(client, body).json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
     assert status_of(app, "ada@example.com") == "bounced"
     reactivate(app.store, "ada@example.com", clock())
-    clock.advance(minutes=15)  # Mailgun's third retry
+    clock.advance(minutes=15)  # a later retry, with the first attempt's token and signature
     again = post(client, body)
     assert again.status_code == 200
     assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
@@ -206,7 +206,7 @@ def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: Flask
         r = post(client, body)
     assert r.status_code == 503
     assert app.store.event_counts() == {} and status_of(app, "ada@example.com") == "active"
-    clock.advance(minutes=5)  # Mailgun's first retry
+    clock.advance(minutes=5)  # Mailgun retries with the same token and signature
     retry = post(client, body)
     assert retry.status_code == 200
     assert retry.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}

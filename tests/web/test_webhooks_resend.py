@@ -171,7 +171,7 @@ def test_a_copy_of_a_bounce_after_the_reader_came_back_changes_nothing(app: pipe
         "received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
     assert status_of(app, "ada@example.com") == "bounced"
     reactivate(app.store, "ada@example.com", clock())
-    clock.advance(seconds=300)  # Svix's retry schedule: 5 seconds, 5 minutes, ...
+    clock.advance(seconds=300)  # a later retry, re-signed under the same svix-id
     again = post(client, raw, headers_for(raw, clock, msg_id="msg_bounce"))
     assert again.status_code == 200
     assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
