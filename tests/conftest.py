@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,42 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
         else:
             raw[key] = value
     return config.from_dict(raw, file="test.yaml", path=str(tmp_path / "config.yaml"))
+
+
+def reactivate(store: Store, email: str, now: datetime) -> None:
+    """Take a reader back after a bounce or a complaint, as an operator does: the address off the
+    suppression list and the subscriber active again (digest has no command for it; this is
+    what one does to the database)."""
+    from sqlalchemy import delete
+
+    from digest.store.schema import suppressions
+
+    sub = store.subscriber_by_email(email)
+    assert sub is not None
+    with store.engine.begin() as conn:
+        conn.execute(delete(suppressions).where(suppressions.c.email == email.lower()))
+    assert store.set_subscriber_status(sub.id, "active", now)
+
+
+@contextmanager
+def writes_refused(store: Store, table: str = "suppressions") -> Iterator[None]:
+    """While inside, the database refuses every insert into ``table`` (a trigger that fails): a
+    write failing halfway through a transaction, whichever code makes it."""
+    postgres = store.dialect == "postgresql"
+    with store.engine.begin() as conn:
+        if postgres:
+            conn.exec_driver_sql("CREATE FUNCTION digest_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                                 "$$ BEGIN RAISE EXCEPTION 'the database refused the write'; END $$")
+            conn.exec_driver_sql(f"CREATE TRIGGER digest_test_refuse BEFORE INSERT ON {table} "
+                                 "FOR EACH ROW EXECUTE FUNCTION digest_test_refuse()")
+        else:  # a function SQLite does not have: the insert fails when the trigger runs
+            conn.exec_driver_sql(f"CREATE TRIGGER digest_test_refuse BEFORE INSERT ON {table} "
+                                 "BEGIN SELECT digest_test_refuses_the_write(); END")
+    try:
+        yield
+    finally:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TRIGGER digest_test_refuse ON {table}" if postgres
+                                 else "DROP TRIGGER digest_test_refuse")
+            if postgres:
+                conn.exec_driver_sql("DROP FUNCTION digest_test_refuse()")

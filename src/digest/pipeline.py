@@ -29,7 +29,15 @@ from digest.http import build_session
 from digest.render.cache import render_key
 from digest.render.fill import CompiledEmail, personalize
 from digest.store import Store, open_store
-from digest.store.store import CollectStats, DraftSummary, ReasonCount, SourceStatus, UncertainMessage
+from digest.store.store import (
+    CollectStats,
+    DraftSummary,
+    ReasonCount,
+    ReplaySeen,
+    SourceStatus,
+    SuppressionRules,
+    UncertainMessage,
+)
 from digest.types import CollectResult, DeliveryEvent, Draft, OutgoingMessage, Recipient
 
 if TYPE_CHECKING:  # the lazily loaded names below, for type checkers
@@ -635,53 +643,43 @@ def demo(workdir: Path, now: Callable[[], datetime] = clock.now) -> DemoResult:
 SUPPRESSING_EVENTS = {"hard_bounce": "hard_bounce", "complaint": "complaint", "unsubscribe": "unsubscribed"}
 SOFT_BOUNCE_LIMIT = 3
 SOFT_BOUNCE_WINDOW = timedelta(days=30)
+SUPPRESSION_RULES = SuppressionRules(SUPPRESSING_EVENTS, SOFT_BOUNCE_LIMIT, SOFT_BOUNCE_WINDOW)
 
 
 @dataclass(frozen=True)
 class WebhookOutcome:
-    """What one webhook request did. ``suppressed`` lists the addresses its events suppress
-    (an address suppressed before is listed again: applying is idempotent)."""
+    """What one webhook request did. ``seen`` is ``"duplicate"`` for a copy of a request already
+    applied and ``"conflict"`` for its replay key on other content; neither applies anything.
+    ``suppressed`` lists the addresses its new events suppress (one already on the suppression
+    list too: the list keeps its first reason)."""
 
     provider: str
     received: int
     stored: int
     duplicates: int
     suppressed: tuple[str, ...] = ()
+    seen: ReplaySeen = "new"
 
 
-def apply_events(app: App, provider: str, events: list[DeliveryEvent]) -> WebhookOutcome:
+def apply_events(app: App, provider: str, events: list[DeliveryEvent], *, replay_key: str | None = None,
+                 content_hash: str = "") -> WebhookOutcome:
     """Store each event once and apply it: hard bounces, complaints and unsubscribes suppress
     the address at once; soft bounces are only counted until ``SOFT_BOUNCE_LIMIT`` of them in
     ``SOFT_BOUNCE_WINDOW`` suppress it as ``soft_bounce_limit``. Everything else is stored only.
+
+    All in one transaction with the request's ``replay_key`` (see ``Store.apply_webhook``): a
+    copy of a request already received applies nothing, and neither does an event already
+    stored, so a reader re-activated after a bounce stays active when a copy of it comes late.
+    The key is remembered for twice the provider's freshness window: past it, a copy is
+    refused as stale before it gets here.
     """
     now = app.now()
-    stored = duplicates = 0
-    suppressed: list[str] = []
-    for event in events:
-        if app.store.record_event(event, now):
-            stored += 1
-        else:
-            duplicates += 1
-        email = event.email.strip().lower()
-        if not email:
-            continue
-        # A replayed event is applied again on purpose: suppressing is idempotent, and storing
-        # and suppressing are two transactions, so a crash between them leaves a stored event
-        # whose effect only the provider's retry can still apply.
-        reason = SUPPRESSING_EVENTS.get(event.event_type)
-        if reason is None and event.event_type == "soft_bounce":
-            count = app.store.count_events(email, "soft_bounce", now - SOFT_BOUNCE_WINDOW)
-            if count >= SOFT_BOUNCE_LIMIT:
-                reason = "soft_bounce_limit"
-                # store.suppress would call this subscriber "unsubscribed"; they did not leave,
-                # their mailbox keeps refusing us, which is what "bounced" means to an operator.
-                sub = app.store.subscriber_by_email(email)
-                if sub is not None and sub.status == "active":
-                    app.store.set_subscriber_status(sub.id, "bounced", now)
-        if reason is not None:
-            app.store.suppress(email, reason, provider, now)
-            if email not in suppressed:
-                suppressed.append(email)
-    if suppressed:
-        log.info("webhooks: %s suppressed %d address(es)", provider, len(suppressed))
-    return WebhookOutcome(provider, len(events), stored, duplicates, tuple(suppressed))
+    keep_until = None
+    if replay_key is not None:
+        keep_until = now + timedelta(seconds=2 * app.settings.webhooks.max_age_for(provider))
+    applied = app.store.apply_webhook(provider, events, now, SUPPRESSION_RULES, replay_key=replay_key,
+                                      keep_until=keep_until, content_hash=content_hash)
+    if applied.suppressed:
+        log.info("webhooks: %s suppressed %d address(es)", provider, len(applied.suppressed))
+    return WebhookOutcome(provider, len(events), applied.stored, applied.duplicates, applied.suppressed,
+                          applied.seen)

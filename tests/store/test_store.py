@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
 
 from digest.errors import DraftError, StoreError, TakenOverError
 from digest.store import Store, db, open_store
-from digest.types import CollectResult, Comment, Draft, DraftItem, Essay, RankedComment, SendResult, SourceCursor
-from tests.conftest import NOW
+from digest.store.store import SuppressionRules, WebhookApplied
+from digest.types import (
+    CollectResult,
+    Comment,
+    DeliveryEvent,
+    Draft,
+    DraftItem,
+    Essay,
+    RankedComment,
+    SendResult,
+    SourceCursor,
+)
+from tests.conftest import NOW, reactivate, writes_refused
 
 
 def essay(key: str, title: str = "T", published=NOW) -> Essay:  # type: ignore[no-untyped-def]
@@ -336,8 +349,6 @@ def test_leases_exclude_a_second_holder_until_expiry(store: Store) -> None:
 
 
 def test_events_are_stored_once(store: Store) -> None:
-    from digest.types import DeliveryEvent
-
     ev = DeliveryEvent("postmark", "ev-1", "bounce", "A@x.org", NOW)
     assert store.record_event(ev, NOW)
     assert not store.record_event(ev, NOW)
@@ -961,27 +972,130 @@ def test_a_restart_and_a_late_verdict_on_one_batch_take_their_locks_in_one_order
         store.close()
 
 
+RULES = SuppressionRules({"hard_bounce": "hard_bounce", "complaint": "complaint", "unsubscribe": "unsubscribed"},
+                         3, timedelta(days=30))
+
+
+def remember(store: Store, provider: str, key: str, now: datetime, until: datetime, content_hash: str = "") -> str:
+    """A request without events: only its replay key is recorded."""
+    return store.apply_webhook(provider, [], now, RULES, replay_key=key, keep_until=until,
+                               content_hash=content_hash).seen
+
+
+def bounce(event_id: str, email: str = "ada@x.org") -> DeliveryEvent:
+    return DeliveryEvent("sendgrid", event_id, "hard_bounce", email, NOW)
+
+
 def test_webhook_replay_memory_tells_a_copy_from_the_same_key_on_other_content(store: Store) -> None:
     until = NOW + timedelta(seconds=600)
-    assert store.remember_webhook_key("svix", "msg_1", NOW, until) == "new"
-    assert store.remember_webhook_key("svix", "msg_1", NOW, until) == "duplicate"
-    assert store.remember_webhook_key("other", "msg_1", NOW, until) == "new"  # per provider
+    assert remember(store, "svix", "msg_1", NOW, until) == "new"
+    assert remember(store, "svix", "msg_1", NOW, until) == "duplicate"
+    assert remember(store, "other", "msg_1", NOW, until) == "new"  # per provider
     # A content hash (Mailgun's body): the first one stays, a copy must match it.
-    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:aa") == "new"
-    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:aa") == "duplicate"
-    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:bb") == "conflict"
-    assert store.remember_webhook_key("mailgun", "token:t", NOW, until) == "conflict"
-    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:aa") == "duplicate"
-    # Forgotten (its request failed), the key is new again, with the next request's content.
-    store.forget_webhook_key("mailgun", "token:t")
-    assert store.remember_webhook_key("mailgun", "token:t", NOW, until, "sha256:bb") == "new"
+    assert remember(store, "mailgun", "token:t", NOW, until, "sha256:aa") == "new"
+    assert remember(store, "mailgun", "token:t", NOW, until, "sha256:aa") == "duplicate"
+    assert remember(store, "mailgun", "token:t", NOW, until, "sha256:bb") == "conflict"
+    assert remember(store, "mailgun", "token:t", NOW, until) == "conflict"
+    assert remember(store, "mailgun", "token:t", NOW, until, "sha256:aa") == "duplicate"
     # Expired keys, with or without a hash, are purged by the next insert and are new again.
     later = until + timedelta(seconds=1)
-    assert store.remember_webhook_key("svix", "msg_2", later, later + timedelta(seconds=600)) == "new"
-    assert store.remember_webhook_key("svix", "msg_1", later, later + timedelta(seconds=600)) == "new"
-    assert store.remember_webhook_key("mailgun", "token:t", later, later, "sha256:cc") == "new"
+    assert remember(store, "svix", "msg_2", later, later + timedelta(seconds=600)) == "new"
+    assert remember(store, "svix", "msg_1", later, later + timedelta(seconds=600)) == "new"
+    assert remember(store, "mailgun", "token:t", later, later, "sha256:cc") == "new"
     # A key that expires exactly now is still held (as before the hash was stored with it).
-    assert store.remember_webhook_key("mailgun", "token:t", later, later, "sha256:cc") == "duplicate"
+    assert remember(store, "mailgun", "token:t", later, later, "sha256:cc") == "duplicate"
+
+
+def test_a_webhook_copy_applies_nothing_so_a_reactivated_reader_stays_active(store: Store) -> None:
+    """The key and the events are recorded together: a copy of the request that bounced a
+    reader, arriving after the reader was taken back, changes nothing; nor does the same event
+    under a new key (SendGrid signs each retry anew, SES may publish one event twice)."""
+    store.upsert_subscribers([("ada@x.org", "Ada")], "cli", NOW)
+    until = NOW + timedelta(seconds=600)
+    first = store.apply_webhook("sendgrid", [bounce("sg-1")], NOW, RULES, replay_key="k1", keep_until=until)
+    assert first == WebhookApplied("new", stored=1, suppressed=("ada@x.org",))
+    assert store.subscriber_by_email("ada@x.org").status == "bounced"  # type: ignore[union-attr]
+    reactivate(store, "ada@x.org", NOW)
+    copy = store.apply_webhook("sendgrid", [bounce("sg-1")], NOW, RULES, replay_key="k1", keep_until=until)
+    assert copy == WebhookApplied("duplicate", duplicates=1)
+    resigned = store.apply_webhook("sendgrid", [bounce("sg-1")], NOW, RULES, replay_key="k2", keep_until=until)
+    assert resigned == WebhookApplied("new", duplicates=1)
+    assert store.subscriber_by_email("ada@x.org").status == "active"  # type: ignore[union-attr]
+    assert [s.email for s in store.audience()] == ["ada@x.org"]  # the next send includes her
+    assert store.event_counts() == {"hard_bounce": 1}
+
+
+def test_a_webhook_that_fails_halfway_leaves_nothing_and_its_retry_applies(store: Store) -> None:
+    store.upsert_subscribers([("ada@x.org", "Ada")], "cli", NOW)
+    until = NOW + timedelta(seconds=600)
+    with writes_refused(store), pytest.raises(StoreError):
+        store.apply_webhook("sendgrid", [bounce("sg-1")], NOW, RULES, replay_key="k1", keep_until=until)
+    # Neither the key, nor the event, nor anything it did.
+    assert store.event_counts() == {}
+    assert store.subscriber_by_email("ada@x.org").status == "active"  # type: ignore[union-attr]
+    retry = store.apply_webhook("sendgrid", [bounce("sg-1")], NOW, RULES, replay_key="k1", keep_until=until)
+    assert retry == WebhookApplied("new", stored=1, suppressed=("ada@x.org",))
+    assert store.subscriber_by_email("ada@x.org").status == "bounced"  # type: ignore[union-attr]
+
+
+def test_two_copies_of_a_webhook_at_once_apply_it_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes take the same request at the same moment (the provider retried while the
+    first was still applying): the second waits for the first's transaction and is a duplicate."""
+    other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        store.upsert_subscribers([("ada@x.org", "Ada"), ("ben@x.org", "Ben")], "cli", NOW)
+        real = store._apply_events
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)  # the key is taken; the copy arrives now
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(store, "_apply_events", slow)
+        until = NOW + timedelta(seconds=600)
+        events = [bounce("sg-1"), bounce("sg-2", "ben@x.org")]
+
+        def work(s: Store, first: bool) -> WebhookApplied:
+            if not first:
+                time.sleep(0.1)  # after the first has taken the key
+            return s.apply_webhook("sendgrid", events, NOW, RULES, replay_key="k1", keep_until=until)
+
+        a, b = _at_once(0, store, other, work)
+        assert (a.seen, b.seen) == ("new", "duplicate")
+        assert (a.stored, b.stored) == (2, 0)
+        assert store.event_counts() == {"hard_bounce": 2}
+    finally:
+        other.close()
+
+
+def test_a_copy_waiting_for_a_first_attempt_that_fails_applies_it(store: Store,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attempt holds the key, then fails: the copy waiting for it takes the key and
+    applies the events (never both, never neither)."""
+    other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        store.upsert_subscribers([("ada@x.org", "Ada")], "cli", NOW)
+
+        def refused(*args: Any, **kwargs: Any) -> None:
+            time.sleep(0.5)  # the key and the event are written; the copy arrives now
+            raise OperationalError("INSERT INTO suppressions ...", {}, Exception("the database refused the write"))
+
+        monkeypatch.setattr(store, "_suppress", refused)  # this process only
+        until = NOW + timedelta(seconds=600)
+
+        def work(s: Store, first: bool) -> Any:
+            if not first:
+                time.sleep(0.1)  # after the first has taken the key
+            try:
+                return s.apply_webhook("sendgrid", [bounce("sg-1")], NOW, RULES, replay_key="k1", keep_until=until)
+            except StoreError as exc:
+                return str(exc)
+
+        a, b = _at_once(0, store, other, work)
+        assert "the database refused the write" in a
+        assert b == WebhookApplied("new", stored=1, suppressed=("ada@x.org",))
+        assert store.subscriber_by_email("ada@x.org").status == "bounced"  # type: ignore[union-attr]
+    finally:
+        other.close()
 
 
 def test_an_address_given_twice_counts_once_with_its_last_name(store: Store) -> None:
@@ -1021,13 +1135,13 @@ def test_webhook_replay_memory_purges_expired_keys_at_most_once_a_minute(store: 
 
     until = NOW + timedelta(seconds=60)
     for i in range(5):
-        assert store.remember_webhook_key("svix", f"msg_{i}", NOW, until) == "new"
+        assert remember(store, "svix", f"msg_{i}", NOW, until) == "new"
     assert remembered() == 5
     later = until + timedelta(seconds=1)
-    assert store.remember_webhook_key("svix", "msg_5", later, later + timedelta(seconds=60)) == "new"
+    assert remember(store, "svix", "msg_5", later, later + timedelta(seconds=60)) == "new"
     assert remembered() == 6  # purged a moment ago, by the first key: not again yet
-    assert store.remember_webhook_key("svix", "msg_0", later, later + timedelta(seconds=60)) == "new"  # expired
-    assert store.remember_webhook_key("svix", "msg_0", later, later + timedelta(seconds=60)) == "duplicate"
+    assert remember(store, "svix", "msg_0", later, later + timedelta(seconds=60)) == "new"  # expired
+    assert remember(store, "svix", "msg_0", later, later + timedelta(seconds=60)) == "duplicate"
     store._next_replay_purge = 0.0  # a minute on
-    assert store.remember_webhook_key("svix", "msg_6", later, later + timedelta(seconds=60)) == "new"
+    assert remember(store, "svix", "msg_6", later, later + timedelta(seconds=60)) == "new"
     assert remembered() == 3  # msg_0 (again), msg_5 and msg_6; the four expired are gone

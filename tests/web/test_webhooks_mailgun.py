@@ -16,10 +16,9 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from digest import pipeline, subscribers
-from digest.errors import StoreError
 from digest.web.app import create_app
 from digest.web.webhooks import mailgun
-from tests.conftest import FrozenClock, make_settings
+from tests.conftest import FrozenClock, make_settings, reactivate, writes_refused
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "webhooks" / "mailgun"
 SIGNING_KEY = "whk-0123456789abcdef0123456789abcdef"
@@ -147,7 +146,7 @@ def test_a_replayed_token_is_a_duplicate_only_on_the_same_body(app: pipeline.App
     with caplog.at_level(logging.INFO, logger="digest.web.app"):
         again = post(client, body)
     assert again.status_code == 200
-    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
     assert [r.levelno for r in caplog.records if "copy of a request" in r.getMessage()] == [logging.INFO]
     # Re-serialized (other spacing and key order) it is still the same body.
     respaced = json.dumps(body, indent=2, sort_keys=True).encode()
@@ -167,39 +166,50 @@ def test_a_replayed_token_is_a_duplicate_only_on_the_same_body(app: pipeline.App
     assert post(client, body).status_code == 200
 
 
-def test_a_duplicate_that_fails_keeps_the_first_body_remembered(app: pipeline.App, client: FlaskClient,
-                                                                clock: FrozenClock,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the request that took the token forgets it on failure: a failing copy must not open
-    the token to a forged body."""
+def test_a_copy_applies_nothing_and_keeps_the_first_body_remembered(app: pipeline.App, client: FlaskClient,
+                                                                     clock: FrozenClock) -> None:
+    """A copy of a request already applied touches nothing (even with the database refusing
+    writes it is answered 200), and the token stays taken: a captured signature on a forged
+    body is still refused."""
     body = signed("failed_permanent.json", clock)
     assert post(client, body).status_code == 200
-
-    def broken(*args: Any, **kwargs: Any) -> bool:
-        raise StoreError("database is locked")
-
-    real = app.store.record_event
-    monkeypatch.setattr(app.store, "record_event", broken)
-    assert post(client, body).status_code == 500
-    monkeypatch.setattr(app.store, "record_event", real)
+    with writes_refused(app.store):
+        again = post(client, body)
+    assert again.status_code == 200 and again.json is not None and again.json["duplicate"] is True
     forged = signed("unsubscribed.json", clock)
     forged["signature"] = body["signature"]
     assert post(client, forged).status_code == 406
     assert status_of(app, "chloe@example.net") == "active"
 
 
-def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: FlaskClient, clock: FrozenClock,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_copy_of_a_bounce_after_the_reader_came_back_changes_nothing(app: pipeline.App, client: FlaskClient,
+                                                                      clock: FrozenClock) -> None:
+    """Mailgun retries with the first attempt's token and signature, for an hour: a copy of the
+    bounce arriving after Ada was taken back is a duplicate and leaves her active."""
     body = signed("failed_permanent.json", clock)
-    real = app.store.record_event
+    assert post(client, body).json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+    reactivate(app.store, "ada@example.com", clock())
+    clock.advance(minutes=15)  # a later retry, with the first attempt's token and signature
+    again = post(client, body)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
+    assert status_of(app, "ada@example.com") == "active"
+    assert [s.email for s in app.store.audience()].count("ada@example.com") == 1
 
-    def broken(*args: Any, **kwargs: Any) -> bool:
-        raise StoreError("database is locked")
 
-    monkeypatch.setattr(app.store, "record_event", broken)
-    assert post(client, body).status_code == 500
-    monkeypatch.setattr(app.store, "record_event", real)
-    assert post(client, body).status_code == 200  # the same token: its first use was forgotten
+def test_an_event_not_applied_lets_the_retry_in(app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
+    """The database fails halfway: neither the token nor the event is kept, so Mailgun's retry
+    (the same token and body) is applied, not answered as a duplicate."""
+    body = signed("failed_permanent.json", clock)
+    with writes_refused(app.store):
+        r = post(client, body)
+    assert r.status_code == 503
+    assert app.store.event_counts() == {} and status_of(app, "ada@example.com") == "active"
+    clock.advance(minutes=5)  # Mailgun retries with the same token and signature
+    retry = post(client, body)
+    assert retry.status_code == 200
+    assert retry.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
     assert status_of(app, "ada@example.com") == "bounced"
 
 
@@ -231,7 +241,7 @@ def test_an_event_in_a_new_signed_request_is_applied_once(app: pipeline.App, cli
     clock.advance(seconds=60)
     again = post(client, signed("failed_permanent.json", clock))  # a new token and timestamp
     assert again.status_code == 200
-    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
     assert post(client, signed("complained.json", clock)).status_code == 200
     again = post(client, signed("complained.json", clock))
     assert again.status_code == 200 and again.json is not None and again.json["stored"] == 0

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from digest import config, pipeline, subscribers
 from digest.errors import ConfigError
 from digest.web.app import create_app
 from digest.web.webhooks import resend
-from tests.conftest import FrozenClock, make_settings
+from tests.conftest import FrozenClock, make_settings, reactivate, writes_refused
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "webhooks" / "resend"
 KEY = bytes(range(32))
@@ -142,7 +141,7 @@ def test_a_retried_svix_id_is_a_duplicate(app: pipeline.App, client: FlaskClient
     raw = (DATA / "bounced.json").read_bytes()
     headers = headers_for(raw, clock, msg_id="msg_replayed")
     assert post(client, raw, headers).status_code == 200
-    duplicate = {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    duplicate = {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
     with caplog.at_level(logging.INFO, logger="digest.web.app"):
         again = post(client, raw, headers)
     assert again.status_code == 200 and again.json == duplicate
@@ -163,15 +162,34 @@ def test_a_retried_soft_bounce_counts_once(app: pipeline.App, client: FlaskClien
     assert status_of(app, "ada@example.com") == "active"
 
 
-def test_a_copy_of_a_request_whose_first_attempt_never_finished_is_applied(
-        app: pipeline.App, client: FlaskClient, clock: FrozenClock) -> None:
-    """The key was remembered, then the process died before the event was stored: the retry,
-    a copy, still stores and applies it (apply is idempotent, so a copy is applied again)."""
-    app.store.remember_webhook_key("resend", "svix:msg_unfinished", clock(), clock() + timedelta(seconds=600))
+def test_a_copy_of_a_bounce_after_the_reader_came_back_changes_nothing(app: pipeline.App, client: FlaskClient,
+                                                                      clock: FrozenClock) -> None:
+    """Svix retries under the same svix-id, re-signed: a copy of the bounce arriving after Ada
+    was taken back is a duplicate and leaves her active."""
     raw = (DATA / "bounced.json").read_bytes()
-    r = post(client, raw, headers_for(raw, clock, msg_id="msg_unfinished"))
-    assert r.status_code == 200
-    assert r.json == {"duplicate": True, "received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert post(client, raw, headers_for(raw, clock, msg_id="msg_bounce")).json == {
+        "received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+    reactivate(app.store, "ada@example.com", clock())
+    clock.advance(seconds=300)  # a later retry, re-signed under the same svix-id
+    again = post(client, raw, headers_for(raw, clock, msg_id="msg_bounce"))
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
+    assert status_of(app, "ada@example.com") == "active"
+
+
+def test_a_request_that_fails_halfway_is_applied_by_its_retry(app: pipeline.App, client: FlaskClient,
+                                                              clock: FrozenClock) -> None:
+    """Neither the svix-id nor the event is kept when applying fails, so Svix's retry applies it."""
+    raw = (DATA / "bounced.json").read_bytes()
+    with writes_refused(app.store):
+        r = post(client, raw, headers_for(raw, clock, msg_id="msg_unfinished"))
+    assert r.status_code == 503
+    assert app.store.event_counts() == {} and status_of(app, "ada@example.com") == "active"
+    clock.advance(seconds=5)
+    retry = post(client, raw, headers_for(raw, clock, msg_id="msg_unfinished"))
+    assert retry.status_code == 200
+    assert retry.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
     assert status_of(app, "ada@example.com") == "bounced"
 
 
@@ -203,7 +221,7 @@ def test_an_event_in_a_new_svix_message_is_applied_once(app: pipeline.App, clien
     clock.advance(seconds=60)
     again = post(client, raw, headers_for(raw, clock, msg_id="msg_second"))
     assert again.status_code == 200
-    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
     complaint = (DATA / "complained.json").read_bytes()
     assert post(client, complaint, headers_for(complaint, clock, msg_id="msg_c1")).status_code == 200
     again = post(client, complaint, headers_for(complaint, clock, msg_id="msg_c2"))

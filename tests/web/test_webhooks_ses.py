@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,7 @@ from digest import config, pipeline, subscribers
 from digest.errors import ConfigError
 from digest.web.app import create_app
 from digest.web.webhooks import Refused, Unavailable, ses
-from tests.conftest import NOW, FrozenClock, make_settings
+from tests.conftest import NOW, FrozenClock, make_settings, reactivate, writes_refused
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "webhooks" / "ses"
 TOPIC = "arn:aws:sns:us-east-1:123456789012:digest-feedback"
@@ -226,7 +227,7 @@ def test_a_retried_message_id_is_a_duplicate(app: pipeline.App, client: FlaskCli
     clock.advance(seconds=20)  # SNS's default retry delay
     again = post(client, envelope)
     assert again.status_code == 200
-    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
     assert app.store.event_counts() == {"hard_bounce": 1}
     assert served.fetched == [CERT_URL]  # fetched once, then cached
     # Past the freshness window the same copy is refused as stale, as before.
@@ -234,14 +235,49 @@ def test_a_retried_message_id_is_a_duplicate(app: pipeline.App, client: FlaskCli
     assert post(client, envelope).json == {"error": "stale timestamp"}
 
 
-def test_a_retried_confirmation_is_not_confirmed_twice(client: FlaskClient, confirmed: list[str],
-                                                       clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+def test_a_retried_confirmation_is_confirmed_again(client: FlaskClient, confirmed: list[str],
+                                                   clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    """SNS sends a SubscriptionConfirmation again (same MessageId) when it did not get our 200:
+    it is confirmed again, not answered as a duplicate, since the first answer may have been
+    lost with the subscription still pending (confirming twice is harmless)."""
     envelope = sign(load("subscription_confirmation.json"), key, clock)
-    assert post(client, envelope).status_code == 200
+    first = post(client, envelope)
+    clock.advance(seconds=20)  # SNS's default retry delay
     again = post(client, envelope)
-    assert again.status_code == 200
-    assert again.json == {"duplicate": True, "received": 0, "stored": 0, "duplicates": 0, "suppressed": 0}
-    assert confirmed == [envelope["SubscribeURL"]]
+    assert first.status_code == again.status_code == 200
+    assert first.json == again.json == {"confirmed": True, "received": 0, "stored": 0, "duplicates": 0,
+                                        "suppressed": 0}
+    assert confirmed == [envelope["SubscribeURL"]] * 2
+
+
+def test_a_confirmation_whose_first_answer_never_came_is_confirmed_by_the_retry(
+        app: pipeline.App, served: Served, clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
+    """The first fetch of SubscribeURL hangs until SNS gives up on our answer, and SNS sends the
+    confirmation again meanwhile: the retry fetches SubscribeURL itself rather than trusting
+    the first attempt to finish."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def hanging_once(url: str) -> None:
+        calls.append(url)
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+            raise Unavailable("could not confirm the subscription (read timed out)")
+
+    client = create_app(app, sns_certificates=ses.CertificateCache(fetch=served),
+                        sns_confirm=hanging_once).test_client()
+    envelope = sign(load("subscription_confirmation.json"), key, clock)
+    answers: list[Any] = []
+    first = threading.Thread(target=lambda: answers.append(post(client, envelope)))
+    first.start()
+    assert started.wait(10)
+    retry = post(client, envelope)  # while the first is still waiting for SNS
+    release.set()
+    first.join(10)
+    assert retry.status_code == 200 and retry.json is not None and retry.json["confirmed"] is True
+    assert [a.status_code for a in answers] == [503]
+    assert calls == [envelope["SubscribeURL"]] * 2
 
 
 def test_an_expired_certificate_is_refused(app: pipeline.App, client: FlaskClient, served: Served,
@@ -368,6 +404,41 @@ def another_bounce(envelope: dict[str, Any], n: int) -> dict[str, Any]:
     return envelope | {"MessageId": f"a1b2c3d4-09{n:02d}-5e6f-7a8b-9c0d1e2f3a4b", "Message": json.dumps(message)}
 
 
+def test_a_copy_of_a_bounce_after_the_reader_came_back_changes_nothing(app: pipeline.App, client: FlaskClient,
+                                                                      clock: FrozenClock,
+                                                                      key: rsa.RSAPrivateKey) -> None:
+    """SNS retries with the same MessageId; SES may publish the same bounce again (its
+    feedbackId) in a new message. After Ada was taken back, neither suppresses her again."""
+    envelope = sign(load("bounce_permanent.json"), key, clock)
+    assert post(client, envelope).json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ada@example.com") == "bounced"
+    reactivate(app.store, "ada@example.com", clock())
+    clock.advance(seconds=40)
+    again = post(client, envelope)
+    assert again.status_code == 200
+    assert again.json == {"duplicate": True, "received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
+    published_again = sign(in_another_message(load("bounce_permanent.json"), "a1b2c3d4-0909-5e6f-7a8b-9c0d1e2f3a4b"),
+                           key, clock)
+    r = post(client, published_again)
+    assert r.status_code == 200 and r.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
+    assert status_of(app, "ada@example.com") == "active"
+
+
+def test_a_notification_that_fails_halfway_is_applied_by_the_retry(app: pipeline.App, client: FlaskClient,
+                                                                   clock: FrozenClock,
+                                                                   key: rsa.RSAPrivateKey) -> None:
+    envelope = sign(load("complaint.json"), key, clock)
+    with writes_refused(app.store):
+        r = post(client, envelope)
+    assert r.status_code == 503
+    assert app.store.event_counts() == {} and status_of(app, "ben@example.org") == "active"
+    clock.advance(seconds=20)  # SNS's retry: the same message
+    retry = post(client, envelope)
+    assert retry.status_code == 200
+    assert retry.json == {"received": 1, "stored": 1, "duplicates": 0, "suppressed": 1}
+    assert status_of(app, "ben@example.org") == "complained"
+
+
 def test_an_event_published_again_in_a_new_sns_message_is_applied_once(
         app: pipeline.App, client: FlaskClient, clock: FrozenClock, key: rsa.RSAPrivateKey) -> None:
     original = load("bounce_permanent.json")
@@ -375,7 +446,7 @@ def test_an_event_published_again_in_a_new_sns_message_is_applied_once(
     clock.advance(seconds=40)
     again = post(client, sign(in_another_message(original, "a1b2c3d4-0101-5e6f-7a8b-9c0d1e2f3a4b"), key, clock))
     assert again.status_code == 200
-    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 1}
+    assert again.json == {"received": 1, "stored": 0, "duplicates": 1, "suppressed": 0}
     complaint = load("complaint.json")
     assert post(client, sign(complaint, key, clock)).status_code == 200
     again = post(client, sign(in_another_message(complaint, "a1b2c3d4-0103-5e6f-7a8b-9c0d1e2f3a4b"), key, clock))

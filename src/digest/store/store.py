@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from operator import itemgetter
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -85,9 +85,16 @@ _COMMENT_COMPARED = (comments.c.id, comments.c.source, comments.c.key, comments.
 _Item = TypeVar("_Item")
 
 
-# What remember_webhook_key found: the first request with this key, a copy of it, or the same
-# key on other content.
+# What a webhook request's replay key turned out to be (Store.apply_webhook): the first request
+# with this key, a copy of it, or the same key on other content.
 ReplaySeen = Literal["new", "duplicate", "conflict"]
+
+# Suppression reason -> the status it gives an active subscriber. A provider's own list (Postmark's
+# inactive recipients: a hard bounce or a complaint there) and a mailbox that keeps refusing us
+# (the soft-bounce limit) are not the reader's choice: "bounced", as for our own hard bounces.
+# Any other reason (an unsubscribe, by link or through a provider) is "unsubscribed".
+_SUPPRESSED_STATUS = {"hard_bounce": "bounced", "provider_suppressed": "bounced", "soft_bounce_limit": "bounced",
+                      "complaint": "complained"}
 
 
 def _sendable() -> ColumnElement[bool]:
@@ -167,6 +174,33 @@ class ReasonCount:
     error: str
     count: int
     at: datetime | None
+
+
+@dataclass(frozen=True)
+class SuppressionRules:
+    """Which stored delivery events suppress an address (the policy is the pipeline's).
+
+    ``reasons`` maps an event type to the suppression reason it applies at once; soft bounces
+    suppress (as ``soft_bounce_limit``) once ``soft_bounce_limit`` of them for one address were
+    received within ``soft_bounce_window``.
+    """
+
+    reasons: Mapping[str, str]
+    soft_bounce_limit: int
+    soft_bounce_window: timedelta
+
+
+@dataclass(frozen=True)
+class WebhookApplied:
+    """What :meth:`Store.apply_webhook` did. ``seen`` is ``"new"`` when the request's events were
+    stored and applied now; for a ``"duplicate"`` or a ``"conflict"`` nothing was written.
+    ``stored`` and ``duplicates`` count its events new to the store and already there;
+    ``suppressed`` lists the addresses its new events suppress, in the order they came."""
+
+    seen: ReplaySeen
+    stored: int = 0
+    duplicates: int = 0
+    suppressed: tuple[str, ...] = ()
 
 
 class Claimed(NamedTuple):
@@ -809,23 +843,21 @@ class Store:
 
     def suppress(self, email: str, reason: str, origin: str, now: datetime) -> None:
         """Add an address to the suppression list (idempotent) and mark its subscriber."""
-        email = email.lower()
         with self._tx() as conn:
-            # One statement, not a read then an insert: two events for one address (a bounce
-            # and the provider's own suppression notice) may arrive at the same moment.
-            self._raw(conn, self._sql(
-                "INSERT INTO suppressions (email, reason, origin, created_at) VALUES ({p}, {p}, {p}, {p}) "
-                "ON CONFLICT (email) DO NOTHING"), (email, reason, origin, self._when(now)))
-            # The provider's own list (Postmark's inactive recipients: a hard bounce or a
-            # complaint there) is not the reader's choice: "bounced", as for our own bounces.
-            status = {"hard_bounce": "bounced", "provider_suppressed": "bounced",
-                      "complaint": "complained"}.get(reason, "unsubscribed")
-            conn.execute(update(subscribers).where(and_(subscribers.c.email == email,
-                                                        subscribers.c.status == "active"))
-                         .values(status=status, updated_at=now, unsubscribed_at=now))
+            self._suppress(conn, email.lower(), reason, origin, now)
+
+    def _suppress(self, conn: Connection, email: str, reason: str, origin: str, now: datetime) -> None:
+        # One statement, not a read then an insert: two events for one address (a bounce and
+        # the provider's own suppression notice) may arrive at the same moment.
+        conn.execute(self._insert(suppressions).values(email=email, reason=reason, origin=origin, created_at=now)
+                     .on_conflict_do_nothing(index_elements=[suppressions.c.email]))
+        conn.execute(update(subscribers).where(and_(subscribers.c.email == email, subscribers.c.status == "active"))
+                     .values(status=_SUPPRESSED_STATUS.get(reason, "unsubscribed"), updated_at=now,
+                             unsubscribed_at=now))
 
     def record_event(self, event: DeliveryEvent, now: datetime) -> bool:
-        """Store a provider event once; returns False for a replay of one already stored."""
+        """Store a provider event once, without applying it; returns False for a replay of one
+        already stored. Webhooks go through :meth:`apply_webhook`, which applies what it stores."""
         try:
             with self._tx() as conn:
                 conn.execute(insert(delivery_events).values(
@@ -857,20 +889,24 @@ class Store:
                                 .group_by(delivery_events.c.event_type)).all()
         return {r[0]: r[1] for r in rows}
 
-    def count_events(self, email: str, event_type: str, since: datetime) -> int:
-        """How many ``event_type`` events for ``email`` were stored at or after ``since``."""
-        with self._tx() as conn:
-            return int(conn.execute(
-                select(func.count()).select_from(delivery_events).where(and_(
-                    delivery_events.c.email == email.lower(), delivery_events.c.event_type == event_type,
-                    delivery_events.c.received_at >= since))
-            ).scalar_one())
-
-    # -- webhook replay memory (DESIGN.md rule 7) ---------------------------------------------
-    # Kept in ``meta`` under a prefix, without a schema change: the primary key makes "first
-    # one wins" atomic across processes, and expired keys are purged on each insert, so the
-    # table holds at most the keys of the last few minutes. The value is the expiry (fixed
-    # width, so text order is time order), then a space and the content hash if there is one.
+    # -- provider webhooks (DESIGN.md rule 7) -------------------------------------------------
+    #
+    # One rule: what is recorded was applied. A webhook request's replay key, its events and
+    # their effects (suppressions, subscriber statuses) are written in one transaction, so a
+    # remembered key means its events were applied, and a stored event means its effect was.
+    # Both memories then only ever say "already done": a copy of a request (the same key) is
+    # answered without touching its events, and an event stored before (the same provider
+    # event id arriving under another key: SendGrid signs each retry anew, SES may publish one
+    # event to two topics, Postmark has no key at all) is stored and applied once. Nothing is
+    # applied again, so a reader re-activated after a bounce is not suppressed again by a late
+    # copy of it. If applying fails, the whole transaction rolls back, key included, and the
+    # provider's retry applies the request.
+    #
+    # Replay keys are kept in ``meta`` under a prefix, without a schema change: the primary key
+    # makes "first one wins" atomic across processes (a second copy waits for the first one's
+    # transaction, then finds its key or, if it rolled back, takes it), and expired keys are
+    # purged at most once a minute per process. The value is the expiry (fixed width, so text
+    # order is time order), then a space and the content hash if there is one.
 
     _REPLAY_PREFIX = "webhook-replay:"
 
@@ -880,51 +916,96 @@ class Store:
 
     _next_replay_purge = 0.0  # time.monotonic() after which the next key purges the expired ones
 
-    def remember_webhook_key(self, provider: str, key: str, now: datetime, keep_until: datetime,
-                             content_hash: str = "") -> ReplaySeen:
-        """Record a webhook's replay key, with a hash of what its signature does not cover.
+    def apply_webhook(self, provider: str, events: Sequence[DeliveryEvent], now: datetime, rules: SuppressionRules,
+                      *, replay_key: str | None = None, keep_until: datetime | None = None,
+                      content_hash: str = "") -> WebhookApplied:
+        """Record one webhook request and apply its events, in one transaction.
 
-        ``"new"`` the first time. For a key already remembered: ``"duplicate"`` if it came with
-        the same ``content_hash`` (a copy of that request), ``"conflict"`` if with another (the
-        same key on different content). The first request's hash stays: a later one never
-        replaces it.
+        With a ``replay_key`` (remembered until ``keep_until``), a key already remembered is
+        ``"duplicate"`` if it came with the same ``content_hash`` (a copy of that request) and
+        ``"conflict"`` if with another (the same key on different content); either way nothing
+        is written. Otherwise each event is stored once by its provider id, and only the events
+        new to the store are applied by ``rules``.
         """
+        if replay_key is not None and time.monotonic() >= self._next_replay_purge:
+            # Expired keys go at most once a minute per process, in a transaction of their own:
+            # the purge reads every key remembered (a send's worth of delivery events), too much
+            # for every webhook, and it must not hold those rows while the events are applied.
+            cutoff = f"{int(as_utc(now).timestamp()):012d}"
+            with self._tx() as conn:
+                conn.execute(delete(meta).where(and_(
+                    meta.c.key.startswith(self._REPLAY_PREFIX, autoescape=True), meta.c.value < cutoff)))
+            self._next_replay_purge = time.monotonic() + REPLAY_PURGE_EVERY
+        with self._tx() as conn:
+            if replay_key is not None:
+                # First, and a write: the transaction's first lock is the key's (SQLite), and a
+                # copy arriving meanwhile waits here until this transaction ends (PostgreSQL).
+                seen = self._take_replay_key(conn, provider, replay_key, now, keep_until or now, content_hash)
+                if seen != "new":
+                    return WebhookApplied(seen, duplicates=len(events))
+            return self._apply_events(conn, provider, events, now, rules)
+
+    def _take_replay_key(self, conn: Connection, provider: str, key: str, now: datetime, keep_until: datetime,
+                         content_hash: str) -> ReplaySeen:
         expires = f"{int(as_utc(keep_until).timestamp()):012d}"
         cutoff = f"{int(as_utc(now).timestamp()):012d}"
         meta_key = self._replay_meta_key(provider, key)
         value = f"{expires} {content_hash}" if content_hash else expires
-        # Expired keys go at most once a minute per process: the purge reads every key
-        # remembered (a send's worth of delivery events), too much for every webhook.
-        purge = time.monotonic() >= self._next_replay_purge
+        insert_key = self._insert(meta).values(key=meta_key, value=value).on_conflict_do_nothing(
+            index_elements=[meta.c.key]).returning(meta.c.key)
         for _ in range(3):
-            try:
-                with self._tx() as conn:
-                    if purge:
-                        conn.execute(delete(meta).where(and_(
-                            meta.c.key.startswith(self._REPLAY_PREFIX, autoescape=True), meta.c.value < cutoff)))
-                        self._next_replay_purge = time.monotonic() + REPLAY_PURGE_EVERY
-                        purge = False
-                    conn.execute(insert(meta).values(key=meta_key, value=value))
-            except IntegrityError:
-                with self._tx() as conn:
-                    held = conn.execute(select(meta.c.value).where(meta.c.key == meta_key)).scalar_one_or_none()
-                    if held is not None and held.partition(" ")[0] < cutoff:
-                        # Expired, not yet purged: forgotten, as if the purge had run.
-                        taken = conn.execute(update(meta).where(and_(meta.c.key == meta_key, meta.c.value == held))
-                                             .values(value=value)).rowcount
-                        if taken:
-                            return "new"
-                        continue
-                if held is None:
-                    continue  # forgotten in between (its request failed): this one takes it
-                return "duplicate" if held.partition(" ")[2] == content_hash else "conflict"
-            return "new"
+            if conn.execute(insert_key).first() is not None:
+                return "new"
+            held = conn.execute(select(meta.c.value).where(meta.c.key == meta_key)).scalar_one_or_none()
+            if held is None:
+                continue  # purged in between: take it
+            if held.partition(" ")[0] < cutoff:
+                # Expired, not yet purged: forgotten, as if the purge had run.
+                if conn.execute(update(meta).where(and_(meta.c.key == meta_key, meta.c.value == held))
+                                .values(value=value)).rowcount:
+                    return "new"
+                continue  # another request took it meanwhile: see what it holds now
+            return "duplicate" if held.partition(" ")[2] == content_hash else "conflict"
         raise StoreError("webhook replay memory: the key kept changing hands")
 
-    def forget_webhook_key(self, provider: str, key: str) -> None:
-        """Drop a replay key again: its request failed, so the provider's retry must be let in."""
-        with self._tx() as conn:
-            conn.execute(delete(meta).where(meta.c.key == self._replay_meta_key(provider, key)))
+    def _apply_events(self, conn: Connection, provider: str, events: Sequence[DeliveryEvent], now: datetime,
+                      rules: SuppressionRules) -> WebhookApplied:
+        # Rows are written in one order whatever the request's (events by id, then addresses
+        # sorted): two requests sharing events or addresses then wait for each other on
+        # PostgreSQL rather than deadlock.
+        insert_event = self._insert(delivery_events).on_conflict_do_nothing(
+            index_elements=[delivery_events.c.provider, delivery_events.c.event_id]).returning(delivery_events.c.id)
+        new: set[int] = set()  # positions in ``events`` of the events new to the store
+        for i in sorted(range(len(events)), key=lambda i: events[i].event_id):
+            event = events[i]
+            if conn.execute(insert_event.values(
+                    provider=event.provider, event_id=event.event_id, event_type=event.event_type,
+                    email=event.email.strip().lower(), ledger_id=event.ledger_id, occurred_at=event.occurred_at,
+                    received_at=now, detail=json.dumps(event.detail, sort_keys=True))).first() is not None:
+                new.add(i)
+        # Each address's first reason, in the request's order; soft bounces count once all of
+        # this request's are stored.
+        reasons: dict[str, str] = {}
+        soft: list[str] = []
+        for i, event in enumerate(events):
+            email = event.email.strip().lower()
+            if i not in new or not email:
+                continue
+            reason = rules.reasons.get(event.event_type)
+            if reason is not None:
+                reasons.setdefault(email, reason)
+            elif event.event_type == "soft_bounce" and email not in soft:
+                soft.append(email)
+        since = now - rules.soft_bounce_window
+        for email in soft:
+            if email not in reasons and conn.execute(
+                    select(func.count()).select_from(delivery_events).where(and_(
+                        delivery_events.c.email == email, delivery_events.c.event_type == "soft_bounce",
+                        delivery_events.c.received_at >= since))).scalar_one() >= rules.soft_bounce_limit:
+                reasons[email] = "soft_bounce_limit"
+        for email in sorted(reasons):
+            self._suppress(conn, email, reasons[email], provider, now)
+        return WebhookApplied("new", stored=len(new), duplicates=len(events) - len(new), suppressed=tuple(reasons))
 
     # -- the send ledger ---------------------------------------------------------------------
     #

@@ -8,10 +8,12 @@ shows the subscription and offers the same unsubscribe button.
 ``/webhooks/<provider>`` (POST only): verify (401 bad credentials or signature; 403 stale,
 wrong topic or provider not configured; 503 when an SNS certificate cannot be fetched), parse
 (400 if malformed), then apply through ``pipeline.apply_events`` and answer 200 with JSON
-counts. A copy of a request already received (its replay key remembered: the provider's retry
-after our answer was lost) answers 200 too, with ``"duplicate": true``, and is applied
-idempotently, so nothing is stored or counted twice; only a Mailgun token reused on a different
-body is refused, with 406. See ``digest.web.webhooks`` for each provider's rules.
+counts. The request's replay key and its events are recorded in one transaction: a copy of a
+request already applied (the provider's retry after our answer was lost) answers 200 with
+``"duplicate": true`` and applies nothing; a request that could not be applied (a database
+error: 503) leaves nothing behind, so its retry applies it. Only a Mailgun token reused on a
+different body is refused, with 406. An SNS SubscriptionConfirmation is confirmed on every
+validly signed copy. See ``digest.web.webhooks`` for each provider's rules.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 from flask import Flask, Response, render_template, request
 
 from digest import subscribers
-from digest.errors import DraftError, TokenError, WebhookVerificationError
+from digest.errors import DraftError, StoreError, TokenError, WebhookVerificationError
 from digest.pipeline import App, apply_events, review_html
 from digest.store.store import Subscriber
 from digest.web import webhooks
@@ -134,50 +135,52 @@ def create_app(
         except ValueError as exc:
             log.warning("webhooks: %s: unparseable body: %s", provider, exc)
             return webhook_answer(400, error="unparseable body")
-        key = verified.replay_key
-        # Whether this request took the key (a copy must not forget the first request's key).
-        owns_key = duplicate = False
-        if key is not None:
-            # Remembered past the freshness window on both sides; older copies are stale anyway.
-            keep_until = now + timedelta(seconds=2 * settings.max_age_for(provider))
-            seen = app.store.remember_webhook_key(provider, key, now, keep_until, verified.content_hash or "")
-            if seen == "conflict":
-                # Only where the signature leaves the body uncovered (Mailgun): a captured
-                # signature on another body. 406 is what makes Mailgun stop retrying.
-                log.warning("webhooks: %s: refused a reused signature on a different body", provider)
-                return webhook_answer(406, error="replayed signature on a different body")
-            owns_key = seen == "new"
-            duplicate = seen == "duplicate"
-            if duplicate:
-                # The same signed content again: the provider retrying after our answer was
-                # lost (or a replay). 200 stops the retries; applying again is idempotent, and
-                # stores what an unfinished first attempt did not.
-                log.info("webhooks: %s: a copy of a request already received; answering 200, "
-                         "nothing is applied twice", provider)
-        try:
-            # The SNS handshake is done (or reported) once, by the first copy.
-            if verified.subscribe_url is not None and not duplicate:
+        if verified.subscribe_url is not None:
+            # An SNS SubscriptionConfirmation is confirmed every time a validly signed, fresh copy
+            # arrives; it has no events and no replay memory. SNS sends one again, with the same
+            # MessageId (docs.aws.amazon.com/sns/latest/dg/http-subscription-confirmation-json.html),
+            # when it did not get our 200: our fetch of SubscribeURL failed or hung, or our answer
+            # was lost. A copy answered as a duplicate without fetching could leave the
+            # subscription pending for good. Fetching again is safe: the token stays valid for
+            # three days (AWS SNS API reference, Subscribe: "Confirmation tokens are valid for three
+            # days"), and ConfirmSubscription for a subscription already confirmed answers with its
+            # ARN and changes nothing. AWS's reference does not say that last part in words; it is
+            # what LocalStack's SNS does, whose HTTP subscription behaviour was checked against AWS
+            # (localstack/localstack, localstack/services/sns/provider.py, "ConfirmSubscription is
+            # idempotent"; pull request #8129).
+            try:
                 (sns_confirm or ses.confirm_subscription)(verified.subscribe_url)
-                log.info("webhooks: ses: confirmed the SNS subscription")
-            elif verified.message_type == "unsubscribe_confirmation" and not duplicate:
-                log.warning("webhooks: ses: SNS reports this endpoint was unsubscribed from its topic")
-            outcome = apply_events(app, provider, events)
-        except webhooks.Unavailable as exc:
-            if key is not None and owns_key:
-                app.store.forget_webhook_key(provider, key)
-            log.warning("webhooks: %s: %s", provider, exc)
-            return webhook_answer(503, error=str(exc))
-        except Exception:
-            # Not applied: forget the key so the provider's retry is let in (and applied).
-            if key is not None and owns_key:
-                app.store.forget_webhook_key(provider, key)
-            raise
+            except webhooks.Unavailable as exc:
+                log.warning("webhooks: %s: %s", provider, exc)
+                return webhook_answer(503, error=str(exc))
+            log.info("webhooks: ses: confirmed the SNS subscription")
+            return webhook_answer(200, received=0, stored=0, duplicates=0, suppressed=0, confirmed=True)
+        try:
+            # The events and the replay key are recorded in one transaction: a remembered key
+            # means its events were applied, and a failure here remembers neither, so the
+            # provider's retry is let in and applies them.
+            outcome = apply_events(app, provider, events, replay_key=verified.replay_key,
+                                   content_hash=verified.content_hash or "")
+        except StoreError as exc:
+            # Nothing was recorded; the provider retries a 503 (a database busy or restarting).
+            log.warning("webhooks: %s: not applied, answering 503 so that it is sent again: %s", provider, exc)
+            return webhook_answer(503, error="temporarily unavailable, retry later")
+        if outcome.seen == "conflict":
+            # Only where the signature leaves the body uncovered (Mailgun): a captured
+            # signature on another body. 406 is what makes Mailgun stop retrying.
+            log.warning("webhooks: %s: refused a reused signature on a different body", provider)
+            return webhook_answer(406, error="replayed signature on a different body")
         body: dict[str, Any] = {"received": outcome.received, "stored": outcome.stored,
                                 "duplicates": outcome.duplicates, "suppressed": len(outcome.suppressed)}
-        if duplicate:
+        if outcome.seen == "duplicate":
+            # The same signed content again: the provider retrying after our answer was lost
+            # (or a replay). Its events were applied with the key, so nothing is applied again;
+            # 200 stops the retries.
+            log.info("webhooks: %s: a copy of a request already received; answering 200, "
+                     "nothing is applied again", provider)
             body["duplicate"] = True
-        elif verified.subscribe_url is not None:
-            body["confirmed"] = True
+        elif verified.message_type == "unsubscribe_confirmation":
+            log.warning("webhooks: ses: SNS reports this endpoint was unsubscribed from its topic")
         return webhook_answer(200, **body)
 
     @web.get("/drafts/<int:draft_id>/<token>")

@@ -7,20 +7,28 @@ One module per provider, each with two pure functions (DESIGN.md rule 7)::
 
 ``verify`` never touches the store: it checks credentials or the signature and the signed
 timestamp's freshness, and returns the request's *replay key* (Mailgun's token, the Svix id,
-the SNS message id, a hash of SendGrid's signed bytes). The web route remembers replay keys
-for twice the provider's freshness window (``Webhooks.max_age_for``); that memory only has to
-outlive the window, because an older copy is already refused as stale.
+the SNS message id, a hash of SendGrid's signed bytes). The web route then applies the request
+through ``pipeline.apply_events``, which records the replay key, the request's events and what
+they do (suppressions) in one database transaction (``Store.apply_webhook``): a key remembered
+means its events were applied, and a failure remembers neither, so the provider's retry is let
+in. Keys are remembered for twice the provider's freshness window (``Webhooks.max_age_for``);
+that memory only has to outlive the window, because an older copy is already refused as stale.
 
 A second request carrying a remembered key is, for SendGrid, SNS and Svix, the same signed
 content again: their signatures cover the whole body (and the key), so it is the provider
 retrying after our answer was lost, or someone replaying a captured request. Either way it
-is answered 200 as a duplicate and applied idempotently (one stored row per provider event
-id), so nothing is applied twice, and the provider stops retrying instead of flagging the
-endpoint. Mailgun signs only timestamp + token, so its ``verify`` also returns a
-``content_hash`` of the body: the token is a duplicate only on the same content; on other
-content it is a captured signature stapled onto a forged event, and refused with 406 (which
-Mailgun takes as "rejected, do not retry"). Postmark signs nothing and sends no timestamp,
-so it has no replay key; its replays are harmless for the same reason (idempotent apply).
+is answered 200 as a duplicate and applies nothing (a reader re-activated since must stay
+active), and the provider stops retrying instead of flagging the endpoint. Mailgun signs only
+timestamp + token, so its ``verify`` also returns a ``content_hash`` of the body: the token is
+a duplicate only on the same content; on other content it is a captured signature stapled onto
+a forged event, and refused with 406 (which Mailgun takes as "rejected, do not retry").
+
+Each event also has an id of its own, unique in the store and stored in the same transaction
+as its effect, so the same event under another key (SendGrid signs each retry anew; SES may
+publish one event in two SNS messages) is stored and applied once too. Postmark signs nothing
+and sends no timestamp, so it has no replay key; the event ids alone keep its replays from
+applying twice. An SNS SubscriptionConfirmation has no events and no memory: every validly
+signed, fresh copy is confirmed again (see the web route).
 
 ``parse`` normalizes each provider's vocabulary through a small mapping table into
 :data:`EVENT_TYPES`; anything unknown becomes ``other`` and is stored, never applied.

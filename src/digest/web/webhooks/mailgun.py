@@ -9,8 +9,8 @@ forged event: the token is the replay key, remembered for twice the freshness wi
 with a hash of the body. That window is ``webhooks.mailgun_max_age`` (an hour), not the
 others' five minutes, because Mailgun retries with the first attempt's signature and
 timestamp (5, 15 and 30 minutes after it, then for hours). The same
-token on the same body is a copy (Mailgun retrying after our answer was lost): 200, applied
-idempotently. The same token on another body is refused with 406, the
+token on the same body is a copy (Mailgun retrying after our answer was lost): 200, and nothing
+is applied again. The same token on another body is refused with 406, the
 status Mailgun's docs say makes it stop retrying (documentation.mailgun.com, webhook retries).
 The hash is of the parsed JSON in a canonical form, so a copy re-serialized with other spacing
 or key order still matches, while any change to what is applied does not.

@@ -21,7 +21,8 @@ The SNS ``MessageId`` (the same on SNS retries) is the replay key, but never an 
 event published again in another SNS message is the same event (SES's ``feedbackId`` for bounces
 and complaints, the content for the rest), stored and counted once. A SubscriptionConfirmation is
 verified the same way; its ``SubscribeURL`` must be ``https://sns.<region>.amazonaws.com/`` with
-``Action=ConfirmSubscription`` before the web route fetches it.
+``Action=ConfirmSubscription`` before the web route fetches it (on every copy SNS sends: the
+replay key does not apply to it).
 """
 
 from __future__ import annotations
