@@ -230,7 +230,8 @@ _TOPIC_ARN_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-
 
 
 # How old a signed Mailgun timestamp may be, unless webhooks.mailgun_max_age says otherwise.
-# Mailgun's retries (5, 10 and 15 minutes, then 1, 2 and 4 hours after a failed answer) keep
+# Mailgun's retries (5, 10 and 15 minutes apart, then 1, 2 and 4 hours: 5, 15 and 30 minutes
+# after a failed answer, then over 8 hours; documentation.mailgun.com, webhook retries) keep
 # the first attempt's signature and timestamp, so with the five minutes of the others every
 # retry was refused as stale and the event lost whenever this endpoint failed once (a
 # restart). An hour takes the first three retries. Longer lets a forged event ride a Mailgun

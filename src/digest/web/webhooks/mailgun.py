@@ -8,7 +8,8 @@ freshness check and the token replay check are what stop an old signature being 
 forged event: the token is the replay key, remembered for twice the freshness window together
 with a hash of the body. That window is ``webhooks.mailgun_max_age`` (an hour), not the
 others' five minutes, because Mailgun retries with the first attempt's signature and
-timestamp (5, 15 and 30 minutes after it, then for hours). The same
+timestamp (5, 15 and 30 minutes after it, then for up to 8 hours: intervals of 5, 10 and 15
+minutes, then 1, 2 and 4 hours). The same
 token on the same body is a copy (Mailgun retrying after our answer was lost): 200, and nothing
 is applied again. The same token on another body is refused with 406, the
 status Mailgun's docs say makes it stop retrying (documentation.mailgun.com, webhook retries).
