@@ -1145,3 +1145,25 @@ def test_webhook_replay_memory_purges_expired_keys_at_most_once_a_minute(store: 
     store._next_replay_purge = 0.0  # a minute on
     assert remember(store, "svix", "msg_6", later, later + timedelta(seconds=60)) == "new"
     assert remembered() == 3  # msg_0 (again), msg_5 and msg_6; the four expired are gone
+
+
+def test_a_driver_error_on_the_send_path_is_a_store_error(store: Store) -> None:
+    """The send path's raw statements meet the driver's own errors ("database is locked", a
+    full disk, a lost server): they are a StoreError like any database error, which stops the
+    send in one line (rule 9) instead of a traceback."""
+    draft_id = _sending(store, ["a@x.org"])
+    store.start_send(draft_id, NOW)
+    dbapi = store.engine.dialect.loaded_dbapi
+    raw = store._raw
+
+    def failing(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
+        if sql.startswith("SELECT l.id"):
+            raise dbapi.OperationalError("database is locked")
+        return raw(conn, sql, params, many)
+
+    store._raw = failing  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="^database error: OperationalError: database is locked$"):
+        store.claim_batch(draft_id, 1, "me", NOW)
+    store._raw = raw  # type: ignore[method-assign]
+    # Nothing was claimed: the transaction rolled back.
+    assert [c.email for c in store.claim_batch(draft_id, 1, "me", NOW)] == ["a@x.org"]

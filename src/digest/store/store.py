@@ -308,6 +308,11 @@ class Store:
         # keep waking each other that way; taking turns in-process costs nothing instead.
         self._turn: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext())
+        # The driver's own errors: the send path's raw statements (Store._raw) meet them
+        # without SQLAlchemy's wrapping ("database is locked", a full disk, a lost server).
+        dbapi = getattr(engine.dialect, "loaded_dbapi", None) or engine.dialect.dbapi
+        self._driver_error: type[Exception] = getattr(dbapi, "Error", SQLAlchemyError)
+        self._driver_integrity: type[Exception] = getattr(dbapi, "IntegrityError", IntegrityError)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -318,6 +323,13 @@ class Store:
             raise
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {exc.__class__.__name__}: {exc}".splitlines()[0]) from exc
+        except Exception as exc:
+            # One line for the operator and a clean stop (rule 9), whichever way the statement
+            # went to the database. (A raw statement's unique-key conflict stays itself: the
+            # callers that expect one catch it.)
+            if isinstance(exc, self._driver_error) and not isinstance(exc, self._driver_integrity):
+                raise StoreError(f"database error: {exc.__class__.__name__}: {exc}".splitlines()[0]) from exc
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
