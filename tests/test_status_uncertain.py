@@ -182,7 +182,7 @@ def test_status_says_when_messages_in_flight_have_lost_their_sender(tmp_path: Pa
     output = CliRunner().invoke(cli, ["--config", cfg, "status"]).output
     assert "sent 25, failed 0, uncertain 0, pending 0, in flight 5, skipped 0" in output
     assert ("    5 in flight when their sender stopped: the next `digest send` (or the service's next send) "
-            "marks them uncertain\n") in output
+            "marks uncertain those that may have gone out, and sends the others\n") in output
 
 
 def test_status_lists_twenty_and_says_how_many_more(tmp_path: Path) -> None:

@@ -451,7 +451,7 @@ def _echo_stopped(s: SendSummary) -> None:
         click.echo(f"draft {s.draft_id}: {s.pending} messages wait to be sent")
     if s.in_flight and not s.dry_run:
         click.echo(f"draft {s.draft_id}: {s.in_flight} messages were in flight in a process that stopped: "
-                   f"{NEXT_SEND} marks them uncertain")
+                   f"{NEXT_SEND} marks uncertain those that may have gone out, and sends the others")
 
 
 def _duration(seconds: float) -> str:
@@ -573,7 +573,7 @@ def status(obj: _Context, draft_id: int | None) -> None:
         click.echo(line)
         if counts and d.id in report.orphaned:
             click.echo(f"    {counts['claimed']} in flight when their sender stopped: {NEXT_SEND} "
-                       "marks them uncertain")
+                       "marks uncertain those that may have gone out, and sends the others")
         if d.id in report.stopped:
             error, at = report.stopped[d.id]
             click.echo(f"    stopped {_when(at, tz)}: {error}")

@@ -616,6 +616,39 @@ def test_send_in_calls_tells_the_journal_of_each_call_before_and_after(make_mess
     assert len(journal.events) == 2
 
 
+def test_a_call_whose_record_was_written_while_another_failed_does_not_start(make_message: MessageFactory) -> None:
+    """Two calls at once: the second one's record is written while the first meets a 429. The
+    batch stops at the first error, so the second does not go out after its record, and it is
+    reported as not sent."""
+    import threading
+
+    recording, failed = threading.Event(), threading.Event()
+    sent: list[int] = []
+
+    class Slow(_Journal):
+        def starting(self, ledger_ids: Any) -> None:
+            super().starting(ledger_ids)
+            if ledger_ids[0] == 2:
+                recording.set()
+                assert failed.wait(5)  # still writing when the other call fails
+
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        sent.append(ms[0].ledger_id)
+        assert recording.wait(5)
+        failed.set()
+        raise DeliveryError("HTTP 429", retryable=True, status=429)
+
+    journal = Slow()
+    token = call_journal.set(journal)
+    try:
+        with pytest.raises(DeliveryError, match="429"):
+            send_in_calls("t", [[m] for m in _msgs(make_message, 2)], send, concurrency=2)
+    finally:
+        call_journal.reset(token)
+    assert sent == [1]
+    assert ("done", [(2, "deferred")]) in journal.events
+
+
 def test_send_in_calls_makes_no_call_the_journal_could_not_record(make_message: MessageFactory) -> None:
     """A call starts only once recorded: when the ledger fails, the batch stops there."""
     sent: list[int] = []

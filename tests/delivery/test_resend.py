@@ -171,6 +171,7 @@ def test_errors(
         ({"ratelimit-limit": "2", "ratelimit-remaining": "0", "ratelimit-reset": "3"}, 3.0),
         ({"retry-after": "1", "ratelimit-reset": "3"}, 1.0),  # retry-after wins
         ({}, None),  # neither: the sender's own backoff
+        ({"ratelimit-reset": "0"}, None),  # resetting now: the sender's own backoff, not no wait
     ],
 )
 def test_a_rate_limit_waits_for_ratelimit_reset_without_retry_after(

@@ -342,6 +342,27 @@ def test_a_batch_of_several_calls_is_recorded_call_by_call(app: pipeline.App) ->
     assert received(provider) == sorted(EMAILS)
 
 
+def test_a_batch_of_several_calls_given_up_keeps_the_verdicts_its_calls_got(app: pipeline.App) -> None:
+    """The provider refused the first call's reader as suppressed on its side, then refused the
+    credentials: the batch goes back to the queue but for that reader, who keeps the verdict,
+    counts in the summary and is suppressed here too (never asked again)."""
+    def suppressed(messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        return [SendResult(messages[0].ledger_id, "suppressed", None, "inactive recipient")]
+
+    provider = CallByCall([suppressed, AuthError("HTTP 401: bad token", status=401)])
+    summary = sender(app, provider).run()
+    first = provider.calls[0][0].to_email
+    assert summary.failed == {"suppressed": 1} and summary.stopped and "refused the credentials" in summary.stopped
+    rows = {email: status for _i, email, status in app.store.ledger_rows(summary.draft_id)}
+    assert rows == {e: ("suppressed" if e == first else "pending") for e in EMAILS}
+    sub = app.store.subscriber_by_email(first)
+    assert sub is not None and sub.status != "active"
+    # The next send (credentials fixed) sends the four others and not the suppressed reader.
+    again = CallByCall()
+    resumed = sender(app, again).run()
+    assert resumed.sent == 4 and resumed.finished and received(again) == sorted(set(EMAILS) - {first})
+
+
 def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App) -> None:
     provider = ScriptedProvider()
     s = sender(app, provider)
@@ -758,7 +779,8 @@ class _SlowStore:
 def test_calls_starting_while_a_record_is_written_share_the_next_one(fail: bool) -> None:
     """Group commit: a call waits only until its own rows are recorded; the starts that came
     while one record was being written go into the next together. A record that fails fails
-    every call waiting on it, and its answers are kept for the batch's verdict."""
+    its call and every call waiting behind it (none of them starts: the ledger is failing),
+    and its answers are kept for the batch's verdict."""
     from datetime import UTC, datetime
 
     from digest.delivery.sender import BatchJournal
@@ -788,8 +810,10 @@ def test_calls_starting_while_a_record_is_written_share_the_next_one(fail: bool)
         t.join(5)
         assert not t.is_alive()
     if fail:
-        # The first record failed: its caller fails; the others, not in it, were written next.
-        assert len(errors) == 1 and store.records[0] == ([1], [9])
-        assert store.records[1] == ([2, 3, 4], [9])  # the answer it lost comes again
+        # The first record failed: its call and the three waiting behind it fail with it, and
+        # no other record is attempted; the answer it held stays for the batch's verdict.
+        assert len(errors) == 4 and {str(e) for e in errors} == {"disk full"}
+        assert store.records == [([1], [9])]
+        assert journal.answered == {9: SendResult(9, "sent", "m9")}
     else:
         assert errors == [] and store.records == [([1], [9]), ([2, 3, 4], [])]

@@ -1167,3 +1167,38 @@ def test_a_driver_error_on_the_send_path_is_a_store_error(store: Store) -> None:
     store._raw = raw  # type: ignore[method-assign]
     # Nothing was claimed: the transaction rolled back.
     assert [c.email for c in store.claim_batch(draft_id, 1, "me", NOW)] == ["a@x.org"]
+
+
+def test_two_requests_bringing_the_soft_bounces_that_reach_the_limit_at_once_suppress(store: Store) -> None:
+    """Each request stores its soft bounce and counts in one transaction: two at once must not
+    each count only their own uncommitted event and both stay under the limit. Each holds its
+    transaction open a moment after counting, so the two overlap whatever the timing."""
+    other = Store(db.make_engine(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        store.upsert_subscribers([("ada@x.org", "Ada")], "cli", NOW)
+
+        def soft(i: str) -> DeliveryEvent:
+            return DeliveryEvent("sendgrid", f"soft-{i}", "soft_bounce", "ada@x.org", NOW)
+
+        store.apply_webhook("sendgrid", [soft("1")], NOW, RULES, replay_key="k0", keep_until=NOW + timedelta(hours=1))
+        for s in (store, other):
+            real = s._apply_events
+
+            def slow(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                out = _real(*args, **kwargs)
+                time.sleep(0.3)  # counted, not committed yet
+                return out
+
+            s._apply_events = slow  # type: ignore[method-assign]
+
+        def work(s: Store, first: bool) -> WebhookApplied:
+            return s.apply_webhook("sendgrid", [soft("2" if first else "3")], NOW, RULES,
+                                   replay_key="k1" if first else "k2", keep_until=NOW + timedelta(hours=1))
+
+        a, b = _at_once(0, store, other, work)
+        assert store.event_counts() == {"soft_bounce": 3}
+        assert sorted(a.suppressed + b.suppressed) == ["ada@x.org"]  # the one counting last
+        sub = store.subscriber_by_email("ada@x.org")
+        assert sub is not None and sub.status == "bounced"
+    finally:
+        other.close()

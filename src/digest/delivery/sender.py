@@ -133,7 +133,8 @@ class SendSummary:
     # Messages still to send when the run ended (a paused or stopped send: the next run's).
     pending: int = 0
     # Messages still claimed when the run ended: a helper process died with them in flight,
-    # and the next run marks them uncertain (rule 1).
+    # and the next run marks them uncertain (rule 1; in a batch sent call by call, only those
+    # whose call had started: the others go back to the queue).
     in_flight: int = 0
     # Provider calls made again after a rate limit, a 5xx or a network error (the same batch;
     # after a 502, a 504 or a timeout only under an idempotency key).
@@ -187,7 +188,11 @@ class BatchJournal:
 
     Calls that start while a record is being written share the next one (a group commit): with
     ``delivery.concurrency`` calls in flight, a record can cover several starts, and each call
-    waits only until its own rows are durably marked.
+    waits only until its own rows are durably marked. Once a record has failed, no other call
+    of the batch starts: each is refused with that error.
+
+    One journal serves every attempt at the batch; :attr:`answered` keeps the last verdict the
+    provider gave each message, for the batch's verdict when it is given up.
     """
 
     def __init__(self, store: Store, batch: ClaimedBatch, draft_id: int, provider: str,
@@ -204,6 +209,8 @@ class BatchJournal:
         self._queued = 0  # the record now being gathered (starts waiting for it)
         self._written = -1  # the last record written
         self._failures: dict[int, BaseException] = {}  # records that failed, by number
+        self._broken: BaseException | None = None  # the first failure: no call starts after it
+        self.answered: dict[int, SendResult] = {}
 
     def starting(self, ledger_ids: Sequence[int]) -> None:
         self._record(ledger_ids)
@@ -211,6 +218,11 @@ class BatchJournal:
     def finished(self, results: Sequence[SendResult]) -> None:
         with self._cond:
             self._done.extend(results)
+            for r in results:
+                if r.status == "deferred":
+                    self.answered.pop(r.ledger_id, None)
+                else:
+                    self.answered[r.ledger_id] = r
 
     def flush(self) -> None:
         """Record the answers kept so far (before waiting to retry the batch)."""
@@ -227,6 +239,8 @@ class BatchJournal:
                 if mine in self._failures:
                     raise self._failures[mine]
                 return
+            if self._broken is not None:
+                raise self._broken
             # This thread writes record ``mine``: every start gathered so far; later arrivals
             # gather for the next one.
             self._writing = True
@@ -244,6 +258,7 @@ class BatchJournal:
                 if failed is not None:
                     self._done[:0] = done  # not recorded: the batch's verdict still has them
                     self._failures[mine] = failed
+                    self._broken = self._broken or failed
                 self._written = mine
                 self._writing = False
                 self._cond.notify_all()
@@ -956,8 +971,8 @@ class Sender:
                         # A retry sends this built batch again: the same recipients, the same
                         # body. The values it was built from need not wait with it for the answer.
                         prepared = None
-                    journal = None if batch is None else BatchJournal(self.store, batch, self.draft.id or 0, name,
-                                                                      self.now)
+                    if journal is None and batch is not None:
+                        journal = BatchJournal(self.store, batch, self.draft.id or 0, name, self.now)
                     entered = call_journal.set(journal)
                     try:
                         results = send()
@@ -985,7 +1000,7 @@ class Sender:
                         self._count_retry(summary)
                         delay = exc.retry_after if exc.retry_after is not None else 0.5 * 2 ** (attempt - 1)
                         if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
-                            self._give_up(ids, exc, batch, summary, maybe_sent)  # uncertain, as it is
+                            self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)  # uncertain
                             return "stop"
                         continue
                     # The provider may have taken the batch: resending could double-send (rule 1).
@@ -1006,7 +1021,7 @@ class Sender:
                     # Halted before the batch goes back: no other worker may claim it again.
                     self._halt(f"{what}; fix it, then {NEXT_SEND} resumes (the service reads a changed config "
                                f"when restarted): {self._fate(ids, maybe_sent)}")
-                    self._give_up(ids, exc, batch, summary, maybe_sent)
+                    self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)
                     return "stop"
                 except DeliveryError as exc:
                     if exc.retryable and attempt <= self.settings.delivery.max_retries:
@@ -1017,21 +1032,23 @@ class Sender:
                             journal.flush()  # the calls that failed are not in flight while it waits
                         if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
                             # Not sent: back in the queue, under the reason the send stopped.
-                            self._give_up(ids, DeliveryError(self._stop or str(exc)), batch, summary, maybe_sent)
+                            self._give_up(ids, DeliveryError(self._stop or str(exc)), batch, summary, maybe_sent,
+                                          journal, claimed)
                             return "stop"
                         continue
                     if exc.retryable:
                         self._halt(f"{name} kept failing ({exc}); paused: {self._fate(ids, maybe_sent)}; "
                                    f"{NEXT_SEND} resumes it")
-                        self._give_up(ids, exc, batch, summary, maybe_sent)
+                        self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)
                         return "stop"
                     if maybe_sent:
-                        self._give_up(ids, exc, batch, summary, maybe_sent)
+                        self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)
                         return "failed"
-                    self.store.settle([SendResult(i, "failed", None, str(exc)) for i in ids], name, self.now(),
-                                      batch)
-                    with self._lock:
-                        summary.failed[_reason(str(exc))] += len(ids)
+                    # Failed, but for the messages whose own calls were answered (a batch of
+                    # several calls): those keep their verdicts.
+                    answered = journal.answered if journal is not None else {}
+                    self._settle_known([*(SendResult(i, "failed", None, str(exc)) for i in ids if i not in answered),
+                                        *answered.values()], claimed, summary)
                     return "failed"
                 released = self._settle(results, claimed, summary)
                 if not released:
@@ -1070,16 +1087,25 @@ class Sender:
             summary.retries += 1
 
     def _give_up(self, ids: list[int], exc: DeliveryError, batch: ClaimedBatch | None, summary: SendSummary,
-                 maybe_sent: bool) -> None:
+                 maybe_sent: bool, journal: BatchJournal | None = None,
+                 claimed: Sequence[Claimed] = ()) -> None:
         """Stop trying a batch this attempt did not send: back in the queue, or uncertain when an
         earlier attempt may have delivered it (rule 1: a queued row would go out again, under
-        another key or after the provider forgot this one). :meth:`_fate` says which."""
+        another key or after the provider forgot this one). :meth:`_fate` says which.
+
+        Messages of a batch of several calls whose own calls the provider answered (refused
+        them: a call accepted would have ended the batch otherwise) keep those verdicts, and
+        count in the summary; an address the provider suppresses is suppressed here too."""
+        answered = journal.answered if journal is not None else {}
+        rest = [i for i in ids if i not in answered]
         if not maybe_sent:
-            self.store.release(ids, str(exc), self.now(), batch)
-            return
-        self.store.mark_uncertain(ids, f"{exc}; an earlier attempt may have been delivered", self.now(), batch)
-        with self._lock:
-            summary.uncertain += len(ids)
+            self.store.release(rest, str(exc), self.now(), batch)
+        else:
+            self.store.mark_uncertain(rest, f"{exc}; an earlier attempt may have been delivered", self.now(), batch)
+            with self._lock:
+                summary.uncertain += len(rest)
+        if answered:  # after the rest: this verdict closes the batch
+            self._settle_known(list(answered.values()), claimed, summary)
 
     @staticmethod
     def _fate(ids: Sequence[int], maybe_sent: bool) -> str:

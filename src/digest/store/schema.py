@@ -163,7 +163,9 @@ subscribers = Table(
 # the batch's (Store.ledger_counts and Store.ledger_rows read it so). Rows get a status of
 # their own only where they part from their batch: skipped at claim time (rule 2), a
 # verdict other than the batch's, put back in the queue (``queued``), or claimed one by one
-# from the queue (``claimed``, in a batch without a range). Migration 0007 says why.
+# from the queue (``claimed``, in a batch without a range), or sent call by call (a batch of
+# several calls: ``claimed`` until its call starts, ``sending`` while it may be out, then its
+# verdict; Store.record_calls). Migration 0007 says why.
 # A row names its draft and subscriber without foreign keys: a record of what went to whom,
 # with its own copy of the address, written a million at a time (migration 0009 says why).
 send_ledger = Table(
@@ -173,8 +175,8 @@ send_ledger = Table(
     Column("draft_id", Integer, nullable=False),
     Column("subscriber_id", Integer, nullable=False),
     Column("email", String(320), nullable=False),
-    # pending → (its batch's status) | skipped | queued → claimed → sent | failed | rejected |
-    # invalid | suppressed | uncertain
+    # pending → (its batch's status) | skipped | queued → claimed [→ sending] → sent | failed |
+    # rejected | invalid | suppressed | uncertain
     Column("status", String(20), nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
     # Before migration 0007 a claim wrote these on every row; batches hold them since.
@@ -205,8 +207,10 @@ send_ledger = Table(
 # One row per claim: who claimed which rows, when, and what became of them. ``first_id`` and
 # ``last_id`` bound the ledger rows a ranged claim took (every row of the draft between them
 # whose own status was ``pending``); a claim from the queue has no range, its rows name it in
-# ``send_ledger.batch_id``. ``status``: claimed → sent | failed | rejected | invalid |
-# suppressed | uncertain; ``released`` or ``requeued`` once its rows went back to the queue.
+# ``send_ledger.batch_id``. ``status``: claimed [→ calls] → sent | failed | rejected | invalid |
+# suppressed | uncertain (``settled`` when its rows hold their own verdicts); ``released`` or
+# ``requeued`` once its rows went back to the queue. ``calls``: being sent call by call, its
+# rows with statuses of their own (Store.record_calls).
 # ``message_ids``: the provider's id for each row ({ledger id: id}, JSON) when they differ.
 send_batches = Table(
     "send_batches",

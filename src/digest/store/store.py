@@ -37,6 +37,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -239,6 +240,11 @@ class ClaimedBatch(list[Claimed]):
 # A row's own status as readers see it: queued is pending (to send); sending (its call has
 # started, see Store.record_calls) is claimed (in flight).
 _AS_READ = {"queued": "pending", "sending": "claimed"}
+
+
+def _address_lock(email: str) -> int:
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) for an address's soft bounces."""
+    return int.from_bytes(hashlib.sha256(f"soft-bounce:{email}".encode()).digest()[:8], "big", signed=True)
 
 
 def _dt(value: Any) -> datetime | None:
@@ -1009,8 +1015,16 @@ class Store:
             elif event.event_type == "soft_bounce" and email not in soft:
                 soft.append(email)
         since = now - rules.soft_bounce_window
+        soft = [email for email in soft if email not in reasons]
+        if soft and self.dialect == "postgresql":
+            # Two requests bringing the bounces that reach the limit at once would each count
+            # its own uncommitted event only, and neither would suppress. One at a time per
+            # address, until commit: the second counts after the first committed (each
+            # statement reads what is committed when it starts). SQLite has one writer anyway.
+            for email in sorted(soft):
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _address_lock(email)})
         for email in soft:
-            if email not in reasons and conn.execute(
+            if conn.execute(
                     select(func.count()).select_from(delivery_events).where(and_(
                         delivery_events.c.email == email, delivery_events.c.event_type == "soft_bounce",
                         delivery_events.c.received_at >= since))).scalar_one() >= rules.soft_bounce_limit:

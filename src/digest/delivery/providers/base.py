@@ -959,6 +959,12 @@ def send_in_calls(
         try:
             if journal is not None:
                 journal.starting([m.ledger_id for m in calls[index]])
+                if stop.is_set():
+                    # Another call failed while this one's record was written: it does not
+                    # start after all (the batch stops at the first error, as above).
+                    journal.finished([SendResult(m.ledger_id, "deferred", None, "not sent: the batch stopped "
+                                                 "when another call failed") for m in calls[index]])
+                    return
             outcome = send_call(calls[index])
         except DeliveryError as exc:
             outcomes[index] = exc

@@ -361,6 +361,10 @@ class ResendProvider(HttpProvider):
         wait = super().retry_after_of(status, headers)
         if wait is None and status == 429:
             wait = retry_after_seconds(headers.get("ratelimit-reset"))
+            if wait is not None and wait <= 0:
+                # A window resetting now says nothing of when to come back: the sender's own
+                # backoff, or every retry would be spent within milliseconds.
+                wait = None
         return wait
 
     def _raise_named(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
