@@ -425,3 +425,11 @@ def test_check_says_sends_create_templates_and_creates_none(provider: PostmarkTe
     line = provider.check()
     assert line.startswith("postmark: reached server") and "server templates on" in line
     assert srv.templates == {} and all(r.method == "GET" for r in srv.requests)
+
+
+def test_no_templates_endpoint_names_the_base_url(provider: PostmarkTemplateProvider,
+                                                  srv: FakeProviderServer) -> None:
+    srv.faults.append(("status", 404, {}, {"Message": "Not found"}))
+    with pytest.raises(BlockedError) as info:
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert info.value.hint == "check delivery.base_url" and "creating a template" in str(info.value)

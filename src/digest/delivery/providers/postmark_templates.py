@@ -212,6 +212,8 @@ class PostmarkTemplateProvider(PostmarkProvider):
                             hint="check delivery.api_key: it must be the Postmark server token")
         if status == 429 or status >= 500:
             self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, reply)
+        if status == 404:  # no templates endpoint there: a wrong delivery.base_url
+            raise self.status_error(status, reply, "creating a template")
         if status == 422 and self._exists(made.alias):
             return  # created by another sender, or by a call of ours whose answer was lost
         code, text = _error_of(reply)
