@@ -145,6 +145,18 @@ def test_any_braces_in_content_render_as_written(comment: str, subject: str) -> 
     assert _rendered(template, recipient) == (subject_sent, expected.html, expected.text)
 
 
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.text(alphabet="{}#/!>^&o h0", max_size=8), min_size=3, max_size=3))
+def test_braces_right_beside_the_slots_render_as_written(parts: list[str]) -> None:
+    # Static text touching a slot on either side: "{" before "{{{h0}}}", "}" after it.
+    template = TemplateMessage(draft_id=3, from_addr="Field Notes <digest@news.example.org>", subject="S",
+                               html_parts=tuple(parts), html_slots=("name", "unsubscribe_url"),
+                               text_parts=tuple(reversed(parts)), text_slots=("unsubscribe_url", "name"))
+    recipient = make_recipient(7, name="{{{o}}} & }}")
+    expected = expand_template(template, recipient)
+    assert _rendered(template, recipient)[1:] == (expected.html, expected.text)
+
+
 def test_alias_names_the_draft_and_the_content() -> None:
     first = server_template(make_template())
     assert first.alias.startswith("digest-7-") and len(first.alias) == len("digest-7-") + 12
