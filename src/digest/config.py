@@ -121,6 +121,12 @@ DEFAULT_CONCURRENCY = 4
 SERVER_SIDE_CONCURRENCY = 2
 
 
+def _truthy(raw: Any) -> bool:
+    """A raw boolean setting as pydantic will read it (a YAML boolean, or text from an ${ENV}
+    placeholder such as "true")."""
+    return raw is True or str(raw).strip().lower() in ("true", "1", "yes", "on", "t", "y")
+
+
 class Delivery(_Strict):
     provider: Literal["outbox", "postmark", "sendgrid", "mailgun", "ses", "resend", "smtp"] = "outbox"
     api_key: str | None = None
@@ -134,6 +140,11 @@ class Delivery(_Strict):
     # Providers that fill per-recipient values in themselves (SendGrid, Mailgun) get one
     # template per batch instead of one full body per recipient when this is on.
     server_side_personalization: bool = True
+    # postmark: personalize server-side too, through a Postmark template the send creates for
+    # the draft (and deletes when it has finished). Off by default: it creates objects in the
+    # operator's Postmark server, which allows a limited number of templates. Effective only
+    # while server_side_personalization is on.
+    postmark_templates: bool = False
     # Parallel calls inside one batch, for providers that send one message per call (SES).
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, le=32)
     # Sender processes for one draft, all claiming from the same ledger: the way to use more
@@ -170,7 +181,8 @@ class Delivery(_Strict):
             # The raw value: a YAML boolean, or text from an ${ENV} placeholder ("false").
             raw = data.get("server_side_personalization", True)
             off = raw is False or str(raw).strip().lower() in ("false", "0", "no", "off", "f", "n")
-            server_side = provider in SERVER_SIDE and not off
+            server_side = not off and (provider in SERVER_SIDE or (
+                provider == "postmark" and _truthy(data.get("postmark_templates", False))))
             data = {**data, "concurrency": SERVER_SIDE_CONCURRENCY if server_side else DEFAULT_CONCURRENCY}
         return data
 
@@ -179,6 +191,8 @@ class Delivery(_Strict):
         provider = self.provider
         if provider in ("postmark", "sendgrid", "mailgun", "resend") and not self.api_key:
             raise ValueError(f"provider {provider} needs delivery.api_key")
+        if self.postmark_templates and provider != "postmark":
+            raise ValueError(f"delivery.postmark_templates is for provider postmark, not {provider}")
         if provider == "mailgun":
             if not self.domain:
                 raise ValueError("provider mailgun needs delivery.domain (the sending domain)")

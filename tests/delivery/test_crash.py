@@ -103,6 +103,9 @@ KILLED = [f"k{i:03d}@example.com" for i in range(40)]  # 8 batches of 5
 KILLS = {
     # One call per batch, two workers: the 5th and 6th calls are held, one per worker.
     "postmark": Kill("provider: postmark, concurrency: 2", lambda srv: None, _hold_http(4, 2), 2, 2),
+    # The same through a server template: its creation is one call before the first batch.
+    "postmark-templates": Kill("provider: postmark, postmark_templates: true, concurrency: 2", lambda srv: None,
+                               _hold_http(5, 2), 2, 2),
     "sendgrid": Kill("provider: sendgrid, concurrency: 2", install_sendgrid, _hold_http(4, 2), 2, 2),
     "mailgun": Kill("provider: mailgun, domain: mg.example.org, concurrency: 2",
                     lambda srv: install_mailgun(srv, "mg.example.org"), _hold_http(4, 2), 2, 2),

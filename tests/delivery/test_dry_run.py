@@ -43,6 +43,9 @@ PROVIDERS: dict[str, tuple[dict[str, Any], Callable[[FakeProviderServer], None]]
     "outbox": ({"provider": "outbox"}, lambda srv: None),
     "smtp": ({"provider": "smtp", "smtp_host": "127.0.0.1", "smtp_security": "none"}, lambda srv: None),
     "postmark": ({"provider": "postmark", "api_key": TOKEN}, lambda srv: None),
+    # A dry run creates no server template either (it would be an object in the account).
+    "postmark-templates": ({"provider": "postmark", "api_key": TOKEN, "postmark_templates": True},
+                           lambda srv: None),
     "resend": ({"provider": "resend", "api_key": TOKEN}, install_resend),
     "sendgrid": ({"provider": "sendgrid", "api_key": TOKEN}, install_sendgrid),
     "sendgrid-full-bodies": ({"provider": "sendgrid", "api_key": TOKEN, "server_side_personalization": False},

@@ -305,3 +305,18 @@ def test_template_batch_meets_the_contract(name: str, env: Env) -> None:
             make_template(), [recipient_for(r) for r in BATCH]
         )
         assert_meets_the_contract(results, harness.received())
+
+
+def test_postmark_with_server_templates_meets_the_contract() -> None:
+    # The opt-in variant (delivery.postmark_templates): each message rendered by the fake
+    # from the server template and the reader's model.
+    with FakeProviderServer(token=TOKEN) as srv:
+        settings = Delivery(provider="postmark", api_key=TOKEN, base_url=srv.url, timeout=5,
+                            postmark_templates=True)
+        with build_provider(settings) as provider:
+            assert provider.personalizes and type(provider) is not provider_class("postmark")
+            results = provider.send_template_batch(make_template(), [recipient_for(r) for r in BATCH])
+        spec = SPECS["postmark"]
+        received = [Got(parseaddr(rec["To"])[1], _lower(spec.headers_of(rec)), spec.ledger_of(rec))
+                    for rec in srv.messages]
+        assert_meets_the_contract(results, received)

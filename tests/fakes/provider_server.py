@@ -149,6 +149,7 @@ class FakeProviderServer:
         self.ses_credentials: tuple[str, str, str] = ("AKIDEXAMPLE", token, "us-east-1")
         self.idempotency: dict[str, tuple[str, Reply]] = {}  # Resend: key -> (body hash, reply)
         self.mailgun_domain = "mg.example.org"
+        self.templates: dict[str, dict[str, Any]] = {}  # Postmark: alias -> template
         self.lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _Server((host, 0), _Handler, self)
@@ -258,6 +259,8 @@ class FakeProviderServer:
 
     def _dispatch(self, request: Request) -> Reply:
         handler = self.routes.get((request.method, request.path))
+        if handler is None:  # a route for a path with an id at its end: "/templates/*"
+            handler = self.routes.get((request.method, request.path.rpartition("/")[0] + "/*"))
         if handler is None:
             return Reply.of_json(
                 404, {"ErrorCode": 404, "Message": f"no route {request.method} {request.path}"}
@@ -409,10 +412,15 @@ _LEDGER_ID_RE = re.compile(rb'"ledger_id":\s*"(\d+)"')
 
 
 def install_postmark(srv: FakeProviderServer) -> None:
-    """Routes that play Postmark: POST /email/batch, POST /email, GET /server."""
+    """Routes that play Postmark: POST /email/batch, POST /email, GET /server, and templates:
+    POST /templates, GET and DELETE /templates/{alias}, POST /email/batchWithTemplates."""
     srv.route("POST", "/email/batch", postmark_batch)
     srv.route("POST", "/email", postmark_single)
     srv.route("GET", "/server", postmark_server)
+    srv.route("POST", "/templates", postmark_create_template)
+    srv.route("GET", "/templates/*", postmark_get_template)
+    srv.route("DELETE", "/templates/*", postmark_delete_template)
+    srv.route("POST", "/email/batchWithTemplates", postmark_batch_with_templates)
 
 
 def _postmark_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
@@ -552,6 +560,153 @@ def postmark_single(srv: FakeProviderServer, request: Request) -> Reply:
         return Reply.of_json(422, {"ErrorCode": 402, "Message": "Received invalid JSON input."})
     result = _postmark_one(srv, item, None)
     return Reply.of_json(200 if result["ErrorCode"] == 0 else 422, result)
+
+
+# -- Postmark templates ---------------------------------------------------------------------
+
+# Mustachio's tags (ActiveCampaign/mustachio, Tokenizer.cs): two or three opening braces, one
+# or more characters that are not braces, as many closing ones. Everything else is content.
+_MUSTACHIO_TAG_RE = re.compile(r"\{\{\{[^{}]+?\}\}\}|\{\{[^{}]+?\}\}")
+# A path Mustachio accepts: word characters, dots and slashes (it refuses the template else).
+_MUSTACHIO_PATH_RE = re.compile(r"[\w./]+")
+# Not Postmark's documented code (none was found): what this fake answers for a taken alias.
+POSTMARK_ALIAS_TAKEN = 1122
+
+
+def mustachio_parse(template: str) -> list[tuple[str, str]] | str:
+    """``template`` as ``("content", text)``, ``("raw", path)`` and ``("escaped", path)``
+    pieces, or the reason Postmark would refuse it. Sections, partials and anything else this
+    fake does not implement are refused too: our templates never use them, so one seen here
+    came from content that should have stayed content."""
+    pieces: list[tuple[str, str]] = []
+    at = 0
+    for match in _MUSTACHIO_TAG_RE.finditer(template):
+        if match.start() > at:
+            pieces.append(("content", template[at:match.start()]))
+        at = match.end()
+        tag = match.group(0)
+        if tag.startswith("{{{"):
+            kind, path = "raw", tag[3:-3].strip()
+        elif tag.startswith("{{&"):
+            kind, path = "raw", tag[3:-2].strip()
+        elif tag.startswith("{{!"):
+            continue  # a comment
+        elif tag[2] in "#^/>":
+            return f"unsupported tag {tag!r}"
+        else:
+            kind, path = "escaped", tag[2:-2].strip()
+        if not _MUSTACHIO_PATH_RE.fullmatch(path):
+            return f"The path '{path}' is not valid."
+        pieces.append((kind, path))
+    if at < len(template):
+        pieces.append(("content", template[at:]))
+    return pieces
+
+
+def mustachio_render(template: str, model: dict[str, Any], *, html: bool) -> str:
+    """``template`` filled from ``model`` as Postmark would: ``{{{x}}}`` as it is, ``{{x}}``
+    HTML-escaped in an HTML body; a missing value is empty."""
+    import html as _html
+
+    pieces = mustachio_parse(template)
+    assert not isinstance(pieces, str), pieces  # checked when the template was created
+    out = []
+    for kind, value in pieces:
+        if kind == "content":
+            out.append(value)
+            continue
+        filled = str(model.get(value, ""))
+        out.append(_html.escape(filled, quote=True) if kind == "escaped" and html else filled)
+    return "".join(out)
+
+
+def postmark_create_template(srv: FakeProviderServer, request: Request) -> Reply:
+    """POST /templates: 200 with the new template's id; 422 for a taken alias or a template
+    Mustachio cannot parse."""
+    refused = _postmark_auth(srv, request)
+    if refused is not None:
+        return refused
+    try:
+        data = request.json()
+    except ValueError:
+        return Reply.of_json(422, {"ErrorCode": 402, "Message": "Received invalid JSON input."})
+    alias = str(data.get("Alias") or "")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", alias) or data.get("TemplateType") not in (None, "Standard"):
+        return Reply.of_json(422, {"ErrorCode": 1120, "Message": "Invalid template alias or type."})
+    for field_name in ("Subject", "HtmlBody", "TextBody"):
+        problem = mustachio_parse(str(data.get(field_name) or ""))
+        if isinstance(problem, str):
+            return Reply.of_json(422, {"ErrorCode": 1105, "Message": f"{field_name}: {problem}"})
+    with srv.lock:
+        if alias in srv.templates:
+            return Reply.of_json(422, {"ErrorCode": POSTMARK_ALIAS_TAKEN,
+                                       "Message": f"The alias '{alias}' is already in use."})
+        template_id = len(srv.templates) + 1000
+        srv.templates[alias] = {**data, "TemplateId": template_id, "Active": True}
+    return Reply.of_json(200, {"TemplateId": template_id, "Name": data.get("Name"), "Alias": alias,
+                               "Active": True})
+
+
+def postmark_get_template(srv: FakeProviderServer, request: Request) -> Reply:
+    """GET /templates/{alias}: the template, or 404."""
+    refused = _postmark_auth(srv, request)
+    if refused is not None:
+        return refused
+    template = srv.templates.get(request.path.rpartition("/")[2])
+    if template is None:
+        return Reply.of_json(404, {"ErrorCode": 1101, "Message": "Template not found."})
+    return Reply.of_json(200, template)
+
+
+def postmark_delete_template(srv: FakeProviderServer, request: Request) -> Reply:
+    """DELETE /templates/{alias}: 200, or 404 for a template that is not there."""
+    refused = _postmark_auth(srv, request)
+    if refused is not None:
+        return refused
+    with srv.lock:
+        template = srv.templates.pop(request.path.rpartition("/")[2], None)
+    if template is None:
+        return Reply.of_json(404, {"ErrorCode": 1101, "Message": "Template not found."})
+    return Reply.of_json(200, {"ErrorCode": 0, "Message": f"Template {template['TemplateId']} removed."})
+
+
+def postmark_batch_with_templates(srv: FakeProviderServer, request: Request) -> Reply:
+    """POST /email/batchWithTemplates: ``{"Messages": [...]}``, each rendered from its template
+    and model as Postmark would (the record holds the result as ``Subject``, ``HtmlBody``,
+    ``TextBody``, and ``html``/``text``); 200 with one result per message, in order."""
+    refused = _postmark_auth(srv, request)
+    if refused is not None:
+        return refused
+    overrides: dict[int, tuple[int, str]] = dict(request.fault[1]) if request.fault else {}
+    if srv.light:
+        return _postmark_batch_light(srv, request, overrides)
+    try:
+        data = request.json()
+    except ValueError:
+        return Reply.of_json(422, {"ErrorCode": 402, "Message": "Received invalid JSON input."})
+    items = data.get("Messages") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return Reply.of_json(422, {"ErrorCode": 402, "Message": "Received invalid JSON input."})
+    if len(items) > POSTMARK_MAX_BATCH:
+        return Reply.of_json(422, {"ErrorCode": 410, "Message": "Too many batch messages."})
+    results = []
+    for i, item in enumerate(items):
+        template = srv.templates.get(str(item.get("TemplateAlias"))) if isinstance(item, dict) else None
+        if i in overrides or template is None or not isinstance(item.get("TemplateModel"), dict):
+            results.append(_postmark_one(srv, item, overrides.get(i) or (
+                1101, f"The template '{item.get('TemplateAlias') if isinstance(item, dict) else ''}' "
+                "was not found.")))
+            continue
+        model = item["TemplateModel"]
+        html = mustachio_render(str(template.get("HtmlBody") or ""), model, html=True)
+        text = mustachio_render(str(template.get("TextBody") or ""), model, html=False)
+        subject = mustachio_render(str(template.get("Subject") or ""), model, html=False)
+        rendered = {key: value for key, value in item.items()
+                    if key not in ("TemplateAlias", "TemplateId", "TemplateModel")}
+        rendered.update(Subject=subject, HtmlBody=html, TextBody=text, html=html, text=text,
+                        TemplateAlias=item.get("TemplateAlias"), InlineCss=item.get("InlineCss", True))
+        results.append(_postmark_one(srv, rendered, None))
+    return Reply.of_json(200, results)
 
 
 def postmark_server(srv: FakeProviderServer, request: Request) -> Reply:

@@ -689,9 +689,23 @@ class Sender:
             raise self._exception
         try:  # the verdict on the draft, still holding the lease: no other sender is in it
             self._conclude(summary, draft_id)
+            if summary.finished:
+                self._template_done()
         finally:
             self.store.release_lease(lease, self.holder)
         return summary
+
+    def _template_done(self) -> None:
+        """The draft is sent: the provider lets go of what it keeps for the template (Postmark
+        deletes the server template it created). A failure is logged; the send stands."""
+        if not self.server_side or self.template is None:
+            return
+        try:
+            self.provider.template_done(self.template)
+        except Exception as exc:  # noqa: BLE001 (whatever it is, the send has succeeded)
+            hint = getattr(exc, "hint", None)
+            log.warning("draft %s: sent, but the provider's template was not cleaned up: %s%s",
+                        self.draft.id, exc, f" ({hint})" if hint else "")
 
     def _conclude(self, summary: SendSummary, draft_id: int) -> None:
         """The run's end: the draft's counts, and the draft finished when every message has

@@ -42,6 +42,9 @@ Optional hooks a provider may add (the defaults keep the behaviour above):
 * :attr:`Provider.personalizes` and :meth:`Provider.send_template_batch`: the provider fills in
   each recipient's values itself (SendGrid substitutions, Mailgun recipient-variables), so a
   batch is one template plus small per-recipient values instead of one full body each;
+* :meth:`Provider.variant` and :meth:`Provider.template_done`: a subclass built for an opt-in
+  mode (Postmark's server templates, ``delivery.postmark_templates``), and the end of a draft's
+  send, when such a provider deletes what it created for the draft;
 * :attr:`Provider.idempotent`: resending the same batch is safe (Resend's Idempotency-Key);
 * :meth:`Provider.refusals`: without I/O, the messages a send would refuse before handing them
   over, and the :class:`BlockedError` it would raise (a bad From), for ``digest send --dry-run``
@@ -331,6 +334,17 @@ class Provider(ABC):
         builds nothing ahead: each call is a :meth:`send_template_batch`.
         """
         return partial(self.send_template_batch, template, recipients)
+
+    @classmethod
+    def variant(cls, settings: Delivery) -> type[Provider]:
+        """The class to build for ``settings``: this one, or a subclass for a mode the
+        settings opt into (Postmark's server templates). Called by the registry."""
+        return cls
+
+    def template_done(self, template: TemplateMessage) -> None:  # noqa: B027 (optional hook)
+        """The send of ``template``'s draft has finished: let go of whatever the provider keeps
+        for it (Postmark's server template). Called once by the sender that concludes the
+        send; a failure is logged there and never fails the send. The default keeps nothing."""
 
     def refusals(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """The results a send of ``messages`` would give without handing them over (``invalid``:

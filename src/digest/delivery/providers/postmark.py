@@ -28,6 +28,7 @@ from digest.delivery.providers.base import (
     BodyParts,
     HttpProvider,
     PreparedCall,
+    Provider,
     UncertainDeliveryError,
     json_escape,
     json_string,
@@ -116,6 +117,17 @@ class PostmarkProvider(HttpProvider):
         self._read_headers = {"X-Postmark-Server-Token": self.token, "Accept": "application/json"}
         self._post_headers = {**self._read_headers, "Content-Type": "application/json"}
         self._stream = json_string(settings.message_stream)
+
+    @classmethod
+    def variant(cls, settings: Delivery) -> type[Provider]:
+        """:class:`~.postmark_templates.PostmarkTemplateProvider` when the settings opt into
+        Postmark's server templates (``postmark_templates`` with
+        ``server_side_personalization``), else full bodies through this class."""
+        if cls is PostmarkProvider and settings.postmark_templates and settings.server_side_personalization:
+            from digest.delivery.providers.postmark_templates import PostmarkTemplateProvider
+
+            return PostmarkTemplateProvider
+        return cls
 
     def build_request(self, messages: Sequence[OutgoingMessage]) -> PreparedCall:
         """The ``/email/batch`` request: a JSON array, one object per message. Pure.

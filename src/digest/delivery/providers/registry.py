@@ -36,5 +36,6 @@ def provider_class(name: str) -> type[Provider]:
 
 
 def build_provider(settings: Delivery, session: requests.Session | None = None) -> Provider:
-    """The provider ``settings.provider`` names, built from the delivery settings."""
-    return provider_class(settings.provider)(settings, session)
+    """The provider ``settings.provider`` names, built from the delivery settings (in the
+    variant they opt into, such as Postmark with ``postmark_templates``)."""
+    return provider_class(settings.provider).variant(settings)(settings, session)

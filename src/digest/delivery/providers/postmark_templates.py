@@ -1,0 +1,397 @@
+"""Postmark with server-side personalization: one server template per draft, a batch of 500
+small messages through ``POST /email/batchWithTemplates``.
+
+Opt-in (``delivery.postmark_templates``, while ``server_side_personalization`` is on): the
+send creates a template in the operator's Postmark server and deletes it when the draft's send
+has finished. Without it, Postmark gets a full body per reader (:mod:`.postmark`).
+
+What Postmark's API does here, and where each fact comes from (checked Dec 2026):
+
+* ``POST /templates`` with ``{Name, Alias, Subject, HtmlBody, TextBody, TemplateType}``
+  creates a template; ``GET /templates/{idOrAlias}`` reads it and ``DELETE
+  /templates/{idOrAlias}`` deletes it. An alias holds letters, digits, ``.``, ``-`` and ``_``
+  and starts with a letter. [postmarkapp.com/developer/api/templates-api; the Rust ``postmark``
+  crate's ``CreateTemplateRequest`` (docs.rs), which sends ``TemplateType: Standard``]
+* A server holds a limited number of templates (the page says 100 in one version, 300
+  active in another): one reason this is opt-in, and why the template is deleted after the send.
+* ``POST /email/batchWithTemplates`` takes ``{"Messages": [...]}``, each message with
+  ``TemplateAlias`` (or ``TemplateId``) and ``TemplateModel`` beside the usual ``From``,
+  ``To``, ``Tag``, ``Metadata``, ``Headers``, ``ReplyTo``, ``MessageStream``.
+  [the official Node client's ``sendEmailBatchWithTemplates`` posts ``{Messages}`` there
+  (npm ``postmark`` 1.6.0); shared/reference/APIS.md A.1 from anymail; the templates-api page
+  for the message fields of ``/email/withTemplate``, which we take to hold for each message
+  of the batch]
+* ``InlineCss`` (default true) makes Postmark move the template's ``<style>`` blocks into
+  inline attributes; we send ``false``, so a reader gets the HTML we rendered, byte for byte.
+  [templates-api page, "Send email with template"]
+* The answer is one ``{ErrorCode, Message, MessageID, To}`` per message, in request order,
+  as for ``/email/batch``. [anymail reads both endpoints' answers with the same code
+  (APIS.md A.1); not checked on Postmark's own page: an answer of another length or shape is
+  an uncertain batch, as for ``/email/batch``]
+* Templates are Mustachio. Its tokenizer finds tags with the pattern ``{{`` + one or more
+  characters other than braces + ``}}``, or the same with three braces; ``{{{x}}}`` and
+  ``{{&x}}`` insert a value as it is, ``{{x}}`` escapes it for HTML, ``{{!...}}`` is a
+  comment, ``{{#``, ``{{^``, ``{{/`` open and close sections; everything else is content, and
+  values are not read as a template again. [ActiveCampaign/mustachio, Mustachio/Tokenizer.cs;
+  postmarkapp.com/support/article/1077-template-syntax]
+* Not found documented: the ErrorCode of a create whose alias is taken (so any refused create
+  is followed by a read of the alias), and the per-message error of a batch naming a template
+  that is gone (so a batch refused whole with a message about the template stops the send).
+
+**Injection.** The draft's static parts hold essay and comment text, and the Subject too:
+none of it may be read as Mustachio. Every ``{{`` in them becomes ``{{{o}}}``, a raw
+reference to the model value ``"o": "{{"`` that every message carries. Then no tag can start
+in static text: a tag needs two adjacent opening braces, and after the replacement every pair
+of them in static text begins our own ``{{{o}}}`` (a lone ``{`` left over from an odd run sits
+right after one, and before a slot's ``{{{`` it cannot begin a tag, since two or three braces
+must be followed by a character that is not a brace). ``}}`` alone opens nothing. So
+``{{x}}``, ``{{{x}}}``, ``{{#x}}``, ``{{/x}}``, ``{{!x}}``, ``{{>x}}`` in a comment all reach
+the reader as written (tests/delivery/test_postmark_templates.py).
+
+The slots are ``{{{h0}}}``... in the HTML and ``{{{t0}}}``... in the text (``h``/``t`` and the
+slot's index in ``SLOT_NAMES``): raw, because :func:`~digest.render.slot_values` already
+escaped each value for its part, exactly as a full body would have it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, ClassVar, NamedTuple
+
+import requests
+
+from digest.config import Delivery
+from digest.delivery.mime import clean_header_value, format_address
+from digest.delivery.providers.base import (
+    PreparedCall,
+    json_escape,
+    json_string,
+    response_text,
+)
+from digest.delivery.providers.postmark import PostmarkProvider
+from digest.errors import AuthError, BlockedError, DeliveryError
+from digest.types import SLOT_NAMES, SendResult, TemplateMessage, TemplateRecipient
+
+log = logging.getLogger(__name__)
+
+OPEN_KEY = "o"  # the model value every message carries: "{{", for the static text's own "{{"
+_NEUTRAL = "{{{" + OPEN_KEY + "}}}"
+_HINT = ("delivery.postmark_templates needs a server token that may manage templates and room for "
+         "one more template in the Postmark server; or set delivery.postmark_templates: false")
+
+
+def neutralize(text: str) -> str:
+    """``text`` as Mustachio content that renders to ``text``: each ``{{`` a raw reference to
+    the model's ``"o": "{{"`` (see the module docstring)."""
+    return text.replace("{{", _NEUTRAL) if "{{" in text else text
+
+
+def _key(kind: str, slot: str) -> str:
+    return f"{kind}{SLOT_NAMES.index(slot)}"
+
+
+def mustachio(parts: Sequence[str], slots: Sequence[str], kind: str) -> str:
+    """A body's template: the static parts neutralized, each slot a raw ``{{{h0}}}`` reference."""
+    out = [neutralize(parts[0])]
+    for slot, part in zip(slots, parts[1:]):
+        out += ("{{{", _key(kind, slot), "}}}", neutralize(part))
+    return "".join(out)
+
+
+class ServerTemplate(NamedTuple):
+    """The Postmark template for one draft and compiled content."""
+
+    alias: str
+    body: dict[str, str]  # the POST /templates request
+    keys: tuple[tuple[str, bool, int], ...]  # model keys: (name, from the HTML values?, index)
+
+
+def server_template(template: TemplateMessage) -> ServerTemplate:
+    """The template to create for ``template``: its alias names the draft and a hash of the
+    content, so a changed draft never meets an old template. Pure."""
+    subject = neutralize(clean_header_value(template.subject))
+    html = mustachio(template.html_parts, template.html_slots, "h")
+    text = mustachio(template.text_parts, template.text_slots, "t")
+    digest = hashlib.sha256(json.dumps([subject, html, text]).encode()).hexdigest()[:12]
+    alias = f"digest-{template.draft_id}-{digest}"
+    keys: dict[str, tuple[str, bool, int]] = {}
+    for kind, slots in (("h", template.html_slots), ("t", template.text_slots)):
+        for slot in slots:
+            keys.setdefault(_key(kind, slot), (_key(kind, slot), kind == "h", SLOT_NAMES.index(slot)))
+    body = {"Name": f"digest draft {template.draft_id} ({digest})", "Alias": alias, "Subject": subject,
+            "HtmlBody": html, "TextBody": text, "TemplateType": "Standard"}
+    return ServerTemplate(alias, body, tuple(keys.values()))
+
+
+class _Skeleton(NamedTuple):
+    """A message's shared JSON for one template, encoded once (see ``_prepared``)."""
+
+    lead: bytes  # '{"From":..,"To":"', before the reader's address
+    model: bytes  # from the end of To to the model's last shared value ('"o":"{{"')
+    keys: tuple[tuple[bytes, bool, int], ...]  # (the JSON before a value, HTML value?, its index)
+    meta: bytes  # after the last value, up to the ledger id
+    draft_tail: bytes  # after the ledger id, for a message without headers
+    headers_open: bytes  # after the ledger id, up to the headers array
+    headers_tail: bytes  # after the last header value
+
+
+class PostmarkTemplateProvider(PostmarkProvider):
+    """Postmark through a server template per draft; see the module docstring."""
+
+    personalizes: ClassVar[bool] = True
+
+    def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
+        super().__init__(settings, session)
+        self.templates_url = f"{self.base_url}/templates"
+        self.batch_templates_url = f"{self.base_url}/email/batchWithTemplates"
+        self._made: set[str] = set()  # aliases known to exist in the Postmark server
+        self._made_lock = threading.Lock()  # one creation at a time; the others wait for it
+        self._server_cache: tuple[TemplateMessage, ServerTemplate, _Skeleton] | None = None
+
+    # -- the template ---------------------------------------------------------------------------
+
+    def _prepared(self, template: TemplateMessage) -> tuple[ServerTemplate, _Skeleton]:
+        """The draft's template and every byte of a message that all readers share, made once
+        per draft."""
+        cached = self._server_cache
+        if cached is not None and cached[0] is template:
+            return cached[1], cached[2]
+        made = server_template(template)
+        keys = tuple(((b',"' if i == 0 else b'","') + name.encode() + b'":"', is_html, index)
+                     for i, (name, is_html, index) in enumerate(made.keys))
+        meta = (b'"}' if keys else b"}") + b',"MessageStream":' + self._stream
+        if template.tag:
+            meta += b',"Tag":' + json_string(clean_header_value(template.tag))
+        meta += b',"Metadata":{"ledger_id":"'
+        draft = b'","draft_id":"%d"}' % template.draft_id
+        tail = (b',"ReplyTo":' + json_string(self._header_text("reply_to", template.reply_to))
+                if template.reply_to else b"") + b"}"
+        skeleton = _Skeleton(
+            lead=b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":"',
+            model=(b'","TemplateAlias":' + json_string(made.alias)
+                   + b',"InlineCss":false,"TemplateModel":{"' + OPEN_KEY.encode() + b'":"{{"'),
+            keys=keys,
+            meta=meta,
+            draft_tail=draft + tail,
+            headers_open=draft + b',"Headers":[',
+            headers_tail=b'"}]' + tail,
+        )
+        self._server_cache = (template, made, skeleton)
+        return made, skeleton
+
+    def ensure_template(self, template: TemplateMessage) -> str:
+        """Make sure the draft's template exists in the Postmark server; return its alias.
+
+        Idempotent, and safe with other processes doing the same: a create that Postmark
+        refuses (a resumed send, another sender process, a retry after a timeout: the alias is
+        taken) is followed by a read of the alias, and an existing template is used. The alias
+        holds a hash of the content, so what exists under it is this content.
+        """
+        made, _skeleton = self._prepared(template)
+        with self._made_lock:
+            if made.alias not in self._made:
+                self._create(made)
+                self._made.add(made.alias)
+        return made.alias
+
+    def _create(self, made: ServerTemplate) -> None:
+        what = f"postmark: creating template {made.alias}"
+        body = json.dumps(made.body, ensure_ascii=False).encode()
+        status, headers, reply = self.request("POST", self.templates_url, self._post_headers, body)
+        if 200 <= status < 300:
+            log.info("postmark: created template %s", made.alias)
+            return
+        if status in (401, 403):
+            raise AuthError(f"{what}: HTTP {status}: the server token was refused", status=status,
+                            response_text=response_text(reply),
+                            hint="check delivery.api_key: it must be the Postmark server token")
+        if status == 429 or status >= 500:
+            self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, reply)
+        if status == 404:  # no templates endpoint there: a wrong delivery.base_url
+            raise self.status_error(status, reply, "creating a template")
+        if status == 422 and self._exists(made.alias):
+            return  # created by another sender, or by a call of ours whose answer was lost
+        code, text = _error_of(reply)
+        if code == 10:
+            raise AuthError(f"{what}: ErrorCode 10: {text}", status=status, response_text=response_text(reply),
+                            hint="check delivery.api_key: it must be the Postmark server token")
+        detail = f"ErrorCode {code}: {text}" if code is not None else f"HTTP {status}"
+        raise BlockedError(f"{what}: {detail}", status=status, response_text=response_text(reply), hint=_HINT)
+
+    def _exists(self, alias: str) -> bool:
+        status, _headers, reply = self.request("GET", f"{self.templates_url}/{alias}", self._read_headers)
+        if status == 200:
+            try:
+                data = json.loads(reply)
+            except ValueError:
+                return False
+            return isinstance(data, dict) and data.get("Alias") in (None, alias)
+        return False
+
+    def template_done(self, template: TemplateMessage) -> None:
+        """``DELETE /templates/{alias}``: the draft's send has finished. A template already gone
+        (another process deleted it) is fine; other failures raise for the sender to log."""
+        made = server_template(template)
+        with self._made_lock:
+            self._made.discard(made.alias)
+        status, _headers, reply = self.request("DELETE", f"{self.templates_url}/{made.alias}", self._read_headers)
+        if 200 <= status < 300 or status == 404:
+            log.info("postmark: deleted template %s", made.alias)
+            return
+        code, text = _error_of(reply)
+        if status == 422 and "not found" in text.lower():
+            return  # the documented 404 may come as a 422 with an ErrorCode, like most errors
+        raise DeliveryError(f"postmark: deleting template {made.alias}: HTTP {status}"
+                            + (f", ErrorCode {code}: {text}" if code is not None else ""),
+                            status=status, response_text=response_text(reply),
+                            hint=f"delete the template {made.alias} in Postmark by hand")
+
+    def check(self) -> str:
+        """As for full bodies, saying that sends will create a template in the server."""
+        return (f"{super().check()}; server templates on: a send creates one per draft "
+                "(delivery.postmark_templates)")
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    def _messages(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+                  ) -> tuple[list[bytes], list[TemplateRecipient], list[SendResult]]:
+        """The ``/email/batchWithTemplates`` body for ``recipients`` as one piece per message,
+        the recipients it carries and the results of those refused (an address no header can
+        carry). Written as bytes with each value escaped once, not through ``json.dumps``:
+        this runs for every reader."""
+        _made, skeleton = self._prepared(template)
+        lead, model, keys, meta = skeleton.lead, skeleton.model, skeleton.keys, skeleton.meta
+        next_lead = b"," + lead
+        width = len(SLOT_NAMES)
+        join = b"".join
+        # Per batch, the JSON before each header value: the header names repeat in every
+        # message. Keyed by (name, first header of its message).
+        header_prefix: dict[tuple[str, bool], bytes] = {}
+        parts: list[bytes] = [b'{"Messages":[']
+        included: list[TemplateRecipient] = []
+        refused: list[SendResult] = []
+        for r in recipients:
+            html_values, text_values = r.html_values, r.text_values
+            try:
+                if len(html_values) != width or len(text_values) != width:
+                    raise ValueError(f"slot values for {width} slots expected")
+                to = json_escape(format_address(r.to_name, r.to_email))
+            except ValueError as exc:
+                refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
+                continue
+            run = [next_lead if included else lead, to, model]
+            included.append(r)
+            html = [json_escape(v) for v in html_values]
+            # The text values are usually the HTML ones (signed links, plain names).
+            text = html if text_values == html_values else [json_escape(v) for v in text_values]
+            for key, is_html, index in keys:
+                run += (key, html[index] if is_html else text[index])
+            run += (meta, b"%d" % r.ledger_id)
+            if not r.headers:
+                run.append(skeleton.draft_tail)
+            else:
+                run.append(skeleton.headers_open)
+                for i, (name, value) in enumerate(r.headers):
+                    hkey = (name, not i)
+                    prefix = header_prefix.get(hkey)
+                    if prefix is None:
+                        prefix = header_prefix[hkey] = (
+                            (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"')
+                    run += (prefix, json_escape(clean_header_value(value)))
+                run.append(skeleton.headers_tail)
+            parts.append(join(run))
+        parts.append(b"]}")
+        return parts, included, refused
+
+    def build_template_request(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+                               ) -> PreparedCall:
+        """The one ``/email/batchWithTemplates`` request for a batch. Pure: no I/O (the
+        template is not created here: a dry run builds this and creates nothing). Refused
+        recipients are in ``PreparedCall.refused``; ``messages`` is empty (the send reads the
+        answer against the recipients it carries)."""
+        return self._call(template, recipients)[0]
+
+    def _call(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+              ) -> tuple[PreparedCall, list[TemplateRecipient]]:
+        parts, included, refused = self._messages(template, recipients)
+        call = PreparedCall("POST", self.batch_templates_url, self._post_headers, b"".join(parts), (),
+                            tuple(refused))
+        return call, included
+
+    def send_template_batch(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+                            ) -> list[SendResult]:
+        """One call for the whole batch (after creating the draft's template, the first time)."""
+        return self.template_sender(template, recipients)()
+
+    def template_sender(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
+                        ) -> Callable[[], list[SendResult]]:
+        """The batch's request, built now; the returned function makes sure the template exists,
+        then sends the request (again, for a retry) and returns one result per recipient."""
+        if not recipients:
+            return list
+        self._check_batch(recipients)
+        call, carried = self._call(template, recipients)
+        self.check_size(call)
+        ids = [r.ledger_id for r in carried]
+        order = tuple(r.ledger_id for r in recipients)
+
+        def answer(status: int, headers: Mapping[str, str], reply: bytes, _ids: Sequence[int]) -> list[SendResult]:
+            self.raise_for_common_status(status, headers, reply)
+            if status == 422:
+                error = self.api_error(status, reply)
+                if "template" in str(error).lower():
+                    self._forget(template)
+                    raise BlockedError(f"postmark: the batch names template {self._alias(template)}, "
+                                       f"which Postmark refused: {error}", status=status,
+                                       response_text=response_text(reply), hint=_HINT)
+                raise error
+            results = self._results(status, reply, carried)
+            self._check_template_refusals(template, results)
+            return results
+
+        return partial(self._send, template, call, ids, order, answer)
+
+    def _send(self, template: TemplateMessage, call: PreparedCall, ids: Sequence[int], order: Sequence[int],
+              answer: Callable[[int, Mapping[str, str], bytes, Sequence[int]], list[SendResult]]
+              ) -> list[SendResult]:
+        if ids:
+            self.ensure_template(template)  # before the batch: if it fails, nothing was sent
+        return self.send_built_template(call, ids, order, answer)
+
+    def _alias(self, template: TemplateMessage) -> str:
+        return self._prepared(template)[0].alias
+
+    def _forget(self, template: TemplateMessage) -> None:
+        with self._made_lock:
+            self._made.discard(self._alias(template))
+
+    def _check_template_refusals(self, template: TemplateMessage, results: Sequence[SendResult]) -> None:
+        """A batch whose every message was refused with an error about the template (deleted in
+        Postmark meanwhile, say) stops the send instead of marking every reader rejected:
+        nothing of it was sent, the batch goes back to the queue, and the next send creates
+        the template again. (Postmark's ErrorCode for this was not found documented.)"""
+        if results and all(r.status == "rejected" and "template" in (r.error or "").lower() for r in results):
+            self._forget(template)
+            raise BlockedError(f"postmark: every message of the batch was refused: {results[0].error}",
+                               hint=f"the template {self._alias(template)} may have been deleted in Postmark; "
+                                    "the next send creates it again")
+
+
+def _error_of(body: bytes) -> tuple[int | None, str]:
+    """Postmark's ``ErrorCode`` and ``Message`` from an error body, if it has them."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        return None, response_text(body)
+    if not isinstance(data, dict):
+        return None, response_text(body)
+    try:
+        code = int(data.get("ErrorCode"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        code = None
+    return code, str(data.get("Message", ""))

@@ -1,0 +1,447 @@
+"""Postmark through a server template (``delivery.postmark_templates``): the opt-in, the
+template (and how static text stays literal under Mustachio), its lifecycle (created once and
+reused, deleted when the draft is sent, never by a dry run), the batch and its errors.
+
+The fake Postmark (tests/fakes/provider_server.py) renders each message from the stored
+template and its model with Mustachio's tag pattern: ``{{{x}}}`` raw, ``{{x}}`` HTML-escaped,
+comments dropped; sections and partials, which our templates never use, are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from html import escape
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from digest import pipeline
+from digest.config import Delivery
+from digest.delivery.mime import clean_header_value
+from digest.delivery.providers import postmark_templates
+from digest.delivery.providers.base import expand_template
+from digest.delivery.providers.postmark import PostmarkProvider
+from digest.delivery.providers.postmark_templates import (
+    PostmarkTemplateProvider,
+    mustachio,
+    neutralize,
+    server_template,
+)
+from digest.delivery.providers.registry import build_provider
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
+from digest.types import TemplateMessage, TemplateRecipient
+from tests.conftest import FrozenClock, make_settings
+from tests.delivery.test_provider_contract import make_recipient, make_template
+from tests.fakes.provider_server import POSTMARK_ALIAS_TAKEN, FakeProviderServer, mustachio_parse, mustachio_render
+
+TOKEN = "pm-template-token"
+
+# Mustachio's syntax, as a comment might quote it: each must reach the reader as written.
+QUOTED = ["{{name}}", "{{{name}}}", "{{ h0 }}", "{{{h0}}}", "{{{t1}}}", "{{#each items}}", "{{/each}}",
+          "{{#o}}x{{/o}}", "{{^o}}", "{{!comment}}", "{{> partial}}", "{{&o}}", "{{o}}", "{{{o}}}",
+          "}}", "{{", "{{{", "{{{{", "{{{{{", "{", "}}}", "{ {", "{{}}", "{{{}}}", "a{{b}}}c"]
+
+
+def _settings(srv: FakeProviderServer, **extra: object) -> Delivery:
+    return Delivery(provider="postmark", api_key=TOKEN, base_url=srv.url, timeout=5,
+                    postmark_templates=True, **extra)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def srv() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def provider(srv: FakeProviderServer) -> Iterator[PostmarkTemplateProvider]:
+    built = build_provider(_settings(srv))
+    assert isinstance(built, PostmarkTemplateProvider)
+    with built:
+        yield built
+
+
+def _posts(srv: FakeProviderServer, path: str) -> int:
+    return len([r for r in srv.requests if r.method == "POST" and r.path == path])
+
+
+# -- the opt-in -------------------------------------------------------------------------------
+
+
+def test_off_by_default_full_bodies_as_before(srv: FakeProviderServer) -> None:
+    settings = Delivery(provider="postmark", api_key=TOKEN, base_url=srv.url)
+    assert settings.postmark_templates is False
+    provider = build_provider(settings)
+    assert type(provider) is PostmarkProvider and not provider.personalizes
+    assert settings.concurrency == 4  # the full-body default, unchanged
+
+
+def test_opt_in_builds_the_template_provider_only_with_server_side_personalization(
+        srv: FakeProviderServer) -> None:
+    on = _settings(srv)
+    assert type(build_provider(on)) is PostmarkTemplateProvider
+    assert build_provider(on).personalizes
+    assert on.concurrency == 2  # the server-side default, as for SendGrid and Mailgun
+    off = _settings(srv, server_side_personalization=False)
+    assert type(build_provider(off)) is PostmarkProvider
+
+
+def test_the_setting_is_for_postmark_only(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="postmark_templates is for provider postmark"):
+        make_settings(tmp_path, delivery={"provider": "sendgrid", "api_key": "k", "postmark_templates": True})
+    settings = make_settings(tmp_path, delivery={"provider": "postmark", "api_key": "k",
+                                                 "postmark_templates": "true"})
+    assert settings.delivery.postmark_templates is True
+
+
+# -- the template: static text stays literal ----------------------------------------------------
+
+
+def _rendered(template: TemplateMessage, recipient: TemplateRecipient) -> tuple[str, str, str]:
+    """What Postmark makes of the server template for ``recipient``'s model."""
+    made = server_template(template)
+    problems = [mustachio_parse(made.body[f]) for f in ("Subject", "HtmlBody", "TextBody")]
+    assert not any(isinstance(p, str) for p in problems), problems
+    model = {"o": "{{"}
+    for name, is_html, index in made.keys:
+        model[name] = (recipient.html_values if is_html else recipient.text_values)[index]
+    return (mustachio_render(made.body["Subject"], model, html=False),
+            mustachio_render(made.body["HtmlBody"], model, html=True),
+            mustachio_render(made.body["TextBody"], model, html=False))
+
+
+@pytest.mark.parametrize("quoted", QUOTED)
+def test_quoted_syntax_renders_as_written(quoted: str) -> None:
+    template = make_template(comment=f"see {quoted} here", subject=f"Digest {quoted}")
+    recipient = make_recipient(5, name="Ann {{o}} <b>")
+    expected = expand_template(template, recipient)
+    assert _rendered(template, recipient) == (expected.subject, expected.html, expected.text)
+
+
+def test_neutralized_text_holds_no_tag_but_ours() -> None:
+    text = "".join(QUOTED)
+    pieces = mustachio_parse(neutralize(text))
+    assert not isinstance(pieces, str)
+    assert {p for kind, p in pieces if kind != "content"} == {"o"}
+    assert all(kind in ("content", "raw") for kind, _p in pieces)
+    # A lone "{" right before a slot, or right after one, stays content.
+    assert mustachio(["x{", "}y"], ["name"], "h") == "x{{{{h0}}}}y"
+    assert mustachio_parse("x{{{{h0}}}}y") == [("content", "x{"), ("raw", "h0"), ("content", "}y")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(comment=st.text(alphabet="{}#/!>^& ho0x", max_size=30), subject=st.text(alphabet="{}# o", max_size=12))
+def test_any_braces_in_content_render_as_written(comment: str, subject: str) -> None:
+    template = make_template(comment=comment, subject=f"S{subject}")
+    recipient = make_recipient(6)
+    expected = expand_template(template, recipient)
+    # The subject as every Postmark path sends it: a header value, cleaned.
+    subject_sent = clean_header_value(expected.subject)
+    assert _rendered(template, recipient) == (subject_sent, expected.html, expected.text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.text(alphabet="{}#/!>^&o h0", max_size=8), min_size=3, max_size=3))
+def test_braces_right_beside_the_slots_render_as_written(parts: list[str]) -> None:
+    # Static text touching a slot on either side: "{" before "{{{h0}}}", "}" after it.
+    template = TemplateMessage(draft_id=3, from_addr="Field Notes <digest@news.example.org>", subject="S",
+                               html_parts=tuple(parts), html_slots=("name", "unsubscribe_url"),
+                               text_parts=tuple(reversed(parts)), text_slots=("unsubscribe_url", "name"))
+    recipient = make_recipient(7, name="{{{o}}} & }}")
+    expected = expand_template(template, recipient)
+    assert _rendered(template, recipient)[1:] == (expected.html, expected.text)
+
+
+def test_alias_names_the_draft_and_the_content() -> None:
+    first = server_template(make_template())
+    assert first.alias.startswith("digest-7-") and len(first.alias) == len("digest-7-") + 12
+    assert first.body["TemplateType"] == "Standard"
+    assert server_template(make_template()).alias == first.alias
+    assert server_template(make_template(comment="changed")).alias != first.alias
+    assert server_template(make_template(draft_id=8)).alias.startswith("digest-8-")
+
+
+# -- the batch ------------------------------------------------------------------------------------
+
+
+def test_batch_is_one_call_with_a_model_per_reader(provider: PostmarkTemplateProvider,
+                                                   srv: FakeProviderServer) -> None:
+    template = make_template(comment="Quoting {{name}} and }} literally")
+    recipients = [make_recipient(41), make_recipient(42, email="broken"), make_recipient(43, name="Bo <b>")]
+    results = provider.send_template_batch(template, recipients)
+    assert [(r.ledger_id, r.status) for r in results] == [(41, "sent"), (42, "invalid"), (43, "sent")]
+    assert all(r.provider_message_id for r in results if r.status == "sent")
+    assert [(r.method, r.path) for r in srv.requests] == [("POST", "/templates"),
+                                                          ("POST", "/email/batchWithTemplates")]
+    alias = server_template(template).alias
+    created = srv.requests[0].json()
+    assert created["Alias"] == alias and created["TemplateType"] == "Standard"
+    body = srv.requests[1].json()
+    assert list(body) == ["Messages"] and len(body["Messages"]) == 2
+    first = body["Messages"][0]
+    assert first["TemplateAlias"] == alias and first["InlineCss"] is False
+    assert first["TemplateModel"] == {"o": "{{", "h0": "Reader 41", "h1": "https://news.example.org/u/tok0041",
+                                      "t0": "Reader 41", "t1": "https://news.example.org/u/tok0041"}
+    assert first["Metadata"] == {"ledger_id": "41", "draft_id": "7"}
+    assert first["MessageStream"] == "broadcast" and first["Tag"] == "digest-7"
+    assert {h["Name"]: h["Value"] for h in first["Headers"]} == dict(recipients[0].headers)
+    assert body["Messages"][1]["TemplateModel"]["h0"] == escape("Bo <b>")
+    for got, recipient in zip(srv.messages, (recipients[0], recipients[2])):
+        expected = expand_template(template, recipient)
+        assert (got["Subject"], got["html"], got["text"]) == (expected.subject, expected.html, expected.text)
+
+
+def test_a_batch_of_500_is_one_call_and_501_is_refused(provider: PostmarkTemplateProvider,
+                                                       srv: FakeProviderServer) -> None:
+    assert PostmarkTemplateProvider.max_batch == 500
+    results = provider.send_template_batch(make_template(), [make_recipient(i) for i in range(1, 501)])
+    assert [r.status for r in results] == ["sent"] * 500
+    assert _posts(srv, "/email/batchWithTemplates") == 1
+    with pytest.raises(ValueError, match="the limit is"):
+        provider.send_template_batch(make_template(), [make_recipient(i) for i in range(1, 502)])
+
+
+def test_build_is_pure_and_matches_the_send(provider: PostmarkTemplateProvider, srv: FakeProviderServer) -> None:
+    template, recipients = make_template(), [make_recipient(1), make_recipient(2)]
+    call = provider.build_template_request(template, recipients)
+    assert srv.requests == [] and srv.templates == {}  # a dry run creates nothing
+    provider.send_template_batch(template, recipients)
+    assert srv.requests[-1].body == call.body
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(429, True), (500, True), (503, True)])
+def test_rate_limit_and_server_errors_are_retryable(provider: PostmarkTemplateProvider, srv: FakeProviderServer,
+                                                    status: int, retryable: bool) -> None:
+    provider.ensure_template(make_template())
+    srv.faults.append(("status", status, {"Retry-After": "7"}, {"ErrorCode": 429, "Message": "slow"}))
+    with pytest.raises(DeliveryError) as info:
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert info.value.retryable is retryable and not isinstance(info.value, AuthError)
+    assert info.value.retry_after == 7
+    assert srv.messages == []
+
+
+def test_401_on_the_batch_is_an_auth_error(provider: PostmarkTemplateProvider, srv: FakeProviderServer) -> None:
+    provider.ensure_template(make_template())
+    srv.faults.append(("status", 401, {}, {"ErrorCode": 10, "Message": "Bad token"}))
+    with pytest.raises(AuthError):
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+
+
+def test_permanent_error_is_not_retryable(provider: PostmarkTemplateProvider, srv: FakeProviderServer) -> None:
+    provider.ensure_template(make_template())
+    srv.faults.append(("status", 422, {}, {"ErrorCode": 300, "Message": "Invalid email request"}))
+    with pytest.raises(DeliveryError) as info:
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert not info.value.retryable and info.value.status == 422 and not isinstance(info.value, AuthError)
+
+
+def test_per_message_refusals_map_to_the_ledger(provider: PostmarkTemplateProvider, srv: FakeProviderServer) -> None:
+    srv.inactive.add("gone@example.com")
+    results = provider.send_template_batch(make_template(), [make_recipient(1),
+                                                             make_recipient(2, email="gone@example.com")])
+    assert [r.status for r in results] == ["sent", "suppressed"]
+
+
+# -- the template's lifecycle -------------------------------------------------------------------
+
+
+def test_template_is_created_once_and_reused(provider: PostmarkTemplateProvider, srv: FakeProviderServer) -> None:
+    template = make_template()
+    for i in range(3):
+        provider.send_template_batch(template, [make_recipient(i + 1)])
+    assert _posts(srv, "/templates") == 1 and _posts(srv, "/email/batchWithTemplates") == 3
+    assert list(srv.templates) == [server_template(template).alias]
+
+
+def test_an_existing_template_is_used(srv: FakeProviderServer) -> None:
+    # A resumed send, or another process of delivery.processes, finds it there already.
+    template = make_template()
+    with build_provider(_settings(srv)) as first:
+        first.send_template_batch(template, [make_recipient(1)])
+    with build_provider(_settings(srv)) as second:
+        results = second.send_template_batch(template, [make_recipient(2)])
+    assert [r.status for r in results] == ["sent"]
+    assert [(r.method, r.path) for r in srv.requests][2:] == [
+        ("POST", "/templates"), ("GET", f"/templates/{server_template(template).alias}"),
+        ("POST", "/email/batchWithTemplates")]
+    assert len(srv.templates) == 1
+
+
+def test_two_processes_creating_at_once_both_send(srv: FakeProviderServer) -> None:
+    template = make_template()
+    providers = [build_provider(_settings(srv)) for _ in range(4)]
+    barrier = threading.Barrier(len(providers))
+    outcomes: list[object] = []
+
+    def send(p: object, i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(p.send_template_batch(template, [make_recipient(i)]))  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=send, args=(p, i + 1)) for i, p in enumerate(providers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(o, list) and o[0].status == "sent" for o in outcomes), outcomes
+    assert len(srv.templates) == 1 and sorted(srv.ledger_ids) == [1, 2, 3, 4]
+
+
+def test_a_create_whose_answer_was_lost_is_found_on_retry(srv: FakeProviderServer) -> None:
+    # The create went through but its answer timed out: a plain retryable error (nothing was
+    # sent to anyone); the retry finds the template and sends.
+    provider = build_provider(_settings(srv).model_copy(update={"timeout": 0.3}))
+    srv.faults.append(("delay", 1.0))
+    with pytest.raises(DeliveryError) as info:
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert info.value.retryable and not getattr(info.value, "maybe_delivered", False)
+    assert _posts(srv, "/email/batchWithTemplates") == 0 and len(srv.templates) == 1
+    results = provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert [r.status for r in results] == ["sent"] and len(srv.templates) == 1
+
+
+def test_a_refused_token_on_create_names_the_setting(srv: FakeProviderServer) -> None:
+    provider = build_provider(_settings(srv).model_copy(update={"api_key": "wrong"}))
+    with pytest.raises(AuthError) as info:
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert "creating template digest-7-" in str(info.value) and "\n" not in str(info.value)
+    assert info.value.hint and "delivery.api_key" in info.value.hint
+    assert srv.templates == {} and _posts(srv, "/email/batchWithTemplates") == 0
+
+
+def test_a_refused_create_is_one_clear_line(provider: PostmarkTemplateProvider, srv: FakeProviderServer) -> None:
+    limit = {"ErrorCode": 1105, "Message": "This server has reached its template limit."}
+    srv.faults.append(("status", 422, {}, limit))
+    with pytest.raises(BlockedError) as info:
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert str(info.value).startswith("postmark: creating template digest-7-")
+    assert "ErrorCode 1105: This server has reached its template limit." in str(info.value)
+    assert info.value.hint and "delivery.postmark_templates" in info.value.hint
+    assert _posts(srv, "/email/batchWithTemplates") == 0
+
+
+def test_a_template_deleted_meanwhile_stops_the_send_and_is_made_again(provider: PostmarkTemplateProvider,
+                                                                      srv: FakeProviderServer) -> None:
+    template = make_template()
+    provider.send_template_batch(template, [make_recipient(1)])
+    srv.templates.clear()  # deleted in Postmark's web app, say
+    with pytest.raises(BlockedError, match="every message of the batch was refused"):
+        provider.send_template_batch(template, [make_recipient(2), make_recipient(3)])
+    results = provider.send_template_batch(template, [make_recipient(2), make_recipient(3)])
+    assert [r.status for r in results] == ["sent", "sent"] and len(srv.templates) == 1
+
+
+def test_template_done_deletes_it_and_a_missing_one_is_fine(provider: PostmarkTemplateProvider,
+                                                             srv: FakeProviderServer) -> None:
+    template = make_template()
+    provider.send_template_batch(template, [make_recipient(1)])
+    provider.template_done(template)
+    assert srv.templates == {}
+    provider.template_done(template)  # gone already (another process): no error
+    provider.send_template_batch(template, [make_recipient(2)])  # a later resend makes it again
+    assert len(srv.templates) == 1
+
+
+def test_the_fake_accepts_the_alias_taken_code_we_do_not_depend_on(srv: FakeProviderServer) -> None:
+    # The provider reads the alias after any refused create; the fake's code is its own.
+    provider = build_provider(_settings(srv))
+    provider.send_template_batch(make_template(), [make_recipient(1)])
+    alias = server_template(make_template()).alias
+    again = provider.request("POST", f"{srv.url}/templates", {"X-Postmark-Server-Token": TOKEN},
+                             json.dumps(server_template(make_template()).body).encode())
+    assert again[0] == 422 and json.loads(again[2])["ErrorCode"] == POSTMARK_ALIAS_TAKEN
+    assert alias in srv.templates
+
+
+# -- through the pipeline ------------------------------------------------------------------------
+
+
+def _app(tmp_path: Path, srv: FakeProviderServer, readers: int = 7) -> pipeline.App:
+    clock = FrozenClock()
+    settings = make_settings(tmp_path, delivery={"provider": "postmark", "api_key": TOKEN, "base_url": srv.url,
+                                                 "postmark_templates": True, "batch_size": 3, "timeout": 5,
+                                                 "max_retries": 0},
+                             digest={"approval": {"required": False}})
+    app = pipeline.App.open(settings, clock)
+    app.store.upsert_subscribers([(f"r{i}@example.com", f"Reader {i}") for i in range(readers)], "cli", clock())
+    pipeline.collect(app)
+    assert pipeline.make_draft(app).draft is not None
+    return app
+
+
+def test_a_send_creates_the_template_once_and_deletes_it_when_sent(tmp_path: Path,
+                                                                   srv: FakeProviderServer) -> None:
+    app = _app(tmp_path, srv)
+    try:
+        (summary,) = pipeline.send(app)
+    finally:
+        app.close()
+    assert summary.finished and summary.sent == 7
+    calls = [(r.method, r.path.rsplit("/", 1)[0] if r.method == "DELETE" else r.path) for r in srv.requests]
+    assert calls == [("POST", "/templates")] + [("POST", "/email/batchWithTemplates")] * 3 + [
+        ("DELETE", "/templates")]
+    assert srv.templates == {}
+    assert sorted(m["To"] for m in srv.messages) == sorted(f'"Reader {i}" <r{i}@example.com>'.replace('"', "")
+                                                           for i in range(7))
+
+
+def test_a_failed_delete_is_logged_and_the_send_stands(tmp_path: Path, srv: FakeProviderServer,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(self: PostmarkTemplateProvider, template: TemplateMessage) -> None:
+        raise DeliveryError("postmark: deleting template x: HTTP 500", hint="delete the template x in Postmark")
+
+    monkeypatch.setattr(PostmarkTemplateProvider, "template_done", refuse)
+    app = _app(tmp_path, srv, readers=2)
+    try:
+        with caplog.at_level(logging.WARNING):
+            (summary,) = pipeline.send(app)
+        assert summary.finished and app.store.get_draft(summary.draft_id).status == "sent"
+    finally:
+        app.close()
+    assert "template was not cleaned up: postmark: deleting template x: HTTP 500" in caplog.text
+    assert "delete the template x in Postmark" in caplog.text
+
+
+def test_an_unfinished_send_keeps_the_template(tmp_path: Path, srv: FakeProviderServer) -> None:
+    app = _app(tmp_path, srv, readers=4)
+    srv.faults.extend([("pass",), ("pass",), ("status", 401, {}, {"ErrorCode": 10, "Message": "no"})])
+    try:
+        (summary,) = pipeline.send(app)
+        assert not summary.finished
+        assert len(srv.templates) == 1  # the resumed send needs it
+        (summary,) = pipeline.send(app)
+        assert summary.finished
+    finally:
+        app.close()
+    assert srv.templates == {}
+    assert sorted(srv.ledger_ids) == sorted(set(srv.ledger_ids)) and len(srv.ledger_ids) == 4
+
+
+def test_module_docstring_names_its_sources() -> None:
+    doc = postmark_templates.__doc__ or ""
+    for source in ("templates-api", "Tokenizer.cs", "1077-template-syntax", "batchWithTemplates"):
+        assert source in doc
+
+
+def test_check_says_sends_create_templates_and_creates_none(provider: PostmarkTemplateProvider,
+                                                            srv: FakeProviderServer) -> None:
+    line = provider.check()
+    assert line.startswith("postmark: reached server") and "server templates on" in line
+    assert srv.templates == {} and all(r.method == "GET" for r in srv.requests)
+
+
+def test_no_templates_endpoint_names_the_base_url(provider: PostmarkTemplateProvider,
+                                                  srv: FakeProviderServer) -> None:
+    srv.faults.append(("status", 404, {}, {"Message": "Not found"}))
+    with pytest.raises(BlockedError) as info:
+        provider.send_template_batch(make_template(), [make_recipient(1)])
+    assert info.value.hint == "check delivery.base_url" and "creating a template" in str(info.value)
