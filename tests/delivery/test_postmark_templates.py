@@ -445,3 +445,62 @@ def test_no_templates_endpoint_names_the_base_url(provider: PostmarkTemplateProv
     with pytest.raises(BlockedError) as info:
         provider.send_template_batch(make_template(), [make_recipient(1)])
     assert info.value.hint == "check delivery.base_url" and "creating a template" in str(info.value)
+
+
+@pytest.mark.parametrize("code", [502, 504])
+def test_a_gateway_answering_the_create_is_retried_not_uncertain(tmp_path: Path, srv: FakeProviderServer,
+                                                                  code: int) -> None:
+    """Creating the template sends no mail: a gateway's 502 or 504 there is retried like any
+    5xx, and nobody is left uncertain (a create that went through is found by the retry)."""
+    app = _app(tmp_path, srv, readers=3)  # (no retries: the send pauses at the first failure)
+    srv.faults.append(("gateway", code))  # the create reaches the fake, its answer is lost
+    try:
+        (summary,) = pipeline.send(app)
+        assert app.store.ledger_counts(summary.draft_id) == {"pending": 3}  # back in the queue
+        assert summary.stopped and "kept failing" in summary.stopped
+        (summary,) = pipeline.send(app)
+        assert summary.finished and app.store.ledger_counts(summary.draft_id) == {"sent": 3}
+    finally:
+        app.close()
+    assert sorted(m["To"] for m in srv.messages) == [f"Reader {i} <r{i}@example.com>" for i in range(3)]
+
+
+def test_a_rate_limited_read_of_the_alias_is_retried(srv: FakeProviderServer) -> None:
+    """Another process took the alias, and reading it meets a 429: a retryable error, not a
+    halt saying the template cannot be made."""
+    provider = build_provider(_settings(srv))
+    assert isinstance(provider, PostmarkTemplateProvider)
+    template = make_template()
+    other = build_provider(_settings(srv))
+    other.send_template_batch(template, [make_recipient(1)])  # another process made it
+    srv.faults.extend([("pass",), ("status", 429, {"Retry-After": "1"}, {"ErrorCode": 429, "Message": "slow"})])
+    with pytest.raises(DeliveryError) as info:
+        provider.send_template_batch(template, [make_recipient(2)])
+    assert info.value.retryable and not isinstance(info.value, BlockedError) and info.value.status == 429
+    assert provider.send_template_batch(template, [make_recipient(2)])[0].status == "sent"
+
+
+def test_a_lone_surrogate_in_the_subject_becomes_a_question_mark(provider: PostmarkTemplateProvider,
+                                                                 srv: FakeProviderServer) -> None:
+    """As in every other request body: a feed's stray "\\ud83d" does not crash the create."""
+    template = make_template()
+    template = TemplateMessage(**{**template.__dict__, "subject": template.subject + " \ud83d"})
+    assert provider.send_template_batch(template, [make_recipient(1)])[0].status == "sent"
+    (made,) = srv.templates.values()
+    assert made["Subject"].endswith(" ?")
+
+
+def test_messages_refused_for_the_template_go_back_whatever_the_others_got(provider: PostmarkTemplateProvider,
+                                                                          srv: FakeProviderServer) -> None:
+    """The template vanished and one reader of the batch is inactive: that reader is
+    suppressed, the others were not sent (deferred, back in the queue, not rejected for good),
+    and the template is made again for the next batch."""
+    template = make_template()
+    provider.send_template_batch(template, [make_recipient(1)])
+    srv.templates.clear()
+    srv.faults.append(("partial", {1: (406, "You tried to send to recipient(s) that have been marked as inactive.")}))
+    results = provider.send_template_batch(template, [make_recipient(2), make_recipient(3)])
+    assert [(r.ledger_id, r.status) for r in results] == [(2, "deferred"), (3, "suppressed")]
+    assert "not sent" in (results[0].error or "") and "template" in (results[0].error or "").lower()
+    assert provider.send_template_batch(template, [make_recipient(2)])[0].status == "sent"
+    assert len(srv.templates) == 1

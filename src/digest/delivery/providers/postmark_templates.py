@@ -201,7 +201,8 @@ class PostmarkTemplateProvider(PostmarkProvider):
 
     def _create(self, made: ServerTemplate) -> None:
         what = f"postmark: creating template {made.alias}"
-        body = json.dumps(made.body, ensure_ascii=False).encode()
+        # A lone surrogate (from a feed's "\ud800") becomes "?", as in every other request body.
+        body = json.dumps(made.body, ensure_ascii=False).encode("utf-8", "replace")
         status, headers, reply = self.request("POST", self.templates_url, self._post_headers, body)
         if 200 <= status < 300:
             log.info("postmark: created template %s", made.alias)
@@ -211,7 +212,10 @@ class PostmarkTemplateProvider(PostmarkProvider):
                             response_text=response_text(reply),
                             hint="check delivery.api_key: it must be the Postmark server token")
         if status == 429 or status >= 500:
-            self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, reply)
+            # Creating a template sends no mail: a 502 or 504 here is a plain retryable error
+            # (a create that went through is found by the next try's read of the alias).
+            self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, reply,
+                                         sends_mail=False)
         if status == 404:  # no templates endpoint there: a wrong delivery.base_url
             raise self.status_error(status, reply, "creating a template")
         if status == 422 and self._exists(made.alias):
@@ -224,7 +228,10 @@ class PostmarkTemplateProvider(PostmarkProvider):
         raise BlockedError(f"{what}: {detail}", status=status, response_text=response_text(reply), hint=_HINT)
 
     def _exists(self, alias: str) -> bool:
-        status, _headers, reply = self.request("GET", f"{self.templates_url}/{alias}", self._read_headers)
+        status, headers, reply = self.request("GET", f"{self.templates_url}/{alias}", self._read_headers)
+        if status == 429 or status >= 500:  # no answer to the question: try the batch again later
+            self.raise_for_common_status(status, {k.lower(): v for k, v in headers.items()}, reply,
+                                         sends_mail=False)
         if status == 200:
             try:
                 data = json.loads(reply)
@@ -350,9 +357,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
                                        f"which Postmark refused: {error}", status=status,
                                        response_text=response_text(reply), hint=_HINT)
                 raise error
-            results = self._results(status, reply, carried)
-            self._check_template_refusals(template, results)
-            return results
+            return self._check_template_refusals(template, self._results(status, reply, carried))
 
         return partial(self._send, template, call, ids, order, answer)
 
@@ -370,16 +375,22 @@ class PostmarkTemplateProvider(PostmarkProvider):
         with self._made_lock:
             self._made.discard(self._alias(template))
 
-    def _check_template_refusals(self, template: TemplateMessage, results: Sequence[SendResult]) -> None:
-        """A batch whose every message was refused with an error about the template (deleted in
-        Postmark meanwhile, say) stops the send instead of marking every reader rejected:
-        nothing of it was sent, the batch goes back to the queue, and the next send creates
-        the template again. (Postmark's ErrorCode for this was not found documented.)"""
-        if results and all(r.status == "rejected" and "template" in (r.error or "").lower() for r in results):
-            self._forget(template)
+    def _check_template_refusals(self, template: TemplateMessage, results: list[SendResult]) -> list[SendResult]:
+        """Messages refused with an error about the template (deleted in Postmark meanwhile,
+        say) were not sent, whatever the rest of the batch got: they go back to the queue
+        (``deferred``) and the template is made again before the next batch. A batch refused
+        whole that way stops the send instead of being asked again and again. (Postmark's
+        ErrorCode for this was not found documented: the message names the template.)"""
+        refused = [r.status == "rejected" and "template" in (r.error or "").lower() for r in results]
+        if not any(refused):
+            return results
+        self._forget(template)
+        if all(refused):
             raise BlockedError(f"postmark: every message of the batch was refused: {results[0].error}",
                                hint=f"the template {self._alias(template)} may have been deleted in Postmark; "
                                     "the next send creates it again")
+        return [SendResult(r.ledger_id, "deferred", None, f"not sent: {r.error}") if gone else r
+                for r, gone in zip(results, refused, strict=True)]
 
 
 def _error_of(body: bytes) -> tuple[int | None, str]:
