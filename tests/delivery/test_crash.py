@@ -377,3 +377,32 @@ def test_ctrl_c_while_waiting_out_a_retry_after_stops_at_once(tmp_path: Path) ->
         again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode == 0, again.stdout + again.stderr
         assert sorted(m["To"] for m in srv.messages) == emails
+
+
+def test_sigkill_while_postmark_makes_its_template_leaves_nothing_uncertain(tmp_path: Path) -> None:
+    """The draft's Postmark template is made before any batch is claimed: a kill -9 while
+    that call is held holds no batch, so the restart finds nothing in flight, nothing
+    uncertain, and sends everyone once."""
+    emails = KILLED[:12]
+    with FakeProviderServer(token=TOKEN) as srv:
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark, postmark_templates: true, concurrency: 2")
+        gate = threading.Event()
+        srv.faults.append(("hold", gate))  # the first call: creating the template
+        proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            _wait_for(lambda: len(srv.held) == 1 or proc.poll() is not None, "the template's creation to be held")
+            assert proc.poll() is None, proc.communicate()
+            assert srv.held[0].path == "/templates"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            proc.kill()
+            gate.set()
+        store = open_store(f"sqlite:///{db}")
+        assert {st for _id, _email, st in store.ledger_rows(1)} == {"pending"}  # nothing claimed
+        store.close()
+        srv.faults.clear()
+        again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "marked uncertain" not in again.stdout
+        assert collections.Counter(parseaddr(m["To"])[1] for m in srv.messages) == collections.Counter(emails)

@@ -695,6 +695,19 @@ class Sender:
             self.store.release_lease(lease, self.holder)
         return summary
 
+    def _template_ready(self) -> None:
+        """Before any batch is claimed, the provider makes ready what it keeps for the template
+        (Postmark creates its server template): a kill -9 during that call then leaves no batch
+        uncertain. Best effort: on failure the first batch's call does it again, with its
+        retries and its error handling (a refused token stops the send there)."""
+        if not self.server_side or self.template is None or self._stop is not None:
+            return
+        try:
+            self.provider.template_ready(self.template)
+        except Exception as exc:  # noqa: BLE001 (the first batch meets it again and handles it)
+            log.info("draft %s: the provider's template is not ready yet (%s); the first batch tries again",
+                     self.draft.id, exc)
+
     def _template_done(self) -> None:
         """The draft is sent: the provider lets go of what it keeps for the template (Postmark
         deletes the server template it created). A failure is logged; the send stands."""
@@ -748,6 +761,7 @@ class Sender:
         ``lease`` is renewed as batches go; a helper process (which does not hold it) passes none.
         """
         summary = summary or SendSummary(self.draft.id or 0)
+        self._template_ready()
         if self.concurrency == 1:
             self._worker(summary, lease)
         else:

@@ -42,9 +42,10 @@ Optional hooks a provider may add (the defaults keep the behaviour above):
 * :attr:`Provider.personalizes` and :meth:`Provider.send_template_batch`: the provider fills in
   each recipient's values itself (SendGrid substitutions, Mailgun recipient-variables), so a
   batch is one template plus small per-recipient values instead of one full body each;
-* :meth:`Provider.variant` and :meth:`Provider.template_done`: a subclass built for an opt-in
-  mode (Postmark's server templates, ``delivery.postmark_templates``), and the end of a draft's
-  send, when such a provider deletes what it created for the draft;
+* :meth:`Provider.variant`, :meth:`Provider.template_ready` and :meth:`Provider.template_done`:
+  a subclass built for an opt-in mode (Postmark's server templates,
+  ``delivery.postmark_templates``), the start of a draft's send, when such a provider creates
+  what it needs before any batch is claimed, and its end, when it deletes it;
 * :attr:`Provider.idempotent`: resending the same batch is safe (Resend's Idempotency-Key);
 * :meth:`Provider.refusals`: without I/O, the messages a send would refuse before handing them
   over, and the :class:`BlockedError` it would raise (a bad From), for ``digest send --dry-run``
@@ -340,6 +341,13 @@ class Provider(ABC):
         """The class to build for ``settings``: this one, or a subclass for a mode the
         settings opt into (Postmark's server templates). Called by the registry."""
         return cls
+
+    def template_ready(self, template: TemplateMessage) -> None:  # noqa: B027 (optional hook)
+        """Make ready what the provider keeps for ``template``'s draft (Postmark's server
+        template) before the first batch is claimed, so that a process killed meanwhile holds
+        no batch. Best effort: the sender logs a failure and goes on, and the first batch's own
+        call makes it ready again, with the batch's retries and error handling. The default
+        keeps nothing."""
 
     def template_done(self, template: TemplateMessage) -> None:  # noqa: B027 (optional hook)
         """The send of ``template``'s draft has finished: let go of whatever the provider keeps

@@ -240,6 +240,10 @@ class PostmarkTemplateProvider(PostmarkProvider):
             return isinstance(data, dict) and data.get("Alias") in (None, alias)
         return False
 
+    def template_ready(self, template: TemplateMessage) -> None:
+        """The draft's template, made before the first batch is claimed (see the base class)."""
+        self.ensure_template(template)
+
     def template_done(self, template: TemplateMessage) -> None:
         """``DELETE /templates/{alias}``: the draft's send has finished. A template already gone
         (another process deleted it) is fine; other failures raise for the sender to log."""
