@@ -438,12 +438,9 @@ def _postmark_auth(srv: FakeProviderServer, request: Request) -> Reply | None:
 
 def postmark_batch(srv: FakeProviderServer, request: Request) -> Reply:
     """POST /email/batch: 200 with one result per message, in order."""
-    refused = _postmark_auth(srv, request)
-    if refused is not None:
-        return refused
-    overrides: dict[int, tuple[int, str]] = dict(request.fault[1]) if request.fault else {}
-    if srv.light:
-        return _postmark_batch_light(srv, request, overrides)
+    early, overrides = _postmark_batch_start(srv, request)
+    if early is not None:
+        return early
     try:
         data = request.json()
     except ValueError:
@@ -455,6 +452,21 @@ def postmark_batch(srv: FakeProviderServer, request: Request) -> Reply:
     return Reply.of_json(
         200, [_postmark_one(srv, item, overrides.get(i)) for i, item in enumerate(data)]
     )
+
+
+def _postmark_batch_start(
+    srv: FakeProviderServer, request: Request
+) -> tuple[Reply | None, dict[int, tuple[int, str]]]:
+    """What both batch endpoints do first: the token's check, the per-message overrides of a
+    ("partial", ...) fault, and in light mode the whole answer. A reply when that is the
+    answer already, else None; and the overrides."""
+    refused = _postmark_auth(srv, request)
+    if refused is not None:
+        return refused, {}
+    overrides: dict[int, tuple[int, str]] = dict(request.fault[1]) if request.fault else {}
+    if srv.light:
+        return _postmark_batch_light(srv, request, overrides), overrides
+    return None, overrides
 
 
 def _postmark_batch_light(
@@ -674,12 +686,9 @@ def postmark_batch_with_templates(srv: FakeProviderServer, request: Request) -> 
     """POST /email/batchWithTemplates: ``{"Messages": [...]}``, each rendered from its template
     and model as Postmark would (the record holds the result as ``Subject``, ``HtmlBody``,
     ``TextBody``, and ``html``/``text``); 200 with one result per message, in order."""
-    refused = _postmark_auth(srv, request)
-    if refused is not None:
-        return refused
-    overrides: dict[int, tuple[int, str]] = dict(request.fault[1]) if request.fault else {}
-    if srv.light:
-        return _postmark_batch_light(srv, request, overrides)
+    early, overrides = _postmark_batch_start(srv, request)
+    if early is not None:
+        return early
     try:
         data = request.json()
     except ValueError:

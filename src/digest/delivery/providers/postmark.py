@@ -98,6 +98,20 @@ class _Skeleton(NamedTuple):
 # What makes formataddr quote a display name (RFC 5322 specials, and the dot).
 
 
+def header_values(run: list[bytes], headers: Sequence[tuple[str, str]],
+                  prefixes: dict[tuple[str, bool], bytes]) -> None:
+    """Append a message's ``Headers`` array entries to ``run``: each header's JSON up to its
+    value (kept in ``prefixes`` for the batch: the header names repeat in every message,
+    keyed by name and whether it opens the array), then the value, cleaned and escaped. The
+    caller writes the array's opening and its closing ``"}]``."""
+    for i, (name, value) in enumerate(headers):
+        key = (name, not i)
+        prefix = prefixes.get(key)
+        if prefix is None:
+            prefix = prefixes[key] = (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"'
+        run += (prefix, json_escape(clean_header_value(value)))
+
+
 class PostmarkProvider(HttpProvider):
     """Sends through Postmark's batch endpoint; see the module docstring for the wire format."""
 
@@ -312,14 +326,7 @@ class PostmarkProvider(HttpProvider):
                 run.append(skeleton.draft_tail)
             else:
                 run.append(skeleton.headers_open)
-                for i, (name, value) in enumerate(r.headers):
-                    key = (name, not i)
-                    prefix = header_prefix.get(key)
-                    if prefix is None:
-                        prefix = header_prefix[key] = (
-                            (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"'
-                        )
-                    run += (prefix, json_escape(clean_header_value(value)))
+                header_values(run, r.headers, header_prefix)
                 run.append(skeleton.headers_tail)
             parts.append(join(run))
         parts.append(b"]")

@@ -73,7 +73,7 @@ from digest.delivery.providers.base import (
     json_string,
     response_text,
 )
-from digest.delivery.providers.postmark import PostmarkProvider
+from digest.delivery.providers.postmark import PostmarkProvider, header_values
 from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import SLOT_NAMES, SendResult, TemplateMessage, TemplateRecipient
 
@@ -307,13 +307,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
                 run.append(skeleton.draft_tail)
             else:
                 run.append(skeleton.headers_open)
-                for i, (name, value) in enumerate(r.headers):
-                    hkey = (name, not i)
-                    prefix = header_prefix.get(hkey)
-                    if prefix is None:
-                        prefix = header_prefix[hkey] = (
-                            (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"')
-                    run += (prefix, json_escape(clean_header_value(value)))
+                header_values(run, r.headers, header_prefix)
                 run.append(skeleton.headers_tail)
             parts.append(join(run))
         parts.append(b"]}")
