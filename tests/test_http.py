@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import requests
@@ -17,6 +18,7 @@ from digest.http import (
     Fetched,
     build_session,
     fetch,
+    read_environment_once,
     reset_at_seconds,
     retry_after_seconds,
 )
@@ -266,3 +268,77 @@ def test_network_errors_read_as_one_short_phrase(mocked: responses.RequestsMock)
     with pytest.raises(SourceError) as caught:
         fetch(build_session(), URL + "?page=2&fields=x", sleep=lambda _s: None)
     assert str(caught.value) == f"{URL}?page=2&fields=x: cannot resolve the host name api.example.org"
+
+
+# --- read_environment_once ----------------------------------------------------------------------
+
+
+class _Recorder(requests.adapters.BaseAdapter):
+    """An adapter that answers 200 ``{}`` and keeps what each request was sent with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[requests.PreparedRequest, dict[str, object]]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:  # type: ignore[override]
+        self.sent.append((request, kwargs))
+        response = requests.Response()
+        response.status_code, response._content, response.url = 200, b'{"Name": "s"}', request.url or ""
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def _provider_with_recorder(monkeypatch: pytest.MonkeyPatch, base_url: str) -> tuple[object, _Recorder]:
+    from digest.config import Delivery
+    from digest.delivery.providers.postmark import PostmarkProvider
+
+    session, recorder = build_session(), _Recorder()
+    session.mount("https://", recorder)
+    provider = PostmarkProvider(Delivery(provider="postmark", api_key="k", base_url=base_url), session)
+    return provider, recorder
+
+
+def test_a_provider_reads_the_proxy_and_ca_bundle_once_and_uses_them_on_every_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/company-ca.pem")
+    provider, recorder = _provider_with_recorder(monkeypatch, "https://api.postmarkapp.example")
+    provider.check()  # type: ignore[attr-defined]
+    monkeypatch.setenv("HTTPS_PROXY", "http://changed.internal:1")  # read once: not seen now
+    provider.check()  # type: ignore[attr-defined]
+    assert [kwargs["proxies"] for _, kwargs in recorder.sent] == [{"https": "http://proxy.internal:3128"}] * 2
+    assert [kwargs["verify"] for _, kwargs in recorder.sent] == ["/etc/company-ca.pem"] * 2
+
+
+def test_no_proxy_for_the_providers_host_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.postmarkapp.example")
+    provider, recorder = _provider_with_recorder(monkeypatch, "https://api.postmarkapp.example")
+    provider.check()  # type: ignore[attr-defined]
+    assert not recorder.sent[0][1]["proxies"]
+
+
+def test_a_netrc_entry_adds_no_credentials_to_provider_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.postmarkapp.example login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    provider, recorder = _provider_with_recorder(monkeypatch, "https://api.postmarkapp.example")
+    provider.check()  # type: ignore[attr-defined]
+    assert "Authorization" not in recorder.sent[0][0].headers
+    assert recorder.sent[0][0].headers["X-Postmark-Server-Token"] == "k"
+
+
+def test_settings_already_on_the_session_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    session = build_session()
+    session.proxies["https"] = "http://chosen:1"
+    session.verify = False
+    monkeypatch.setenv("HTTPS_PROXY", "http://env:2")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/env.pem")
+    read_environment_once(session, "https://api.example.org")
+    assert session.proxies["https"] == "http://chosen:1" and session.verify is False
+    assert session.trust_env is False

@@ -213,6 +213,10 @@ class TemplateMessage:
     text_slots: tuple[str, ...]
     reply_to: str | None = None
     tag: str = "digest"
+    #: Slots whose value is the same escaped for HTML as for text for every reader of the
+    #: draft (the signed links, when the public URL holds nothing HTML escapes): a provider
+    #: whose template is fixed for the whole send may give each such slot one value, not two.
+    plain_slots: frozenset[str] = frozenset()
 
 
 class TemplateRecipient(NamedTuple):

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from html import escape
 from pathlib import Path
 
@@ -212,6 +213,48 @@ def test_build_is_pure_and_matches_the_send(provider: PostmarkTemplateProvider, 
     assert srv.requests == [] and srv.templates == {}  # a dry run creates nothing
     provider.send_template_batch(template, recipients)
     assert srv.requests[-1].body == call.body
+
+
+def test_a_plain_link_is_one_model_value_for_both_parts(provider: PostmarkTemplateProvider,
+                                                       srv: FakeProviderServer) -> None:
+    template = replace(make_template(), plain_slots=frozenset({"unsubscribe_url"}))
+    recipients = [make_recipient(1), make_recipient(2, name="Bo & <Jo>")]
+    results = provider.send_template_batch(template, recipients)
+    assert [r.status for r in results] == ["sent", "sent"]
+    assert "{{{h1}}}" in srv.requests[0].json()["TextBody"]  # the text part reads the HTML value
+    models = [m["TemplateModel"] for m in srv.requests[1].json()["Messages"]]
+    # No "{{" in this content, so no "o"; the name differs escaped, the link does not.
+    assert models[0] == {"h0": "Reader 1", "h1": "https://news.example.org/u/tok0001", "t0": "Reader 1"}
+    assert models[1]["h0"] == escape("Bo & <Jo>") and models[1]["t0"] == "Bo & <Jo>"
+    for got, recipient in zip(srv.messages, recipients):
+        expected = expand_template(template, recipient)
+        assert (got["Subject"], got["html"], got["text"]) == (expected.subject, expected.html, expected.text)
+
+
+def test_the_model_carries_o_only_for_content_that_holds_braces(provider: PostmarkTemplateProvider,
+                                                               srv: FakeProviderServer) -> None:
+    for comment, subject, carries in (("No braces here.", "Plain", False), ("A {{x}} quoted", "Plain", True),
+                                      ("No braces here.", "About {{y}}", True)):
+        srv.clear()
+        template, recipient = make_template(comment=comment, subject=subject), make_recipient(5)
+        assert server_template(template).opens is carries
+        provider.send_template_batch(template, [recipient])
+        (message,) = [r for r in srv.requests if r.path == "/email/batchWithTemplates"][0].json()["Messages"]
+        assert ("o" in message["TemplateModel"]) is carries
+        expected = expand_template(template, recipient)
+        assert (srv.messages[0]["Subject"], srv.messages[0]["text"]) == (expected.subject, expected.text)
+
+
+def test_a_reader_whose_plain_link_differs_is_refused_not_sent_wrong(provider: PostmarkTemplateProvider,
+                                                                     srv: FakeProviderServer) -> None:
+    template = replace(make_template(), plain_slots=frozenset({"unsubscribe_url"}))
+    odd = make_recipient(2)
+    odd = odd._replace(html_values=(odd.html_values[0], odd.html_values[1] + "&amp;x=1", odd.html_values[2]),
+                       text_values=(odd.text_values[0], odd.text_values[1] + "&x=1", odd.text_values[2]))
+    results = provider.send_template_batch(template, [make_recipient(1), odd])
+    assert [(r.ledger_id, r.status) for r in results] == [(1, "sent"), (2, "invalid")]
+    assert "differs" in (results[1].error or "")
+    assert [m["To"] for m in srv.messages] == ["Reader 1 <reader1@example.com>"]
 
 
 @pytest.mark.parametrize(("status", "retryable"), [(429, True), (500, True), (503, True)])

@@ -817,3 +817,11 @@ def test_calls_starting_while_a_record_is_written_share_the_next_one(fail: bool)
         assert journal.answered == {9: SendResult(9, "sent", "m9")}
     else:
         assert errors == [] and store.records == [([1], [9]), ([2, 3, 4], [])]
+
+
+def test_links_are_plain_slots_unless_the_public_url_needs_escaping() -> None:
+    from digest.delivery.sender import plain_link_slots
+
+    assert plain_link_slots("https://news.example.org") == {"unsubscribe_url", "preferences_url"}
+    assert plain_link_slots("https://news.example.org/a&b") == frozenset()
+    assert plain_link_slots("https://news.example.org/日誌") == frozenset()  # character references in HTML

@@ -55,6 +55,7 @@ from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
 from digest.store.store import Claimed, ClaimedBatch
 from digest.types import (
+    SLOT_NAMES,
     Draft,
     OutgoingMessage,
     Recipient,
@@ -339,7 +340,20 @@ def template_message(draft: Draft, compiled: CompiledEmail, settings: Settings) 
         html_parts=compiled.html_parts, html_slots=compiled.html_slots,
         text_parts=compiled.text_parts, text_slots=compiled.text_slots,
         reply_to=settings.newsletter.reply_to, tag=f"digest-{draft.id}",
+        plain_slots=plain_link_slots(settings.newsletter.public_url),
     )
+
+
+def plain_link_slots(public_url: str) -> frozenset[str]:
+    """The link slots whose HTML value is their text value for every reader: a link is the
+    public URL's prefix and a token of letters, digits, ``-``, ``_`` and ``.``, which nothing
+    escapes, so it is the prefix that decides. (Providers still compare the two values of
+    each reader, so a link that broke this would be refused, not sent wrong.)"""
+    probe = "0.aZ-_9"
+    unsubscribe, preferences = f"{public_url}/u/{probe}", f"{public_url}/preferences/{probe}"
+    html, text = slot_values(name="", unsubscribe_url=unsubscribe, preferences_url=preferences)
+    return frozenset(slot for slot, h, t in zip(SLOT_NAMES, html, text, strict=True)
+                     if slot != "name" and h == t)
 
 
 def template_recipients(claimed: Sequence[Claimed], links: LinkMaker) -> list[TemplateRecipient]:

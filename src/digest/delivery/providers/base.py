@@ -89,7 +89,7 @@ from digest.delivery.mime import (
     parse_mailbox,
 )
 from digest.errors import AuthError, BlockedError, DeliveryError
-from digest.http import build_session, describe, retry_after_seconds
+from digest.http import build_session, describe, read_environment_once, retry_after_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
@@ -538,6 +538,9 @@ class HttpProvider(Provider):
         if ids:
             status, headers, body = self.perform(call)
             results = answer(status, {k.lower(): v for k, v in headers.items()}, body, ids)
+            if not call.refused and len(results) == len(order) and all(
+                    r.ledger_id == i for r, i in zip(results, order)):
+                return results  # already one per recipient, in order: the usual case
         by_id = {r.ledger_id: r for r in (*results, *call.refused)}
         return [by_id[i] for i in order]
 
@@ -597,6 +600,8 @@ class HttpProvider(Provider):
         With ``sends_mail`` a failure after the request may have gone out is an
         :class:`UncertainDeliveryError`; without it (``check()``) a plain retryable error.
         """
+        if self.session.trust_env:  # the first request: every later one goes to the same host
+            read_environment_once(self.session, url)
         try:
             # Why no redirects: requests would replay a POST as a GET on 301/302, and a provider
             # API that redirects is misconfigured (base_url); report it instead.

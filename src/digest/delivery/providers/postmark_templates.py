@@ -91,15 +91,16 @@ def neutralize(text: str) -> str:
     return text.replace("{{", _NEUTRAL) if "{{" in text else text
 
 
-def _key(kind: str, slot: str) -> str:
-    return f"{kind}{SLOT_NAMES.index(slot)}"
+def _key(kind: str, slot: str, plain: frozenset[str] = frozenset()) -> str:
+    """A slot's model key: ``h`` or ``t`` and its index; a plain slot's text is its HTML value."""
+    return f"{'h' if slot in plain else kind}{SLOT_NAMES.index(slot)}"
 
 
-def mustachio(parts: Sequence[str], slots: Sequence[str], kind: str) -> str:
+def mustachio(parts: Sequence[str], slots: Sequence[str], kind: str, plain: frozenset[str] = frozenset()) -> str:
     """A body's template: the static parts neutralized, each slot a raw ``{{{h0}}}`` reference."""
     out = [neutralize(parts[0])]
     for slot, part in zip(slots, parts[1:]):
-        out += ("{{{", _key(kind, slot), "}}}", neutralize(part))
+        out += ("{{{", _key(kind, slot, plain), "}}}", neutralize(part))
     return "".join(out)
 
 
@@ -109,23 +110,31 @@ class ServerTemplate(NamedTuple):
     alias: str
     body: dict[str, str]  # the POST /templates request
     keys: tuple[tuple[str, bool, int], ...]  # model keys: (name, from the HTML values?, index)
+    opens: bool  # whether the static text held "{{", so that the model carries "o"
+    plain: tuple[int, ...]  # the indexes of the slots whose text is their HTML value
 
 
 def server_template(template: TemplateMessage) -> ServerTemplate:
     """The template to create for ``template``: its alias names the draft and a hash of the
     content, so a changed draft never meets an old template. Pure."""
+    plain = template.plain_slots
     subject = neutralize(clean_header_value(template.subject))
-    html = mustachio(template.html_parts, template.html_slots, "h")
-    text = mustachio(template.text_parts, template.text_slots, "t")
+    html = mustachio(template.html_parts, template.html_slots, "h", plain)
+    text = mustachio(template.text_parts, template.text_slots, "t", plain)
     digest = hashlib.sha256(json.dumps([subject, html, text]).encode()).hexdigest()[:12]
     alias = f"digest-{template.draft_id}-{digest}"
     keys: dict[str, tuple[str, bool, int]] = {}
     for kind, slots in (("h", template.html_slots), ("t", template.text_slots)):
         for slot in slots:
-            keys.setdefault(_key(kind, slot), (_key(kind, slot), kind == "h", SLOT_NAMES.index(slot)))
+            key = _key(kind, slot, plain)
+            keys.setdefault(key, (key, key[0] == "h", SLOT_NAMES.index(slot)))
     body = {"Name": f"digest draft {template.draft_id} ({digest})", "Alias": alias, "Subject": subject,
             "HtmlBody": html, "TextBody": text, "TemplateType": "Standard"}
-    return ServerTemplate(alias, body, tuple(keys.values()))
+    # Only our own references to "o" can be in the templates as {{{o}}}: a "{{" of the
+    # content's own became one, and slot references name other keys.
+    opens = _NEUTRAL in subject or _NEUTRAL in html or _NEUTRAL in text
+    return ServerTemplate(alias, body, tuple(keys.values()), opens,
+                          tuple(sorted(SLOT_NAMES.index(slot) for slot in plain)))
 
 
 class _Skeleton(NamedTuple):
@@ -162,7 +171,9 @@ class PostmarkTemplateProvider(PostmarkProvider):
         if cached is not None and cached[0] is template:
             return cached[1], cached[2]
         made = server_template(template)
-        keys = tuple(((b',"' if i == 0 else b'","') + name.encode() + b'":"', is_html, index)
+        # The model: "o" first where the static text needs it, then one value per key.
+        opening = b'"' + OPEN_KEY.encode() + b'":"{{"' if made.opens else b""
+        keys = tuple(((b'","' if i else b',"' if made.opens else b'"') + name.encode() + b'":"', is_html, index)
                      for i, (name, is_html, index) in enumerate(made.keys))
         meta = (b'"}' if keys else b"}") + b',"MessageStream":' + self._stream
         if template.tag:
@@ -174,7 +185,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
         skeleton = _Skeleton(
             lead=b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":"',
             model=(b'","TemplateAlias":' + json_string(made.alias)
-                   + b',"InlineCss":false,"TemplateModel":{"' + OPEN_KEY.encode() + b'":"{{"'),
+                   + b',"InlineCss":false,"TemplateModel":{' + opening),
             keys=keys,
             meta=meta,
             draft_tail=draft + tail,
@@ -275,8 +286,9 @@ class PostmarkTemplateProvider(PostmarkProvider):
         the recipients it carries and the results of those refused (an address no header can
         carry). Written as bytes with each value escaped once, not through ``json.dumps``:
         this runs for every reader."""
-        _made, skeleton = self._prepared(template)
+        made, skeleton = self._prepared(template)
         lead, model, keys, meta = skeleton.lead, skeleton.model, skeleton.keys, skeleton.meta
+        plain = made.plain
         next_lead = b"," + lead
         width = len(SLOT_NAMES)
         join = b"".join
@@ -295,11 +307,20 @@ class PostmarkTemplateProvider(PostmarkProvider):
             except ValueError as exc:
                 refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
                 continue
-            run = [next_lead if included else lead, to, model]
-            included.append(r)
             html = [json_escape(v) for v in html_values]
             # The text values are usually the HTML ones (signed links, plain names).
-            text = html if text_values == html_values else [json_escape(v) for v in text_values]
+            if text_values == html_values:
+                text = html
+            elif any(text_values[i] != html_values[i] for i in plain):
+                # The template gives these slots' text their HTML value (see plain_slots):
+                # a reader for whom they differ cannot be sent this template as it is.
+                refused.append(SendResult(ledger_id=r.ledger_id, status="invalid",
+                                          error="a link differs escaped for HTML and for text"))
+                continue
+            else:
+                text = [json_escape(v) for v in text_values]
+            run = [next_lead if included else lead, to, model]
+            included.append(r)
             for key, is_html, index in keys:
                 run += (key, html[index] if is_html else text[index])
             run += (meta, b"%d" % r.ledger_id)
@@ -379,6 +400,8 @@ class PostmarkTemplateProvider(PostmarkProvider):
         (``deferred``) and the template is made again before the next batch. A batch refused
         whole that way stops the send instead of being asked again and again. (Postmark's
         ErrorCode for this was not found documented: the message names the template.)"""
+        if all(r.status != "rejected" for r in results):
+            return results
         refused = [r.status == "rejected" and "template" in (r.error or "").lower() for r in results]
         if not any(refused):
             return results
