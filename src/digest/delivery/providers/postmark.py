@@ -95,21 +95,28 @@ class _Skeleton(NamedTuple):
     headers_tail: bytes  # after the last header value
 
 
-# What makes formataddr quote a display name (RFC 5322 specials, and the dot).
+#: The JSON before a header's value, by the header's name: for the first header of a message
+#: (which opens the array), and for the others (which follow one).
+HeaderPrefixes = tuple[dict[str, bytes], dict[str, bytes]]
 
 
-def header_values(run: list[bytes], headers: Sequence[tuple[str, str]],
-                  prefixes: dict[tuple[str, bool], bytes]) -> None:
+def header_values(run: list[bytes], headers: Sequence[tuple[str, str]], prefixes: HeaderPrefixes) -> None:
     """Append a message's ``Headers`` array entries to ``run``: each header's JSON up to its
-    value (kept in ``prefixes`` for the batch: the header names repeat in every message,
-    keyed by name and whether it opens the array), then the value, cleaned and escaped. The
-    caller writes the array's opening and its closing ``"}]``."""
-    for i, (name, value) in enumerate(headers):
-        key = (name, not i)
-        prefix = prefixes.get(key)
+    value (kept in ``prefixes`` for the batch: the header names repeat in every message),
+    then the value, cleaned and escaped. The caller writes the array's opening and its
+    closing ``"}]``. Runs for every header of every reader: a printable value without
+    quotes or backslashes (ours, as a rule) is cleaned and escaped by ``strip`` alone."""
+    known = prefixes[0]
+    for name, value in headers:
+        prefix = known.get(name)
         if prefix is None:
-            prefix = prefixes[key] = (b'{"Name":' if not i else b'"},{"Name":') + json_string(name) + b',"Value":"'
-        run += (prefix, json_escape(clean_header_value(value)))
+            opening = known is prefixes[0]
+            prefix = known[name] = (b'{"Name":' if opening else b'"},{"Name":') + json_string(name) + b',"Value":"'
+        if value.isprintable() and '"' not in value and "\\" not in value:
+            run += (prefix, value.strip().encode())
+        else:
+            run += (prefix, json_escape(clean_header_value(value)))
+        known = prefixes[1]
 
 
 class PostmarkProvider(HttpProvider):
@@ -282,9 +289,8 @@ class PostmarkProvider(HttpProvider):
         next_lead = b"," + lead
         join = b"".join
         width = len(SLOT_NAMES)
-        # Per batch, the JSON before each header value: the header names repeat in every
-        # message. Keyed by (name, first header of its message).
-        header_prefix: dict[tuple[str, bool], bytes] = {}
+        # Per batch, the JSON before each header value (see header_values).
+        header_prefix: HeaderPrefixes = ({}, {})
         parts: list[bytes] = [b"["]
         included: list[TemplateRecipient] = []
         refused: list[SendResult] = []

@@ -73,7 +73,7 @@ from digest.delivery.providers.base import (
     json_string,
     response_text,
 )
-from digest.delivery.providers.postmark import PostmarkProvider, header_values
+from digest.delivery.providers.postmark import HeaderPrefixes, PostmarkProvider, header_values
 from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import SLOT_NAMES, SendResult, TemplateMessage, TemplateRecipient
 
@@ -292,9 +292,8 @@ class PostmarkTemplateProvider(PostmarkProvider):
         next_lead = b"," + lead
         width = len(SLOT_NAMES)
         join = b"".join
-        # Per batch, the JSON before each header value: the header names repeat in every
-        # message. Keyed by (name, first header of its message).
-        header_prefix: dict[tuple[str, bool], bytes] = {}
+        # Per batch, the JSON before each header value (see header_values).
+        header_prefix: HeaderPrefixes = ({}, {})
         parts: list[bytes] = [b'{"Messages":[']
         included: list[TemplateRecipient] = []
         refused: list[SendResult] = []
