@@ -146,8 +146,13 @@ def slot_values(*, name: str, unsubscribe_url: str, preferences_url: str
         raise RenderError("unsubscribe and preferences URLs must be http(s) URLs")
     clean = _clean_name(name) or NAME_FALLBACK
     # Same order as SLOT_NAMES, which the precomputed fill positions index into.
-    return ((_escape(clean), _escape(unsubscribe_url), _escape(preferences_url)),
-            (clean, unsubscribe_url, preferences_url))
+    text = (clean, unsubscribe_url, preferences_url)
+    html = (_escape(clean), _escape(unsubscribe_url), _escape(preferences_url))
+    # Nothing escaped (the rule: _escape returns a value unchanged as itself): one tuple for
+    # both, which the providers then tell apart from two by identity, once per reader.
+    if html[0] is clean and html[1] is unsubscribe_url and html[2] is preferences_url:
+        return text, text
+    return html, text
 
 
 def personalize(
