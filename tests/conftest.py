@@ -120,18 +120,10 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
 
 
 def reactivate(store: Store, email: str, now: datetime) -> None:
-    """Take a reader back after a bounce or a complaint, as an operator does: the address off the
-    suppression list and the subscriber active again (digest has no command for it; this is
-    what one does to the database)."""
-    from sqlalchemy import delete
-
-    from digest.store.schema import suppressions
-
-    sub = store.subscriber_by_email(email)
-    assert sub is not None
-    with store.engine.begin() as conn:
-        conn.execute(delete(suppressions).where(suppressions.c.email == email.lower()))
-    assert store.set_subscriber_status(sub.id, "active", now)
+    """Take a reader back after a bounce, as an operator does (`digest subscribers reactivate`):
+    the address off the suppression list and the subscriber active again."""
+    done = store.reactivate(email, now)
+    assert done.status == "bounced"
 
 
 @contextmanager

@@ -611,7 +611,7 @@ def status(obj: _Context, draft_id: int | None) -> None:
 
 @cli.group("subscribers")
 def subscribers_group() -> None:
-    """Add, import, export, list and remove subscribers."""
+    """Add, import, export, list, remove and reactivate subscribers."""
 
 
 # The subscriber commands import digest.subscribers themselves: it loads email-validator, which
@@ -677,6 +677,36 @@ def subscribers_remove(obj: _Context, email: str) -> None:
 
     changed = subscribers.remove(obj.app.store, email, clock.now())
     click.echo(f"removed {email.strip().lower()}" if changed else f"{email.strip().lower()} was already removed")
+
+
+# How `subscribers reactivate` names the suppression it lifted.
+_LIFTED = {"hard_bounce": "hard bounce", "soft_bounce_limit": "too many soft bounces",
+           "provider_suppressed": "refused by {origin}"}
+
+
+@subscribers_group.command("reactivate")
+@click.argument("email")
+@pass_ctx
+def subscribers_reactivate(obj: _Context, email: str) -> None:
+    """Take back a reader whose address bounced (the mailbox was full, the domain is fixed).
+
+    Never one who unsubscribed or complained: only the reader can subscribe again.
+    """
+    from digest import subscribers
+
+    done = subscribers.reactivate(obj.app.store, email, clock.now())
+    was = done.status if done.status not in (None, "active") else "suppressed"
+    provider = done.origin or "the provider"
+    if done.reason is not None:
+        was += ": " + _LIFTED.get(done.reason, done.reason).format(origin=provider)
+        if done.suppressed_at is not None:
+            was += f" on {done.suppressed_at.astimezone(obj.settings.newsletter.tz):%Y-%m-%d}"
+    line = f"reactivated {done.email} (was {was})"
+    if done.reason == "provider_suppressed":
+        line += f"; {provider} keeps its own list: take the address off it there too"
+    if done.status is None:
+        line += "; not a subscriber: `digest subscribers add` subscribes it"
+    click.echo(line)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""Subscribers: add, import, export, remove, unsubscribe. Addresses are kept lower-cased.
+"""Subscribers: add, import, export, remove, reactivate, unsubscribe. Addresses are kept lower-cased.
 
-Nothing here ever re-activates an address that unsubscribed, bounced or complained: that
-takes the subscriber's own new consent, which a CSV file cannot show.
+Nothing here ever re-activates an address that unsubscribed or complained: that takes the
+subscriber's own new consent, which a CSV file cannot show. An address that bounced comes back
+only by :func:`reactivate`, the operator's word that the mailbox takes mail again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from email_validator import EmailNotValidError, validate_email
 from digest import tokens
 from digest.errors import SubscriberError, TokenError
 from digest.store import Store
-from digest.store.store import Subscriber
+from digest.store.store import Reactivated, Subscriber
 
 UNSUBSCRIBE = "unsubscribe"
 PREFERENCES = "preferences"
@@ -139,6 +140,14 @@ def remove(store: Store, email: str, now: datetime) -> bool:
     return store.set_subscriber_status(existing.id, "removed", now)
 
 
+def reactivate(store: Store, email: str, now: datetime) -> Reactivated:
+    """Take back an address suppressed for a bounce (the mailbox was full, the domain is fixed):
+    ``SubscriberError`` naming what to do instead if it is not one (see ``Store.reactivate``)."""
+    if not email.strip():
+        raise SubscriberError("empty address")
+    return store.reactivate(email, now)
+
+
 def token_for(secret: str, purpose: str, subscriber_id: int, email: str) -> str:
     """The opaque token in a subscriber's unsubscribe or preferences link."""
     return tokens.LinkSigner(secret, purpose).sign(subscriber_id, email)
@@ -154,8 +163,10 @@ def subscriber_for_token(store: Store, secret: str, purpose: str, token: str) ->
 
 
 def unsubscribe(store: Store, subscriber: Subscriber, now: datetime) -> bool:
-    """Unsubscribe at once (idempotent): True if this call changed anything."""
-    if subscriber.status != "active":
+    """Unsubscribe at once (idempotent): True if this call changed anything. A reader whose
+    address bounced is unsubscribed too: their choice then stands when the operator takes
+    bounced addresses back (:func:`reactivate`)."""
+    if subscriber.status not in ("active", "bounced"):
         return False
     changed = store.set_subscriber_status(subscriber.id, "unsubscribed", now)
     store.suppress(subscriber.email, "unsubscribed", "link", now)

@@ -813,7 +813,7 @@ def test_0009_drops_the_ledgers_foreign_keys_and_keeps_its_rows_and_rule_1(db_ur
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0008")
     assert _ledger_keys(engine) == {"fk_send_ledger_draft_id_drafts", "fk_send_ledger_subscriber_id_subscribers"}
-    assert db.upgrade(engine) == ("0008", "0009") and db.HEAD == "0009"
+    assert db.upgrade(engine) == ("0008", db.HEAD)
     assert _ledger_keys(engine) == set()
     # The rows, their ids and the send's progress are as they were; the send goes on.
     assert store.ledger_rows(draft_id) == before

@@ -270,6 +270,19 @@ suppressions = Table(
     _ts("created_at", nullable=False),
 )
 
+# The addresses an operator took back after a bounce (`digest subscribers reactivate`,
+# Store.reactivate): one row per address, its latest reactivation, with the suppression it
+# lifted (``reason`` NULL: the subscriber was bounced without one). An address's soft bounces
+# count from its reactivation on, not from before it (Store._apply_events).
+reactivations = Table(
+    "reactivations",
+    metadata,
+    Column("email", String(320), primary_key=True),
+    Column("reason", String(40), nullable=True),
+    _ts("suppressed_at"),
+    _ts("reactivated_at", nullable=False),
+)
+
 meta = Table(
     "meta",
     metadata,

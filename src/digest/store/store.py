@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from digest.clock import as_utc
-from digest.errors import DraftError, StoreError, TakenOverError
+from digest.errors import DraftError, StoreError, SubscriberError, TakenOverError
 from digest.store import db
 from digest.store.schema import (
     comments,
@@ -54,6 +54,7 @@ from digest.store.schema import (
     essays,
     leases,
     meta,
+    reactivations,
     send_ledger,
     source_state,
     subscribers,
@@ -96,6 +97,12 @@ ReplaySeen = Literal["new", "duplicate", "conflict"]
 # Any other reason (an unsubscribe, by link or through a provider) is "unsubscribed".
 _SUPPRESSED_STATUS = {"hard_bounce": "bounced", "provider_suppressed": "bounced", "soft_bounce_limit": "bounced",
                       "complaint": "complained"}
+# The reasons an operator may lift (Store.reactivate): the bounces. A complaint or an unsubscribe
+# was the reader's own choice, and only the reader can subscribe again.
+BOUNCE_REASONS = frozenset(reason for reason, status in _SUPPRESSED_STATUS.items() if status == "bounced")
+# Event types by which a reader says no. They are stored even when the address is suppressed
+# already (for a bounce), where they change nothing else: Store.reactivate reads them.
+_REFUSING_EVENTS = ("complaint", "unsubscribe")
 
 
 def _sendable() -> ColumnElement[bool]:
@@ -192,6 +199,19 @@ class SuppressionRules:
 
 
 @dataclass(frozen=True)
+class Reactivated:
+    """What :meth:`Store.reactivate` took back: the subscriber's status before (``None``: the
+    address was suppressed without being a subscriber) and the suppression it lifted (``reason``
+    ``None``: the subscriber was bounced without one), made by ``origin`` at ``suppressed_at``."""
+
+    email: str
+    status: str | None
+    reason: str | None
+    origin: str
+    suppressed_at: datetime | None
+
+
+@dataclass(frozen=True)
 class WebhookApplied:
     """What :meth:`Store.apply_webhook` did. ``seen`` is ``"new"`` when the request's events were
     stored and applied now; for a ``"duplicate"`` or a ``"conflict"`` nothing was written.
@@ -243,7 +263,8 @@ _AS_READ = {"queued": "pending", "sending": "claimed"}
 
 
 def _address_lock(email: str) -> int:
-    """A PostgreSQL advisory lock key (a signed 64-bit integer) for an address's soft bounces."""
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) for what may suppress an address
+    or take it back (its webhook events, its reactivation), one transaction at a time."""
     return int.from_bytes(hashlib.sha256(f"soft-bounce:{email}".encode()).digest()[:8], "big", signed=True)
 
 
@@ -873,6 +894,75 @@ class Store:
                      .values(status=_SUPPRESSED_STATUS.get(reason, "unsubscribed"), updated_at=now,
                              unsubscribed_at=now))
 
+    def reactivate(self, email: str, now: datetime) -> Reactivated:
+        """Take an address back after a bounce, in one transaction: its suppression lifted, its
+        subscriber (if it has one) active again, and its soft bounces counted from ``now`` on.
+
+        ``SubscriberError``, and nothing written, for an address that is neither a subscriber
+        nor suppressed, one active and not suppressed, one removed, and one whose reader said
+        no: unsubscribed or complained, by its status, its suppression's reason, or an event
+        received since its last reactivation (a complaint arriving while it was suppressed for
+        a bounce changed neither).
+        """
+        email = email.strip().lower()
+        with self._tx() as conn:
+            if self.dialect == "postgresql":
+                # A webhook takes the same lock before it suppresses the address (_apply_events):
+                # a complaint being applied now is read below, or applied after this commits.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _address_lock(email)})
+            # First, and a write: on SQLite the transaction holds the write lock from here, so
+            # what it reads below stays so until it commits. A refusal raises: all rolled back.
+            lifted = conn.execute(delete(suppressions).where(suppressions.c.email == email).returning(
+                suppressions.c.reason, suppressions.c.origin, suppressions.c.created_at)).first()
+            # Locked on PostgreSQL: an unsubscribe by link meanwhile waits, and applies after this.
+            sub = conn.execute(select(subscribers.c.id, subscribers.c.status, subscribers.c.unsubscribed_at)
+                               .where(subscribers.c.email == email).with_for_update()).first()
+            status = None if sub is None else str(sub.status)
+            reason = None if lifted is None else str(lifted.reason)
+            self._refuse_reactivation(conn, email, status, reason)
+            if lifted is not None:
+                suppressed_at = _dt(lifted.created_at)
+            else:  # a subscriber bounced without a suppression
+                suppressed_at = None if sub is None else _dt(sub.unsubscribed_at)
+            values = {"reason": reason, "suppressed_at": suppressed_at, "reactivated_at": now}
+            conn.execute(self._insert(reactivations).values(email=email, **values)
+                         .on_conflict_do_update(index_elements=[reactivations.c.email], set_=values))
+            if sub is not None and status != "active":
+                conn.execute(update(subscribers).where(subscribers.c.id == sub.id)
+                             .values(status="active", updated_at=now, unsubscribed_at=None))
+        return Reactivated(email, status, reason, "" if lifted is None else str(lifted.origin), suppressed_at)
+
+    @staticmethod
+    def _refuse_reactivation(conn: Connection, email: str, status: str | None, reason: str | None) -> None:
+        """Raise ``SubscriberError`` unless :meth:`reactivate` may take ``email`` back, given its
+        subscriber's ``status`` and its suppression's ``reason`` (``None``: there is none)."""
+        if status is None and reason is None:
+            raise SubscriberError(f"{email} is neither a subscriber nor suppressed",
+                                  hint="check the address: `digest subscribers list` lists them")
+        said_no = status if status in ("unsubscribed", "complained") else None
+        if said_no is None and reason is not None and reason not in BOUNCE_REASONS:
+            said_no = _SUPPRESSED_STATUS.get(reason, "unsubscribed")
+        if said_no is not None:
+            raise SubscriberError(f"{email} is {said_no} and will not be reactivated",
+                                  hint="only the reader can subscribe again")
+        if status == "removed":
+            then = ", then reactivate it" if reason else ""
+            raise SubscriberError(f"{email} was removed and will not be reactivated",
+                                  hint=f"`digest subscribers add` takes it back{then}")
+        if status == "active" and reason is None:
+            raise SubscriberError(f"{email} is active and not suppressed", hint="there is nothing to reactivate")
+        since = conn.execute(select(reactivations.c.reactivated_at).where(reactivations.c.email == email)).scalar()
+        said = [delivery_events.c.email == email, delivery_events.c.event_type.in_(_REFUSING_EVENTS)]
+        if since is not None:
+            said.append(delivery_events.c.received_at > as_utc(since))
+        event = conn.execute(select(delivery_events.c.event_type, delivery_events.c.received_at).where(*said)
+                             .order_by(delivery_events.c.received_at.desc()).limit(1)).first()
+        if event is not None:
+            what = "complained" if event.event_type == "complaint" else "unsubscribed"
+            raise SubscriberError(f"{email} bounced but {what} on {as_utc(event.received_at):%Y-%m-%d} "
+                                  "and will not be reactivated",
+                                  hint="only the reader can subscribe again")
+
     def record_event(self, event: DeliveryEvent, now: datetime) -> bool:
         """Store a provider event once, without applying it; returns False for a replay of one
         already stored. Webhooks go through :meth:`apply_webhook`, which applies what it stores."""
@@ -1016,18 +1106,26 @@ class Store:
                 soft.append(email)
         since = now - rules.soft_bounce_window
         soft = [email for email in soft if email not in reasons]
-        if soft and self.dialect == "postgresql":
+        if self.dialect == "postgresql":
             # Two requests bringing the bounces that reach the limit at once would each count
-            # its own uncommitted event only, and neither would suppress. One at a time per
-            # address, until commit: the second counts after the first committed (each
-            # statement reads what is committed when it starts). SQLite has one writer anyway.
-            for email in sorted(soft):
+            # its own uncommitted event only, and neither would suppress; a reactivation
+            # deciding on an address while a complaint for it is being applied would take the
+            # reader back against it. One at a time per address, until commit: the second
+            # counts, suppresses or decides after the first committed (each statement reads
+            # what is committed when it starts). SQLite has one writer anyway.
+            for email in sorted({*reasons, *soft}):
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _address_lock(email)})
+        # An address taken back after a bounce counts its soft bounces from then on.
+        taken_back = {r.email: as_utc(r.reactivated_at) for r in conn.execute(
+            select(reactivations.c.email, reactivations.c.reactivated_at).where(reactivations.c.email.in_(soft)))
+        } if soft else {}
         for email in soft:
-            if conn.execute(
-                    select(func.count()).select_from(delivery_events).where(and_(
-                        delivery_events.c.email == email, delivery_events.c.event_type == "soft_bounce",
-                        delivery_events.c.received_at >= since))).scalar_one() >= rules.soft_bounce_limit:
+            counted = [delivery_events.c.email == email, delivery_events.c.event_type == "soft_bounce",
+                       delivery_events.c.received_at >= since]
+            if email in taken_back:
+                counted.append(delivery_events.c.received_at > taken_back[email])
+            if conn.execute(select(func.count()).select_from(delivery_events).where(
+                    and_(*counted))).scalar_one() >= rules.soft_bounce_limit:
                 reasons[email] = "soft_bounce_limit"
         for email in sorted(reasons):
             self._suppress(conn, email, reasons[email], provider, now)
