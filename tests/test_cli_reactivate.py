@@ -107,8 +107,9 @@ def test_soft_bounces_count_again_from_zero_and_a_bounce_suppresses_again(cfg: s
 def test_what_a_provider_refused_or_an_address_not_subscribed_says(cfg: str, app: pipeline.App) -> None:
     app.store.suppress("bo@example.org", "provider_suppressed", "postmark", NOW)
     code, out = invoke("--config", cfg, "subscribers", "reactivate", "bo@example.org")
-    assert (code, out) == (0, "reactivated bo@example.org (was bounced: refused by postmark on 2026-11-26); "
-                              "postmark keeps its own list: take the address off it there too\n")
+    assert code == 1 and out.count("\n") == 1 and "--provider-cleared" in out and "complaint" in out
+    code, out = invoke("--config", cfg, "subscribers", "reactivate", "--provider-cleared", "bo@example.org")
+    assert (code, out) == (0, "reactivated bo@example.org (was bounced: refused by postmark on 2026-11-26)\n")
     app.store.suppress("new@example.com", "hard_bounce", "sendgrid", NOW)
     code, out = invoke("--config", cfg, "subscribers", "reactivate", "new@example.com")
     assert (code, out) == (0, "reactivated new@example.com (was suppressed: hard bounce on 2026-11-26); "

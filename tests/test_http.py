@@ -333,12 +333,24 @@ def test_a_netrc_entry_adds_no_credentials_to_provider_calls(monkeypatch: pytest
     assert recorder.sent[0][0].headers["X-Postmark-Server-Token"] == "k"
 
 
-def test_settings_already_on_the_session_win(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_environment_overrides_the_sessions_own_as_in_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     session = build_session()
     session.proxies["https"] = "http://chosen:1"
-    session.verify = False
     monkeypatch.setenv("HTTPS_PROXY", "http://env:2")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/env.pem")
+    expected = session.merge_environment_settings("https://api.example.org", {}, None, None, None)
     read_environment_once(session, "https://api.example.org")
-    assert session.proxies["https"] == "http://chosen:1" and session.verify is False
+    assert session.proxies["https"] == expected["proxies"]["https"] == "http://env:2"
+    assert session.verify == expected["verify"] == "/env.pem"
     assert session.trust_env is False
+
+
+@pytest.mark.parametrize("base_url", ["https://[::1", "https://api.postmarkapp.example:99999"])
+def test_a_base_url_that_cannot_be_parsed_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, base_url: str) -> None:
+    from digest.errors import BlockedError
+
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    provider, recorder = _provider_with_recorder(monkeypatch, base_url)
+    with pytest.raises(BlockedError) as caught:
+        provider.check()  # type: ignore[attr-defined]
+    assert "delivery.base_url" in (caught.value.hint or "") and recorder.sent == []

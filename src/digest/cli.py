@@ -686,15 +686,18 @@ _LIFTED = {"hard_bounce": "hard bounce", "soft_bounce_limit": "too many soft bou
 
 @subscribers_group.command("reactivate")
 @click.argument("email")
+@click.option("--provider-cleared", is_flag=True,
+              help="The provider had refused the address itself; you checked its suppression list (not a "
+                   "complaint) and took the address off it.")
 @pass_ctx
-def subscribers_reactivate(obj: _Context, email: str) -> None:
+def subscribers_reactivate(obj: _Context, email: str, provider_cleared: bool) -> None:
     """Take back a reader whose address bounced (the mailbox was full, the domain is fixed).
 
     Never one who unsubscribed or complained: only the reader can subscribe again.
     """
     from digest import subscribers
 
-    done = subscribers.reactivate(obj.app.store, email, clock.now())
+    done = subscribers.reactivate(obj.app.store, email, clock.now(), provider_cleared=provider_cleared)
     was = done.status if done.status not in (None, "active") else "suppressed"
     provider = done.origin or "the provider"
     if done.reason is not None:
@@ -702,8 +705,6 @@ def subscribers_reactivate(obj: _Context, email: str) -> None:
         if done.suppressed_at is not None:
             was += f" on {done.suppressed_at.astimezone(obj.settings.newsletter.tz):%Y-%m-%d}"
     line = f"reactivated {done.email} (was {was})"
-    if done.reason == "provider_suppressed":
-        line += f"; {provider} keeps its own list: take the address off it there too"
     if done.status is None:
         line += "; not a subscriber: `digest subscribers add` subscribes it"
     click.echo(line)

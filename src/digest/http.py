@@ -44,20 +44,20 @@ def build_session(*, pool_size: int = 10, user_agent: str = USER_AGENT) -> reque
 def read_environment_once(session: requests.Session, url: str) -> None:
     """Settle, once, what ``requests`` otherwise reads from the environment on every request
     to ``url``: the proxy (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, with ``NO_PROXY``
-    applied to this URL's host) and the CA bundle (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``).
+    applied to this URL's host) and the CA bundle (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``),
+    each overriding the session's own as in ``requests``.
 
-    For a provider's session, which sends batch after batch to one host: the per-request
-    reading (the environment, a ``.netrc`` lookup) cost a third of each call's own CPU time.
-    ``.netrc`` is not read at all: a provider authenticates with its own header, which a
-    password from a file must not join. Settings already on the session win, as they do in
-    ``requests``.
+    For a provider's session, which sends batch after batch to one host (``NO_PROXY`` is
+    read for that host): the per-request reading (the environment, a ``.netrc`` lookup) cost
+    a third of each call's own CPU time. ``.netrc`` is not read at all: a provider
+    authenticates with its own header, which a password from a file must not replace.
+    Raises ``ValueError`` for a URL that cannot be parsed.
     """
     if not session.trust_env:
         return
-    for scheme, proxy in requests.utils.get_environ_proxies(url).items():
-        session.proxies.setdefault(scheme, proxy)
+    session.proxies.update(requests.utils.get_environ_proxies(url))
     bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if bundle and session.verify is True:
+    if bundle:
         session.verify = bundle
     session.trust_env = False
 

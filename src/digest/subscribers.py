@@ -140,12 +140,12 @@ def remove(store: Store, email: str, now: datetime) -> bool:
     return store.set_subscriber_status(existing.id, "removed", now)
 
 
-def reactivate(store: Store, email: str, now: datetime) -> Reactivated:
+def reactivate(store: Store, email: str, now: datetime, *, provider_cleared: bool = False) -> Reactivated:
     """Take back an address suppressed for a bounce (the mailbox was full, the domain is fixed):
     ``SubscriberError`` naming what to do instead if it is not one (see ``Store.reactivate``)."""
     if not email.strip():
         raise SubscriberError("empty address")
-    return store.reactivate(email, now)
+    return store.reactivate(email, now, provider_cleared=provider_cleared)
 
 
 def token_for(secret: str, purpose: str, subscriber_id: int, email: str) -> str:

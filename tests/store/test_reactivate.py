@@ -64,8 +64,18 @@ def test_the_other_bounces_are_taken_back_too(store: Store, reason: str) -> None
     store.upsert_subscribers([("ada@x.org", "Ada")], "cli", NOW)
     store.suppress("ada@x.org", reason, "postmark", NOW)
     assert status(store) == "bounced"
-    assert store.reactivate("ada@x.org", LATER) == Reactivated("ada@x.org", "bounced", reason, "postmark", NOW)
+    assert store.reactivate("ada@x.org", LATER, provider_cleared=True) == Reactivated(
+        "ada@x.org", "bounced", reason, "postmark", NOW)
     assert status(store) == "active" and suppression(store) is None
+
+
+def test_an_address_the_provider_refused_needs_the_operators_word_that_it_cleared_it(store: Store) -> None:
+    store.upsert_subscribers([("ada@x.org", "Ada")], "cli", NOW)
+    store.suppress("ada@x.org", "provider_suppressed", "postmark", NOW)
+    with pytest.raises(SubscriberError, match="refused by postmark, whose list may hold it for a complaint") as caught:
+        store.reactivate("ada@x.org", LATER)
+    assert "--provider-cleared" in (caught.value.hint or "")
+    assert status(store) == "bounced" and suppression(store) == "provider_suppressed"  # nothing written
 
 
 @pytest.mark.parametrize(("event_type", "said_no"), [("complaint", "complained"), ("unsubscribe", "unsubscribed")])

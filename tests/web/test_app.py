@@ -112,3 +112,21 @@ def test_review_link_in_the_draft_ready_email_shows_the_draft(tmp_path: Path, cl
     assert client.get(url.group(1)[:-3] + "xyz").status_code == 404
     assert client.get(f"/drafts/{draft.id}/forged").status_code == 404
     a.close()
+
+
+def test_a_bounced_reader_can_still_unsubscribe_from_both_pages(app: pipeline.App, client: FlaskClient,
+                                                                clock: FrozenClock) -> None:
+    from digest.errors import SubscriberError
+
+    app.store.suppress("ann@example.com", "hard_bounce", "postmark", clock())
+    assert status(app) == "bounced"
+    unsub, prefs = tokens(app)
+    page = client.get(f"/u/{unsub}")
+    assert b"paused because it bounced" in page.data and b'method="post"' in page.data
+    assert f'action="/u/{unsub}"'.encode() in client.get(f"/preferences/{prefs}").data
+    assert status(app) == "bounced"  # the pages change nothing
+    done = client.post(f"/u/{unsub}")
+    assert b"You are unsubscribed" in done.data and status(app) == "unsubscribed"
+    with pytest.raises(SubscriberError, match="only the reader"):  # the operator cannot undo it
+        subscribers.reactivate(app.store, "ann@example.com", clock())
+    assert status(app) == "unsubscribed"

@@ -894,7 +894,7 @@ class Store:
                      .values(status=_SUPPRESSED_STATUS.get(reason, "unsubscribed"), updated_at=now,
                              unsubscribed_at=now))
 
-    def reactivate(self, email: str, now: datetime) -> Reactivated:
+    def reactivate(self, email: str, now: datetime, *, provider_cleared: bool = False) -> Reactivated:
         """Take an address back after a bounce, in one transaction: its suppression lifted, its
         subscriber (if it has one) active again, and its soft bounces counted from ``now`` on.
 
@@ -902,7 +902,9 @@ class Store:
         nor suppressed, one active and not suppressed, one removed, and one whose reader said
         no: unsubscribed or complained, by its status, its suppression's reason, or an event
         received since its last reactivation (a complaint arriving while it was suppressed for
-        a bounce changed neither).
+        a bounce changed neither). An address the provider itself refused (``provider_suppressed``)
+        only with ``provider_cleared``: the provider's own list may hold it for a complaint,
+        which only the provider can tell.
         """
         email = email.strip().lower()
         with self._tx() as conn:
@@ -920,6 +922,11 @@ class Store:
             status = None if sub is None else str(sub.status)
             reason = None if lifted is None else str(lifted.reason)
             self._refuse_reactivation(conn, email, status, reason)
+            if lifted is not None and reason == "provider_suppressed" and not provider_cleared:
+                by = lifted.origin or "the provider"
+                raise SubscriberError(f"{email} was refused by {by}, whose list may hold it for a complaint",
+                                      hint=f"check {by}'s suppression list; if it was a bounce, take the address "
+                                           "off there, then run again with --provider-cleared")
             if lifted is not None:
                 suppressed_at = _dt(lifted.created_at)
             else:  # a subscriber bounced without a suppression

@@ -601,7 +601,11 @@ class HttpProvider(Provider):
         :class:`UncertainDeliveryError`; without it (``check()``) a plain retryable error.
         """
         if self.session.trust_env:  # the first request: every later one goes to the same host
-            read_environment_once(self.session, url)
+            try:
+                read_environment_once(self.session, url)
+            except ValueError as exc:  # what requests would have refused as an invalid URL
+                raise self.transport_error(requests.exceptions.InvalidURL(str(exc)), url,
+                                           sends_mail=sends_mail) from exc
         try:
             # Why no redirects: requests would replay a POST as a GET on 301/302, and a provider
             # API that redirects is misconfigured (base_url); report it instead.

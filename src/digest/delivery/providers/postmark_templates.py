@@ -40,7 +40,8 @@ What Postmark's API does here, and where each fact comes from (checked Dec 2026)
 
 **Injection.** The draft's static parts hold essay and comment text, and the Subject too:
 none of it may be read as Mustachio. Every ``{{`` in them becomes ``{{{o}}}``, a raw
-reference to the model value ``"o": "{{"`` that every message carries. Then no tag can start
+reference to the model value ``"o": "{{"`` that every message then carries (a draft
+without ``{{`` anywhere needs no ``"o"``, and its messages carry none). Then no tag can start
 in static text: a tag needs two adjacent opening braces, and after the replacement every pair
 of them in static text begins our own ``{{{o}}}`` (a lone ``{`` left over from an odd run sits
 right after one, and before a slot's ``{{{`` it cannot begin a tag, since two or three braces
@@ -50,7 +51,10 @@ the reader as written (tests/delivery/test_postmark_templates.py).
 
 The slots are ``{{{h0}}}``... in the HTML and ``{{{t0}}}``... in the text (``h``/``t`` and the
 slot's index in ``SLOT_NAMES``): raw, because :func:`~digest.render.slot_values` already
-escaped each value for its part, exactly as a full body would have it.
+escaped each value for its part, exactly as a full body would have it. A slot in
+``TemplateMessage.plain_slots`` (the signed links, whose HTML value is their text for every
+reader) is ``{{{h1}}}`` in the text too: one value in the model for both parts, about 130 bytes
+less per message. A reader for whom the two differ after all is refused, never sent wrong.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ from digest.types import SLOT_NAMES, SendResult, TemplateMessage, TemplateRecipi
 
 log = logging.getLogger(__name__)
 
-OPEN_KEY = "o"  # the model value every message carries: "{{", for the static text's own "{{"
+OPEN_KEY = "o"  # the model value "{{", for the static text's own "{{" (carried where there is one)
 _NEUTRAL = "{{{" + OPEN_KEY + "}}}"
 _HINT = ("delivery.postmark_templates needs a server token that may manage templates and room for "
          "one more template in the Postmark server; or set delivery.postmark_templates: false")
