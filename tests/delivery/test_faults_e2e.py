@@ -88,13 +88,13 @@ def open_app(tmp_path: Path, clock: FrozenClock, delivery: dict[str, Any]) -> pi
     return app
 
 
-def send(app: pipeline.App, pauses: list[float]) -> SendSummary:
+def send(app: pipeline.App, pauses: list[float], **options: Any) -> SendSummary:
     """One run of the real sender on the draft, as ``digest send`` runs it, except that its
     waits (retry backoff, Retry-After) are appended to ``pauses`` instead of slept."""
     (draft_id,) = app.store.due_drafts(app.now())
     draft = app.store.get_draft(draft_id)
     sender = Sender(app.store, app.provider, app.settings, draft, pipeline.compile_for(app, draft),
-                    app.link_pair, now=app.now, sleep=pauses.append)
+                    app.link_pair, now=app.now, sleep=pauses.append, **options)
     return sender.run()
 
 
@@ -403,6 +403,97 @@ def test_resend_leaves_a_garbled_answer_uncertain_and_the_next_run_settles_it_un
     garbled, resent = srv.requests[0], srv.requests[-1]
     assert resent.headers["idempotency-key"] == garbled.headers["idempotency-key"]
     assert (garbled.ledger_ids, resent.ledger_ids) == (ids_of(app, EMAILS[:BATCH]), [])
+    app.close()
+
+
+# -- a call refused for good: its reader fails, the batch goes on --------------------------------
+
+# Providers that send a call per reader, and what refuses one reader's call for good.
+PER_READER = ["ses", "sendgrid-full-bodies", "mailgun-full-bodies"]
+REFUSALS: dict[str, Fault] = {
+    "bad-request": ("status", 400),
+    "limit-exceeded": ("status", 400, {"x-amzn-ErrorType": "LimitExceededException"}),
+}
+
+
+def errors(app: pipeline.App) -> dict[str, str]:
+    with app.store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT s.email, l.error FROM send_ledger l JOIN subscribers s "
+                                    "ON s.id = l.subscriber_id WHERE l.status = 'failed'").all()
+    return {email: error for email, error in rows}
+
+
+@pytest.mark.parametrize("bad", [0, BATCH], ids=["first-batch", "second-batch"])
+@pytest.mark.parametrize("provider", PER_READER)
+def test_a_call_refused_for_good_fails_its_reader_alone(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str, bad: int) -> None:
+    """The provider refuses the first call of a batch for good (a 400 about that message):
+    that reader's message fails, with the provider's error, and every other reader of the
+    batch, never asked about when the refusal came, still gets exactly one copy."""
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    srv.faults.extend([("pass",)] * bad + [REFUSALS["bad-request"]])
+    summary = send(app, [])
+
+    assert copies(srv) == once([e for e in EMAILS if e != EMAILS[bad]])
+    rows = ledger(app)
+    assert with_status(rows, "failed") == [EMAILS[bad]]
+    assert with_status(rows, "sent") == sorted(set(EMAILS) - {EMAILS[bad]})
+    assert summary.finished and summary.sent == 11 and sum(summary.failed.values()) == 1
+    assert summary.uncertain == 0 and summary.retries == 0 and summary.stopped is None
+    (error,) = errors(app).values()
+    assert "HTTP 400" in error
+    app.close()
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_ses_refusing_one_message_for_good_fails_it_alone(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, refusal: str) -> None:
+    """SES's answers for one message that no retry fixes (a 400, LimitExceededException) in
+    the middle of a batch whose first call it refused too: both readers fail, each with its
+    own error; the other two readers of the batch and the other batches get one copy each."""
+    install_ses(srv, secret_key=TOKEN)
+    app = open_app(tmp_path, clock, {**PROVIDERS["ses"].delivery, "base_url": srv.url})
+    srv.faults.extend([REFUSALS[refusal], ("pass",), REFUSALS[refusal]])
+    summary = send(app, [])
+
+    refused = [EMAILS[0], EMAILS[2]]
+    assert copies(srv) == once([e for e in EMAILS if e not in refused])
+    rows = ledger(app)
+    assert with_status(rows, "failed") == refused
+    assert with_status(rows, "sent") == sorted(set(EMAILS) - set(refused))
+    assert summary.finished and summary.sent == 10 and summary.retries == 0
+    kind = "LimitExceededException" if refusal == "limit-exceeded" else "BadRequestException"
+    assert summary.failed == {"HTTP 400 LimitExceededException" if refusal == "limit-exceeded" else "HTTP 400": 2}
+    assert sorted(errors(app)) == refused and all(kind in e for e in errors(app).values())
+    app.close()
+
+
+@pytest.mark.parametrize("provider", PER_READER)
+def test_every_call_refused_for_good_fails_the_batches_and_pauses_the_send(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str) -> None:
+    """Every call refused for good (a setting the provider rejects, whoever the reader): each
+    call of a batch is tried, the batch fails as a whole, and after the configured number of
+    failed batches in a row the send pauses with the rest still in the queue; the next run,
+    the setting fixed, sends them once."""
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    srv.faults.extend([REFUSALS["bad-request"]] * (2 * BATCH))
+    summary = send(app, [], max_consecutive_failures=2)
+
+    assert [r.ledger_ids for r in srv.requests] == [[]] * (2 * BATCH)  # every call tried, none taken
+    assert copies(srv) == collections.Counter()
+    rows = ledger(app)
+    assert with_status(rows, "failed") == EMAILS[: 2 * BATCH]
+    assert with_status(rows, "pending") == EMAILS[2 * BATCH:]
+    assert not summary.finished and summary.sent == 0 and sum(summary.failed.values()) == 2 * BATCH
+    assert summary.stopped and summary.stopped.startswith("paused after 2 failed batches in a row")
+
+    again = send(app, [])
+    assert again.finished and again.sent == len(EMAILS) - 2 * BATCH
+    assert copies(srv) == once(EMAILS[2 * BATCH:])
     app.close()
 
 

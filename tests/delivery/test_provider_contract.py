@@ -39,7 +39,7 @@ from digest.delivery.providers.base import (
     send_in_calls,
 )
 from digest.delivery.providers.registry import PROVIDERS, build_provider, provider_class
-from digest.errors import AuthError, DeliveryError
+from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 from tests.delivery.conftest import MessageFactory
 from tests.fakes.provider_server import (
@@ -524,7 +524,7 @@ def test_send_in_calls_returns_every_result(make_message: MessageFactory) -> Non
     [
         DeliveryError("429", retryable=True, status=429, retry_after=2),
         AuthError("no", status=401),
-        DeliveryError("suspended", retryable=False),
+        BlockedError("account suspended", status=400),
     ],
 )
 def test_send_in_calls_raises_when_nothing_was_accepted(
@@ -582,6 +582,132 @@ def test_send_in_calls_reports_uncertain_calls_apart(make_message: MessageFactor
         (3, "deferred"),
         (4, "deferred"),
     ]
+
+
+# A call the provider refused for good: SES's 400 for that one message.
+def _refused(ledger_id: int) -> DeliveryError:
+    return DeliveryError(f"ses: HTTP 400 BadRequestException: bad message {ledger_id}", retryable=False, status=400)
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+@pytest.mark.parametrize("bad", [1, 3])
+def test_send_in_calls_fails_only_the_call_refused_for_good_and_goes_on(
+    make_message: MessageFactory, bad: int, concurrency: int
+) -> None:
+    """A permanent error about one call's message fails that message, worded as the sender
+    words a failed batch, and every other call still runs: also when it is the batch's first
+    call, before anything was accepted."""
+    tried: list[int] = []
+
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        tried.append(ms[0].ledger_id)
+        if ms[0].ledger_id == bad:
+            raise _refused(bad)
+        return [SendResult(ms[0].ledger_id, "sent", "id")]
+
+    results = send_in_calls("t", [[m] for m in _msgs(make_message, 5)], send, concurrency=concurrency)
+    assert sorted(tried) == [1, 2, 3, 4, 5]
+    assert [(r.ledger_id, r.status) for r in results] == [
+        (i, "failed" if i == bad else "sent") for i in range(1, 6)]
+    assert results[bad - 1].error == str(_refused(bad))
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_send_in_calls_raises_the_first_error_when_every_call_was_refused_for_good(
+    make_message: MessageFactory, concurrency: int
+) -> None:
+    """Every call refused (a setting the provider rejects, whoever the reader): the batch
+    fails as a whole, as for one call, so the sender counts it toward its pause; each call
+    was tried and the journal has each message's own verdict."""
+    errors = {i: _refused(i) for i in range(1, 5)}
+    tried: list[int] = []
+
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        tried.append(ms[0].ledger_id)
+        if ms[0].ledger_id == 2:
+            return [SendResult(2, "rejected", None, "refused")]  # refused too: nobody accepted
+        raise errors[ms[0].ledger_id]
+
+    journal = _Journal()
+    token = call_journal.set(journal)
+    try:
+        with pytest.raises(DeliveryError) as info:
+            send_in_calls("t", [[m] for m in _msgs(make_message, 4)], send, concurrency=concurrency)
+    finally:
+        call_journal.reset(token)
+    assert info.value is errors[1]  # the first call's, whichever answered first
+    assert sorted(tried) == [1, 2, 3, 4]
+    done = sorted(r for kind, rs in journal.events if kind == "done" for r in rs)
+    assert done == [(1, "failed"), (2, "rejected"), (3, "failed"), (4, "failed")]
+
+
+def test_send_in_calls_returns_refused_and_deferred_messages_when_nothing_else_failed(
+    make_message: MessageFactory,
+) -> None:
+    """Nothing accepted, but a message the provider will take later: the results come back
+    (that one goes back to the queue), not an error that would fail it."""
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        if ms[0].ledger_id == 1:
+            raise _refused(1)
+        return [SendResult(ms[0].ledger_id, "deferred", None, "greylisted")]
+
+    results = send_in_calls("t", [[m] for m in _msgs(make_message, 3)], send)
+    assert [(r.ledger_id, r.status) for r in results] == [(1, "failed"), (2, "deferred"), (3, "deferred")]
+
+
+def test_send_in_calls_raises_the_error_that_stopped_it_not_an_earlier_refusal(
+    make_message: MessageFactory,
+) -> None:
+    """A refusal for good, then a 429 with nothing accepted: the 429 is raised (the sender
+    retries the batch, or puts it back), never the refusal, which would fail the whole batch;
+    the refused message keeps its verdict in the journal."""
+    throttled = DeliveryError("HTTP 429", retryable=True, status=429)
+    tried: list[int] = []
+
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        tried.append(ms[0].ledger_id)
+        if ms[0].ledger_id == 1:
+            raise _refused(1)
+        raise throttled
+
+    journal = _Journal()
+    token = call_journal.set(journal)
+    try:
+        with pytest.raises(DeliveryError) as info:
+            send_in_calls("t", [[m] for m in _msgs(make_message, 4)], send)
+    finally:
+        call_journal.reset(token)
+    assert info.value is throttled and tried == [1, 2]  # no new call after the 429
+    assert journal.events == [("start", [1]), ("done", [(1, "failed")]), ("start", [2]), ("done", [(2, "deferred")])]
+
+
+def test_send_in_calls_keeps_a_refusal_for_good_among_partial_results(make_message: MessageFactory) -> None:
+    """Refused for good, accepted, then a 503 and a timeout: the refused message is failed,
+    the timed-out one uncertain, the one after the 503 not sent."""
+    def send(ms: list[OutgoingMessage]) -> list[SendResult]:
+        i = ms[0].ledger_id
+        if i == 1:
+            raise _refused(1)
+        if i == 3:
+            raise UncertainDeliveryError("read timeout", retryable=True)
+        return [SendResult(i, "sent", "id")]
+
+    with pytest.raises(PartialBatchError) as info:
+        send_in_calls("t", [[m] for m in _msgs(make_message, 4)], send)
+    assert info.value.uncertain == (3,)
+    assert [(r.ledger_id, r.status) for r in info.value.results] == [(1, "failed"), (2, "sent"), (4, "deferred")]
+
+    def after_503(ms: list[OutgoingMessage]) -> list[SendResult]:
+        i = ms[0].ledger_id
+        if i == 1:
+            raise _refused(1)
+        if i == 3:
+            raise DeliveryError("HTTP 503", retryable=True, status=503)
+        return [SendResult(i, "sent", "id")]
+
+    results = send_in_calls("t", [[m] for m in _msgs(make_message, 4)], after_503)
+    assert [(r.ledger_id, r.status) for r in results] == [(1, "failed"), (2, "sent"), (3, "deferred"),
+                                                          (4, "deferred")]
 
 
 class _Journal:

@@ -13,7 +13,7 @@ import pytest
 from digest import pipeline
 from digest.delivery.providers.base import UncertainDeliveryError
 from digest.delivery.sender import Sender, SendSummary, TokenBucket
-from digest.errors import AuthError, BlockedError, DeliveryError, DraftError, StoreError
+from digest.errors import AuthError, BlockedError, DeliveryError, DraftError, StoreError, TakenOverError
 from digest.store import Store
 from digest.types import SLOT_NAMES, Draft, OutgoingMessage, SendResult
 from tests.conftest import FrozenClock, make_settings
@@ -361,6 +361,65 @@ def test_a_batch_of_several_calls_given_up_keeps_the_verdicts_its_calls_got(app:
     again = CallByCall()
     resumed = sender(app, again).run()
     assert resumed.sent == 4 and resumed.finished and received(again) == sorted(set(EMAILS) - {first})
+
+
+def test_a_call_refused_for_good_fails_its_reader_alone_and_a_kill_after_it_keeps_every_fate(
+        app: pipeline.App) -> None:
+    """The batch's first call is refused for good (SES's 400 for that message): that reader
+    fails, the other calls still go out. A kill -9 during a later call (played by a restart
+    marking the claims of a dead sender) leaves the refused reader failed, the accepted one
+    sent, the one in flight uncertain and the rest in the queue; the next send sends those
+    once and nobody else."""
+    (draft_id,) = app.store.due_drafts(app.now())
+    seen: list[dict[str, str]] = []
+
+    def killed_here(messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        app.store.mark_stale_claims_uncertain(draft_id, app.now())  # the restart after the kill
+        seen.append({email: status for _i, email, status in app.store.ledger_rows(draft_id)})
+        return [SendResult(messages[0].ledger_id, "sent", "id-3")]
+
+    refused = DeliveryError("ses: HTTP 400 BadRequestException: bad message", retryable=False, status=400)
+    provider = CallByCall([refused, lambda ms: None, killed_here])
+    with pytest.raises(TakenOverError):  # the killed sender's next record comes too late
+        sender(app, provider).run()
+    assert seen == [{EMAILS[0]: "failed", EMAILS[1]: "sent", EMAILS[2]: "uncertain",
+                     EMAILS[3]: "pending", EMAILS[4]: "pending"}]
+    again = CallByCall()
+    summary = sender(app, again).run()
+    assert received(again) == EMAILS[3:] and summary.sent == 2
+    assert app.store.ledger_counts(draft_id) == {"failed": 1, "sent": 3, "uncertain": 1}
+
+
+def test_a_call_refused_for_good_does_not_stop_the_batch(app: pipeline.App) -> None:
+    """Nothing accepted yet when the first call is refused for good: that reader alone fails,
+    with the error's text, counted as the sender counts a failed batch; the batch is not a
+    failure toward the pause."""
+    refused = DeliveryError("ses: HTTP 400 BadRequestException: bad message", retryable=False, status=400)
+    provider = CallByCall([refused])
+    summary = sender(app, provider).run()
+    assert summary.finished and summary.sent == 4 and summary.failed == {"HTTP 400 BadRequestException": 1}
+    assert received(provider) == EMAILS[1:] and len(provider.calls) == 5
+    with app.store.engine.connect() as conn:
+        rows = dict(conn.exec_driver_sql("SELECT status, error FROM send_ledger WHERE status = 'failed'").all())
+    assert rows == {"failed": str(refused)}
+
+
+def test_every_call_refused_for_good_fails_the_batch_and_pauses_the_send(app: pipeline.App) -> None:
+    """A refusal of every call (a setting the provider rejects, whoever the reader): each
+    call is tried, the batch fails, and batches failing in a row pause the send as before,
+    instead of failing the whole audience."""
+    class TwoAtATime(CallByCall):
+        max_batch = 2
+
+    bad = DeliveryError("ses: HTTP 400 BadRequestException: Invalid configuration set", retryable=False, status=400)
+    provider = TwoAtATime([bad] * 4)
+    s = sender(app, provider)
+    s.max_consecutive_failures = 2
+    summary = s.run()
+    assert len(provider.calls) == 4 and received(provider) == []  # both batches, every call
+    assert summary.failed == {"HTTP 400 BadRequestException": 4} and not summary.finished
+    assert summary.stopped and summary.stopped.startswith("paused after 2 failed batches in a row")
+    assert app.store.ledger_counts(summary.draft_id) == {"failed": 4, "pending": 1}
 
 
 def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App) -> None:

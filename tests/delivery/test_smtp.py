@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import smtplib
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -443,6 +444,53 @@ def test_permanent_sender_refusal(
     with pytest.raises(DeliveryError) as info:
         provider(server).send_batch([make_message(1)])
     assert not info.value.retryable and "newsletter.from" in (info.value.hint or "")
+
+
+def test_a_permanent_error_for_one_message_fails_it_alone_and_a_refused_session_fails_the_batch(
+    servers: list[EphemeralController], make_message: MessageFactory
+) -> None:
+    """smtplib refuses the first message for good (a feature the server lacks for it): that
+    message fails and the session goes on with the others. A session the server will not
+    give (STARTTLS not offered) fails every message alike, so the batch fails as a whole,
+    after one connection, not one per message."""
+    server = plain(servers)
+    p = provider(server)
+    opened: list[Any] = []
+    connect = p.connect
+
+    def connect_once() -> Any:
+        conn = connect()
+        opened.append(conn)
+        send_message = conn.send_message
+
+        def refusing(msg: Any, from_addr: Any = None, to_addrs: Any = None, **kw: Any) -> Any:
+            if to_addrs == ["reader1@example.com"]:
+                raise smtplib.SMTPNotSupportedError("the server does not support what this message needs")
+            return send_message(msg, from_addr=from_addr, to_addrs=to_addrs, **kw)
+
+        conn.send_message = refusing
+        return conn
+
+    p.connect = connect_once  # type: ignore[method-assign]
+    results = p.send_batch([make_message(i) for i in (1, 2, 3)])
+    assert [(r.ledger_id, r.status) for r in results] == [(1, "failed"), (2, "sent"), (3, "sent")]
+    assert "SMTPNotSupportedError" in (results[0].error or "")
+    assert [r.rcpt_tos for r in server.handler.received] == [["reader2@example.com"], ["reader3@example.com"]]
+    assert len(opened) == 1
+
+    refused = provider(server, smtp_security="starttls")
+    attempts: list[int] = []
+    starttls_connect = refused.connect
+
+    def counted() -> Any:
+        attempts.append(1)
+        return starttls_connect()
+
+    refused.connect = counted  # type: ignore[method-assign]
+    with pytest.raises(DeliveryError, match="does not offer STARTTLS") as info:
+        refused.send_batch([make_message(i) for i in (4, 5, 6)])
+    assert not info.value.retryable and len(attempts) == 1
+    assert len(server.handler.received) == 2
 
 
 def test_connection_lost_during_data_is_uncertain_for_that_message(

@@ -14,7 +14,8 @@ with the provider's verdict. Whatever happens in between is covered:
   except through a provider with an idempotency key (Resend), where the same batch is resent
   with the same key and the provider itself drops the duplicate;
 * an auth error releases the batch and stops the send with a clear message;
-* a permanent error settles the batch as ``failed``;
+* a permanent error settles the batch as ``failed`` (in a batch sent as several calls, only
+  the messages of the call it answered, unless every call met one);
 * too many failures in a row release the batch and pause; the next send resumes;
 * a database error stops at once (rule 9): rows left claimed become ``uncertain`` next time.
 
@@ -1087,7 +1088,9 @@ class Sender:
                         self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)
                         return "failed"
                     # Failed, but for the messages whose own calls were answered (a batch of
-                    # several calls): those keep their verdicts.
+                    # several calls, every one refused): those keep their verdicts, each its
+                    # own call's error. Counted as a failed batch: a refusal of every call is
+                    # what a bad setting looks like, and such batches in a row pause the send.
                     answered = journal.answered if journal is not None else {}
                     self._settle_known([*(SendResult(i, "failed", None, str(exc)) for i in ids if i not in answered),
                                         *answered.values()], claimed, summary)

@@ -119,10 +119,11 @@ class PartialBatchError(UncertainDeliveryError):
     """A batch sent as several calls stopped while some calls may have been accepted.
 
     ``results`` are the messages whose fate is known: ``sent`` (accepted), ``rejected`` /
-    ``invalid`` (refused), or ``failed`` for messages that were never handed over because the
-    batch stopped first (safe to send again). ``uncertain`` are the ledger ids of the calls that
-    failed after the request went out (a read timeout, an SMTP connection lost during DATA): only
-    those may have been delivered. A sender that does not read these attributes treats the
+    ``invalid`` (refused), ``failed`` (their call refused for good), or ``deferred`` for
+    messages that were never handed over because the batch stopped first (safe to send
+    again). ``uncertain`` are the ledger ids of the calls that failed after the request went
+    out (a read timeout, an SMTP connection lost during DATA): only those may have been
+    delivered. A sender that does not read these attributes treats the
     whole batch as uncertain, which never double-sends; one that does can settle ``results``
     and mark only ``uncertain`` as such.
 
@@ -935,8 +936,9 @@ class CallJournal(Protocol):
         (it may then be delivered, whatever happens to this process)."""
 
     def finished(self, results: Sequence[SendResult]) -> None:
-        """A call was answered (or certainly sent nothing: ``deferred`` results). May be kept
-        until the next :meth:`starting`; the batch's verdict comes after the last call anyway."""
+        """A call was answered (or refused for good: ``failed`` results; or certainly sent
+        nothing: ``deferred`` results). May be kept until the next :meth:`starting`; the
+        batch's verdict comes after the last call anyway."""
 
 
 # The journal of the batch this thread is sending (set by the sender around a provider's send;
@@ -959,12 +961,21 @@ def send_in_calls(
 
     ``calls`` partitions the batch (usually one message per call); ``send_call`` makes one
     call and returns a result per message of it, or raises a :class:`DeliveryError` for the
-    whole call. With ``concurrency`` > 1 calls run in a thread pool. After the first error no
-    new call starts (a 429 or an outage would only repeat). Then:
+    whole call. With ``concurrency`` > 1 calls run in a thread pool.
 
-    * nothing was accepted (no ``sent`` result, no call that may have gone through): the first
-      error is raised as it is (an :class:`AuthError` first), exactly as for a single-call
-      provider, so the sender retries, releases or fails the batch as usual;
+    A call the provider refused for good (:func:`refuses_its_call`: not retryable, not
+    uncertain, not a :class:`BlockedError`; SES answering 400 for that one message) fails
+    only its own messages: they come back ``failed`` with the error's text, as the sender
+    words a failed batch, and the other calls still run. Why: the error is about that call,
+    and stopping there would fail, or hold back, readers the provider was never asked about.
+
+    After any other error (a 429, an outage, refused credentials, a call that may have gone
+    through) no new call starts: it would only meet the same answer. Then:
+
+    * nothing was accepted (no ``sent`` result, no call that may have gone through): that
+      error is raised as it is (a :class:`BlockedError` first), exactly as for a single-call
+      provider, so the sender retries, releases or stops as usual; calls refused for good
+      keep their ``failed`` verdicts through the journal;
     * some messages were accepted and every failed call certainly was not: the results are
       returned, ``deferred`` (with the reason, "not sent: ...") for the messages never
       accepted, which the sender puts back in the queue.
@@ -975,6 +986,14 @@ def send_in_calls(
       failure (``reasons``: calls in flight together can fail in different ways). The messages
       of calls never started, or that failed without going out, are ``deferred`` among the
       results: the provider never had them, so they can go back to the queue.
+
+    When only calls refused for good failed, and the provider took nothing of the batch and
+    left nothing for later (no ``sent``, no ``deferred`` result: every call refused, or its
+    messages refused one by one), the first error is raised as well. Why: that is how a
+    refusal of every call looks (a setting the provider rejects, whoever the reader), and the
+    sender counts a batch that raises as failed, so that such batches in a row pause the send
+    instead of failing the whole audience; a list of results would count as a batch sent.
+    The sender keeps each message's own verdict from the journal.
     """
     outcomes: list[list[SendResult] | BaseException | None] = [None] * len(calls)
     stop = threading.Event()
@@ -992,13 +1011,19 @@ def send_in_calls(
                 journal.starting([m.ledger_id for m in calls[index]])
                 if stop.is_set():
                     # Another call failed while this one's record was written: it does not
-                    # start after all (the batch stops at the first error, as above).
+                    # start after all (the batch stops at such an error, as above).
                     journal.finished([SendResult(m.ledger_id, "deferred", None, "not sent: the batch stopped "
                                                  "when another call failed") for m in calls[index]])
                     return
             outcome = send_call(calls[index])
         except DeliveryError as exc:
             outcomes[index] = exc
+            if refuses_its_call(exc):
+                # Its messages have their verdict, recorded with the next call's start (a
+                # kill -9 after that keeps them failed); the batch goes on.
+                if journal is not None:
+                    journal.finished(_refused(calls[index], exc))
+                return
             stop.set()
             if journal is not None and not maybe_delivered(exc):
                 # Certainly not sent: not in flight any more (a retry of the batch may wait).
@@ -1027,18 +1052,25 @@ def send_in_calls(
     flat = [r for o in outcomes if isinstance(o, list) for r in o]
     if not errors:
         return flat
-    uncertain_calls = [i for i, e in errors if maybe_delivered(e)]
+    # The errors that stopped the batch; the others failed their own call's messages only.
+    stopped = [(i, e) for i, e in errors if not refuses_its_call(e)]
+    uncertain_calls = [i for i, e in stopped if maybe_delivered(e)]
     accepted = any(r.status == "sent" for r in flat)
     if not accepted and not uncertain_calls:
-        blocked = [e for _, e in errors if isinstance(e, BlockedError)]
-        raise blocked[0] if blocked else errors[0][1]
-    first = errors[0][1]
+        if stopped:
+            blocked = [e for _, e in stopped if isinstance(e, BlockedError)]
+            raise blocked[0] if blocked else stopped[0][1]
+        if not any(r.status == "deferred" for r in flat):
+            raise errors[0][1]  # every call refused: the batch failed (see above)
+    first = stopped[0][1] if stopped else None
     results: list[SendResult] = []
     uncertain: list[int] = []
     reasons: dict[int, str] = {}  # each uncertain message: its own call's failure
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, list):
             results.extend(outcome)
+        elif isinstance(outcome, BaseException) and refuses_its_call(outcome):
+            results.extend(_refused(calls[i], outcome))
         elif isinstance(outcome, BaseException) and maybe_delivered(outcome):
             uncertain.extend(m.ledger_id for m in calls[i])
             reasons.update((m.ledger_id, str(outcome)) for m in calls[i])
@@ -1060,6 +1092,21 @@ def send_in_calls(
             retryable=False,
         ) from (cause if isinstance(cause, BaseException) else None)
     return results
+
+
+def refuses_its_call(exc: BaseException) -> bool:
+    """True when ``exc`` is the provider refusing one call of a batch sent as several for good:
+    a :class:`DeliveryError` that is not retryable, certainly delivered nothing, and is not a
+    :class:`BlockedError` (which stops every call alike). :func:`send_in_calls` fails only
+    that call's messages and goes on with the others."""
+    return (isinstance(exc, DeliveryError) and not exc.retryable and not maybe_delivered(exc)
+            and not isinstance(exc, BlockedError))
+
+
+def _refused(messages: Sequence[OutgoingMessage], exc: BaseException) -> list[SendResult]:
+    """``failed`` results for the messages of a call refused for good, worded as the sender
+    words a failed batch (the error's text), so that both count under the same reason."""
+    return [SendResult(m.ledger_id, "failed", None, str(exc)) for m in messages]
 
 
 def _partial_summary(

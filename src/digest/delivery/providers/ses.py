@@ -21,7 +21,8 @@ paced by ``delivery.rate_per_second``.
 A batch is then several calls, with the partial-batch rules of
 :func:`~digest.delivery.providers.base.send_in_calls`: once a message was accepted, a later
 429 no longer fails the whole batch (that would make the sender send the accepted ones
-again); the messages not sent come back ``failed``.
+again); the messages not sent come back ``deferred``, for the queue. An error SES gives for good
+about one message (a 400, ``LimitExceededException``) fails that message only; the batch goes on.
 """
 
 from __future__ import annotations
@@ -239,8 +240,9 @@ class SesProvider(HttpProvider):
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """One call per message, ``delivery.concurrency`` at a time; see ``send_in_calls``.
 
-        Per-message refusals (``MessageRejected``) are ``rejected`` results; throttling, auth
-        and account errors (an unverified MAIL FROM domain among them) stop the batch.
+        Per-message refusals (``MessageRejected``) are ``rejected`` results, other permanent
+        errors ``failed`` ones; throttling, auth and account errors (an unverified MAIL FROM
+        domain among them) stop the batch.
         """
         if not messages:
             return []

@@ -24,14 +24,17 @@ Replies map to results and errors like this:
   data, or a connection that fails before the message data went out: a retryable
   :class:`DeliveryError` for that message: nothing of it was accepted;
 * the connection lost **while** the message data was being sent or its reply awaited:
-  nobody can tell whether the server queued it: that message is uncertain.
+  nobody can tell whether the server queued it: that message is uncertain;
+* a message the server cannot take as it is (smtplib's ``SMTPNotSupportedError``): a
+  permanent :class:`DeliveryError`, that message ``failed``, the batch goes on.
 
 Several messages per session makes a batch several "calls", so the partial-batch rules of
 :func:`~digest.delivery.providers.base.send_in_calls` apply: messages accepted before a failure
 stay ``sent``; after a retryable failure the rest come back ``deferred`` ("not sent") instead of
 an error, because retrying the whole batch would send the accepted ones twice; when the
 failure left one message uncertain, :class:`~digest.delivery.providers.base.PartialBatchError`
-carries the known results and that message's ledger id.
+carries the known results and that message's ledger id. A session that cannot be opened for
+good fails every message of the batch alike, so the batch fails as a whole.
 """
 
 from __future__ import annotations
@@ -198,14 +201,24 @@ class SmtpProvider(MimeProvider):
         self._check_batch(messages)
         now = clock.now()
         session: list[_Session | _TlsSession] = []  # the batch's one session, once opened
+        unreachable: list[DeliveryError] = []  # why it could not be opened, once it failed
 
         def send_call(ms: Sequence[OutgoingMessage]) -> list[SendResult]:
             built = self.build_mime_message(ms[0], now)
             if isinstance(built, SendResult):
                 return [built]
+            if unreachable:
+                # A session refused for good (a certificate, a 5xx greeting) is refused for
+                # every message: each meets that error again instead of a new connection.
+                raise unreachable[0]
             if not session:
-                # A failure here sent nothing of this batch: send_in_calls raises it as it is.
-                session.append(self.connect())
+                # A failure here sent nothing of this batch: send_in_calls raises it as it is
+                # (a permanent one, once every message has met it).
+                try:
+                    session.append(self.connect())
+                except DeliveryError as exc:
+                    unreachable.append(exc)
+                    raise
             return [self._send_one(session[0], ms[0], built)]
 
         try:
@@ -260,6 +273,10 @@ class SmtpProvider(MimeProvider):
                     f"smtp: DATA refused for now: {reply}", retryable=True, status=exc.smtp_code
                 )
             ) from exc
+        except smtplib.SMTPNotSupportedError as exc:
+            # The server lacks what this message needs: no retry changes that. Caught before
+            # OSError, which smtplib's errors derive from.
+            raise DeliveryError(f"smtp: {type(exc).__name__}: {exc}", retryable=False) from exc
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             if conn.in_data:
                 # Why uncertain: the data (or part of it) went out and the final reply never
