@@ -716,6 +716,7 @@ class _Journal:
     def __init__(self, fail_at: int | None = None) -> None:
         self.events: list[tuple[str, Any]] = []
         self.fail_at = fail_at
+        self.answered: dict[int, Any] = {}  # an earlier attempt's verdicts: none here
 
     def starting(self, ledger_ids: Any) -> None:
         if ledger_ids[0] == self.fail_at:

@@ -404,6 +404,27 @@ def test_a_call_refused_for_good_does_not_stop_the_batch(app: pipeline.App) -> N
     assert rows == {"failed": str(refused)}
 
 
+def test_a_retry_of_the_batch_does_not_ask_again_about_a_call_refused_for_good(app: pipeline.App) -> None:
+    """The first call is refused for good, the second meets a 429 with nothing accepted: the
+    sender tries the batch again after a wait, and that attempt starts from the second call.
+    The refused reader stays failed, whether or not the process dies during the wait."""
+    refused = DeliveryError("ses: HTTP 400 BadRequestException: bad message", retryable=False, status=400)
+    provider = CallByCall([refused, DeliveryError("HTTP 429", retryable=True, status=429)])
+    waiting: list[dict[int, str]] = []
+    (draft_id,) = app.store.due_drafts(app.now())
+    draft = app.store.get_draft(draft_id)
+    s = Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.link_pair,
+               now=app.now, sleep=lambda seconds: waiting.append(_own(app)))
+    summary = s.run()
+    asked = [m.to_email for call in provider.calls for m in call]
+    assert asked == [EMAILS[0], EMAILS[1], *EMAILS[1:]]  # the refused reader was asked once
+    ids = sorted(_own(app))
+    assert [waiting[0][i] for i in ids] == ["failed", "claimed", "claimed", "claimed", "claimed"]
+    assert summary.finished and summary.sent == 4 and summary.failed == {"HTTP 400 BadRequestException": 1}
+    assert sorted(_own(app).values()) == ["failed"] + ["sent"] * 4
+    assert received(provider) == EMAILS[1:]
+
+
 def test_every_call_refused_for_good_fails_the_batch_and_pauses_the_send(app: pipeline.App) -> None:
     """A refusal of every call (a setting the provider rejects, whoever the reader): each
     call is tried, the batch fails, and batches failing in a row pause the send as before,

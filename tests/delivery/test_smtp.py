@@ -341,7 +341,7 @@ def test_an_untrusted_certificate_is_refused(
     servers: list[EphemeralController], cert: Cert, make_message: MessageFactory
 ) -> None:
     server = plain(servers, ssl_context=cert.server_context())
-    with pytest.raises(DeliveryError) as info:
+    with pytest.raises(BlockedError) as info:  # stops the send, fails no reader
         provider(server, smtp_security="tls").send_batch([make_message(1)])
     assert not info.value.retryable and "smtp_ca_file" in (info.value.hint or "")
     assert server.handler.received == []
@@ -351,9 +351,9 @@ def test_starttls_required_but_not_offered(
     servers: list[EphemeralController], make_message: MessageFactory
 ) -> None:
     server = plain(servers)
-    with pytest.raises(DeliveryError, match="does not offer STARTTLS") as info:
+    with pytest.raises(BlockedError, match="does not offer STARTTLS") as info:
         provider(server, smtp_security="starttls").send_batch([make_message(1)])
-    assert not info.value.retryable
+    assert not info.value.retryable  # the send stops, the batch back in the queue
 
 
 def test_wrong_password_is_an_auth_error(
@@ -451,8 +451,7 @@ def test_a_permanent_error_for_one_message_fails_it_alone_and_a_refused_session_
 ) -> None:
     """smtplib refuses the first message for good (a feature the server lacks for it): that
     message fails and the session goes on with the others. A session the server will not
-    give (STARTTLS not offered) fails every message alike, so the batch fails as a whole,
-    after one connection, not one per message."""
+    give (STARTTLS not offered) stops the batch at once, after one connection, failing nobody."""
     server = plain(servers)
     p = provider(server)
     opened: list[Any] = []
@@ -487,9 +486,9 @@ def test_a_permanent_error_for_one_message_fails_it_alone_and_a_refused_session_
         return starttls_connect()
 
     refused.connect = counted  # type: ignore[method-assign]
-    with pytest.raises(DeliveryError, match="does not offer STARTTLS") as info:
+    with pytest.raises(BlockedError, match="does not offer STARTTLS"):
         refused.send_batch([make_message(i) for i in (4, 5, 6)])
-    assert not info.value.retryable and len(attempts) == 1
+    assert len(attempts) == 1
     assert len(server.handler.received) == 2
 
 

@@ -931,6 +931,12 @@ class CallJournal(Protocol):
     :func:`send_in_calls` reports each call to the journal in :data:`call_journal`, if any:
     """
 
+    @property
+    def answered(self) -> Mapping[int, SendResult]:
+        """The verdict the provider last gave each message of the batch, other than
+        ``deferred``, over every attempt at it: a retry of the whole batch does not ask again
+        about these."""
+
     def starting(self, ledger_ids: Sequence[int]) -> None:
         """The call carrying ``ledger_ids`` is about to start: recorded durably before it does
         (it may then be delivered, whatever happens to this process)."""
@@ -1002,6 +1008,14 @@ def send_in_calls(
     def run(index: int) -> None:
         if stop.is_set():
             return
+        if journal is not None:
+            known = [journal.answered.get(m.ledger_id) for m in calls[index]]
+            if all(r is not None for r in known):
+                # An earlier attempt at this batch got this call's answer (a refusal for good,
+                # a rejection) before a later call's error made the sender try the batch again:
+                # its verdict stands, and the provider is not asked again.
+                outcomes[index] = [r for r in known if r is not None]
+                return
         if pacer is not None:
             pacer.wait()
             if stop.is_set():

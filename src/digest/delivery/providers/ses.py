@@ -21,8 +21,10 @@ paced by ``delivery.rate_per_second``.
 A batch is then several calls, with the partial-batch rules of
 :func:`~digest.delivery.providers.base.send_in_calls`: once a message was accepted, a later
 429 no longer fails the whole batch (that would make the sender send the accepted ones
-again); the messages not sent come back ``deferred``, for the queue. An error SES gives for good
-about one message (a 400, ``LimitExceededException``) fails that message only; the batch goes on.
+again); the messages not sent come back ``deferred``, for the queue. An error SES answers one
+call with for good (a 400, ``LimitExceededException``) fails that call's message only and the
+batch goes on; if SES answers every call of a batch so, the batch fails, and such batches in a
+row pause the send (see ``send_in_calls``).
 """
 
 from __future__ import annotations

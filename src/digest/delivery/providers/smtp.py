@@ -33,8 +33,9 @@ Several messages per session makes a batch several "calls", so the partial-batch
 stay ``sent``; after a retryable failure the rest come back ``deferred`` ("not sent") instead of
 an error, because retrying the whole batch would send the accepted ones twice; when the
 failure left one message uncertain, :class:`~digest.delivery.providers.base.PartialBatchError`
-carries the known results and that message's ledger id. A session that cannot be opened for
-good fails every message of the batch alike, so the batch fails as a whole.
+carries the known results and that message's ledger id. A session the server refuses for
+good (a certificate, no STARTTLS, a 5xx greeting) is a :class:`BlockedError`: the send stops
+with the batch back in the queue, since no reader of it could be sent anything.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class SmtpProvider(MimeProvider):
                 if not conn.has_extn("starttls"):
                     # Why refuse rather than go on in clear: the password and every reader's
                     # address would cross the network unencrypted.
-                    raise DeliveryError(
+                    raise BlockedError(
                         f"smtp: {where} does not offer STARTTLS",
                         hint="use delivery.smtp_security: tls (port 465) if the server wants "
                         "implicit TLS",
@@ -158,20 +159,23 @@ class SmtpProvider(MimeProvider):
                 status=exc.smtp_code,
                 hint="check delivery.username and delivery.password",
             )
+        # Why BlockedError for what follows: the server refuses the session itself, whoever
+        # the readers are (a setting, a certificate, a server that will not take our mail), so
+        # the send stops with the batch back in the queue instead of failing its readers.
         if isinstance(exc, smtplib.SMTPNotSupportedError):
-            return DeliveryError(
+            return BlockedError(
                 what,
                 hint="the server offers no AUTH here; it may want TLS first (smtp_security)",
             )
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return DeliveryError(what, retryable=False, hint=_TLS_HINT)
+            return BlockedError(what, hint=_TLS_HINT)
         if isinstance(exc, smtplib.SMTPResponseException):
             code = exc.smtp_code
-            return DeliveryError(
-                f"smtp: {where} answered {_reply(code, exc.smtp_error)}",
-                retryable=400 <= code < 500,
-                status=code,
-            )
+            said = f"smtp: {where} answered {_reply(code, exc.smtp_error)}"
+            if 400 <= code < 500:
+                return DeliveryError(said, retryable=True, status=code)
+            return BlockedError(said, status=code,
+                                hint="the server refuses the session: check delivery.smtp_host and its settings")
         if isinstance(exc, ConnectionRefusedError):
             return DeliveryError(f"smtp: {where} refused the connection", retryable=True,
                                  hint="if it persists, check delivery.smtp_host, smtp_port and smtp_security")
@@ -201,24 +205,15 @@ class SmtpProvider(MimeProvider):
         self._check_batch(messages)
         now = clock.now()
         session: list[_Session | _TlsSession] = []  # the batch's one session, once opened
-        unreachable: list[DeliveryError] = []  # why it could not be opened, once it failed
 
         def send_call(ms: Sequence[OutgoingMessage]) -> list[SendResult]:
             built = self.build_mime_message(ms[0], now)
             if isinstance(built, SendResult):
                 return [built]
-            if unreachable:
-                # A session refused for good (a certificate, a 5xx greeting) is refused for
-                # every message: each meets that error again instead of a new connection.
-                raise unreachable[0]
             if not session:
-                # A failure here sent nothing of this batch: send_in_calls raises it as it is
-                # (a permanent one, once every message has met it).
-                try:
-                    session.append(self.connect())
-                except DeliveryError as exc:
-                    unreachable.append(exc)
-                    raise
+                # A failure here sent nothing of this batch, and stops it (connect raises only
+                # errors that stop a batch): send_in_calls raises it as it is.
+                session.append(self.connect())
             return [self._send_one(session[0], ms[0], built)]
 
         try:
