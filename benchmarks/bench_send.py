@@ -4,6 +4,8 @@ Usage::
 
     .venv/bin/python benchmarks/bench_send.py throughput [--provider postmark] [--recipients 20000]
     .venv/bin/python benchmarks/bench_send.py memory [--provider postmark] [--recipients 1000000]
+    .venv/bin/python benchmarks/bench_send.py stages [--provider postmark-templates] [--recipients 200000]
+    .venv/bin/python benchmarks/bench_send.py http [--provider sendgrid] [--runs 5]
 
 ``throughput`` sends a real draft (the bundled sample) to N subscribers through the real
 Sender (SQLite ledger, claim, personalize, build, HTTP, settle) and, in the same run, posts the
@@ -17,6 +19,16 @@ provider, which builds each request, posts it and reads the answer (no ledger, n
 ``ledger`` times the store's claim and settle per row (and freezing the audience first and
 counting the statuses after), on a new SQLite file or on ``--database``; ``build`` times preparing one batch
 (signing links, filling values) and building its request, without I/O.
+
+``stages`` sends to N subscribers with one process and one worker and prints where that
+worker's CPU time goes, per recipient: preparing the values (signing links), building the
+request, the HTTP call, reading the answer, claiming and settling (each stage's thread CPU
+time, read around the sender's own methods), next to the process's CPU time per recipient.
+
+``http`` posts one prebuilt batch request (the provider's own, for 500 or 1,000 readers) again
+and again through a ``requests.Session`` as it comes, and through one that read the
+environment once (``digest.http.read_environment_once``, as every provider's session now
+does), alternating, and prints the CPU time of a call for each.
 
 ``memory`` fills a database with N subscribers, sends to all of them in a child process, and
 prints the child's peak RSS next to its RSS after imports (goal: 64 MB with server-side
@@ -448,6 +460,94 @@ def build(args: argparse.Namespace) -> None:
           f"build the request {made / n * 1e6:.2f} µs/recipient")
 
 
+def stages(args: argparse.Namespace) -> None:
+    """One process, one worker: each stage's thread CPU time per recipient (see the docstring)."""
+    import functools
+    from collections import Counter
+
+    from digest.delivery.providers.base import HttpProvider
+    from digest.delivery.sender import Sender
+    from digest.store.store import Store
+
+    spent: Counter[str] = Counter()
+
+    def timed(owner: Any, name: str, stage: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return original(*a, **k)
+            finally:
+                spent[stage] += time.thread_time() - started
+
+        setattr(owner, name, wrapper)
+
+    from digest.delivery.providers import mailgun, postmark, resend, sendgrid, ses
+
+    # Stages in the order a batch meets them. Each provider reads its answer after perform()
+    # returns: Postmark in _results (for both endpoints), the others in parse_response.
+    for owner, name, stage in ((Store, "claim_batch", "claim"), (Sender, "_prepare", "prepare"),
+                               (Sender, "_ready", "build"), (HttpProvider, "perform", "HTTP call"),
+                               (postmark.PostmarkProvider, "_results", "answer"),
+                               (sendgrid.SendGridProvider, "parse_response", "answer"),
+                               (mailgun.MailgunProvider, "parse_response", "answer"),
+                               (resend.ResendProvider, "parse_response", "answer"),
+                               (ses.SesProvider, "parse_response", "answer"),
+                               (Sender, "_settle", "settle"), (Sender, "_worker", "worker, in all")):
+        timed(owner, name, stage)
+    fake = FakeProcess(args.provider)
+    base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    try:
+        settings = make_settings(base, args.provider, fake.url, 1, args.batch, 1)
+        prepare(base, settings, args.recipients)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        elapsed, sent = send_once(settings)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        assert sent == args.recipients, sent
+        fake.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    n = args.recipients
+    process = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"provider {args.provider}, {n:,} recipients, one process, one worker: {n / elapsed:,.0f} recipients/s; "
+          f"process CPU {process / n * 1e6:.2f} µs/recipient")
+    for stage in ("claim", "prepare", "build", "HTTP call", "answer", "settle", "worker, in all"):
+        print(f"  {stage:15s} {spent[stage] / n * 1e6:6.2f} µs/recipient")
+
+
+def http_calls(args: argparse.Namespace) -> None:
+    """The CPU time of one provider call through requests: the environment read on every
+    request, or once (see the docstring)."""
+    import requests
+
+    from digest.http import read_environment_once
+
+    fake = FakeProcess(args.provider)
+    base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    try:
+        settings = make_settings(base, args.provider, fake.url, 1, args.batch)
+        prepare(base, settings, 10)
+        url, headers, body = bare_bodies(settings, sender_batch(settings))[0]
+        plain, once = requests.Session(), requests.Session()
+        read_environment_once(once, url)
+        times: dict[str, list[float]] = {"environment read per request": [], "environment read once": []}
+        for _ in range(args.runs):
+            for label, session in zip(times, (plain, once)):
+                started = time.process_time()
+                for _ in range(100):
+                    response = session.post(url, headers=headers, data=body, timeout=60, allow_redirects=False)
+                    assert response.status_code < 300 and response.content, response.status_code
+                times[label].append((time.process_time() - started) / 100)
+        fake.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"provider {args.provider}, one request of {len(body):,} bytes, 100 calls x {args.runs} runs")
+    for label, seconds in times.items():
+        print(f"  {label:30s} median {statistics.median(seconds) * 1e3:6.3f} ms CPU a call")
+
+
 def sender_batch(settings: Any) -> int:
     from digest import pipeline
 
@@ -459,7 +559,7 @@ def sender_batch(settings: Any) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["throughput", "memory", "ledger", "build"])
+    parser.add_argument("mode", choices=["throughput", "memory", "ledger", "build", "stages", "http"])
     parser.add_argument("--provider", default="postmark",
                         help="a delivery.provider, or postmark-templates: postmark with postmark_templates")
     parser.add_argument("--recipients", type=int, default=None)
@@ -477,7 +577,8 @@ def main() -> None:
     if args.recipients is None:
         args.recipients = 1_000_000 if args.mode == "memory" else 20_000
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    {"throughput": throughput, "memory": memory, "ledger": ledger, "build": build}[args.mode](args)
+    {"throughput": throughput, "memory": memory, "ledger": ledger, "build": build, "stages": stages,
+     "http": http_calls}[args.mode](args)
 
 
 if __name__ == "__main__":
