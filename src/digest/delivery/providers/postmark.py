@@ -119,6 +119,15 @@ def header_values(run: list[bytes], headers: Sequence[tuple[str, str]], prefixes
         known = prefixes[1]
 
 
+def reader_to(r: TemplateRecipient, width: int) -> bytes:
+    """A template recipient's ``To``, escaped for the JSON string, once its values are checked
+    (one per slot in each part); ``ValueError`` for a reader no message can carry. Shared by
+    Postmark's two per-reader builders (full bodies, server templates)."""
+    if len(r.html_values) != width or len(r.text_values) != width:
+        raise ValueError(f"slot values for {width} slots expected")
+    return json_escape(format_address(r.to_name, r.to_email))
+
+
 class PostmarkProvider(HttpProvider):
     """Sends through Postmark's batch endpoint; see the module docstring for the wire format."""
 
@@ -297,9 +306,7 @@ class PostmarkProvider(HttpProvider):
         for r in recipients:
             html_values, text_values = r.html_values, r.text_values
             try:
-                if len(html_values) != width or len(text_values) != width:
-                    raise ValueError(f"slot values for {width} slots expected")
-                to = json_escape(format_address(r.to_name, r.to_email))
+                to = reader_to(r, width)
             except ValueError as exc:
                 refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
                 continue

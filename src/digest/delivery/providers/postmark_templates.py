@@ -70,14 +70,14 @@ from typing import Any, ClassVar, NamedTuple
 import requests
 
 from digest.config import Delivery
-from digest.delivery.mime import clean_header_value, format_address
+from digest.delivery.mime import clean_header_value
 from digest.delivery.providers.base import (
     PreparedCall,
     json_escape,
     json_string,
     response_text,
 )
-from digest.delivery.providers.postmark import HeaderPrefixes, PostmarkProvider, header_values
+from digest.delivery.providers.postmark import HeaderPrefixes, PostmarkProvider, header_values, reader_to
 from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import SLOT_NAMES, SendResult, TemplateMessage, TemplateRecipient
 
@@ -304,9 +304,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
         for r in recipients:
             html_values, text_values = r.html_values, r.text_values
             try:
-                if len(html_values) != width or len(text_values) != width:
-                    raise ValueError(f"slot values for {width} slots expected")
-                to = json_escape(format_address(r.to_name, r.to_email))
+                to = reader_to(r, width)
             except ValueError as exc:
                 refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
                 continue
