@@ -26,9 +26,10 @@ request, the HTTP call, reading the answer, claiming and settling (each stage's 
 time, read around the sender's own methods), next to the process's CPU time per recipient.
 
 ``http`` posts one prebuilt batch request (the provider's own, for 500 or 1,000 readers) again
-and again through a ``requests.Session`` as it comes, and through one that read the
-environment once (``digest.http.read_environment_once``, as every provider's session now
-does), alternating, and prints the CPU time of a call for each.
+and again, three ways in turn: ``Session.post`` on a session as it comes, ``Session.post`` on
+one that read the environment once (``digest.http.read_environment_once``), and
+``digest.http.ApiCalls`` on such a session (every provider's calls now), and prints the CPU
+time of a call for each.
 
 ``memory`` fills a database with N subscribers, sends to all of them in a child process, and
 prints the child's peak RSS next to its RSS after imports (goal: 64 MB with server-side
@@ -54,6 +55,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -522,7 +524,7 @@ def http_calls(args: argparse.Namespace) -> None:
     request, or once (see the docstring)."""
     import requests
 
-    from digest.http import read_environment_once
+    from digest.http import ApiCalls, read_environment_once
 
     fake = FakeProcess(args.provider)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
@@ -530,22 +532,34 @@ def http_calls(args: argparse.Namespace) -> None:
         settings = make_settings(base, args.provider, fake.url, 1, args.batch)
         prepare(base, settings, 10)
         url, headers, body = bare_bodies(settings, sender_batch(settings))[0]
-        plain, once = requests.Session(), requests.Session()
+        plain, once, direct = requests.Session(), requests.Session(), requests.Session()
         read_environment_once(once, url)
-        times: dict[str, list[float]] = {"environment read per request": [], "environment read once": []}
+        read_environment_once(direct, url)
+        calls = ApiCalls(direct)
+
+        def post(session: Any) -> Any:
+            return session.post(url, headers=headers, data=body, timeout=60, allow_redirects=False)
+
+        ways: dict[str, Callable[[], Any]] = {
+            "Session.post, environment read per request": lambda: post(plain),
+            "Session.post, environment read once": lambda: post(once),
+            "ApiCalls (the providers' own calls)": lambda: calls("POST", url, headers, body, 60),
+        }
+        times: dict[str, list[float]] = {label: [] for label in ways}
         for _ in range(args.runs):
-            for label, session in zip(times, (plain, once)):
+            for label, call in ways.items():
                 started = time.process_time()
                 for _ in range(100):
-                    response = session.post(url, headers=headers, data=body, timeout=60, allow_redirects=False)
-                    assert response.status_code < 300 and response.content, response.status_code
+                    response = call()
+                    response.content  # noqa: B018 (read the answer, as a provider does)
+                    assert response.status_code < 300, response.status_code
                 times[label].append((time.process_time() - started) / 100)
         fake.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"provider {args.provider}, one request of {len(body):,} bytes, 100 calls x {args.runs} runs")
     for label, seconds in times.items():
-        print(f"  {label:30s} median {statistics.median(seconds) * 1e3:6.3f} ms CPU a call")
+        print(f"  {label:44s} median {statistics.median(seconds) * 1e3:6.3f} ms CPU a call")
 
 
 def sender_batch(settings: Any) -> int:

@@ -24,6 +24,7 @@ from digest.delivery.providers.outbox import OutboxProvider
 from digest.delivery.providers.postmark import PostmarkProvider
 from digest.delivery.providers.registry import PROVIDERS, build_provider, provider_class
 from digest.errors import AuthError, BlockedError, DeliveryError
+from digest.http import build_session
 from digest.types import OutgoingMessage, SendResult
 from tests.delivery.conftest import MessageFactory
 
@@ -134,20 +135,79 @@ def test_transport_errors_outside_sending_are_never_uncertain(minimal: Minimal) 
     assert type(err) is DeliveryError and err.retryable
 
 
-def test_minimal_provider_sends_through_the_template_method(make_message: MessageFactory) -> None:
-    class FakeSession(requests.Session):
-        def request(self, method, url, **kwargs):  # type: ignore[no-untyped-def,override]
-            self.seen = (method, url, kwargs["timeout"], kwargs["allow_redirects"])
-            response = requests.Response()
-            response.status_code = 200
-            response._content = b"[]"
-            return response
+class _Answering(requests.adapters.BaseAdapter):
+    """An adapter that keeps each request it is given and answers ``status`` with ``body``."""
 
-    session = FakeSession()
-    provider = Minimal(Delivery(timeout=3), session=session)
+    def __init__(self, status: int = 200, body: bytes = b"[]", headers: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.status, self.body, self.headers = status, body, headers or {}
+        self.sent: list[tuple[requests.PreparedRequest, dict[str, object]]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:  # type: ignore[override]
+        self.sent.append((request, kwargs))
+        response = requests.Response()
+        response.status_code, response._content, response.url = self.status, self.body, request.url or ""
+        response.headers.update(self.headers)
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def _minimal_with(adapter: _Answering, **settings: object) -> Minimal:
+    session = build_session()
+    session.mount("https://", adapter)
+    return Minimal(Delivery(**settings), session=session)  # type: ignore[arg-type]
+
+
+def test_minimal_provider_sends_through_the_template_method(make_message: MessageFactory) -> None:
+    adapter = _Answering()
+    provider = _minimal_with(adapter, timeout=3)
     results = provider.send_batch([make_message(1), make_message(2)])
     assert [r.status for r in results] == ["sent", "sent"]
-    assert session.seen == ("POST", "https://api.example/send", 3, False)
+    ((request, kwargs),) = adapter.sent
+    assert (request.method, request.url, kwargs["timeout"], kwargs["stream"]) == (
+        "POST", "https://api.example/send", 3, False)
+    assert request.headers["Content-Length"] == str(len(request.body or b""))
+
+
+def test_a_provider_call_carries_the_sessions_user_agent_and_its_own_headers(make_message: MessageFactory) -> None:
+    adapter = _Answering()
+    provider = _minimal_with(adapter)
+    provider.session.headers["X-Session-Only"] = "kept"
+    provider.session.headers["Accept"] = "text/html"  # the call's own Accept wins, whatever its case
+    provider.request("GET", "https://api.example/server", {"accept": "application/json", "X-Token": "t"})
+    ((request, _),) = adapter.sent
+    assert request.headers["User-Agent"].startswith("digest/")
+    assert request.headers["X-Session-Only"] == "kept"
+    assert request.headers["Accept"] == "application/json" and request.headers["X-Token"] == "t"
+    assert "Content-Length" not in request.headers  # a GET without a body
+
+
+def test_a_redirect_is_reported_not_followed(make_message: MessageFactory) -> None:
+    adapter = _Answering(302, b"", {"Location": "https://elsewhere.example/send"})
+    provider = _minimal_with(adapter)
+    with pytest.raises(DeliveryError):
+        provider.send_batch([make_message(1)])
+    assert [r.url for r, _ in adapter.sent] == ["https://api.example/send"]
+
+
+def test_cookies_a_provider_sets_are_neither_kept_nor_sent(make_message: MessageFactory) -> None:
+    adapter = _Answering(200, b"[]", {"Set-Cookie": "track=1; Path=/"})
+    provider = _minimal_with(adapter)
+    provider.send_batch([make_message(1)])
+    provider.send_batch([make_message(2)])
+    assert ["Cookie" in r.headers for r, _ in adapter.sent] == [False, False]
+    assert not provider.session.cookies
+
+
+def test_a_header_value_no_request_can_carry_is_one_clear_error() -> None:
+    adapter = _Answering()
+    provider = _minimal_with(adapter)
+    with pytest.raises(BlockedError) as caught:
+        provider.request("GET", "https://api.example/server", {"X-Token": "key\r\nInjected: 1"})
+    assert "delivery.api_key" in (caught.value.hint or "") and adapter.sent == []
 
 
 def test_result_count_mismatch_is_uncertain(make_message: MessageFactory) -> None:

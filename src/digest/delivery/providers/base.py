@@ -89,7 +89,7 @@ from digest.delivery.mime import (
     parse_mailbox,
 )
 from digest.errors import AuthError, BlockedError, DeliveryError
-from digest.http import build_session, describe, read_environment_once, retry_after_seconds
+from digest.http import ApiCalls, build_session, describe, read_environment_once, retry_after_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
@@ -478,6 +478,7 @@ class HttpProvider(Provider):
         super().__init__(settings, session)
         self._owns_session = session is None
         self.session = session if session is not None else build_session()
+        self._calls = ApiCalls(self.session)
         self.base_url = (settings.base_url or self.default_base_url).rstrip("/")
         self.timeout = settings.timeout
 
@@ -608,16 +609,9 @@ class HttpProvider(Provider):
                 raise self.transport_error(requests.exceptions.InvalidURL(str(exc)), url,
                                            sends_mail=sends_mail) from exc
         try:
-            # Why no redirects: requests would replay a POST as a GET on 301/302, and a provider
-            # API that redirects is misconfigured (base_url); report it instead.
-            response = self.session.request(
-                method,
-                url,
-                headers=dict(headers),
-                data=body,
-                timeout=self.timeout,
-                allow_redirects=False,
-            )
+            # No redirects (ApiCalls): requests would replay a POST as a GET on 301/302, and a
+            # provider API that redirects is misconfigured (base_url); the 3xx is reported instead.
+            response = self._calls(method, url, headers, body, self.timeout)
             content = response.content  # read it all here so a truncated body is a network error
         except requests.RequestException as exc:
             raise self.transport_error(exc, url, sends_mail=sends_mail) from exc
