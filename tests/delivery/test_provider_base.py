@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import responses
 from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
@@ -194,11 +195,12 @@ def test_a_redirect_is_reported_not_followed(make_message: MessageFactory) -> No
 
 
 def test_cookies_a_provider_sets_are_neither_kept_nor_sent(make_message: MessageFactory) -> None:
-    adapter = _Answering(200, b"[]", {"Set-Cookie": "track=1; Path=/"})
-    provider = _minimal_with(adapter)
-    provider.send_batch([make_message(1)])
-    provider.send_batch([make_message(2)])
-    assert ["Cookie" in r.headers for r, _ in adapter.sent] == [False, False]
+    provider = Minimal(Delivery())
+    with responses.RequestsMock() as mocked:
+        mocked.add(responses.POST, URL, body=b"[]", headers={"Set-Cookie": "track=1; Path=/"})
+        provider.send_batch([make_message(1)])
+        provider.send_batch([make_message(2)])
+        assert ["Cookie" in call.request.headers for call in mocked.calls] == [False, False]
     assert not provider.session.cookies
 
 
@@ -242,3 +244,11 @@ def test_every_registered_provider_declares_itself(name: str) -> None:
     assert cls.name == name
     assert cls.max_batch > 0
     assert cls.send_batch.__doc__ and cls.check.__doc__
+
+
+def test_credentials_in_the_base_url_become_basic_auth_as_in_requests(make_message: MessageFactory) -> None:
+    adapter = _Answering()
+    provider = _minimal_with(adapter, base_url="https://user:p%40ss@api.example")
+    provider.send_batch([make_message(1)])
+    ((request, _),) = adapter.sent
+    assert request.headers["Authorization"] == requests.auth._basic_auth_str("user", "p@ss")
