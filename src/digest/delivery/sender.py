@@ -731,9 +731,8 @@ class Sender:
         try:
             self.provider.template_done(self.template)
         except Exception as exc:  # noqa: BLE001 (whatever it is, the send has succeeded)
-            hint = getattr(exc, "hint", None)
-            log.warning("draft %s: sent, but the provider's template was not cleaned up: %s%s",
-                        self.draft.id, exc, f" ({hint})" if hint else "")
+            # A DigestError's text carries its hint already.
+            log.warning("draft %s: sent, but the provider's template was not cleaned up: %s", self.draft.id, exc)
 
     def _conclude(self, summary: SendSummary, draft_id: int) -> None:
         """The run's end: the draft's counts, and the draft finished when every message has
