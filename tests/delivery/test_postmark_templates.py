@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from html import escape
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
-import requests
 import responses
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -441,7 +438,7 @@ def test_a_send_creates_the_template_once_and_deletes_it_when_sent(tmp_path: Pat
     assert summary.finished and summary.sent == 7
     calls = [(r.method, r.path.rsplit("/", 1)[0] if r.method == "DELETE" else r.path) for r in srv.requests]
     assert calls == [("POST", "/templates")] + [("POST", "/email/batchWithTemplates")] * 3 + [
-        ("DELETE", "/templates"), ("GET", "/templates")]  # the draft's template, then the list
+        ("DELETE", "/templates")]
     assert srv.templates == {}
     assert sorted(m["To"] for m in srv.messages) == sorted(f'"Reader {i}" <r{i}@example.com>'.replace('"', "")
                                                            for i in range(7))
@@ -450,7 +447,7 @@ def test_a_send_creates_the_template_once_and_deletes_it_when_sent(tmp_path: Pat
 def test_a_failed_delete_is_logged_and_the_send_stands(tmp_path: Path, srv: FakeProviderServer,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    def refuse(self: PostmarkTemplateProvider, template: TemplateMessage) -> None:
+    def refuse(self: PostmarkTemplateProvider, template: TemplateMessage, earlier: Sequence[str] = ()) -> None:
         raise DeliveryError("postmark: deleting template x: HTTP 500", hint="delete the template x in Postmark")
 
     monkeypatch.setattr(PostmarkTemplateProvider, "template_done", refuse)
@@ -482,8 +479,7 @@ def test_an_unfinished_send_keeps_the_template(tmp_path: Path, srv: FakeProvider
 
 def test_module_docstring_names_its_sources() -> None:
     doc = postmark_templates.__doc__ or ""
-    for source in ("templates-api", "Tokenizer.cs", "1077-template-syntax", "batchWithTemplates",
-                   "GetTemplatesAsync", "TemplateInList"):
+    for source in ("templates-api", "Tokenizer.cs", "1077-template-syntax", "batchWithTemplates"):
         assert source in doc
 
 
@@ -565,215 +561,9 @@ def test_messages_refused_for_the_template_go_back_whatever_the_others_got(provi
     assert len(srv.templates) == 1
 
 
-# -- cleanup: every template of the draft, not only the current one -----------------------------
+# -- cleanup: every template this database's sends made for the draft, and no other ------------
 
-PM = "https://pm.test"
 HEX = "0123456789ab"  # an alias's 12 hex digits
-
-
-def _pm_provider() -> PostmarkTemplateProvider:
-    return PostmarkTemplateProvider(Delivery(provider="postmark", api_key=TOKEN, base_url=PM, timeout=5,
-                                             postmark_templates=True))
-
-
-def _entry(alias: str | None, template_id: int = 1, kind: str = "Standard") -> dict[str, object]:
-    return {"Active": True, "TemplateId": template_id, "Name": f"t{template_id}", "Alias": alias,
-            "TemplateType": kind, "LayoutTemplate": None}
-
-
-def _serve(entries: Sequence[object], *, page_cap: int | None = None, total: bool = True,
-           deletes: dict[str, tuple[int, object]] | None = None) -> None:
-    """``responses`` as Postmark: GET /templates pages through ``entries`` (at most ``page_cap``
-    a page, whatever Count asks), DELETE /templates/{alias} answers 200 or ``deletes[alias]``."""
-
-    def listing(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
-        query = dict(parse_qsl(urlsplit(request.url or "").query))
-        count, offset = int(query["Count"]), int(query["Offset"])
-        body: dict[str, object] = {"Templates": entries[offset:offset + min(count, page_cap or count)]}
-        if total:
-            body["TotalCount"] = len(entries)
-        return 200, {}, json.dumps(body)
-
-    def delete(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
-        alias = (request.url or "").rpartition("/")[2]
-        status, body = (deletes or {}).get(alias, (200, {"ErrorCode": 0, "Message": "removed"}))
-        return status, {}, json.dumps(body)
-
-    responses.add_callback(responses.GET, f"{PM}/templates", callback=listing)
-    responses.add_callback(responses.DELETE, re.compile(rf"{re.escape(PM)}/templates/.+"), callback=delete)
-
-
-def _deleted() -> list[str]:
-    return [(c.request.url or "").rpartition("/")[2] for c in responses.calls if c.request.method == "DELETE"]
-
-
-def _listed() -> list[dict[str, str]]:
-    return [dict(parse_qsl(urlsplit(c.request.url or "").query))
-            for c in responses.calls if c.request.method == "GET"]
-
-
-@responses.activate
-def test_cleanup_reads_every_page_then_deletes_the_drafts_other_templates() -> None:
-    template = make_template(draft_id=7)
-    current = server_template(template).alias
-    entries = [_entry(f"other-{i}", i) for i in range(250)]
-    for at, digits in ((5, "aaaaaaaaaaaa"), (140, "bbbbbbbbbbbb"), (249, "cccccccccccc")):
-        entries[at] = _entry(f"digest-7-{digits}", at)  # one on each page
-    _serve(entries)
-    _pm_provider().template_done(template)
-    assert [(q["Count"], q["Offset"], q["TemplateType"]) for q in _listed()] == [
-        ("100", "0", "Standard"), ("100", "100", "Standard"), ("100", "200", "Standard")]
-    # The current one first, as before; the others only once every page was read.
-    assert [c.request.method for c in responses.calls] == ["DELETE", "GET", "GET", "GET", "DELETE", "DELETE",
-                                                           "DELETE"]
-    assert _deleted() == [current, "digest-7-aaaaaaaaaaaa", "digest-7-bbbbbbbbbbbb", "digest-7-cccccccccccc"]
-    assert all(c.request.headers["X-Postmark-Server-Token"] == TOKEN for c in responses.calls)
-
-
-@responses.activate
-def test_cleanup_deletes_only_this_drafts_templates() -> None:
-    template = make_template(draft_id=1)
-    current = server_template(template).alias
-    ours = [f"digest-1-{HEX}", "digest-1-ffffffffffff"]
-    not_ours = [f"digest-12-{HEX}", f"digest-10-{HEX}", f"digest-2-{HEX}", f"digest-01-{HEX}", "digest-1-",
-                "digest-1-0123456789a", f"digest-1-{HEX}0", f"digest-1-{HEX}-x", "digest-1-0123456789AB",
-                "digest-1-0123456789ag", f"xdigest-1-{HEX}", f"Digest-1-{HEX}", "digest-1", "welcome-email",
-                "digest-7-aaaaaaaaaaaa", ""]
-    entries: list[object] = [_entry(alias, i) for i, alias in enumerate(not_ours + ours)]
-    entries += [_entry(None, 900), {"TemplateId": 901, "Name": "no alias key"}, "not an object",
-                _entry("digest-1-dddddddddddd", 902, kind="Layout")]  # a layout is never one of ours
-    _serve(entries)
-    _pm_provider().template_done(template)
-    assert _deleted() == [current, *ours]
-
-
-@responses.activate
-def test_cleanup_follows_a_server_that_pages_smaller_than_asked() -> None:
-    entries = [_entry(f"other-{i}", i) for i in range(70)] + [_entry(f"digest-7-{HEX}", 70)]
-    _serve(entries, page_cap=30)  # TotalCount 71: a short page does not end the list
-    _pm_provider().template_done(make_template(draft_id=7))
-    assert [q["Offset"] for q in _listed()] == ["0", "30", "60"]
-    assert _deleted()[1:] == [f"digest-7-{HEX}"]
-
-
-@responses.activate
-def test_cleanup_without_a_total_ends_at_a_short_page() -> None:
-    entries = [_entry(f"other-{i}", i) for i in range(100)] + [_entry(f"digest-7-{HEX}", 100)]
-    _serve(entries, total=False)
-    _pm_provider().template_done(make_template(draft_id=7))
-    assert [q["Offset"] for q in _listed()] == ["0", "100"]
-    assert _deleted()[1:] == [f"digest-7-{HEX}"]
-
-
-@responses.activate
-def test_a_list_without_end_is_read_at_most_LIST_PAGES_pages() -> None:
-    full = {"TotalCount": 10**9, "Templates": [_entry(f"digest-7-{HEX}")] + [_entry(f"x{i}") for i in range(99)]}
-    responses.add(responses.GET, f"{PM}/templates", json=full)
-    responses.add(responses.DELETE, re.compile(rf"{re.escape(PM)}/templates/.+"), json={"ErrorCode": 0})
-    with pytest.raises(DeliveryError) as info:
-        _pm_provider().template_done(make_template(draft_id=7))
-    assert len(_listed()) == postmark_templates.LIST_PAGES == 100
-    assert "no end after 100 pages" in str(info.value)
-    assert _deleted()[1:] == [f"digest-7-{HEX}"]  # what it found is deleted all the same, once
-
-
-@pytest.mark.parametrize(("reply", "says"), [
-    ({"status": 500, "json": {"ErrorCode": 500, "Message": "oops"}}, "listing templates: HTTP 500, ErrorCode 500"),
-    ({"status": 200, "body": "<html>not json</html>"}, "listing templates: the answer holds no list"),
-    ({"status": 200, "json": {"TotalCount": 3, "Templates": "nope"}}, "listing templates: the answer holds no list"),
-    ({"status": 401, "json": {"ErrorCode": 10, "Message": "Bad token"}}, "listing templates: HTTP 401, ErrorCode 10"),
-    ({"body": requests.ConnectionError("connection reset")}, "postmark: calling https://pm.test/templates?Count="),
-])
-@responses.activate
-def test_a_failed_listing_still_deletes_the_current_template_and_says_what_to_remove(
-        reply: dict[str, object], says: str) -> None:
-    template = make_template(draft_id=7)
-    responses.add(responses.DELETE, re.compile(rf"{re.escape(PM)}/templates/.+"), json={"ErrorCode": 0})
-    responses.add(responses.GET, f"{PM}/templates", **reply)  # type: ignore[arg-type]
-    with pytest.raises(DeliveryError) as info:
-        _pm_provider().template_done(template)
-    assert _deleted() == [server_template(template).alias]
-    assert says in str(info.value)
-    assert info.value.hint == "delete any template whose alias starts with digest-7- in Postmark by hand"
-
-
-@responses.activate
-def test_one_failed_delete_stops_none_of_the_others(caplog: pytest.LogCaptureFixture) -> None:
-    template = make_template(draft_id=7)
-    current = server_template(template).alias
-    old = [f"digest-7-{c * 12}" for c in "abcde"]
-    _serve([_entry(alias, i) for i, alias in enumerate(old)],
-           deletes={old[1]: (500, {"ErrorCode": 0, "Message": "Internal"}),
-                    old[2]: (404, {"ErrorCode": 1101, "Message": "Template not found."}),  # gone: fine
-                    old[3]: (422, {"ErrorCode": 1101, "Message": "Template not found."})})
-    with caplog.at_level(logging.INFO, logger="digest.delivery.providers.postmark_templates"), \
-            pytest.raises(DeliveryError) as info:
-        _pm_provider().template_done(template)
-    assert _deleted() == [current, *old]
-    assert str(info.value.args[0]) == f"postmark: deleting template {old[1]}: HTTP 500, ErrorCode 0: Internal"
-    assert info.value.hint == f"delete the template {old[1]} in Postmark by hand"
-    assert info.value.status == 500
-    for alias in (current, old[0], old[4]):
-        assert f"postmark: deleted template {alias}" in caplog.text
-
-
-@responses.activate
-def test_a_failed_delete_of_the_current_template_is_reported_as_before_and_the_rest_goes_on() -> None:
-    template = make_template(draft_id=7)
-    current = server_template(template).alias
-    _serve([_entry(f"digest-7-{HEX}"), _entry(current, 2), _entry("digest-7-ffffffffffff", 3)],
-           deletes={current: (500, {"ErrorCode": 0, "Message": "Internal"}),
-                    "digest-7-ffffffffffff": (403, {"ErrorCode": 10, "Message": "no"})})
-    with pytest.raises(DeliveryError) as info:
-        _pm_provider().template_done(template)
-    # Listed again, the current one is not asked a second time.
-    assert _deleted() == [current, f"digest-7-{HEX}", "digest-7-ffffffffffff"]
-    assert str(info.value.args[0]) == (f"postmark: deleting template {current}: HTTP 500, ErrorCode 0: Internal; "
-                                       "postmark: deleting template digest-7-ffffffffffff: HTTP 403, "
-                                       "ErrorCode 10: no")
-    assert info.value.hint == f"delete the templates {current}, digest-7-ffffffffffff in Postmark by hand"
-
-
-@responses.activate
-def test_failed_deletes_and_a_failed_listing_are_one_error() -> None:
-    template = make_template(draft_id=7)
-    current = server_template(template).alias
-    responses.add(responses.DELETE, re.compile(rf"{re.escape(PM)}/templates/.+"), status=500,
-                  json={"ErrorCode": 0, "Message": "Internal"})
-    responses.add(responses.GET, f"{PM}/templates", status=503, body="unavailable")
-    with pytest.raises(DeliveryError) as info:
-        _pm_provider().template_done(template)
-    assert "listing templates: HTTP 503" in str(info.value)
-    assert info.value.hint == (f"delete the template {current} in Postmark by hand, and any other template whose "
-                               "alias starts with digest-7-")
-
-
-def test_the_fake_lists_templates_a_page_at_a_time(srv: FakeProviderServer) -> None:
-    provider = build_provider(_settings(srv))
-    headers = {"X-Postmark-Server-Token": TOKEN}
-    for i in range(5):
-        srv.templates[f"t{i}"] = {"Alias": f"t{i}", "TemplateId": i, "Name": f"T{i}", "Active": True,
-                                  "TemplateType": "Layout" if i == 4 else "Standard"}
-    srv.templates["42"] = {"Alias": None, "TemplateId": 42, "Name": "no alias", "Active": True}
-
-    def listed(query: str) -> tuple[int, object]:
-        status, _headers, body = provider.request("GET", f"{srv.url}/templates?{query}", headers)
-        return status, json.loads(body)
-
-    status, page = listed("Count=2&Offset=1")
-    assert status == 200 and page == {"TotalCount": 6, "Templates": [
-        {"Active": True, "TemplateId": 1, "Name": "T1", "Alias": "t1", "TemplateType": "Standard",
-         "LayoutTemplate": None},
-        {"Active": True, "TemplateId": 2, "Name": "T2", "Alias": "t2", "TemplateType": "Standard",
-         "LayoutTemplate": None}]}
-    status, page = listed("count=10&offset=0&templateType=Standard")  # names in any case
-    assert status == 200 and page["TotalCount"] == 5  # type: ignore[index]
-    assert [t["Alias"] for t in page["Templates"]] == ["t0", "t1", "t2", "t3", None]  # type: ignore[index]
-    for bad in ("Offset=0", "Count=0&Offset=0", "Count=501&Offset=0", "Count=x&Offset=0", "Count=5",
-                "Count=5&Offset=-1", "Count=5&Offset=0&TemplateType=Other"):
-        assert listed(bad)[0] == 422, bad
-    assert provider.request("GET", f"{srv.url}/templates/t1", headers)[0] == 200  # one template, as before
-    assert provider.request("GET", f"{srv.url}/templates/42", headers)[0] == 200
 
 
 def _draft_id(app: pipeline.App) -> int:
@@ -781,40 +571,74 @@ def _draft_id(app: pipeline.App) -> int:
     return int(draft.id)
 
 
-def _other_templates(srv: FakeProviderServer, draft_id: int) -> dict[str, dict[str, object]]:
-    """The server's templates before the send: the draft's own under an earlier alias, one of
-    another draft whose id begins with the same digit, the operator's own, one without alias."""
-    made = {f"digest-{draft_id}-{HEX}": "an earlier alias of the draft's",
-            f"digest-{draft_id}2-{HEX}": "another draft's", "welcome-email": "the operator's", "4242": None}
-    for i, (key, name) in enumerate(made.items()):
-        srv.templates[key] = {"Alias": None if name is None else key, "Name": name or "no alias",
-                              "TemplateId": 4000 + i, "Active": True, "TemplateType": "Standard",
-                              "Subject": "s", "HtmlBody": "h", "TextBody": "t"}
-    return {key: srv.templates[key] for key in made}
+def _put(srv: FakeProviderServer, *aliases: str) -> None:
+    for n, alias in enumerate(aliases):
+        srv.templates[alias] = {"Alias": alias, "Name": alias, "TemplateId": 4000 + n, "Active": True,
+                                "TemplateType": "Standard", "Subject": "s", "HtmlBody": "h", "TextBody": "t"}
 
 
-def test_a_finished_send_removes_the_drafts_template_made_under_an_earlier_alias(
+def _settings_like(app: pipeline.App, public_url: str) -> pipeline.App:
+    """The same database and provider, another public URL: the template's content changes (a
+    link slot that HTML escapes differs from its text), and so does its alias."""
+    settings = app.settings.model_copy(update={"newsletter": app.settings.newsletter.model_copy(
+        update={"public_url": public_url})})
+    return pipeline.App.open(settings, FrozenClock())
+
+
+def test_a_send_finished_after_its_template_changed_removes_both_and_no_one_elses(
         tmp_path: Path, srv: FakeProviderServer) -> None:
     app = _app(tmp_path, srv, readers=4)
+    draft_id = _draft_id(app)
+    theirs = f"digest-{draft_id}-ffffffffffff"  # another digest's draft with the same id, same server
+    _put(srv, theirs, f"digest-{draft_id}2-{HEX}", "welcome-email")
+    srv.faults.extend([("pass",), ("pass",), ("status", 401, {}, {"ErrorCode": 10, "Message": "no"})])
     try:
-        draft_id = _draft_id(app)
-        before = _other_templates(srv, draft_id)
         (summary,) = pipeline.send(app)
-        assert summary.finished and summary.sent == 4
+        assert not summary.finished and summary.sent == 3  # the template made, a batch sent
+        (first,) = set(srv.templates) - {theirs, f"digest-{draft_id}2-{HEX}", "welcome-email"}
+        assert app.store.provider_objects(draft_id, "postmark") == [first]
     finally:
         app.close()
-    assert srv.templates == {key: value for key, value in before.items() if key != f"digest-{draft_id}-{HEX}"}
-    assert sorted(srv.templates) == sorted([f"digest-{draft_id}2-{HEX}", "welcome-email", "4242"])
+    changed = _settings_like(app, "https://news.example.org/a&b")
+    try:
+        (summary,) = pipeline.send(changed)
+        assert summary.finished and summary.sent == 4 - 3
+        assert sorted(srv.ledger_ids) == sorted(set(srv.ledger_ids)) and len(srv.ledger_ids) == 4
+        assert app.store.provider_objects(draft_id, "postmark") == []  # let go of: records gone too
+    finally:
+        changed.close()
+    deletes = [r.path for r in srv.requests if r.method == "DELETE"]
+    assert len(deletes) == 2 and f"/templates/{first}" in deletes  # the current one, then the earlier
+    assert sorted(srv.templates) == sorted([theirs, f"digest-{draft_id}2-{HEX}", "welcome-email"])
 
 
-def test_a_failed_delete_of_an_earlier_template_is_logged_and_the_send_stands(
+def test_the_alias_is_recorded_before_the_template_is_made(tmp_path: Path, srv: FakeProviderServer) -> None:
+    app = _app(tmp_path, srv, readers=2)
+    draft_id = _draft_id(app)
+    srv.faults.append(("status", 500, {}, {"ErrorCode": 0, "Message": "down"}))  # the create fails
+    create = srv.routes[("POST", "/templates")]
+    seen: list[list[str]] = []
+
+    def creating(server: FakeProviderServer, request: Request) -> Reply:
+        seen.append(app.store.provider_objects(draft_id, "postmark"))
+        return create(server, request)
+
+    srv.route("POST", "/templates", creating)
+    try:
+        (summary,) = pipeline.send(app)
+    finally:
+        app.close()
+    assert summary.finished and seen and all(len(names) == 1 for names in seen)
+    assert seen[0][0].startswith(f"digest-{draft_id}-") and srv.templates == {}
+
+
+def test_a_failed_delete_of_an_earlier_template_is_logged_once_and_the_send_stands(
         tmp_path: Path, srv: FakeProviderServer, caplog: pytest.LogCaptureFixture) -> None:
     app = _app(tmp_path, srv, readers=2)
     draft_id = _draft_id(app)
-    _other_templates(srv, draft_id)
-    old = f"digest-{draft_id}-{HEX}"
-    newer = f"digest-{draft_id}-ffffffffffff"  # deleted all the same
-    srv.templates[newer] = {**srv.templates[old], "Alias": newer}
+    old, older = f"digest-{draft_id}-{HEX}", f"digest-{draft_id}-ffffffffffff"
+    _put(srv, old, older)
+    app.store.record_provider_objects(draft_id, "postmark", [older, old])
     delete = srv.routes[("DELETE", "/templates/*")]
 
     def failing_delete(server: FakeProviderServer, request: Request) -> Reply:
@@ -827,19 +651,64 @@ def test_a_failed_delete_of_an_earlier_template_is_logged_and_the_send_stands(
         with caplog.at_level(logging.WARNING):
             (summary,) = pipeline.send(app)
         assert summary.finished and app.store.get_draft(draft_id).status == "sent"
+        # Not let go of: still recorded, for the operator to see what is left.
+        assert old in app.store.provider_objects(draft_id, "postmark")
     finally:
         app.close()
-    assert sorted(srv.templates) == sorted([old, f"digest-{draft_id}2-{HEX}", "welcome-email", "4242"])
+    assert sorted(srv.templates) == [old]  # the current one and the older one went
     assert f"template was not cleaned up: postmark: deleting template {old}: HTTP 500" in caplog.text
     assert caplog.text.count(f"delete the template {old} in Postmark by hand") == 1  # the hint once
 
 
-def test_a_dry_run_lists_and_deletes_nothing(tmp_path: Path, srv: FakeProviderServer) -> None:
+def test_a_dry_run_records_creates_and_deletes_nothing(tmp_path: Path, srv: FakeProviderServer) -> None:
     app = _app(tmp_path, srv, readers=3)
     try:
-        before = dict(_other_templates(srv, _draft_id(app)))
+        _put(srv, f"digest-{_draft_id(app)}-{HEX}")
+        before = dict(srv.templates)
         (summary,) = pipeline.send(app, dry_run=True)
         assert summary.dry_run and summary.sent == 3
+        assert app.store.provider_objects(_draft_id(app), "postmark") == []
     finally:
         app.close()
     assert srv.requests == [] and srv.templates == before
+
+
+def _pm_provider() -> PostmarkTemplateProvider:
+    return PostmarkTemplateProvider(Delivery(provider="postmark", api_key=TOKEN, base_url="https://pm.test",
+                                             timeout=5, postmark_templates=True))
+
+
+@responses.activate
+def test_template_done_deletes_the_current_and_each_earlier_alias_once_and_goes_on_after_a_failure() -> None:
+    provider, template = _pm_provider(), make_template()
+    (current,) = provider.template_names(template)
+    responses.add(responses.DELETE, f"https://pm.test/templates/{current}", json={"ErrorCode": 0})
+    responses.add(responses.DELETE, "https://pm.test/templates/digest-1-aaaaaaaaaaaa", status=500,
+                  json={"ErrorCode": 0, "Message": "Internal"})
+    responses.add(responses.DELETE, "https://pm.test/templates/digest-1-bbbbbbbbbbbb", status=404)
+    responses.add(responses.DELETE, "https://pm.test/templates/digest-1-cccccccccccc", status=422,
+                  json={"ErrorCode": 1101, "Message": "Template not found."})
+    with pytest.raises(DeliveryError) as caught:
+        provider.template_done(template, ["digest-1-aaaaaaaaaaaa", current, "digest-1-bbbbbbbbbbbb",
+                                          "digest-1-cccccccccccc"])
+    assert [c.request.url.rsplit("/", 1)[1] for c in responses.calls] == [
+        current, "digest-1-aaaaaaaaaaaa", "digest-1-bbbbbbbbbbbb", "digest-1-cccccccccccc"]
+    assert caught.value.hint == "delete the template digest-1-aaaaaaaaaaaa in Postmark by hand"
+    assert str(caught.value).count("digest-1-aaaaaaaaaaaa") == 2  # the failure's line, the hint
+
+
+def test_store_records_provider_objects_per_draft_and_provider(tmp_path: Path) -> None:
+    app = pipeline.App.open(make_settings(tmp_path), FrozenClock())
+    store = app.store
+    try:
+        store.record_provider_objects(1, "postmark", ["digest-1-a", "digest-1-b"])
+        store.record_provider_objects(1, "postmark", ["digest-1-a"])  # again: one record
+        store.record_provider_objects(12, "postmark", ["digest-12-a"])
+        store.record_provider_objects(1, "resend", ["r"])
+        assert store.provider_objects(1, "postmark") == ["digest-1-a", "digest-1-b"]
+        assert store.provider_objects(12, "postmark") == ["digest-12-a"]
+        store.forget_provider_objects(1, "postmark", ["digest-1-a"])
+        assert store.provider_objects(1, "postmark") == ["digest-1-b"]
+        assert store.provider_objects(1, "resend") == ["r"]
+    finally:
+        app.close()

@@ -149,7 +149,7 @@ class FakeProviderServer:
         self.ses_credentials: tuple[str, str, str] = ("AKIDEXAMPLE", token, "us-east-1")
         self.idempotency: dict[str, tuple[str, Reply]] = {}  # Resend: key -> (body hash, reply)
         self.mailgun_domain = "mg.example.org"
-        self.templates: dict[str, dict[str, Any]] = {}  # Postmark: alias (an id for one without) -> template
+        self.templates: dict[str, dict[str, Any]] = {}  # Postmark: alias -> template
         self.lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _Server((host, 0), _Handler, self)
@@ -413,13 +413,11 @@ _LEDGER_ID_RE = re.compile(rb'"ledger_id":\s*"(\d+)"')
 
 def install_postmark(srv: FakeProviderServer) -> None:
     """Routes that play Postmark: POST /email/batch, POST /email, GET /server, and templates:
-    POST /templates, GET /templates (the list), GET and DELETE /templates/{alias},
-    POST /email/batchWithTemplates."""
+    POST /templates, GET and DELETE /templates/{alias}, POST /email/batchWithTemplates."""
     srv.route("POST", "/email/batch", postmark_batch)
     srv.route("POST", "/email", postmark_single)
     srv.route("GET", "/server", postmark_server)
     srv.route("POST", "/templates", postmark_create_template)
-    srv.route("GET", "/templates", postmark_list_templates)  # the query string is not in the path
     srv.route("GET", "/templates/*", postmark_get_template)
     srv.route("DELETE", "/templates/*", postmark_delete_template)
     srv.route("POST", "/email/batchWithTemplates", postmark_batch_with_templates)
@@ -585,10 +583,6 @@ _MUSTACHIO_TAG_RE = re.compile(r"\{\{\{[^{}]+?\}\}\}|\{\{[^{}]+?\}\}")
 _MUSTACHIO_PATH_RE = re.compile(r"[\w./]+")
 # Not Postmark's documented code (none was found): what this fake answers for a taken alias.
 POSTMARK_ALIAS_TAKEN = 1122
-# Nor this one: what this fake answers for a list's missing or invalid Count, Offset or
-# TemplateType (Postmark answers 422 with an ErrorCode for invalid requests).
-POSTMARK_BAD_QUERY = 1123
-POSTMARK_MAX_LIST = 500  # a list's largest Count here (third-party tools say 500; not documented)
 
 
 def mustachio_parse(template: str) -> list[tuple[str, str]] | str:
@@ -663,35 +657,6 @@ def postmark_create_template(srv: FakeProviderServer, request: Request) -> Reply
         srv.templates[alias] = {**data, "TemplateId": template_id, "Active": True}
     return Reply.of_json(200, {"TemplateId": template_id, "Name": data.get("Name"), "Alias": alias,
                                "Active": True})
-
-
-def postmark_list_templates(srv: FakeProviderServer, request: Request) -> Reply:
-    """GET /templates?Count=n&Offset=k[&TemplateType=Standard|Layout|All]: one page of the
-    templates, in the order they were made, as ``{"TotalCount", "Templates": [{"Active",
-    "TemplateId", "Name", "Alias", "TemplateType", "LayoutTemplate"}]}`` (``TotalCount`` counts
-    those of the type asked for). Count (1 to 500) and Offset (0 or more) are required, else
-    422. Parameter names are read in any case: the official .NET client sends ``Count``, the
-    Node one ``count``."""
-    refused = _postmark_auth(srv, request)
-    if refused is not None:
-        return refused
-    query = {key.lower(): value for key, value in parse_qsl(request.query, keep_blank_values=True)}
-    try:
-        count, offset = int(query["count"]), int(query["offset"])
-    except (KeyError, ValueError):
-        count = offset = -1
-    kind = query.get("templatetype", "All")
-    if not 1 <= count <= POSTMARK_MAX_LIST or offset < 0 or kind not in ("All", "Standard", "Layout"):
-        return Reply.of_json(422, {"ErrorCode": POSTMARK_BAD_QUERY,
-                                   "Message": "Count (1 to 500) and Offset are required; TemplateType is "
-                                              "Standard, Layout or All."})
-    with srv.lock:
-        held = list(srv.templates.values())
-    listed = [t for t in held if kind == "All" or (t.get("TemplateType") or "Standard") == kind]
-    page = [{"Active": t.get("Active", True), "TemplateId": t.get("TemplateId"), "Name": t.get("Name"),
-             "Alias": t.get("Alias"), "TemplateType": t.get("TemplateType") or "Standard",
-             "LayoutTemplate": t.get("LayoutTemplate")} for t in listed[offset:offset + count]]
-    return Reply.of_json(200, {"TotalCount": len(listed), "Templates": page})
 
 
 def postmark_get_template(srv: FakeProviderServer, request: Request) -> Reply:

@@ -715,7 +715,13 @@ class Sender:
         (Postmark creates its server template): a kill -9 during that call then leaves no batch
         uncertain. Best effort: on failure the first batch's call does it again, with its
         retries and its error handling (a refused token stops the send there)."""
-        if not self.server_side or self.template is None or self._stop is not None:
+        if not self.server_side or self.template is None:
+            return
+        # Recorded before the provider makes it: the sender that finishes the draft removes it,
+        # whatever happens in between (see _template_done).
+        self.store.record_provider_objects(self.draft.id or 0, self.provider.name,
+                                           self.provider.template_names(self.template))
+        if self._stop is not None:
             return
         try:
             self.provider.template_ready(self.template)
@@ -725,11 +731,15 @@ class Sender:
 
     def _template_done(self) -> None:
         """The draft is sent: the provider lets go of what it keeps for the template (Postmark
-        deletes the server template it created). A failure is logged; the send stands."""
+        deletes the server template it created) and of what the draft's earlier sends recorded
+        (a template made under another alias). A failure is logged; the send stands."""
         if not self.server_side or self.template is None:
             return
+        draft_id, name = self.draft.id or 0, self.provider.name
         try:
-            self.provider.template_done(self.template)
+            recorded = self.store.provider_objects(draft_id, name)
+            self.provider.template_done(self.template, recorded)
+            self.store.forget_provider_objects(draft_id, name, recorded)
         except Exception as exc:  # noqa: BLE001 (whatever it is, the send has succeeded)
             # A DigestError's text carries its hint already.
             log.warning("draft %s: sent, but the provider's template was not cleaned up: %s", self.draft.id, exc)

@@ -403,6 +403,41 @@ class Store:
             value = conn.execute(select(meta.c.value).where(meta.c.key == f"{self._RUN_PREFIX}{name}")).scalar()
         return datetime.fromisoformat(value) if value is not None else None
 
+    # What a provider keeps for a draft's send (Postmark's server templates), by name, under
+    # ``provider_object:<draft id>:<name>`` with the provider's name as the value: recorded
+    # before the provider makes it, so that the sender that finishes the draft removes every
+    # one this database's sends made, and nothing another installation made.
+
+    _OBJECT_PREFIX = "provider_object:"
+
+    def record_provider_objects(self, draft_id: int, provider: str, names: Sequence[str]) -> None:
+        """Record that ``provider`` may keep objects called ``names`` for the draft's send
+        (again: nothing; by several processes at once: one record)."""
+        for name in names:
+            key = f"{self._OBJECT_PREFIX}{draft_id}:{name}"
+            try:
+                with self._tx() as conn:
+                    if conn.execute(select(meta.c.key).where(meta.c.key == key)).first() is None:
+                        conn.execute(insert(meta).values(key=key, value=provider))
+            except IntegrityError:
+                pass  # another process recorded it first
+
+    def provider_objects(self, draft_id: int, provider: str) -> list[str]:
+        """The names :meth:`record_provider_objects` recorded for the draft and ``provider``,
+        in name order."""
+        prefix = f"{self._OBJECT_PREFIX}{draft_id}:"
+        with self._tx() as conn:
+            keys = conn.execute(select(meta.c.key).where(meta.c.key.startswith(prefix, autoescape=True),
+                                                         meta.c.value == provider).order_by(meta.c.key)).scalars()
+            return [key[len(prefix):] for key in keys]
+
+    def forget_provider_objects(self, draft_id: int, provider: str, names: Sequence[str]) -> None:
+        """The provider let go of ``names``: their records go."""
+        keys = [f"{self._OBJECT_PREFIX}{draft_id}:{name}" for name in names]
+        if keys:
+            with self._tx() as conn:
+                conn.execute(delete(meta).where(meta.c.key.in_(keys), meta.c.value == provider))
+
     # -- sources ----------------------------------------------------------------------------
 
     def cursor(self, source: str) -> SourceCursor:

@@ -350,10 +350,19 @@ class Provider(ABC):
         call makes it ready again, with the batch's retries and error handling. The default
         keeps nothing."""
 
-    def template_done(self, template: TemplateMessage) -> None:  # noqa: B027 (optional hook)
+    def template_names(self, template: TemplateMessage) -> tuple[str, ...]:
+        """The names of what the provider keeps for ``template`` (Postmark: its server
+        template's alias), which the sender records before :meth:`template_ready` makes them.
+        The default keeps nothing."""
+        return ()
+
+    def template_done(self, template: TemplateMessage, earlier: Sequence[str] = ()) -> None:  # noqa: B027
         """The send of ``template``'s draft has finished: let go of whatever the provider keeps
-        for it (Postmark's server template). Called once by the sender that concludes the
-        send; a failure is logged there and never fails the send. The default keeps nothing."""
+        for it (Postmark's server template), and of what ``earlier`` names: what this provider
+        made for the draft's earlier sends, as :meth:`template_names` named it then (the
+        content changed mid-send, or a delete failed). Called once by the sender that concludes
+        the send; a failure is logged there and never fails the send. The default keeps
+        nothing. (An optional hook.)"""
 
     def refusals(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """The results a send of ``messages`` would give without handing them over (``invalid``:

@@ -34,24 +34,9 @@ What Postmark's API does here, and where each fact comes from (checked Dec 2026)
   comment, ``{{#``, ``{{^``, ``{{/`` open and close sections; everything else is content, and
   values are not read as a template again. [ActiveCampaign/mustachio, Mustachio/Tokenizer.cs;
   postmarkapp.com/support/article/1077-template-syntax]
-* ``GET /templates?Count=n&Offset=k`` lists the server's templates a page at a time:
-  ``{"TotalCount": N, "Templates": [{"Active", "TemplateId", "Name", "Alias",
-  "TemplateType", "LayoutTemplate"}, ...]}``, ``Alias`` a string or null; the optional
-  ``TemplateType`` (``Standard``, ``Layout`` or ``All``, which is the default) filters by type.
-  [the official clients: postmark-dotnet's ``GetTemplatesAsync`` sends ``Count``, ``Offset``,
-  ``TemplateType`` (its ``TemplateTypeFilter`` enum) and ``LayoutTemplate``, and reads
-  ``PostmarkTemplateListingResponse``; postmark.js's ``getTemplates`` (default count 100,
-  offset 0) reads ``Templates`` of ``TemplateInList`` with ``Alias: string | null``; a listing
-  of Postmark's API reference (withone.ai) gives Count and Offset as required, and the same
-  answer]
 * Not found documented: the ErrorCode of a create whose alias is taken (so any refused create
   is followed by a read of the alias), and the per-message error of a batch naming a template
   that is gone (so a batch refused whole with a message about the template stops the send).
-  For the list: the largest ``Count`` (only third-party tools say 500: we ask
-  ``LIST_COUNT`` = 100, the clients' default, and page by what came back), the order of the
-  entries, and whether it holds still while templates are deleted (so every page is read
-  before the first delete, and no page is assumed full). The list call was not found in the
-  stored copies of the templates-api page itself.
 
 **Injection.** The draft's static parts hold essay and comment text, and the Subject too:
 none of it may be read as Mustachio. Every ``{{`` in them becomes ``{{{o}}}``, a raw
@@ -64,14 +49,16 @@ must be followed by a character that is not a brace). ``}}`` alone opens nothing
 ``{{x}}``, ``{{{x}}}``, ``{{#x}}``, ``{{/x}}``, ``{{!x}}``, ``{{>x}}`` in a comment all reach
 the reader as written (tests/delivery/test_postmark_templates.py).
 
-**Cleanup.** When the draft's send has finished, :meth:`PostmarkTemplateProvider.template_done`
-deletes the draft's template, then lists the server's templates and deletes every other one
-of the same draft (:func:`is_draft_alias`: ``digest-<draft id>-`` and the 12 hex digits of a
-hash, nothing else): those made under an earlier alias (the content hash changed mid-send,
-after an upgrade of digest or a change of ``newsletter.public_url``) and those an earlier
-delete failed to remove. Templates that are not digest's are never touched. A failed listing
-or delete stops none of the others; one error at the end names what is left to remove by
-hand, and the sender logs it: the send stands.
+**Cleanup.** The sender records each alias in its own database before the template is made
+(:meth:`PostmarkTemplateProvider.template_names`). When the draft's send has finished,
+:meth:`PostmarkTemplateProvider.template_done` deletes the draft's template and every other
+alias recorded for the draft: those made under an earlier alias (the content hash changed
+mid-send, after an upgrade of digest or a change of ``newsletter.public_url``) and those an
+earlier delete failed to remove. Why recorded rather than listed from the server: aliases
+name the draft by its id, which another digest sending through the same Postmark server
+(staging beside production, a second newsletter) has too, so only this database knows which
+templates are its own. A failed delete stops none of the others; one error at the end names
+what is left to remove by hand, and the sender logs it: the send stands.
 
 The slots are ``{{{h0}}}``... in the HTML and ``{{{t0}}}``... in the text (``h``/``t`` and the
 slot's index in ``SLOT_NAMES``): raw, because :func:`~digest.render.slot_values` already
@@ -86,11 +73,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, ClassVar, NamedTuple, TypeGuard
+from typing import Any, ClassVar, NamedTuple
 
 import requests
 
@@ -111,9 +97,6 @@ log = logging.getLogger(__name__)
 OPEN_KEY = "o"  # the model value "{{", for the static text's own "{{" (carried where there is one)
 _NEUTRAL = "{{{" + OPEN_KEY + "}}}"
 HASH_DIGITS = 12  # the hex digits of the content hash at the end of an alias
-_HASH_RE = re.compile(rf"[0-9a-f]{{{HASH_DIGITS}}}")
-LIST_COUNT = 100  # templates asked for per page of GET /templates
-LIST_PAGES = 100  # pages read at most: a server that never ends its list cannot keep us reading
 _HINT = ("delivery.postmark_templates needs a server token that may manage templates and room for "
          "one more template in the Postmark server; or set delivery.postmark_templates: false")
 
@@ -173,16 +156,6 @@ def server_template(template: TemplateMessage) -> ServerTemplate:
 def alias_prefix(draft_id: int) -> str:
     """``digest-<draft id>-``: how every alias of the draft's templates starts."""
     return f"digest-{draft_id}-"
-
-
-def is_draft_alias(alias: object, draft_id: int) -> TypeGuard[str]:
-    """Whether ``alias`` is one :func:`server_template` makes for draft ``draft_id``: the
-    draft's whole prefix, dash included (draft 1's never matches ``digest-12-...``), then
-    exactly the hash's hex digits. Anything else (another draft's, the operator's own
-    templates, a template without an alias) is not ours to delete."""
-    prefix = alias_prefix(draft_id)
-    return (isinstance(alias, str) and alias.startswith(prefix)
-            and _HASH_RE.fullmatch(alias, len(prefix)) is not None)
 
 
 class _Skeleton(NamedTuple):
@@ -303,25 +276,24 @@ class PostmarkTemplateProvider(PostmarkProvider):
         """The draft's template, made before the first batch is claimed (see the base class)."""
         self.ensure_template(template)
 
-    def template_done(self, template: TemplateMessage) -> None:
+    def template_names(self, template: TemplateMessage) -> tuple[str, ...]:
+        """The alias of the draft's template, for the sender to record before it is made
+        (from the content alone: a bad ``newsletter.from`` is the first batch's to report)."""
+        return (server_template(template).alias,)
+
+    def template_done(self, template: TemplateMessage, earlier: Sequence[str] = ()) -> None:
         """The draft's send has finished: ``DELETE /templates/{alias}`` for its template, then
-        the same for every other template of the draft the server lists (see the module
+        for each alias in ``earlier`` (what the sender recorded for the draft; see the module
         docstring). A template already gone (another process deleted it) is fine. A failed
-        delete or listing stops none of the others: one :class:`DeliveryError` at the end
-        names what is left to remove by hand, for the sender to log."""
-        made = server_template(template)
+        delete stops none of the others: one :class:`DeliveryError` at the end names what is
+        left to remove by hand, for the sender to log."""
         failed: list[tuple[str, DeliveryError]] = []
-        error = self._delete(made.alias)
-        if error is not None:
-            failed.append((made.alias, error))
-        others, listing_error = self._draft_aliases(template.draft_id)
-        for alias in others:
-            if alias != made.alias:  # asked already, whatever the answer
-                error = self._delete(alias)
-                if error is not None:
-                    failed.append((alias, error))
-        if failed or listing_error is not None:
-            raise _cleanup_error(template.draft_id, failed, listing_error)
+        for alias in dict.fromkeys((server_template(template).alias, *earlier)):
+            error = self._delete(alias)
+            if error is not None:
+                failed.append((alias, error))
+        if failed:
+            raise _cleanup_error(failed)
 
     def _delete(self, alias: str) -> DeliveryError | None:
         """``DELETE /templates/{alias}``; the error if the template may still be there."""
@@ -340,51 +312,6 @@ class PostmarkTemplateProvider(PostmarkProvider):
         return DeliveryError(f"postmark: deleting template {alias}: HTTP {status}"
                              + (f", ErrorCode {code}: {text}" if code is not None else ""),
                              status=status, response_text=response_text(reply))
-
-    def _draft_aliases(self, draft_id: int) -> tuple[list[str], DeliveryError | None]:
-        """The aliases of draft ``draft_id``'s templates in the server (:func:`is_draft_alias`),
-        from ``GET /templates`` read page by page to its end before anything is deleted (a
-        delete could shift the later pages); and the error that cut the listing short, if
-        any, with the aliases found until then. At most ``LIST_PAGES`` pages."""
-        found: list[str] = []
-        offset = 0
-        for _page in range(LIST_PAGES):
-            url = f"{self.templates_url}?Count={LIST_COUNT}&Offset={offset}&TemplateType=Standard"
-            try:
-                status, _headers, reply = self.request("GET", url, self._read_headers)
-            except DeliveryError as exc:
-                return found, exc
-            if status != 200:
-                code, text = _error_of(reply)
-                return found, DeliveryError(f"postmark: listing templates: HTTP {status}"
-                                            + (f", ErrorCode {code}: {text}" if code is not None else ""),
-                                            status=status, response_text=response_text(reply))
-            try:
-                data: Any = json.loads(reply)
-            except ValueError:
-                data = None
-            entries = data.get("Templates") if isinstance(data, dict) else None
-            if not isinstance(entries, list):
-                return found, DeliveryError("postmark: listing templates: the answer holds no list of templates",
-                                            status=status, response_text=response_text(reply))
-            for entry in entries:
-                if not isinstance(entry, dict):
-                    continue
-                alias = entry.get("Alias")
-                # Ours are Standard templates (the query asks for those only: a server that
-                # ignores the filter does not make a layout of the operator's ours).
-                if (is_draft_alias(alias, draft_id) and entry.get("TemplateType") in (None, "Standard")
-                        and alias not in found):
-                    found.append(alias)
-            offset += len(entries)
-            total = data.get("TotalCount")
-            if isinstance(total, int) and not isinstance(total, bool):
-                if not entries or offset >= total:  # a short page alone does not end it
-                    return found, None
-            elif len(entries) < LIST_COUNT:
-                return found, None
-        return found, DeliveryError(f"postmark: listing templates: no end after {LIST_PAGES} pages "
-                                    f"({offset} templates)")
 
     def check(self) -> str:
         """As for full bodies, saying that sends will create a template in the server."""
@@ -524,24 +451,14 @@ class PostmarkTemplateProvider(PostmarkProvider):
                 for r, gone in zip(results, refused, strict=True)]
 
 
-def _cleanup_error(draft_id: int, failed: Sequence[tuple[str, DeliveryError]],
-                   listing_error: DeliveryError | None) -> DeliveryError:
-    """One error for what :meth:`PostmarkTemplateProvider.template_done` could not do: each
-    failure's line, and a hint naming the templates to delete by hand."""
-    errors = [error for _alias, error in failed] + ([listing_error] if listing_error is not None else [])
+def _cleanup_error(failed: Sequence[tuple[str, DeliveryError]]) -> DeliveryError:
+    """One error for the templates :meth:`PostmarkTemplateProvider.template_done` could not
+    delete: each failure's line, and a hint naming them."""
     names = ", ".join(alias for alias, _error in failed)
-    plural = "s" if len(failed) > 1 else ""
-    prefix = alias_prefix(draft_id)
-    if listing_error is None:
-        hint = f"delete the template{plural} {names} in Postmark by hand"
-    elif failed:
-        hint = (f"delete the template{plural} {names} in Postmark by hand, and any other template "
-                f"whose alias starts with {prefix}")
-    else:
-        hint = f"delete any template whose alias starts with {prefix} in Postmark by hand"
-    first = errors[0]
-    return DeliveryError("; ".join(str(error.args[0]) for error in errors), status=first.status,
-                         response_text=first.response_text, hint=hint)
+    first = failed[0][1]
+    return DeliveryError("; ".join(str(error.args[0]) for _alias, error in failed), status=first.status,
+                         response_text=first.response_text,
+                         hint=f"delete the template{'s' if len(failed) > 1 else ''} {names} in Postmark by hand")
 
 
 def _error_of(body: bytes) -> tuple[int | None, str]:
