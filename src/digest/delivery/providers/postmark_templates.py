@@ -96,7 +96,6 @@ log = logging.getLogger(__name__)
 
 OPEN_KEY = "o"  # the model value "{{", for the static text's own "{{" (carried where there is one)
 _NEUTRAL = "{{{" + OPEN_KEY + "}}}"
-HASH_DIGITS = 12  # the hex digits of the content hash at the end of an alias
 _HINT = ("delivery.postmark_templates needs a server token that may manage templates and room for "
          "one more template in the Postmark server; or set delivery.postmark_templates: false")
 
@@ -137,8 +136,8 @@ def server_template(template: TemplateMessage) -> ServerTemplate:
     subject = neutralize(clean_header_value(template.subject))
     html = mustachio(template.html_parts, template.html_slots, "h", plain)
     text = mustachio(template.text_parts, template.text_slots, "t", plain)
-    digest = hashlib.sha256(json.dumps([subject, html, text]).encode()).hexdigest()[:HASH_DIGITS]
-    alias = f"{alias_prefix(template.draft_id)}{digest}"
+    digest = hashlib.sha256(json.dumps([subject, html, text]).encode()).hexdigest()[:12]
+    alias = f"digest-{template.draft_id}-{digest}"
     keys: dict[str, tuple[str, bool, int]] = {}
     for kind, slots in (("h", template.html_slots), ("t", template.text_slots)):
         for slot in slots:
@@ -151,11 +150,6 @@ def server_template(template: TemplateMessage) -> ServerTemplate:
     opens = _NEUTRAL in subject or _NEUTRAL in html or _NEUTRAL in text
     return ServerTemplate(alias, body, tuple(keys.values()), opens,
                           tuple(sorted(SLOT_NAMES.index(slot) for slot in plain)))
-
-
-def alias_prefix(draft_id: int) -> str:
-    """``digest-<draft id>-``: how every alias of the draft's templates starts."""
-    return f"digest-{draft_id}-"
 
 
 class _Skeleton(NamedTuple):
