@@ -108,7 +108,6 @@ class ApiCalls:
         request.prepare_headers(merged)
         request.prepare_body(body, None)
         request.prepare_auth(session.auth, request.url)
-        request.hooks = {"response": []}
         return session.get_adapter(request.url).send(request, stream=False, timeout=timeout, verify=session.verify,
                                                      cert=session.cert, proxies=session.proxies)
 
