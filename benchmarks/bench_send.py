@@ -13,7 +13,8 @@ very same request bodies, prebuilt, with a bare ``requests.Session``; it prints 
 their ratio (goal: the pipeline under 1.5x the bare cost), each the median of several runs.
 It also reads, from the ledger, how long the sending itself took (first claim to last
 settle, without opening the database, compiling, freezing the audience and starting helper
-processes), and times the provider layer alone: the prepared per-recipient values handed to the
+processes), where the machine's CPU went during the send (the sending processes, the fake
+provider, the cores left idle), and times the provider layer alone: the prepared per-recipient values handed to the
 provider, which builds each request, posts it and reads the answer (no ledger, no signing).
 
 ``ledger`` times the store's claim and settle per row (and freezing the audience first and
@@ -41,6 +42,10 @@ fake and deletes it at the end).
 
 The fake provider runs in its own process (so it does not compete for our interpreter lock),
 answers at once, sets TCP_NODELAY and writes each response in one piece.
+
+``throughput`` and ``stages`` print a yardstick first, the time of ``sum(range(1000))``: the
+shared machines differ (and drift) by a factor of two, so compare figures taken with
+different yardsticks by ratio, or run both sides in one session (ABBA).
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ def _serve(conn: Any, provider: str) -> None:
     while conn.recv() == "clear":  # between runs: forget what was sent (Resend's keys too)
         accepted += len(srv.ledger_ids)
         srv.clear()
-        conn.send(None)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        conn.send(own.ru_utime + own.ru_stime)  # the fake's CPU seconds so far
     conn.send(accepted + len(srv.ledger_ids))
     srv.close()
 
@@ -94,9 +100,11 @@ class FakeProcess:
         self.proc.start()
         self.url: str = self.conn.recv()
 
-    def clear(self) -> None:
+    def clear(self) -> float:
+        """Forget what was sent; the fake's CPU seconds so far."""
         self.conn.send("clear")
-        self.conn.recv()
+        cpu: float = self.conn.recv()
+        return cpu
 
     def stop(self) -> int:
         self.conn.send("stop")
@@ -150,6 +158,24 @@ def prepare(folder: Path, settings: Any, recipients: int) -> None:
     app.close()
 
 
+def machine_speed() -> str:
+    """A yardstick for comparing figures taken on different machines, or on the same shared
+    machine at different times: the best of five timings of ``sum(range(1000))``."""
+    import timeit
+
+    best = min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000
+    return f"machine: sum(range(1000)) in {best * 1e6:.1f} µs"
+
+
+def idle_seconds() -> float:
+    """Seconds all of this machine's cores have been idle (``/proc/stat``), or NaN."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")  # idle + iowait
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and of its children that have ended (a send's helper
     processes; not the fake provider, which runs until the benchmark ends)."""
@@ -158,17 +184,19 @@ def cpu_seconds() -> float:
 
 
 SEND_CPU: list[float] = []  # each send_once's CPU seconds (this process and its helpers)
+IDLE: list[float] = []  # each send_once's idle core-seconds, machine-wide
 
 
 def send_once(settings: Any) -> tuple[float, int]:
     from digest import pipeline
 
     app = pipeline.App.open(settings)
-    cpu = cpu_seconds()
+    cpu, idle = cpu_seconds(), idle_seconds()
     started = time.perf_counter()
     (summary,) = pipeline.send(app)
     elapsed = time.perf_counter() - started
     SEND_CPU.append(cpu_seconds() - cpu)
+    IDLE.append(idle_seconds() - idle)
     app.close()
     return elapsed, summary.sent
 
@@ -322,16 +350,16 @@ def throughput(args: argparse.Namespace) -> None:
         else:
             prepare(base, settings, args.recipients)
         fresh.prepared()
-        pipe_times, bare_times, handoff_times, sending_times = [], [], [], []
+        pipe_times, bare_times, handoff_times, sending_times, fake_cpu = [], [], [], [], []
         fresh.restore()
         calls = bare_bodies(settings, args.recipients)
         payload = sum(len(b) for _, _, b in calls)
         for _ in range(args.runs):
             fresh.restore()
-            fake.clear()
+            before = fake.clear()
             elapsed, sent = send_once(settings)
             assert sent == args.recipients, sent
-            fake.clear()
+            fake_cpu.append(fake.clear() - before)
             pipe_times.append(elapsed)
             sending_times.append(sending_phase(settings))
             bare_times.append(post_bare(calls, args.concurrency))
@@ -345,7 +373,7 @@ def throughput(args: argparse.Namespace) -> None:
     n = args.recipients
     print(f"provider {args.provider}, {n:,} recipients, batch {len(calls) and n // len(calls)}, "
           f"concurrency {args.concurrency}, processes {args.processes}, {len(calls)} requests, "
-          f"{payload / 1e6:,.1f} MB of request bodies")
+          f"{payload / 1e6:,.1f} MB of request bodies; {machine_speed()}")
     print(f"  pipeline (claim, personalize, build, POST, settle)  median {pipe:7.3f} s  {n / pipe:10,.0f} recipients/s")
     sending = statistics.median(sending_times)
     print(f"    of which sending (first claim to last settle)      median {sending:7.3f} s  "
@@ -353,6 +381,9 @@ def throughput(args: argparse.Namespace) -> None:
     cpu = statistics.median(SEND_CPU)
     print(f"    CPU of the sending processes (parent and helpers)  median {cpu:7.3f} s  "
           f"{cpu / n * 1e6:7.2f} µs/recipient, {cpu / pipe:.2f} cores busy of {os.cpu_count()}")
+    fcpu, idle = statistics.median(fake_cpu), statistics.median(IDLE)
+    print(f"    CPU of the fake provider; all cores idle            median {fcpu:7.3f} s  "
+          f"{fcpu / n * 1e6:7.2f} µs/recipient, {fcpu / pipe:.2f} cores; idle {idle / pipe:.2f} cores")
     print(f"  bare requests.Session, same prebuilt bodies          median {bare:7.3f} s  "
           f"{n / bare:10,.0f} recipients/s")
     hand = statistics.median(handoff_times)
@@ -528,6 +559,7 @@ def stages(args: argparse.Namespace) -> None:
         shutil.rmtree(base, ignore_errors=True)
     n = args.recipients
     process = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(machine_speed())
     print(f"provider {args.provider}, {n:,} recipients, one process, one worker: {n / elapsed:,.0f} recipients/s; "
           f"process CPU {process / n * 1e6:.2f} µs/recipient")
     for stage in ("claim", "prepare", "build", "HTTP call", "answer", "settle", "worker, in all"):

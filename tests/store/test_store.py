@@ -1202,3 +1202,72 @@ def test_two_requests_bringing_the_soft_bounces_that_reach_the_limit_at_once_sup
         assert sub is not None and sub.status == "bounced"
     finally:
         other.close()
+
+
+
+def _durability(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """From now on, each write statement of the send path (``Store._raw``) as it runs, with
+    whether its transaction's commit will wait for the disk, read from the database itself
+    (SQLite: ``PRAGMA synchronous``, FULL = 2; PostgreSQL: ``synchronous_commit``)."""
+    seen: list[tuple[str, bool]] = []
+    original = Store._raw
+    ask = "PRAGMA synchronous" if store.dialect == "sqlite" else "SELECT current_setting('synchronous_commit')"
+
+    def raw(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
+        if sql.lstrip().startswith(("UPDATE", "INSERT", "DELETE")):
+            level = conn.connection.cursor().execute(ask).fetchone()[0]
+            seen.append((sql.split(" SET ")[0].strip(), level in (2, 3, "on", "remote_apply", "remote_write")))
+        return original(conn, sql, params, many)
+
+    monkeypatch.setattr(Store, "_raw", staticmethod(raw))
+    return seen
+
+
+def _pool_waits_for_disk(store: Store) -> bool:
+    """Whether a connection from the pool commits waiting for the disk (every one tried)."""
+    waits = []
+    for _ in range(3):
+        with store.engine.connect() as conn:
+            if store.dialect == "sqlite":
+                waits.append(conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2)
+            else:
+                waits.append(conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on")
+    return all(waits)
+
+
+def test_a_verdict_commits_without_waiting_for_the_disk_and_a_claim_waits(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rule 1 needs a claim on disk before its call. A verdict, after the call, may wait for
+    the next claim's flush: a power cut loses it only as a row still claimed (uncertain)."""
+    draft_id = _sending(store, ["a@x.org", "b@x.org", "c@x.org", "d@x.org"])
+    store.start_send(draft_id, NOW)
+    seen = _durability(store, monkeypatch)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    assert seen and all(waits for _, waits in seen)
+    assert any(sql.startswith("INSERT INTO send_batches") for sql, _ in seen)
+    seen.clear()
+    store.settle([SendResult(c.ledger_id, "sent", "m") for c in batch], "sendgrid", NOW, batch)
+    assert ("UPDATE send_batches", False) in seen and not any(waits for _, waits in seen)
+    seen.clear()
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    assert seen and all(waits for _, waits in seen)
+    seen.clear()
+    c, d = (x.ledger_id for x in batch)
+    store.mark_uncertain([c], "timed out", NOW, batch)
+    store.release([d], "not sent: 503", NOW, batch)
+    assert ("UPDATE send_ledger", False) in seen and not any(waits for _, waits in seen)
+    # Every other write, and every connection the pool hands out, waits for the disk again.
+    assert _pool_waits_for_disk(store)
+    first, second = sorted(_own_statuses(store, draft_id))[:2]
+    assert {i: s for i, _e, s in store.ledger_rows(draft_id)} == {
+        first: "sent", second: "sent", c: "uncertain", d: "pending"}  # d: back in the queue
+
+
+def test_a_verdict_that_fails_leaves_its_connection_waiting_for_the_disk(store: Store) -> None:
+    draft_id = _sending(store, ["a@x.org", "b@x.org"])
+    store.start_send(draft_id, NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 2  # another sender took it over
+    with pytest.raises(TakenOverError):
+        store.settle([SendResult(c.ledger_id, "sent", "m") for c in batch], "sendgrid", NOW, batch)
+    assert _pool_waits_for_disk(store)
