@@ -117,10 +117,16 @@ def test_config_refuses_what_mailgun_would_misread() -> None:
             "&#37;mailing_list_unsubscribe_url%",
             f"%{ZWSP}mailing_list_unsubscribe_url%",
         ),
+        ("%recipient%", "&#37;recipient%", f"%{ZWSP}recipient%"),
+        ("%recipient_email%", "&#37;recipient_email%", f"%{ZWSP}recipient_email%"),
+        ("%Recipient_FName%", "&#37;Recipient_FName%", f"%{ZWSP}Recipient_FName%"),
+        ("%unsubscribe_email%", "&#37;unsubscribe_email%", f"%{ZWSP}unsubscribe_email%"),
         # Left alone: percent-encoding, plain percentages, other words.
         ("https://x.example/a%20b%E2%80%99c", None, None),
         ("50% of readers, 100%recipients", None, None),
         ("%unsubscribe_url", None, None),
+        ("%recipient_email", None, None),
+        ("%recipient_2%", None, None),
     ],
 )
 def test_neutralize(raw: str, as_html: str | None, as_text: str | None) -> None:

@@ -888,6 +888,9 @@ def sendgrid_scopes(srv: FakeProviderServer, request: Request) -> Reply:
 MAILGUN_MAX_RECIPIENTS = 1000
 _MAILGUN_RECIPIENT_RE = re.compile(r"%recipient\.([^%\s]+)%")
 _MAILGUN_UNSUBSCRIBE_RE = re.compile(r"%(?:tag_|mailing_list_)?unsubscribe_url%")
+# Mailgun's own variables for the reader a copy goes to (its docs list them for mailing lists).
+_MAILGUN_READER_RE = re.compile(r"%(recipient|recipient_email|recipient_name|recipient_fname|"
+                                r"recipient_lname|unsubscribe_email)%")
 
 
 def install_mailgun(srv: FakeProviderServer, domain: str = "mg.example.org") -> None:
@@ -1003,6 +1006,8 @@ def _mailgun_substitute(text: str | None, values: dict[str, str], address: str) 
     if text is None:
         return None
     text = _MAILGUN_RECIPIENT_RE.sub(lambda m: str(values.get(m.group(1), m.group(0))), text)
+    text = _MAILGUN_READER_RE.sub(
+        lambda m: f"unsubscribe+{address}@mailgun.fake" if m.group(1) == "unsubscribe_email" else address, text)
     # Mailgun's own unsubscribe variables become its own unsubscribe links.
     return _MAILGUN_UNSUBSCRIBE_RE.sub(f"https://mailgun.fake/unsubscribe/{address}", text)
 

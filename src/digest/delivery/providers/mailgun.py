@@ -17,10 +17,12 @@ List-Unsubscribe header (``h:List-Unsubscribe = %recipient.h:List-Unsubscribe%``
 (``v:ledger_id = %recipient.ledger_id%``) and, for :meth:`MailgunProvider.send_template_batch`,
 their name and links in the bodies.
 
-**Injection.** Mailgun substitutes ``%recipient.<key>%`` anywhere, and its unsubscribe
-variables (``%unsubscribe_url%``, ``%tag_unsubscribe_url%``, ``%mailing_list_unsubscribe_url%``)
-too, so a comment quoting ``%recipient.unsubscribe_url%`` would otherwise show one reader
-another's link, or unsubscribe them through Mailgun. Every piece of content we send (static
+**Injection.** Mailgun substitutes ``%recipient.<key>%`` anywhere, its unsubscribe
+variables (``%unsubscribe_url%``, ``%tag_unsubscribe_url%``, ``%mailing_list_unsubscribe_url%``,
+``%unsubscribe_email%``) and its own reader variables (``%recipient%``, ``%recipient_email%``,
+``%recipient_name%``, ``%recipient_fname%``, ``%recipient_lname%``) too, so a comment quoting
+``%recipient.unsubscribe_url%`` would otherwise show one reader another's link, show readers
+their own address, or unsubscribe them through Mailgun. Every piece of content we send (static
 template parts, full bodies, the subject, per-reader values) goes through :func:`neutralize_html`
 or :func:`neutralize_text` first:
 
@@ -78,8 +80,13 @@ from digest.types import (
 US_API_URL = "https://api.mailgun.net"
 EU_API_URL = "https://api.eu.mailgun.net"
 
+# Every variable Mailgun may fill in per reader: ``%recipient.<key>%``, its own ``%recipient%``,
+# ``%recipient_email%``, ``%recipient_name%``, ``%recipient_fname%``, ``%recipient_lname%``
+# (documented for mailing lists; neutralized whatever the sending path, since a batch may be
+# treated alike), ``%unsubscribe_email%`` and the three unsubscribe links.
 _MAILGUN_VARIABLE_RE = re.compile(
-    r"%(?=recipient\.|(?:tag_|mailing_list_)?unsubscribe_url%)", re.IGNORECASE
+    r"%(?=recipient[.%]|recipient_[a-z]+%|(?:tag_|mailing_list_)?unsubscribe_url%|unsubscribe_email%)",
+    re.IGNORECASE,
 )
 _ZWSP = "\u200b"
 _MAGNIFICENT = b"Mailgun Magnificent API"
