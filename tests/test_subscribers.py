@@ -73,6 +73,36 @@ def test_remove_then_add_again(store: Store) -> None:
         subscribers.remove(store, "nobody@example.com", NOW)
 
 
+@pytest.mark.parametrize("raw", [
+    "zoe@xn--bcher-kva.example",  # as providers report it: the domain as it was sent
+    "ZOE@XN--BCHER-KVA.EXAMPLE",
+    "Zoe@BÜCHER.example",
+    "zoe@bu\u0308cher.example",  # the ü decomposed (NFD)
+    " zoe@bücher.example\n",
+])
+def test_canonical_email_is_the_stored_form(raw: str) -> None:
+    assert subscribers.normalize_email("Zoe@Bücher.example") == "zoe@bücher.example"
+    assert subscribers.canonical_email(raw) == "zoe@bücher.example"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Not An Address", "not an address"), ("", ""), ("a@xn--zz", "a@xn--zz"), ("a@B..C", "a@b..c"),
+    ("\ud800ada@example.com", "\ud800ada@example.com"), ("ada\x00@example.com", "ada\x00@example.com"),
+])
+def test_canonical_email_never_raises_and_keeps_what_is_no_address_lower_cased(raw: str, expected: str) -> None:
+    assert subscribers.canonical_email(raw) == expected
+
+
+def test_remove_and_reactivate_find_an_idn_address_as_a_provider_shows_it(store: Store) -> None:
+    subscribers.add(store, "zoe@bücher.example", "Zoë", NOW)
+    subscribers.add(store, "yan@bücher.example", "Yan", NOW)
+    store.suppress("zoe@bücher.example", "hard_bounce", "postmark", NOW)
+    assert subscribers.reactivate(store, "Zoe@XN--BCHER-KVA.example", NOW).status == "bounced"
+    assert store.subscriber_by_email("zoe@bücher.example").status == "active"  # type: ignore[union-attr]
+    assert subscribers.remove(store, "yan@xn--bcher-kva.example", NOW)
+    assert store.subscriber_by_email("yan@bücher.example").status == "removed"  # type: ignore[union-attr]
+
+
 def test_export_round_trips(store: Store) -> None:
     subscribers.add(store, "a@example.com", "Ä, \"quoted\"", NOW)
     text = "".join(subscribers.export_csv(store.list_subscribers()))
