@@ -3,6 +3,8 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from digest import subscribers
 from digest.errors import SubscriberError, TokenError
@@ -90,6 +92,20 @@ def test_canonical_email_is_the_stored_form(raw: str) -> None:
     ("\ud800ada@example.com", "\ud800ada@example.com"), ("ada\x00@example.com", "ada\x00@example.com"),
 ])
 def test_canonical_email_never_raises_and_keeps_what_is_no_address_lower_cased(raw: str, expected: str) -> None:
+    assert subscribers.canonical_email(raw) == expected
+
+
+_ASCII_PARTS = st.sampled_from([*"aZ09.-_+!#$%&*/=?^`{|}~\"(),:;<>[]\\ \t", "@", "xn--", "XN--", ".com", "ex."])
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.emails(), st.lists(_ASCII_PARTS, max_size=30).map("".join)).map(
+    lambda raw: raw.upper() if len(raw) % 2 else raw))
+def test_canonical_email_takes_ascii_without_normalize_email_and_agrees_with_it(raw: str) -> None:
+    try:
+        expected = subscribers.normalize_email(raw)
+    except SubscriberError:
+        expected = raw.strip().lower()
     assert subscribers.canonical_email(raw) == expected
 
 

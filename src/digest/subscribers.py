@@ -51,6 +51,11 @@ def canonical_email(raw: str) -> str:
     is stored with the Unicode domain (``ada@bücher.example``); upper case and another Unicode
     normalization (a decomposed ``ü``) map to the stored form too.
     """
+    if raw.isascii() and "xn--" not in raw.lower():
+        # The common case, without email_validator's cost (a webhook batch holds thousands): an
+        # ASCII address with no IDNA label is stored as its lower-cased text, and one that is
+        # not valid is that text too (tests/test_subscribers.py checks the two agree).
+        return raw.strip().lower()
     try:
         return normalize_email(raw)
     except (SubscriberError, ValueError):
