@@ -3,6 +3,8 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from digest import subscribers
 from digest.errors import SubscriberError, TokenError
@@ -71,6 +73,50 @@ def test_remove_then_add_again(store: Store) -> None:
     assert subscribers.add(store, "a@example.com", "A", NOW).status == "active"
     with pytest.raises(SubscriberError, match="not a subscriber"):
         subscribers.remove(store, "nobody@example.com", NOW)
+
+
+@pytest.mark.parametrize("raw", [
+    "zoe@xn--bcher-kva.example",  # as providers report it: the domain as it was sent
+    "ZOE@XN--BCHER-KVA.EXAMPLE",
+    "Zoe@BÜCHER.example",
+    "zoe@bu\u0308cher.example",  # the ü decomposed (NFD)
+    " zoe@bücher.example\n",
+])
+def test_canonical_email_is_the_stored_form(raw: str) -> None:
+    assert subscribers.normalize_email("Zoe@Bücher.example") == "zoe@bücher.example"
+    assert subscribers.canonical_email(raw) == "zoe@bücher.example"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Not An Address", "not an address"), ("", ""), ("a@xn--zz", "a@xn--zz"), ("a@B..C", "a@b..c"),
+    ("\ud800ada@example.com", "\ud800ada@example.com"), ("ada\x00@example.com", "ada\x00@example.com"),
+])
+def test_canonical_email_never_raises_and_keeps_what_is_no_address_lower_cased(raw: str, expected: str) -> None:
+    assert subscribers.canonical_email(raw) == expected
+
+
+_ASCII_PARTS = st.sampled_from([*"aZ09.-_+!#$%&*/=?^`{|}~\"(),:;<>[]\\ \t", "@", "xn--", "XN--", ".com", "ex."])
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.emails(), st.lists(_ASCII_PARTS, max_size=30).map("".join)).map(
+    lambda raw: raw.upper() if len(raw) % 2 else raw))
+def test_canonical_email_takes_ascii_without_normalize_email_and_agrees_with_it(raw: str) -> None:
+    try:
+        expected = subscribers.normalize_email(raw)
+    except SubscriberError:
+        expected = raw.strip().lower()
+    assert subscribers.canonical_email(raw) == expected
+
+
+def test_remove_and_reactivate_find_an_idn_address_as_a_provider_shows_it(store: Store) -> None:
+    subscribers.add(store, "zoe@bücher.example", "Zoë", NOW)
+    subscribers.add(store, "yan@bücher.example", "Yan", NOW)
+    store.suppress("zoe@bücher.example", "hard_bounce", "postmark", NOW)
+    assert subscribers.reactivate(store, "Zoe@XN--BCHER-KVA.example", NOW).status == "bounced"
+    assert store.subscriber_by_email("zoe@bücher.example").status == "active"  # type: ignore[union-attr]
+    assert subscribers.remove(store, "yan@xn--bcher-kva.example", NOW)
+    assert store.subscriber_by_email("yan@bücher.example").status == "removed"  # type: ignore[union-attr]
 
 
 def test_export_round_trips(store: Store) -> None:

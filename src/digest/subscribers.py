@@ -1,4 +1,6 @@
-"""Subscribers: add, import, export, remove, reactivate, unsubscribe. Addresses are kept lower-cased.
+"""Subscribers: add, import, export, remove, reactivate, unsubscribe. Addresses are kept in one form
+(:func:`normalize_email`): lower-cased, the domain in Unicode. An address from outside finds its row
+through :func:`canonical_email`.
 
 Nothing here ever re-activates an address that unsubscribed or complained: that takes the
 subscriber's own new consent, which a CSV file cannot show. An address that bounced comes back
@@ -37,6 +39,30 @@ def normalize_email(raw: str) -> str:
     except EmailNotValidError as exc:
         raise SubscriberError(f"{candidate}: {exc}") from exc
     return info.normalized.lower()
+
+
+def canonical_email(raw: str) -> str:
+    """``raw`` in the form its subscriber is stored in, to look that row up by: what
+    :func:`normalize_email` makes of it, else (it is no valid address) the lower-cased text,
+    which then finds nothing. Never raises.
+
+    For an address from outside: a provider's webhook, an operator's command. A provider reports
+    the domain as it was sent (IDNA-encoded, ``ada@xn--bcher-kva.example``) while the subscriber
+    is stored with the Unicode domain (``ada@bücher.example``); upper case and another Unicode
+    normalization (a decomposed ``ü``) map to the stored form too.
+    """
+    if raw.isascii() and "xn--" not in raw.lower():
+        # The common case, without email_validator's cost (a webhook batch holds thousands): an
+        # ASCII address with no IDNA label is stored as its lower-cased text, and one that is
+        # not valid is that text too (tests/test_subscribers.py checks the two agree).
+        return raw.strip().lower()
+    try:
+        return normalize_email(raw)
+    except (SubscriberError, ValueError):
+        # ValueError as a defence: email_validator reports what it refuses (a lone surrogate
+        # too) as EmailNotValidError, but this text comes from anyone. An address refused here
+        # was not stored either.
+        return raw.strip().lower()
 
 
 def clean_name(raw: str) -> str:
@@ -134,7 +160,7 @@ def export_csv(subscribers: Iterable[Subscriber]) -> Iterator[str]:
 
 def remove(store: Store, email: str, now: datetime) -> bool:
     """Stop all mail to an address and forget its name; False if it was not subscribed."""
-    existing = store.subscriber_by_email(email.strip().lower())
+    existing = store.subscriber_by_email(canonical_email(email))
     if existing is None:
         raise SubscriberError(f"{email.strip()} is not a subscriber")
     return store.set_subscriber_status(existing.id, "removed", now)
@@ -145,7 +171,8 @@ def reactivate(store: Store, email: str, now: datetime, *, provider_cleared: boo
     ``SubscriberError`` naming what to do instead if it is not one (see ``Store.reactivate``)."""
     if not email.strip():
         raise SubscriberError("empty address")
-    return store.reactivate(email, now, provider_cleared=provider_cleared)
+    # As stored: the operator may paste the address as a provider's dashboard shows it.
+    return store.reactivate(canonical_email(email), now, provider_cleared=provider_cleared)
 
 
 def token_for(secret: str, purpose: str, subscriber_id: int, email: str) -> str:

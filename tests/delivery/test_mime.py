@@ -22,6 +22,7 @@ from digest.delivery.mime import (
     format_address,
     normalize_address,
 )
+from digest.subscribers import canonical_email, normalize_email
 
 NOW = datetime(2026, 11, 2, 7, 0, 0, tzinfo=UTC)
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -167,6 +168,19 @@ def test_display_name_with_specials_is_quoted(make_message) -> None:
 def test_idn_domain_is_punycoded(make_message) -> None:
     parsed = parse(as_bytes(build_mime(make_message(to_email="zoe@bücher.example"), now=NOW)))
     assert parsed["To"].addresses[0].addr_spec == "zoe@xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(("stored", "sent"), [
+    ("zoe@bücher.example", "zoe@xn--bcher-kva.example"),
+    # IDNA 2008, as email_validator reads the domain a subscriber is stored with: Python's IDNA
+    # 2003 codec made these fass.de and xn--4xa.gr, other domains than the reader's.
+    ("zoe@faß.de", "zoe@xn--fa-hia.de"),
+    ("zoe@ς.gr", "zoe@xn--3xa.gr"),
+])
+def test_idn_domain_is_encoded_so_it_reads_back_as_the_stored_one(stored: str, sent: str) -> None:
+    assert normalize_email(stored) == stored
+    assert normalize_address(stored) == sent
+    assert canonical_email(sent) == stored
 
 
 @pytest.mark.parametrize(

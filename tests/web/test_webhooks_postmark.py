@@ -214,6 +214,17 @@ def test_unparseable_body_is_400(client: FlaskClient) -> None:
     assert post(client, b"[1, 2]").status_code == 400
 
 
+def test_a_lone_surrogate_in_an_address_is_400_and_applies_nothing(app: pipeline.App, client: FlaskClient) -> None:
+    # JSON can escape half a surrogate pair; the result is no text, and the database driver
+    # refused it with a UnicodeEncodeError (a 500).
+    raw = json.dumps(load("hard_bounce.json")).encode().replace(b'"Ada@Example.com"', b'"\\ud800ada@example.com"')
+    assert b"\\ud800" in raw
+    r = post(client, raw)
+    assert r.status_code == 400 and r.json == {"error": "unparseable body"}
+    assert app.store.event_counts() == {}
+    assert status_of(app, "ada@example.com") == "active"
+
+
 def test_unknown_provider_is_404_and_get_is_405(client: FlaskClient) -> None:
     assert client.post("/webhooks/pigeon", data=b"{}").status_code == 404
     assert client.get("/webhooks/postmark").status_code == 405

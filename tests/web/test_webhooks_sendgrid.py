@@ -22,10 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from flask.testing import FlaskClient
+from sqlalchemy import select
 from werkzeug.test import TestResponse
 
 from digest import config, pipeline, subscribers
 from digest.errors import ConfigError
+from digest.store.schema import delivery_events
 from digest.web.app import create_app
 from digest.web.webhooks import sendgrid
 from tests.conftest import FrozenClock, make_settings, reactivate, writes_refused
@@ -316,6 +318,63 @@ def test_unparseable_but_signed_body_is_400(client: FlaskClient, clock: FrozenCl
     ts = str(int(clock().timestamp()))
     for raw in (b"not json", b'{"event": "bounce"}'):
         assert post(client, raw, signed_headers(key, ts, raw)).status_code == 400
+
+
+def stored_events(app: pipeline.App) -> dict[str, tuple[str, int | None]]:
+    """Each stored event's (address, ledger id), by its provider id."""
+    with app.store.engine.connect() as conn:
+        rows = conn.execute(select(delivery_events.c.event_id, delivery_events.c.email,
+                                   delivery_events.c.ledger_id)).all()
+    return {r.event_id: (r.email, r.ledger_id) for r in rows}
+
+
+def test_values_the_store_cannot_hold_do_not_hold_up_the_batch(app: pipeline.App, client: FlaskClient,
+                                                                clock: FrozenClock,
+                                                                key: ec.EllipticCurvePrivateKey) -> None:
+    # Ledger ids past the 32-bit column made PostgreSQL refuse the whole request (a 503 on
+    # every retry) and SQLite overflow (a 500); an address past String(320) or holding a NUL
+    # failed on PostgreSQL. Each is dropped from its event, which is stored, and the hard
+    # bounce in the same batch is applied.
+    draft_id = sending_draft(app)
+    long_address = "x" * 320 + "@example.com"
+    batch = [*events_of("hard_bounce.json"),
+             {"email": "ben@example.org", "event": "delivered", "sg_event_id": "d-1", "timestamp": 1795683570,
+              "ledger_id": "3000000000"},
+             {"email": "ben@example.org", "event": "delivered", "sg_event_id": "d-2", "timestamp": 1795683570,
+              "ledger_id": 10 ** 20},
+             {"email": long_address, "event": "spamreport", "sg_event_id": "c-1", "timestamp": 1795683570,
+              "ledger_id": "2"},
+             {"email": "chloe\x00@example.net", "event": "bounce", "type": "bounce", "sg_event_id": "b-2",
+              "timestamp": 1795683570}]
+    raw = json.dumps(batch).encode()
+    for attempt in range(2):  # and SendGrid's retry, signed anew, is a duplicate of each
+        r = send_raw(client, key, clock, raw)
+        assert r.status_code == 200
+        assert r.json == ({"received": 5, "stored": 5, "duplicates": 0, "suppressed": 1} if attempt == 0
+                          else {"received": 5, "stored": 0, "duplicates": 5, "suppressed": 0})
+        clock.advance(seconds=45)
+    assert status_of(app, "ada@example.com") == "bounced"
+    assert status_of(app, "ben@example.org") == status_of(app, "chloe@example.net") == "active"
+    assert stored_events(app) == {"sg-bounce-1": ("ada@example.com", 1), "d-1": ("ben@example.org", None),
+                                  "d-2": ("ben@example.org", None), "c-1": ("", 2), "b-2": ("", None)}
+    assert_next_claim_skips(app, draft_id, "ada@example.com")
+
+
+@pytest.mark.parametrize("field", ["email", "sg_event_id"])
+def test_a_lone_surrogate_refuses_the_batch_and_applies_none_of_it(app: pipeline.App, client: FlaskClient,
+                                                                   clock: FrozenClock,
+                                                                   key: ec.EllipticCurvePrivateKey,
+                                                                   field: str) -> None:
+    # Not text at all (no encoder writes one): the body is malformed, a 400 rather than the
+    # driver's UnicodeEncodeError (a 500), and nothing of it is applied.
+    odd = {"email": "ben@example.org", "event": "spamreport", "sg_event_id": "c-1", "timestamp": 1795683570}
+    odd[field] = "\ud800" + odd[field]
+    raw = json.dumps([*events_of("hard_bounce.json"), odd]).encode()
+    assert b"\\ud800" in raw
+    r = send_raw(client, key, clock, raw)
+    assert r.status_code == 400 and r.json == {"error": "unparseable body"}
+    assert status_of(app, "ada@example.com") == status_of(app, "ben@example.org") == "active"
+    assert app.store.event_counts() == {}
 
 
 def test_unconfigured_sendgrid_refuses_everything(tmp_path: Path, clock: FrozenClock,

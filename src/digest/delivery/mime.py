@@ -22,6 +22,8 @@ from email.message import EmailMessage
 from email.policy import EmailPolicy
 from typing import Any
 
+import idna
+
 from digest import clock
 from digest.types import OutgoingMessage
 
@@ -99,9 +101,13 @@ def normalize_address(address: str) -> str:
             f"non-ASCII local part needs SMTPUTF8, which is not supported: {address!r}"
         )
     if not domain.isascii():
+        # IDNA 2008 with UTS 46 (non-transitional), as email_validator checks a subscriber's
+        # domain on the way in: the domain a provider reports back then reads as the stored one
+        # (digest.subscribers.canonical_email). Python's own "idna" codec is IDNA 2003, which
+        # turns faß.de into fass.de: another domain, and a bounce that names no subscriber.
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except UnicodeError as exc:  # idna.IDNAError is one
             raise ValueError(f"domain cannot be IDNA-encoded: {address!r}") from exc
     return f"{local}@{domain}"
 

@@ -31,7 +31,11 @@ applying twice. An SNS SubscriptionConfirmation has no events and no memory: eve
 signed, fresh copy is confirmed again (see the web route).
 
 ``parse`` normalizes each provider's vocabulary through a small mapping table into
-:data:`EVENT_TYPES`; anything unknown becomes ``other`` and is stored, never applied.
+:data:`EVENT_TYPES`; anything unknown becomes ``other`` and is stored, never applied. It gives
+each event's address in the form its subscriber is stored in (:func:`address`: providers report
+an IDN domain IDNA-encoded, as it was sent). A value the store cannot hold (an address past its
+column, a ledger id past its 32 bits) is dropped from its event, so one odd event does not hold
+up the rest of a batch; text that is no Unicode (a lone surrogate) makes the body malformed.
 
 Adding a provider is one module here plus one line in :data:`PROVIDERS`.
 """
@@ -50,6 +54,7 @@ from typing import Any, Protocol
 
 from digest.config import Webhooks
 from digest.errors import WebhookVerificationError
+from digest.subscribers import canonical_email
 from digest.types import DeliveryEvent
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,10 @@ PROVIDERS: dict[str, str] = {
 
 # The ledger id every send carries as provider metadata (DESIGN.md rule 1) comes back here.
 LEDGER_KEY = "ledger_id"
+# The largest ledger id: send_ledger.id and delivery_events.ledger_id are 32-bit Integers.
+MAX_LEDGER_ID = 2**31 - 1
+# The longest address the store holds (delivery_events.email and suppressions.email: String(320)).
+MAX_ADDRESS = 320
 
 
 class MalformedPayload(ValueError):
@@ -180,17 +189,41 @@ def load_json(raw_body: bytes) -> Any:
 
 
 def address(value: Any) -> str:
-    """The bare address of a recipient a provider reports, lower-cased ('' for none).
+    """The address of a recipient a provider reports, in the form its subscriber is stored in
+    ('' for none, and for one the store cannot hold).
 
     Providers echo the To they were given, and ours carry the reader's name
-    (``"Ada Quill <ada@example.com>"``): an event must suppress ``ada@example.com``.
+    (``"Ada Quill <ada@example.com>"``): an event must suppress ``ada@example.com``. They were
+    given the domain IDNA-encoded, as SMTP carries it, and report it so
+    (``ada@xn--bcher-kva.example``), while the reader is stored as ``ada@bücher.example``:
+    :func:`~digest.subscribers.canonical_email` turns the one into the other (and upper case or
+    another Unicode normalization into the stored form), so the suppression names her row and
+    the claim's ``x.email = l.email`` skips her. Text that is no valid address stays lower-cased.
+
+    An address longer than the store's column, or holding a NUL (which PostgreSQL text cannot
+    hold), is dropped: no subscriber has one, and the event is still stored and the rest of
+    its request applied. A lone surrogate (a JSON escape like ``\\ud800``) is not text at all,
+    and makes the body ``MalformedPayload``.
     """
     if not isinstance(value, str):
         return ""
+    storable(value, "address")
     found: str = value.strip()
     if "<" in found:
         found = parseaddr(found)[1] or found
-    return found.strip().lower()
+    if len(found) > MAX_ADDRESS or "\x00" in found:
+        return ""
+    found = canonical_email(found)
+    return found if len(found) <= MAX_ADDRESS else ""
+
+
+def storable(value: str, what: str) -> None:
+    """``MalformedPayload`` if ``value`` holds a lone surrogate (a JSON escape like ``\\ud800``):
+    that is no text a database driver can encode, and no provider's JSON encoder writes one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedPayload(f"an event's {what} is not valid Unicode text") from None
 
 
 def content_id(value: Any) -> str:
@@ -199,25 +232,33 @@ def content_id(value: Any) -> str:
     A byte-identical replay gets the same id, so it is stored (and applied) once.
     """
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:48]
+    # surrogatepass: a lone surrogate in a field we only hash must not fail the request.
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:48]
 
 
 def short_id(value: str) -> str:
-    """An event id that fits the store's 200 characters; a long one is hashed, never cut
-    (two long ids sharing a prefix must not collide)."""
-    if len(value) <= 200:
+    """An event id the store can hold: up to 200 characters and no NUL (which PostgreSQL text
+    cannot hold). Another one is hashed, never cut (two long ids sharing a prefix must not
+    collide); one with a lone surrogate is ``MalformedPayload``, like such an address."""
+    storable(value, "id")
+    if len(value) <= 200 and "\x00" not in value:
         return value
     return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
 def ledger_id(value: Any) -> int | None:
-    """Our ledger id from provider metadata, if it is a plain positive integer."""
+    """Our ledger id from provider metadata, if it is a plain integer within the ledger's ids.
+
+    Anything else is no ledger id: the event is still stored and applied by its address. A
+    number past the 32-bit column would fail the whole request on PostgreSQL (and overflow
+    SQLite past 64 bits), and no send ledger row has one.
+    """
     if isinstance(value, list) and value:  # SES tags are lists of values
         value = value[0]
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_LEDGER_ID:
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit() and 0 < len(value) < 19:
-        return int(value)
     return None
 
 
