@@ -6,6 +6,11 @@ HTTP 200 with an array in request order, one ``{ErrorCode, Message, MessageID, T
 message, even when some failed; a failure of the whole call is HTTP 401, 422 (with an
 ``ErrorCode``), 429 or 5xx. The token ``POSTMARK_API_TEST`` makes Postmark validate without
 delivering. Reference: shared/reference/APIS.md section A.1.
+
+A per-message ErrorCode about the sender or the account (a sender signature missing or not
+confirmed, an account that may not send, an invalid From) is no reader's rejection: every
+message of the send would get it. Such a batch stops the send, back in the queue; see
+:meth:`PostmarkProvider._results`.
 """
 
 from __future__ import annotations
@@ -67,6 +72,16 @@ _CALL_HINTS: dict[int, str] = {
     412: "the Postmark account is pending approval",
     413: "the Postmark account may not send",
 }
+# Per-message ErrorCodes about the sender or the account, not the reader: sender signature
+# not found (400) or not confirmed (401), not allowed to send (405), account pending (412) or
+# barred (413) (shared/reference/APIS.md A.1 classes them "config" or "account"). Every
+# message of the send meets the same answer, so none is a reader's own rejection: the send
+# stops (see _results).
+_SENDER_HINTS: dict[int, str] = {code: _CALL_HINTS[code] for code in (400, 401, 405, 412, 413)}
+# ErrorCode 300 (invalid request) about the From (or Reply-To) address rather than the To:
+# "Invalid 'From' address: ...", "Error parsing 'From': ...". The Reply-To wording is assumed
+# to follow the From's; it was not seen in Postmark's answers.
+_INVALID_SENDER_RE = re.compile(r"^\s*(Invalid|Error\s+parsing)\s+'(From|ReplyTo|Reply-To)'", re.IGNORECASE)
 
 
 class _Addressed(Protocol):
@@ -435,15 +450,25 @@ class PostmarkProvider(HttpProvider):
         # this runs for every reader, and the general reading below costs three times as much.
         out: list[SendResult] = []
         append = out.append
+        refusals: list[tuple[str, str]] = []  # refused for the sender or the account: (what, hint)
         for m, item in zip(messages, data):
             if type(item) is dict and item.get("ErrorCode") == 0 and item.get("Message") == "OK":
                 message_id = item.get("MessageID")
                 append(SendResult(m.ledger_id, "sent", str(message_id) if message_id else None))
             else:
-                append(self._result(m, item, status, body))
+                append(self._result(m, item, status, body, refusals))
+        if refusals and not any(r.status == "sent" for r in out):
+            # No reader is at fault, and the next batch would meet the same answer: the send
+            # stops with the batch back in the queue, nobody marked.
+            what, hint = refusals[0]
+            raise BlockedError(f"postmark: {what}", status=status, response_text=response_text(body), hint=hint)
+        # Messages of the batch were accepted (unlikely beside such a refusal): raising would
+        # put them back in the queue and send them again. They stay sent; the refused ones
+        # go back to the queue ("deferred"), and the next batch stops the send.
         return out
 
-    def _result(self, msg: _Addressed, item: Any, status: int, body: bytes) -> SendResult:
+    def _result(self, msg: _Addressed, item: Any, status: int, body: bytes,
+                refusals: list[tuple[str, str]]) -> SendResult:
         if not isinstance(item, dict):
             raise UncertainDeliveryError(
                 f"postmark: result for ledger row {msg.ledger_id} is not an object",
@@ -464,6 +489,13 @@ class PostmarkProvider(HttpProvider):
             if inactive and msg.to_email.strip().lower() in _address_list(inactive.group(1)):
                 return SendResult(msg.ledger_id, "suppressed", provider_id, response_text(text))
             return SendResult(msg.ledger_id, "sent", provider_id)
+        what = f"Postmark ErrorCode {code}: {text}"
+        hint = _SENDER_HINTS.get(code) if code is not None else None
+        if code == _INVALID_REQUEST and _INVALID_SENDER_RE.match(text):
+            hint = "check newsletter.from and newsletter.reply_to: Postmark refuses the address"
+        if hint is not None:
+            refusals.append((what, hint))
+            return SendResult(msg.ledger_id, "deferred", None, response_text(f"not sent: {what}"))
         result: ResultStatus
         if code == _INACTIVE:
             result = "suppressed"
@@ -473,9 +505,7 @@ class PostmarkProvider(HttpProvider):
             result = "deferred"  # not sent, and a later call may succeed
         else:
             result = "rejected"
-        return SendResult(
-            msg.ledger_id, result, None, response_text(f"Postmark ErrorCode {code}: {text}")
-        )
+        return SendResult(msg.ledger_id, result, None, response_text(what))
 
     def api_error(self, status: int, body: bytes) -> DeliveryError:
         """The error for a whole-call failure that carries a Postmark ``ErrorCode`` (HTTP 422)."""
