@@ -454,8 +454,26 @@ def postmark_batch(srv: FakeProviderServer, request: Request) -> Reply:
     if len(data) > POSTMARK_MAX_BATCH:
         return Reply.of_json(422, {"ErrorCode": 410, "Message": "Too many batch messages."})
     return Reply.of_json(
-        200, [_postmark_one(srv, item, overrides.get(i)) for i, item in enumerate(data)]
+        200, [_postmark_one(srv, _postmark_placeholders(item), overrides.get(i)) for i, item in enumerate(data)]
     )
+
+
+# Postmark's unsubscribe placeholder in a message sent without a template: Postmark puts its
+# own unsubscribe link there, in the HTML and the text (postmarkapp.com support article 1208).
+_PM_UNSUBSCRIBE_RE = re.compile(r'\{\{\{\s*pm:unsubscribe(?:\s+label="[^"]*")?\s*\}\}\}')
+PM_UNSUBSCRIBE_URL = "https://pm.example/unsubscribe/"
+
+
+def _postmark_placeholders(item: Any) -> Any:
+    """``item`` with Postmark's unsubscribe placeholder in HtmlBody and TextBody replaced by
+    a link, as Postmark does for a message without a template."""
+    if not isinstance(item, dict):
+        return item
+    out = dict(item)
+    for key in ("HtmlBody", "TextBody"):
+        if isinstance(out.get(key), str):
+            out[key] = _PM_UNSUBSCRIBE_RE.sub(PM_UNSUBSCRIBE_URL + uuid.uuid4().hex, out[key])
+    return out
 
 
 def _postmark_batch_start(
@@ -574,7 +592,7 @@ def postmark_single(srv: FakeProviderServer, request: Request) -> Reply:
         item = request.json()
     except ValueError:
         return Reply.of_json(422, {"ErrorCode": 402, "Message": "Received invalid JSON input."})
-    result = _postmark_one(srv, item, None)
+    result = _postmark_one(srv, _postmark_placeholders(item), None)
     return Reply.of_json(200 if result["ErrorCode"] == 0 else 422, result)
 
 

@@ -11,6 +11,10 @@ A per-message ErrorCode about the sender or the account (a sender signature miss
 confirmed, an account that may not send, an invalid From) is no reader's rejection: every
 message of the send would get it. Such a batch stops the send, back in the queue; see
 :meth:`PostmarkProvider._results`.
+
+Bodies go out with no two braces side by side (:func:`literal_braces`): Postmark replaces its
+unsubscribe placeholder, ``{{{ pm:unsubscribe }}}``, in the bodies of messages sent without a
+template, and a comment quoting it must reach readers as written.
 """
 
 from __future__ import annotations
@@ -61,6 +65,44 @@ _INACTIVE_OK_RE = re.compile(
     r"will not deliver to these inactive addresses:\s*(.*?)\.\s*Inactive recipients",
     re.IGNORECASE | re.DOTALL,
 )
+
+# Postmark puts its own unsubscribe link where a message sent without a template holds the
+# placeholder {{{ pm:unsubscribe }}} (or {{{ pm:unsubscribe label="..." }}}), in its HTML and
+# its text (postmarkapp.com/support/article/1208-how-to-add-an-unsubscribe-link). A comment
+# quoting it must reach readers as written, so no two braces may stay side by side in a body
+# (see literal_braces): each "{" followed by another becomes, in the HTML, the character
+# reference &#123;, which every client renders as "{"; in the text, "{" and a zero-width space.
+_BRACE_PAIR_RE = re.compile(r"\{(?=\{)")
+# Why a zero-width space in the text: it is invisible, it breaks the pair for Postmark, and it
+# is what the Mailgun path puts into its own syntax, so readers and tests meet one convention.
+# A visible change (a space, a backslash) would alter what the commenter wrote for every
+# reader; a word joiner (U+2060) would do too, but fewer fonts draw it as nothing.
+ZWSP = "\u200b"
+
+
+def literal_braces(text: str, *, html: bool, before_slot: bool = False) -> str:
+    """``text`` with no "{" next to another for Postmark to read as its placeholder: each
+    "{" followed by a "{" made a character reference (``html``) or followed by a zero-width
+    space (text). Text without "{{" comes back as itself.
+
+    ``before_slot``: a reader's value follows ``text`` in the body, and may begin with "{":
+    a "{" ending ``text`` is made literal too (a value itself is always followed by something,
+    so the pieces of a template pass True for every piece but the last)."""
+    if "{" not in text:
+        return text
+    if "{{" in text:
+        text = _BRACE_PAIR_RE.sub("&#123;" if html else "{" + ZWSP, text)
+    if before_slot and text.endswith("{"):
+        text = text[:-1] + "&#123;" if html else text + ZWSP
+    return text
+
+
+def _literal_parts(parts: Sequence[str], *, html: bool) -> list[str]:
+    """A template's static parts through :func:`literal_braces`, each but the last followed
+    by a reader's value."""
+    last = len(parts) - 1
+    return [literal_braces(p, html=html, before_slot=i < last) for i, p in enumerate(parts)]
+
 
 # Whole-call 422 ErrorCodes that need a hint for the operator.
 _CALL_HINTS: dict[int, str] = {
@@ -211,9 +253,9 @@ class PostmarkProvider(HttpProvider):
                 shared("subject", m.subject),
             )
             if m.html:
-                parts += (b',"HtmlBody":"', json_escape(m.html), b'"')
+                parts += (b',"HtmlBody":"', json_escape(literal_braces(m.html, html=True)), b'"')
             if m.text:
-                parts += (b',"TextBody":"', json_escape(m.text), b'"')
+                parts += (b',"TextBody":"', json_escape(literal_braces(m.text, html=False)), b'"')
             parts += (b',"MessageStream":', self._stream)
             if m.tag:
                 parts += (b',"Tag":', shared("tag", m.tag))
@@ -259,8 +301,9 @@ class PostmarkProvider(HttpProvider):
         cached = self._template_cache
         if cached is not None and cached[0] is template:
             return cached[1]
-        html = [json_escape(p) for p in template.html_parts]
-        text = [json_escape(p) for p in template.text_parts]
+        # Postmark's placeholder made literal here, once per draft (see literal_braces).
+        html = [json_escape(p) for p in _literal_parts(template.html_parts, html=True)]
+        text = [json_escape(p) for p in _literal_parts(template.text_parts, html=False)]
         meta = b'","MessageStream":' + self._stream
         if template.tag:
             meta += b',"Tag":' + json_string(clean_header_value(template.tag))
@@ -312,6 +355,7 @@ class PostmarkProvider(HttpProvider):
         first_large = len(first) >= _LARGE
         next_lead = b"," + lead
         join = b"".join
+        join_text = "".join
         width = len(SLOT_NAMES)
         # Per batch, the JSON before each header value (see header_values).
         header_prefix: HeaderPrefixes = ({}, {})
@@ -336,12 +380,18 @@ class PostmarkProvider(HttpProvider):
             else:
                 run.append(first)
             # Each value escaped once, however many gaps it fills; the text values are usually
-            # the HTML ones (signed links and plain names need no HTML escaping).
-            values = [json_escape(v) for v in html_values]
-            if text_values == html_values:
-                values *= 2
+            # the HTML ones (signed links and plain names need no HTML escaping). A name with
+            # braces is made literal for Postmark (a value precedes every other piece).
+            # (One join and a search: a tenth of the cost of a test per value.)
+            if "{" in join_text(html_values) or (text_values is not html_values and "{" in join_text(text_values)):
+                values = [json_escape(literal_braces(v, html=True, before_slot=True)) for v in html_values]
+                values += [json_escape(literal_braces(v, html=False, before_slot=True)) for v in text_values]
             else:
-                values += [json_escape(v) for v in text_values]
+                values = [json_escape(v) for v in html_values]
+                if text_values == html_values:
+                    values *= 2
+                else:
+                    values += [json_escape(v) for v in text_values]
             for index, constant, large in gaps:
                 if large:
                     run.append(values[index])
