@@ -493,3 +493,25 @@ def test_check_without_leave_to_read_identities_still_passes(srv: FakeProviderSe
     # Without a known From (a provider built outside the app), nothing is asked.
     srv.requests.clear()
     assert "identity" not in live(srv).check() and len(srv.requests) == 1
+
+
+def test_digest_check_names_an_unverified_from(tmp_path: Path, srv: FakeProviderServer) -> None:
+    """`digest check` (pipeline.check) gives the provider newsletter.from: an SES that will not
+    send as it is a failed check naming what to verify, before any send uses up a batch."""
+    from digest import pipeline
+    from tests.conftest import FrozenClock, make_settings
+
+    settings = make_settings(tmp_path, sources=[], newsletter={"from": "Field Notes <digest@news.example.org>"},
+                             delivery={"provider": "ses", "region": "eu-west-1", "aws_access_key_id": "AKIDTEST",
+                                       "aws_secret_access_key": SECRET, "base_url": srv.url, "timeout": 5})
+    app = pipeline.App.open(settings, FrozenClock())
+    try:
+        srv.ses_identities = {"example.com": True}
+        (_db, (what, ok, detail)) = pipeline.check(app, sleep=lambda s: None)
+        assert (what, ok) == ("provider ses", False)
+        assert "will not send as digest@news.example.org" in detail and "delivery.region" in detail
+        srv.ses_identities["news.example.org"] = True
+        (_db, (what, ok, detail)) = pipeline.check(app, sleep=lambda s: None)
+        assert ok and "may send as digest@news.example.org" in detail
+    finally:
+        app.close()
