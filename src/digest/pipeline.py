@@ -101,6 +101,7 @@ class App:
     def provider(self) -> Provider:
         if self._provider is None:
             self._provider = build_provider(self._delivery_settings(), build_session(pool_size=4))
+            self._provider.from_addr = self.settings.newsletter.from_  # for `digest check`
         return self._provider
 
     def _delivery_settings(self) -> Delivery:

@@ -514,6 +514,95 @@ def test_partial_batch_failure_applies_each_result(tmp_path: Path, clock: Frozen
     app.close()
 
 
+# -- a refusal of the sender or the account: no reader's fault -----------------------------------
+
+SIGNATURE = ("The 'From' address you supplied (digest@example.org) is not a Sender Signature on your account. "
+             "Please add and confirm this address in order to be able to use it in the 'From' field.")
+RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
+
+
+def _refusing_every_reader(provider: str, srv: FakeProviderServer, handler: Handler) -> None:
+    """Make the provider refuse every message for the sender, as it does until the operator
+    fixes the setup: SES without the From's identity verified in its region, Postmark without
+    a confirmed sender signature (ErrorCode 400 in each item of a 200), an SMTP relay that
+    will not relay for us (554 to every RCPT)."""
+    if provider == "ses":
+        srv.ses_identities = {"example.com": True}  # the readers' domain, not the From's (example.org)
+    elif provider == "postmark":
+        srv.faults.extend([("partial", {i: (400, SIGNATURE) for i in range(BATCH)})] * 3)
+    else:
+        handler.refuse_rcpt.update({e: RELAY_DENIED.format(e) for e in EMAILS})
+
+
+def _fixed(provider: str, srv: FakeProviderServer, handler: Handler) -> None:
+    if provider == "ses":
+        srv.ses_identities = {"example.org": True}  # the From's domain, verified
+    elif provider == "postmark":
+        srv.faults.clear()
+    else:
+        handler.refuse_rcpt.clear()
+
+
+@pytest.mark.parametrize(("provider", "why"), [("ses", "not verified"), ("postmark", "ErrorCode 400"),
+                                               ("smtp", "Relay access denied")])
+def test_a_refusal_of_the_sender_stops_the_send_and_the_fixed_send_delivers_everyone_once(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, servers: list[EphemeralController],
+        provider: str, why: str) -> None:
+    """The provider refuses every message for a reason of the sender's (an unverified From, a
+    sender signature, a relay that refuses us): the send stops at the first batch, which goes
+    back to the queue; nobody is marked rejected, `digest status` says why; once fixed, the
+    next send delivers everyone exactly once."""
+    handler = Handler()
+    if provider == "smtp":
+        delivery: dict[str, Any] = {"provider": "smtp", "smtp_host": "127.0.0.1",
+                                    "smtp_port": plain(servers, handler).port, "smtp_security": "none"}
+    else:
+        PROVIDERS[provider].install(srv)
+        delivery = {**PROVIDERS[provider].delivery, "base_url": srv.url}
+    _refusing_every_reader(provider, srv, handler)
+    app = open_app(tmp_path, clock, delivery)
+    summary = send(app, [])
+
+    assert summary.blocked and not summary.finished and summary.sent == 0 and not summary.failed
+    assert summary.stopped and why in summary.stopped
+    assert with_status(ledger(app), "pending") == EMAILS  # nobody rejected: all back in the queue
+    assert copies(srv) == collections.Counter() and handler.received == []
+    (reason, _when) = pipeline.status(app).stopped[1]
+    assert why in reason
+    if provider == "ses":  # the first message's refusal stopped the batch: no call after it
+        assert len([r for r in srv.requests if r.path == "/v2/email/outbound-emails"]) == 1
+
+    _fixed(provider, srv, handler)
+    again = send(app, [])
+    assert again.finished and again.sent == len(EMAILS) and not again.failed
+    received = (collections.Counter(r.rcpt_tos[0] for r in handler.received) if provider == "smtp"
+                else copies(srv))
+    assert received == once(EMAILS)
+    assert with_status(ledger(app), "sent") == EMAILS
+    app.close()
+
+
+def test_a_postmark_sender_refusal_beside_accepted_messages_sends_nobody_twice(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer) -> None:
+    """One answer mixes accepted messages and a refusal of the sender (unlikely): the accepted
+    ones stay sent, the refused ones go back to the queue, and the next batch, refused whole,
+    stops the send; once fixed, the rest go out, nobody twice."""
+    app = open_app(tmp_path, clock, {**PROVIDERS["postmark"].delivery, "base_url": srv.url})
+    srv.faults.append(("partial", {2: (401, "Sender signature not confirmed."),
+                                   3: (401, "Sender signature not confirmed.")}))
+    srv.faults.extend([("partial", {i: (401, "Sender signature not confirmed.") for i in range(BATCH)})] * 5)
+    summary = send(app, [])
+    assert summary.blocked and summary.sent == 2 and not summary.failed
+    rows = ledger(app)
+    assert with_status(rows, "sent") == EMAILS[:2]
+    assert with_status(rows, "pending") == EMAILS[2:]
+    srv.faults.clear()
+    again = send(app, [])
+    assert again.finished and again.sent == len(EMAILS) - 2
+    assert copies(srv) == once(EMAILS)
+    app.close()
+
+
 # -- SMTP: the server queued the message but answers after the client gave up ------------------
 
 

@@ -233,3 +233,56 @@ def test_template_batch_body_equals_the_full_body_batch(pad: str) -> None:
     plain = _json.loads(provider.build_request(messages).body)
     assert fast == plain
     assert bytes(BodyParts(provider._template_parts(template, recipients)[0])) == call.body
+
+
+# -- Postmark's unsubscribe placeholder: readers get a quoted one as written -----------------
+
+ZWSP = "\u200b"
+
+
+def _bodies(item: dict[str, str]) -> tuple[str, str]:
+    """A message's bodies as the reader sees them: the HTML's &#123; is a "{", and the text's
+    zero-width spaces show as nothing."""
+    return item["HtmlBody"].replace("&#123;", "{"), item["TextBody"].replace(ZWSP, "")
+
+
+def test_a_quoted_unsubscribe_placeholder_is_sent_literally(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    comment = 'Postmark wants {{{ pm:unsubscribe }}} or {{{ pm:unsubscribe label="x" }}} in the footer.'
+    msg = make_message(1, html=f"<p>{comment}</p>", text=comment)
+    (item,) = json.loads(provider.build_request([msg]).body)
+    # No two braces side by side: Postmark finds no placeholder to replace ...
+    assert "{{" not in item["HtmlBody"] and "{{" not in item["TextBody"]
+    assert item["HtmlBody"] == "<p>" + comment.replace("{{{", "&#123;&#123;{") + "</p>"
+    # ... and the reader sees what the commenter wrote.
+    assert _bodies(item) == (msg.html, msg.text)
+
+
+def test_bodies_without_a_pair_of_braces_are_sent_as_they_are(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    text = "a { lone brace, closing ones }} and { {spaced} }"
+    msg = make_message(1, html=f"<style>p {{ color: red }}</style><p>{text}</p>", text=text)
+    (item,) = json.loads(provider.build_request([msg]).body)
+    assert (item["HtmlBody"], item["TextBody"]) == (msg.html, msg.text)
+
+
+@given(st.lists(st.text("{} a", max_size=6), min_size=3, max_size=3), st.text("{} b", max_size=5))
+def test_template_path_leaves_no_placeholder_across_the_readers_values(parts: list[str], name: str) -> None:
+    """The draft's parts (made literal once per draft) and a reader's name with braces, side
+    by side in any way: no pair of braces reaches Postmark, and each reader sees the body
+    the full-body path would have given them."""
+    from digest.delivery.providers.base import expand_template
+    from digest.types import TemplateMessage, TemplateRecipient
+
+    template = TemplateMessage(draft_id=7, from_addr="Field Notes <d@example.org>", subject="s",
+                               html_parts=tuple(parts), html_slots=("name", "unsubscribe_url"),
+                               text_parts=tuple(parts), text_slots=("name", "name"))
+    url = "https://x.org/u/1"
+    recipient = TemplateRecipient(1, "r@example.com", "R", (name, url, url), (name, url, url), ())
+    provider = PostmarkProvider(Delivery(provider="postmark", api_key="t"))
+    (item,) = json.loads(provider.build_template_request(template, [recipient]).body)
+    assert "{{" not in item["HtmlBody"] and "{{" not in item["TextBody"]
+    expected = expand_template(template, recipient)
+    assert _bodies(item) == (expected.html, expected.text)

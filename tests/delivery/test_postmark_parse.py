@@ -51,6 +51,7 @@ def test_every_per_message_case(provider: PostmarkProvider, make_message: Messag
         "slow@example.com",
         "Bounced@Example.com",
         "later@example.com",
+        "empty@example.com",
         "limit@example.com",
     )
     results = provider.parse_response(200, {}, payload_bytes("batch_mixed.json"), messages)
@@ -59,22 +60,67 @@ def test_every_per_message_case(provider: PostmarkProvider, make_message: Messag
         "suppressed",  # 406 inactive recipient
         "invalid",  # 300 "Invalid 'To' address"
         "invalid",  # 300 "Error parsing 'To'"
-        "rejected",  # 300 about something else (the From)
+        # 300 about the From: no reader's fault, and every message would get it; since others
+        # of this batch were accepted, it goes back to the queue (the next batch stops the send)
+        "deferred",
         "sent",  # no ErrorCode: "delivery may be delayed" is still a success
         "suppressed",  # "Message OK, but will not deliver to these inactive addresses" naming ours
         "deferred",  # per-message 429: not sent, may work later
-        "rejected",  # any other code
+        "rejected",  # any other code (here a 300 about something else)
+        "deferred",  # 405, the account may not send: as for the From
     ]
-    assert [r.ledger_id for r in results] == list(range(1, 10))
+    assert [r.ledger_id for r in results] == list(range(1, 11))
     assert results[0].provider_message_id == "7f0c2a9e-1111-4c3b-8d2e-000000000001"
     assert results[5].provider_message_id == "7f0c2a9e-1111-4c3b-8d2e-000000000006"
     assert results[1].provider_message_id is None
     assert results[1].error is not None and results[1].error.startswith("Postmark ErrorCode 406: ")
     assert (
         results[4].error
-        == "Postmark ErrorCode 300: Invalid 'From' address: 'digest@unverified.example'."
+        == "not sent: Postmark ErrorCode 300: Invalid 'From' address: 'digest@unverified.example'."
     )
+    assert results[9].error == "not sent: Postmark ErrorCode 405: You have exceeded your sending limit."
     assert results[0].error is None
+
+
+SENDER_REFUSALS = [
+    (400, "The 'From' address you supplied (digest@example.org) is not a Sender Signature on your account.",
+     "sender signature"),
+    (401, "Sender signature not confirmed.", "sender signature"),
+    (405, "You have exceeded your sending limit.", "not allowed to send"),
+    (412, "Account pending approval.", "pending approval"),
+    (413, "This account may not send.", "may not send"),
+    (300, "Invalid 'From' address: 'digest@unverified.example'.", "newsletter.from"),
+    (300, "Error parsing 'From': Illegal email address 'digest@'.", "newsletter.from"),
+]
+
+
+@pytest.mark.parametrize(("code", "text", "hint"), SENDER_REFUSALS)
+def test_a_refusal_of_the_sender_or_the_account_stops_the_send(
+    provider: PostmarkProvider, make_message: MessageFactory, code: int, text: str, hint: str
+) -> None:
+    # Postmark answers 200 with the refusal in each item: no reader is at fault, and every
+    # batch would meet it, so it is no reader's rejection: the batch goes back, the send stops.
+    refused = {"ErrorCode": code, "Message": text}
+    body = json.dumps([refused, refused, refused]).encode()
+    messages = batch(make_message, "a@x.example", "b@x.example", "c@x.example")
+    with pytest.raises(BlockedError) as info:
+        provider.handle_response(200, {}, body, messages)
+    assert str(info.value).startswith(f"postmark: Postmark ErrorCode {code}: {text}")
+    assert info.value.hint and hint in info.value.hint
+    assert not info.value.retryable and not maybe_delivered(info.value)
+
+
+def test_a_sender_refusal_beside_readers_own_refusals_still_stops_the_send(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    items = [
+        {"ErrorCode": 406, "Message": "You tried to send to a recipient that has been marked as inactive."},
+        {"ErrorCode": 300, "Message": "Invalid 'To' address: 'nobody@invalid'."},
+        {"ErrorCode": 401, "Message": "Sender signature not confirmed."},
+    ]
+    messages = batch(make_message, "gone@example.com", "nobody@invalid", "c@x.example")
+    with pytest.raises(BlockedError, match="ErrorCode 401"):
+        provider.parse_response(200, {}, json.dumps(items).encode(), messages)
 
 
 def test_ok_with_other_inactive_address_is_sent(

@@ -299,6 +299,33 @@ def test_per_message_refusals_map_to_the_ledger(provider: PostmarkTemplateProvid
     assert [r.status for r in results] == ["sent", "suppressed"]
 
 
+SIGNATURE = "The 'From' address you supplied is not a Sender Signature on your account."
+
+
+def test_a_sender_signature_refusal_of_every_message_stops_the_send(provider: PostmarkTemplateProvider,
+                                                                    srv: FakeProviderServer) -> None:
+    """ErrorCode 400 in each item of /email/batchWithTemplates: no reader's rejection; the send
+    stops with the batch back in the queue, and the batch sent again once fixed is delivered."""
+    template = make_template()
+    provider.ensure_template(template)  # the fault is for the batch, not the create
+    srv.faults.append(("partial", {0: (400, SIGNATURE), 1: (400, SIGNATURE)}))
+    with pytest.raises(BlockedError) as info:
+        provider.send_template_batch(template, [make_recipient(1), make_recipient(2)])
+    assert "ErrorCode 400" in str(info.value) and "sender signature" in (info.value.hint or "")
+    assert srv.ledger_ids == []
+    results = provider.send_template_batch(template, [make_recipient(1), make_recipient(2)])
+    assert [r.status for r in results] == ["sent", "sent"] and sorted(srv.ledger_ids) == [1, 2]
+
+
+def test_a_sender_refusal_beside_accepted_messages_keeps_them_sent(provider: PostmarkTemplateProvider,
+                                                                   srv: FakeProviderServer) -> None:
+    provider.ensure_template(make_template())
+    srv.faults.append(("partial", {1: (401, "Sender signature not confirmed.")}))
+    results = provider.send_template_batch(make_template(), [make_recipient(1), make_recipient(2)])
+    assert [(r.ledger_id, r.status) for r in results] == [(1, "sent"), (2, "deferred")]
+    assert (results[1].error or "").startswith("not sent: Postmark ErrorCode 401") and srv.ledger_ids == [1]
+
+
 # -- the template's lifecycle -------------------------------------------------------------------
 
 

@@ -131,7 +131,9 @@ def _postmark_refuse(srv: FakeProviderServer, address: str) -> str:
 
 
 def _ses_refuse(srv: FakeProviderServer, address: str) -> str:
-    srv.ses_rejected[address] = "Email address is not verified."
+    # The sandbox refusing an unverified recipient, as SES words it (naming the reader).
+    srv.ses_rejected[address] = ("Email address is not verified. The following identities failed the check "
+                                 f"in region US-EAST-1: {address}")
     return "rejected"
 
 

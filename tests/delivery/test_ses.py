@@ -239,6 +239,50 @@ def test_per_message_refusals_are_rejected(
     assert result.error and result.error.startswith(f"SES {kind}: ")
 
 
+NOT_VERIFIED = "Email address is not verified. The following identities failed the check in region EU-WEST-1: "
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        "digest@news.example.org",  # the From address
+        "Field Notes <DIGEST@News.Example.org>, digest@news.example.org",  # as SES often lists it
+        "news.example.org",  # its domain
+        "reader2@example.com, digest@news.example.org",  # the sandbox: both unverified
+        "",  # no identity named (an older wording): cannot be told from the From's refusal
+    ],
+)
+def test_an_unverified_from_stops_the_send_instead_of_rejecting_the_reader(
+    provider: SesProvider, make_message: MessageFactory, named: str
+) -> None:
+    text = NOT_VERIFIED + named if named else "Email address is not verified."
+    with pytest.raises(BlockedError) as info:
+        provider.handle_response(400, err("MessageRejected"), json.dumps({"message": text}).encode(),
+                                 [make_message(2)])
+    assert "not verified" in str(info.value) and info.value.status == 400
+    assert info.value.hint and "newsletter.from" in info.value.hint and "eu-west-1" in info.value.hint
+    assert "delivery.region" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        "reader2@example.com",
+        "Reader 2 <reader2@example.com>, reader2@example.com",
+        # the reader's address at the From's domain is still the reader's own refusal
+        "reader2@news.example.org",
+        "reader2@example.com, digest@news.exa...",  # cut by SES: what is shown names the reader
+    ],
+)
+def test_an_unverified_recipient_in_the_sandbox_is_that_readers_rejection(
+    provider: SesProvider, make_message: MessageFactory, named: str
+) -> None:
+    msg = make_message(2, to_email=named.split(",")[0].strip().rpartition("<")[2].rstrip(">"))
+    (result,) = provider.handle_response(
+        400, err("MessageRejected"), json.dumps({"message": NOT_VERIFIED + named}).encode(), [msg])
+    assert (result.ledger_id, result.status) == (2, "rejected")
+
+
 @pytest.mark.parametrize(
     ("status", "kind", "file", "retryable", "hint"),
     [
@@ -324,7 +368,8 @@ def live(srv: FakeProviderServer, **overrides: object) -> SesProvider:
 
 
 def test_batch_in_parallel(srv: FakeProviderServer, make_message: MessageFactory) -> None:
-    srv.ses_rejected["reader4@example.com"] = "Email address is not verified."
+    srv.ses_rejected["reader4@example.com"] = ("Email address is not verified. The following identities "
+                                               "failed the check in region EU-WEST-1: reader4@example.com")
     messages = [make_message(i) for i in range(1, 13)]
     with live(srv, concurrency=4) as provider:
         results = provider.send_batch(messages)
@@ -392,3 +437,81 @@ def test_check(srv: FakeProviderServer) -> None:
         live(srv, aws_access_key_id="AKIDOTHER").check()
     srv.route("GET", "/v2/email/account", lambda s, r: Reply(200, payload("account.json")))
     assert "sandbox" in live(srv).check()
+
+
+def test_an_unverified_from_sends_nothing_and_stops_the_batch(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    srv.ses_identities = {"example.com": True}  # not the From's domain (news.example.org)
+    with pytest.raises(BlockedError) as info:
+        live(srv, concurrency=1).send_batch([make_message(i) for i in (1, 2, 3)])
+    assert "digest@news.example.org" in str(info.value) and "eu-west-1" in (info.value.hint or "")
+    assert srv.ledger_ids == [] and len(srv.requests) == 1  # no call after the first refusal
+
+
+def test_a_from_refusal_after_accepted_messages_keeps_them_sent(
+    srv: FakeProviderServer, make_message: MessageFactory
+) -> None:
+    # Unlikely (SES verifies the From for every message alike), but if the refusal comes after
+    # a message was accepted, the accepted one stays sent and the rest go back to the queue:
+    # a BlockedError would put the batch back whole and send the first reader again.
+    srv.ses_rejected["reader2@example.com"] = NOT_VERIFIED + "digest@news.example.org"
+    results = live(srv, concurrency=1).send_batch([make_message(i) for i in (1, 2, 3)])
+    assert [(r.ledger_id, r.status) for r in results] == [(1, "sent"), (2, "deferred"), (3, "deferred")]
+    assert "not verified" in (results[1].error or "") and srv.ledger_ids == [1]
+
+
+def test_check_asks_whether_ses_sends_as_the_from_address(srv: FakeProviderServer) -> None:
+    provider = live(srv)
+    provider.from_addr = "Field Notes <Digest@News.Example.org>"
+    srv.ses_identities = {"news.example.org": True}
+    assert "may send as Digest@News.Example.org (news.example.org is verified)" in provider.check()
+    srv.ses_identities = {"digest@news.example.org": True}
+    assert "(Digest@News.Example.org is verified)" in provider.check()
+
+    srv.ses_identities = {"digest@news.example.org": False}  # asked for, not confirmed yet
+    with pytest.raises(BlockedError) as info:
+        provider.check()
+    assert "will not send as Digest@News.Example.org (Digest@News.Example.org: PENDING)" in str(info.value)
+    assert info.value.hint and "eu-west-1" in info.value.hint and "delivery.region" in info.value.hint
+    srv.ses_identities = {}  # another region's identities, say
+    with pytest.raises(BlockedError, match="neither it nor its domain is an identity there"):
+        provider.check()
+    asked = [r.path for r in srv.requests if "/identities/" in r.path]
+    assert asked[-2:] == ["/v2/email/identities/Digest%40News.Example.org",
+                          "/v2/email/identities/news.example.org"]
+
+
+def test_check_without_leave_to_read_identities_still_passes(srv: FakeProviderServer) -> None:
+    # Keys allowed to send but not to read identities send all the same: check says so.
+    srv.route("GET", "/v2/email/identities/*",
+              lambda s, r: Reply.of_json(403, {"message": "not authorized"},
+                                         err("AccessDeniedException")))
+    provider = live(srv)
+    provider.from_addr = "digest@news.example.org"
+    assert "could not read the SES identity of digest@news.example.org" in provider.check()
+    # Without a known From (a provider built outside the app), nothing is asked.
+    srv.requests.clear()
+    assert "identity" not in live(srv).check() and len(srv.requests) == 1
+
+
+def test_digest_check_names_an_unverified_from(tmp_path: Path, srv: FakeProviderServer) -> None:
+    """`digest check` (pipeline.check) gives the provider newsletter.from: an SES that will not
+    send as it is a failed check naming what to verify, before any send uses up a batch."""
+    from digest import pipeline
+    from tests.conftest import FrozenClock, make_settings
+
+    settings = make_settings(tmp_path, sources=[], newsletter={"from": "Field Notes <digest@news.example.org>"},
+                             delivery={"provider": "ses", "region": "eu-west-1", "aws_access_key_id": "AKIDTEST",
+                                       "aws_secret_access_key": SECRET, "base_url": srv.url, "timeout": 5})
+    app = pipeline.App.open(settings, FrozenClock())
+    try:
+        srv.ses_identities = {"example.com": True}
+        (_db, (what, ok, detail)) = pipeline.check(app, sleep=lambda s: None)
+        assert (what, ok) == ("provider ses", False)
+        assert "will not send as digest@news.example.org" in detail and "delivery.region" in detail
+        srv.ses_identities["news.example.org"] = True
+        (_db, (what, ok, detail)) = pipeline.check(app, sleep=lambda s: None)
+        assert ok and "may send as digest@news.example.org" in detail
+    finally:
+        app.close()

@@ -398,6 +398,55 @@ def test_refused_recipients_are_results(
     ]
 
 
+@pytest.mark.parametrize(
+    ("reply", "kind", "hint"),
+    [
+        ("554 5.7.1 <{}>: Relay access denied", BlockedError, "relay"),  # Postfix
+        ("550 5.7.1 Relaying denied", BlockedError, "relay"),
+        ("550 relay not permitted", BlockedError, "relay"),
+        ("550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain", BlockedError, "relay"),  # Exchange
+        ("530 5.7.0 Authentication required", AuthError, "delivery.username"),
+        ("530 5.7.0 Must issue a STARTTLS command first", AuthError, "smtp_security"),
+    ],
+)
+def test_a_relay_refusing_us_stops_the_send_instead_of_rejecting_readers(
+    servers: list[EphemeralController], make_message: MessageFactory, reply: str,
+    kind: type[BlockedError], hint: str
+) -> None:
+    # What a relay answers every RCPT when it will not relay for this client: the session's
+    # refusal, not the reader's; nothing sent, no reader marked, the batch back in the queue.
+    handler = Handler(refuse_rcpt={f"reader{i}@example.com": reply.format(f"reader{i}@example.com")
+                                   for i in (1, 2, 3)})
+    server = plain(servers, handler)
+    with pytest.raises(BlockedError) as info:
+        provider(server).send_batch([make_message(i) for i in (1, 2, 3)])
+    assert type(info.value) is kind and hint in (info.value.hint or "")
+    assert info.value.status == int(reply[:3]) and "RCPT TO <reader1@example.com> refused" in str(info.value)
+    assert handler.received == []
+
+
+def test_relaying_denied_after_accepted_messages_keeps_them_sent(
+    servers: list[EphemeralController], make_message: MessageFactory
+) -> None:
+    # A relay that takes its own domain's readers and refuses to relay the others: the one
+    # accepted stays sent (never sent again); the rest go back to the queue, nobody rejected.
+    handler = Handler(refuse_rcpt={"reader2@example.com": "554 5.7.1 <reader2@example.com>: Relay access denied"})
+    server = plain(servers, handler)
+    results = provider(server).send_batch([make_message(i) for i in (1, 2, 3)])
+    assert [r.status for r in results] == ["sent", "deferred", "deferred"]
+    assert "Relay access denied" in (results[1].error or "")
+    assert [r.rcpt_tos for r in handler.received] == [["reader1@example.com"]]
+
+
+def test_a_mail_from_wanting_a_login_is_an_auth_error(
+    servers: list[EphemeralController], make_message: MessageFactory
+) -> None:
+    server = plain(servers, Handler(mail_replies={1: "530 5.7.0 Authentication required"}))
+    with pytest.raises(AuthError) as info:
+        provider(server).send_batch([make_message(1)])
+    assert "delivery.username" in (info.value.hint or "") and info.value.status == 530
+
+
 def test_content_refused_after_data(
     servers: list[EphemeralController], make_message: MessageFactory
 ) -> None:

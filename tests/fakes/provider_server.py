@@ -50,7 +50,8 @@ they coexist with Postmark's). Each checks its provider's auth, parses the reque
 provider does, records one entry in ``srv.messages`` per **reader** (for SendGrid and Mailgun,
 after applying the substitutions the provider would apply, so a test sees exactly what each
 reader got) with ``srv.ledger_ids`` alongside, and honours the fault queue. For SES,
-``srv.ses_rejected`` maps an address to a ``MessageRejected`` message; Resend remembers
+``srv.ses_rejected`` maps an address to a ``MessageRejected`` message and ``srv.ses_identities``
+says which From identities SES will send as (None: all); Resend remembers
 idempotency keys in ``srv.idempotency``.
 
 Why the server writes each response with one ``sendall`` and sets TCP_NODELAY: a response
@@ -85,7 +86,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 Fault = tuple[Any, ...]
 
@@ -146,6 +147,9 @@ class FakeProviderServer:
         self.connections_opened = 0  # TCP connections accepted: shows whether keep-alive works
         # Provider-specific state for the routes below (unused by Postmark).
         self.ses_rejected: dict[str, str] = {}  # address -> SES MessageRejected message
+        # SES identities (addresses, domains; lower case) -> verified? None: every From is
+        # verified and every identity looked up is (the fake models none).
+        self.ses_identities: dict[str, bool] | None = None
         self.ses_credentials: tuple[str, str, str] = ("AKIDEXAMPLE", token, "us-east-1")
         self.idempotency: dict[str, tuple[str, Reply]] = {}  # Resend: key -> (body hash, reply)
         self.mailgun_domain = "mg.example.org"
@@ -450,8 +454,26 @@ def postmark_batch(srv: FakeProviderServer, request: Request) -> Reply:
     if len(data) > POSTMARK_MAX_BATCH:
         return Reply.of_json(422, {"ErrorCode": 410, "Message": "Too many batch messages."})
     return Reply.of_json(
-        200, [_postmark_one(srv, item, overrides.get(i)) for i, item in enumerate(data)]
+        200, [_postmark_one(srv, _postmark_placeholders(item), overrides.get(i)) for i, item in enumerate(data)]
     )
+
+
+# Postmark's unsubscribe placeholder in a message sent without a template: Postmark puts its
+# own unsubscribe link there, in the HTML and the text (postmarkapp.com support article 1208).
+_PM_UNSUBSCRIBE_RE = re.compile(r'\{\{\{\s*pm:unsubscribe(?:\s+label="[^"]*")?\s*\}\}\}')
+PM_UNSUBSCRIBE_URL = "https://pm.example/unsubscribe/"
+
+
+def _postmark_placeholders(item: Any) -> Any:
+    """``item`` with Postmark's unsubscribe placeholder in HtmlBody and TextBody replaced by
+    a link, as Postmark does for a message without a template."""
+    if not isinstance(item, dict):
+        return item
+    out = dict(item)
+    for key in ("HtmlBody", "TextBody"):
+        if isinstance(out.get(key), str):
+            out[key] = _PM_UNSUBSCRIBE_RE.sub(PM_UNSUBSCRIBE_URL + uuid.uuid4().hex, out[key])
+    return out
 
 
 def _postmark_batch_start(
@@ -570,7 +592,7 @@ def postmark_single(srv: FakeProviderServer, request: Request) -> Reply:
         item = request.json()
     except ValueError:
         return Reply.of_json(422, {"ErrorCode": 402, "Message": "Received invalid JSON input."})
-    result = _postmark_one(srv, item, None)
+    result = _postmark_one(srv, _postmark_placeholders(item), None)
     return Reply.of_json(200 if result["ErrorCode"] == 0 else 422, result)
 
 
@@ -1069,7 +1091,8 @@ def install_ses(
     secret_key: str | None = None,
     region: str = "us-east-1",
 ) -> None:
-    """Routes that play SES API v2: POST /v2/email/outbound-emails, GET /v2/email/account.
+    """Routes that play SES API v2: POST /v2/email/outbound-emails, GET /v2/email/account and
+    GET /v2/email/identities/{identity}.
 
     Requests must carry a valid SigV4 signature for ``access_key``/``secret_key`` (default:
     srv.token) in ``region`` and service ``ses``; the fake recomputes it from the request
@@ -1078,6 +1101,7 @@ def install_ses(
     srv.ses_credentials = (access_key, secret_key or srv.token, region)
     srv.route("POST", "/v2/email/outbound-emails", ses_send, ses_status_error)
     srv.route("GET", "/v2/email/account", ses_account, ses_status_error)
+    srv.route("GET", "/v2/email/identities/*", ses_identity, ses_status_error)
 
 
 def ses_status_error(status: int) -> Reply:
@@ -1161,6 +1185,12 @@ def ses_send(srv: FakeProviderServer, request: Request) -> Reply:
     address = parseaddr(str(to_addresses[0]))[1].lower()
     if "@" not in address:
         return ses_error(400, "BadRequestException", f"Illegal address: {to_addresses[0]}")
+    sender_address = parseaddr(str(sender))[1].lower()
+    if not _ses_verified(srv, sender_address):
+        # What SES answers every message from an identity not verified in its region.
+        region = srv.ses_credentials[2].upper()
+        return ses_error(400, "MessageRejected", "Email address is not verified. The following identities "
+                         f"failed the check in region {region}: {sender}, {sender_address}")
     rejected = {a.lower(): m for a, m in srv.ses_rejected.items()}
     if address in rejected:
         return ses_error(400, "MessageRejected", rejected[address])
@@ -1185,6 +1215,31 @@ def ses_send(srv: FakeProviderServer, request: Request) -> Reply:
     ledger = str(tags.get("ledger_id") or "")
     srv.accept(None if srv.light else record, int(ledger) if ledger.isdigit() else None)
     return Reply.of_json(200, {"MessageId": message_id})
+
+
+def _ses_verified(srv: FakeProviderServer, address: str) -> bool:
+    """Whether SES sends as ``address``: it, or its domain, is a verified identity."""
+    known = srv.ses_identities
+    if known is None:
+        return True
+    return any(known.get(name) for name in (address, address.rpartition("@")[2]))
+
+
+def ses_identity(srv: FakeProviderServer, request: Request) -> Reply:
+    """GET /v2/email/identities/{identity}: its type and verification status, or 404."""
+    refused = _ses_auth(srv, request)
+    if refused is not None:
+        return refused
+    name = unquote(request.path.rpartition("/")[2]).lower()
+    known = srv.ses_identities
+    if known is not None and name not in known:
+        return ses_error(404, "NotFoundException", f"Email identity {name} does not exist.")
+    verified = True if known is None else known[name]
+    return Reply.of_json(200, {
+        "IdentityType": "EMAIL_ADDRESS" if "@" in name else "DOMAIN",
+        "VerifiedForSendingStatus": verified,
+        "VerificationStatus": "SUCCESS" if verified else "PENDING",
+    })
 
 
 def ses_account(srv: FakeProviderServer, request: Request) -> Reply:

@@ -298,6 +298,10 @@ class Provider(ABC):
     #: and SendGrid and Mailgun with full bodies); the sender then runs one batch at a time,
     #: so that ``delivery.concurrency`` stays the number of provider calls in flight.
     parallel_calls: ClassVar[bool] = False
+    #: The From address the sends use (``newsletter.from``), when whoever built the provider
+    #: knows it (the app sets it): :meth:`check` may then ask whether the provider will send
+    #: as it (SES asks whether it is a verified identity). None: not asked.
+    from_addr: str | None = None
 
     def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
         self.settings = settings

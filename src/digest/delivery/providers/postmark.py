@@ -6,6 +6,15 @@ HTTP 200 with an array in request order, one ``{ErrorCode, Message, MessageID, T
 message, even when some failed; a failure of the whole call is HTTP 401, 422 (with an
 ``ErrorCode``), 429 or 5xx. The token ``POSTMARK_API_TEST`` makes Postmark validate without
 delivering. Reference: shared/reference/APIS.md section A.1.
+
+A per-message ErrorCode about the sender or the account (a sender signature missing or not
+confirmed, an account that may not send, an invalid From) is no reader's rejection: every
+message of the send would get it. Such a batch stops the send, back in the queue; see
+:meth:`PostmarkProvider._results`.
+
+Bodies go out with no two braces side by side (:func:`literal_braces`): Postmark replaces its
+unsubscribe placeholder, ``{{{ pm:unsubscribe }}}``, in the bodies of messages sent without a
+template, and a comment quoting it must reach readers as written.
 """
 
 from __future__ import annotations
@@ -57,6 +66,44 @@ _INACTIVE_OK_RE = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 
+# Postmark puts its own unsubscribe link where a message sent without a template holds the
+# placeholder {{{ pm:unsubscribe }}} (or {{{ pm:unsubscribe label="..." }}}), in its HTML and
+# its text (postmarkapp.com/support/article/1208-how-to-add-an-unsubscribe-link). A comment
+# quoting it must reach readers as written, so no two braces may stay side by side in a body
+# (see literal_braces): each "{" followed by another becomes, in the HTML, the character
+# reference &#123;, which every client renders as "{"; in the text, "{" and a zero-width space.
+_BRACE_PAIR_RE = re.compile(r"\{(?=\{)")
+# Why a zero-width space in the text: it is invisible, it breaks the pair for Postmark, and it
+# is what the Mailgun path puts into its own syntax, so readers and tests meet one convention.
+# A visible change (a space, a backslash) would alter what the commenter wrote for every
+# reader; a word joiner (U+2060) would do too, but fewer fonts draw it as nothing.
+ZWSP = "\u200b"
+
+
+def literal_braces(text: str, *, html: bool, before_slot: bool = False) -> str:
+    """``text`` with no "{" next to another for Postmark to read as its placeholder: each
+    "{" followed by a "{" made a character reference (``html``) or followed by a zero-width
+    space (text). Text without "{{" comes back as itself.
+
+    ``before_slot``: a reader's value follows ``text`` in the body, and may begin with "{":
+    a "{" ending ``text`` is made literal too (a value itself is always followed by something,
+    so the pieces of a template pass True for every piece but the last)."""
+    if "{" not in text:
+        return text
+    if "{{" in text:
+        text = _BRACE_PAIR_RE.sub("&#123;" if html else "{" + ZWSP, text)
+    if before_slot and text.endswith("{"):
+        text = text[:-1] + "&#123;" if html else text + ZWSP
+    return text
+
+
+def _literal_parts(parts: Sequence[str], *, html: bool) -> list[str]:
+    """A template's static parts through :func:`literal_braces`, each but the last followed
+    by a reader's value."""
+    last = len(parts) - 1
+    return [literal_braces(p, html=html, before_slot=i < last) for i, p in enumerate(parts)]
+
+
 # Whole-call 422 ErrorCodes that need a hint for the operator.
 _CALL_HINTS: dict[int, str] = {
     10: "check delivery.api_key: it must be a Postmark server token",
@@ -67,6 +114,16 @@ _CALL_HINTS: dict[int, str] = {
     412: "the Postmark account is pending approval",
     413: "the Postmark account may not send",
 }
+# Per-message ErrorCodes about the sender or the account, not the reader: sender signature
+# not found (400) or not confirmed (401), not allowed to send (405), account pending (412) or
+# barred (413) (shared/reference/APIS.md A.1 classes them "config" or "account"). Every
+# message of the send meets the same answer, so none is a reader's own rejection: the send
+# stops (see _results).
+_SENDER_HINTS: dict[int, str] = {code: _CALL_HINTS[code] for code in (400, 401, 405, 412, 413)}
+# ErrorCode 300 (invalid request) about the From (or Reply-To) address rather than the To:
+# "Invalid 'From' address: ...", "Error parsing 'From': ...". The Reply-To wording is assumed
+# to follow the From's; it was not seen in Postmark's answers.
+_INVALID_SENDER_RE = re.compile(r"^\s*(Invalid|Error\s+parsing)\s+'(From|ReplyTo|Reply-To)'", re.IGNORECASE)
 
 
 class _Addressed(Protocol):
@@ -196,9 +253,9 @@ class PostmarkProvider(HttpProvider):
                 shared("subject", m.subject),
             )
             if m.html:
-                parts += (b',"HtmlBody":"', json_escape(m.html), b'"')
+                parts += (b',"HtmlBody":"', json_escape(literal_braces(m.html, html=True)), b'"')
             if m.text:
-                parts += (b',"TextBody":"', json_escape(m.text), b'"')
+                parts += (b',"TextBody":"', json_escape(literal_braces(m.text, html=False)), b'"')
             parts += (b',"MessageStream":', self._stream)
             if m.tag:
                 parts += (b',"Tag":', shared("tag", m.tag))
@@ -244,8 +301,9 @@ class PostmarkProvider(HttpProvider):
         cached = self._template_cache
         if cached is not None and cached[0] is template:
             return cached[1]
-        html = [json_escape(p) for p in template.html_parts]
-        text = [json_escape(p) for p in template.text_parts]
+        # Postmark's placeholder made literal here, once per draft (see literal_braces).
+        html = [json_escape(p) for p in _literal_parts(template.html_parts, html=True)]
+        text = [json_escape(p) for p in _literal_parts(template.text_parts, html=False)]
         meta = b'","MessageStream":' + self._stream
         if template.tag:
             meta += b',"Tag":' + json_string(clean_header_value(template.tag))
@@ -297,6 +355,7 @@ class PostmarkProvider(HttpProvider):
         first_large = len(first) >= _LARGE
         next_lead = b"," + lead
         join = b"".join
+        join_text = "".join
         width = len(SLOT_NAMES)
         # Per batch, the JSON before each header value (see header_values).
         header_prefix: HeaderPrefixes = ({}, {})
@@ -321,12 +380,18 @@ class PostmarkProvider(HttpProvider):
             else:
                 run.append(first)
             # Each value escaped once, however many gaps it fills; the text values are usually
-            # the HTML ones (signed links and plain names need no HTML escaping).
-            values = [json_escape(v) for v in html_values]
-            if text_values == html_values:
-                values *= 2
+            # the HTML ones (signed links and plain names need no HTML escaping). A name with
+            # braces is made literal for Postmark (a value precedes every other piece).
+            # (One join and a search: a tenth of the cost of a test per value.)
+            if "{" in join_text(html_values) or (text_values is not html_values and "{" in join_text(text_values)):
+                values = [json_escape(literal_braces(v, html=True, before_slot=True)) for v in html_values]
+                values += [json_escape(literal_braces(v, html=False, before_slot=True)) for v in text_values]
             else:
-                values += [json_escape(v) for v in text_values]
+                values = [json_escape(v) for v in html_values]
+                if text_values == html_values:
+                    values *= 2
+                else:
+                    values += [json_escape(v) for v in text_values]
             for index, constant, large in gaps:
                 if large:
                     run.append(values[index])
@@ -435,15 +500,25 @@ class PostmarkProvider(HttpProvider):
         # this runs for every reader, and the general reading below costs three times as much.
         out: list[SendResult] = []
         append = out.append
+        refusals: list[tuple[str, str]] = []  # refused for the sender or the account: (what, hint)
         for m, item in zip(messages, data):
             if type(item) is dict and item.get("ErrorCode") == 0 and item.get("Message") == "OK":
                 message_id = item.get("MessageID")
                 append(SendResult(m.ledger_id, "sent", str(message_id) if message_id else None))
             else:
-                append(self._result(m, item, status, body))
+                append(self._result(m, item, status, body, refusals))
+        if refusals and not any(r.status == "sent" for r in out):
+            # No reader is at fault, and the next batch would meet the same answer: the send
+            # stops with the batch back in the queue, nobody marked.
+            what, hint = refusals[0]
+            raise BlockedError(f"postmark: {what}", status=status, response_text=response_text(body), hint=hint)
+        # Messages of the batch were accepted (unlikely beside such a refusal): raising would
+        # put them back in the queue and send them again. They stay sent; the refused ones
+        # go back to the queue ("deferred"), and the next batch stops the send.
         return out
 
-    def _result(self, msg: _Addressed, item: Any, status: int, body: bytes) -> SendResult:
+    def _result(self, msg: _Addressed, item: Any, status: int, body: bytes,
+                refusals: list[tuple[str, str]]) -> SendResult:
         if not isinstance(item, dict):
             raise UncertainDeliveryError(
                 f"postmark: result for ledger row {msg.ledger_id} is not an object",
@@ -464,6 +539,13 @@ class PostmarkProvider(HttpProvider):
             if inactive and msg.to_email.strip().lower() in _address_list(inactive.group(1)):
                 return SendResult(msg.ledger_id, "suppressed", provider_id, response_text(text))
             return SendResult(msg.ledger_id, "sent", provider_id)
+        what = f"Postmark ErrorCode {code}: {text}"
+        hint = _SENDER_HINTS.get(code) if code is not None else None
+        if code == _INVALID_REQUEST and _INVALID_SENDER_RE.match(text):
+            hint = "check newsletter.from and newsletter.reply_to: Postmark refuses the address"
+        if hint is not None:
+            refusals.append((what, hint))
+            return SendResult(msg.ledger_id, "deferred", None, response_text(f"not sent: {what}"))
         result: ResultStatus
         if code == _INACTIVE:
             result = "suppressed"
@@ -473,9 +555,7 @@ class PostmarkProvider(HttpProvider):
             result = "deferred"  # not sent, and a later call may succeed
         else:
             result = "rejected"
-        return SendResult(
-            msg.ledger_id, result, None, response_text(f"Postmark ErrorCode {code}: {text}")
-        )
+        return SendResult(msg.ledger_id, result, None, response_text(what))
 
     def api_error(self, status: int, body: bytes) -> DeliveryError:
         """The error for a whole-call failure that carries a Postmark ``ErrorCode`` (HTTP 422)."""

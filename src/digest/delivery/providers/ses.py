@@ -24,7 +24,11 @@ A batch is then several calls, with the partial-batch rules of
 again); the messages not sent come back ``deferred``, for the queue. An error SES answers one
 call with for good (a 400, ``LimitExceededException``) fails that call's message only and the
 batch goes on; if SES answers every call of a batch so, the batch fails, and such batches in a
-row pause the send (see ``send_in_calls``).
+row pause the send (see ``send_in_calls``). ``MessageRejected`` is the reader's own refusal
+(``rejected``: in the sandbox, an unverified recipient), except when it says the From address
+or its domain is not verified in the region: that would refuse every reader alike, so it stops
+the send with the batch back in the queue (:func:`refuses_the_sender`). ``digest check`` asks
+SES whether it will send as ``newsletter.from`` (``GET /v2/email/identities/{identity}``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from digest.types import OutgoingMessage, SendResult
 SERVICE = "ses"
 SEND_PATH = "/v2/email/outbound-emails"
 ACCOUNT_PATH = "/v2/email/account"
+IDENTITY_PATH = "/v2/email/identities/"  # + the identity (an address or a domain), encoded
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
@@ -77,6 +82,15 @@ _THROTTLED = frozenset({"TooManyRequestsException", "ThrottlingException", "Thro
 # within seconds cannot help; only the quota window (24 h) or a raised quota can.
 _DAILY_QUOTA_RE = re.compile(r"daily (message|sending) quota", re.IGNORECASE)
 _TAG_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]+")
+# MessageRejected "Email address is not verified. The following identities failed the check in
+# region EU-WEST-1: Name <a@x.org>, a@x.org" (ending in "..." when SES cuts the list). The From
+# address (or its domain) among them: SES will take no message from it in this region. Only
+# recipients named: the sandbox refusing that reader (unverified recipients).
+_NOT_VERIFIED_RE = re.compile(r"not verified", re.IGNORECASE)
+_FAILED_IDENTITIES_RE = re.compile(r"failed the check in region\s*([^:]*):(.*)", re.IGNORECASE | re.DOTALL)
+_IDENTITY_TOKEN_RE = re.compile(r"[^\s,<>\"']+")
+_FROM_HINT = ("verify the address of newsletter.from, or its domain, in SES in region {region}; identities "
+              "are verified per region, so check delivery.region too")
 _AUTH_HINT = (
     "check delivery.aws_access_key_id, delivery.aws_secret_access_key and delivery.region "
     "(and the system clock: SigV4 signatures expire after 15 minutes)"
@@ -185,6 +199,34 @@ def sigv4_headers(
 
 
 # -- the provider ---------------------------------------------------------------------------
+
+
+def unverified_identities(text: str) -> frozenset[str] | None:
+    """The identities an SES "not verified" refusal names, lower-cased: each address and
+    domain of its list, display names split off. None when the text names none (an older
+    wording, "Email address is not verified." alone)."""
+    match = _FAILED_IDENTITIES_RE.search(text)
+    if match is None:
+        return None
+    names = frozenset(t.strip(".…").lower() for t in _IDENTITY_TOKEN_RE.findall(match.group(2)))
+    return (names - {""}) or None
+
+
+def refuses_the_sender(text: str, from_addr: str) -> bool:
+    """True when an SES ``MessageRejected`` text is about the From identity, not the reader:
+    "not verified", naming the From address or its domain (case-insensitively), or naming no
+    identity at all (then nobody can tell it from a refusal of every message, and a refusal
+    of every reader must never be recorded as each reader's own)."""
+    if not _NOT_VERIFIED_RE.search(text):
+        return False
+    named = unverified_identities(text)
+    if named is None:
+        return True
+    try:
+        address = parse_mailbox(from_addr)[1].lower()
+    except ValueError:
+        return True  # cannot happen: the request was built from it
+    return address in named or address.rpartition("@")[2] in named
 
 
 def error_type(headers: Mapping[str, str], body: bytes) -> tuple[str, str]:
@@ -410,28 +452,29 @@ class SesProvider(HttpProvider):
                 )
             return [SendResult(m.ledger_id, "sent", str(message_id))]
         kind, text = error_type(headers, body)
+        if kind in _REJECTED and refuses_the_sender(text, m.from_addr):
+            # The From identity is not verified in this region (a new domain, a typo in
+            # newsletter.from, or the wrong delivery.region): every message meets the same
+            # answer and no reader is at fault, so the send stops with the batch in the queue.
+            raise BlockedError(
+                response_text(f"ses: HTTP {status} {kind}: {text}"),
+                status=status,
+                response_text=response_text(body),
+                hint=_FROM_HINT.format(region=self.region),
+            )
         if kind in _REJECTED:
             # MessageRejected: e.g. an unverified recipient in the sandbox, or content SES
             # refuses. (An unverified MAIL FROM domain comes per message too, but refuses
-            # every message alike: it stops the send instead, see _ACCOUNT_HINTS.)
+            # every message alike: it stops the send instead, see _ACCOUNT_HINTS; so does an
+            # unverified From, above.)
             return [SendResult(m.ledger_id, "rejected", None, response_text(f"SES {kind}: {text}"))]
         raise self.status_error(status, body, f"{kind}: {text}" if kind else text)
 
     def check(self) -> str:
-        """``GET /v2/email/account``: proves the keys, the region and the URL, sends nothing."""
-        url = f"{self.base_url}{ACCOUNT_PATH}"
-        call = PreparedCall("GET", url, {}, b"", ())
-        status, headers, body = self.request("GET", url, self._signed(call))
-        lowered = {k.lower(): v for k, v in headers.items()}
-        if status >= 400:
-            self._raise_for_error(status, lowered, body, sends_mail=False)
-            raise self.status_error(status, body, " ".join(error_type(lowered, body)))
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise self.status_error(status, body, "the body is not JSON") from None
-        if not isinstance(data, dict):
-            raise self.status_error(status, body, "unexpected answer")
+        """``GET /v2/email/account``: proves the keys, the region and the URL, sends nothing.
+        Then, when the From address is known (:attr:`~.base.Provider.from_addr`), whether SES
+        may send as it in this region (:meth:`_check_identity`)."""
+        data = self._get_json(ACCOUNT_PATH)[1] or {}
         line = f"ses: reached account in {self.region} at {self.base_url}"
         quota = data.get("SendQuota") or {}
         if isinstance(quota, dict) and quota.get("MaxSendRate") is not None:
@@ -447,4 +490,56 @@ class SesProvider(HttpProvider):
             )
         if data.get("ProductionAccessEnabled") is False:
             line += " (sandbox: only verified recipients receive mail)"
+        if self.from_addr:
+            line += f"; {self._check_identity(self.from_addr)}"
         return line
+
+    def _get_json(self, path: str, *, identity: bool = False) -> tuple[int, dict[str, Any] | None]:
+        """A signed GET of ``path`` (for ``check``, which sends nothing): its status and its
+        JSON object. With ``identity``, a 404 (no such identity) and a 401/403 (these keys may
+        not read identities) come back as their status and None; other errors are raised."""
+        url = f"{self.base_url}{path}"
+        call = PreparedCall("GET", url, {}, b"", ())
+        status, headers, body = self.request("GET", url, self._signed(call))
+        lowered = {k.lower(): v for k, v in headers.items()}
+        if identity and status in (401, 403, 404):
+            return status, None
+        if status >= 400:
+            self._raise_for_error(status, lowered, body, sends_mail=False)
+            raise self.status_error(status, body, " ".join(error_type(lowered, body)))
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise self.status_error(status, body, "the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise self.status_error(status, body, "unexpected answer")
+        return status, data
+
+    def _check_identity(self, from_addr: str) -> str:
+        """``GET /v2/email/identities/{identity}`` for the From address, then for its domain:
+        SES sends as an address verified itself or at a verified domain. One line for
+        ``check`` when SES may send as it; a :class:`BlockedError` naming what to verify when
+        it may not (what a send would meet at its first message).
+
+        Why a refusal of this call is no failure: keys made for sending alone may not be
+        allowed to read identities (``ses:GetEmailIdentity``), and they send all the same."""
+        address = parse_mailbox(self._address(from_addr, "newsletter.from"))[1]
+        domain = address.rpartition("@")[2].lower()  # a domain name has no case
+        seen: list[str] = []
+        for name in (address, domain):
+            status, data = self._get_json(IDENTITY_PATH + quote(name, safe=""), identity=True)
+            if status in (401, 403):
+                return f"could not read the SES identity of {address} (these keys may not: ses:GetEmailIdentity)"
+            if data is None:
+                continue
+            verified = data.get("VerifiedForSendingStatus")
+            if verified is None:
+                verified = data.get("VerificationStatus") == "SUCCESS"
+            if verified is True:
+                return f"may send as {address} ({name} is verified)"
+            seen.append(f"{name}: {data.get('VerificationStatus') or 'not verified'}")
+        state = "; ".join(seen) if seen else "neither it nor its domain is an identity there"
+        raise BlockedError(
+            f"ses: SES in {self.region} will not send as {address} ({state})",
+            hint=_FROM_HINT.format(region=self.region),
+        )

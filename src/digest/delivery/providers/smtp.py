@@ -16,7 +16,11 @@ neither needs a server.
 Replies map to results and errors like this:
 
 * a refused recipient (``RCPT TO`` answered 5xx): ``invalid`` for 501/553 (a malformed or
-  disallowed address), ``rejected`` for the rest (550 no such user, 554 ...); a 4xx for one
+  disallowed address), ``rejected`` for the rest (550 no such user, 554 ...), unless the reply
+  refuses the session rather than the reader: a server that will not relay for us ("554 5.7.1
+  Relay access denied") or wants a login first (530, "5.7.0 Authentication required") answers
+  every RCPT alike, so that stops the send like refused credentials (a :class:`BlockedError`,
+  an :class:`~digest.errors.AuthError` for the login), nobody marked; a 4xx for one
   recipient (greylisting, full mailbox) is ``deferred``: not sent now, the batch goes on, and
   the sender puts it back in the queue for a later attempt;
 * content refused after ``DATA`` with 5xx: ``rejected``;
@@ -40,6 +44,7 @@ with the batch back in the queue, since no reader of it could be sent anything.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import ssl
 from collections.abc import Sequence
@@ -62,6 +67,23 @@ from digest.types import OutgoingMessage, ResultStatus, SendResult
 _INVALID_CODES = frozenset({501, 553})  # syntax error in the address; mailbox name not allowed
 _CLOSING = 421  # service not available, closing the channel: smtplib closes the socket too
 _TLS_HINT = "check delivery.smtp_ca_file, or set delivery.smtp_verify: false for a test server"
+# A refusal of the session rather than of the reader, whatever the address: the server will
+# not relay for us ("554 5.7.1 <x>: Relay access denied", "550 relaying denied", "relay not
+# permitted") or wants a login first (530, "5.7.0 Authentication required"). Each RCPT meets
+# it alike, so it stops the send, as refused credentials do; "550 5.1.1 user unknown" and the
+# like stay the reader's own.
+_RELAY_DENIED_RE = re.compile(
+    r"\brelay(ing)?\b[^.;]*?\b(denied|not\s+permitted|not\s+allowed|prohibited|refused|forbidden)\b"
+    r"|\b(denied|not\s+permitted|not\s+allowed|prohibited|refused|forbidden)\b[^.;]*?\brelay(ing)?\b"
+    r"|\b(unable\s+to|cannot|can't|do\s+not|does\s+not|will\s+not)\s+relay\b",
+    re.IGNORECASE,
+)
+_AUTH_REQUIRED_RE = re.compile(r"\bauthentication\s+(is\s+)?required\b|\bmust\s+authenticate\b", re.IGNORECASE)
+_AUTH_REQUIRED = 530  # authentication required (RFC 4954)
+_LOGIN_HINT = ("the server wants a login (or TLS) before it relays: set delivery.username and "
+               "delivery.password, and check delivery.smtp_security")
+_RELAY_HINT = ("the server will not relay for this client: check delivery.smtp_host, delivery.username and "
+               "delivery.password, or allow this host to relay on the server")
 
 
 class _Session(smtplib.SMTP):
@@ -235,6 +257,9 @@ class SmtpProvider(MimeProvider):
             reply = _reply(code, text)
             if code == _CLOSING:
                 raise self._closing(reply) from exc
+            refusal = self._session_refusal(f"smtp: RCPT TO <{to_addr}> refused: {reply}", code, reply)
+            if refusal is not None:
+                raise refusal from exc
             status: ResultStatus
             if 500 <= code < 600:
                 status = "invalid" if code in _INVALID_CODES else "rejected"
@@ -251,10 +276,9 @@ class SmtpProvider(MimeProvider):
                     retryable=True,
                     status=exc.smtp_code,
                 ) from exc
-            raise BlockedError(
-                f"smtp: MAIL FROM <{from_addr}> refused: {reply}",
-                status=exc.smtp_code,
-                hint="the server will not send as newsletter.from",
+            what = f"smtp: MAIL FROM <{from_addr}> refused: {reply}"
+            raise self._session_refusal(what, exc.smtp_code, reply) or BlockedError(
+                what, status=exc.smtp_code, hint="the server will not send as newsletter.from"
             ) from exc
         except smtplib.SMTPDataError as exc:
             reply = _reply(exc.smtp_code, exc.smtp_error)
@@ -288,6 +312,20 @@ class SmtpProvider(MimeProvider):
         except smtplib.SMTPException as exc:
             raise DeliveryError(f"smtp: {type(exc).__name__}: {exc}", retryable=False) from exc
         return SendResult(msg.ledger_id, "sent", message_id)
+
+    def _session_refusal(self, what: str, code: int, reply: str) -> BlockedError | None:
+        """The error for a 5xx that refuses the session, not the address it answers (see
+        ``_RELAY_DENIED_RE``): an :class:`AuthError` when the server wants a login, a
+        :class:`BlockedError` when it will not relay. None for a refusal of that reader alone."""
+        if not 500 <= code < 600:
+            return None
+        if code == _AUTH_REQUIRED or _AUTH_REQUIRED_RE.search(reply):
+            hint = ("the server does not take the login given for relaying: check delivery.username and "
+                    "delivery.password" if self.settings.username else _LOGIN_HINT)
+            return AuthError(what, status=code, hint=hint)
+        if _RELAY_DENIED_RE.search(reply):
+            return BlockedError(what, status=code, hint=_RELAY_HINT)
+        return None
 
     @staticmethod
     def _closing(reply: str) -> DeliveryError:
