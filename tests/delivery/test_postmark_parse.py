@@ -140,6 +140,24 @@ def test_ok_with_other_inactive_address_is_sent(
     assert result.status == "sent"
 
 
+def test_an_inactive_reader_at_a_non_ascii_domain_is_suppressed(
+    provider: PostmarkProvider, make_message: MessageFactory
+) -> None:
+    """Postmark names the address as it was sent: the domain IDNA-encoded."""
+    item = {
+        "ErrorCode": 0,
+        "Message": "Message OK, but will not deliver to these inactive addresses: "
+        "zoe@xn--bcher-kva.example. "
+        "Inactive recipients are ones that have generated a hard bounce or a spam complaint.",
+        "MessageID": "m-1",
+        "To": "zoe@xn--bcher-kva.example",
+    }
+    (result,) = provider.parse_response(
+        200, {}, json.dumps([item]).encode(), batch(make_message, "zoe@bücher.example")
+    )
+    assert result.status == "suppressed"
+
+
 def test_wrong_length_is_uncertain(
     provider: PostmarkProvider, make_message: MessageFactory
 ) -> None:

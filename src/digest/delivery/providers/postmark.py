@@ -31,6 +31,7 @@ from digest.delivery.mime import (
     clean_header_value,
     custom_headers,
     format_address,
+    normalize_address,
     parse_mailbox,
 )
 from digest.delivery.providers.base import (
@@ -536,7 +537,7 @@ class PostmarkProvider(HttpProvider):
             # to these inactive addresses: ..." when a recipient is inactive. Our messages have
             # one recipient, so if it is listed nothing is delivered. Addresses come lower-cased.
             inactive = _INACTIVE_OK_RE.search(text)
-            if inactive and msg.to_email.strip().lower() in _address_list(inactive.group(1)):
+            if inactive and _listed(msg.to_email, _address_list(inactive.group(1))):
                 return SendResult(msg.ledger_id, "suppressed", provider_id, response_text(text))
             return SendResult(msg.ledger_id, "sent", provider_id)
         what = f"Postmark ErrorCode {code}: {text}"
@@ -608,3 +609,15 @@ def _as_int(value: Any) -> int | None:
 
 def _address_list(text: str) -> set[str]:
     return {part.strip().lower() for part in text.split(",") if part.strip()}
+
+
+def _listed(address: str, listed: set[str]) -> bool:
+    """Whether Postmark's list names ``address``: as stored, or as it was sent (a domain beyond
+    ASCII goes out IDNA-encoded, and Postmark names it that way)."""
+    address = address.strip().lower()
+    if address in listed:
+        return True
+    try:
+        return normalize_address(address).lower() in listed
+    except ValueError:
+        return False
