@@ -392,10 +392,10 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
                 if resolve_uncertain == "resend" and done.settled:
                     # A new batch, a new key (or none): the provider cannot tell them from new mail.
                     if app.provider.idempotent:
-                        click.echo(f"note: {done.settled} of them cannot keep their idempotency keys (sent through "
-                                   "another provider or account, by a version before keys were recorded, too long "
-                                   "ago, or tried too often): they go out again in new batches, and those of them "
-                                   "that did arrive arrive twice", err=True)
+                        click.echo(f"note: {done.settled} of them cannot keep their idempotency keys (their batch "
+                                   "went out through another provider or account, or before digest recorded that, "
+                                   "or too long ago, was tried too often, or lost a reader since): they go out again "
+                                   "in new batches, and those of them that did arrive arrive twice", err=True)
                     else:
                         click.echo(f"note: {app.provider.name} has no idempotency key: those of them that did "
                                    "arrive arrive again (its activity log tells which did)", err=True)

@@ -497,9 +497,12 @@ def resendable(app: App, draft_id: int) -> int:
     through the provider configured now (:func:`~digest.delivery.sender.resend_rule`): those a
     send of the draft resends by itself, and ``--resolve-uncertain resend`` leaves to it. 0 when
     the provider has no keys, or cannot be built (a setting missing)."""
+    from digest.delivery.providers.registry import provider_class
     from digest.delivery.sender import resend_rule
 
     try:
+        if not provider_class(app.settings.delivery.provider).idempotent:
+            return 0  # (without building a provider only to learn that)
         rule = resend_rule(app.provider, app.now())
     except DigestError:
         return 0
