@@ -169,7 +169,8 @@ def test_status_lists_the_messages_a_dead_sender_left_uncertain(tmp_path: Path) 
     listed = _listed(result.output)
     assert sorted(listed) == sorted(in_flight) and listed == sorted(listed)  # in ledger order
     lines = result.output.splitlines()
-    hint = lines.index("    5 uncertain; resolve with `digest send --resolve-uncertain resend|mark-sent --draft 1`:")
+    hint = lines.index("    5 uncertain; resolve with `digest send --resolve-uncertain resend|mark-sent --draft 1` "
+                       "(with resend, any of them that did arrive arrive twice):")
     # How many for each reason (the batch's, once, with its time), then the readers.
     assert lines[hint + 1].startswith("      5 since 2") and lines[hint + 1].endswith(f" UTC: {STOPPED}")
     assert lines[hint + 2] == "      they are:"

@@ -23,7 +23,7 @@ import click
 
 from digest import __version__, clock, pipeline, resources
 from digest.config import Settings, load
-from digest.delivery.sender import NEXT_SEND, SendSummary
+from digest.delivery.sender import MAY_ARRIVE_TWICE, NEXT_SEND, SendSummary
 from digest.errors import DigestError, DraftError
 from digest.store import db
 from digest.store.store import ReasonCount, UncertainMessage
@@ -370,22 +370,35 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
         for target in targets:
             if dry_run:  # what it would settle; nothing is written
                 app.store.get_draft(target)
-                n = app.store.ledger_counts(target).get("uncertain", 0)
+                uncertain = app.store.ledger_counts(target).get("uncertain", 0)
+                kept = pipeline.resendable(app, target) if uncertain and resolve_uncertain == "resend" else 0
+                done = pipeline.Resolution(uncertain - kept, kept)
             elif draft_id is None:  # every draft: one being sent now is said, and the rest go on
                 try:
-                    n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+                    done = pipeline.resolve_uncertain(app, target, resolve_uncertain)
                 except DraftError as exc:
                     click.echo(f"{exc}", err=True)
                     continue
             else:
-                n = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+                done = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+            n = done.total
             resolved += n
             if n:
                 click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}"
                            + (" (dry run: left as they are)" if dry_run else ""))
-                if resolve_uncertain == "resend" and not app.provider.idempotent:
-                    click.echo(f"note: {app.provider.name} has no idempotency key: those of them that did "
-                               "arrive arrive again (its activity log tells which did)", err=True)
+                if done.kept:
+                    click.echo(f"draft {target}: {done.kept} of them go out again exactly as they went, under their "
+                               f"idempotency keys ({app.provider.name} delivers each once)")
+                if resolve_uncertain == "resend" and done.settled:
+                    # A new batch, a new key (or none): the provider cannot tell them from new mail.
+                    if app.provider.idempotent:
+                        click.echo(f"note: {done.settled} of them cannot keep their idempotency keys (their batch "
+                                   "went out through another provider or account, or before digest recorded that, "
+                                   "or too long ago, was tried too often, or lost a reader since): they go out again "
+                                   "in new batches, and those of them that did arrive arrive twice", err=True)
+                    else:
+                        click.echo(f"note: {app.provider.name} has no idempotency key: those of them that did "
+                                   "arrive arrive again (its activity log tells which did)", err=True)
         if not resolved:
             click.echo("no uncertain messages to resolve" + (f" in draft {draft_id}" if draft_id is not None else ""))
         if resolve_uncertain == "mark-sent":
@@ -531,12 +544,23 @@ def _echo_messages(total: int, listed: Sequence[UncertainMessage]) -> None:
         click.echo(f"      ... and {total - len(listed):,} more")
 
 
-def _echo_uncertain(draft_id: int, total: int, reasons: Sequence[ReasonCount],
+def _echo_uncertain(draft_id: int, total: int, resendable: int, reasons: Sequence[ReasonCount],
                     listed: Sequence[UncertainMessage], tz: Any) -> None:
-    """A draft's uncertain messages: how to settle them, how many for each reason (a batch
-    that went uncertain is hundreds of messages with one), and the first of them."""
-    click.echo(f"    {total:,} uncertain; resolve with "
-               f"`digest send --resolve-uncertain resend|mark-sent --draft {draft_id}`:")
+    """A draft's uncertain messages: those the next send resends under their idempotency keys
+    by itself, and those that need the operator and how to settle them; how many for each
+    reason (a batch that went uncertain is hundreds of messages with one), and the first of
+    them."""
+    resolve = (f"resolve with `digest send --resolve-uncertain resend|mark-sent --draft {draft_id}` "
+               f"({MAY_ARRIVE_TWICE})")
+    by_itself = f"{NEXT_SEND} resends them under their idempotency keys (the provider delivers each once)"
+    if not resendable:
+        click.echo(f"    {total:,} uncertain; {resolve}:")
+    elif resendable >= total:
+        click.echo(f"    {total:,} uncertain; {by_itself}:")
+    else:
+        click.echo(f"    {total:,} uncertain:")
+        click.echo(f"      {resendable:,} need nothing from you: {by_itself}")
+        click.echo(f"      {total - resendable:,} need you: {resolve}")
     _echo_reasons([r for r in reasons if r.status == "uncertain"], tz, show_status=False)
     _echo_messages(total, listed)
 
@@ -582,7 +606,8 @@ def status(obj: _Context, draft_id: int | None) -> None:
             click.echo("    provider events: " + ", ".join(f"{n} {k}" for k, n in sorted(events.items())))
         reasons = report.reasons.get(d.id, [])
         if counts and counts.get("uncertain"):
-            _echo_uncertain(d.id, counts["uncertain"], reasons, report.uncertain.get(d.id, []), tz)
+            _echo_uncertain(d.id, counts["uncertain"], report.resendable.get(d.id, 0), reasons,
+                            report.uncertain.get(d.id, []), tz)
         if failed:
             click.echo(f"    {failed:,} failed" + (":" if draft_id is not None else
                                                    f" (`digest status --draft {d.id}` lists them):"))

@@ -6,6 +6,7 @@ store, runs pure stages, and writes one status change back; a draft's status dri
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import secrets
@@ -100,8 +101,11 @@ class App:
     @property
     def provider(self) -> Provider:
         if self._provider is None:
-            self._provider = build_provider(self._delivery_settings(), build_session(pool_size=4))
-            self._provider.from_addr = self.settings.newsletter.from_  # for `digest check`
+            provider = build_provider(self._delivery_settings(), build_session(pool_size=4))
+            provider.from_addr = self.settings.newsletter.from_  # for `digest check`
+            if provider.idempotent:  # its keys carry this installation's tag (Provider.installation)
+                provider.installation = installation_tag(self.store.installation_id())
+            self._provider = provider
         return self._provider
 
     def _delivery_settings(self) -> Delivery:
@@ -422,6 +426,12 @@ def send(app: App, *, dry_run: bool = False,
     return summaries
 
 
+def installation_tag(installation_id: str) -> str:
+    """The installation as a provider's keys carry it: a short hash of the database's own id,
+    not the id itself."""
+    return hashlib.sha256(f"digest installation:{installation_id}".encode()).hexdigest()[:12]
+
+
 def _dry_run_links(app: App) -> Callable[[int, str], tuple[str, str]]:
     """The links of a dry run's messages, signed with a key of its own: as long as a send's,
     so every request is as large, while the key that signs real links, made on first use,
@@ -435,14 +445,38 @@ def _link_maker(public_url: str, secret: str) -> Callable[[int, str], tuple[str,
     return tokens.LinkSigner(secret).url_maker(f"{public_url}/u/", f"{public_url}/preferences/")
 
 
-def resolve_uncertain(app: App, draft_id: int, how: str) -> int:
+@dataclass(frozen=True)
+class Resolution:
+    """What ``digest send --resolve-uncertain`` did to a draft's uncertain messages.
+
+    ``settled``: put back in the queue (``resend``: they go out in new batches, under new keys
+    where the provider has keys, so any of them that did arrive arrive again) or counted as
+    sent (``mark-sent``). ``kept``: with ``resend`` through a provider with idempotency keys,
+    the messages left uncertain for the send to resend exactly as they went, under their
+    keys (the provider delivers each once): the batches it would resend by itself."""
+
+    settled: int
+    kept: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.settled + self.kept
+
+
+def resolve_uncertain(app: App, draft_id: int, how: str) -> Resolution:
+    """Settle a draft's uncertain messages (``resend`` or ``mark-sent``).
+
+    ``resend`` through a provider with idempotency keys leaves the batches that can still go
+    out under their own keys (:func:`~digest.delivery.sender.resend_rule`: claimed through
+    its key space, within its window) for the send to resend as they went; a batch put back
+    in the queue would be claimed in a new group, under a new key, and delivered again."""
     if how not in ("resend", "mark-sent"):
         raise DraftError(f"unknown resolution {how!r}: use resend or mark-sent")
-    from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder
+    from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder, resend_rule
 
     app.store.get_draft(draft_id)
     if not app.store.ledger_counts(draft_id).get("uncertain"):
-        return 0  # nothing to settle: no need to wait for a sender at work on the draft
+        return Resolution(0)  # nothing to settle: no need to wait for a sender at work on the draft
     # The send's own lease: a sender at work on the draft may be marking a batch uncertain
     # this very moment, and its verdicts and this resolution must not cross.
     lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
@@ -450,9 +484,34 @@ def resolve_uncertain(app: App, draft_id: int, how: str) -> int:
         raise DraftError(f"draft {draft_id} is being sent by another process; resolve its uncertain "
                          "messages once that send has finished or stopped")
     try:
-        return app.store.resolve_uncertain(draft_id, how, now)
+        keep = resend_rule(app.provider, now) if how == "resend" else None
+        settled = app.store.resolve_uncertain(draft_id, how, now, keep)
+        # What is still uncertain is what the rule kept (under the lease, nothing else moved).
+        kept = app.store.ledger_counts(draft_id).get("uncertain", 0) if keep is not None else 0
+        return Resolution(settled, kept)
     finally:
         app.store.release_lease(lease, holder)
+
+
+def resendable(app: App, draft_id: int) -> int:
+    """How many of a draft's uncertain messages can go out again under their idempotency keys
+    through the provider configured now (:func:`~digest.delivery.sender.resend_rule`): those a
+    send of the draft resends by itself, and ``--resolve-uncertain resend`` leaves to it. 0 when
+    the provider has no keys, or cannot be built (a setting missing)."""
+    from digest.delivery.providers.registry import provider_class
+    from digest.delivery.sender import resend_rule
+
+    try:
+        if not provider_class(app.settings.delivery.provider).idempotent:
+            return 0  # (without building a provider only to learn that)
+        rule = resend_rule(app.provider, app.now())
+    except DigestError:
+        return 0
+    if rule is None:
+        return 0
+    batches = app.store.uncertain_batches(draft_id, "", app.now(), rule.since, via=rule.via, peek=True,
+                                          max_attempts=rule.max_attempts)
+    return sum(map(len, batches))
 
 
 # -- one cycle, status, check ------------------------------------------------------------------
@@ -486,6 +545,9 @@ class StatusReport:
     missed_draft_run: datetime | None = None
     # Per draft with messages whose fate is unknown, the first of them (at most UNCERTAIN_LISTED).
     uncertain: dict[int, list[UncertainMessage]] = field(default_factory=dict)
+    # Per draft with messages whose fate is unknown: how many of them the next `digest send`
+    # resends by itself under their idempotency keys (see resendable); the rest need the operator.
+    resendable: dict[int, int] = field(default_factory=dict)
     # Per draft still sending whose last batch was put back whole: why, and when.
     stopped: dict[int, tuple[str, datetime | None]] = field(default_factory=dict)
     # Per draft with uncertain or failed messages: how many for each status and error.
@@ -536,6 +598,10 @@ def status(app: App, draft_id: int | None = None) -> StatusReport:
         missed_draft_run=missed_draft_run(app),
         uncertain={i: app.store.uncertain_messages(i, UNCERTAIN_LISTED)
                    for i, counts in ledgers.items() if counts.get("uncertain")},
+        # Only a draft being sent is taken up by the next send (a sent one, by the operator's
+        # `--resolve-uncertain resend`).
+        resendable={i: resendable(app, i) for i, counts in ledgers.items()
+                    if counts.get("uncertain") and app.store.get_draft(i).status == "sending"},
         stopped={i: why for i, counts in ledgers.items()
                  if counts.get("pending") and (why := app.store.stopped_on(i)) is not None},
         reasons={i: app.store.reasons(i, ("uncertain", *FAILED_STATUSES)) for i, counts in ledgers.items()

@@ -50,20 +50,41 @@ def test_needs_a_key() -> None:
 # -- the idempotency key ------------------------------------------------------------------------
 
 
-def test_idempotency_key_is_derived_from_the_batch(make_message: MessageFactory) -> None:
+def test_idempotency_key_is_derived_from_the_batch(provider: ResendProvider, make_message: MessageFactory) -> None:
+    provider.installation = "inst"
     batch = [make_message(i) for i in (3, 1, 2)]
-    key = ResendProvider.idempotency_key(batch)
-    assert key.startswith("digest/7/") and len(key) == len("digest/7/") + 64
+    key = provider.idempotency_key(batch)
+    assert key.startswith("digest/inst/7/") and len(key) == len("digest/inst/7/") + 64
     # The same rows, rebuilt and reordered: the same key. Other rows: another key.
-    assert ResendProvider.idempotency_key([make_message(i) for i in (1, 2, 3)]) == key
-    assert ResendProvider.idempotency_key([make_message(i) for i in (1, 2)]) != key
-    assert ResendProvider.idempotency_key([make_message(i, draft_id=8) for i in (1, 2, 3)]) != key
+    assert provider.idempotency_key([make_message(i) for i in (1, 2, 3)]) == key
+    assert provider.idempotency_key([make_message(i) for i in (1, 2)]) != key
+    assert provider.idempotency_key([make_message(i, draft_id=8) for i in (1, 2, 3)]) != key
     assert ResendProvider.idempotent is True
 
 
-def test_idempotency_key_is_capped(make_message: MessageFactory) -> None:
+def test_another_installation_has_other_keys_and_another_key_space(make_message: MessageFactory) -> None:
+    """Staging beside production on one Resend team: both start at draft 1, ledger ids 1..N.
+    Their batches must not share keys (Resend refuses the second body: 409), and a batch is
+    resent by itself only within the key space it went out in: this format, this
+    installation, this account (the API key, hashed; never the key itself)."""
+    def build(installation: str, api_key: str = KEY, base_url: str = "https://rs.test") -> ResendProvider:
+        p = ResendProvider(Delivery(provider="resend", api_key=api_key, base_url=base_url))
+        p.installation = installation
+        return p
+
+    batch = [make_message(i) for i in (1, 2, 3)]
+    prod, staging = build("aaaa"), build("bbbb")
+    assert prod.idempotency_key(batch) != staging.idempotency_key(batch)
+    assert prod.key_space() != staging.key_space()
+    assert prod.key_space() == build("aaaa").key_space() and len(prod.key_space()) == 16
+    assert build("aaaa", api_key="re_other_team").key_space() != prod.key_space()
+    assert build("aaaa", base_url="https://eu.rs.test").key_space() != prod.key_space()
+    assert KEY not in prod.key_space() and "aaaa" not in prod.key_space()
+
+
+def test_idempotency_key_is_capped(provider: ResendProvider, make_message: MessageFactory) -> None:
     many_drafts = [make_message(i, draft_id=10**30 + i) for i in range(1, 12)]
-    assert len(ResendProvider.idempotency_key(many_drafts)) == 256
+    assert len(provider.idempotency_key(many_drafts)) == 256
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -77,7 +98,7 @@ def test_request_shape(provider: ResendProvider, make_message: MessageFactory) -
     call = provider.build_request(messages)
     assert (call.method, call.url) == ("POST", "https://rs.test/emails/batch")
     assert call.headers["Authorization"] == f"Bearer {KEY}"
-    assert call.headers["Idempotency-Key"] == ResendProvider.idempotency_key(messages[:1])
+    assert call.headers["Idempotency-Key"] == provider.idempotency_key(messages[:1])
     assert [r.status for r in call.refused] == ["invalid"]
     (item,) = json.loads(call.body)
     assert item == {

@@ -66,6 +66,7 @@ def hostile_recipients() -> list[TemplateRecipient]:
 def both(template: TemplateMessage, recipients: Sequence[TemplateRecipient]
          ) -> tuple[PreparedCall, PreparedCall]:
     p = provider()
+    p.installation = "inst"  # both paths put it in the key
     fast = p.build_template_request(template, recipients)
     plain = p.build_request([expand_template(template, r) for r in recipients])
     return fast, plain
@@ -82,7 +83,8 @@ def test_template_body_and_key_equal_the_full_body_path() -> None:
     assert json.loads(fast.body) == json.loads(plain.body)
     assert fast.body == plain.body  # byte for byte: a resend by either path is a replay
     assert fast.headers == plain.headers
-    assert fast.headers["Idempotency-Key"] == ResendProvider.idempotency_key(plain.messages)
+    assert fast.headers["Idempotency-Key"].startswith("digest/inst/")
+    assert plain.headers["Idempotency-Key"] == fast.headers["Idempotency-Key"]
     assert [m.ledger_id for m in fast.messages] == [m.ledger_id for m in plain.messages]
     assert fast.refused == plain.refused and [r.ledger_id for r in fast.refused] == [99]
     items = json.loads(fast.body)

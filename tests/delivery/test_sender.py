@@ -12,7 +12,7 @@ import pytest
 
 from digest import pipeline
 from digest.delivery.providers.base import UncertainDeliveryError
-from digest.delivery.sender import Sender, SendSummary, TokenBucket
+from digest.delivery.sender import Sender, SendSummary, TokenBucket, sent_via
 from digest.errors import AuthError, BlockedError, DeliveryError, DraftError, StoreError, TakenOverError
 from digest.store import Store
 from digest.types import SLOT_NAMES, Draft, OutgoingMessage, SendResult
@@ -122,7 +122,7 @@ def test_uncertain_batch_is_never_resent_silently(app: pipeline.App) -> None:
     counts = app.store.ledger_counts(summary.draft_id)
     assert counts == {"sent": 3, "uncertain": 2}
     # An operator decides: resend puts them back, and only they are sent.
-    assert pipeline.resolve_uncertain(app, summary.draft_id, "resend") == 2
+    assert pipeline.resolve_uncertain(app, summary.draft_id, "resend") == pipeline.Resolution(2)
     again = ScriptedProvider()
     resent = sender(app, again).run()
     assert resent.sent == 2 and len(again.delivered) == 2
@@ -139,7 +139,7 @@ def test_resolving_waits_for_a_sender_at_work_on_the_draft(app: pipeline.App) ->
         pipeline.resolve_uncertain(app, summary.draft_id, "resend")
     assert app.store.ledger_counts(summary.draft_id) == {"sent": 3, "uncertain": 2}
     app.store.release_lease(lease, "elsewhere:1:abc")
-    assert pipeline.resolve_uncertain(app, summary.draft_id, "resend") == 2
+    assert pipeline.resolve_uncertain(app, summary.draft_id, "resend") == pipeline.Resolution(2)
     assert sender(app, ScriptedProvider()).run().sent == 2  # the lease is free again
 
 
@@ -770,7 +770,8 @@ def test_a_stop_during_the_resends_leaves_the_rest_uncertain_not_claimed(app: pi
     assert not summary.finished and summary.stopped and "stopped on request" in summary.stopped
     # Those not resent keep their reason, and the resend they did not get is not counted.
     assert {m.error for m in app.store.uncertain_messages(summary.draft_id)} == {"connection reset after sending"}
-    again = app.store.uncertain_batches(summary.draft_id, "peek", app.now(), peek=True, max_attempts=2)
+    again = app.store.uncertain_batches(summary.draft_id, "peek", app.now(), via=sent_via(later), peek=True,
+                                        max_attempts=2)
     assert sum(map(len, again)) == 5 - calls[0]  # claimed once only: one automatic resend left each
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from digest import pipeline
 from digest.delivery.providers.base import UncertainDeliveryError
+from digest.delivery.sender import sent_via
 from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.store import Store
 from digest.types import SendResult
@@ -18,6 +19,7 @@ from tests.conftest import NOW
 from tests.delivery.test_sender import EMAILS, IdempotentProvider, app, received, sender  # noqa: F401
 
 DEAD = "otherhost:1:dead"  # a sender on another host whose lease ran out
+VIA = "resend:0123456789abcdef"  # what a batch went out through (send_batches.sent_via)
 
 
 def _crash_mid_batch(a: pipeline.App, size: int = 2) -> list[str]:
@@ -25,7 +27,7 @@ def _crash_mid_batch(a: pipeline.App, size: int = 2) -> list[str]:
     (draft_id,) = a.store.due_drafts(a.now())
     a.store.start_send(draft_id, a.now())
     a.store.acquire_lease(f"send:{draft_id}", DEAD, a.now(), a.now() + timedelta(seconds=300))
-    claimed = a.store.claim_batch(draft_id, size, DEAD, a.now())
+    claimed = a.store.claim_batch(draft_id, size, DEAD, a.now(), via=sent_via(IdempotentProvider()))
     return [c.email for c in claimed]
 
 
@@ -82,20 +84,20 @@ def _sending(store: Store, emails: list[str]) -> int:
 def test_rows_uncertain_on_their_own_keep_the_time_their_batch_first_went(store: Store) -> None:
     draft_id = _sending(store, [f"r{i}@x.org" for i in range(3)])
     store.start_send(draft_id, NOW)
-    batch = store.claim_batch(draft_id, 3, "me", NOW)
+    batch = store.claim_batch(draft_id, 3, "me", NOW, via=VIA)
     # Part of the batch is uncertain, the rest was sent (a batch sent in several calls).
     store.mark_uncertain([batch[0].ledger_id], "reset", NOW, batch)
     store.settle([SendResult(x.ledger_id, "sent", None) for x in batch[1:]], "resend", NOW, batch)
     later = NOW + timedelta(hours=30)
-    assert store.uncertain_batches(draft_id, "again", later, since=later - timedelta(hours=23)) == []
+    assert store.uncertain_batches(draft_id, "again", later, since=later - timedelta(hours=23), via=VIA) == []
     assert store.ledger_counts(draft_id) == {"sent": 2, "uncertain": 1}
-    (again,) = store.uncertain_batches(draft_id, "again", later, since=NOW)
+    (again,) = store.uncertain_batches(draft_id, "again", later, since=NOW, via=VIA)
     assert [x.ledger_id for x in again] == [batch[0].ledger_id]
     # Claimed again, the group still carries its first time: after another crash it is no
     # fresher than it was.
     store.mark_stale_claims_uncertain(draft_id, later)
-    assert store.uncertain_batches(draft_id, "third", later, since=NOW + timedelta(minutes=1)) == []
-    assert [x.ledger_id for x in store.uncertain_batches(draft_id, "third", later, since=NOW)[0]] == [
+    assert store.uncertain_batches(draft_id, "third", later, since=NOW + timedelta(minutes=1), via=VIA) == []
+    assert [x.ledger_id for x in store.uncertain_batches(draft_id, "third", later, since=NOW, via=VIA)[0]] == [
         batch[0].ledger_id]
 
 

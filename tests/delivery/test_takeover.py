@@ -73,9 +73,9 @@ def test_a_late_verdict_on_a_batch_marked_uncertain_by_another_sender_changes_no
 def test_a_late_verdict_after_another_sender_claimed_the_batch_again_changes_nothing(app: pipeline.App) -> None:
     (draft_id,) = app.store.due_drafts(app.now())
     _started(app.store, draft_id)
-    batch = app.store.claim_batch(draft_id, 2, "old", NOW)
+    batch = app.store.claim_batch(draft_id, 2, "old", NOW, via="resend:k")
     app.store.mark_stale_claims_uncertain(draft_id, NOW)
-    (again,) = app.store.uncertain_batches(draft_id, "new", NOW)  # an idempotent provider's resend
+    (again,) = app.store.uncertain_batches(draft_id, "new", NOW, via="resend:k")  # an idempotent provider's resend
     with pytest.raises(TakenOverError):
         app.store.release([c.ledger_id for c in batch], "HTTP 503", NOW, batch)
     app.store.settle([SendResult(c.ledger_id, "sent", "m") for c in again], "scripted", NOW, again)

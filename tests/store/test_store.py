@@ -572,13 +572,16 @@ def test_an_uncertain_batch_is_one_write_and_resolves_either_way(store: Store) -
 def test_uncertain_batches_come_back_as_they_went_out(store: Store) -> None:
     draft_id = _sending(store, [f"r{i}@x.org" for i in range(5)])
     store.start_send(draft_id, NOW)
-    one = store.claim_batch(draft_id, 2, "me", NOW)
-    two = store.claim_batch(draft_id, 3, "me", NOW)
+    one = store.claim_batch(draft_id, 2, "me", NOW, via="resend:a")
+    two = store.claim_batch(draft_id, 3, "me", NOW, via="resend:a")
     store.mark_uncertain([x.ledger_id for x in one], "reset", NOW, one)
     # Part of the second batch is uncertain, the rest was sent.
     store.mark_uncertain([two[0].ledger_id], "reset", NOW, two)
     store.settle([SendResult(x.ledger_id, "sent", None) for x in two[1:]], "resend", NOW, two)
-    groups = store.uncertain_batches(draft_id, "again", NOW)
+    # Only through what they went out through (another account's keys, another provider: never).
+    assert store.uncertain_batches(draft_id, "again", NOW, via="resend:b") == []
+    assert store.uncertain_batches(draft_id, "again", NOW, via="postmark") == []
+    groups = store.uncertain_batches(draft_id, "again", NOW, via="resend:a")
     assert [[x.ledger_id for x in g] for g in groups] == [[x.ledger_id for x in one], [two[0].ledger_id]]
     assert store.ledger_counts(draft_id) == {"claimed": 3, "sent": 2}
     for g in groups:

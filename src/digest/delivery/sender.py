@@ -12,7 +12,8 @@ with the provider's verdict. Whatever happens in between is covered:
   unreadable answer, a 502 or 504 from a gateway in front of the provider) marks its rows
   ``uncertain``; they are never resent silently (``digest send --resolve-uncertain``) —
   except through a provider with an idempotency key (Resend), where the same batch is resent
-  with the same key and the provider itself drops the duplicate;
+  with the same key and the provider itself drops the duplicate: only a batch claimed through
+  the very same key space (:func:`sent_via`), since another provider or account never saw it;
 * an auth error releases the batch and stops the send with a clear message;
 * a permanent error settles the batch as ``failed`` (in a batch sent as several calls, only
   the messages of the call it answered, unless every call met one);
@@ -54,7 +55,7 @@ from digest.delivery.providers.base import (
 from digest.errors import AuthError, BlockedError, DeliveryError, TakenOverError
 from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
-from digest.store.store import Claimed, ClaimedBatch
+from digest.store.store import Claimed, ClaimedBatch, ResendRule
 from digest.types import (
     SLOT_NAMES,
     Draft,
@@ -78,6 +79,28 @@ HOST = socket.gethostname()
 # Who takes up a send that stopped or paused, in the messages that say so: the operator's
 # next `digest send` (from cron, say), or by itself the send job of `digest serve`.
 NEXT_SEND = "the next `digest send` (or the service's next send)"
+# What `--resolve-uncertain resend` means for a message that cannot go out again under the key
+# it went out with (no key, another provider's or account's, too old): a new request.
+MAY_ARRIVE_TWICE = "with resend, any of them that did arrive arrive twice"
+
+
+def sent_via(provider: Provider) -> str:
+    """What a batch goes out through, as its claim records it (``send_batches.sent_via``): the
+    provider's name, and for one with idempotency keys the hash of their space
+    (:meth:`Provider.key_space`): ``resend:3f0c...``."""
+    space = provider.key_space()
+    return f"{provider.name}:{space}" if space else provider.name
+
+
+def resend_rule(provider: Provider, now: datetime) -> ResendRule | None:
+    """The uncertain batches a send through ``provider`` resends by itself under their keys
+    (``None``: none, the provider has no keys): claimed through its key space, first sent within
+    its idempotency window less a margin for clocks and retries, not resent :data:`AUTO_RESENDS`
+    times already. ``digest send --resolve-uncertain resend`` leaves the same ones to it."""
+    if not getattr(provider, "idempotent", False):
+        return None
+    window = getattr(provider, "idempotency_window", timedelta(hours=24))
+    return ResendRule(sent_via(provider), now - max(timedelta(0), window - IDEMPOTENCY_MARGIN), 1 + AUTO_RESENDS)
 
 
 def lease_holder() -> str:
@@ -173,7 +196,8 @@ class SendSummary:
     def uncertain_hint(self) -> str:
         """What to do about :attr:`for_operator`, for the CLI and the service's log alike."""
         return (f"{self.for_operator} messages may or may not have gone out: `digest status` lists them; "
-                f"settle them with `digest send --resolve-uncertain resend|mark-sent --draft {self.draft_id}`")
+                f"settle them with `digest send --resolve-uncertain resend|mark-sent --draft {self.draft_id}` "
+                f"({MAY_ARRIVE_TWICE})")
 
     def tally(self) -> dict[str, Any]:
         """The counts, as a helper process reports them to the sender it works for."""
@@ -503,6 +527,7 @@ class Sender:
         self._go: Any = None  # ... and the one that lets them claim, once the audience is frozen
         self.concurrency = max(1, int(getattr(settings.delivery, "concurrency", 1) or 1))
         self.idempotent = bool(getattr(provider, "idempotent", False))
+        self.via = sent_via(provider)
         # Providers that take a template and per-recipient values (server-side substitution,
         # or a client-side build that encodes the shared parts once) get one; others get
         # finished messages.
@@ -665,10 +690,12 @@ class Sender:
             if self.idempotent:
                 # The provider drops a repeated batch itself (same key, same body within its
                 # window), so uncertain batches are resent at once, each exactly as it was:
-                # those first sent within the window (less an hour, for clocks and retries)
-                # whose readers may all still be sent to. The rest wait for the operator.
-                again = self.store.uncertain_batches(draft_id, self.holder, self.now(), self._resend_since(),
-                                                     max_attempts=1 + AUTO_RESENDS)
+                # those claimed through this very key space (not another provider's, another
+                # account's, nor one claimed before the ledger recorded it: the provider never
+                # saw them under the key they would get now), first sent within the window
+                # (less an hour, for clocks and retries), whose readers may all still be sent
+                # to (resend_rule). The rest wait for the operator.
+                again = self._uncertain_batches(peek=False)
                 summary.total = sum(map(len, again))
                 for n, batch in enumerate(again):
                     if self._stop is None and self.should_stop():
@@ -758,9 +785,7 @@ class Sender:
             # Batches the next run resends under their keys by itself (see above): the draft
             # stays in sending for it (``digest serve`` runs it on its schedule). Not a batch
             # sent AUTO_RESENDS times already: what keeps failing waits for the operator.
-            summary.resendable = sum(map(len, self.store.uncertain_batches(
-                draft_id, self.holder, self.now(), self._resend_since(), peek=True,
-                max_attempts=1 + AUTO_RESENDS)))
+            summary.resendable = sum(map(len, self._uncertain_batches(peek=True)))
         if not counts.get("pending") and not counts.get("claimed") and not summary.resendable:
             self.store.transition(draft_id, ("sending",), "sent", self.now(), finished_at=self.now())
             summary.finished = True
@@ -770,11 +795,14 @@ class Sender:
                                f"same idempotency keys ({self.provider.name} delivers each once): "
                                f"{NEXT_SEND} does it")
 
-    def _resend_since(self) -> datetime:
-        """Batches first sent since then may be resent under their keys: the provider's window
-        less a margin for clocks and retries."""
-        window = getattr(self.provider, "idempotency_window", timedelta(hours=24))
-        return self.now() - max(timedelta(0), window - IDEMPOTENCY_MARGIN)
+    def _uncertain_batches(self, *, peek: bool) -> list[ClaimedBatch]:
+        """The uncertain batches this send resends under their keys (:func:`resend_rule`),
+        claimed for it (or with ``peek``, only found)."""
+        rule = resend_rule(self.provider, self.now())
+        if rule is None:
+            return []
+        return self.store.uncertain_batches(self.draft.id or 0, self.holder, self.now(), rule.since, via=rule.via,
+                                            peek=peek, max_attempts=rule.max_attempts)
 
     _exception: BaseException | None = None
     _blocked = False
@@ -905,7 +933,7 @@ class Sender:
                 self.bucket.acquire()
                 if self._stop is not None or self.should_stop():
                     continue  # (the loop's checks end it)
-                claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now())
+                claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now(), self.via)
                 if not claimed:
                     return
                 if self._stop is not None:

@@ -212,6 +212,11 @@ send_ledger = Table(
 # ``requeued`` once its rows went back to the queue. ``calls``: being sent call by call, its
 # rows with statuses of their own (Store.record_calls).
 # ``message_ids``: the provider's id for each row ({ledger id: id}, JSON) when they differ.
+# ``sent_via``: what the batch went out through, written by the claim: the provider's name, and
+# for a provider with idempotency keys its key space (``resend:<hash>``, see
+# digest.delivery.sender.sent_via). Only a batch claimed through the very key space a send now
+# uses may be resent under its key by that send (migration 0011 says why); NULL: claimed
+# before 0011, never resent by itself. (``provider`` is the one that settled it.)
 send_batches = Table(
     "send_batches",
     metadata,
@@ -228,6 +233,7 @@ send_batches = Table(
     Column("provider_message_id", Text, nullable=True),
     Column("message_ids", Text, nullable=True),
     Column("error", Text, nullable=True),
+    Column("sent_via", String(64), nullable=True),
     Index("ix_send_batches_draft", "draft_id", "status"),
 )
 

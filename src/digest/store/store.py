@@ -257,6 +257,18 @@ class ClaimedBatch(list[Claimed]):
         self.token = token
 
 
+class ResendRule(NamedTuple):
+    """Which uncertain batches may go out again under their idempotency keys, exactly as they
+    went (:meth:`Store.uncertain_batches`): those claimed through ``via`` (the key space of
+    the provider sending now: ``send_batches.sent_via``), first sent at or after ``since``
+    (the provider still keeps their keys), claimed fewer than ``max_attempts`` times, and
+    whose every reader may still be sent to."""
+
+    via: str
+    since: datetime | None = None
+    max_attempts: int | None = None
+
+
 # A row's own status as readers see it: queued is pending (to send); sending (its call has
 # started, see Store.record_calls) is claimed (in flight).
 _AS_READ = {"queued": "pending", "sending": "claimed"}
@@ -412,6 +424,11 @@ class Store:
         except IntegrityError:  # another process created it first
             with self._tx() as conn:
                 return str(conn.execute(select(meta.c.value).where(meta.c.key == name)).scalar_one())
+
+    def installation_id(self) -> str:
+        """This database's own random id (``meta``, made by migration 0011; else on first use):
+        what tells its provider requests from another installation's on the same account."""
+        return self.secret("installation_id")
 
     # When a scheduled use case last ran, under ``last_run:<name>``: `digest serve` compares it
     # with the schedule at start to catch up a run it missed while it was not running. Kept as
@@ -1379,15 +1396,16 @@ class Store:
         return f"{column} IN ({','.join('?' * len(ids))})", list(ids)
 
     def _new_batch(self, conn: Connection, draft_id: int, token: str, when: Any,
-                   first: int | None = None, last: int | None = None) -> int:
+                   first: int | None = None, last: int | None = None, via: str | None = None) -> int:
         return int(self._raw(conn, self._sql(
-            "INSERT INTO send_batches (draft_id, first_id, last_id, status, claim_token, attempts, claimed_at) "
-            "VALUES ({p}, {p}, {p}, 'claimed', {p}, 1, {p}) RETURNING id"),
-            (draft_id, first, last, token, when)).fetchone()[0])
+            "INSERT INTO send_batches (draft_id, first_id, last_id, status, claim_token, attempts, claimed_at, "
+            "sent_via) VALUES ({p}, {p}, {p}, 'claimed', {p}, 1, {p}, {p}) RETURNING id"),
+            (draft_id, first, last, token, when, via)).fetchone()[0])
 
-    def _claim_rows(self, conn: Connection, draft_id: int, ids: Sequence[int], token: str, when: Any) -> int:
+    def _claim_rows(self, conn: Connection, draft_id: int, ids: Sequence[int], token: str, when: Any,
+                    via: str | None = None) -> int:
         """A batch without a range for ``ids``: each row says it is claimed, and by which batch."""
-        batch_id = self._new_batch(conn, draft_id, token, when)
+        batch_id = self._new_batch(conn, draft_id, token, when, via=via)
         where, params = self._ids_clause("id", ids)
         self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed', batch_id = {p}, "
                                   f"attempts = attempts + 1 WHERE {where}"), (batch_id, *params))
@@ -1401,9 +1419,10 @@ class Store:
                 "UPDATE send_ledger SET status = 'skipped', settled_at = {p}, "
                 f"error = 'no longer eligible at claim time' WHERE {where}"), (when, *params))
 
-    def claim_batch(self, draft_id: int, size: int, token: str, now: datetime) -> ClaimedBatch:
+    def claim_batch(self, draft_id: int, size: int, token: str, now: datetime,
+                    via: str | None = None) -> ClaimedBatch:
         """Claim up to ``size`` rows, skipping (rule 2) those no longer eligible; an empty
-        batch when none is left.
+        batch when none is left. ``via``: what the batch goes out through (``sent_via``).
 
         The next rows above the draft's cursor come first, as a range: one ``send_batches``
         row and the cursor move, whatever the batch's size. Rows put back in the queue
@@ -1442,79 +1461,95 @@ class Store:
             if not rows:
                 return ClaimedBatch((), 0, ranged=True)
             if queued:
-                batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when)
+                batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when, via)
                 return ClaimedBatch(claimed, batch_id, ranged=False, token=token)
-            batch_id = self._new_batch(conn, draft_id, token, when, claimed[0].ledger_id, claimed[-1].ledger_id)
+            batch_id = self._new_batch(conn, draft_id, token, when, claimed[0].ledger_id, claimed[-1].ledger_id,
+                                       via)
         return ClaimedBatch(claimed, batch_id, ranged=True, token=token)
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime,
-                          since: datetime | None = None, *, peek: bool = False,
+                          since: datetime | None = None, *, via: str, peek: bool = False,
                           max_attempts: int | None = None) -> list[ClaimedBatch]:
         """Claim the uncertain messages again, grouped exactly as they went out (for an
         idempotent provider's resend: the same batch again is the same request).
 
-        Only batches first sent at or after ``since`` (the provider keeps its idempotency keys
-        for a while only: an older batch sent again could be delivered twice), and only those
-        whose every message may still be sent (rule 2: a batch without the reader who has
-        unsubscribed since would be another request, which the provider would not recognise).
-        The others stay uncertain, for the operator (``digest send --resolve-uncertain``).
+        Only batches claimed through ``via`` (``send_batches.sent_via``: the same provider,
+        the same key space; a batch another provider or account took, or claimed before
+        migration 0011, was never seen under the key it would get now), first sent at or after
+        ``since`` (the provider keeps its idempotency keys for a while only: an older batch
+        sent again could be delivered twice), and only those whose every message may still be
+        sent (rule 2: a batch without the reader who has unsubscribed since would be another
+        request, which the provider would not recognise). The others stay uncertain, for the
+        operator (``digest send --resolve-uncertain``).
         A batch keeps the time it was first sent, however often it is claimed again.
         With ``peek`` nothing is claimed: the batches a call would take (batch ids of 0 for
         rows uncertain on their own). ``max_attempts`` leaves out the batches (rows) claimed
         that many times already.
         """
-        tries = max_attempts if max_attempts is not None else 1 << 30
+        rule = ResendRule(via, since, max_attempts)
         when = self._when(now)
-        # Whether a batch first went at or after ``since``: a column of the queries below.
-        fresh_params: tuple[Any, ...] = () if since is None else (self._when(since),)
-
-        def fresh(column: str) -> str:
-            return "1" if since is None else f"CASE WHEN {column} >= {{p}} THEN 1 ELSE 0 END"
-
         out: list[ClaimedBatch] = []
         with self._tx() as conn:
-            ranged = self._raw(conn, self._sql(
-                f"SELECT id, first_id, last_id, {fresh('claimed_at')}, attempts FROM send_batches "
-                "WHERE draft_id = {p} AND status = 'uncertain' AND first_id IS NOT NULL ORDER BY id"),
-                (*fresh_params, draft_id)).fetchall()
-            taken = []
-            for batch_id, first, last, is_fresh, attempts in ranged:
-                if not is_fresh or (attempts or 0) >= tries:
-                    continue
-                rows = self._raw(conn, self._sql(
-                    self._ELIGIBLE + "WHERE l.id BETWEEN {p} AND {p} AND +l.draft_id = {p} "
-                    "AND l.status = 'pending' ORDER BY l.id"), (first, last, draft_id)).fetchall()
-                if rows and all(r[4] for r in rows):
-                    out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in rows], batch_id, ranged=True,
-                                            token="" if peek else token))
-                    taken.append(batch_id)
-            if taken and not peek:
-                where, params = self._ids_clause("id", taken)
+            ranged, groups = self._resendable(conn, draft_id, rule)
+            for batch_id, rows in ranged:
+                out.append(ClaimedBatch(rows, batch_id, ranged=True, token="" if peek else token))
+            if ranged and not peek:
+                where, params = self._ids_clause("id", [batch_id for batch_id, _rows in ranged])
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'claimed', claim_token = {p}, "
                                           f"attempts = attempts + 1 WHERE {where}"), (token, *params))
-            # Rows uncertain on their own: grouped by their batch (or, from before migration
-            # 0007, by the batch key they went out under), with the time that batch first went.
-            first_sent = "COALESCE(b.claimed_at, l.claimed_at)"
-            rows = self._raw(conn, self._sql(
-                f"SELECT l.id, l.subscriber_id, s.email, s.name, {self._MAY_SEND}, l.batch_id, l.batch_key, "
-                f"{first_sent}, {fresh(first_sent)}, l.attempts "
-                "FROM send_ledger l JOIN subscribers s ON s.id = l.subscriber_id "
-                "LEFT JOIN send_batches b ON b.id = l.batch_id "
-                "WHERE l.draft_id = {p} AND l.status = 'uncertain' ORDER BY l.batch_id, l.batch_key, l.id"),
-                (*fresh_params, draft_id)).fetchall()
-            groups: dict[Any, list[Any]] = {}
-            for r in rows:
-                groups.setdefault(r[5] or r[6] or f"row-{r[0]}", []).append(r)
-            for members in groups.values():
-                # A row's own attempts count its claims one by one; its first send, in a batch
-                # by range, is not among them.
-                if not all(r[4] and r[8] and (r[9] or 0) + 1 < tries for r in members):
-                    continue
-                batch_id = 0 if peek else self._claim_rows(conn, draft_id, [r[0] for r in members], token,
-                                                           members[0][7] or when)
-                out.append(ClaimedBatch([Claimed(r[0], r[1], r[2], r[3]) for r in members], batch_id, ranged=False,
-                                        token="" if peek else token))
+            for _batch_id, first_sent, members in groups:
+                batch_id = 0 if peek else self._claim_rows(conn, draft_id, [c.ledger_id for c in members], token,
+                                                           first_sent or when, via)
+                out.append(ClaimedBatch(members, batch_id, ranged=False, token="" if peek else token))
         return out
+
+    def _resendable(self, conn: Connection, draft_id: int, rule: ResendRule
+                    ) -> tuple[list[tuple[int, list[Claimed]]], list[tuple[int, Any, list[Claimed]]]]:
+        """The uncertain batches ``rule`` lets go out again as they went (see
+        :meth:`uncertain_batches`): ranged ones as (batch id, rows), and groups of rows
+        uncertain on their own as (their batch's id, when it first went, rows)."""
+        tries = rule.max_attempts if rule.max_attempts is not None else 1 << 30
+        # Whether a batch first went at or after ``since``: a column of the queries below.
+        fresh_params: tuple[Any, ...] = () if rule.since is None else (self._when(rule.since),)
+
+        def fresh(column: str) -> str:
+            return "1" if rule.since is None else f"CASE WHEN {column} >= {{p}} THEN 1 ELSE 0 END"
+
+        ranged_out: list[tuple[int, list[Claimed]]] = []
+        ranged = self._raw(conn, self._sql(
+            f"SELECT id, first_id, last_id, {fresh('claimed_at')}, attempts FROM send_batches "
+            "WHERE draft_id = {p} AND status = 'uncertain' AND first_id IS NOT NULL AND sent_via = {p} ORDER BY id"),
+            (*fresh_params, draft_id, rule.via)).fetchall()
+        for batch_id, first, last, is_fresh, attempts in ranged:
+            if not is_fresh or (attempts or 0) >= tries:
+                continue
+            rows = self._raw(conn, self._sql(
+                self._ELIGIBLE + "WHERE l.id BETWEEN {p} AND {p} AND +l.draft_id = {p} "
+                "AND l.status = 'pending' ORDER BY l.id"), (first, last, draft_id)).fetchall()
+            if rows and all(r[4] for r in rows):
+                ranged_out.append((batch_id, [Claimed(r[0], r[1], r[2], r[3]) for r in rows]))
+        # Rows uncertain on their own: grouped by their batch, with the time that batch first
+        # went. (Rows from before migration 0007 have no batch, so nothing says what they
+        # went through: they wait for the operator.)
+        first_sent = "COALESCE(b.claimed_at, l.claimed_at)"
+        rows = self._raw(conn, self._sql(
+            f"SELECT l.id, l.subscriber_id, s.email, s.name, {self._MAY_SEND}, l.batch_id, "
+            f"{first_sent}, {fresh(first_sent)}, l.attempts "
+            "FROM send_ledger l JOIN subscribers s ON s.id = l.subscriber_id "
+            "JOIN send_batches b ON b.id = l.batch_id "
+            "WHERE l.draft_id = {p} AND l.status = 'uncertain' AND b.sent_via = {p} ORDER BY l.batch_id, l.id"),
+            (*fresh_params, draft_id, rule.via)).fetchall()
+        groups: dict[int, list[Any]] = {}
+        for r in rows:
+            groups.setdefault(r[5], []).append(r)
+        groups_out: list[tuple[int, Any, list[Claimed]]] = []
+        for batch_id, members in groups.items():
+            # A row's own attempts count its claims one by one; its first send, in a batch
+            # by range, is not among them.
+            if not all(r[4] and r[7] and (r[8] or 0) + 1 < tries for r in members):
+                continue
+            groups_out.append((batch_id, members[0][6], [Claimed(r[0], r[1], r[2], r[3]) for r in members]))
+        return ranged_out, groups_out
 
     def _hold(self, conn: Connection, batch: ClaimedBatch | None) -> None:
         """Go on only while ``batch``'s record still carries the token it was claimed under.
@@ -1710,15 +1745,31 @@ class Store:
             self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain' WHERE id = {p} "
                                       "AND status = 'claimed'"), (batch.batch_id,))
 
-    def resolve_uncertain(self, draft_id: int, how: str, now: datetime) -> int:
+    def resolve_uncertain(self, draft_id: int, how: str, now: datetime, keep: ResendRule | None = None) -> int:
         """``resend``: back in the queue; ``mark-sent``: count them as delivered. Returns how
-        many messages that was."""
+        many messages that was.
+
+        ``keep`` (with ``resend``): the batches it lets go out again under their idempotency
+        keys (:meth:`uncertain_batches`) stay uncertain, as they are, for the next send to
+        resend exactly as they went; only the others go back in the queue, where they are
+        claimed in new batches (under new keys). The draft is then sending again too."""
         error = f"uncertain, resolved by {how}"
         when = self._when(now)
         resend = how == "resend"
         with self._tx() as conn:
+            kept_batches: list[int] = []
+            kept_rows: list[int] = []
+            if resend and keep is not None:
+                ranged, groups = self._resendable(conn, draft_id, keep)
+                kept_batches = [batch_id for batch_id, _rows in ranged]
+                for batch_id, _first_sent, members in groups:
+                    kept_batches.append(batch_id)
+                    kept_rows += [c.ledger_id for c in members]
+            kept = set(kept_batches)
             n = 0
             for batch_id, first, last in self._uncertain_ranges(conn, draft_id):
+                if batch_id in kept:
+                    continue
                 if resend:  # its rows go back one by one: the batch no longer speaks for them
                     n += self._raw(conn, self._sql(
                         "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = {p} WHERE id BETWEEN "
@@ -1726,17 +1777,27 @@ class Store:
                         (error, batch_id, first, last, draft_id)).rowcount or 0
                 else:
                     n += self._covered(conn, draft_id, first, last)
+            but_batches, batch_params = self._not_in("id", kept_batches)
             self._raw(conn, self._sql(
                 "UPDATE send_batches SET status = {p}, error = {p}, settled_at = {p}, claim_token = NULL "
-                "WHERE draft_id = {p} AND status = 'uncertain'"),
-                ("requeued" if resend else "sent", error, when, draft_id))
+                "WHERE draft_id = {p} AND status = 'uncertain'") + but_batches,
+                ("requeued" if resend else "sent", error, when, draft_id, *batch_params))
+            but_rows, row_params = self._not_in("id", kept_rows)
             n += self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = {p}, error = {p}, settled_at = {p} WHERE draft_id = {p} "
-                "AND status = 'uncertain'"), ("queued" if resend else "sent", error, when, draft_id)).rowcount or 0
-            if n and resend:
+                "AND status = 'uncertain'") + but_rows,
+                ("queued" if resend else "sent", error, when, draft_id, *row_params)).rowcount or 0
+            if (n or kept) and resend:
                 conn.execute(update(drafts).where(and_(drafts.c.id == draft_id, drafts.c.status == "sent"))
                              .values(status="sending", finished_at=None, updated_at=now))
         return n
+
+    def _not_in(self, column: str, ids: Sequence[int]) -> tuple[str, list[Any]]:
+        """`` AND NOT (column IN ids)`` to add to a WHERE, and its parameters ("" for none)."""
+        if not ids:
+            return "", []
+        where, params = self._ids_clause(column, ids)
+        return f" AND NOT ({where})", params
 
     def pending_count(self, draft_id: int) -> int:
         """Messages of a draft still to send: the rows above its cursor and the queued ones."""

@@ -47,6 +47,9 @@ Optional hooks a provider may add (the defaults keep the behaviour above):
   ``delivery.postmark_templates``), the start of a draft's send, when such a provider creates
   what it needs before any batch is claimed, and its end, when it deletes it;
 * :attr:`Provider.idempotent`: resending the same batch is safe (Resend's Idempotency-Key);
+  :meth:`Provider.key_space` then says in which keys' space, so that only a batch that went
+  out in the same one is resent under its key, and :attr:`Provider.installation` tells this
+  installation's keys from another's on the same account;
 * :meth:`Provider.refusals`: without I/O, the messages a send would refuse before handing them
   over, and the :class:`BlockedError` it would raise (a bad From), for ``digest send --dry-run``
   through a provider that has no pure :meth:`~HttpProvider.build_request` (the default refuses
@@ -302,9 +305,20 @@ class Provider(ABC):
     #: knows it (the app sets it): :meth:`check` may then ask whether the provider will send
     #: as it (SES asks whether it is a verified identity). None: not asked.
     from_addr: str | None = None
+    #: A short tag of this installation (a hash of its database's own id, set by the app):
+    #: an idempotent provider puts it in its keys, so that two installations sending through
+    #: one account (staging beside production) never send one key with different bodies.
+    installation: str = ""
 
     def __init__(self, settings: Delivery, session: requests.Session | None = None) -> None:
         self.settings = settings
+
+    def key_space(self) -> str | None:
+        """For an :attr:`idempotent` provider, a short hash of what its keys are scoped by
+        besides the batch (the key's format, :attr:`installation`, the account): a batch that
+        went out under another key space was never seen under the key it would get now, so it
+        is not resent by itself. ``None`` for providers without keys. Never a secret itself."""
+        return None
 
     @abstractmethod
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:

@@ -8,10 +8,15 @@ section A.5.
 
 **Idempotency.** Resend keeps an ``Idempotency-Key`` for 24 hours: the same key with the same
 body returns the first answer (the same ids) and sends nothing. :meth:`ResendProvider.
-idempotency_key` derives the key from the batch itself (draft id and the sorted ledger ids), so
-the very same batch always carries the very same key, and resending it after an uncertain
-outcome (a timeout, a reset, a gateway's 502 or 504) cannot deliver it twice. That is what
-:attr:`idempotent` says.
+idempotency_key` derives the key from the batch itself (draft id and the sorted ledger ids)
+and the installation (:attr:`~digest.delivery.providers.base.Provider.installation`), so the
+very same batch always carries the very same key, and resending it after an uncertain outcome
+(a timeout, a reset, a gateway's 502 or 504) cannot deliver it twice. That is what
+:attr:`idempotent` says. Why the installation: keys are per Resend team, and another
+installation on the same team (staging, a second newsletter) has the same draft and ledger
+ids, with other bodies (Resend would refuse its batches: 409). :meth:`ResendProvider.key_space`
+names the keys' space (this format, the installation, the account), so that a batch is resent
+by itself only where Resend saw it under the same key.
 Our bodies are deterministic for a ledger row (the signed links carry no timestamp and we send
 no Message-ID), which is what makes the repeat byte-identical.
 
@@ -71,12 +76,18 @@ def _error(body: bytes) -> tuple[str, str]:
     return str(data.get("name") or ""), str(data.get("message") or "")
 
 
-def _key(draft_ids: Iterable[int], ledger_ids: Iterable[int]) -> str:
+# The keys' format, in the key space (ResendProvider.key_space): a batch sent under keys of
+# another format (before the installation was in them: "digest/<draft>/<hash>") would get a
+# new key now, so it is not resent by itself.
+KEY_FORMAT = "digest/<installation>/<drafts>/<sha256 of ledger ids>"
+
+
+def _key(installation: str, draft_ids: Iterable[int], ledger_ids: Iterable[int]) -> str:
     """The Idempotency-Key of a batch (see :meth:`ResendProvider.idempotency_key`); both the
     full-body and the template path derive it here, so a batch has one key whichever built it."""
     drafts = "+".join(str(d) for d in sorted(set(draft_ids)))
     ids = ",".join(str(i) for i in sorted(ledger_ids))
-    return f"digest/{drafts}/{hashlib.sha256(ids.encode('ascii')).hexdigest()}"[:KEY_LIMIT]
+    return f"digest/{installation or '-'}/{drafts}/{hashlib.sha256(ids.encode('ascii')).hexdigest()}"[:KEY_LIMIT]
 
 
 class _Skeleton(NamedTuple):
@@ -159,14 +170,23 @@ class ResendProvider(HttpProvider):
         }
         self._template_cache: tuple[TemplateMessage, _Skeleton] | None = None
 
-    @staticmethod
-    def idempotency_key(messages: Sequence[OutgoingMessage]) -> str:
-        """``digest/<draft id>/<sha256 of the sorted ledger ids>``: the same for the same batch.
+    def idempotency_key(self, messages: Sequence[OutgoingMessage]) -> str:
+        """``digest/<installation>/<draft id>/<sha256 of the sorted ledger ids>``: the same for
+        the same batch.
 
-        Ledger ids are unique per (draft, subscriber), so two different batches never share a
-        key, and a batch sent again (in any order) always has its first key.
+        Ledger ids are unique per (draft, subscriber) in a database, and the installation tells
+        databases apart, so two different batches never share a key, and a batch sent again (in
+        any order) always has its first key.
         """
-        return _key((m.draft_id for m in messages), (m.ledger_id for m in messages))
+        return _key(self.installation, (m.draft_id for m in messages), (m.ledger_id for m in messages))
+
+    def key_space(self) -> str:
+        """A hash of what a key means to Resend besides the batch: the key's format, the
+        installation, and the account (keys are per team; the API key and the URL it goes to
+        stand for it, hashed: never stored). Another API key of the same team counts as another
+        space: its batches wait for the operator, which is only ever the careful side."""
+        parts = (KEY_FORMAT, self.installation, self.base_url, self.settings.api_key or "")
+        return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
 
     def build_request(self, messages: Sequence[OutgoingMessage]) -> PreparedCall:
         """The ``/emails/batch`` request: one full email per message, and its key. Pure."""
@@ -303,7 +323,7 @@ class ResendProvider(HttpProvider):
         headers_out = {
             **self._read_headers,
             "Content-Type": "application/json",
-            "Idempotency-Key": _key([template.draft_id], (r.ledger_id for r in keyed)),
+            "Idempotency-Key": _key(self.installation, [template.draft_id], (r.ledger_id for r in keyed)),
         }
         return PreparedCall(
             "POST", self.batch_url, headers_out, b"".join(parts), tuple(included), tuple(refused)
