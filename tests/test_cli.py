@@ -105,6 +105,7 @@ def test_reject_and_run(tmp_path: Path) -> None:
         (("subscribers", "add", "nope"), "error: nope: "),
         (("send", "--resolve-uncertain", "resend", "--draft", "9"), "error: no draft with id 9"),
         (("send", "--retry-failed", "--draft", "9"), "error: no draft with id 9"),
+        (("send", "--draft", "9"), "error: no draft with id 9"),
         (("status", "--draft", "9"), "error: no draft with id 9"),
     ],
 )
@@ -394,7 +395,10 @@ def test_a_send_paused_for_the_operator_through_the_cli(tmp_path: Path) -> None:
         assert ("    waits for you since " in status and "paused after 3 failed batches in a row" in status
                 and "`digest send --retry-failed --draft 1` puts the failed messages back" in status)
         assert "    12 failed (`digest status --draft 1` lists them):" in status
-        out = cli_run(cfg, "send", "--retry-failed", "--draft", "1")
+        out = cli_run(cfg, "send", "--retry-failed", "--reason", "HTTP 500", "--draft", "1")  # none such
+        assert out == "no failed messages to retry in draft 1 whose error contains 'HTTP 500'\n"
+        assert len(srv.requests) == 3 and "waits for you" in cli_run(cfg, "status")  # still paused
+        out = cli_run(cfg, "send", "--retry-failed", "--reason", "http 400", "--draft", "1")
         assert "draft 1: 12 failed messages back in the queue\n" in out
         assert "sent 20 in 5 batches" in out and "finished" in out
         assert sorted(m["To"] for m in srv.messages) == sorted(f"R{i} <r{i}@example.com>" for i in range(20))

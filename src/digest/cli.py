@@ -400,6 +400,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
         if not retried:
             click.echo("no failed messages to retry" + (f" in draft {draft_id}" if draft_id is not None else "")
                        + (f" whose error contains {matching!r}" if matching is not None else ""))
+            if draft_id is not None and not dry_run:
+                return  # (a draft named for nothing: not resumed either; `digest send --draft N` does that)
     if resolve_uncertain:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
         resolved = 0
@@ -437,6 +439,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
         for deadlined in past_deadline(app.store, app.settings, app.now()):
             click.echo(f"draft {deadlined} was not reviewed before its approval deadline: the send {what} it "
                        "(digest.approval.on_deadline; this dry run leaves it as it is)")
+    if draft_id is not None:
+        app.store.get_draft(draft_id)  # one that does not exist is a mistake, not "nothing to send"
     progress = SendProgress(interactive=sys.stderr.isatty())
     with _stop_on_signals(progress) as should_stop:
         summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop,

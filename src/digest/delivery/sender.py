@@ -17,8 +17,8 @@ with the provider's verdict. Whatever happens in between is covered:
 * a permanent error settles the batch as ``failed`` (in a batch sent as several calls, only
   the messages of the call it answered, unless every call met one);
 * too many failed batches in a row (counted for the whole send: every worker, every process)
-  pause it: with some of them refused for good or uncertain, until the operator acts (the
-  scheduled send passes it by, see :func:`held_message`); only put back whole, until the next send;
+  pause it: with some of them refused for good, until the operator acts (the scheduled send
+  passes it by, see :func:`held_message`); otherwise (uncertain, put back), until the next send;
 * a database error stops at once (rule 9): rows left claimed become ``uncertain`` next time.
 
 With ``delivery.concurrency`` above 1, that many workers run this loop side by side; each
