@@ -104,6 +104,8 @@ def test_reject_and_run(tmp_path: Path) -> None:
         (("approve", "1", "--at", "tomorrow"), "error: --at 'tomorrow' is not a time"),
         (("subscribers", "add", "nope"), "error: nope: "),
         (("send", "--resolve-uncertain", "resend", "--draft", "9"), "error: no draft with id 9"),
+        (("send", "--retry-failed", "--draft", "9"), "error: no draft with id 9"),
+        (("send", "--draft", "9"), "error: no draft with id 9"),
         (("status", "--draft", "9"), "error: no draft with id 9"),
     ],
 )
@@ -114,9 +116,9 @@ def test_user_mistakes_print_one_line(tmp_path: Path, args: tuple[str, ...], mes
     assert out.startswith(message) and out.count("\n") == 1 and "Traceback" not in out
 
 
-def test_draft_without_resolve_uncertain_is_a_usage_error(tmp_path: Path) -> None:
-    code, out = invoke("--config", str(config_file(tmp_path)), "send", "--draft", "1")
-    assert code == 2 and "--draft goes with --resolve-uncertain" in out
+def test_reason_without_retry_failed_is_a_usage_error(tmp_path: Path) -> None:
+    code, out = invoke("--config", str(config_file(tmp_path)), "send", "--reason", "HTTP 400")
+    assert code == 2 and "--reason goes with --retry-failed" in out
 
 
 def test_bad_config_prints_the_key(tmp_path: Path) -> None:
@@ -363,3 +365,42 @@ def test_resolving_every_draft_passes_over_one_being_sent(tmp_path: Path) -> Non
         store.close()
     code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "mark-sent")
     assert code == 0 and "draft 1: 1 uncertain messages → mark-sent" in out
+
+
+def test_a_send_paused_for_the_operator_through_the_cli(tmp_path: Path) -> None:
+    """`digest send` pauses after batches refused for good and exits 1 (the operator is
+    needed); run again (from cron) it passes the draft by, sending nothing; `digest status`
+    shows why it waits, how many failed and what resumes it; `digest send --retry-failed
+    --draft N` puts the failed back and sends everyone once."""
+    from click.testing import CliRunner
+
+    from tests.fakes.provider_server import FakeProviderServer
+    from tests.test_e2e_postmark import TOKEN, cli_run, drafted, setup
+
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = setup(tmp_path, srv.url, 20)  # five batches of four, one at a time
+        cfg.write_text(cfg.read_text().replace("batch_size: 4,", "batch_size: 4, concurrency: 1,"))
+        drafted(cfg, tmp_path)
+        srv.faults.extend([("status", 400)] * 3)
+        runner = CliRunner(env={"PM_TOKEN": TOKEN})
+        for _ in range(2):  # the send that pauses, then cron's next
+            result = runner.invoke(cli, ["--config", str(cfg), "send"])
+            assert result.exit_code == 1, result.output
+            assert ("draft 1: paused after 3 failed batches in a row, 12 messages in them refused for good "
+                    "(the last: postmark: HTTP 400") in result.output
+            assert "draft 1: 8 messages wait to be sent\n" in result.output
+        assert len(srv.requests) == 3 and srv.messages == []
+        status = cli_run(cfg, "status")
+        assert "sent 0, failed 12 (12 failed), uncertain 0, pending 8" in status
+        assert ("    waits for you since " in status and "paused after 3 failed batches in a row" in status
+                and "`digest send --retry-failed --draft 1` puts the failed messages back" in status)
+        assert "    12 failed (`digest status --draft 1` lists them):" in status
+        out = cli_run(cfg, "send", "--retry-failed", "--reason", "HTTP 500", "--draft", "1")  # none such
+        assert out == "no failed messages to retry in draft 1 whose error contains 'HTTP 500'\n"
+        assert len(srv.requests) == 3 and "waits for you" in cli_run(cfg, "status")  # still paused
+        out = cli_run(cfg, "send", "--retry-failed", "--reason", "http 400", "--draft", "1")
+        assert "draft 1: 12 failed messages back in the queue\n" in out
+        assert "sent 20 in 5 batches" in out and "finished" in out
+        assert sorted(m["To"] for m in srv.messages) == sorted(f"R{i} <r{i}@example.com>" for i in range(20))
+        status = cli_run(cfg, "status")
+        assert "waits for you" not in status and "sent 20, failed 0" in status

@@ -125,3 +125,43 @@ def test_a_draft_run_counts_as_missed_when_the_schedule_fired_since_the_last_one
         assert pipeline.missed_draft_run(a) is None  # a restart does not draft the period again
     finally:
         a.close()
+
+
+def test_the_send_job_passes_by_a_send_paused_for_the_operator(tmp_path: Path, clock: FrozenClock,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A provider refusing every batch for good: the send pauses after three, and the service's
+    later runs (every five minutes) fail nobody else, each logging one line that the draft waits
+    for the operator, until the operator resumes it."""
+    from tests.delivery.test_faults_e2e import PROVIDERS, TOKEN
+    from tests.fakes.provider_server import FakeProviderServer
+
+    readers = [f"p{i:02d}@example.com" for i in range(40)]
+    with FakeProviderServer(token=TOKEN) as srv:
+        settings = make_settings(tmp_path, digest={"approval": {"required": False}}, delivery={
+            **PROVIDERS["postmark"].delivery, "base_url": srv.url, "batch_size": 4, "concurrency": 1,
+            "max_retries": 4, "timeout": 2.0, "rate_per_second": 1000})
+        app = pipeline.App.open(settings, clock)
+        app.store.upsert_subscribers([(e, "") for e in readers], "cli", clock())
+        pipeline.collect(app)
+        pipeline.make_draft(app)
+        srv.faults.extend([("status", 400)] * 100)  # a setting Postmark rejects, whoever the reader
+        caplog.set_level(logging.INFO, logger="digest.jobs")
+        history = []
+        for _ in range(4):  # `digest serve`'s send job, every 5 minutes
+            caplog.clear()
+            jobs.send_job(app)
+            history.append((app.store.ledger_counts(1), len(srv.requests)))
+            lines = [r for r in caplog.records if r.name == "digest.jobs"]
+            assert all(r.exc_info is None for r in lines)
+            if len(history) > 1:  # passed by: one line, nothing sent
+                (line,) = lines
+                assert line.levelno == logging.ERROR and line.getMessage().startswith(
+                    "send draft 1 waits for the operator: paused after 3 failed batches in a row, 12 messages in "
+                    "them refused for good (the last: postmark: HTTP 400")
+                assert "`digest send --retry-failed --draft 1`" in line.getMessage()
+        assert history == [({"failed": 12, "pending": 28}, 3)] * 4
+        assert app.store.get_draft(1).status == "sending"
+        srv.faults.clear()  # fixed: the operator resumes it (`digest send --draft 1`)
+        (resumed,) = pipeline.send(app, draft_id=1)
+        assert resumed.finished and resumed.sent == 28 and len(srv.messages) == 28
+        app.close()

@@ -23,7 +23,7 @@ import click
 
 from digest import __version__, clock, pipeline, resources
 from digest.config import Settings, load
-from digest.delivery.sender import MAY_ARRIVE_TWICE, NEXT_SEND, SendSummary
+from digest.delivery.sender import MAY_ARRIVE_TWICE, NEXT_SEND, SendSummary, held_message
 from digest.errors import DigestError, DraftError
 from digest.store import db
 from digest.store.store import ReasonCount, UncertainMessage
@@ -351,19 +351,57 @@ def _stop_on_signals(progress: SendProgress) -> Iterator[Callable[[], bool]]:
 @click.option("--resolve-uncertain", type=click.Choice(["resend", "mark-sent"]), default=None,
               help="Settle messages whose fate is unknown: resend puts them back in the queue and "
                    "sends; mark-sent records them as sent and sends nothing.")
-@click.option("--draft", "draft_id", type=int, default=None, help="With --resolve-uncertain: which draft.")
+@click.option("--retry-failed", is_flag=True,
+              help="Put the messages that failed (refused by the provider, not a verdict on the reader) "
+                   "back in the queue, then send: once the cause is fixed.")
+@click.option("--reason", "matching", default=None, metavar="TEXT",
+              help="With --retry-failed: only the failed messages whose error contains TEXT.")
+@click.option("--draft", "draft_id", type=int, default=None,
+              help="This draft only, resumed if its send waits for the operator; with --resolve-uncertain "
+                   "or --retry-failed, which draft.")
 @pass_ctx
-def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: int | None) -> None:
+def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_failed: bool, matching: str | None,
+         draft_id: int | None) -> None:
     """Send approved, due drafts; resume unfinished sends.
 
-    Ctrl-C (or SIGTERM) stops after the batches in flight, with a summary; a second one quits
-    at once (the next `digest send` marks what was in flight uncertain). Exit codes: 0 done,
-    1 stopped by a refusal to fix (credentials, account, From), 3 uncertain messages wait for
-    --resolve-uncertain, 75 paused or interrupted (the next `digest send` resumes).
+    A send paused after failed batches in a row waits for the operator: `--draft N` resumes
+    it, `--retry-failed` (with `--draft N` or for every draft) also puts its failed messages
+    back in the queue. Ctrl-C (or SIGTERM) stops after the batches in flight, with a summary;
+    a second one quits at once (the next `digest send` marks what was in flight uncertain).
+    Exit codes: 0 done, 1 stopped by a refusal to fix (credentials, account, From, or a send
+    paused for the operator), 3 uncertain messages wait for --resolve-uncertain, 75 paused or
+    interrupted (the next `digest send` resumes).
     """
     app = obj.app
-    if draft_id is not None and not resolve_uncertain:
-        raise click.UsageError("--draft goes with --resolve-uncertain")
+    if matching is not None and not retry_failed:
+        raise click.UsageError("--reason goes with --retry-failed")
+    if retry_failed and resolve_uncertain:
+        raise click.UsageError("use --retry-failed and --resolve-uncertain one at a time")
+    if retry_failed:
+        targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
+        retried = 0
+        for target in targets:
+            if dry_run:  # what it would put back; nothing is written
+                app.store.get_draft(target)
+                n = app.store.ledger_counts(target).get("failed", 0) if matching is None else sum(
+                    r.count for r in app.store.reasons(target, ("failed",)) if matching.lower() in r.error.lower())
+            elif draft_id is None:  # every draft: one being sent now is said, and the rest go on
+                try:
+                    n = pipeline.retry_failed(app, target, matching)
+                except DraftError as exc:
+                    click.echo(f"{exc}", err=True)
+                    continue
+            else:
+                n = pipeline.retry_failed(app, target, matching)
+            retried += n
+            if n:
+                click.echo(f"draft {target}: {n} failed messages back in the queue"
+                           + (" (dry run: left as they are)" if dry_run else ""))
+        if not retried:
+            click.echo("no failed messages to retry" + (f" in draft {draft_id}" if draft_id is not None else "")
+                       + (f" whose error contains {matching!r}" if matching is not None else ""))
+            if draft_id is not None and not dry_run:
+                return  # (a draft named for nothing: not resumed either; `digest send --draft N` does that)
     if resolve_uncertain:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
         resolved = 0
@@ -414,19 +452,22 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
         for deadlined in past_deadline(app.store, app.settings, app.now()):
             click.echo(f"draft {deadlined} was not reviewed before its approval deadline: the send {what} it "
                        "(digest.approval.on_deadline; this dry run leaves it as it is)")
+    if draft_id is not None:
+        app.store.get_draft(draft_id)  # one that does not exist is a mistake, not "nothing to send"
     progress = SendProgress(interactive=sys.stderr.isatty())
     with _stop_on_signals(progress) as should_stop:
         summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop,
-                                  on_deadline=deadline_applied)
+                                  on_deadline=deadline_applied, draft_id=draft_id)
     progress.close()
     if not summaries:
-        click.echo("nothing to send: no approved draft is due")
+        click.echo("nothing to send: no approved draft is due" if draft_id is None else
+                   f"nothing to send: draft {draft_id} is not an approved, due draft or a send to resume")
         return
     for s in summaries:
         if s.stale:
             click.echo(f"draft {s.draft_id}: {s.stale} messages were in flight when a sender stopped; "
                        "marked uncertain")
-        if s.stopped and not s.batches and not s.dry_run:
+        if s.stopped and not s.batches and (not s.dry_run or s.held):
             _echo_stopped(s)  # nothing went out: no counts to show
             continue
         verb = "would send" if s.dry_run else "sent"
@@ -449,7 +490,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, draft_id: 
 
 
 # Exit codes of the commands that send (README "Exit codes"): 0 all done (or nothing due);
-# 1 a send was stopped by a refusal only the operator can fix; 3 messages whose fate is
+# 1 a send was stopped by a refusal only the operator can fix (or paused after batches the
+# provider refused, until the operator acts); 3 messages whose fate is
 # unknown wait for the operator (`digest send --resolve-uncertain`); 75 (EX_TEMPFAIL) a send
 # paused or was interrupted and the next `digest send` resumes it. Click uses 2 for usage errors.
 EXIT_BLOCKED = 1
@@ -478,7 +520,7 @@ def _duration(seconds: float) -> str:
 
 
 def _send_exit_code(summaries: Sequence[SendSummary]) -> int:
-    if any(s.stopped and s.blocked for s in summaries):
+    if any(s.stopped and (s.blocked or (s.held and not s.dry_run)) for s in summaries):
         return EXIT_BLOCKED
     if any(s.for_operator for s in summaries):
         return EXIT_UNCERTAIN
@@ -598,7 +640,10 @@ def status(obj: _Context, draft_id: int | None) -> None:
         if counts and d.id in report.orphaned:
             click.echo(f"    {counts['claimed']} in flight when their sender stopped: {NEXT_SEND} "
                        "marks uncertain those that may have gone out, and sends the others")
-        if d.id in report.stopped:
+        hold = report.held.get(d.id) if d.status == "sending" else None
+        if hold is not None:
+            click.echo(f"    waits for you since {_when(hold.at, tz)}: {held_message(d.id, hold)}")
+        elif d.id in report.stopped:
             error, at = report.stopped[d.id]
             click.echo(f"    stopped {_when(at, tz)}: {error}")
         events = report.draft_events.get(d.id)

@@ -45,11 +45,15 @@ def _log_batch(summary: SendSummary, size: int) -> None:
 def send_job(app: pipeline.App, should_stop: Callable[[], bool] = lambda: False) -> None:
     try:
         for summary in pipeline.send(app, should_stop=should_stop, on_batch=_log_batch):
-            # A send the provider blocks (credentials, quota, account) waits for the operator:
-            # an error in the log, not a line among the others.
+            if summary.held and not summary.batches:
+                # Paused until the operator acts, by an earlier run: passed by, one line a run.
+                log.error("send draft %s waits for the operator: %s", summary.draft_id, summary.stopped)
+                continue
+            # A send the provider blocks (credentials, quota, account), or paused after batches
+            # it refused, waits for the operator: an error in the log, not a line among the others.
             # Uncertain messages wait for the operator too, and a paused send for the next run.
             # Another process sending the draft is the lease at work, not a problem.
-            level = (logging.ERROR if summary.blocked else logging.WARNING
+            level = (logging.ERROR if summary.blocked or summary.held else logging.WARNING
                      if summary.for_operator or (summary.stopped and not summary.idle) else logging.INFO)
             log.log(level, "send draft %s: %d sent, %d failed, %d uncertain in %.1fs%s%s", summary.draft_id,
                      summary.sent, sum(summary.failed.values()), summary.uncertain, summary.seconds,

@@ -35,6 +35,7 @@ from digest.store.store import (
     DraftSummary,
     ReasonCount,
     ReplaySeen,
+    SendHold,
     SourceStatus,
     SuppressionRules,
     UncertainMessage,
@@ -402,23 +403,30 @@ def preview(app: App, draft_id: int, out: Path) -> tuple[Path, Path]:
 def send(app: App, *, dry_run: bool = False,
          on_batch: Callable[[SendSummary, int], None] | None = None,
          should_stop: Callable[[], bool] = lambda: False,
-         on_deadline: Callable[[int, str], None] | None = None) -> list[SendSummary]:
+         on_deadline: Callable[[int, str], None] | None = None,
+         draft_id: int | None = None) -> list[SendSummary]:
     """Apply the approval deadlines (each told to ``on_deadline`` as draft id and "approved"
     or "skipped"), then send approved, due drafts and resume unfinished sends. A dry run
-    changes nothing, deadlines included."""
+    changes nothing, deadlines included.
+
+    A send paused until the operator acts (failed batches in a row) is passed by, its summary
+    saying so, unless ``draft_id`` names it: then that draft alone is sent, and resumed."""
     if not dry_run:
         for draft_id, what in apply_deadlines(app, app.now()):
             if on_deadline is not None:
                 on_deadline(draft_id, what)
     summaries = []
     links = _dry_run_links(app) if dry_run else app.link_pair
+    only = draft_id
     for draft_id in app.store.due_drafts(app.now()):
+        if only is not None and draft_id != only:
+            continue
         if should_stop():
             break  # shutting down: no draft is started
         draft = app.store.get_draft(draft_id)
         compiled = compile_for(app, draft)
         sender = Sender(app.store, app.provider, app.settings, draft, compiled, links, now=app.now,
-                        on_batch=on_batch, should_stop=should_stop)
+                        on_batch=on_batch, should_stop=should_stop, resume=only is not None)
         summary = sender.dry_run() if dry_run else sender.run()
         summaries.append(summary)
         if should_stop() or summary.blocked:
@@ -514,6 +522,27 @@ def resendable(app: App, draft_id: int) -> int:
     return sum(map(len, batches))
 
 
+def retry_failed(app: App, draft_id: int, matching: str | None = None) -> int:
+    """Put the draft's messages that failed (``failed``, not the provider's verdicts on a
+    reader) back in the queue, or those whose error contains ``matching``; a send paused for
+    the operator may then resume. Returns how many."""
+    from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder
+
+    app.store.get_draft(draft_id)
+    if not app.store.ledger_counts(draft_id).get("failed"):
+        return 0
+    # The send's own lease, as for resolve_uncertain: a sender at work must not settle a
+    # batch while its rows go back.
+    lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
+    if not app.store.acquire_lease(lease, holder, now, now + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
+        raise DraftError(f"draft {draft_id} is being sent by another process; retry its failed messages "
+                         "once that send has finished or stopped")
+    try:
+        return app.store.requeue_failed(draft_id, now, matching)
+    finally:
+        app.store.release_lease(lease, holder)
+
+
 # -- one cycle, status, check ------------------------------------------------------------------
 
 
@@ -550,6 +579,8 @@ class StatusReport:
     resendable: dict[int, int] = field(default_factory=dict)
     # Per draft still sending whose last batch was put back whole: why, and when.
     stopped: dict[int, tuple[str, datetime | None]] = field(default_factory=dict)
+    # Per draft whose send waits for the operator (failed batches in a row): why, since when.
+    held: dict[int, SendHold] = field(default_factory=dict)
     # Per draft with uncertain or failed messages: how many for each status and error.
     reasons: dict[int, list[ReasonCount]] = field(default_factory=dict)
     # With ``status(app, draft_id=N)``: that draft's first failed messages.
@@ -604,6 +635,7 @@ def status(app: App, draft_id: int | None = None) -> StatusReport:
                     if counts.get("uncertain") and app.store.get_draft(i).status == "sending"},
         stopped={i: why for i, counts in ledgers.items()
                  if counts.get("pending") and (why := app.store.stopped_on(i)) is not None},
+        held={i: hold for i in ledgers if (hold := app.store.send_hold(i)) is not None},
         reasons={i: app.store.reasons(i, ("uncertain", *FAILED_STATUSES)) for i, counts in ledgers.items()
                  if any(counts.get(s) for s in ("uncertain", *FAILED_STATUSES))},
         draft_events=app.store.draft_event_counts(list(ledgers)),

@@ -475,8 +475,9 @@ def test_every_call_refused_for_good_fails_the_batches_and_pauses_the_send(
         tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str) -> None:
     """Every call refused for good (a setting the provider rejects, whoever the reader): each
     call of a batch is tried, the batch fails as a whole, and after the configured number of
-    failed batches in a row the send pauses with the rest still in the queue; the next run,
-    the setting fixed, sends them once."""
+    failed batches in a row the send pauses with the rest still in the queue, until the
+    operator acts: a run that does not resume it sends nothing; the run that does (the
+    setting fixed) sends them once."""
     via = PROVIDERS[provider]
     via.install(srv)
     app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
@@ -490,8 +491,11 @@ def test_every_call_refused_for_good_fails_the_batches_and_pauses_the_send(
     assert with_status(rows, "pending") == EMAILS[2 * BATCH:]
     assert not summary.finished and summary.sent == 0 and sum(summary.failed.values()) == 2 * BATCH
     assert summary.stopped and summary.stopped.startswith("paused after 2 failed batches in a row")
+    assert summary.held
 
-    again = send(app, [])
+    passed_by = send(app, [])
+    assert passed_by.held and passed_by.batches == 0 and len(srv.requests) == 2 * BATCH
+    again = send(app, [], resume=True)
     assert again.finished and again.sent == len(EMAILS) - 2 * BATCH
     assert copies(srv) == once(EMAILS[2 * BATCH:])
     app.close()

@@ -4,6 +4,8 @@ the lease; every subscriber still gets exactly one copy, and a stop in one stops
 from __future__ import annotations
 
 import collections
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,37 @@ def test_a_helper_killed_mid_send_stops_the_send_and_its_batch_is_uncertain_next
     assert second.stale == 2 and second.finished
     assert set(received.values()) == {1}  # nobody twice
     assert len(received) in (len(EMAILS) - 2, len(EMAILS))  # the two in flight: delivered or not, once at most
+
+
+def test_failed_batches_in_a_row_are_counted_across_processes(tmp_path: Path, db_url: str,
+                                                              clock: FrozenClock) -> None:
+    """The streak of batches refused for good is the send's, whichever process sent them: the
+    send pauses (for the operator) after three in all, the other process's batch in flight
+    then settling, not after three in each process."""
+    with FakeProviderServer(token=TOKEN) as srv:
+        # Every batch is refused for good (a setting the provider rejects, whoever the reader).
+        # The first two rounds are held until each process has its batch in flight (each sends
+        # one at a time), so that both fail two batches: then three in all are in a row.
+        rounds = [threading.Event(), threading.Event()]
+        srv.faults.extend([("hold", rounds[0], 400)] * 2 + [("hold", rounds[1], 400)] * 2 + [("status", 400)] * 40)
+
+        def release_each_round_once_both_are_in_flight() -> None:
+            deadline = time.monotonic() + 30
+            for n, released in enumerate(rounds, 1):
+                while len(srv.held) < 2 * n and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                released.set()
+
+        threading.Thread(target=release_each_round_once_both_are_in_flight, daemon=True).start()
+        app = _app(tmp_path, db_url, clock, srv.url, TOKEN)
+        (summary,) = pipeline.send(app)
+        counts = app.store.ledger_counts(1)
+        with app.store.engine.connect() as conn:
+            holders = conn.exec_driver_sql("SELECT claim_token FROM send_batches").all()
+        # Two batches each; the third failed in a row paused the send, the fourth was in flight.
+        assert len(set(holders)) == 2
+        assert counts == {"failed": 4 * 2, "pending": len(EMAILS) - 4 * 2}, counts  # batches of two
+        assert summary.held and (summary.stopped or "").startswith("paused after 3 failed batches in a row")
+        hold = app.store.send_hold(1)
+        assert hold is not None and hold.batches == 3
+        app.close()

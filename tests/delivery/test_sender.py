@@ -443,6 +443,129 @@ def test_every_call_refused_for_good_fails_the_batch_and_pauses_the_send(app: pi
     assert app.store.ledger_counts(summary.draft_id) == {"failed": 4, "pending": 1}
 
 
+REFUSED = DeliveryError("scripted: HTTP 400: the body is too large", retryable=False, status=400)
+
+
+def test_a_send_paused_after_batches_refused_for_good_waits_for_the_operator(app: pipeline.App) -> None:
+    """Batches refused for good in a row pause the send until the operator acts: the pause is
+    recorded in the store, a run that does not resume it (the scheduled send's) sends nothing
+    and says why, however often it comes; the operator's run lifts it and sends the rest once."""
+    provider = ScriptedProvider([REFUSED, REFUSED])
+    s = sender(app, provider)
+    s.max_consecutive_failures = 2
+    first = s.run()
+    assert first.held and not first.finished and first.stopped == (
+        "paused after 2 failed batches in a row, 4 messages in them refused for good (the last: scripted: "
+        "HTTP 400: the body is too large): no scheduled send resumes it; fix the cause, then `digest send "
+        "--retry-failed --draft 1` puts the failed messages back in the queue and resumes the send "
+        "(`digest send --draft 1` resumes it without them)")
+    hold = app.store.send_hold(first.draft_id)
+    assert hold is not None and (hold.batches, hold.messages) == (2, 4) and hold.at == app.now()
+    for _ in range(3):  # the scheduled send, every few minutes: nothing fixed, nothing sent
+        later = ScriptedProvider([REFUSED] * 3)
+        passed_by = sender(app, later).run()
+        assert passed_by.held and passed_by.stopped == first.stopped and passed_by.pending == 1
+        assert later.calls == [] and passed_by.batches == 0 and not passed_by.idle
+    assert app.store.ledger_counts(first.draft_id) == {"failed": 4, "pending": 1}
+    rest = ScriptedProvider()
+    s = sender(app, rest)
+    s.resume = True  # `digest send --draft 1`
+    resumed = s.run()
+    assert resumed.finished and not resumed.held and received(rest) == [EMAILS[4]]
+    assert app.store.send_hold(first.draft_id) is None
+
+
+def test_batches_put_back_or_uncertain_pause_until_the_next_send_as_before(app: pipeline.App) -> None:
+    """Failed batches in a row that lost nobody for good (uncertain here: the operator settles
+    them either way) pause the send as they always have: the next send resumes it."""
+    lost = UncertainDeliveryError("scripted: connection reset after sending", retryable=True)
+    s = sender(app, ScriptedProvider([lost, lost]))
+    s.max_consecutive_failures = 2
+    first = s.run()
+    assert first.stopped and first.stopped.startswith("paused after 2 failed batches in a row; the next")
+    assert not first.held and app.store.send_hold(first.draft_id) is None
+    assert sender(app, ScriptedProvider()).run().sent == 1
+
+
+def test_failed_batches_in_a_row_are_counted_for_the_whole_send_not_per_worker(
+        tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    """With eight workers the streak is the send's: the pause comes after exactly three
+    batches refused in a row, whichever workers sent them, not after three per worker. The
+    batches in flight when it comes settle (here the provider takes them); none starts after."""
+    emails = [f"c{i:03d}@example.com" for i in range(200)]
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}},
+                             delivery={"max_retries": 0, "rate_per_second": 100000, "concurrency": 8})
+    a = pipeline.App.open(settings, clock)
+    a.store.upsert_subscribers([(e, "") for e in emails], "cli", clock())
+    pipeline.collect(a)
+    pipeline.make_draft(a)
+    first_three = threading.Barrier(3)
+    lock = threading.Lock()
+    arrived: list[bool] = []
+
+    class Gated(ScriptedProvider):
+        """The first three calls meet (three workers, not one thrice) and are refused; the
+        others, in flight meanwhile, wait for the pause, then are taken."""
+
+        def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+            with lock:
+                n = len(arrived)
+                arrived.append(s._stop is not None)
+            if n < 3:
+                first_three.wait(timeout=10)
+                self.calls.append(list(messages))
+                raise REFUSED
+            deadline = time.monotonic() + 2
+            while s._stop is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if s._stop is None:  # no pause came (a streak per worker): refused too
+                self.calls.append(list(messages))
+                raise REFUSED
+            return super().send_batch(messages)
+
+    provider = Gated()
+    s = sender(a, provider)
+    summary = s.run()
+    assert summary.failed == {"HTTP 400": 6}, summary  # three batches of two, no more
+    assert summary.held and summary.stopped and summary.stopped.startswith(
+        "paused after 3 failed batches in a row, 6 messages in them refused for good")
+    # Only batches claimed before the pause went out: at most one per other worker.
+    assert summary.batches == len(provider.calls) <= 3 + 7
+    counts = a.store.ledger_counts(summary.draft_id)
+    assert counts == {k: n for k, n in (("failed", 6), ("sent", summary.sent), ("pending", 194 - summary.sent)) if n}
+    assert sorted(m.to_email for m in provider.delivered) == sorted(set(received(provider)))
+    a.close()
+
+
+def test_retry_failed_puts_each_failed_message_back_once(app: pipeline.App) -> None:
+    """`digest send --retry-failed`: the messages refused for good, whether a ranged batch's
+    verdict speaks for them or they carry their own, go back in the queue once each (or only
+    those whose error matches); the next send delivers each exactly once, skipping a reader who
+    unsubscribed meanwhile (rule 2), and the provider's verdict on a reader (invalid) stands."""
+    def one_invalid_one_failed(messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        return [SendResult(messages[0].ledger_id, "invalid", None, "scripted: not an address"),
+                SendResult(messages[1].ledger_id, "failed", None, "scripted: HTTP 422: unprocessable")]
+
+    first = sender(app, ScriptedProvider([REFUSED, one_invalid_one_failed, REFUSED])).run()
+    draft_id = first.draft_id
+    assert first.finished and app.store.ledger_counts(draft_id) == {"failed": 4, "invalid": 1}
+    unsubscribed = app.store.subscriber_by_email(EMAILS[1])
+    assert unsubscribed is not None
+    app.store.set_subscriber_status(unsubscribed.id, "unsubscribed", app.now())
+
+    assert pipeline.retry_failed(app, draft_id, "http 422") == 1  # the reason matched, in any case
+    assert pipeline.retry_failed(app, draft_id) == 3
+    assert pipeline.retry_failed(app, draft_id) == 0  # once each
+    assert app.store.get_draft(draft_id).status == "sending"
+    assert app.store.ledger_counts(draft_id) == {"pending": 4, "invalid": 1}
+    later = ScriptedProvider()
+    resumed = sender(app, later).run()
+    assert resumed.finished and resumed.sent == 3
+    assert received(later) == sorted([EMAILS[0], EMAILS[3], EMAILS[4]])
+    assert app.store.ledger_counts(draft_id) == {"sent": 3, "invalid": 1, "skipped": 1}
+    assert app.store.due_drafts(app.now()) == []  # nothing left to send again
+
+
 def test_stop_request_finishes_the_batch_in_flight_then_stops(app: pipeline.App) -> None:
     provider = ScriptedProvider()
     s = sender(app, provider)

@@ -35,6 +35,8 @@ Faults (``srv.faults`` is a deque; each request takes the next one, whatever its
     handle the request (messages recorded), add it to ``srv.held``, then answer only once the
     ``threading.Event`` is set (or the server closes): a test waits until ``srv.held`` holds the
     requests it expects, and then knows exactly what is in flight (no timing involved).
+``("hold", event, code)``
+    the same, but answer ``code`` as a ``("status", code)`` fault does: nothing is recorded.
 ``("pass",)``
     no fault: a placeholder, so that a fault meets the n-th request and not the first.
 
@@ -338,6 +340,13 @@ class _Handler(BaseHTTPRequestHandler):
         kept = fake._record(request)
         if fault is not None and kind == "reset" and fault[1:] in ((), ("before",)):
             self._reset()
+            return
+        if fault is not None and kind == "hold" and len(fault) > 2:
+            with fake.lock:
+                fake.held.append(kept)
+            while not fault[1].wait(0.05) and not fake._stopping.is_set():
+                pass
+            self._write(fake._error_reply(request, int(fault[2]), {}))
             return
         if fault is not None and kind == "status":
             code = int(fault[1])

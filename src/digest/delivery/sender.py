@@ -17,7 +17,9 @@ with the provider's verdict. Whatever happens in between is covered:
 * an auth error releases the batch and stops the send with a clear message;
 * a permanent error settles the batch as ``failed`` (in a batch sent as several calls, only
   the messages of the call it answered, unless every call met one);
-* too many failures in a row release the batch and pause; the next send resumes;
+* too many failed batches in a row (counted for the whole send: every worker, every process)
+  pause it: with some of them refused for good, until the operator acts (the scheduled send
+  passes it by, see :func:`held_message`); otherwise (uncertain, put back), until the next send;
 * a database error stops at once (rule 9): rows left claimed become ``uncertain`` next time.
 
 With ``delivery.concurrency`` above 1, that many workers run this loop side by side; each
@@ -55,7 +57,7 @@ from digest.delivery.providers.base import (
 from digest.errors import AuthError, BlockedError, DeliveryError, TakenOverError
 from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
-from digest.store.store import Claimed, ClaimedBatch, ResendRule
+from digest.store.store import Claimed, ClaimedBatch, ResendRule, SendHold
 from digest.types import (
     SLOT_NAMES,
     Draft,
@@ -101,6 +103,15 @@ def resend_rule(provider: Provider, now: datetime) -> ResendRule | None:
         return None
     window = getattr(provider, "idempotency_window", timedelta(hours=24))
     return ResendRule(sent_via(provider), now - max(timedelta(0), window - IDEMPOTENCY_MARGIN), 1 + AUTO_RESENDS)
+
+
+def held_message(draft_id: int, hold: SendHold) -> str:
+    """Why a send waits for the operator, and what resumes it: for the CLI, the service's log
+    and ``digest status`` alike."""
+    return (f"paused after {hold.batches} failed batches in a row, {hold.messages} messages in them refused "
+            f"for good (the last: {hold.reason or 'no reason recorded'}): no scheduled send resumes it; fix the "
+            f"cause, then `digest send --retry-failed --draft {draft_id}` puts the failed messages back in the "
+            f"queue and resumes the send (`digest send --draft {draft_id}` resumes it without them)")
 
 
 def lease_holder() -> str:
@@ -173,6 +184,9 @@ class SendSummary:
     # Stopped by a refusal every batch would meet (credentials, account, configuration: a
     # BlockedError), so another draft through the same provider would stop the same way.
     blocked: bool = False
+    # Paused until the operator acts (failed batches in a row, see Store.hold_send): the
+    # scheduled send passes it by, so it waits for `digest send --draft N` or --retry-failed.
+    held: bool = False
     # Nothing for this run to do: another sender has the draft, or finished it meanwhile.
     idle: bool = False
     finished: bool = False
@@ -203,6 +217,49 @@ class SendSummary:
         """The counts, as a helper process reports them to the sender it works for."""
         return {"sent": self.sent, "failed": dict(self.failed), "uncertain": self.uncertain,
                 "batches": self.batches, "retries": self.retries}
+
+
+class FailureStreak:
+    """Failed batches in a row, for the whole send: every worker counts each of its batches
+    here, and with ``delivery.processes`` so does every process (the counts are then in
+    shared memory, :meth:`shared`). A batch that goes out resets it; the batch that makes it
+    reach the limit trips it, once, whatever the batches in flight then do.
+
+    Counts: the batches in a row; of them, those the provider refused for good, and their
+    messages (the others were made uncertain, or put back whole, the provider saying "later");
+    and whether it has tripped.
+    """
+
+    def __init__(self, counts: Any = None) -> None:
+        self.counts = counts if counts is not None else [0, 0, 0, 0]
+        self._lock = counts.get_lock() if counts is not None else threading.Lock()
+
+    @property
+    def tripped(self) -> bool:
+        return bool(self.counts[3])
+
+    @staticmethod
+    def shared(ctx: Any) -> Any:
+        """Counts a helper process can share (given to it when it starts)."""
+        return ctx.Array("i", 4)
+
+    def add(self, outcome: str, refused: int, limit: int) -> tuple[int, tuple[int, int] | None]:
+        """Count a batch's outcome (:meth:`Sender._deliver`'s), ``refused`` its messages the
+        provider refused for good; returns the batches now in a row and, when this batch trips
+        the limit, the refused batches and messages among them."""
+        with self._lock:
+            c = self.counts
+            if outcome in ("ok", "deferred"):
+                c[0] = c[1] = c[2] = 0
+            elif outcome in ("failed", "back"):
+                c[0] += 1
+                if refused:
+                    c[1] += 1
+                    c[2] += refused
+                if not c[3] and c[0] >= limit:
+                    c[3] = 1
+                    return int(c[0]), (int(c[1]), int(c[2]))
+            return int(c[0]), None
 
 
 class BatchJournal:
@@ -439,7 +496,8 @@ def share_of(settings: Settings) -> Settings:
     return settings.model_copy(update={"delivery": share})
 
 
-def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: Any, conn: Any) -> None:
+def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: Any, conn: Any,
+                 streak: Any = None) -> None:
     """One helper process of a send (``delivery.processes``): workers claiming from the same
     ledger as the parent, which holds the lease. Reports its summary through ``conn``.
 
@@ -472,6 +530,7 @@ def _helper_main(settings: Settings, draft_id: int, parent: int, stop: Any, go: 
             sender = Sender(app.store, app.provider, settings, draft, pipeline.compile_for(app, draft),
                             app.link_pair, now=app.now, should_stop=orphaned, on_batch=progress)
             sender._peers = stop  # its own halt (refused credentials ...) stops the others too
+            sender._streak = FailureStreak(streak)  # failed batches in a row, counted with the others
             while not go.wait(0.2):
                 if stop.is_set() or orphaned():
                     break
@@ -504,6 +563,7 @@ class Sender:
         on_batch: Callable[[SendSummary, int], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         max_consecutive_failures: int = 3,
+        resume: bool = False,
     ) -> None:
         assert draft.id is not None
         self.store = store
@@ -517,6 +577,11 @@ class Sender:
         self.on_batch = on_batch
         self.should_stop = should_stop
         self.max_consecutive_failures = max_consecutive_failures
+        # The operator resumes a send paused for them (`digest send --draft N`): the scheduled
+        # send does not.
+        self.resume = resume
+        self._streak = FailureStreak()
+        self._failure = threading.local()  # each worker's last failed batch: why (its error)
         self.holder = lease_holder()
         size = settings.delivery.batch_size or provider.max_batch
         self.batch_size = max(1, min(size, provider.max_batch))
@@ -572,6 +637,8 @@ class Sender:
         raised as the provider gives it, for the CLI to print.
         """
         summary = SendSummary(self.draft.id or 0, dry_run=True)
+        if self._held(summary):  # what the send would do: pass it by
+            return summary
         started = time.perf_counter()
         left = self.store.remaining(summary.draft_id)
         readers: Iterator[tuple[Claimed, bool]] = left if left is not None else (
@@ -659,6 +726,9 @@ class Sender:
             return summary
         self._renewed = self.now()
         self._lease = lease
+        if self._held(summary):  # read under the lease: a sender pausing it has let go of it
+            self.store.release_lease(lease, self.holder)
+            return summary
         # Everything alive now (imports, config, the compiled draft) outlives the send: keep
         # the cycle collector from walking it again at every collection of the send's
         # short-lived objects (about a tenth of the send's time otherwise).
@@ -737,6 +807,26 @@ class Sender:
             self.store.release_lease(lease, self.holder)
         return summary
 
+    def _held(self, summary: SendSummary) -> bool:
+        """A send paused for the operator (:class:`FailureStreak`): True, with ``summary``
+        saying so, unless this sender resumes it (``resume``: the hold is lifted)."""
+        draft_id = summary.draft_id
+        hold = self.store.send_hold(draft_id)
+        if hold is None:
+            return False
+        if self.resume:
+            if not summary.dry_run:
+                self.store.lift_send_hold(draft_id)
+                log.info("draft %s: resumed by the operator after %s", draft_id, held_message(draft_id, hold))
+            return False
+        counts = self.store.ledger_counts(draft_id)
+        summary.stopped = held_message(draft_id, hold)
+        summary.held = True
+        summary.pending = counts.get("pending", 0)
+        summary.uncertain_total = counts.get("uncertain", 0)
+        summary.in_flight = counts.get("claimed", 0)
+        return True
+
     def _template_ready(self) -> None:
         """Before any batch is claimed, the provider makes ready what it keeps for the template
         (Postmark creates its server template): a kill -9 during that call then leaves no batch
@@ -788,12 +878,15 @@ class Sender:
             summary.resendable = sum(map(len, self._uncertain_batches(peek=True)))
         if not counts.get("pending") and not counts.get("claimed") and not summary.resendable:
             self.store.transition(draft_id, ("sending",), "sent", self.now(), finished_at=self.now())
+            self.store.lift_send_hold(draft_id)  # paused with nothing left: nothing waits
             summary.finished = True
             summary.stopped = None
         elif summary.resendable and summary.stopped is None:
             summary.stopped = (f"{summary.resendable} uncertain messages wait to be sent again under the "
                                f"same idempotency keys ({self.provider.name} delivers each once): "
                                f"{NEXT_SEND} does it")
+        # Paused for the operator, here or by a helper process (its reason came with its report).
+        summary.held = not summary.finished and self.store.send_hold(draft_id) is not None
 
     def _uncertain_batches(self, *, peek: bool) -> list[ClaimedBatch]:
         """The uncertain batches this send resends under their keys (:func:`resend_rule`),
@@ -842,12 +935,14 @@ class Sender:
         ctx = multiprocessing.get_context("spawn")
         self._peers = ctx.Event()
         self._go = ctx.Event()
+        streak = FailureStreak.shared(ctx)
+        self._streak = FailureStreak(streak)  # before any worker starts (work() comes after)
         settings = share_of(self.settings)
         helpers = []
         for _ in range(self.processes - 1):
             mine, theirs = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_helper_main, daemon=True,
-                               args=(settings, self.draft.id, os.getpid(), self._peers, self._go, theirs))
+                               args=(settings, self.draft.id, os.getpid(), self._peers, self._go, theirs, streak))
             proc.start()
             theirs.close()
             helpers.append((proc, mine))
@@ -922,34 +1017,36 @@ class Sender:
     def _worker(self, summary: SendSummary, lease: str | None) -> None:
         draft_id = self.draft.id
         assert draft_id is not None
-        consecutive_failures = 0
         try:
-            while self._stop is None and not (self._peers is not None and self._peers.is_set()):
+            # (A pause another process tripped stops this one at once, before its halt arrives.)
+            while self._stop is None and not (self._peers is not None and self._peers.is_set()) \
+                    and not self._streak.tripped:
                 if self.should_stop():
                     self._halt(f"stopped on request after the batch in flight; {NEXT_SEND} resumes it")
                     return
                 # The rate limit's wait comes before the claim: rows claimed and then held
                 # through the wait would be uncertain after a kill -9, though they never left.
                 self.bucket.acquire()
-                if self._stop is not None or self.should_stop():
+                if self._stop is not None or self.should_stop() or self._streak.tripped:
                     continue  # (the loop's checks end it)
                 claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now(), self.via)
                 if not claimed:
                     return
-                if self._stop is not None:
+                if self._stop is not None or self._streak.tripped:
                     # Another worker stopped the send while this one claimed: never sent, so
                     # back in the queue (with the reason the send stopped).
-                    self.store.release([c.ledger_id for c in claimed], self._stop, self.now(), claimed)
+                    self.store.release([c.ledger_id for c in claimed], self._stop or "the send paused after failed "
+                                       "batches in a row", self.now(), claimed)
                     return
+                self._failure.error, self._failure.refused = None, 0
                 outcome = self._send_one(summary, claimed, lease, paced=True)
                 del claimed  # not kept while the next batch is claimed
-                if outcome in ("failed", "back"):
-                    consecutive_failures += 1
-                    if consecutive_failures >= self.max_consecutive_failures:
-                        self._halt(f"paused after {consecutive_failures} failed batches in a row; "
-                                   f"{NEXT_SEND} resumes it")
-                elif outcome in ("ok", "deferred"):
-                    consecutive_failures = 0
+                # Counted for the whole send: eight workers failing a batch each are eight
+                # failed batches in a row, not one each.
+                consecutive_failures, tripped = self._streak.add(outcome, self._failure.refused,
+                                                                 self.max_consecutive_failures)
+                if tripped is not None:
+                    self._paused(consecutive_failures, *tripped)
                 if outcome in ("back", "deferred") and self._stop is None:
                     # The provider said "later" (a rate limit, maintenance): a moment before the
                     # next batch. The deferred messages come again once the range is done.
@@ -961,6 +1058,22 @@ class Sender:
                 if self._exception is None:
                     self._exception = exc
             self._halt(f"stopped: {exc}")
+
+    def _paused(self, batches: int, refused: int, messages: int) -> None:
+        """Too many failed batches in a row: the send pauses. When the provider refused some
+        of them for good, every further batch would likely be refused the same way (a setting
+        it rejects, a body it finds too large) and its readers failed for good, so the send
+        waits for the operator: recorded in the store (it outlives this process), the
+        scheduled send passes it by. Batches put back whole (the provider said "later") or
+        left uncertain (resent under their keys, or settled by the operator) lose nobody for
+        good: the next send resumes, as it always has."""
+        if not refused:
+            self._halt(f"paused after {batches} failed batches in a row; {NEXT_SEND} resumes it")
+            return
+        draft_id = self.draft.id or 0
+        hold = SendHold(self._failure.error or "", batches, messages, self.now())
+        self._halt(held_message(draft_id, hold))  # first: the other processes stop meanwhile
+        self.store.hold_send(draft_id, hold)
 
     def _send_one(self, summary: SendSummary, claimed: Sequence[Claimed], lease: str | None,
                   maybe_sent: bool = False, paced: bool = False) -> str:
@@ -1071,6 +1184,7 @@ class Sender:
                     self._settle_known(known, claimed, summary)
                     with self._lock:
                         summary.uncertain += len(exc.uncertain)
+                    self._failure.error = str(exc)
                     return "failed"
                 except UncertainDeliveryError as exc:
                     if self.idempotent and exc.retryable and attempt <= self.settings.delivery.max_retries:
@@ -1087,6 +1201,7 @@ class Sender:
                     self.store.mark_uncertain(ids, str(exc), self.now(), batch)
                     with self._lock:
                         summary.uncertain += len(ids)
+                    self._failure.error = str(exc)
                     return "failed"
                 except BlockedError as exc:
                     # No reader is at fault: the send stops until the operator has fixed the
@@ -1121,9 +1236,11 @@ class Sender:
                                    f"{NEXT_SEND} resumes it")
                         self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)
                         return "stop"
+                    self._failure.error = str(exc)
                     if maybe_sent:
                         self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)
                         return "failed"
+                    self._failure.refused = len(ids)
                     # Failed, but for the messages whose own calls were answered (a batch of
                     # several calls, every one refused): those keep their verdicts, each its
                     # own call's error. Counted as a failed batch: a refusal of every call is
@@ -1135,6 +1252,7 @@ class Sender:
                 released = self._settle(results, claimed, summary)
                 if not released:
                     return "ok"
+                self._failure.error = next((r.error for r in results if r.status == "deferred" and r.error), None)
                 # Messages handed back (deferred) wait a little before they are asked again. A
                 # batch of which nothing was taken counts as failed, so a provider that keeps
                 # deferring the same messages pauses the send instead of being asked forever.

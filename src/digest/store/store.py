@@ -185,6 +185,18 @@ class ReasonCount:
 
 
 @dataclass(frozen=True)
+class SendHold:
+    """A send paused until the operator acts: failed batches in a row (``batches``), some
+    refused for good or made uncertain (``messages`` in them), the last with ``reason`` (the
+    provider's error), at ``at``. No scheduled send resumes it (see :meth:`Store.hold_send`)."""
+
+    reason: str
+    batches: int
+    messages: int
+    at: datetime | None
+
+
+@dataclass(frozen=True)
 class SuppressionRules:
     """Which stored delivery events suppress an address (the policy is the pipeline's).
 
@@ -489,6 +501,37 @@ class Store:
         if keys:
             with self._tx() as conn:
                 conn.execute(delete(meta).where(meta.c.key.in_(keys), meta.c.value == provider))
+
+    # A send paused until the operator acts (Sender: failed batches in a row), under
+    # ``send_hold:<draft id>`` as JSON: the scheduled send job passes the draft by; `digest send
+    # --draft N` and `digest send --retry-failed` lift it. No schema change: like the draft's
+    # other stops, it lives beside the ledger, and only while the draft is being sent.
+
+    _HOLD_PREFIX = "send_hold:"
+
+    def hold_send(self, draft_id: int, hold: SendHold) -> None:
+        """Record that the draft's send waits for the operator (replacing an earlier record)."""
+        key = f"{self._HOLD_PREFIX}{draft_id}"
+        value = json.dumps({"reason": hold.reason[:1000], "batches": hold.batches, "messages": hold.messages,
+                            "at": as_utc(hold.at).isoformat() if hold.at is not None else None})
+        with self._tx() as conn:
+            conn.execute(self._insert(meta).values(key=key, value=value).on_conflict_do_update(
+                index_elements=[meta.c.key], set_={"value": value}))
+
+    def send_hold(self, draft_id: int) -> SendHold | None:
+        """Why the draft's send waits for the operator, if it does."""
+        with self._tx() as conn:
+            value = conn.execute(select(meta.c.value).where(meta.c.key == f"{self._HOLD_PREFIX}{draft_id}")).scalar()
+        if value is None:
+            return None
+        held = json.loads(value)
+        return SendHold(str(held.get("reason") or ""), int(held.get("batches") or 0), int(held.get("messages") or 0),
+                        datetime.fromisoformat(held["at"]) if held.get("at") else None)
+
+    def lift_send_hold(self, draft_id: int) -> bool:
+        """The operator resumes the send (or it finished): True if it was waiting."""
+        with self._tx() as conn:
+            return bool(conn.execute(delete(meta).where(meta.c.key == f"{self._HOLD_PREFIX}{draft_id}")).rowcount)
 
     # -- sources ----------------------------------------------------------------------------
 
@@ -1798,6 +1841,48 @@ class Store:
             return "", []
         where, params = self._ids_clause(column, ids)
         return f" AND NOT ({where})", params
+
+    def requeue_failed(self, draft_id: int, now: datetime, matching: str | None = None) -> int:
+        """Put the draft's ``failed`` messages back in the queue (the operator fixed what the
+        provider refused), or only those whose error contains ``matching`` (any case); the send
+        then resumes (its hold lifted, a finished draft sending again). Returns how many.
+
+        Only ``failed``: ``rejected``, ``invalid``, ``suppressed`` and ``skipped`` are verdicts on
+        the reader. Each goes back once, as a row of its own (``queued``), so the next claims
+        take it once; eligibility is read again then (rule 2). A failed ranged batch no longer
+        speaks for its rows: they go back one by one, and its record says ``requeued``.
+        """
+        needle = (matching or "").lower()
+        error = "failed, put back in the queue by `digest send --retry-failed`"
+        when = self._when(now)
+        with self._tx() as conn:
+            n = 0
+            for batch_id, first, last, was in self._raw(conn, self._sql(
+                    "SELECT id, first_id, last_id, error FROM send_batches WHERE draft_id = {p} "
+                    "AND status = 'failed' AND first_id IS NOT NULL ORDER BY id"), (draft_id,)).fetchall():
+                if needle not in (was or "").lower():
+                    continue
+                n += self._raw(conn, self._sql(
+                    "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = {p} WHERE id BETWEEN "
+                    "{p} AND {p} AND +draft_id = {p} AND status = 'pending'"),
+                    (error, batch_id, first, last, draft_id)).rowcount or 0
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'requeued', settled_at = {p}, "
+                                          "claim_token = NULL WHERE id = {p}"), (when, batch_id))
+            for (was,) in self._raw(conn, self._sql(
+                    "SELECT DISTINCT error FROM send_ledger WHERE draft_id = {p} AND status = 'failed'"),
+                    (draft_id,)).fetchall():
+                if needle not in (was or "").lower():
+                    continue
+                same = "error IS NULL" if was is None else "error = {p}"
+                n += self._raw(conn, self._sql(
+                    "UPDATE send_ledger SET status = 'queued', error = {p}, settled_at = {p} WHERE draft_id = {p} "
+                    f"AND status = 'failed' AND {same}"),
+                    (error, when, draft_id, *(() if was is None else (was,)))).rowcount or 0
+            if n:
+                conn.execute(delete(meta).where(meta.c.key == f"{self._HOLD_PREFIX}{draft_id}"))
+                conn.execute(update(drafts).where(and_(drafts.c.id == draft_id, drafts.c.status == "sent"))
+                             .values(status="sending", finished_at=None, updated_at=now))
+        return n
 
     def pending_count(self, draft_id: int) -> int:
         """Messages of a draft still to send: the rows above its cursor and the queued ones."""
