@@ -152,3 +152,28 @@ def test_a_send_paused_by_an_outage_exits_75_and_the_next_send_finishes(tmp_path
         out = cli_run(cfg, "send")
         assert "sent 8 in 2 batches" in out and "finished" in out
         assert sorted(m["To"] for m in srv.messages) == sorted(f"R{i} <r{i}@example.com>" for i in range(8))
+
+
+def test_resolving_uncertain_messages_of_a_draft_does_not_resume_a_send_that_waits_for_the_operator(
+        tmp_path: Path) -> None:
+    """Three batches refused for good: the send waits for the operator. `digest send
+    --resolve-uncertain resend --draft 1` (what the advice for uncertain messages says) fixes
+    nothing of that, so it sends no batch; `digest send --draft 1` alone resumes."""
+    with FakeProviderServer(token=TOKEN) as srv:
+        cfg = setup(tmp_path, srv.url, 20)
+        cfg.write_text(cfg.read_text().replace("batch_size: 4,", "batch_size: 4, concurrency: 1,"))
+        drafted(cfg, tmp_path)
+        srv.faults.extend([("status", 400)] * 3)
+        runner = CliRunner(env={"PM_TOKEN": TOKEN})
+        result = runner.invoke(cli, ["--config", str(cfg), "send"])
+        assert result.exit_code == 1 and "paused after 3 failed batches" in result.output
+        assert len(srv.requests) == 3
+        result = runner.invoke(cli, ["--config", str(cfg), "send", "--resolve-uncertain", "resend", "--draft", "1"])
+        assert "no uncertain messages to resolve in draft 1" in result.output
+        print(result.output)
+        assert result.exit_code == 1 and "--retry-failed --draft 1" in result.output  # still waits
+        assert len(srv.requests) == 3  # no batch went out
+        assert "--retry-failed --draft 1" in cli_run(cfg, "status")
+        result = runner.invoke(cli, ["--config", str(cfg), "send", "--draft", "1"])
+        assert result.exit_code == 0, result.output
+        assert len(srv.requests) == 3 + 2  # the 8 readers the refusals did not reach

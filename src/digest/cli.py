@@ -16,8 +16,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -346,6 +347,22 @@ def _stop_on_signals(progress: SendProgress) -> Iterator[Callable[[], bool]]:
             signal.signal(sig, old)
 
 
+_T = TypeVar("_T")
+
+
+def _each_draft(named: int | None, call: Callable[[], _T]) -> _T | None:
+    """``call()`` for one draft of an operator's command. With no draft named, the command goes
+    over every draft: one another process is sending now is said (None), and the rest go on;
+    a draft named by the operator fails the command instead."""
+    if named is not None:
+        return call()
+    try:
+        return call()
+    except DraftError as exc:
+        click.echo(f"{exc}", err=True)
+        return None
+
+
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Render and batch everything, send nothing.")
 @click.option("--resolve-uncertain", type=click.Choice(["resend", "mark-sent"]), default=None,
@@ -385,14 +402,11 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                 app.store.get_draft(target)
                 n = app.store.ledger_counts(target).get("failed", 0) if matching is None else sum(
                     r.count for r in app.store.reasons(target, ("failed",)) if matching.lower() in r.error.lower())
-            elif draft_id is None:  # every draft: one being sent now is said, and the rest go on
-                try:
-                    n = pipeline.retry_failed(app, target, matching)
-                except DraftError as exc:
-                    click.echo(f"{exc}", err=True)
-                    continue
             else:
-                n = pipeline.retry_failed(app, target, matching)
+                retried_here = _each_draft(draft_id, partial(pipeline.retry_failed, app, target, matching))
+                if retried_here is None:
+                    continue
+                n = retried_here
             retried += n
             if n:
                 click.echo(f"draft {target}: {n} failed messages back in the queue"
@@ -411,14 +425,11 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                 uncertain = app.store.ledger_counts(target).get("uncertain", 0)
                 kept = pipeline.resendable(app, target) if uncertain and resolve_uncertain == "resend" else 0
                 done = pipeline.Resolution(uncertain - kept, kept)
-            elif draft_id is None:  # every draft: one being sent now is said, and the rest go on
-                try:
-                    done = pipeline.resolve_uncertain(app, target, resolve_uncertain)
-                except DraftError as exc:
-                    click.echo(f"{exc}", err=True)
-                    continue
             else:
-                done = pipeline.resolve_uncertain(app, target, resolve_uncertain)
+                resolution = _each_draft(draft_id, partial(pipeline.resolve_uncertain, app, target, resolve_uncertain))
+                if resolution is None:
+                    continue
+                done = resolution
             n = done.total
             resolved += n
             if n:
@@ -456,8 +467,11 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
         app.store.get_draft(draft_id)  # one that does not exist is a mistake, not "nothing to send"
     progress = SendProgress(interactive=sys.stderr.isatty())
     with _stop_on_signals(progress) as should_stop:
+        # Resolving uncertain messages fixes nothing a pause for the operator waits for: only
+        # `--draft N` alone (or a --retry-failed that put messages back) resumes such a send.
         summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop,
-                                  on_deadline=deadline_applied, draft_id=draft_id)
+                                  on_deadline=deadline_applied, draft_id=draft_id,
+                                  resume=False if resolve_uncertain else None)
     progress.close()
     if not summaries:
         click.echo("nothing to send: no approved draft is due" if draft_id is None else

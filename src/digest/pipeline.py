@@ -404,13 +404,14 @@ def send(app: App, *, dry_run: bool = False,
          on_batch: Callable[[SendSummary, int], None] | None = None,
          should_stop: Callable[[], bool] = lambda: False,
          on_deadline: Callable[[int, str], None] | None = None,
-         draft_id: int | None = None) -> list[SendSummary]:
+         draft_id: int | None = None, resume: bool | None = None) -> list[SendSummary]:
     """Apply the approval deadlines (each told to ``on_deadline`` as draft id and "approved"
     or "skipped"), then send approved, due drafts and resume unfinished sends. A dry run
     changes nothing, deadlines included.
 
     A send paused until the operator acts (failed batches in a row) is passed by, its summary
-    saying so, unless ``draft_id`` names it: then that draft alone is sent, and resumed."""
+    saying so, unless ``draft_id`` names it: then that draft alone is sent, and resumed
+    (``resume=False``: sent only if it does not wait for the operator)."""
     if not dry_run:
         for draft_id, what in apply_deadlines(app, app.now()):
             if on_deadline is not None:
@@ -426,7 +427,8 @@ def send(app: App, *, dry_run: bool = False,
         draft = app.store.get_draft(draft_id)
         compiled = compile_for(app, draft)
         sender = Sender(app.store, app.provider, app.settings, draft, compiled, links, now=app.now,
-                        on_batch=on_batch, should_stop=should_stop, resume=only is not None)
+                        on_batch=on_batch, should_stop=should_stop,
+                        resume=only is not None if resume is None else resume)
         summary = sender.dry_run() if dry_run else sender.run()
         summaries.append(summary)
         if should_stop() or summary.blocked:

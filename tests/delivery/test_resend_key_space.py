@@ -301,3 +301,25 @@ def test_batches_uncertain_before_0011_wait_for_the_operator(
     # The operator resends: back in the queue (a new key: those that arrived arrive again).
     assert pipeline.resolve_uncertain(app, 1, "resend") == pipeline.Resolution(settled=BATCH, kept=0)
     app.close()
+
+
+def test_a_send_that_waits_for_the_operator_still_resends_its_uncertain_batches_under_their_keys(
+        tmp_path: Path, db_url: str, clock: FrozenClock, srv: FakeProviderServer) -> None:
+    """A batch left uncertain, then batches refused for good: the send waits for the operator.
+    The next scheduled send claims nothing new, but resends the uncertain batch under its key
+    (it reaches nobody new); waiting for the operator instead would let the key expire, and the
+    batch would then need resend (maybe twice) or mark-sent (maybe never)."""
+    install_resend(srv)
+    app = _app(tmp_path, db_url, clock, _delivery("resend", srv), EMAILS)
+    srv.faults.extend(LOST + [("status", 400), ("status", 400)])
+    first = send(app, [])
+    assert first.held and first.uncertain == BATCH and first.resendable == BATCH, first
+    calls = len(srv.requests)
+    clock.advance(hours=1)
+    second = send(app, [])  # the scheduled send
+    rows = _ledger(app)
+    assert with_status(rows, "sent") == EMAILS[:BATCH] and not with_status(rows, "uncertain")
+    assert with_status(rows, "failed") == EMAILS[BATCH:]  # not retried: they wait for --retry-failed
+    assert len(srv.requests) == calls + 1 and copies(srv) == {e: 1 for e in EMAILS[:BATCH]}
+    assert second.sent == BATCH and second.finished  # nothing else to send: the draft is done
+    app.close()

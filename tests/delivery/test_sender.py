@@ -1029,3 +1029,50 @@ def test_links_are_plain_slots_unless_the_public_url_needs_escaping() -> None:
     assert plain_link_slots("https://news.example.org") == {"unsubscribe_url", "preferences_url"}
     assert plain_link_slots("https://news.example.org/a&b") == frozenset()
     assert plain_link_slots("https://news.example.org/日誌") == frozenset()  # character references in HTML
+
+
+def test_a_pause_that_comes_while_a_stop_request_ends_the_send_is_what_the_operator_is_told(
+        tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    """Two workers: the first batch is refused; Ctrl-C comes while the second is in flight, and
+    its refusal pauses the send for the operator. The run says it waits for the operator (the
+    next scheduled send passes it by), not that the next send resumes it."""
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}},
+                             delivery={"max_retries": 0, "rate_per_second": 1000, "concurrency": 2})
+    a = pipeline.App.open(settings, clock)
+    a.store.upsert_subscribers([(f"r{i}@example.com", "") for i in range(8)], "cli", clock())
+    pipeline.collect(a)
+    pipeline.make_draft(a)
+    stop: list[bool] = []
+    first_refused = threading.Event()
+    lock = threading.Lock()
+    calls = [0]
+
+    class Refusing(ScriptedProvider):
+        def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+            with lock:
+                calls[0] += 1
+                mine = calls[0]
+            self.calls.append(list(messages))
+            if mine == 1:
+                first_refused.set()
+                raise REFUSED
+            first_refused.wait(2)
+            stop.append(True)  # Ctrl-C while this batch is in flight
+            deadline = time.monotonic() + 2
+            while s._stop is None and time.monotonic() < deadline:  # the other worker halts
+                time.sleep(0.005)
+            raise REFUSED
+
+    (draft_id,) = a.store.due_drafts(a.now())
+    draft = a.store.get_draft(draft_id)
+    s = Sender(a.store, Refusing(), a.settings, draft, pipeline.compile_for(a, draft), a.link_pair, now=a.now,
+               sleep=lambda _s: None, should_stop=lambda: bool(stop))
+    s.max_consecutive_failures = 2
+    first = s.run()
+    assert first.held and a.store.send_hold(draft_id) is not None
+    assert first.stopped and first.stopped.startswith("paused after 2 failed batches")
+    assert f"--retry-failed --draft {draft_id}" in first.stopped
+    again = Sender(a.store, ScriptedProvider(), a.settings, draft, pipeline.compile_for(a, draft), a.link_pair,
+                   now=a.now, sleep=lambda _s: None).run()
+    assert again.held and again.batches == 0  # the next scheduled send passes it by
+    a.close()

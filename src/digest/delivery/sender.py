@@ -726,7 +726,11 @@ class Sender:
             return summary
         self._renewed = self.now()
         self._lease = lease
-        if self._held(summary):  # read under the lease: a sender pausing it has let go of it
+        # Read under the lease: a sender pausing it has let go of it. A send that waits for the
+        # operator still resends its uncertain batches under their keys, if the provider has
+        # them: that reaches nobody new, and past the key window they would need the operator.
+        held = self._held(summary)
+        if held and not (self.idempotent and self._uncertain_batches(peek=True)):
             self.store.release_lease(lease, self.holder)
             return summary
         # Everything alive now (imports, config, the compiled draft) outlives the send: keep
@@ -741,7 +745,7 @@ class Sender:
                 summary.stopped = self._stop
                 return summary  # (the lease is let go below)
             # Helper processes start first, so they get ready while the audience is frozen.
-            helpers = self._start_helpers(summary) if self.processes > 1 else []
+            helpers = self._start_helpers(summary) if self.processes > 1 and not held else []
             # Read again under the lease: another sender may have finished the draft between
             # the first read and taking the lease. And whether this run freezes the audience,
             # and so has every row still to send (counting them is a tenth of a second for a
@@ -779,7 +783,8 @@ class Sender:
             summary.total += frozen if fresh else self.store.pending_count(draft_id)
             if helpers and not self._stop:
                 self._go.set()
-            self.work(summary, lease)
+            if not held:  # (held: no new batch until the operator resumes the send)
+                self.work(summary, lease)
             done = self._exception is None
         finally:
             try:
@@ -886,7 +891,12 @@ class Sender:
                                f"same idempotency keys ({self.provider.name} delivers each once): "
                                f"{NEXT_SEND} does it")
         # Paused for the operator, here or by a helper process (its reason came with its report).
-        summary.held = not summary.finished and self.store.send_hold(draft_id) is not None
+        # That is what the run says, whatever else stopped it meanwhile (a stop request while
+        # the batch that paused it was in flight): the next scheduled send will not resume it.
+        hold = None if summary.finished else self.store.send_hold(draft_id)
+        summary.held = hold is not None
+        if hold is not None:
+            summary.stopped = held_message(draft_id, hold)
 
     def _uncertain_batches(self, *, peek: bool) -> list[ClaimedBatch]:
         """The uncertain batches this send resends under their keys (:func:`resend_rule`),
