@@ -12,7 +12,8 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -482,23 +483,32 @@ def resolve_uncertain(app: App, draft_id: int, how: str) -> Resolution:
     in the queue would be claimed in a new group, under a new key, and delivered again."""
     if how not in ("resend", "mark-sent"):
         raise DraftError(f"unknown resolution {how!r}: use resend or mark-sent")
-    from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder, resend_rule
+    from digest.delivery.sender import resend_rule
 
     app.store.get_draft(draft_id)
     if not app.store.ledger_counts(draft_id).get("uncertain"):
         return Resolution(0)  # nothing to settle: no need to wait for a sender at work on the draft
-    # The send's own lease: a sender at work on the draft may be marking a batch uncertain
-    # this very moment, and its verdicts and this resolution must not cross.
-    lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
-    if not app.store.acquire_lease(lease, holder, now, now + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
-        raise DraftError(f"draft {draft_id} is being sent by another process; resolve its uncertain "
-                         "messages once that send has finished or stopped")
-    try:
+    with _send_lease(app, draft_id, "resolve its uncertain messages") as now:
         keep = resend_rule(app.provider, now) if how == "resend" else None
         settled = app.store.resolve_uncertain(draft_id, how, now, keep)
         # What is still uncertain is what the rule kept (under the lease, nothing else moved).
         kept = app.store.ledger_counts(draft_id).get("uncertain", 0) if keep is not None else 0
         return Resolution(settled, kept)
+
+
+@contextmanager
+def _send_lease(app: App, draft_id: int, what: str) -> Iterator[datetime]:
+    """The draft's send lease, held for an operator's change to its ledger (yields now): a
+    sender at work on the draft may be settling a batch this very moment, and its verdicts and
+    the change must not cross. ``what`` the operator wanted, for the error when a send holds it."""
+    from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder
+
+    lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
+    if not app.store.acquire_lease(lease, holder, now, now + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
+        raise DraftError(f"draft {draft_id} is being sent by another process; {what} once that send has "
+                         "finished or stopped")
+    try:
+        yield now
     finally:
         app.store.release_lease(lease, holder)
 
@@ -528,21 +538,11 @@ def retry_failed(app: App, draft_id: int, matching: str | None = None) -> int:
     """Put the draft's messages that failed (``failed``, not the provider's verdicts on a
     reader) back in the queue, or those whose error contains ``matching``; a send paused for
     the operator may then resume. Returns how many."""
-    from digest.delivery.sender import LEASE_SECONDS, holder_is_dead, lease_holder
-
     app.store.get_draft(draft_id)
     if not app.store.ledger_counts(draft_id).get("failed"):
         return 0
-    # The send's own lease, as for resolve_uncertain: a sender at work must not settle a
-    # batch while its rows go back.
-    lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
-    if not app.store.acquire_lease(lease, holder, now, now + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
-        raise DraftError(f"draft {draft_id} is being sent by another process; retry its failed messages "
-                         "once that send has finished or stopped")
-    try:
+    with _send_lease(app, draft_id, "retry its failed messages") as now:
         return app.store.requeue_failed(draft_id, now, matching)
-    finally:
-        app.store.release_lease(lease, holder)
 
 
 # -- one cycle, status, check ------------------------------------------------------------------
