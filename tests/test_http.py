@@ -176,6 +176,16 @@ def test_retry_after_is_obeyed_and_capped_at_a_minute(mocked: responses.Requests
     assert sleeps == [3.0, 60.0]
 
 
+def test_a_retry_after_of_now_or_in_the_past_leaves_the_backoff(mocked: responses.RequestsMock) -> None:
+    """"0" or a date already past (clocks that disagree) would spend every retry at once."""
+    mocked.get(URL, status=429, headers={"Retry-After": "0"})
+    mocked.get(URL, status=503, headers={"Retry-After": "Thu, 01 Jan 2015 00:00:00 GMT"})
+    mocked.get(URL, body=b"ok")
+    sleeps: list[float] = []
+    fetch(build_session(), URL, sleep=sleeps.append)
+    assert sleeps == [0.5, 1.0]
+
+
 def test_retries_exhausted(mocked: responses.RequestsMock) -> None:
     mocked.get(URL, status=503)
     sleeps: list[float] = []

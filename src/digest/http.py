@@ -112,6 +112,14 @@ class ApiCalls:
                                                      cert=session.cert, proxies=session.proxies)
 
 
+def backoff_delay(attempt: int, retry_after: float | None = None, *, base: float = 0.5, cap: float = 60.0) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1, 2 ...): ``base`` doubling with each
+    attempt, at most ``cap``; or the server's ``Retry-After`` where it asks for longer (already
+    capped by :func:`retry_after_seconds`). A ``Retry-After`` of 0, or a date already past
+    (clocks that disagree), leaves the backoff: retries spent all at once help nobody."""
+    return max(min(cap, base * 2 ** (attempt - 1)), retry_after or 0.0)
+
+
 def retry_after_seconds(value: str | None, *, now: datetime | None = None, cap: float = 300.0) -> float | None:
     """Parse a ``Retry-After`` header (seconds or an HTTP date), capped at ``cap`` seconds."""
     if not value:
@@ -204,8 +212,8 @@ def fetch(
         with response:
             if response.status_code in RETRY_STATUSES and attempt <= retries:
                 _drain(response)
-                wait = retry_after_seconds(response.headers.get("Retry-After"), cap=60.0)
-                sleep(wait if wait is not None else backoff * 2 ** (attempt - 1))
+                sleep(backoff_delay(attempt, retry_after_seconds(response.headers.get("Retry-After"), cap=60.0),
+                                    base=backoff))
                 continue
             lowered = {k.lower(): v for k, v in response.headers.items()}
             if response.status_code == 304:

@@ -143,6 +143,14 @@ RETRYABLE: dict[str, tuple[list[Fault], list[float]]] = {
     # the faults, and the waits the sender must choose before each retry (less its jitter)
     "429-retry-after": ([("status", 429, {"Retry-After": "3"})], [3.0]),
     "429-no-retry-after": ([("status", 429)], [0.5]),
+    # Asked for longer than the sender's own backoff cap (60 s): waits what was asked ...
+    "429-retry-after-two-minutes": ([("status", 429, {"Retry-After": "120"})], [120.0]),
+    # ... up to the five minutes the header's parser allows.
+    "429-retry-after-an-hour": ([("status", 429, {"Retry-After": "3600"})], [300.0]),
+    # "Now", or a date already past (clocks that disagree): the sender's own backoff, not
+    # every retry at once.
+    "429-retry-after-zero": ([("status", 429, {"Retry-After": "0"})] * 2, [0.5, 1.0]),
+    "429-retry-after-past-date": ([("status", 429, {"Retry-After": "Thu, 01 Jan 2015 00:00:00 GMT"})], [0.5]),
     # 5xx the provider answered itself (not a gateway's 502/504: see below)
     "500-burst": ([("status", 500), ("status", 503), ("status", 500)], [0.5, 1.0, 2.0]),
 }

@@ -19,10 +19,11 @@ TOKEN = "processes-token"
 EMAILS = [f"p{i:02d}@example.com" for i in range(60)]
 
 
-def _app(tmp_path: Path, db_url: str, clock: FrozenClock, url: str, token: str) -> pipeline.App:
+def _app(tmp_path: Path, db_url: str, clock: FrozenClock, url: str, token: str,
+         concurrency: int = 1) -> pipeline.App:
     settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}}, delivery={
         "provider": "postmark", "api_key": token, "base_url": url, "batch_size": 2,
-        "concurrency": 1, "processes": 2, "rate_per_second": 1000, "timeout": 10})
+        "concurrency": concurrency, "processes": 2, "rate_per_second": 1000, "timeout": 10})
     app = pipeline.App.open(settings, clock)
     app.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
     pipeline.collect(app)
@@ -179,3 +180,44 @@ def test_failed_batches_in_a_row_are_counted_across_processes(tmp_path: Path, db
         hold = app.store.send_hold(1)
         assert hold is not None and hold.batches == 3
         app.close()
+
+
+def test_a_helper_refused_credentials_while_the_parent_waits_to_retry_says_so(
+        tmp_path: Path, db_url: str, clock: FrozenClock) -> None:
+    """A parent's worker waits out a Retry-After when a helper's batch meets refused
+    credentials: the wait ends, and the send says what the helper met, not "stopped on request"
+    (which the waiting worker used to give as its own reason before the helper's report came,
+    and which then stood)."""
+    from tests.fakes.provider_server import Reply, postmark_batch
+
+    bad = {"ErrorCode": 10, "Message": "The Server Token you provided was invalid."}
+    lock = threading.Lock()
+    calls = [0]
+
+    def batch(srv: FakeProviderServer, request: Any) -> Reply:
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n == 1:  # the parent's first worker: come back in a minute
+            return Reply.of_json(429, {"ErrorCode": 429, "Message": "Rate limit exceeded"}, {"Retry-After": "60"})
+        if n == 2:  # the parent's other worker: a slow answer, so the next call is the helper's
+            time.sleep(4)
+            return postmark_batch(srv, request)
+        if n == 3:  # the helper: the token was revoked meanwhile
+            return Reply.of_json(401, bad)
+        time.sleep(2)  # the helper's other batch in flight (its report comes after it)
+        return Reply.of_json(401, bad)
+
+    with FakeProviderServer(token=TOKEN) as srv:
+        srv.route("POST", "/email/batch", batch)
+        app = _app(tmp_path, db_url, clock, srv.url, TOKEN, concurrency=2)
+        started = time.monotonic()
+        (summary,) = pipeline.send(app)
+        took = time.monotonic() - started
+        ledger = collections.Counter(status for _id, _email, status in app.store.ledger_rows(1))
+        app.close()
+        received = len(srv.messages)
+    assert summary.blocked and not summary.finished
+    assert "refused the credentials" in (summary.stopped or ""), summary.stopped
+    assert took < 30  # the minute's wait ended with the helper's stop
+    assert received == 2 and ledger == {"sent": 2, "pending": len(EMAILS) - 2}  # the rest back in the queue

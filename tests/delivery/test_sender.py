@@ -243,6 +243,30 @@ def test_token_bucket_limits_rate() -> None:
     assert t[0] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("rate", [2.0, 14.0, 50.0])
+def test_token_bucket_never_lets_more_than_the_rate_through_in_any_second(rate: float) -> None:
+    """From the first call, and again after a quiet spell: a bucket that started full let
+    twice the rate through in the first second (Resend's 2 calls a second were 3, in every
+    sending process, and Resend answers a third with 429)."""
+    t = [0.0]
+
+    def sleep(s: float) -> None:
+        t[0] += s
+
+    bucket = TokenBucket(rate, clock=lambda: t[0], sleep=sleep)
+    starts: list[float] = []
+    for _ in range(int(rate) * 3):
+        bucket.acquire()
+        starts.append(t[0])
+    t[0] += 10.0  # nothing to send for a while
+    for _ in range(int(rate) * 3):
+        bucket.acquire()
+        starts.append(t[0])
+    busiest = max(sum(1 for s in starts if begin <= s < begin + 1.0 - 1e-9) for begin in starts)
+    assert busiest == int(rate)
+    assert starts[0] == 0.0  # the first call waits for nothing
+
+
 def test_waits_for_the_rate_limit_before_claiming(app: pipeline.App) -> None:
     """Rows are claimed after the rate limit's wait, not held through it: a kill -9 during the
     wait would leave them uncertain though they never left."""
@@ -1076,3 +1100,19 @@ def test_a_pause_that_comes_while_a_stop_request_ends_the_send_is_what_the_opera
                    now=a.now, sleep=lambda _s: None).run()
     assert again.held and again.batches == 0  # the next scheduled send passes it by
     a.close()
+
+
+def test_a_wait_ended_by_another_process_of_the_send_leaves_the_reason_to_it(app: pipeline.App) -> None:
+    """A helper process that stops the send (refused credentials) ends this process's retry
+    wait; the reason is the helper's to give (it reports it), so the wait gives none of its
+    own: the first reason given is the one the send reports."""
+    s = sender(app, ScriptedProvider())
+    peers = threading.Event()
+    s._peers = peers
+    s.sleep = lambda _seconds: peers.set()  # the helper stops the send during the wait
+    assert s._pause(30.0) is False
+    assert s._stop is None
+    # Asked to stop here (Ctrl-C): that reason is this process's own.
+    s.should_stop = lambda: True
+    assert s._pause(30.0) is False
+    assert s._stop is not None and s._stop.startswith("stopped on request")

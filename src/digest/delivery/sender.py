@@ -55,6 +55,7 @@ from digest.delivery.providers.base import (
     call_journal,
 )
 from digest.errors import AuthError, BlockedError, DeliveryError, TakenOverError
+from digest.http import backoff_delay
 from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
 from digest.store.store import Claimed, ClaimedBatch, ResendRule, SendHold
@@ -348,13 +349,18 @@ class BatchJournal:
 
 
 class TokenBucket:
-    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``. Thread-safe."""
+    """At most ``rate`` acquisitions per second, bursts up to ``burst``. Thread-safe.
 
-    def __init__(self, rate: float, burst: float | None = None,
+    The burst is one by default, and the bucket starts with one token: calls are spaced
+    ``1 / rate`` apart from the first. A full bucket at the start (or after a quiet spell)
+    would let twice the rate through in the first second, in every sending process: Resend's
+    2 calls a second would be 4, and answered with 429s."""
+
+    def __init__(self, rate: float, burst: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.rate = rate
-        self.capacity = burst if burst is not None else max(1.0, rate)
-        self.tokens = self.capacity
+        self.capacity = burst
+        self.tokens = min(1.0, burst)
         self.clock = clock
         self.sleep = sleep
         self.last = clock()
@@ -371,6 +377,14 @@ class TokenBucket:
                     return
                 wait = (1 - self.tokens) / self.rate
             self.sleep(wait)
+
+
+def retry_wait(attempt: int, retry_after: float | None) -> float:
+    """Seconds to wait after failed attempt ``attempt``: :func:`~digest.http.backoff_delay`
+    (the provider's ``Retry-After`` honoured up to the 300 s its parser allows: the wait renews
+    the lease, and a stop request ends it), with jitter that only lengthens it, so that the
+    retries of several workers spread out and none comes before the provider said."""
+    return backoff_delay(attempt, retry_after, cap=MAX_BACKOFF) * random.uniform(1.0, 1.25)
 
 
 def _domain(from_addr: str) -> str:
@@ -1202,8 +1216,7 @@ class Sender:
                         # A gateway's 502/504 may say when to come back (Retry-After).
                         maybe_sent = True
                         self._count_retry(summary)
-                        delay = exc.retry_after if exc.retry_after is not None else 0.5 * 2 ** (attempt - 1)
-                        if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
+                        if not self._pause(retry_wait(attempt, exc.retry_after)):
                             self._give_up(ids, exc, batch, summary, maybe_sent, journal, claimed)  # uncertain
                             return "stop"
                         continue
@@ -1230,15 +1243,13 @@ class Sender:
                     return "stop"
                 except DeliveryError as exc:
                     if exc.retryable and attempt <= self.settings.delivery.max_retries:
-                        delay = exc.retry_after if exc.retry_after is not None else min(
-                            MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
                         self._count_retry(summary)
                         if journal is not None:
                             journal.flush()  # the calls that failed are not in flight while it waits
-                        if not self._pause(min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.25)):
+                        if not self._pause(retry_wait(attempt, exc.retry_after)):
                             # Not sent: back in the queue, under the reason the send stopped.
-                            self._give_up(ids, DeliveryError(self._stop or str(exc)), batch, summary, maybe_sent,
-                                          journal, claimed)
+                            reason = self._stop or f"stopped with the send's other processes (last try: {exc})"
+                            self._give_up(ids, DeliveryError(reason), batch, summary, maybe_sent, journal, claimed)
                             return "stop"
                         continue
                     if exc.retryable:
@@ -1288,9 +1299,11 @@ class Sender:
         else:
             self.sleep(seconds)
             self._renew(self._lease)
-        if self._stop is None and asked():
+        # Asked here: the reason is ours to give. Stopped by another process of the send (a
+        # helper's refused credentials, say): that process gives the reason, not this one.
+        if self._stop is None and self.should_stop():
             self._halt(f"stopped on request while waiting to retry a batch; {NEXT_SEND} resumes it")
-        return self._stop is None
+        return self._stop is None and not asked()
 
     def _count_retry(self, summary: SendSummary) -> None:
         with self._lock:
