@@ -117,7 +117,7 @@ def backoff_delay(attempt: int, retry_after: float | None = None, *, base: float
     attempt, at most ``cap``; or the server's ``Retry-After`` where it asks for longer (already
     capped by :func:`retry_after_seconds`). A ``Retry-After`` of 0, or a date already past
     (clocks that disagree), leaves the backoff: retries spent all at once help nobody."""
-    return max(min(cap, base * 2 ** (attempt - 1)), retry_after or 0.0)
+    return float(max(min(cap, base * 2 ** (attempt - 1)), retry_after or 0.0))
 
 
 def retry_after_seconds(value: str | None, *, now: datetime | None = None, cap: float = 300.0) -> float | None:
