@@ -112,15 +112,21 @@ class ApiCalls:
                                                      cert=session.cert, proxies=session.proxies)
 
 
+# The longest a server's Retry-After (or rate-limit reset) is waited: a longer one (a daily
+# quota, a misread header) is waited this long, and the retry then tells.
+RETRY_AFTER_CAP = 300.0
+
+
 def backoff_delay(attempt: int, retry_after: float | None = None, *, base: float = 0.5, cap: float = 60.0) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1, 2 ...): ``base`` doubling with each
-    attempt, at most ``cap``; or the server's ``Retry-After`` where it asks for longer (already
-    capped by :func:`retry_after_seconds`). A ``Retry-After`` of 0, or a date already past
-    (clocks that disagree), leaves the backoff: retries spent all at once help nobody."""
-    return float(max(min(cap, base * 2 ** (attempt - 1)), retry_after or 0.0))
+    attempt, at most ``cap``; or the server's ``Retry-After`` where it asks for longer, at most
+    ``RETRY_AFTER_CAP``. A ``Retry-After`` of 0, or a date already past (clocks that disagree),
+    leaves the backoff: retries spent all at once help nobody."""
+    return float(max(min(cap, base * 2 ** (attempt - 1)), min(retry_after or 0.0, RETRY_AFTER_CAP)))
 
 
-def retry_after_seconds(value: str | None, *, now: datetime | None = None, cap: float = 300.0) -> float | None:
+def retry_after_seconds(value: str | None, *, now: datetime | None = None,
+                        cap: float = RETRY_AFTER_CAP) -> float | None:
     """Parse a ``Retry-After`` header (seconds or an HTTP date), capped at ``cap`` seconds."""
     if not value:
         return None
@@ -139,7 +145,7 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None, cap: 
     return min(max(delta, 0.0), cap)
 
 
-def reset_at_seconds(value: str | None, *, now: datetime, cap: float = 300.0) -> float | None:
+def reset_at_seconds(value: str | None, *, now: datetime, cap: float = RETRY_AFTER_CAP) -> float | None:
     """Seconds from ``now`` until the Unix time in a rate-limit reset header (SendGrid's
     ``X-RateLimit-Reset``), capped at ``cap``; None when the header is absent, unreadable, or
     names a time already past: that says nothing about when to call (the window reset

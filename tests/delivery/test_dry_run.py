@@ -255,3 +255,21 @@ def test_a_dry_run_reads_the_audience_as_it_goes(tmp_path: Path, clock: FrozenCl
         assert not list((tmp_path / "outbox").glob("**/*.eml"))  # the outbox wrote nothing
     finally:
         app.close()
+
+
+def test_a_dry_run_asked_to_stop_ends_after_the_batch_it_builds(tmp_path: Path, clock: FrozenClock) -> None:
+    """Ctrl-C during a long dry run ends it after the batch being built, with the counts so
+    far said to be partial (it went on to the end, saying it would stop)."""
+    settings = make_settings(tmp_path, delivery={"batch_size": 2}, digest={"approval": {"required": False}})
+    app = pipeline.App.open(settings, clock)
+    try:
+        app.store.upsert_subscribers([(e, "") for e in ACTIVE], "cli", clock())
+        pipeline.collect(app)
+        pipeline.make_draft(app)
+        built: list[int] = []
+        (summary,) = pipeline.send(app, dry_run=True, should_stop=lambda: bool(built),
+                                   on_batch=lambda s, size: built.append(size))
+        assert summary.sent == 2 and summary.batches == 1
+        assert summary.stopped is not None and "so far" in summary.stopped
+    finally:
+        app.close()

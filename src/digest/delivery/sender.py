@@ -199,8 +199,9 @@ class SendSummary:
 
     @property
     def done(self) -> int:
-        """Messages settled so far in this run, whatever their fate."""
-        return self.sent + sum(self.failed.values()) + self.uncertain
+        """Messages settled so far in this run, whatever their fate (a reader who
+        unsubscribed, bounced or complained since the send started is skipped at claim time)."""
+        return self.sent + sum(self.failed.values()) + self.uncertain + self.skipped
 
     @property
     def for_operator(self) -> int:
@@ -217,7 +218,7 @@ class SendSummary:
     def tally(self) -> dict[str, Any]:
         """The counts, as a helper process reports them to the sender it works for."""
         return {"sent": self.sent, "failed": dict(self.failed), "uncertain": self.uncertain,
-                "batches": self.batches, "retries": self.retries}
+                "skipped": self.skipped, "batches": self.batches, "retries": self.retries}
 
 
 class FailureStreak:
@@ -366,7 +367,9 @@ class TokenBucket:
         self.last = clock()
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
+    def acquire(self, stopping: Callable[[], bool] | None = None) -> bool:
+        """Take a token, waiting for one; with ``stopping``, the wait is in slices of at most
+        0.2 s and ends, taking nothing, once it returns True: then False."""
         while True:
             with self._lock:
                 now = self.clock()
@@ -374,9 +377,14 @@ class TokenBucket:
                 self.last = now
                 if self.tokens >= 1 - 1e-9:  # tolerance: float sums of waits land a hair under 1
                     self.tokens = max(0.0, self.tokens - 1)
-                    return
+                    return True
                 wait = (1 - self.tokens) / self.rate
-            self.sleep(wait)
+            if stopping is None:
+                self.sleep(wait)
+                continue
+            if stopping():
+                return False
+            self.sleep(min(wait, 0.2))
 
 
 def retry_wait(attempt: int, retry_after: float | None) -> float:
@@ -666,8 +674,12 @@ class Sender:
             if len(batch) >= self.batch_size:
                 self._dry_batch(summary, batch)
                 batch = []
-        if batch:
-            self._dry_batch(summary, batch)
+                if self.should_stop():  # Ctrl-C: the counts so far, said to be partial
+                    summary.stopped = "stopped on request: the counts cover the batches built so far"
+                    break
+        else:
+            if batch:
+                self._dry_batch(summary, batch)
         summary.seconds = time.perf_counter() - started
         return summary
 
@@ -682,6 +694,8 @@ class Sender:
         summary.sent += len(batch) - len(refused)
         for r in refused:  # the reasons a send would record for them
             summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1
+        if self.on_batch:  # progress, as for a send: a dry run of a large list takes a while
+            self.on_batch(summary, len(batch))
 
     def _build_only(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> list[SendResult]:
         """Build the provider's request(s) for a prepared batch, as :meth:`_ready` and the
@@ -1025,6 +1039,7 @@ class Sender:
             summary.failed.subtract(before["failed"])
             summary.failed = +summary.failed  # drop reasons that came to zero
             summary.uncertain += now["uncertain"] - before["uncertain"]
+            summary.skipped += now["skipped"] - before["skipped"]
             batches = now["batches"] - before["batches"]
             summary.batches += batches
             summary.retries += now["retries"] - before["retries"]
@@ -1050,10 +1065,13 @@ class Sender:
                     return
                 # The rate limit's wait comes before the claim: rows claimed and then held
                 # through the wait would be uncertain after a kill -9, though they never left.
-                self.bucket.acquire()
+                self.bucket.acquire(self._stopping)
                 if self._stop is not None or self.should_stop() or self._streak.tripped:
                     continue  # (the loop's checks end it)
                 claimed = self.store.claim_batch(draft_id, self.batch_size, self.holder, self.now(), self.via)
+                if claimed.skipped:  # readers who unsubscribed, bounced or complained since the start
+                    with self._lock:
+                        summary.skipped += claimed.skipped
                 if not claimed:
                     return
                 if self._stop is not None or self._streak.tripped:
@@ -1172,8 +1190,14 @@ class Sender:
             attempt = 0
             while True:
                 attempt += 1
-                if attempt > 1:
-                    self.bucket.acquire()
+                if attempt > 1 and not self.bucket.acquire(self._stopping):
+                    # Stopped while waiting for the rate limit's turn: as for a stop during
+                    # the retry's wait (see _pause).
+                    if self._stop is None and self.should_stop():
+                        self._halt(f"stopped on request while waiting to retry a batch; {NEXT_SEND} resumes it")
+                    reason = self._stop or "stopped with the send's other processes"
+                    self._give_up(ids, DeliveryError(reason), batch, summary, maybe_sent, journal, claimed)
+                    return "stop"
                 try:
                     if send is None:
                         assert prepared is not None
@@ -1304,6 +1328,12 @@ class Sender:
         if self._stop is None and self.should_stop():
             self._halt(f"stopped on request while waiting to retry a batch; {NEXT_SEND} resumes it")
         return self._stop is None and not asked()
+
+    def _stopping(self) -> bool:
+        """Whether the send is stopping: a wait for the rate limit's turn ends at once (at a
+        slow rate it can be many seconds, and a Ctrl-C must not wait for it)."""
+        return (self._stop is not None or self.should_stop() or self._streak.tripped
+                or (self._peers is not None and self._peers.is_set()))
 
     def _count_retry(self, summary: SendSummary) -> None:
         with self._lock:

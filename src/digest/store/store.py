@@ -262,11 +262,14 @@ class ClaimedBatch(list[Claimed]):
     that token (see :meth:`Store._hold`).
     """
 
-    def __init__(self, rows: Iterable[Claimed], batch_id: int, *, ranged: bool, token: str = "") -> None:
+    def __init__(self, rows: Iterable[Claimed], batch_id: int, *, ranged: bool, token: str = "",
+                 skipped: int = 0) -> None:
         super().__init__(rows)
         self.batch_id = batch_id
         self.ranged = ranged
         self.token = token
+        # Rows the claim passed over, no longer eligible (rule 2), and recorded as skipped.
+        self.skipped = skipped
 
 
 class ResendRule(NamedTuple):
@@ -1479,6 +1482,7 @@ class Store:
         with self._tx() as conn:
             through, last = self._lock_cursor(conn, draft_id)
             start = through
+            skipped = 0
             queued_sql, select_sql = self._sql(self._QUEUED_SQL), self._sql(self._CLAIM_SQL)
             while True:  # until this claim holds a row, or no row is left
                 queued = through >= last
@@ -1494,7 +1498,9 @@ class Store:
                     window = min(last, through + size)
                     rows = self._raw(conn, select_sql, (through, window, draft_id, size)).fetchall()
                     through = window
-                self._skip(conn, [r[0] for r in rows if not r[4]], when)
+                passed = [r[0] for r in rows if not r[4]]
+                self._skip(conn, passed, when)
+                skipped += len(passed)
                 claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
                 if claimed:
                     break
@@ -1502,13 +1508,13 @@ class Store:
                 self._raw(conn, self._sql("UPDATE send_cursors SET claimed_through = {p} WHERE draft_id = {p}"),
                           (through, draft_id))
             if not rows:
-                return ClaimedBatch((), 0, ranged=True)
+                return ClaimedBatch((), 0, ranged=True, skipped=skipped)
             if queued:
                 batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when, via)
-                return ClaimedBatch(claimed, batch_id, ranged=False, token=token)
+                return ClaimedBatch(claimed, batch_id, ranged=False, token=token, skipped=skipped)
             batch_id = self._new_batch(conn, draft_id, token, when, claimed[0].ledger_id, claimed[-1].ledger_id,
                                        via)
-        return ClaimedBatch(claimed, batch_id, ranged=True, token=token)
+        return ClaimedBatch(claimed, batch_id, ranged=True, token=token, skipped=skipped)
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime,
                           since: datetime | None = None, *, via: str, peek: bool = False,
