@@ -1,4 +1,5 @@
-"""kill -9 in the middle of a send, then restart: nobody gets two copies (rule 1)."""
+"""kill -9 in the middle of a send, then restart: nobody gets two copies (rule 1). The kills run
+on SQLite and on PostgreSQL (``db_url``)."""
 
 from __future__ import annotations
 
@@ -24,20 +25,21 @@ from tests.fakes.provider_server import FakeProviderServer, install_mailgun, ins
 TOKEN = "crash-token"
 
 
-def _prepare(tmp_path: Path, srv: FakeProviderServer, emails: list[str], delivery: str) -> tuple[
-        dict[str, str], list[str], Path]:
+def _prepare(tmp_path: Path, srv: FakeProviderServer, emails: list[str], delivery: str,
+             db_url: str | None = None) -> tuple[dict[str, str], list[str], str]:
     """A config for the fake server (``delivery`` holds the provider's keys), the subscribers,
-    a collected and approved draft; returns the environment, the command and the database.
+    a collected and approved draft; returns the environment, the command and the database's
+    URL (``db_url``, else an SQLite file).
 
     The preparation runs here, not as three more ``digest`` processes (a second or two each
     on a busy machine): only the send is killed."""
     from digest import config, pipeline
     from digest.sources.folder import SAMPLE_DIR
 
-    db = tmp_path / "d.db"
+    db = db_url or f"sqlite:///{tmp_path / 'd.db'}"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"""
-database: {{url: "sqlite:///{db}"}}
+database: {{url: "{db}"}}
 newsletter: {{public_url: "https://news.example.org"}}
 sources: [{{name: sample, type: folder, path: "{SAMPLE_DIR}"}}]
 digest: {{approval: {{required: false}}}}
@@ -121,7 +123,8 @@ KILLS = {
 
 
 @pytest.mark.parametrize("provider", sorted(KILLS))
-def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers: list[Any], provider: str) -> None:
+def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers: list[Any], provider: str,
+                                                         db_url: str) -> None:
     """kill -9 while calls are held unanswered at the provider, then restart: exactly the
     messages in flight are uncertain (a batch of one call: all of it; for SES and SMTP, whose
     batch is several calls recorded one by one, the held calls' messages only: those answered
@@ -134,7 +137,7 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
         kill.install(srv)
         smtp = plain(servers) if provider == "smtp" else None
         port = f", smtp_port: {smtp.port}" if smtp is not None else ""
-        env, run, db = _prepare(tmp_path, srv, emails, kill.delivery + port)
+        env, run, db = _prepare(tmp_path, srv, emails, kill.delivery + port, db_url)
         gate = threading.Event()
         held = kill.hold(srv, smtp, gate)
 
@@ -156,7 +159,7 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
         before = received()
         srv.faults.clear()
 
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         ids = {email: ledger_id for ledger_id, email, _st in store.ledger_rows(1)}
         store.close()
         # The batches in flight: those of the held calls (claims are runs of 5 ledger ids).
@@ -185,7 +188,7 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
 
         counts = received()
         assert set(counts.values()) == {1}, "someone got two copies"
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         by_status: dict[str, set[str]] = collections.defaultdict(set)
         for _id, email, st in store.ledger_rows(1):
             by_status[st].add(email)
@@ -199,7 +202,7 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
         # The operator checks the provider's log and marks them sent: nothing more goes out.
         subprocess.run([*run, "send", "--resolve-uncertain", "mark-sent"], env=env, check=True, capture_output=True)
         assert received() == counts
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         assert {st for _id, _email, st in store.ledger_rows(1)} == {"sent"}
         store.close()
         assert counts == collections.Counter(emails)  # everyone exactly once
@@ -215,7 +218,7 @@ def test_sigkill_mid_send_then_restart_never_sends_twice(tmp_path: Path, servers
             assert set(KILLED[13:15]) <= set(counts) - set(before)  # sent by the restart
 
 
-def test_sigkill_mid_send_through_resend_resends_in_flight_batches_safely(tmp_path: Path) -> None:
+def test_sigkill_mid_send_through_resend_resends_in_flight_batches_safely(tmp_path: Path, db_url: str) -> None:
     """With Resend's idempotency keys a restart settles in-flight batches by itself: the same
     batch, byte for byte, under the same key; the provider answers it without sending again."""
     emails = [f"k{i:03d}@example.com" for i in range(60)]
@@ -223,7 +226,7 @@ def test_sigkill_mid_send_through_resend_resends_in_flight_batches_safely(tmp_pa
         from tests.fakes.provider_server import install_resend
 
         install_resend(srv)
-        env, run, db = _prepare(tmp_path, srv, emails, "provider: resend")
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: resend", db_url)
         srv.faults.extend([("delay", 0.25)] * 40)
         proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
@@ -239,23 +242,23 @@ def test_sigkill_mid_send_through_resend_resends_in_flight_batches_safely(tmp_pa
         assert again.returncode == 0, again.stderr
         counts = collections.Counter(to for m in srv.messages for to in m["to"])
         assert sorted(counts) == emails and set(counts.values()) == {1}  # everyone exactly once
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         statuses = {st for _id, _email, st in store.ledger_rows(1)}
         assert store.get_draft(1).status == "sent"
         store.close()
         assert statuses == {"sent"}  # nothing left uncertain: the resends settled it
 
 
-def test_sigkill_of_a_send_with_helper_processes_then_restart_never_sends_twice(tmp_path: Path) -> None:
+def test_sigkill_of_a_send_with_helper_processes_then_restart_never_sends_twice(tmp_path: Path, db_url: str) -> None:
     """delivery.processes: 2. The parent (holding the lease) is killed mid-send; its helper
     finishes the batch in flight, sees its parent gone and stops; a restart completes the send
     and nobody gets two copies."""
     emails = [f"h{i:03d}@example.com" for i in range(80)]
     with FakeProviderServer(token=TOKEN) as srv:
-        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark, concurrency: 1, processes: 2")
+        env, run, db = _prepare(tmp_path, srv, emails, "provider: postmark, concurrency: 1, processes: 2", db_url)
         srv.faults.extend([("delay", 0.25)] * 60)
         proc = subprocess.Popen([*run, "send"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
 
         def holders() -> int:
             with store.engine.connect() as conn:
@@ -310,7 +313,7 @@ def test_ctrl_c_stops_after_the_batches_in_flight_with_a_summary(tmp_path: Path)
         assert "stopped on request" in out and "draft 1: sent " in out
         received = len(srv.messages)
         assert 20 <= received < len(emails)  # it stopped well before the end
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         counts = store.ledger_counts(1)
         store.close()
         assert counts == {"sent": received, "pending": len(emails) - received}  # in flight: settled
@@ -337,7 +340,7 @@ def test_ctrl_c_on_the_terminal_reaches_helper_processes_without_cutting_their_b
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 75, (out, err)
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         counts = store.ledger_counts(1)
         store.close()
         assert set(counts) == {"sent", "pending"} and counts["sent"] == len(srv.messages), counts
@@ -371,7 +374,7 @@ def test_ctrl_c_while_waiting_out_a_retry_after_stops_at_once(tmp_path: Path) ->
         assert time.monotonic() - asked < 5, "the send sat out the Retry-After"
         assert proc.returncode == 75 and "while waiting to retry" in out, (out, err)
         assert srv.messages == []
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         assert store.ledger_counts(1) == {"pending": 10}
         store.close()
         again = subprocess.run([*run, "send"], env=env, capture_output=True, text=True, timeout=60)
@@ -398,7 +401,7 @@ def test_sigkill_while_postmark_makes_its_template_leaves_nothing_uncertain(tmp_
         finally:
             proc.kill()
             gate.set()
-        store = open_store(f"sqlite:///{db}")
+        store = open_store(db)
         assert {st for _id, _email, st in store.ledger_rows(1)} == {"pending"}  # nothing claimed
         store.close()
         srv.faults.clear()
