@@ -292,6 +292,26 @@ def _address_lock(email: str) -> int:
     return int.from_bytes(hashlib.sha256(f"soft-bounce:{email}".encode()).digest()[:8], "big", signed=True)
 
 
+# The longest claim token ``send_batches.claim_token`` holds (PostgreSQL enforces it).
+_TOKEN_LENGTH = 64
+
+
+def claim_token(holder: str) -> str:
+    """The token a claim records on its batch for the sender ``holder`` (its lease holder).
+
+    A holder that fits the column is the token itself, as before: readable (which host and
+    process claimed the batch), and the very token a batch claimed by an older version carries.
+    A longer one (``host:pid:random`` on a host with a long name, such as EC2's
+    ``ip-172-31-122-133.ap-southeast-2.compute.internal``) is a fixed-length hash of it, never
+    cut: two holders sharing a prefix must keep two tokens. Nothing reads a host or a pid out
+    of a token; it is only compared with the one its sender holds (:meth:`Store._hold`), so the
+    same holder must always give the same token, and a token given again is itself.
+    """
+    if len(holder) <= _TOKEN_LENGTH:
+        return holder
+    return "sha256:" + hashlib.sha256(holder.encode("utf-8", "surrogatepass")).hexdigest()[:48]
+
+
 def _dt(value: Any) -> datetime | None:
     return as_utc(value) if isinstance(value, datetime) else None
 
@@ -1465,7 +1485,8 @@ class Store:
     def claim_batch(self, draft_id: int, size: int, token: str, now: datetime,
                     via: str | None = None) -> ClaimedBatch:
         """Claim up to ``size`` rows, skipping (rule 2) those no longer eligible; an empty
-        batch when none is left. ``via``: what the batch goes out through (``sent_via``).
+        batch when none is left. ``via``: what the batch goes out through (``sent_via``);
+        ``token``: the claiming sender's lease holder (the batch records :func:`claim_token` of it).
 
         The next rows above the draft's cursor come first, as a range: one ``send_batches``
         row and the cursor move, whatever the batch's size. Rows put back in the queue
@@ -1475,7 +1496,7 @@ class Store:
         transaction that claims them, so each claim costs the same with a thousand rows left
         or a million.
         """
-        when = self._when(now)
+        when, token = self._when(now), claim_token(token)
         with self._tx() as conn:
             through, last = self._lock_cursor(conn, draft_id)
             start = through
@@ -1530,7 +1551,7 @@ class Store:
         that many times already.
         """
         rule = ResendRule(via, since, max_attempts)
-        when = self._when(now)
+        when, token = self._when(now), claim_token(token)
         out: list[ClaimedBatch] = []
         with self._tx() as conn:
             ranged, groups = self._resendable(conn, draft_id, rule)
