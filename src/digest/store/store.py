@@ -11,13 +11,14 @@ import bisect
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from operator import itemgetter
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -312,6 +313,73 @@ def claim_token(holder: str) -> str:
     return "sha256:" + hashlib.sha256(holder.encode("utf-8", "surrogatepass")).hexdigest()[:48]
 
 
+# The longest item key ``essays.key``, ``comments.key`` and ``comments.parent_key`` hold.
+_KEY_LENGTH = 2000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(value: str) -> str:
+    """``value`` as both databases can store it: a NUL (which PostgreSQL text cannot hold,
+    while SQLite takes it) and a lone surrogate (a JSON escape such as ``\\ud800``, which no
+    driver can encode) become U+FFFD, the replacement character. One character for one, so a
+    cut before or after is the same cut, and two texts that differed still differ.
+
+    For text from outside that the store keeps: what feeds bring (:meth:`Store.record_collect`).
+    A value that could not be written would otherwise fail its whole transaction.
+    """
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def storable_key(key: str) -> str:
+    """An essay's or a comment's key as the store keeps it: :func:`storable`, and one longer
+    than the column (an RSS guid of thousands of characters) hashed, never cut: two long keys
+    sharing a prefix stay two items, and the same key gives the same stored key every run, so
+    the item is found again. A stored key given again is itself (a comment source names its
+    essay by the key the store gave it)."""
+    key = storable(key)
+    if len(key) <= _KEY_LENGTH:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _storable_result(result: CollectResult) -> CollectResult:
+    """``result`` with every text the store writes made :func:`storable` and every key
+    :func:`storable_key`: one odd item must not fail its source's whole collect on PostgreSQL."""
+    return replace(
+        result,
+        essays=tuple(_cleaned(e, ("key",), ("url", "title", "html", "summary", "author", "comments_url"))
+                     for e in result.essays),
+        comments=tuple(_cleaned(c, ("essay_key", "key", "parent_key"), ("author", "html", "url"))
+                       for c in result.comments),
+        covered=tuple((source, storable_key(key)) for source, key in result.covered),
+        cursor=_cleaned(result.cursor, (), ("etag", "last_modified")),
+        error=result.error and storable(result.error),
+        warnings=tuple(storable(w) for w in result.warnings),
+    )
+
+
+_Value = TypeVar("_Value", Essay, Comment, SourceCursor)
+
+
+def _cleaned(value: _Value, keys: Sequence[str], texts: Sequence[str]) -> _Value:
+    """``value`` with its fields ``keys`` made :func:`storable_key` and ``texts`` :func:`storable`
+    (those that are ``None`` stay so): the very same value, no copy, when nothing changes (as a rule)."""
+    changes: dict[str, Any] = {}
+    for names, clean in ((keys, storable_key), (texts, storable)):
+        for name in names:
+            was = getattr(value, name)
+            if was is not None and (cleaned := clean(was)) is not was:
+                changes[name] = cleaned
+    return replace(value, **changes) if changes else value
+
+
 def _dt(value: Any) -> datetime | None:
     return as_utc(value) if isinstance(value, datetime) else None
 
@@ -570,7 +638,11 @@ class Store:
         a row the other inserted first: such a row is taken as found, so an item counts as
         new only for the collect that inserted it, and as updated only where what this one
         fetched differs from what is stored.
+
+        Keys and text are stored as :func:`storable_key` and :func:`storable` make them, the
+        same way each run (so what comes back is compared with what was stored of it).
         """
+        result = _storable_result(result)
         with self._tx() as conn:
             self._touch_source(conn, result, now)
             if result.error or result.not_modified:
