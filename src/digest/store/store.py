@@ -324,8 +324,9 @@ def storable(value: str) -> str:
     driver can encode) become U+FFFD, the replacement character. One character for one, so a
     cut before or after is the same cut, and two texts that differed still differ.
 
-    For text from outside that the store keeps: what feeds bring (:meth:`Store.record_collect`).
-    A value that could not be written would otherwise fail its whole transaction.
+    For text from outside that the store keeps: what feeds bring (:meth:`Store.record_collect`)
+    and what providers answer (:func:`_provider_error`). A value that could not be written
+    would otherwise fail its whole transaction: a source's collect, a batch's verdict.
     """
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
@@ -335,6 +336,13 @@ def storable(value: str) -> str:
         except UnicodeEncodeError:
             value = _SURROGATE.sub("\ufffd", value)
     return value
+
+
+def _provider_error(error: str) -> str:
+    """A provider's error (or what the sender says of a call) as a verdict records it: its first
+    1000 characters, :func:`storable`. A refusal may quote what it refused, a NUL included;
+    a verdict that could not be written would leave its batch claimed, to come back uncertain."""
+    return storable(error[:1000])
 
 
 def storable_key(key: str) -> str:
@@ -1740,7 +1748,7 @@ class Store:
         first_id = results[0].provider_message_id
         uniform_ids = all(r.provider_message_id == first_id for r in results)
         for r in results:
-            error = (r.error or None) and r.error[:1000]
+            error = (r.error or None) and _provider_error(r.error)
             if uniform_ids:
                 shared.setdefault((r.status, r.provider_message_id, error), []).append(r.ledger_id)
             else:
@@ -1766,9 +1774,9 @@ class Store:
         else:
             (status, error), _n = Counter((r.status, r.error) for r in results).most_common(1)[0]
             alike = [r for r in results if r.status == status and r.error == error]
-            apart = [(r.status, provider, r.provider_message_id, (r.error or None) and r.error[:1000], settled,
-                      batch_id, r.ledger_id) for r in results if r.status != status or r.error != error]
-        error = (error or None) and error[:1000]
+            apart = [(r.status, provider, r.provider_message_id, (r.error or None) and _provider_error(r.error),
+                      settled, batch_id, r.ledger_id) for r in results if r.status != status or r.error != error]
+        error = (error or None) and _provider_error(error)
         ids = {r.provider_message_id for r in alike}
         message_id = message_ids = None
         if len(ids) == 1:
@@ -1795,15 +1803,16 @@ class Store:
             return
         where, params = self._ids_clause("id", ledger_ids)
         batch_id = batch.batch_id if batch is not None else None
+        error = _provider_error(error)
         with self._tx(wait_for_disk=False) as conn:
             self._hold(conn, batch)
             self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = COALESCE({p}, batch_id) "
-                f"WHERE {where} AND status IN ('claimed', 'sending', 'pending')"), (error[:1000], batch_id, *params))
+                f"WHERE {where} AND status IN ('claimed', 'sending', 'pending')"), (error, batch_id, *params))
             if batch is not None and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'released', error = {p}, "
                                           "settled_at = {p} WHERE id = {p}"),
-                          (error[:1000], self._when(now), batch.batch_id))
+                          (error, self._when(now), batch.batch_id))
 
     def mark_uncertain(self, ledger_ids: Sequence[int], error: str, now: datetime,
                        batch: ClaimedBatch | None = None) -> None:
@@ -1811,23 +1820,23 @@ class Store:
         ``batch``, one write on the batch; otherwise each row."""
         if not ledger_ids:
             return
-        when = self._when(now)
+        when, error = self._when(now), _provider_error(error)
         with self._tx(wait_for_disk=False) as conn:
             self._hold(conn, batch)
             if batch is not None and batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
-                                          "settled_at = {p} WHERE id = {p}"), (error[:1000], when, batch.batch_id))
+                                          "settled_at = {p} WHERE id = {p}"), (error, when, batch.batch_id))
                 return
             where, params = self._ids_clause("id", ledger_ids)
             batch_id = batch.batch_id if batch is not None else None
             self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = 'uncertain', error = {p}, settled_at = {p}, "
-                f"batch_id = COALESCE({{p}}, batch_id) WHERE {where}"), (error[:1000], when, batch_id, *params))
+                f"batch_id = COALESCE({{p}}, batch_id) WHERE {where}"), (error, when, batch_id, *params))
             if batch is not None and not batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 # The batch's record says so too (it is not still in flight).
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
                                           "settled_at = {p} WHERE id = {p} AND status IN ('claimed', 'calls')"),
-                          (error[:1000], when, batch.batch_id))
+                          (error, when, batch.batch_id))
 
     def record_calls(self, batch: ClaimedBatch, draft_id: int, starting: Sequence[int],
                      done: Sequence[SendResult], provider: str, now: datetime) -> None:
@@ -1856,8 +1865,8 @@ class Store:
             if back:
                 self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed' WHERE id = {p} "
                                           "AND status = 'sending'"), back, many=True)
-            known = [(r.status, provider, r.provider_message_id, (r.error or None) and r.error[:1000], settled,
-                      r.ledger_id) for r in done if r.status != "deferred"]
+            known = [(r.status, provider, r.provider_message_id, (r.error or None) and _provider_error(r.error),
+                      settled, r.ledger_id) for r in done if r.status != "deferred"]
             if known:
                 self._raw(conn, self._sql("UPDATE send_ledger SET status = {p}, provider = {p}, "
                                           "provider_message_id = {p}, error = {p}, settled_at = {p} WHERE id = {p}"),
