@@ -1032,6 +1032,13 @@ class Store:
                         skipped.append(email)
                     elif name and name != row.name:
                         renamed.append({"row_id": row.id, "name": name, "updated_at": now})
+                changed = [change["row_id"] for change in (*back, *renamed)]
+                if changed:
+                    # Their rows locked first, in address order (PostgreSQL; the updates below go
+                    # by id): the order in which a webhook's suppressions take them
+                    # (_apply_events), so the two wait for each other rather than deadlock.
+                    conn.execute(select(subscribers.c.id).where(subscribers.c.id.in_(changed))
+                                 .order_by(subscribers.c.email).with_for_update())
                 self._update_rows(conn, subscribers, back)
                 self._update_rows(conn, subscribers, renamed)
                 added += len(back)
