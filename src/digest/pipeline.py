@@ -26,7 +26,7 @@ from digest.config import Delivery, Settings
 from digest.delivery.providers.base import Provider, check_with_retries
 from digest.delivery.providers.registry import build_provider
 from digest.delivery.sender import Sender, SendSummary, share_of
-from digest.errors import DeliveryError, DigestError, DraftError, TokenError
+from digest.errors import DeliveryError, DigestError, DraftError, StoreError, TokenError
 from digest.http import build_session
 from digest.render.cache import render_key
 from digest.render.fill import CompiledEmail, personalize
@@ -184,7 +184,17 @@ def collect(app: App) -> list[CollectOutcome]:
 
 
 def _record(app: App, result: CollectResult, now: datetime) -> CollectOutcome:
-    stats = app.store.record_collect(result, now)
+    """Store one source's result. If the store refuses it (something in it the database cannot
+    hold), that is this source's failure, recorded as its error, and the other sources are still
+    collected (rule 8); its cursor is not saved, so the next run fetches it all again. A database
+    that cannot even record that stops the collect (the next source could not be recorded either)."""
+    try:
+        stats = app.store.record_collect(result, now)
+    except StoreError as exc:
+        error = f"could not store what was fetched: {exc}"
+        app.store.record_collect(CollectResult(result.source, error=error), now)
+        log.warning("source %s failed: %s", result.source, error)
+        return CollectOutcome(result.source, CollectStats(), error, warnings=result.warnings)
     if result.error:
         log.warning("source %s failed: %s", result.source, result.error)
     for warning in result.warnings:

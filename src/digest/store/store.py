@@ -11,13 +11,14 @@ import bisect
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from operator import itemgetter
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -295,6 +296,101 @@ def _address_lock(email: str) -> int:
     return int.from_bytes(hashlib.sha256(f"soft-bounce:{email}".encode()).digest()[:8], "big", signed=True)
 
 
+# The longest claim token ``send_batches.claim_token`` holds (PostgreSQL enforces it).
+_TOKEN_LENGTH = 64
+
+
+def claim_token(holder: str) -> str:
+    """The token a claim records on its batch for the sender ``holder`` (its lease holder).
+
+    A holder that fits the column is the token itself, as before: readable (which host and
+    process claimed the batch), and the very token a batch claimed by an older version carries.
+    A longer one (``host:pid:random`` on a host with a long name, such as EC2's
+    ``ip-172-31-122-133.ap-southeast-2.compute.internal``) is a fixed-length hash of it, never
+    cut: two holders sharing a prefix must keep two tokens. Nothing reads a host or a pid out
+    of a token; it is only compared with the one its sender holds (:meth:`Store._hold`), so the
+    same holder must always give the same token, and a token given again is itself.
+    """
+    if len(holder) <= _TOKEN_LENGTH:
+        return holder
+    return "sha256:" + hashlib.sha256(holder.encode("utf-8", "surrogatepass")).hexdigest()[:48]
+
+
+# The longest item key ``essays.key``, ``comments.key`` and ``comments.parent_key`` hold.
+_KEY_LENGTH = 2000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(value: str) -> str:
+    """``value`` as both databases can store it: a NUL (which PostgreSQL text cannot hold,
+    while SQLite takes it) and a lone surrogate (a JSON escape such as ``\\ud800``, which no
+    driver can encode) become U+FFFD, the replacement character. One character for one, so a
+    cut before or after is the same cut, and two texts that differed still differ.
+
+    For text from outside that the store keeps: what feeds bring (:meth:`Store.record_collect`)
+    and what providers answer (:func:`_provider_error`). A value that could not be written
+    would otherwise fail its whole transaction: a source's collect, a batch's verdict.
+    """
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def _provider_error(error: str) -> str:
+    """A provider's error (or what the sender says of a call) as a verdict records it: its first
+    1000 characters, :func:`storable`. A refusal may quote what it refused, a NUL included;
+    a verdict that could not be written would leave its batch claimed, to come back uncertain."""
+    return storable(error[:1000])
+
+
+def storable_key(key: str) -> str:
+    """An essay's or a comment's key as the store keeps it: :func:`storable`, and one longer
+    than the column (an RSS guid of thousands of characters) hashed, never cut: two long keys
+    sharing a prefix stay two items, and the same key gives the same stored key every run, so
+    the item is found again. A stored key given again is itself (a comment source names its
+    essay by the key the store gave it)."""
+    key = storable(key)
+    if len(key) <= _KEY_LENGTH:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _storable_result(result: CollectResult) -> CollectResult:
+    """``result`` with every text the store writes made :func:`storable` and every key
+    :func:`storable_key`: one odd item must not fail its source's whole collect on PostgreSQL."""
+    return replace(
+        result,
+        essays=tuple(_cleaned(e, ("key",), ("url", "title", "html", "summary", "author", "comments_url"))
+                     for e in result.essays),
+        comments=tuple(_cleaned(c, ("essay_key", "key", "parent_key"), ("author", "html", "url"))
+                       for c in result.comments),
+        covered=tuple((source, storable_key(key)) for source, key in result.covered),
+        cursor=_cleaned(result.cursor, (), ("etag", "last_modified")),
+        error=result.error and storable(result.error),
+        warnings=tuple(storable(w) for w in result.warnings),
+    )
+
+
+_Value = TypeVar("_Value", Essay, Comment, SourceCursor)
+
+
+def _cleaned(value: _Value, keys: Sequence[str], texts: Sequence[str]) -> _Value:
+    """``value`` with its fields ``keys`` made :func:`storable_key` and ``texts`` :func:`storable`
+    (those that are ``None`` stay so): the very same value, no copy, when nothing changes (as a rule)."""
+    changes: dict[str, Any] = {}
+    for names, clean in ((keys, storable_key), (texts, storable)):
+        for name in names:
+            was = getattr(value, name)
+            if was is not None and (cleaned := clean(was)) is not was:
+                changes[name] = cleaned
+    return replace(value, **changes) if changes else value
+
+
 def _dt(value: Any) -> datetime | None:
     return as_utc(value) if isinstance(value, datetime) else None
 
@@ -553,7 +649,11 @@ class Store:
         a row the other inserted first: such a row is taken as found, so an item counts as
         new only for the collect that inserted it, and as updated only where what this one
         fetched differs from what is stored.
+
+        Keys and text are stored as :func:`storable_key` and :func:`storable` make them, the
+        same way each run (so what comes back is compared with what was stored of it).
         """
+        result = _storable_result(result)
         with self._tx() as conn:
             self._touch_source(conn, result, now)
             if result.error or result.not_modified:
@@ -935,6 +1035,13 @@ class Store:
                         skipped.append(email)
                     elif name and name != row.name:
                         renamed.append({"row_id": row.id, "name": name, "updated_at": now})
+                changed = [change["row_id"] for change in (*back, *renamed)]
+                if changed:
+                    # Their rows locked first, in address order (PostgreSQL; the updates below go
+                    # by id): the order in which a webhook's suppressions take them
+                    # (_apply_events), so the two wait for each other rather than deadlock.
+                    conn.execute(select(subscribers.c.id).where(subscribers.c.id.in_(changed))
+                                 .order_by(subscribers.c.email).with_for_update())
                 self._update_rows(conn, subscribers, back)
                 self._update_rows(conn, subscribers, renamed)
                 added += len(back)
@@ -1468,7 +1575,8 @@ class Store:
     def claim_batch(self, draft_id: int, size: int, token: str, now: datetime,
                     via: str | None = None) -> ClaimedBatch:
         """Claim up to ``size`` rows, skipping (rule 2) those no longer eligible; an empty
-        batch when none is left. ``via``: what the batch goes out through (``sent_via``).
+        batch when none is left. ``via``: what the batch goes out through (``sent_via``);
+        ``token``: the claiming sender's lease holder (the batch records :func:`claim_token` of it).
 
         The next rows above the draft's cursor come first, as a range: one ``send_batches``
         row and the cursor move, whatever the batch's size. Rows put back in the queue
@@ -1478,7 +1586,7 @@ class Store:
         transaction that claims them, so each claim costs the same with a thousand rows left
         or a million.
         """
-        when = self._when(now)
+        when, token = self._when(now), claim_token(token)
         with self._tx() as conn:
             through, last = self._lock_cursor(conn, draft_id)
             start = through
@@ -1536,7 +1644,7 @@ class Store:
         that many times already.
         """
         rule = ResendRule(via, since, max_attempts)
-        when = self._when(now)
+        when, token = self._when(now), claim_token(token)
         out: list[ClaimedBatch] = []
         with self._tx() as conn:
             ranged, groups = self._resendable(conn, draft_id, rule)
@@ -1653,7 +1761,7 @@ class Store:
         first_id = results[0].provider_message_id
         uniform_ids = all(r.provider_message_id == first_id for r in results)
         for r in results:
-            error = (r.error or None) and r.error[:1000]
+            error = (r.error or None) and _provider_error(r.error)
             if uniform_ids:
                 shared.setdefault((r.status, r.provider_message_id, error), []).append(r.ledger_id)
             else:
@@ -1679,9 +1787,9 @@ class Store:
         else:
             (status, error), _n = Counter((r.status, r.error) for r in results).most_common(1)[0]
             alike = [r for r in results if r.status == status and r.error == error]
-            apart = [(r.status, provider, r.provider_message_id, (r.error or None) and r.error[:1000], settled,
-                      batch_id, r.ledger_id) for r in results if r.status != status or r.error != error]
-        error = (error or None) and error[:1000]
+            apart = [(r.status, provider, r.provider_message_id, (r.error or None) and _provider_error(r.error),
+                      settled, batch_id, r.ledger_id) for r in results if r.status != status or r.error != error]
+        error = (error or None) and _provider_error(error)
         ids = {r.provider_message_id for r in alike}
         message_id = message_ids = None
         if len(ids) == 1:
@@ -1708,15 +1816,16 @@ class Store:
             return
         where, params = self._ids_clause("id", ledger_ids)
         batch_id = batch.batch_id if batch is not None else None
+        error = _provider_error(error)
         with self._tx(wait_for_disk=False) as conn:
             self._hold(conn, batch)
             self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = COALESCE({p}, batch_id) "
-                f"WHERE {where} AND status IN ('claimed', 'sending', 'pending')"), (error[:1000], batch_id, *params))
+                f"WHERE {where} AND status IN ('claimed', 'sending', 'pending')"), (error, batch_id, *params))
             if batch is not None and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'released', error = {p}, "
                                           "settled_at = {p} WHERE id = {p}"),
-                          (error[:1000], self._when(now), batch.batch_id))
+                          (error, self._when(now), batch.batch_id))
 
     def mark_uncertain(self, ledger_ids: Sequence[int], error: str, now: datetime,
                        batch: ClaimedBatch | None = None) -> None:
@@ -1724,23 +1833,23 @@ class Store:
         ``batch``, one write on the batch; otherwise each row."""
         if not ledger_ids:
             return
-        when = self._when(now)
+        when, error = self._when(now), _provider_error(error)
         with self._tx(wait_for_disk=False) as conn:
             self._hold(conn, batch)
             if batch is not None and batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
-                                          "settled_at = {p} WHERE id = {p}"), (error[:1000], when, batch.batch_id))
+                                          "settled_at = {p} WHERE id = {p}"), (error, when, batch.batch_id))
                 return
             where, params = self._ids_clause("id", ledger_ids)
             batch_id = batch.batch_id if batch is not None else None
             self._raw(conn, self._sql(
                 "UPDATE send_ledger SET status = 'uncertain', error = {p}, settled_at = {p}, "
-                f"batch_id = COALESCE({{p}}, batch_id) WHERE {where}"), (error[:1000], when, batch_id, *params))
+                f"batch_id = COALESCE({{p}}, batch_id) WHERE {where}"), (error, when, batch_id, *params))
             if batch is not None and not batch.ranged and set(ledger_ids) >= {c.ledger_id for c in batch}:
                 # The batch's record says so too (it is not still in flight).
                 self._raw(conn, self._sql("UPDATE send_batches SET status = 'uncertain', error = {p}, "
                                           "settled_at = {p} WHERE id = {p} AND status IN ('claimed', 'calls')"),
-                          (error[:1000], when, batch.batch_id))
+                          (error, when, batch.batch_id))
 
     def record_calls(self, batch: ClaimedBatch, draft_id: int, starting: Sequence[int],
                      done: Sequence[SendResult], provider: str, now: datetime) -> None:
@@ -1769,8 +1878,8 @@ class Store:
             if back:
                 self._raw(conn, self._sql("UPDATE send_ledger SET status = 'claimed' WHERE id = {p} "
                                           "AND status = 'sending'"), back, many=True)
-            known = [(r.status, provider, r.provider_message_id, (r.error or None) and r.error[:1000], settled,
-                      r.ledger_id) for r in done if r.status != "deferred"]
+            known = [(r.status, provider, r.provider_message_id, (r.error or None) and _provider_error(r.error),
+                      settled, r.ledger_id) for r in done if r.status != "deferred"]
             if known:
                 self._raw(conn, self._sql("UPDATE send_ledger SET status = {p}, provider = {p}, "
                                           "provider_message_id = {p}, error = {p}, settled_at = {p} WHERE id = {p}"),
