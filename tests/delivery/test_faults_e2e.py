@@ -145,6 +145,10 @@ RETRYABLE: dict[str, tuple[list[Fault], list[float]]] = {
     "429-no-retry-after": ([("status", 429)], [0.5]),
     # 5xx the provider answered itself (not a gateway's 502/504: see below)
     "500-burst": ([("status", 500), ("status", 503), ("status", 500)], [0.5, 1.0, 2.0]),
+    # Cloudflare in front of the provider, which never had the request: 521 (the origin refused
+    # the connection), 523 (unreachable), 525 (no TLS handshake with it), 526 (its certificate)
+    "origin-never-reached": ([("status", 521), ("status", 523), ("status", 525), ("status", 526)],
+                             [0.5, 1.0, 2.0, 4.0]),
 }
 
 
@@ -228,13 +232,21 @@ def test_accepted_but_unanswered_batches_are_uncertain_never_resent(
     app.close()
 
 
-@pytest.mark.parametrize("status", [502, 504])
+# What a gateway in front of the provider answers, perhaps after passing the request on
+# (base.GATEWAY_STATUSES): 502, 504; Cloudflare's 520 (the origin's answer was empty or
+# unreadable), 522 (also: the origin did not acknowledge a request sent on an open connection),
+# 524 (the origin took the request and did not answer in time), 527; some proxies' 598, 599.
+GATEWAY = [502, 504, 520, 522, 524, 527, 598, 599]
+
+
+@pytest.mark.parametrize("status", GATEWAY)
 @pytest.mark.parametrize("provider", PLAIN)
 def test_a_gateway_5xx_after_the_provider_took_the_batch_leaves_it_uncertain(
         tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str, status: int) -> None:
-    """The provider took the call's readers, and the load balancer in front of it answered
-    502/504 (its answer lost or late). Resending, as for a 500, would give each of them a
-    second copy: they are uncertain, nobody gets two copies, and the other batches go out."""
+    """The provider took the call's readers, and the load balancer or CDN in front of it
+    answered 502/504/524 ... (its answer lost or late). Resending, as for a 500, would give each
+    of them a second copy: they are uncertain, nobody gets two copies, and the other batches go
+    out."""
     via = PROVIDERS[provider]
     via.install(srv)
     app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
@@ -304,7 +316,7 @@ def test_resend_retries_an_unanswered_batch_under_its_key_and_everyone_gets_one(
     app.close()
 
 
-@pytest.mark.parametrize("status", [502, 504])
+@pytest.mark.parametrize("status", [502, 504, 524])
 def test_resend_sends_a_batch_a_gateway_answered_again_under_its_key_and_everyone_gets_one(
         tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, status: int) -> None:
     """Resend took the batch and its load balancer answered 502/504: the sender sends the same

@@ -80,6 +80,30 @@ def test_response_text_is_truncated() -> None:
     assert response_text(b"\xff\xfe bad utf-8") == "\ufffd\ufffd bad utf-8"
 
 
+# A gateway's answer that may follow a request the provider took: uncertain when it answers a
+# send. Cloudflare's 520, 522 and 524 among them (see base.GATEWAY_STATUSES for each reason).
+@pytest.mark.parametrize("status", [502, 504, 520, 522, 524, 527, 598, 599])
+def test_a_gateway_status_answering_a_send_is_uncertain(minimal: Minimal, status: int) -> None:
+    page = f"<html><head><title>{status}</title></head><body>gateway</body></html>".encode()
+    with pytest.raises(UncertainDeliveryError) as info:
+        minimal.raise_for_common_status(status, {"retry-after": "2"}, page)
+    assert info.value.retryable and info.value.status == status and info.value.retry_after == 2
+    assert f"HTTP {status}" in str(info.value) and "gateway" in str(info.value)
+    # `digest check` sends nothing: there it is a plain retryable error.
+    with pytest.raises(DeliveryError) as checked:
+        minimal.raise_for_common_status(status, {}, page, sends_mail=False)
+    assert type(checked.value) is DeliveryError and checked.value.retryable
+
+
+# The origin never had the request (Cloudflare: 521 refused, 523 unreachable, 525 and 526 no
+# TLS with it, 530 its DNS or tunnel), or the provider answered itself: retried like any 5xx.
+@pytest.mark.parametrize("status", [500, 503, 521, 523, 525, 526, 530])
+def test_a_5xx_the_provider_never_took_the_request_for_is_retryable(minimal: Minimal, status: int) -> None:
+    with pytest.raises(DeliveryError) as info:
+        minimal.raise_for_common_status(status, {}, b"<html><body>error</body></html>")
+    assert type(info.value) is DeliveryError and info.value.retryable
+
+
 def _cert_error() -> requests.exceptions.SSLError:
     inner = ssl.SSLCertVerificationError(1, "certificate verify failed")
     return requests.exceptions.SSLError(MaxRetryError(None, URL, Urllib3SSLError(inner)))

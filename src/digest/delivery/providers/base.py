@@ -10,8 +10,8 @@ the order given. A failure of the whole call is an exception::
     │   │                             the batch goes back to the queue and the send stops
     │   └── AuthError (digest.errors) credentials refused: the same, fix the credentials
     └── UncertainDeliveryError        (here) the call failed *after* the request went out (a
-                                      read timeout, a reset, an unreadable answer, a 502 or 504
-                                      from a gateway in front of the provider): the provider may
+                                      read timeout, a reset, an unreadable answer, a 502, 504 or
+                                      524 from a gateway in front of the provider): the provider may
                                       have accepted the messages. ``maybe_delivered`` is True;
                                       the sender marks the rows 'uncertain' instead of retrying
                                       blindly, because none of Postmark, SendGrid, Mailgun or
@@ -28,9 +28,10 @@ only later: ``deferred``) are values, never exceptions.
 
 HTTP providers subclass :class:`HttpProvider`, which owns the send loop (the template method
 :meth:`HttpProvider.send_batch`) and the HTTP status classification: a 5xx the provider itself
-answered (500, 503 ...) is a retryable :class:`DeliveryError`, since it failed the call; a 502 or
-504 comes from a proxy or load balancer that had already passed the request on, or may have,
-so it is an :class:`UncertainDeliveryError`. A new HTTP provider writes
+answered (500, 503 ...) is a retryable :class:`DeliveryError`, since it failed the call; a 502,
+504 or 524 (:data:`GATEWAY_STATUSES`) comes from a proxy, load balancer or CDN that had already
+passed the request on, or may have, so it is an :class:`UncertainDeliveryError`. A new HTTP
+provider writes
 only two pure methods, :meth:`~HttpProvider.build_request` and
 :meth:`~HttpProvider.parse_response`, plus :meth:`~Provider.check`. Providers that hand over
 finished MIME messages (SMTP, the outbox) subclass :class:`MimeProvider`, whose pure
@@ -76,7 +77,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from functools import partial
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Protocol, Self
 
 import requests
@@ -96,19 +97,40 @@ from digest.http import ApiCalls, build_session, describe, read_environment_once
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
-# Answered by a gateway (proxy, load balancer) in front of the provider, not by the provider:
-# 502 Bad Gateway (the provider's answer was lost or unreadable) and 504 Gateway Timeout (the
-# provider did not answer in time). Either can follow a request the provider received and
-# acted on, so a send answered so may have been delivered.
-GATEWAY_STATUSES = frozenset({502, 504})
+# Answered by a gateway (a proxy, a load balancer, a CDN) in front of the provider, not by the
+# provider, and possibly after the provider received the request and acted on it: a send
+# answered so may have been delivered. Each status with the words its error uses, and why.
+GATEWAY_STATUSES: Mapping[int, str] = MappingProxyType({
+    502: "bad gateway",  # the provider's answer was lost or unreadable
+    504: "gateway timeout",  # the provider did not answer in time
+    # Cloudflare's own statuses:
+    520: "unknown error from the origin",  # the origin's answer was empty or unreadable: it had the request
+    # Not only "no TCP connection": Cloudflare also answers 522 when the origin did not
+    # acknowledge the request it sent on an established connection within 90 s, and an
+    # acknowledgement lost on the way back says nothing of what the origin received.
+    522: "connection timed out",
+    524: "a timeout occurred",  # the origin took the request and did not answer in time
+    527: "railgun error",  # Railgun (retired) lost the origin, its LAN timeout among the causes
+    # Informal statuses of some proxies: 598, a read timeout behind the proxy (after it passed
+    # the request on); 599, said to be a connect timeout, but specified nowhere, and Tornado's
+    # HTTP client reports every failure as 599, read timeouts included, which a proxy built on
+    # it may pass on.
+    598: "network read timeout",
+    599: "network connect timeout",
+})
+# Left out on purpose, so plain retryable 5xx: Cloudflare's 521 (the origin refused the
+# connection), 523 (the origin is unreachable), 525 (no TLS handshake with it), 526 (its
+# certificate is invalid) and 530 (its DNS or tunnel failed) all mean the origin never had
+# the request.
 
 
 class UncertainDeliveryError(DeliveryError):
     """The provider may have accepted the messages although the call failed.
 
     Raised when the request was (or may have been) sent but no usable answer came back: a read
-    timeout, a connection reset after sending, a 502 or 504 from a gateway in front of the
-    provider, a 2xx whose body is not the expected JSON, a result array of the wrong length.
+    timeout, a connection reset after sending, a 502, 504 or 524 from a gateway in front of the
+    provider (:data:`GATEWAY_STATUSES`), a 2xx whose body is not the expected JSON, a result
+    array of the wrong length.
     ``maybe_delivered`` is always True here (and absent, so False, on a plain
     :class:`DeliveryError`: use :func:`maybe_delivered` to read it from any exception).
     ``retryable`` still says whether the *provider* would take another call; it does not mean
@@ -489,8 +511,8 @@ class HttpProvider(Provider):
       :class:`UncertainDeliveryError`, retryable;
     * 401, 403 → :class:`AuthError`; 429 → retryable with ``retry_after`` from Retry-After
       (:meth:`retry_after_of`); a 5xx from the provider itself (500, 503 ...) → retryable;
-    * 502, 504 (:data:`GATEWAY_STATUSES`: a gateway answered, perhaps after the provider took
-      the batch) → :class:`UncertainDeliveryError`, retryable: the sender marks the batch
+    * 502, 504, 524 ... (:data:`GATEWAY_STATUSES`: a gateway answered, perhaps after the
+      provider took the batch) → :class:`UncertainDeliveryError`, retryable: the sender marks the batch
       uncertain, or resends it under the same key where the provider has one (Resend);
     * anything else (2xx, 3xx, other 4xx) → :meth:`parse_response`, which raises
       :meth:`status_error` for statuses it does not understand.
@@ -701,9 +723,10 @@ class HttpProvider(Provider):
     ) -> None:
         """Raise for 401/403 (auth), 429 (rate limit) and 5xx (server); return otherwise.
 
-        A 502 or 504 answering a call that sends mail is an :class:`UncertainDeliveryError`
-        (:meth:`gateway_error`); ``sends_mail=False`` (``check()``, which sends nothing) makes
-        it a plain retryable error like any 5xx. ``headers`` must have lower-case names.
+        A gateway's 502, 504 ... (:data:`GATEWAY_STATUSES`) answering a call that sends mail is
+        an :class:`UncertainDeliveryError` (:meth:`gateway_error`); ``sends_mail=False``
+        (``check()``, which sends nothing) makes it a plain retryable error like any 5xx.
+        ``headers`` must have lower-case names.
         """
         text = response_text(body)
         if status in (401, 403):
@@ -726,14 +749,15 @@ class HttpProvider(Provider):
             )
 
     def gateway_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UncertainDeliveryError:
-        """The error for a 502 or 504 answering a send: a gateway in front of the provider
-        answered, not the provider, and the request may have reached the provider first (a
-        504 is a timeout *after* forwarding it). Retryable, as a 5xx is, but uncertain: only
-        a provider with an idempotency key may be sent the same batch again.
+        """The error for a status of :data:`GATEWAY_STATUSES` answering a send: a gateway in
+        front of the provider answered, not the provider, and the request may have reached the
+        provider first (a 504 or a 524 is a timeout *after* forwarding it). Retryable, as a 5xx
+        is, but uncertain: only a provider with an idempotency key may be sent the same batch
+        again.
 
         ``headers`` must have lower-case names.
         """
-        kind = "bad gateway" if status == 502 else "gateway timeout"
+        kind = GATEWAY_STATUSES.get(status, "gateway error")
         return UncertainDeliveryError(
             f"{self.name}: HTTP {status} ({kind}): a gateway in front of the provider answered "
             "after the request went out, so the provider may have accepted the messages",
