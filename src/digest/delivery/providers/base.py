@@ -81,7 +81,8 @@ from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Protocol, Self
 
 import requests
-from urllib3.exceptions import NewConnectionError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import NewConnectionError, ProxyError
 
 from digest import clock
 from digest.config import Delivery
@@ -505,8 +506,10 @@ class HttpProvider(Provider):
     :meth:`send_batch` builds the request (:meth:`build_request`), sends it once with
     ``settings.timeout``, classifies the outcome and lets :meth:`parse_response` read the rest:
 
-    * network error before the request went out (DNS, connection refused, connect timeout,
-      TLS handshake) → :class:`DeliveryError`, retryable;
+    * network error before the request went out (DNS, connection refused, connect timeout, a
+      proxy that will not open the CONNECT tunnel, a failed TLS handshake: whatever fails while
+      connecting) → :class:`DeliveryError`, retryable; but a certificate refused, or a proxy
+      asking for credentials (407), → :class:`BlockedError`: the operator must fix it;
     * network error after it may have gone out (read timeout, reset, truncated answer) →
       :class:`UncertainDeliveryError`, retryable;
     * 401, 403 → :class:`AuthError`; 429 → retryable with ``retry_after`` from Retry-After
@@ -692,14 +695,59 @@ class HttpProvider(Provider):
             # connect timeout (urllib3's NewConnectionError, wrapped in MaxRetryError). Retried
             # (a provider's outage passes), but named: most often it is a wrong base_url.
             return DeliveryError(what, retryable=True, hint="if it persists, check delivery.base_url")
+        if _raised_while_connecting([exc, *causes]):
+            return self._connect_error(exc, causes, url)
         if not sends_mail:
             return DeliveryError(what, retryable=True)
         # Why not every SSLError is "not sent": an abrupt close of a TLS connection mid-request
-        # surfaces as an SSLError too ("EOF occurred in violation of protocol"). ReadTimeout,
+        # surfaces as an SSLError too ("EOF occurred in violation of protocol"), and a garbled
+        # record in the answer as the WRONG_VERSION_NUMBER of a plain-HTTP port. ReadTimeout,
         # "Connection aborted" and ChunkedEncodingError may all follow a request the provider got.
         return UncertainDeliveryError(
             f"{what}; the request was sent, so the provider may have accepted the messages",
             retryable=True,
+        )
+
+    def _connect_error(
+        self, exc: requests.RequestException, causes: Sequence[BaseException], url: str
+    ) -> DeliveryError:
+        """The error for a failure while connecting (:func:`_raised_while_connecting`): nothing
+        of the request was written, so never uncertain. Retryable (a proxy's or a server's
+        trouble may pass), but for a proxy that asks for credentials (407 to the CONNECT): that
+        is the operator's to fix, so the send stops with the batch back in the queue."""
+        where = f"{self.name}: calling {url}"
+        refused = _tunnel_refusal(causes)
+        if refused is not None:
+            status, line = refused
+            if status == 407:
+                return BlockedError(
+                    f"{where}: the proxy refused to open a tunnel to the provider ({line}); nothing was sent",
+                    hint="the proxy asks for credentials: set them in HTTPS_PROXY, as http://user:password@host:port",
+                )
+            return DeliveryError(
+                f"{where}: the proxy could not open a tunnel to the provider ({line}); nothing was sent",
+                retryable=True,
+                hint="if it persists, check the proxy (HTTPS_PROXY)",
+            )
+        if any(isinstance(c, (requests.exceptions.ProxyError, ProxyError)) for c in causes):
+            return DeliveryError(
+                f"{where}: could not connect through the proxy ({describe(exc)}); nothing was sent",
+                retryable=True,
+                hint="if it persists, check the proxy (HTTPS_PROXY)",
+            )
+        handshake = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
+        if handshake is not None:
+            return DeliveryError(
+                f"{where}: the TLS handshake failed ({handshake.reason or type(handshake).__name__}); "
+                "nothing was sent",
+                retryable=True,
+                hint="if it persists, check delivery.base_url: an https:// URL needs a server that speaks TLS",
+            )
+        detail = "timed out" if isinstance(exc, requests.exceptions.Timeout) else describe(exc)
+        return DeliveryError(
+            f"{where}: could not connect ({detail}); nothing was sent",
+            retryable=True,
+            hint="if it persists, check delivery.base_url",
         )
 
     def handle_response(
@@ -1189,6 +1237,44 @@ def _partial_summary(
         f"{name}: {len(uncertain)} message(s) may have been accepted although their call "
         f"failed ({' | '.join(shown)}); {rest}"
     )
+
+
+# urllib3's connection setup: the TCP connection, a proxy's CONNECT tunnel and the TLS
+# handshake, all done before the request's first byte is written.
+_CONNECTING = frozenset({HTTPConnection.connect.__code__, HTTPSConnection.connect.__code__})
+# What http.client raises when the proxy answers the CONNECT with anything but 200.
+_TUNNEL_REFUSED_RE = re.compile(r"Tunnel connection failed: (\d{3})\b(.*)")
+
+
+def _raised_while_connecting(errors: Sequence[BaseException]) -> bool:
+    """True when one of ``errors`` (an exception and its causes) was raised inside urllib3's
+    connection setup, which writes nothing of the request; read from their tracebacks.
+
+    Why where it was raised and not what it is: the same exceptions come from both sides of the
+    request's first byte. An SSLEOFError is a server closing during the handshake, or in the
+    middle of a session; WRONG_VERSION_NUMBER an https:// URL on a plain-HTTP port, or a
+    garbled record in the answer; and urllib3 reports as a ProxyError ("Unable to connect to
+    proxy") a provider that closed a tunnelled connection after reading the request (http.client
+    closes the connection, which resets urllib3's has_connected_to_proxy). An exception without
+    a traceback (built, never raised) gives False: uncertain, never a resend.
+    """
+    for error in errors:
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in _CONNECTING:
+                return True
+            tb = tb.tb_next
+    return False
+
+
+def _tunnel_refusal(errors: Sequence[BaseException]) -> tuple[int, str] | None:
+    """The proxy's status and status line when it refused to open the CONNECT tunnel, from
+    http.client's ``OSError("Tunnel connection failed: 407 Proxy Authentication Required")``."""
+    for error in errors:
+        match = _TUNNEL_REFUSED_RE.match(str(error))
+        if match:
+            return int(match.group(1)), response_text(f"{match.group(1)} {match.group(2).strip()}".strip(), 100)
+    return None
 
 
 def _causes(exc: BaseException, limit: int = 20) -> list[BaseException]:
