@@ -64,6 +64,7 @@ Optional hooks a provider may add (the defaults keep the behaviour above):
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import ssl
@@ -251,6 +252,42 @@ def response_text(body: bytes | str | None, limit: int = RESPONSE_TEXT_LIMIT) ->
         return ""
     text = body if isinstance(body, str) else body[: limit * 4].decode("utf-8", "replace")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+BODY_EXCERPT_LIMIT = 80  # characters of a body that is not JSON quoted in an error's message
+# Not text in a page: scripts, styles and comments (up to their end, or the end of what is read).
+_NOT_TEXT_RE = re.compile(r"<(script|style)\b.*?(?:</\1\s*>|\Z)|<!--.*?(?:-->|\Z)", re.IGNORECASE | re.DOTALL)
+_TITLE_RE = re.compile(r"<title\b[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+_TAG_RE = re.compile(r"<[^>]*>?")
+
+
+def body_summary(body: bytes, limit: int = BODY_EXCERPT_LIMIT) -> str:
+    """A response body that is not JSON, as one short line for an error's message: ``the body
+    is not JSON (HTML: "413 Request Entity Too Large")``, or ``the body is empty``.
+
+    Why not the body itself: such an answer mostly comes from a proxy or a CDN in front of the
+    provider (nginx's 413 page, Cloudflare's 429), and the whole page, markup, newlines and all,
+    would become the operator's message, the ledger's error column and a held send's reason,
+    each read as one line. So: what it is (HTML, XML or text, told from the body itself, which a
+    proxy's Content-Type describes no better), and at most ``limit`` characters of what it says
+    (a page's title, else its text without markup), with control characters and runs of
+    whitespace made single spaces. Every provider words such a body through here; the body
+    itself stays in the error's ``response_text``.
+    """
+    text = body[:8192].decode("utf-8", "replace")
+    head = text.lstrip()[:512].lower()
+    if not head:
+        return "the body is empty"
+    kind = "text"
+    if head.startswith("<"):
+        kind = "XML" if head.startswith("<?xml") and "<html" not in head else "HTML"
+        title = _TITLE_RE.search(text)
+        text = title.group(1) if title else _TAG_RE.sub(" ", _NOT_TEXT_RE.sub(" ", text))
+        text = html.unescape(text)
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if len(line) > limit:
+        line = line[: limit - 1].rstrip() + "…"
+    return f'the body is not JSON ({kind}: "{line}")' if line else f"the body is not JSON ({kind})"
 
 
 # Every byte except the controls JSON forbids raw in a string (TAB, LF and CR aside, which
@@ -822,7 +859,15 @@ class HttpProvider(Provider):
         return retry_after_seconds(headers.get("retry-after"))
 
     def status_error(self, status: int, body: bytes, detail: str = "") -> DeliveryError:
-        """A not-retryable :class:`DeliveryError` for a status the provider does not document."""
+        """A not-retryable :class:`DeliveryError` for a status the provider does not document.
+
+        Without a ``detail``, a body that is not JSON (a proxy's page) is described in a few
+        words (:func:`body_summary`)."""
+        if not detail and body.strip():
+            try:
+                json.loads(body)
+            except ValueError:
+                detail = body_summary(body)
         suffix = f": {detail}" if detail else ""
         if status == 404:  # the endpoint is not there: a wrong URL, for every batch alike
             return BlockedError(f"{self.name}: HTTP 404{suffix}", status=status,
@@ -847,7 +892,7 @@ class HttpProvider(Provider):
                     status=status,
                     response_text=response_text(body),
                 ) from None
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
 
     def close(self) -> None:
         """Close the HTTP session if this provider created it."""

@@ -43,6 +43,7 @@ from digest.delivery.providers.base import (
     HttpProvider,
     PreparedCall,
     UncertainDeliveryError,
+    body_summary,
     checked_headers,
     json_escape,
     json_string,
@@ -70,7 +71,7 @@ def _error(body: bytes) -> tuple[str, str]:
     try:
         data = json.loads(body)
     except ValueError:
-        return "", response_text(body)
+        return "", body_summary(body)
     if not isinstance(data, dict):
         return "", ""
     return str(data.get("name") or ""), str(data.get("message") or "")
@@ -503,7 +504,7 @@ class ResendProvider(HttpProvider):
         try:
             data = json.loads(body)
         except ValueError:
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
         domains = data.get("data") if isinstance(data, dict) else None
         names = [
             f"{d.get('name')} ({d.get('status')})"
