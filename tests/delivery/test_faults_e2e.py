@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parseaddr
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tests.delivery.test_smtp import EphemeralController, Handler, plain
 from tests.fakes.provider_server import (
     FakeProviderServer,
     Fault,
+    Reply,
     Request,
     install_mailgun,
     install_resend,
@@ -153,6 +155,10 @@ RETRYABLE: dict[str, tuple[list[Fault], list[float]]] = {
     "429-retry-after-past-date": ([("status", 429, {"Retry-After": "Thu, 01 Jan 2015 00:00:00 GMT"})], [0.5]),
     # 5xx the provider answered itself (not a gateway's 502/504: see below)
     "500-burst": ([("status", 500), ("status", 503), ("status", 500)], [0.5, 1.0, 2.0]),
+    # Cloudflare in front of the provider, which never had the request: 521 (the origin refused
+    # the connection), 523 (unreachable), 525 (no TLS handshake with it), 526 (its certificate)
+    "origin-never-reached": ([("status", 521), ("status", 523), ("status", 525), ("status", 526)],
+                             [0.5, 1.0, 2.0, 4.0]),
 }
 
 
@@ -236,13 +242,21 @@ def test_accepted_but_unanswered_batches_are_uncertain_never_resent(
     app.close()
 
 
-@pytest.mark.parametrize("status", [502, 504])
+# What a gateway in front of the provider answers, perhaps after passing the request on
+# (base.GATEWAY_STATUSES): 502, 504; Cloudflare's 520 (the origin's answer was empty or
+# unreadable), 522 (also: the origin did not acknowledge a request sent on an open connection),
+# 524 (the origin took the request and did not answer in time), 527; some proxies' 598, 599.
+GATEWAY = [502, 504, 520, 522, 524, 527, 598, 599]
+
+
+@pytest.mark.parametrize("status", GATEWAY)
 @pytest.mark.parametrize("provider", PLAIN)
 def test_a_gateway_5xx_after_the_provider_took_the_batch_leaves_it_uncertain(
         tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str, status: int) -> None:
-    """The provider took the call's readers, and the load balancer in front of it answered
-    502/504 (its answer lost or late). Resending, as for a 500, would give each of them a
-    second copy: they are uncertain, nobody gets two copies, and the other batches go out."""
+    """The provider took the call's readers, and the load balancer or CDN in front of it
+    answered 502/504/524 ... (its answer lost or late). Resending, as for a 500, would give each
+    of them a second copy: they are uncertain, nobody gets two copies, and the other batches go
+    out."""
     via = PROVIDERS[provider]
     via.install(srv)
     app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
@@ -312,7 +326,7 @@ def test_resend_retries_an_unanswered_batch_under_its_key_and_everyone_gets_one(
     app.close()
 
 
-@pytest.mark.parametrize("status", [502, 504])
+@pytest.mark.parametrize("status", [502, 504, 524])
 def test_resend_sends_a_batch_a_gateway_answered_again_under_its_key_and_everyone_gets_one(
         tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, status: int) -> None:
     """Resend took the batch and its load balancer answered 502/504: the sender sends the same
@@ -640,3 +654,50 @@ def test_smtp_timeout_after_data_leaves_that_message_uncertain_and_sends_nobody_
     assert with_status(rows, "sent") == [e for e in EMAILS if e != EMAILS[1]]
     assert summary.uncertain == 1 and summary.retries == 0 and summary.finished
     app.close()
+
+
+# -- an error page from a proxy in front of the provider ------------------------------------------
+
+# Where each provider's send goes (with its default settings): the route a proxy answers instead.
+SEND_PATHS = {"postmark": "/email/batch", "sendgrid": "/v3/mail/send", "mailgun": f"/v3/{DOMAIN}/messages",
+              "ses": "/v2/email/outbound-emails", "resend": "/emails/batch"}
+
+
+def proxy_page(status: int) -> bytes:
+    """nginx's error page for ``status``, as it comes: CRLF lines, markup, a title."""
+    title = f"{status} {HTTPStatus(status).phrase}"
+    return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>"
+            "\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n").encode()
+
+
+def texts_for_the_operator(app: pipeline.App, summary: SendSummary) -> list[str]:
+    """Everything that tells the operator why: the run's message, each ledger row's error, the
+    reason of the send's hold."""
+    with app.store.engine.connect() as conn:
+        rows = [e for (e,) in conn.exec_driver_sql("SELECT error FROM send_ledger WHERE error IS NOT NULL").all()]
+    hold = app.store.send_hold(1)
+    return [t for t in (summary.stopped, *rows, hold.reason if hold else None) if t]
+
+
+@pytest.mark.parametrize("status", [413, 429, 500])
+@pytest.mark.parametrize("provider", sorted(SEND_PATHS))
+def test_a_proxys_html_error_page_reaches_the_operator_as_one_line(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str, status: int) -> None:
+    """A proxy in front of the provider answers every send with its HTML page (413 too large,
+    429, 500): whatever the provider makes of it (retried, failed, the send stopped or held),
+    what the operator reads (the run's message, the ledger's errors, the hold's reason) is one
+    line each, naming the status, with no markup; the page's title may be quoted."""
+    via = PROVIDERS[provider]
+    via.install(srv)
+    page = proxy_page(status)
+    srv.route("POST", SEND_PATHS[provider], lambda s, r: Reply(status, page, content_type="text/html"))
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    summary = send(app, [], max_consecutive_failures=2)
+
+    texts = texts_for_the_operator(app, summary)
+    assert summary.stopped and f"HTTP {status}" in summary.stopped  # the operator is told
+    for text in texts:
+        assert "\n" not in text and "\r" not in text and "<" not in text, text
+    assert copies(srv) == collections.Counter()
+    app.close()
+

@@ -18,6 +18,7 @@ from digest.delivery.providers.base import (
     PreparedCall,
     Provider,
     UncertainDeliveryError,
+    body_summary,
     maybe_delivered,
     response_text,
 )
@@ -78,6 +79,69 @@ def test_response_text_is_truncated() -> None:
     long = response_text(b"a" * 2000)
     assert len(long) == 500 and long.endswith("…")
     assert response_text(b"\xff\xfe bad utf-8") == "\ufffd\ufffd bad utf-8"
+
+
+# A gateway's answer that may follow a request the provider took: uncertain when it answers a
+# send. Cloudflare's 520, 522 and 524 among them (see base.GATEWAY_STATUSES for each reason).
+@pytest.mark.parametrize("status", [502, 504, 520, 522, 524, 527, 598, 599])
+def test_a_gateway_status_answering_a_send_is_uncertain(minimal: Minimal, status: int) -> None:
+    page = f"<html><head><title>{status}</title></head><body>gateway</body></html>".encode()
+    with pytest.raises(UncertainDeliveryError) as info:
+        minimal.raise_for_common_status(status, {"retry-after": "2"}, page)
+    assert info.value.retryable and info.value.status == status and info.value.retry_after == 2
+    assert f"HTTP {status}" in str(info.value) and "gateway" in str(info.value)
+    # `digest check` sends nothing: there it is a plain retryable error.
+    with pytest.raises(DeliveryError) as checked:
+        minimal.raise_for_common_status(status, {}, page, sends_mail=False)
+    assert type(checked.value) is DeliveryError and checked.value.retryable
+
+
+# The origin never had the request (Cloudflare: 521 refused, 523 unreachable, 525 and 526 no
+# TLS with it, 530 its DNS or tunnel), or the provider answered itself: retried like any 5xx.
+@pytest.mark.parametrize("status", [500, 503, 521, 523, 525, 526, 530])
+def test_a_5xx_the_provider_never_took_the_request_for_is_retryable(minimal: Minimal, status: int) -> None:
+    with pytest.raises(DeliveryError) as info:
+        minimal.raise_for_common_status(status, {}, b"<html><body>error</body></html>")
+    assert type(info.value) is DeliveryError and info.value.retryable
+
+
+NGINX_413 = (b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+             b"<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n"
+             b"</body>\r\n</html>\r\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "summary"),
+    [
+        (NGINX_413, 'the body is not JSON (HTML: "413 Request Entity Too Large")'),
+        # No title: the page's text, without markup, scripts or styles.
+        (b"<!DOCTYPE html>\n<html><head><style>\nbody { color: red }\n</style><script>var x = '<b>';</script>"
+         b"</head>\n<body>\n<h1>Error 1015</h1>\n<p>You are being\n   rate limited</p></body></html>",
+         'the body is not JSON (HTML: "Error 1015 You are being rate limited")'),
+        (b"<?xml version='1.0'?><Error><Code>Throttling</Code><Message>Rate exceeded</Message></Error>",
+         'the body is not JSON (XML: "Throttling Rate exceeded")'),
+        (b"Bad Gateway\r\n\r\nupstream \x1b[31mreset\x00 &amp; gone", 'the body is not JSON (text: "Bad Gateway '
+         'upstream [31mreset &amp; gone")'),
+        (b"", "the body is empty"),
+        (b" \r\n\t", "the body is empty"),
+        (b"<html><head><title> </title></head><body></body></html>", "the body is not JSON (HTML)"),
+    ],
+)
+def test_body_summary_is_one_short_line(body: bytes, summary: str) -> None:
+    assert body_summary(body) == summary
+
+
+def test_body_summary_cuts_a_long_body() -> None:
+    text = body_summary(b"word " * 1000)
+    assert text.startswith('the body is not JSON (text: "word word') and text.endswith('…")')
+    assert len(text) < 120
+
+
+def test_a_status_the_provider_does_not_document_describes_a_body_that_is_not_json(minimal: Minimal) -> None:
+    error = minimal.status_error(413, NGINX_413)
+    assert str(error) == 'minimal: HTTP 413: the body is not JSON (HTML: "413 Request Entity Too Large")'
+    assert error.response_text == NGINX_413.decode()  # the body itself is kept on the error
+    assert str(minimal.status_error(409, b'{"message": "conflict"}')) == "minimal: HTTP 409"
 
 
 def _cert_error() -> requests.exceptions.SSLError:

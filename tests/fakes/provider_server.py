@@ -25,10 +25,10 @@ Faults (``srv.faults`` is a deque; each request takes the next one, whatever its
 ``("garbage",)``
     record the messages, then answer 200 with a body that is not JSON.
 ``("gateway", code[, headers])``
-    handle the request (messages **are** recorded as accepted), then answer ``code`` (502 or
-    504) with a proxy's HTML page instead of the provider's answer, as a load balancer in front
-    of the provider does when the provider's answer is lost or late. (A ``("status", 504)``
-    is a gateway that never passed the request on: nothing is recorded.)
+    handle the request (messages **are** recorded as accepted), then answer ``code`` (502, 504,
+    Cloudflare's 524 ...) with a proxy's HTML page instead of the provider's answer, as a load
+    balancer in front of the provider does when the provider's answer is lost or late. (A
+    ``("status", 504)`` is a gateway that never passed the request on: nothing is recorded.)
 ``("partial", {index: (error_code, message)})``
     the handler answers those messages with that error instead of accepting them.
 ``("hold", event)``
@@ -122,6 +122,22 @@ class Reply:
     @classmethod
     def of_json(cls, status: int, data: Any, headers: dict[str, str] | None = None) -> Reply:
         return cls(status, json.dumps(data).encode(), dict(headers or {}))
+
+
+# Reason phrases of statuses http.HTTPStatus does not know: Cloudflare's and some proxies'.
+_OTHER_PHRASES = {
+    520: "Web Server Returned an Unknown Error", 521: "Web Server Is Down", 522: "Connection Timed Out",
+    523: "Origin Is Unreachable", 524: "A Timeout Occurred", 525: "SSL Handshake Failed",
+    526: "Invalid SSL Certificate", 527: "Railgun Error", 530: "Origin Error",
+    598: "Network Read Timeout Error", 599: "Network Connect Timeout Error",
+}
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return _OTHER_PHRASES.get(status, "Unknown")
 
 
 Route = Callable[["FakeProviderServer", Request], Reply]
@@ -379,7 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if fault is not None and kind == "gateway":
             code = int(fault[1])
-            phrase = HTTPStatus(code).phrase
+            phrase = _phrase(code)
             reply = Reply(
                 code,
                 f"<html><head><title>{code} {phrase}</title></head>"
@@ -399,10 +415,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _write(self, reply: Reply) -> None:
-        try:
-            reason = HTTPStatus(reply.status).phrase
-        except ValueError:
-            reason = "Unknown"
+        reason = _phrase(reply.status)
         lines = [
             f"HTTP/1.1 {reply.status} {reason}",
             f"Content-Type: {reply.content_type}",

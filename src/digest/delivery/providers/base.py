@@ -10,8 +10,8 @@ the order given. A failure of the whole call is an exception::
     │   │                             the batch goes back to the queue and the send stops
     │   └── AuthError (digest.errors) credentials refused: the same, fix the credentials
     └── UncertainDeliveryError        (here) the call failed *after* the request went out (a
-                                      read timeout, a reset, an unreadable answer, a 502 or 504
-                                      from a gateway in front of the provider): the provider may
+                                      read timeout, a reset, an unreadable answer, a 502, 504 or
+                                      524 from a gateway in front of the provider): the provider may
                                       have accepted the messages. ``maybe_delivered`` is True;
                                       the sender marks the rows 'uncertain' instead of retrying
                                       blindly, because none of Postmark, SendGrid, Mailgun or
@@ -28,9 +28,10 @@ only later: ``deferred``) are values, never exceptions.
 
 HTTP providers subclass :class:`HttpProvider`, which owns the send loop (the template method
 :meth:`HttpProvider.send_batch`) and the HTTP status classification: a 5xx the provider itself
-answered (500, 503 ...) is a retryable :class:`DeliveryError`, since it failed the call; a 502 or
-504 comes from a proxy or load balancer that had already passed the request on, or may have,
-so it is an :class:`UncertainDeliveryError`. A new HTTP provider writes
+answered (500, 503 ...) is a retryable :class:`DeliveryError`, since it failed the call; a 502,
+504 or 524 (:data:`GATEWAY_STATUSES`) comes from a proxy, load balancer or CDN that had already
+passed the request on, or may have, so it is an :class:`UncertainDeliveryError`. A new HTTP
+provider writes
 only two pure methods, :meth:`~HttpProvider.build_request` and
 :meth:`~HttpProvider.parse_response`, plus :meth:`~Provider.check`. Providers that hand over
 finished MIME messages (SMTP, the outbox) subclass :class:`MimeProvider`, whose pure
@@ -63,6 +64,7 @@ Optional hooks a provider may add (the defaults keep the behaviour above):
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import ssl
@@ -76,11 +78,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from functools import partial
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Protocol, Self
 
 import requests
-from urllib3.exceptions import NewConnectionError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import NewConnectionError, ProxyError
 
 from digest import clock
 from digest.config import Delivery
@@ -96,19 +99,40 @@ from digest.http import ApiCalls, build_session, describe, read_environment_once
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
-# Answered by a gateway (proxy, load balancer) in front of the provider, not by the provider:
-# 502 Bad Gateway (the provider's answer was lost or unreadable) and 504 Gateway Timeout (the
-# provider did not answer in time). Either can follow a request the provider received and
-# acted on, so a send answered so may have been delivered.
-GATEWAY_STATUSES = frozenset({502, 504})
+# Answered by a gateway (a proxy, a load balancer, a CDN) in front of the provider, not by the
+# provider, and possibly after the provider received the request and acted on it: a send
+# answered so may have been delivered. Each status with the words its error uses, and why.
+GATEWAY_STATUSES: Mapping[int, str] = MappingProxyType({
+    502: "bad gateway",  # the provider's answer was lost or unreadable
+    504: "gateway timeout",  # the provider did not answer in time
+    # Cloudflare's own statuses:
+    520: "unknown error from the origin",  # the origin's answer was empty or unreadable: it had the request
+    # Not only "no TCP connection": Cloudflare also answers 522 when the origin did not
+    # acknowledge the request it sent on an established connection within 90 s, and an
+    # acknowledgement lost on the way back says nothing of what the origin received.
+    522: "connection timed out",
+    524: "a timeout occurred",  # the origin took the request and did not answer in time
+    527: "railgun error",  # Railgun (retired) lost the origin, its LAN timeout among the causes
+    # Informal statuses of some proxies: 598, a read timeout behind the proxy (after it passed
+    # the request on); 599, said to be a connect timeout, but specified nowhere, and Tornado's
+    # HTTP client reports every failure as 599, read timeouts included, which a proxy built on
+    # it may pass on.
+    598: "network read timeout",
+    599: "network connect timeout",
+})
+# Left out on purpose, so plain retryable 5xx: Cloudflare's 521 (the origin refused the
+# connection), 523 (the origin is unreachable), 525 (no TLS handshake with it), 526 (its
+# certificate is invalid) and 530 (its DNS or tunnel failed) all mean the origin never had
+# the request.
 
 
 class UncertainDeliveryError(DeliveryError):
     """The provider may have accepted the messages although the call failed.
 
     Raised when the request was (or may have been) sent but no usable answer came back: a read
-    timeout, a connection reset after sending, a 502 or 504 from a gateway in front of the
-    provider, a 2xx whose body is not the expected JSON, a result array of the wrong length.
+    timeout, a connection reset after sending, a 502, 504 or 524 from a gateway in front of the
+    provider (:data:`GATEWAY_STATUSES`), a 2xx whose body is not the expected JSON, a result
+    array of the wrong length.
     ``maybe_delivered`` is always True here (and absent, so False, on a plain
     :class:`DeliveryError`: use :func:`maybe_delivered` to read it from any exception).
     ``retryable`` still says whether the *provider* would take another call; it does not mean
@@ -228,6 +252,42 @@ def response_text(body: bytes | str | None, limit: int = RESPONSE_TEXT_LIMIT) ->
         return ""
     text = body if isinstance(body, str) else body[: limit * 4].decode("utf-8", "replace")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+BODY_EXCERPT_LIMIT = 80  # characters of a body that is not JSON quoted in an error's message
+# Not text in a page: scripts, styles and comments (up to their end, or the end of what is read).
+_NOT_TEXT_RE = re.compile(r"<(script|style)\b.*?(?:</\1\s*>|\Z)|<!--.*?(?:-->|\Z)", re.IGNORECASE | re.DOTALL)
+_TITLE_RE = re.compile(r"<title\b[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+_TAG_RE = re.compile(r"<[^>]*>?")
+
+
+def body_summary(body: bytes, limit: int = BODY_EXCERPT_LIMIT) -> str:
+    """A response body that is not JSON, as one short line for an error's message: ``the body
+    is not JSON (HTML: "413 Request Entity Too Large")``, or ``the body is empty``.
+
+    Why not the body itself: such an answer mostly comes from a proxy or a CDN in front of the
+    provider (nginx's 413 page, Cloudflare's 429), and the whole page, markup, newlines and all,
+    would become the operator's message, the ledger's error column and a held send's reason,
+    each read as one line. So: what it is (HTML, XML or text, told from the body itself, which a
+    proxy's Content-Type describes no better), and at most ``limit`` characters of what it says
+    (a page's title, else its text without markup), with control characters and runs of
+    whitespace made single spaces. Every provider words such a body through here; the body
+    itself stays in the error's ``response_text``.
+    """
+    text = body[:8192].decode("utf-8", "replace")
+    head = text.lstrip()[:512].lower()
+    if not head:
+        return "the body is empty"
+    kind = "text"
+    if head.startswith("<"):
+        kind = "XML" if head.startswith("<?xml") and "<html" not in head else "HTML"
+        title = _TITLE_RE.search(text)
+        text = title.group(1) if title else _TAG_RE.sub(" ", _NOT_TEXT_RE.sub(" ", text))
+        text = html.unescape(text)
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if len(line) > limit:
+        line = line[: limit - 1].rstrip() + "…"
+    return f'the body is not JSON ({kind}: "{line}")' if line else f"the body is not JSON ({kind})"
 
 
 # Every byte except the controls JSON forbids raw in a string (TAB, LF and CR aside, which
@@ -483,14 +543,16 @@ class HttpProvider(Provider):
     :meth:`send_batch` builds the request (:meth:`build_request`), sends it once with
     ``settings.timeout``, classifies the outcome and lets :meth:`parse_response` read the rest:
 
-    * network error before the request went out (DNS, connection refused, connect timeout,
-      TLS handshake) → :class:`DeliveryError`, retryable;
+    * network error before the request went out (DNS, connection refused, connect timeout, a
+      proxy that will not open the CONNECT tunnel, a failed TLS handshake: whatever fails while
+      connecting) → :class:`DeliveryError`, retryable; but a certificate refused, or a proxy
+      asking for credentials (407), → :class:`BlockedError`: the operator must fix it;
     * network error after it may have gone out (read timeout, reset, truncated answer) →
       :class:`UncertainDeliveryError`, retryable;
     * 401, 403 → :class:`AuthError`; 429 → retryable with ``retry_after`` from Retry-After
       (:meth:`retry_after_of`); a 5xx from the provider itself (500, 503 ...) → retryable;
-    * 502, 504 (:data:`GATEWAY_STATUSES`: a gateway answered, perhaps after the provider took
-      the batch) → :class:`UncertainDeliveryError`, retryable: the sender marks the batch
+    * 502, 504, 524 ... (:data:`GATEWAY_STATUSES`: a gateway answered, perhaps after the
+      provider took the batch) → :class:`UncertainDeliveryError`, retryable: the sender marks the batch
       uncertain, or resends it under the same key where the provider has one (Resend);
     * anything else (2xx, 3xx, other 4xx) → :meth:`parse_response`, which raises
       :meth:`status_error` for statuses it does not understand.
@@ -670,14 +732,59 @@ class HttpProvider(Provider):
             # connect timeout (urllib3's NewConnectionError, wrapped in MaxRetryError). Retried
             # (a provider's outage passes), but named: most often it is a wrong base_url.
             return DeliveryError(what, retryable=True, hint="if it persists, check delivery.base_url")
+        if _raised_while_connecting([exc, *causes]):
+            return self._connect_error(exc, causes, url)
         if not sends_mail:
             return DeliveryError(what, retryable=True)
         # Why not every SSLError is "not sent": an abrupt close of a TLS connection mid-request
-        # surfaces as an SSLError too ("EOF occurred in violation of protocol"). ReadTimeout,
+        # surfaces as an SSLError too ("EOF occurred in violation of protocol"), and a garbled
+        # record in the answer as the WRONG_VERSION_NUMBER of a plain-HTTP port. ReadTimeout,
         # "Connection aborted" and ChunkedEncodingError may all follow a request the provider got.
         return UncertainDeliveryError(
             f"{what}; the request was sent, so the provider may have accepted the messages",
             retryable=True,
+        )
+
+    def _connect_error(
+        self, exc: requests.RequestException, causes: Sequence[BaseException], url: str
+    ) -> DeliveryError:
+        """The error for a failure while connecting (:func:`_raised_while_connecting`): nothing
+        of the request was written, so never uncertain. Retryable (a proxy's or a server's
+        trouble may pass), but for a proxy that asks for credentials (407 to the CONNECT): that
+        is the operator's to fix, so the send stops with the batch back in the queue."""
+        where = f"{self.name}: calling {url}"
+        refused = _tunnel_refusal(causes)
+        if refused is not None:
+            status, line = refused
+            if status == 407:
+                return BlockedError(
+                    f"{where}: the proxy refused to open a tunnel to the provider ({line}); nothing was sent",
+                    hint="the proxy asks for credentials: set them in HTTPS_PROXY, as http://user:password@host:port",
+                )
+            return DeliveryError(
+                f"{where}: the proxy could not open a tunnel to the provider ({line}); nothing was sent",
+                retryable=True,
+                hint="if it persists, check the proxy (HTTPS_PROXY)",
+            )
+        if any(isinstance(c, (requests.exceptions.ProxyError, ProxyError)) for c in causes):
+            return DeliveryError(
+                f"{where}: could not connect through the proxy ({describe(exc)}); nothing was sent",
+                retryable=True,
+                hint="if it persists, check the proxy (HTTPS_PROXY)",
+            )
+        handshake = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
+        if handshake is not None:
+            return DeliveryError(
+                f"{where}: the TLS handshake failed ({handshake.reason or type(handshake).__name__}); "
+                "nothing was sent",
+                retryable=True,
+                hint="if it persists, check delivery.base_url: an https:// URL needs a server that speaks TLS",
+            )
+        detail = "timed out" if isinstance(exc, requests.exceptions.Timeout) else describe(exc)
+        return DeliveryError(
+            f"{where}: could not connect ({detail}); nothing was sent",
+            retryable=True,
+            hint="if it persists, check delivery.base_url",
         )
 
     def handle_response(
@@ -701,9 +808,10 @@ class HttpProvider(Provider):
     ) -> None:
         """Raise for 401/403 (auth), 429 (rate limit) and 5xx (server); return otherwise.
 
-        A 502 or 504 answering a call that sends mail is an :class:`UncertainDeliveryError`
-        (:meth:`gateway_error`); ``sends_mail=False`` (``check()``, which sends nothing) makes
-        it a plain retryable error like any 5xx. ``headers`` must have lower-case names.
+        A gateway's 502, 504 ... (:data:`GATEWAY_STATUSES`) answering a call that sends mail is
+        an :class:`UncertainDeliveryError` (:meth:`gateway_error`); ``sends_mail=False``
+        (``check()``, which sends nothing) makes it a plain retryable error like any 5xx.
+        ``headers`` must have lower-case names.
         """
         text = response_text(body)
         if status in (401, 403):
@@ -726,14 +834,15 @@ class HttpProvider(Provider):
             )
 
     def gateway_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UncertainDeliveryError:
-        """The error for a 502 or 504 answering a send: a gateway in front of the provider
-        answered, not the provider, and the request may have reached the provider first (a
-        504 is a timeout *after* forwarding it). Retryable, as a 5xx is, but uncertain: only
-        a provider with an idempotency key may be sent the same batch again.
+        """The error for a status of :data:`GATEWAY_STATUSES` answering a send: a gateway in
+        front of the provider answered, not the provider, and the request may have reached the
+        provider first (a 504 or a 524 is a timeout *after* forwarding it). Retryable, as a 5xx
+        is, but uncertain: only a provider with an idempotency key may be sent the same batch
+        again.
 
         ``headers`` must have lower-case names.
         """
-        kind = "bad gateway" if status == 502 else "gateway timeout"
+        kind = GATEWAY_STATUSES.get(status, "gateway error")
         return UncertainDeliveryError(
             f"{self.name}: HTTP {status} ({kind}): a gateway in front of the provider answered "
             "after the request went out, so the provider may have accepted the messages",
@@ -750,7 +859,15 @@ class HttpProvider(Provider):
         return retry_after_seconds(headers.get("retry-after"))
 
     def status_error(self, status: int, body: bytes, detail: str = "") -> DeliveryError:
-        """A not-retryable :class:`DeliveryError` for a status the provider does not document."""
+        """A not-retryable :class:`DeliveryError` for a status the provider does not document.
+
+        Without a ``detail``, a body that is not JSON (a proxy's page) is described in a few
+        words (:func:`body_summary`)."""
+        if not detail and body.strip():
+            try:
+                json.loads(body)
+            except ValueError:
+                detail = body_summary(body)
         suffix = f": {detail}" if detail else ""
         if status == 404:  # the endpoint is not there: a wrong URL, for every batch alike
             return BlockedError(f"{self.name}: HTTP 404{suffix}", status=status,
@@ -775,7 +892,7 @@ class HttpProvider(Provider):
                     status=status,
                     response_text=response_text(body),
                 ) from None
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
 
     def close(self) -> None:
         """Close the HTTP session if this provider created it."""
@@ -1165,6 +1282,44 @@ def _partial_summary(
         f"{name}: {len(uncertain)} message(s) may have been accepted although their call "
         f"failed ({' | '.join(shown)}); {rest}"
     )
+
+
+# urllib3's connection setup: the TCP connection, a proxy's CONNECT tunnel and the TLS
+# handshake, all done before the request's first byte is written.
+_CONNECTING = frozenset({HTTPConnection.connect.__code__, HTTPSConnection.connect.__code__})
+# What http.client raises when the proxy answers the CONNECT with anything but 200.
+_TUNNEL_REFUSED_RE = re.compile(r"Tunnel connection failed: (\d{3})\b(.*)")
+
+
+def _raised_while_connecting(errors: Sequence[BaseException]) -> bool:
+    """True when one of ``errors`` (an exception and its causes) was raised inside urllib3's
+    connection setup, which writes nothing of the request; read from their tracebacks.
+
+    Why where it was raised and not what it is: the same exceptions come from both sides of the
+    request's first byte. An SSLEOFError is a server closing during the handshake, or in the
+    middle of a session; WRONG_VERSION_NUMBER an https:// URL on a plain-HTTP port, or a
+    garbled record in the answer; and urllib3 reports as a ProxyError ("Unable to connect to
+    proxy") a provider that closed a tunnelled connection after reading the request (http.client
+    closes the connection, which resets urllib3's has_connected_to_proxy). An exception without
+    a traceback (built, never raised) gives False: uncertain, never a resend.
+    """
+    for error in errors:
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in _CONNECTING:
+                return True
+            tb = tb.tb_next
+    return False
+
+
+def _tunnel_refusal(errors: Sequence[BaseException]) -> tuple[int, str] | None:
+    """The proxy's status and status line when it refused to open the CONNECT tunnel, from
+    http.client's ``OSError("Tunnel connection failed: 407 Proxy Authentication Required")``."""
+    for error in errors:
+        match = _TUNNEL_REFUSED_RE.match(str(error))
+        if match:
+            return int(match.group(1)), response_text(f"{match.group(1)} {match.group(2).strip()}".strip(), 100)
+    return None
 
 
 def _causes(exc: BaseException, limit: int = 20) -> list[BaseException]:

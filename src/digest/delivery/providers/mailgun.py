@@ -63,6 +63,7 @@ from digest.delivery.providers.base import (
     HttpProvider,
     PreparedCall,
     UncertainDeliveryError,
+    body_summary,
     checked_headers,
     response_text,
     slot_map,
@@ -598,7 +599,7 @@ class MailgunProvider(HttpProvider):
         try:
             data: Any = json.loads(body)
         except ValueError:
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
         domain = data.get("domain") if isinstance(data, dict) else None
         state = domain.get("state") if isinstance(domain, dict) else None
         line = f"mailgun: reached domain {self.domain!r} at {self.base_url}"
@@ -611,7 +612,7 @@ def _message(body: bytes) -> str:
     try:
         data = json.loads(body)
     except ValueError:
-        return response_text(body)
+        return body_summary(body)
     if isinstance(data, dict) and data.get("message"):
         return response_text(str(data["message"]))
     return ""

@@ -40,6 +40,7 @@ from digest.delivery.providers.base import (
     PreparedCall,
     Provider,
     UncertainDeliveryError,
+    body_summary,
     json_escape,
     json_string,
     response_text,
@@ -563,7 +564,7 @@ class PostmarkProvider(HttpProvider):
         try:
             data = json.loads(body)
         except ValueError:
-            return self.status_error(status, body, "the body is not JSON")
+            return self.status_error(status, body, body_summary(body))
         code = _as_int(data.get("ErrorCode")) if isinstance(data, dict) else None
         text = str(data.get("Message", "")) if isinstance(data, dict) else ""
         what = f"postmark: HTTP {status}, ErrorCode {code}: {text}"
@@ -591,7 +592,7 @@ class PostmarkProvider(HttpProvider):
         try:
             data = json.loads(body)
         except ValueError:
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
         server = data.get("Name") if isinstance(data, dict) else None
         stream = self.settings.message_stream
         line = f"postmark: reached server {server or '?'!r} at {self.base_url}, stream {stream!r}"

@@ -11,7 +11,7 @@ body returns the first answer (the same ids) and sends nothing. :meth:`ResendPro
 idempotency_key` derives the key from the batch itself (draft id and the sorted ledger ids)
 and the installation (:attr:`~digest.delivery.providers.base.Provider.installation`), so the
 very same batch always carries the very same key, and resending it after an uncertain outcome
-(a timeout, a reset, a gateway's 502 or 504) cannot deliver it twice. That is what
+(a timeout, a reset, a gateway's 502, 504 or 524) cannot deliver it twice. That is what
 :attr:`idempotent` says. Why the installation: keys are per Resend team, and another
 installation on the same team (staging, a second newsletter) has the same draft and ledger
 ids, with other bodies (Resend would refuse its batches: 409). :meth:`ResendProvider.key_space`
@@ -43,6 +43,7 @@ from digest.delivery.providers.base import (
     HttpProvider,
     PreparedCall,
     UncertainDeliveryError,
+    body_summary,
     checked_headers,
     json_escape,
     json_string,
@@ -70,7 +71,7 @@ def _error(body: bytes) -> tuple[str, str]:
     try:
         data = json.loads(body)
     except ValueError:
-        return "", response_text(body)
+        return "", body_summary(body)
     if not isinstance(data, dict):
         return "", ""
     return str(data.get("name") or ""), str(data.get("message") or "")
@@ -503,7 +504,7 @@ class ResendProvider(HttpProvider):
         try:
             data = json.loads(body)
         except ValueError:
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
         domains = data.get("data") if isinstance(data, dict) else None
         names = [
             f"{d.get('name')} ({d.get('status')})"

@@ -44,6 +44,7 @@ from digest.delivery.providers.base import (
     HttpProvider,
     PreparedCall,
     UncertainDeliveryError,
+    body_summary,
     checked_headers,
     response_text,
 )
@@ -490,7 +491,7 @@ class SendGridProvider(HttpProvider):
         try:
             data = json.loads(body)
         except ValueError:
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
         scopes = data.get("scopes") if isinstance(data, dict) else None
         if not isinstance(scopes, list):
             raise self.status_error(status, body, "no scopes in the answer")

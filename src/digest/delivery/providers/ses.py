@@ -53,6 +53,7 @@ from digest.delivery.providers.base import (
     HttpProvider,
     PreparedCall,
     UncertainDeliveryError,
+    body_summary,
     checked_headers,
     response_text,
     send_in_calls,
@@ -510,7 +511,7 @@ class SesProvider(HttpProvider):
         try:
             data = json.loads(body)
         except ValueError:
-            raise self.status_error(status, body, "the body is not JSON") from None
+            raise self.status_error(status, body, body_summary(body)) from None
         if not isinstance(data, dict):
             raise self.status_error(status, body, "unexpected answer")
         return status, data
