@@ -153,6 +153,8 @@ RETRYABLE: dict[str, tuple[list[Fault], list[float]]] = {
     # every retry at once.
     "429-retry-after-zero": ([("status", 429, {"Retry-After": "0"})] * 2, [0.5, 1.0]),
     "429-retry-after-past-date": ([("status", 429, {"Retry-After": "Thu, 01 Jan 2015 00:00:00 GMT"})], [0.5]),
+    # The server gave up waiting for the request before reading it all: nothing was processed.
+    "408": ([("status", 408)], [0.5]),
     # 5xx the provider answered itself (not a gateway's 502/504: see below)
     "500-burst": ([("status", 500), ("status", 503), ("status", 500)], [0.5, 1.0, 2.0]),
     # Cloudflare in front of the provider, which never had the request: 521 (the origin refused
@@ -701,3 +703,23 @@ def test_a_proxys_html_error_page_reaches_the_operator_as_one_line(
     assert copies(srv) == collections.Counter()
     app.close()
 
+
+
+@pytest.mark.parametrize(("status", "fix"), [(413, "delivery.batch_size"), (407, "HTTPS_PROXY")])
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+def test_a_request_too_large_or_a_proxy_wanting_credentials_stops_the_send_with_nobody_failed(
+        tmp_path: Path, clock: FrozenClock, srv: FakeProviderServer, provider: str, status: int, fix: str) -> None:
+    """A 413 (too large for the provider, or a proxy in front of it) or a proxy's 407 would
+    meet every batch alike: the send stops at once naming what to change, the batch back in the
+    queue. Before, Postmark, SES and Resend failed the batch's readers for good."""
+    via = PROVIDERS[provider]
+    via.install(srv)
+    app = open_app(tmp_path, clock, {**via.delivery, "base_url": srv.url})
+    srv.faults.extend([("status", status)] * 4)
+    summary = send(app, [])
+    assert summary.blocked and not summary.finished
+    assert summary.sent == 0 and not summary.failed and summary.uncertain == 0
+    assert f"HTTP {status}" in (summary.stopped or "") and fix in (summary.stopped or "")
+    assert set(ledger(app).values()) == {"pending"}
+    assert copies(srv) == collections.Counter()
+    app.close()

@@ -304,6 +304,7 @@ def test_other_statuses_are_not_retryable(
 ) -> None:
     with pytest.raises(DeliveryError) as info:
         provider.handle_response(status, {}, b'{"Message":"?"}', batch(make_message, "a@x.example"))
-    # A 404 means the URL is wrong, for every batch alike: the send stops, nobody is failed.
-    assert type(info.value) is (BlockedError if status == 404 else DeliveryError)
+    # A 404 means the URL is wrong, a 413 the batch too large (for Postmark or a proxy in front
+    # of it), for every batch alike: the send stops, nobody is failed.
+    assert type(info.value) is (BlockedError if status in (404, 413) else DeliveryError)
     assert not info.value.retryable and info.value.status == status

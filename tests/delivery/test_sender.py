@@ -1155,3 +1155,22 @@ def test_the_rate_limits_wait_ends_taking_nothing_when_stopping() -> None:
     assert not bucket.acquire(lambda: t[0] >= 0.4)  # stopped 0.4 s into a 1 s wait
     assert t[0] == pytest.approx(0.4)
     assert bucket.acquire(lambda: False) and t[0] == pytest.approx(1.0)  # the token was not taken
+
+
+def test_a_refusal_of_several_lines_is_recorded_and_told_as_one(app: pipeline.App) -> None:
+    """An SMTP server's reply of several lines, a provider's message with newlines: the ledger
+    keeps one line (which `digest status` shows), and so does the reason a send stops."""
+    def refuse(messages):  # type: ignore[no-untyped-def]
+        return [SendResult(m.ledger_id, "rejected", None, "550-5.1.1 mailbox unavailable\r\n550 5.1.1 see\nthe FAQ")
+                for m in messages]
+
+    provider = ScriptedProvider([refuse])
+    s = sender(app, provider)
+    summary = s.run()
+    errors = {r.error for r in app.store.reasons(summary.draft_id, ["rejected"])}
+    assert errors == {"550-5.1.1 mailbox unavailable 550 5.1.1 see the FAQ"}
+    assert summary.failed
+
+    s._stop = None
+    s._halt("postmark: HTTP 422: line one\nline two")
+    assert s._stop == "postmark: HTTP 422: line one line two"

@@ -9,7 +9,7 @@ with the provider's verdict. Whatever happens in between is covered:
   or 503 that the provider itself answered) is retried with exponential backoff and jitter,
   honouring ``Retry-After`` (capped);
 * an error after the provider may have accepted the batch (a read timeout, a reset, an
-  unreadable answer, a 502 or 504 from a gateway in front of the provider) marks its rows
+  unreadable answer, a 502, 504 or 524 from a gateway in front of the provider) marks its rows
   ``uncertain``; they are never resent silently (``digest send --resolve-uncertain``) —
   except through a provider with an idempotency key (Resend), where the same batch is resent
   with the same key and the provider itself drops the duplicate: only a batch claimed through
@@ -608,8 +608,10 @@ class Sender:
         size = settings.delivery.batch_size or provider.max_batch
         self.batch_size = max(1, min(size, provider.max_batch))
         self.processes = settings.delivery.processes
-        # Each process of a send takes its share of the rate.
-        self.bucket = TokenBucket(settings.delivery.rate_per_second / self.processes, sleep=sleep)
+        # Each process of a send takes its share of the rate. Its waits are real whatever
+        # ``sleep`` is (a test's, which records the retry waits instead of sleeping them): a
+        # rate is about real time, and a wait that took none would only spin until it passed.
+        self.bucket = TokenBucket(settings.delivery.rate_per_second / self.processes)
         self._peers: Any = None  # with helper processes: the event that stops them all
         self._go: Any = None  # ... and the one that lets them claim, once the audience is frozen
         self.concurrency = max(1, int(getattr(settings.delivery, "concurrency", 1) or 1))
@@ -1047,6 +1049,7 @@ class Sender:
                 self.on_batch(summary, now["size"])
 
     def _halt(self, reason: str) -> None:
+        reason = " ".join(reason.split())  # one line, whatever the provider's message held
         with self._lock:
             if self._stop is None:
                 self._stop = reason
@@ -1237,7 +1240,7 @@ class Sender:
                 except UncertainDeliveryError as exc:
                     if self.idempotent and exc.retryable and attempt <= self.settings.delivery.max_retries:
                         # Same batch, same body, same idempotency key: the provider sends it once.
-                        # A gateway's 502/504 may say when to come back (Retry-After).
+                        # A gateway's 502, 504 ... may say when to come back (Retry-After).
                         maybe_sent = True
                         self._count_retry(summary)
                         if not self._pause(retry_wait(attempt, exc.retry_after)):

@@ -342,10 +342,12 @@ def storable(value: str) -> str:
 
 
 def _provider_error(error: str) -> str:
-    """A provider's error (or what the sender says of a call) as a verdict records it: its first
-    1000 characters, :func:`storable`. A refusal may quote what it refused, a NUL included;
-    a verdict that could not be written would leave its batch claimed, to come back uncertain."""
-    return storable(error[:1000])
+    """A provider's error (or what the sender says of a call) as a verdict records it: one
+    line (an SMTP server's reply of several lines, a provider's message with newlines: `digest
+    status` shows it as one), its first 1000 characters, :func:`storable`. A refusal may quote
+    what it refused, a NUL included; a verdict that could not be written would leave its batch
+    claimed, to come back uncertain."""
+    return storable(" ".join(error[:1000].split()))
 
 
 def storable_key(key: str) -> str:

@@ -806,7 +806,8 @@ class HttpProvider(Provider):
     def raise_for_common_status(
         self, status: int, headers: Mapping[str, str], body: bytes, *, sends_mail: bool = True
     ) -> None:
-        """Raise for 401/403 (auth), 429 (rate limit) and 5xx (server); return otherwise.
+        """Raise for 401/403 (auth), 407 (a proxy's credentials) and 413 (too large: both stop
+        the send), 408 and 429 (try again) and 5xx (server); return otherwise.
 
         A gateway's 502, 504 ... (:data:`GATEWAY_STATUSES`) answering a call that sends mail is
         an :class:`UncertainDeliveryError` (:meth:`gateway_error`); ``sends_mail=False``
@@ -821,10 +822,28 @@ class HttpProvider(Provider):
                 response_text=text,
                 hint="check delivery.api_key",
             )
+        if status == 407:  # a proxy between us and the provider (http:// through a forwarding proxy)
+            raise BlockedError(
+                f"{self.name}: HTTP 407: a proxy asks for credentials",
+                status=status,
+                response_text=text,
+                hint="set the proxy's credentials in HTTPS_PROXY / HTTP_PROXY (http://user:password@host:port)",
+            )
+        if status == 413:
+            # Too large for the provider or a proxy in front of it: every batch of this size
+            # would be, so the send stops with the batch back in the queue (no reader's fault).
+            raise BlockedError(
+                f"{self.name}: HTTP 413: the request is too large",
+                status=status,
+                response_text=text,
+                hint="lower delivery.batch_size",
+            )
         if sends_mail and status in GATEWAY_STATUSES:
             raise self.gateway_error(status, headers, body)
-        if status == 429 or status >= 500:
-            kind = "rate limited" if status == 429 else "server error"
+        if status in (408, 429) or status >= 500:
+            # 408: the server gave up waiting for the request before reading it all; nothing
+            # was processed, so it goes again like a 5xx.
+            kind = {408: "request timeout", 429: "rate limited"}.get(status, "server error")
             raise DeliveryError(
                 f"{self.name}: HTTP {status} ({kind})",
                 retryable=True,

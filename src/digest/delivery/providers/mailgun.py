@@ -567,13 +567,6 @@ class MailgunProvider(HttpProvider):
                 response_text=response_text(body),
                 hint=_DOMAIN_HINT,
             )
-        if status == 413:
-            raise BlockedError(
-                f"mailgun: HTTP 413: {detail or 'the request is too large'}",
-                status=status,
-                response_text=response_text(body),
-                hint="lower delivery.batch_size",
-            )
         if status == 400:
             raise DeliveryError(
                 f"mailgun: HTTP 400: {detail or 'bad request'}",

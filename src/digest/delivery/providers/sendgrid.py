@@ -470,13 +470,6 @@ class SendGridProvider(HttpProvider):
                 status=status,
                 response_text=response_text(body),
             )
-        if status == 413:
-            raise BlockedError(
-                "sendgrid: HTTP 413: the request is too large",
-                status=status,
-                response_text=response_text(body),
-                hint="lower delivery.batch_size",
-            )
         raise self.status_error(status, body, detail)
 
     def check(self) -> str:

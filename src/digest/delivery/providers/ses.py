@@ -405,6 +405,8 @@ class SesProvider(HttpProvider):
             # Before any error type: a gateway answered, not SES, and SES may have taken the
             # message already. Whatever the body says, only SES's own answer would tell.
             raise self.gateway_error(status, headers, body)
+        if status in (407, 408, 413):  # a proxy's, or the HTTP layer's: as for every provider
+            self.raise_for_common_status(status, headers, body, sends_mail=sends_mail)
         kind, text = error_type(headers, body)
         what = f"ses: HTTP {status} {kind or 'error'}: {text}".rstrip(": ")
         shown = response_text(body)
