@@ -168,3 +168,30 @@ def test_concurrency_defaults_by_how_the_provider_is_sent_to(delivery: dict[str,
     settings = config.from_dict({"delivery": delivery, "newsletter": {"public_url": "https://news.example.org"}},
                                 file="test.yaml")
     assert settings.delivery.concurrency == concurrency
+
+
+@pytest.mark.parametrize(("text", "line", "key"), [
+    # A second block threw the first away: here the provider, and the outbox "sent" to everyone.
+    ("delivery:\n  provider: postmark\n  api_key: k\nnewsletter: {name: x}\ndelivery:\n  batch_size: 10\n",
+     5, "delivery"),
+    ("delivery:\n  provider: outbox\n  outbox_dir: a\n  outbox_dir: b\n", 4, "outbox_dir"),
+    ("sources:\n  - {name: a, type: folder, path: x, path: y}\n", 2, "path"),
+])
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str, line: int, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: line {line}: key {key!r} given twice"
+
+
+def test_merge_keys_may_override_what_they_bring_in(tmp_path: Path) -> None:
+    path = write(tmp_path, "sources:\n  - &a {name: a, type: folder, path: x}\n  - <<: *a\n    name: b\n")
+    assert [s["name"] for s in config.load(path).sources] == ["a", "b"]
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes("newsletter:\n  name: Caf\u00e9 Notes\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: byte 24 (line 2) is not UTF-8 (save the file as UTF-8)"

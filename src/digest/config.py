@@ -450,6 +450,46 @@ def _check_sources(settings: Settings, file: str) -> None:
         names.add(name)
 
 
+def _parse_yaml(text: str, file: str) -> Any:
+    """``yaml.safe_load``, refusing a mapping key given twice at any depth: PyYAML keeps the
+    last one silently, so a second ``delivery:`` block threw the first away (and with it the
+    provider: the outbox "sent" to every reader)."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, file)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: Any, file: str) -> None:
+    """Every mapping under ``root`` (a composed YAML node) has each plain key once. Merge keys
+    (``<<: *defaults``) are not counted: overriding what they bring in is what they are for."""
+    import yaml
+
+    todo, visited = [root], set()
+    while todo:
+        node = todo.pop()
+        if id(node) in visited:  # an alias: the same node again
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key, _value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in seen:
+                        raise ConfigError(f"{file}: line {key.start_mark.line + 1}: key {key.value!r} given twice")
+                    seen.add((key.tag, key.value))
+            todo += [part for pair in reversed(node.value) for part in reversed(pair)]  # in file order
+        elif isinstance(node, yaml.SequenceNode):
+            todo += reversed(node.value)
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """Load ``path``, else ``$DIGEST_CONFIG``, else ``./config.yaml``, else the embedded defaults."""
     # Imported here: only reading a config file needs PyYAML, not a process handed its settings.
@@ -463,13 +503,20 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         return defaults()
     file = str(chosen)
     try:
-        raw = yaml.safe_load(chosen.read_text(encoding="utf-8"))
+        data = chosen.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{file}: byte {exc.start + 1} (line {line}) is not UTF-8 (save the file as UTF-8)") from None
+    try:
+        raw = _parse_yaml(text, file)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{file}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
