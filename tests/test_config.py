@@ -195,3 +195,22 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(path)
     assert str(info.value) == f"{path}: byte 24 (line 2) is not UTF-8 (save the file as UTF-8)"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:",
+                                 "sqlite:///file::memory:?cache=shared&uri=true",
+                                 "sqlite:///file:d.db?mode=memory&uri=true"])
+def test_an_in_memory_database_is_refused(tmp_path: Path, url: str) -> None:
+    """Each command is its own process: an in-memory database loses the subscribers, the drafts
+    and the ledger of what was sent when it ends."""
+    path = write(tmp_path, f'database: {{url: "{url}"}}\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == (f"{path}: database.url: an in-memory SQLite database keeps nothing once the "
+                               "command ends: name a file (e.g. sqlite:///digest.db)")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///digest.db", "sqlite:////var/lib/digest/digest.db",
+                                 "sqlite:///memory.db"])
+def test_a_sqlite_file_is_accepted(tmp_path: Path, url: str) -> None:
+    assert config.load(write(tmp_path, f'database: {{url: "{url}"}}\n')).database.url.endswith(".db")

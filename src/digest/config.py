@@ -66,7 +66,20 @@ class Database(_Strict):
     def _url(cls, value: str) -> str:
         if not (value.startswith("sqlite") or value.startswith("postgresql")):
             raise ValueError("must start with sqlite:/// or postgresql+psycopg://")
+        if value.startswith("sqlite") and _in_memory(value):
+            # Every command is its own process: subscribers, drafts and the ledger (what was
+            # sent to whom) would be gone when it ends, and the next send would start over.
+            raise ValueError("an in-memory SQLite database keeps nothing once the command ends: "
+                             "name a file (e.g. sqlite:///digest.db)")
         return value
+
+
+def _in_memory(url: str) -> bool:
+    """Whether a SQLite URL names no file: ``sqlite://``, ``sqlite:///``, ``:memory:``, or a
+    URI filename in memory (``file::memory:``, ``mode=memory``)."""
+    rest = url.partition("://")[2]
+    path = rest.removeprefix("/").partition("?")[0]
+    return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in rest
 
 
 class Ranking(_Strict):
