@@ -404,3 +404,62 @@ def test_a_send_paused_for_the_operator_through_the_cli(tmp_path: Path) -> None:
         assert sorted(m["To"] for m in srv.messages) == sorted(f"R{i} <r{i}@example.com>" for i in range(20))
         status = cli_run(cfg, "status")
         assert "waits for you" not in status and "sent 20, failed 0" in status
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_database_from_a_newer_digest_says_to_upgrade_digest(tmp_path: Path) -> None:
+    """`digest db upgrade` cannot take a database back to an older schema: every command,
+    `db upgrade` too, says so on one line (it said to run `digest db upgrade`, which then
+    failed with Alembic's traceback)."""
+    import sqlite3
+
+    from digest.store import db
+
+    cfg = str(config_file(tmp_path))
+    assert invoke("--config", cfg, "db", "upgrade")[0] == 0
+    newer = f"{int(db.HEAD) + 1:04d}"
+    with sqlite3.connect(tmp_path / "d.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (newer,))
+    for args in (("status",), ("db", "upgrade"), ("send",)):
+        code, out = invoke("--config", cfg, *args)
+        assert code == 1
+        assert out == (f"error: the database was written by a newer digest (schema {newer}; this digest knows "
+                       f"up to {db.HEAD}): upgrade digest\n")
+
+
+def _unreachable_databases(tmp_path: Path) -> list[tuple[str, str, str]]:
+    """(database.url, what the line starts with, the hint) for databases that cannot be opened."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.db").mkdir()
+    port = _free_port()  # nothing listens there
+    return [
+        (f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{port}/x",
+         f'error: database postgresql+psycopg://postgres:***@127.0.0.1:{port}/x: connection failed: ',
+         "(check database.url, and that the server is running)"),
+        (f"sqlite:///{tmp_path / 'a-folder.db'}", f"error: database sqlite:///{tmp_path / 'a-folder.db'}: "
+         "unable to open database file", "(check database.url, and that its folder is writable)"),
+        (f"sqlite:///{tmp_path / 'a-file' / 'd.db'}", f"error: database.url: cannot create the folder "
+         f"{tmp_path / 'a-file'}: File exists", "(check database.url, and that the folder can be made)"),
+    ]
+
+
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("status",)])
+def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """PostgreSQL down, a SQLite file that cannot be opened or whose folder cannot be made: one
+    line with what the driver said first and what to check (psycopg's advice and SQLAlchemy's
+    link made it three; `db upgrade` showed a traceback), the password masked."""
+    for url, start, hint in _unreachable_databases(tmp_path):
+        cfg = config_file(tmp_path)
+        cfg.write_text(cfg.read_text().replace(f"sqlite:///{tmp_path / 'd.db'}", url))
+        result = CliRunner().invoke(cli, ["--config", str(cfg), *command])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert result.exit_code == 1
+        assert result.output.startswith(start) and result.output.endswith(f" {hint}\n"), result.output
+        assert result.output.count("\n") == 1 and "s3cret" not in result.output

@@ -153,8 +153,10 @@ def db_group() -> None:
 def db_upgrade(obj: _Context) -> None:
     """Create or migrate the database to this version's schema."""
     engine = db.make_engine(obj.settings.database.url)
-    before, after = db.upgrade(engine)
-    engine.dispose()
+    try:
+        before, after = db.upgrade(engine)
+    finally:
+        engine.dispose()
     click.echo(f"database at {after}" + (f" (was {before})" if before != after else " (already current)"))
 
 
