@@ -463,3 +463,11 @@ def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path, command: t
         assert result.exit_code == 1
         assert result.output.startswith(start) and result.output.endswith(f" {hint}\n"), result.output
         assert result.output.count("\n") == 1 and "s3cret" not in result.output
+
+
+def test_init_into_a_folder_it_cannot_write_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    for target, reason in ((tmp_path / "missing" / "config.yaml", "No such file or directory"),
+                           (tmp_path / "a-file" / "config.yaml", "Not a directory")):
+        code, out = invoke("init", str(target))
+        assert code == 1 and out == f"error: {target}: cannot write: {reason}\n"

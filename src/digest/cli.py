@@ -121,7 +121,10 @@ def init(path: str, force: bool) -> None:
     target = Path(path)
     if target.exists() and not force:
         raise DigestError(f"{target} already exists", hint="use --force to overwrite it")
-    target.write_text(resources.read_text("config.example.yaml"), encoding="utf-8")
+    try:
+        target.write_text(resources.read_text("config.example.yaml"), encoding="utf-8")
+    except OSError as exc:  # no such folder, a read-only one, a full disk
+        raise DigestError(f"{target}: cannot write: {exc.strerror or exc}") from exc
     click.echo(f"Wrote {target}. Edit it, then run `digest check`.")
 
 
