@@ -471,3 +471,28 @@ def test_init_into_a_folder_it_cannot_write_is_one_line(tmp_path: Path) -> None:
                            (tmp_path / "a-file" / "config.yaml", "Not a directory")):
         code, out = invoke("init", str(target))
         assert code == 1 and out == f"error: {target}: cannot write: {reason}\n"
+
+
+@pytest.mark.parametrize("port", ["80000", "-1"])
+def test_serve_refuses_a_port_out_of_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, port: str) -> None:
+    """--port 80000 served on 14464 (80000 mod 65536); -1 failed with a traceback."""
+    from digest import scheduler
+
+    served: list[object] = []
+    monkeypatch.setattr(scheduler, "serve", lambda *args, **kwargs: served.append(kwargs))
+    code, out = invoke("--config", str(config_file(tmp_path)), "serve", "--web-only", "--port", port)
+    assert code == 2 and f"Invalid value for '--port': {port} is not in the range 0<=x<=65535" in out
+    assert served == []
+
+
+@pytest.mark.parametrize(("listen", "args", "message"), [
+    ("127.0.0.1:8097", ("--host", "256.1.1.1"), "error: --host: cannot listen on 256.1.1.1: not an IP address or a "
+     "host name that resolves (use an address of this machine, e.g. 127.0.0.1)\n"),
+    ("nosuch.invalid:8097", (), "error: web.listen: cannot listen on nosuch.invalid: not an IP address or a host "
+     "name that resolves (use an address of this machine, e.g. 127.0.0.1)\n"),
+])
+def test_serve_on_a_host_that_is_no_address_is_one_line(tmp_path: Path, listen: str, args: tuple[str, ...],
+                                                        message: str) -> None:
+    cfg = str(config_file(tmp_path, f'web: {{listen: "{listen}"}}'))
+    code, out = invoke("--config", cfg, "serve", "--web-only", *args)
+    assert code == 1 and out == message

@@ -566,7 +566,8 @@ def run(obj: _Context) -> None:
 
 @cli.command()
 @click.option("--host", default=None, help="Override web.listen's host.")
-@click.option("--port", type=int, default=None, help="Override web.listen's port.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Override web.listen's port (0: any free port).")
 @click.option("--web-only", is_flag=True,
               help="The web app alone (links, review, webhooks), no jobs: for jobs run from cron.")
 @pass_ctx

@@ -7,6 +7,7 @@ is validated here because every provider shares its shape.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -250,6 +251,12 @@ class Web(_Strict):
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"must be host:port, got {value!r}")
+        address = host.removeprefix("[").removesuffix("]")
+        if ":" in address or re.fullmatch(r"[\d.]+", address):  # meant as an IP address: is it one?
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address (use e.g. 127.0.0.1:8080)") from None
         return value
 
 
