@@ -341,7 +341,8 @@ delivery: {{provider: outbox, outbox_dir: out}}
 def test_resolving_every_draft_passes_over_one_being_sent(tmp_path: Path) -> None:
     """`--resolve-uncertain` without `--draft`: a draft another process is sending right now
     and that has nothing uncertain is no reason to stop; one with uncertain messages is named
-    and the rest go on."""
+    with how many were left, the rest go on, and the command exits 75 (run it again later; it
+    exited 0 and said there were no uncertain messages to resolve)."""
     from datetime import UTC, datetime, timedelta
 
     from digest.store import open_store
@@ -357,8 +358,12 @@ def test_resolving_every_draft_passes_over_one_being_sent(tmp_path: Path) -> Non
         assert code == 0 and "no uncertain messages to resolve" in out
         ((ledger_id, _email, _status),) = store.ledger_rows(1)
         store.mark_uncertain([ledger_id], "read timeout", now)
-        code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "mark-sent")
-        assert code == 0 and "draft 1 is being sent by another process" in out
+        for how in ("mark-sent", "resend"):
+            code, out = invoke("--config", cfg, "send", "--resolve-uncertain", how)
+            assert code == 75
+            assert out.startswith("1 uncertain messages in draft 1 not resolved: another process is sending it; "
+                                  "run again once it has finished\n")
+            assert "no uncertain messages" not in out
         assert store.ledger_counts(1) == {"uncertain": 1}
     finally:
         store.release_lease("send:1", "elsewhere:1:abc")
@@ -496,3 +501,33 @@ def test_serve_on_a_host_that_is_no_address_is_one_line(tmp_path: Path, listen: 
     cfg = str(config_file(tmp_path, f'web: {{listen: "{listen}"}}'))
     code, out = invoke("--config", cfg, "serve", "--web-only", *args)
     assert code == 1 and out == message
+
+
+def test_retrying_every_draft_passes_over_one_being_sent(tmp_path: Path) -> None:
+    """`--retry-failed` without `--draft`, while another process sends the draft: says how many
+    failed messages were left and exits 75 (it said there were none to retry, and exited 0)."""
+    import sqlite3
+    from datetime import UTC, datetime, timedelta
+
+    from digest.store import open_store
+
+    cfg = str(config_file(tmp_path))
+    for step in (["subscribers", "add", "ann@example.com"], ["collect"], ["draft"], ["approve", "1"], ["send"]):
+        assert invoke("--config", cfg, *step)[0] == 0
+    with sqlite3.connect(tmp_path / "d.db") as conn:
+        conn.execute("UPDATE send_ledger SET status = 'failed', error = 'HTTP 400'")
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    now = datetime.now(UTC)
+    assert store.acquire_lease("send:1", "elsewhere:1:abc", now, now + timedelta(minutes=5))
+    try:
+        code, out = invoke("--config", cfg, "send", "--retry-failed")
+        assert code == 75
+        assert out.startswith("1 failed messages in draft 1 not retried: another process is sending it; "
+                              "run again once it has finished\n")
+        assert "no failed messages" not in out
+        assert store.ledger_counts(1) == {"failed": 1}
+    finally:
+        store.release_lease("send:1", "elsewhere:1:abc")
+        store.close()
+    code, out = invoke("--config", cfg, "send", "--retry-failed")
+    assert code == 0 and "draft 1: 1 failed messages back in the queue" in out

@@ -25,7 +25,7 @@ import click
 from digest import __version__, clock, pipeline, resources
 from digest.config import Settings, load
 from digest.delivery.sender import MAY_ARRIVE_TWICE, NEXT_SEND, SendSummary, held_message
-from digest.errors import DigestError, DraftError
+from digest.errors import DigestError, DraftBusyError
 from digest.store import db
 from digest.store.store import ReasonCount, UncertainMessage
 
@@ -357,15 +357,28 @@ _T = TypeVar("_T")
 
 def _each_draft(named: int | None, call: Callable[[], _T]) -> _T | None:
     """``call()`` for one draft of an operator's command. With no draft named, the command goes
-    over every draft: one another process is sending now is said (None), and the rest go on;
-    a draft named by the operator fails the command instead."""
+    over every draft: one another process is sending now is passed over (None: the caller says
+    what is left undone in it, see :func:`_echo_passed_over`), and the rest go on. A draft
+    named by the operator fails the command instead."""
     if named is not None:
         return call()
     try:
         return call()
-    except DraftError as exc:
-        click.echo(f"{exc}", err=True)
+    except DraftBusyError:
         return None
+
+
+def _echo_passed_over(undone: str) -> None:
+    """What a draft passed over by :func:`_each_draft` still has (the command then exits
+    EXIT_PAUSED: its work is not done, and a later run does it)."""
+    click.echo(f"{undone}: another process is sending it; run again once it has finished")
+
+
+def _failed_count(app: pipeline.App, draft_id: int, matching: str | None) -> int:
+    """How many of a draft's messages ``--retry-failed`` (``--reason matching``) puts back."""
+    if matching is None:
+        return app.store.ledger_counts(draft_id).get("failed", 0)
+    return sum(r.count for r in app.store.reasons(draft_id, ("failed",)) if matching.lower() in r.error.lower())
 
 
 @cli.command()
@@ -392,31 +405,35 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
     a second one quits at once (the next `digest send` marks what was in flight uncertain).
     Exit codes: 0 done, 1 stopped by a refusal to fix (credentials, account, From, or a send
     paused for the operator), 3 uncertain messages wait for --resolve-uncertain, 75 paused or
-    interrupted (the next `digest send` resumes).
+    interrupted (the next `digest send` resumes), or a draft passed over by --resolve-uncertain
+    or --retry-failed because another process sends it (run again once it has finished).
     """
     app = obj.app
     if matching is not None and not retry_failed:
         raise click.UsageError("--reason goes with --retry-failed")
     if retry_failed and resolve_uncertain:
         raise click.UsageError("use --retry-failed and --resolve-uncertain one at a time")
+    passed_over = False  # a draft left as it was: another process is sending it
     if retry_failed:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
         retried = 0
         for target in targets:
             if dry_run:  # what it would put back; nothing is written
                 app.store.get_draft(target)
-                n = app.store.ledger_counts(target).get("failed", 0) if matching is None else sum(
-                    r.count for r in app.store.reasons(target, ("failed",)) if matching.lower() in r.error.lower())
+                n = _failed_count(app, target, matching)
             else:
                 retried_here = _each_draft(draft_id, partial(pipeline.retry_failed, app, target, matching))
                 if retried_here is None:
+                    _echo_passed_over(f"{_failed_count(app, target, matching)} failed messages in draft {target} "
+                                      "not retried")
+                    passed_over = True
                     continue
                 n = retried_here
             retried += n
             if n:
                 click.echo(f"draft {target}: {n} failed messages back in the queue"
                            + (" (dry run: left as they are)" if dry_run else ""))
-        if not retried:
+        if not retried and not passed_over:
             click.echo("no failed messages to retry" + (f" in draft {draft_id}" if draft_id is not None else "")
                        + (f" whose error contains {matching!r}" if matching is not None else ""))
             if draft_id is not None and not dry_run:
@@ -433,6 +450,9 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
             else:
                 resolution = _each_draft(draft_id, partial(pipeline.resolve_uncertain, app, target, resolve_uncertain))
                 if resolution is None:
+                    _echo_passed_over(f"{app.store.ledger_counts(target).get('uncertain', 0)} uncertain messages in "
+                                      f"draft {target} not resolved")
+                    passed_over = True
                     continue
                 done = resolution
             n = done.total
@@ -453,10 +473,10 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                     else:
                         click.echo(f"note: {app.provider.name} has no idempotency key: those of them that did "
                                    "arrive arrive again (its activity log tells which did)", err=True)
-        if not resolved:
+        if not resolved and not passed_over:
             click.echo("no uncertain messages to resolve" + (f" in draft {draft_id}" if draft_id is not None else ""))
         if resolve_uncertain == "mark-sent":
-            return
+            sys.exit(EXIT_PAUSED if passed_over else 0)
     def deadline_applied(deadlined: int, what: str) -> None:
         click.echo(f"draft {deadlined} was not reviewed before its approval deadline: {what} "
                    "(digest.approval.on_deadline)")
@@ -481,7 +501,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
     if not summaries:
         click.echo("nothing to send: no approved draft is due" if draft_id is None else
                    f"nothing to send: draft {draft_id} is not an approved, due draft or a send to resume")
-        return
+        sys.exit(EXIT_PAUSED if passed_over else 0)
     for s in summaries:
         if s.stale:
             click.echo(f"draft {s.draft_id}: {s.stale} messages were in flight when a sender stopped; "
@@ -505,14 +525,17 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
             _echo_stopped(s)
         if s.for_operator:
             click.echo(f"draft {s.draft_id}: {s.uncertain_hint()}")
-    sys.exit(_send_exit_code(summaries))
+    code = _send_exit_code(summaries)
+    sys.exit(EXIT_PAUSED if passed_over and not code else code)
 
 
 # Exit codes of the commands that send (README "Exit codes"): 0 all done (or nothing due);
 # 1 a send was stopped by a refusal only the operator can fix (or paused after batches the
 # provider refused, until the operator acts); 3 messages whose fate is
 # unknown wait for the operator (`digest send --resolve-uncertain`); 75 (EX_TEMPFAIL) a send
-# paused or was interrupted and the next `digest send` resumes it. Click uses 2 for usage errors.
+# paused or was interrupted and the next `digest send` resumes it, or --resolve-uncertain or
+# --retry-failed passed over a draft another process is sending (run it again once that send
+# has finished). Click uses 2 for usage errors.
 EXIT_BLOCKED = 1
 EXIT_UNCERTAIN = 3
 EXIT_PAUSED = 75
