@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -294,26 +295,54 @@ class SendProgress:
         done, total = summary.done, summary.total
         elapsed = now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
-        counts = (f"{summary.sent:,} sent, {sum(summary.failed.values()):,} failed, "
-                  f"{summary.uncertain:,} uncertain")
+        failed = sum(summary.failed.values())
+        counts = f"{summary.sent:,} sent, {failed:,} failed, {summary.uncertain:,} uncertain"
         if not self.interactive:
             of = f"/{total:,}" if total else ""
             click.echo(f"draft {summary.draft_id}: batch {summary.batches} ({size}): {done:,}{of} done — "
-                       f"{counts}, {rate:,.0f}/s", err=True)
+                       f"{counts}, {_rate(rate)}/s", err=True)
             return
         if now - self.drawn < 0.1 and done < total:
             return
         self.drawn = now
-        if total:
-            share = min(1.0, done / total)
-            filled = round(share * self.WIDTH)
-            left = f", {(total - done) / rate:,.0f}s left" if rate and done < total else ""
-            bar = (f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {share:4.0%} {done:,}/{total:,}"
-                   f" at {rate:,.0f}/s{left}")
-        else:
-            bar = f"{done:,} at {rate:,.0f}/s"
-        click.echo(f"\r\x1b[2Kdraft {summary.draft_id} {bar} — {counts}", err=True, nl=False)
+        click.echo(f"\r\x1b[2K{self._fit(summary, rate)}", err=True, nl=False)
         self.pending_newline = True
+
+    def _fit(self, summary: SendSummary, rate: float) -> str:
+        """The bar's line, shortened to fit one row of the terminal: a line that wraps is not
+        redrawn in place (``\\x1b[2K`` clears the last row only), and every redraw left a
+        row behind. The least useful parts go first: the bar's width, the bar, the count
+        sent, the count done, the rate, the time left; what failed and the share done stay."""
+        width = max(8, shutil.get_terminal_size().columns - 1)
+        done, total = summary.done, summary.total
+        draft = f"draft {summary.draft_id}"
+        trouble = f"{sum(summary.failed.values()):,} failed, {summary.uncertain:,} uncertain"
+        counts = f"{summary.sent:,} sent, {trouble}"
+        at = f"at {_rate(rate)}/s"
+        if not total:
+            candidates = [f"{draft} {done:,} {at} — {counts}", f"{draft} {done:,} {at} — {trouble}",
+                          f"{draft} {done:,} — {trouble}", f"{draft} {done:,}", f"{done:,}"]
+        else:
+            share = min(1.0, done / total)
+            pct = f"{share:4.0%}"
+            left = f", {(total - done) / rate:,.0f}s left" if rate and done < total else ""
+
+            def bar(cells: int) -> str:
+                filled = round(share * cells)
+                return f"[{'#' * filled}{'-' * (cells - filled)}] "
+
+            candidates = [
+                f"{draft} {bar(self.WIDTH)}{pct} {done:,}/{total:,} {at}{left} — {counts}",
+                f"{draft} {bar(10)}{pct} {done:,}/{total:,} {at}{left} — {counts}",
+                f"{draft} {pct} {done:,}/{total:,} {at}{left} — {counts}",
+                f"{draft} {pct} {done:,}/{total:,} {at}{left} — {trouble}",
+                f"{draft} {pct} {at}{left} — {trouble}",
+                f"{draft} {pct}{left} — {trouble}",
+                f"{draft} {pct} — {trouble}",
+                f"{draft} {share:.0%}",
+                f"{share:.0%}",
+            ]
+        return next((line for line in candidates if len(line) <= width), candidates[-1][:width])
 
     def close(self) -> None:
         """End the bar's line (before other output, or the next draft's bar)."""
@@ -515,7 +544,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
         click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {batches}, failed {failed}, "
                    f"uncertain {s.uncertain}" + (f", skipped {s.skipped}" if s.skipped else "")
                    + (f", {s.retries} {'retry' if s.retries == 1 else 'retries'}" if s.retries else "")
-                   + (f", built in {s.seconds:.2f}s" if s.dry_run else f", {s.seconds:.2f}s ({s.rate:.0f}/s)")
+                   + (f", built in {s.seconds:.2f}s" if s.dry_run else f", {s.seconds:.2f}s ({_rate(s.rate)}/s)")
                    + (" — finished" if s.finished else ""))
         if s.dry_run and s.calls:
             rate = obj.settings.delivery.rate_per_second
@@ -549,6 +578,12 @@ def _echo_stopped(s: SendSummary) -> None:
     if s.in_flight and not s.dry_run:
         click.echo(f"draft {s.draft_id}: {s.in_flight} messages were in flight in a process that stopped: "
                    f"{NEXT_SEND} marks uncertain those that may have gone out, and sends the others")
+
+
+def _rate(per_second: float) -> str:
+    """A rate for people: one decimal below 10 a second (a slow provider's 2.4/s read as 2,
+    and anything under 0.5 as 0), none above."""
+    return f"{per_second:,.1f}" if 0 < per_second < 10 else f"{per_second:,.0f}"
 
 
 def _duration(seconds: float) -> str:
