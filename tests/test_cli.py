@@ -531,3 +531,26 @@ def test_retrying_every_draft_passes_over_one_being_sent(tmp_path: Path) -> None
         store.close()
     code, out = invoke("--config", cfg, "send", "--retry-failed")
     assert code == 0 and "draft 1: 1 failed messages back in the queue" in out
+
+
+@pytest.mark.parametrize(("newsletter", "key", "message"), [
+    ('from: "Field Notes digest at example.org"', "newsletter.from",
+     "'Field Notes digest at example.org' is not an address a send can use (not a single email address: 'Field'): "
+     "write one such as \"Field Notes <digest@example.org>\""),
+    ('from: "Field Notes <digest@>"', "newsletter.from",
+     "'Field Notes <digest@>' is not an address a send can use (not an email address: 'Field Notes <digest@>'): "
+     "write one such as \"Field Notes <digest@example.org>\""),
+    ('from: "a@example.org, b@example.org"', "newsletter.from",
+     "'a@example.org, b@example.org' is more than one address (write one)"),
+    ('reply_to: "replies@"', "newsletter.reply_to",
+     "'replies@' is not an address a send can use (not an email address: 'replies@'): "
+     "write one such as \"Field Notes <digest@example.org>\""),
+])
+def test_check_refuses_a_from_address_every_send_would_refuse(tmp_path: Path, newsletter: str, key: str,
+                                                              message: str) -> None:
+    """`digest check` said ok (exit 0) to a From every send refuses; the first send stopped."""
+    cfg = config_file(tmp_path)
+    cfg.write_text(cfg.read_text().replace("newsletter: {public_url: https://news.example.org}",
+                                           f"newsletter: {{public_url: https://news.example.org, {newsletter}}}"))
+    code, out = invoke("--config", str(cfg), "check")
+    assert code == 1 and out == f"error: {cfg}: {key}: {message}\n"

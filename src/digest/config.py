@@ -47,6 +47,26 @@ class Newsletter(_Strict):
             raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Paris)") from None
         return value
 
+    @field_validator("from_", "reply_to")
+    @classmethod
+    def _mailbox(cls, value: str | None) -> str | None:
+        """One address, as every send parses it (``parse_mailbox``, then ``format_address``):
+        a From every send refuses passed `digest check` and stopped the first send instead."""
+        if not value:
+            return value
+        import email.utils
+
+        from digest.delivery.mime import format_address, parse_mailbox
+
+        try:
+            format_address(*parse_mailbox(value))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an address a send can use ({exc}): write one such as "
+                             "\"Field Notes <digest@example.org>\"") from None
+        if len(email.utils.getaddresses([value])) > 1:  # a send would take the first and drop the rest
+            raise ValueError(f"{value!r} is more than one address (write one)")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _url(cls, value: str) -> str:
