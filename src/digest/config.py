@@ -155,6 +155,33 @@ DEFAULT_CONCURRENCY = 4
 SERVER_SIDE_CONCURRENCY = 2
 
 
+# delivery keys that only some providers read (a key missing here is read by every provider).
+# Set for another provider they would do nothing, and their owner believe them in effect.
+PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
+    "api_key": ("postmark", "sendgrid", "mailgun", "resend"),
+    "base_url": ("postmark", "sendgrid", "mailgun", "resend", "ses"),
+    "outbox_dir": ("outbox",),
+    "message_stream": ("postmark",),
+    "domain": ("mailgun",),
+    "region": ("mailgun", "ses"),
+    **dict.fromkeys(("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "configuration_set"),
+                    ("ses",)),
+    **dict.fromkeys(("smtp_host", "smtp_port", "smtp_security", "smtp_verify", "smtp_ca_file", "username",
+                     "password"), ("smtp",)),
+}
+
+
+def is_local(host: str) -> bool:
+    """Whether ``host`` is this machine: localhost (and ``*.localhost``), 127.0.0.0/8, ::1."""
+    host = host.lower().strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _truthy(raw: Any) -> bool:
     """A raw boolean setting as pydantic will read it (a YAML boolean, or text from an ${ENV}
     placeholder such as "true")."""
@@ -219,6 +246,27 @@ class Delivery(_Strict):
                 provider == "postmark" and _truthy(data.get("postmark_templates", False))))
             data = {**data, "concurrency": SERVER_SIDE_CONCURRENCY if server_side else DEFAULT_CONCURRENCY}
         return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        """http(s)://host[:port][/path]: the provider's calls are made by appending to it, and
+        carry the API key; plain http only to this machine (a local test server)."""
+        if not value:
+            return None
+        parts = urlsplit(value)
+        try:
+            valid = parts.port != 0
+        except ValueError:  # a port out of range, or not a number
+            valid = False
+        if (not valid or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+                or parts.fragment or any(c.isspace() for c in value)):
+            shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)  # a password in it stays hidden
+            raise ValueError(f"must be http(s)://host[:port][/path], got {shown!r}")
+        if parts.scheme == "http" and not is_local(parts.hostname):
+            raise ValueError("must be https:// (the API key would travel in clear; plain http only to "
+                             "localhost, 127.0.0.1 or ::1)")
+        return value
 
     @model_validator(mode="after")
     def _needs_key(self) -> Delivery:
@@ -393,11 +441,16 @@ def _substitute(node: Any, where: str, file: str) -> Any:
 
         def repl(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            value = os.environ.get(name)
-            if value is None or value == "":
+            raw = os.environ.get(name)
+            # Stripped: a secret copied with a space or a newline around it reached the provider
+            # as it was (an HTTP header refuses a trailing newline, and a key with a space is
+            # another key). No setting means anything by spaces around it.
+            value = raw.strip() if raw is not None else None
+            if not value:
                 if default is not None:
                     return default
-                raise ConfigError(f"{file}: {where}: environment variable {name} is not set")
+                state = "not set" if raw is None else "empty" if raw == "" else "only whitespace"
+                raise ConfigError(f"{file}: {where}: environment variable {name} is {state}")
             return value
 
         return _ENV_RE.sub(repl, node)
@@ -436,6 +489,7 @@ def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str
         raise ConfigError(_validation_message(exc, file)) from exc
     settings = settings.model_copy(update={"path": path})
     _check_public_url(settings, file)
+    _check_provider_keys(settings, file)
     url = settings.database.url
     if url.startswith("sqlite:///") and path is not None:
         # Like every path in the config, a relative SQLite file is relative to the config file.
@@ -452,11 +506,30 @@ def _check_public_url(settings: Settings, file: str) -> None:
     # RFC 8058: mailbox providers offer one-click unsubscribe only for an https URL. Plain
     # http is allowed for a local address (trying digest out) and for the outbox provider.
     public = settings.newsletter.public_url
-    host = (urlsplit(public).hostname or "").lower()
-    local = host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost")
+    local = is_local(urlsplit(public).hostname or "")
     if public.startswith("http://") and not local and settings.delivery.provider != "outbox":
         raise ConfigError(f"{file}: newsletter.public_url: must be https:// (one-click unsubscribe "
                           "links must be https, RFC 8058)")
+
+
+def _check_provider_keys(settings: Settings, file: str) -> None:
+    """Refuse delivery keys of another provider (PROVIDER_KEYS): ``region: eu`` under SendGrid,
+    SMTP credentials under Postmark were accepted and did nothing. A key at its default (or
+    null, or empty) is not counted: config.example.yaml lists every key at its default, and
+    changing the provider must not make it fail. Checked here, for a config, and not in
+    :class:`Delivery`, which tests build with one provider's keys to drive another's code."""
+    delivery = settings.delivery
+    provider = delivery.provider
+    foreign = {}
+    for key, users in PROVIDER_KEYS.items():
+        value = getattr(delivery, key)
+        if provider not in users and value not in (None, "") and value != Delivery.model_fields[key].default:
+            foreign[key] = users
+    if foreign:
+        listed = ", ".join(f"{key} (for {' or '.join(users)})" for key, users in foreign.items())
+        what = "is" if len(foreign) == 1 else "are"
+        raise ConfigError(f"{file}: delivery: {listed} {what} not read by provider {provider}: remove "
+                          f"{'it' if len(foreign) == 1 else 'them'}, or set delivery.provider")
 
 
 def _check_schedules(settings: Settings, file: str) -> None:
