@@ -554,3 +554,59 @@ def test_check_refuses_a_from_address_every_send_would_refuse(tmp_path: Path, ne
                                            f"newsletter: {{public_url: https://news.example.org, {newsletter}}}"))
     code, out = invoke("--config", str(cfg), "check")
     assert code == 1 and out == f"error: {cfg}: {key}: {message}\n"
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ((), "error: draft 1 is pending review: approve it first (`digest approve 1`)\n"),
+    (("reject", "1"), "error: draft 1 was rejected: it is not sent (`digest draft` makes the next one)\n"),
+])
+def test_sending_a_draft_that_cannot_be_sent_says_its_state_and_fails(tmp_path: Path, step: tuple[str, ...],
+                                                                      message: str) -> None:
+    """It said "nothing to send: draft 1 is not an approved, due draft or a send to resume" and
+    exited 0: cron took the send for done."""
+    cfg = str(config_file(tmp_path))
+    for args in (("subscribers", "add", "ann@example.com"), ("collect",), ("draft",), step):
+        if args:
+            assert invoke("--config", cfg, *args)[0] == 0
+    for dry_run in ((), ("--dry-run",)):
+        code, out = invoke("--config", cfg, "send", "--draft", "1", *dry_run)
+        assert code == 1 and out == message
+
+
+@pytest.mark.parametrize(("approve", "message"), [
+    (("approve", "1", "--at", "2030-01-07T07:00"), "nothing to send yet: draft 1 is approved for 2030-01-07 07:00 "
+     "UTC; the first `digest send` from then sends it\n"),
+    (("approve", "1"), "nothing to send: draft 1 is sent\n"),
+])
+def test_sending_a_draft_approved_for_later_or_sent_says_so(tmp_path: Path, approve: tuple[str, ...],
+                                                             message: str) -> None:
+    cfg = str(config_file(tmp_path))
+    for args in (("subscribers", "add", "ann@example.com"), ("collect",), ("draft",), approve, ("send",)):
+        assert invoke("--config", cfg, *args)[0] == 0
+    code, out = invoke("--config", cfg, "send", "--draft", "1")
+    assert code == 0 and out == message
+
+
+def test_a_dry_run_of_resending_uncertain_messages_of_a_sent_draft_says_they_would_go(tmp_path: Path) -> None:
+    """The real command puts them back and sends them; its dry run said "nothing to send"."""
+    from datetime import UTC, datetime
+
+    from digest.store import open_store
+
+    cfg = str(config_file(tmp_path))
+    emails = [f"r{i}@example.com" for i in range(20)]
+    for args in (*(("subscribers", "add", e) for e in emails), ("collect",), ("draft",), ("approve", "1"),
+                 ("send",)):
+        assert invoke("--config", cfg, *args)[0] == 0
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    try:
+        store.mark_uncertain([row[0] for row in store.ledger_rows(1)], "read timeout", datetime.now(UTC))
+    finally:
+        store.close()
+    code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "resend", "--dry-run", "--draft", "1")
+    assert code == 0 and "nothing to send" not in out
+    assert "draft 1: 20 uncertain messages → resend (dry run: left as they are)\n" in out
+    assert ("draft 1: the send would send the 20 uncertain messages again (not built in a dry run: they stay "
+            "uncertain until the real one)\n") in out
+    code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "resend", "--draft", "1")
+    assert code == 0 and "draft 1: sent 20 in 1 batch," in out

@@ -26,7 +26,7 @@ import click
 from digest import __version__, clock, pipeline, resources
 from digest.config import Settings, load
 from digest.delivery.sender import MAY_ARRIVE_TWICE, NEXT_SEND, SendSummary, held_message
-from digest.errors import DigestError, DraftBusyError
+from digest.errors import DigestError, DraftBusyError, DraftError
 from digest.store import db
 from digest.store.store import ReasonCount, UncertainMessage
 
@@ -467,6 +467,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                        + (f" whose error contains {matching!r}" if matching is not None else ""))
             if draft_id is not None and not dry_run:
                 return  # (a draft named for nothing: not resumed either; `digest send --draft N` does that)
+    resent: dict[int, int] = {}  # a dry run's: the uncertain messages the send would put back and send
     if resolve_uncertain:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
         resolved = 0
@@ -486,6 +487,8 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                 done = resolution
             n = done.total
             resolved += n
+            if n and dry_run and resolve_uncertain == "resend":
+                resent[target] = n
             if n:
                 click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}"
                            + (" (dry run: left as they are)" if dry_run else ""))
@@ -510,11 +513,13 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
         click.echo(f"draft {deadlined} was not reviewed before its approval deadline: {what} "
                    "(digest.approval.on_deadline)")
 
+    past_due: list[int] = []  # drafts past their approval deadline, which this dry run leaves as they are
     if dry_run:  # a dry run changes nothing: it says what the send would do first
         from digest.approval import past_deadline
 
         what = {"approve": "approves and sends", "skip": "skips"}[app.settings.digest.approval.on_deadline]
-        for deadlined in past_deadline(app.store, app.settings, app.now()):
+        past_due = past_deadline(app.store, app.settings, app.now())
+        for deadlined in past_due:
             click.echo(f"draft {deadlined} was not reviewed before its approval deadline: the send {what} it "
                        "(digest.approval.on_deadline; this dry run leaves it as it is)")
     if draft_id is not None:
@@ -527,9 +532,20 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                                   on_deadline=deadline_applied, draft_id=draft_id,
                                   resume=False if resolve_uncertain else None)
     progress.close()
-    if not summaries:
-        click.echo("nothing to send: no approved draft is due" if draft_id is None else
-                   f"nothing to send: draft {draft_id} is not an approved, due draft or a send to resume")
+    # A dry run does not put uncertain messages back in the queue, so its send does not see
+    # them, nor a finished draft they belong to, which the real one sends again: said here.
+    def echo_resent(target: int, also: str = "") -> None:
+        if target in resent:
+            click.echo(f"draft {target}: the send would{also} send the {resent[target]} uncertain messages again "
+                       "(not built in a dry run: they stay uncertain until the real one)")
+
+    for target in sorted(set(resent) - {s.draft_id for s in summaries}):
+        echo_resent(target)
+    if not summaries and not resent:
+        if draft_id is not None and draft_id not in past_due:  # (what the send does to that one is said)
+            _nothing_to_send(app, draft_id)
+        elif draft_id is None:
+            click.echo("nothing to send: no approved draft is due")
         sys.exit(EXIT_PAUSED if passed_over else 0)
     for s in summaries:
         if s.stale:
@@ -546,6 +562,7 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                    + (f", {s.retries} {'retry' if s.retries == 1 else 'retries'}" if s.retries else "")
                    + (f", built in {s.seconds:.2f}s" if s.dry_run else f", {s.seconds:.2f}s ({_rate(s.rate)}/s)")
                    + (" — finished" if s.finished else ""))
+        echo_resent(s.draft_id, " also")
         if s.dry_run and s.calls:
             rate = obj.settings.delivery.rate_per_second
             click.echo(f"draft {s.draft_id}: {s.calls} provider calls at most {rate:g} a second "
@@ -556,6 +573,27 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
             click.echo(f"draft {s.draft_id}: {s.uncertain_hint()}")
     code = _send_exit_code(summaries)
     sys.exit(EXIT_PAUSED if passed_over and not code else code)
+
+
+def _nothing_to_send(app: pipeline.App, draft_id: int) -> None:
+    """Why `digest send --draft N` sent nothing, by the draft's state: a draft that waits for
+    review, or was rejected or skipped, is a mistake to fix (exit 1); one approved for later,
+    or already sent, is not."""
+    draft = app.store.get_draft(draft_id)
+    if draft.status == "pending_review":
+        raise DraftError(f"draft {draft_id} is pending review: approve it first (`digest approve {draft_id}`)")
+    if draft.status == "rejected":
+        raise DraftError(f"draft {draft_id} was rejected: it is not sent (`digest draft` makes the next one)")
+    if draft.status == "skipped":
+        raise DraftError(f"draft {draft_id} was skipped: nobody approved it before its approval deadline "
+                         "(digest.approval.deadline); `digest draft` makes the next one")
+    if draft.status == "approved" and draft.send_at is not None:
+        click.echo(f"nothing to send yet: draft {draft_id} is approved for "
+                   f"{_when(draft.send_at, app.settings.newsletter.tz)}; the first `digest send` from then sends it")
+    elif draft.status == "sent":
+        click.echo(f"nothing to send: draft {draft_id} is sent")
+    else:
+        click.echo(f"nothing to send: draft {draft_id} is not an approved, due draft or a send to resume")
 
 
 # Exit codes of the commands that send (README "Exit codes"): 0 all done (or nothing due);
