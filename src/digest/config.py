@@ -156,11 +156,13 @@ SERVER_SIDE_CONCURRENCY = 2
 
 
 # delivery keys that only some providers read (a key missing here is read by every provider).
-# Set for another provider they would do nothing, and their owner believe them in effect.
+# Set for another provider they would do nothing, and their owner believe them in effect. The
+# outbox is left out both ways: it stands in for the real provider while trying digest out,
+# with that provider's keys left in place, and its outbox_dir does nothing once a real one is
+# set.
 PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
     "api_key": ("postmark", "sendgrid", "mailgun", "resend"),
     "base_url": ("postmark", "sendgrid", "mailgun", "resend", "ses"),
-    "outbox_dir": ("outbox",),
     "message_stream": ("postmark",),
     "domain": ("mailgun",),
     "region": ("mailgun", "ses"),
@@ -520,6 +522,8 @@ def _check_provider_keys(settings: Settings, file: str) -> None:
     :class:`Delivery`, which tests build with one provider's keys to drive another's code."""
     delivery = settings.delivery
     provider = delivery.provider
+    if provider == "outbox":
+        return
     foreign = {}
     for key, users in PROVIDER_KEYS.items():
         value = getattr(delivery, key)
