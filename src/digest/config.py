@@ -155,14 +155,13 @@ DEFAULT_CONCURRENCY = 4
 SERVER_SIDE_CONCURRENCY = 2
 
 
-# delivery keys that only some providers read (a key missing here is read by every provider).
-# Set for another provider they would do nothing, and their owner believe them in effect. The
-# outbox is left out both ways: it stands in for the real provider while trying digest out,
-# with that provider's keys left in place, and its outbox_dir does nothing once a real one is
-# set.
+# delivery keys that only some providers read. Set for another provider they would do nothing,
+# and their owner believe them in effect. Not here: the keys every provider reads, api_key and
+# base_url (a provider that reads neither, SES or SMTP, needs credentials and a server of its
+# own, checked below, so one left over cannot stand in for them), and the outbox, both ways: it
+# stands in for the real provider while trying digest out, with that provider's keys left in
+# place, and its outbox_dir does nothing once a real one is set.
 PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
-    "api_key": ("postmark", "sendgrid", "mailgun", "resend"),
-    "base_url": ("postmark", "sendgrid", "mailgun", "resend", "ses"),
     "message_stream": ("postmark",),
     "domain": ("mailgun",),
     "region": ("mailgun", "ses"),
@@ -248,27 +247,6 @@ class Delivery(_Strict):
                 provider == "postmark" and _truthy(data.get("postmark_templates", False))))
             data = {**data, "concurrency": SERVER_SIDE_CONCURRENCY if server_side else DEFAULT_CONCURRENCY}
         return data
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        """http(s)://host[:port][/path]: the provider's calls are made by appending to it, and
-        carry the API key; plain http only to this machine (a local test server)."""
-        if not value:
-            return None
-        parts = urlsplit(value)
-        try:
-            valid = parts.port != 0
-        except ValueError:  # a port out of range, or not a number
-            valid = False
-        if (not valid or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
-                or parts.fragment or any(c.isspace() for c in value)):
-            shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)  # a password in it stays hidden
-            raise ValueError(f"must be http(s)://host[:port][/path], got {shown!r}")
-        if parts.scheme == "http" and not is_local(parts.hostname):
-            raise ValueError("must be https:// (the API key would travel in clear; plain http only to "
-                             "localhost, 127.0.0.1 or ::1)")
-        return value
 
     @model_validator(mode="after")
     def _needs_key(self) -> Delivery:
@@ -491,6 +469,7 @@ def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str
         raise ConfigError(_validation_message(exc, file)) from exc
     settings = settings.model_copy(update={"path": path})
     _check_public_url(settings, file)
+    _check_base_url(settings, file)
     _check_provider_keys(settings, file)
     url = settings.database.url
     if url.startswith("sqlite:///") and path is not None:
@@ -512,6 +491,28 @@ def _check_public_url(settings: Settings, file: str) -> None:
     if public.startswith("http://") and not local and settings.delivery.provider != "outbox":
         raise ConfigError(f"{file}: newsletter.public_url: must be https:// (one-click unsubscribe "
                           "links must be https, RFC 8058)")
+
+
+def _check_base_url(settings: Settings, file: str) -> None:
+    """delivery.base_url is http(s)://host[:port][/path]: the provider's calls are made by
+    appending to it, and carry the API key, so plain http only to this machine (a local test
+    server). Checked here, for a config, and not in :class:`Delivery`: tests build one with a
+    URL no config would pass, to see what the provider does with it."""
+    value = settings.delivery.base_url
+    if not value:
+        return
+    parts = urlsplit(value)
+    try:
+        valid = parts.port != 0
+    except ValueError:  # a port out of range, or not a number
+        valid = False
+    if (not valid or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or any(c.isspace() for c in value)):
+        shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)  # a password in it stays hidden
+        raise ConfigError(f"{file}: delivery.base_url: must be http(s)://host[:port][/path], got {shown!r}")
+    if parts.scheme == "http" and not is_local(parts.hostname):
+        raise ConfigError(f"{file}: delivery.base_url: must be https:// (the API key would travel in clear; plain "
+                          "http only to localhost, 127.0.0.1 or ::1)")
 
 
 def _check_provider_keys(settings: Settings, file: str) -> None:

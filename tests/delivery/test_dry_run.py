@@ -81,9 +81,8 @@ class Outlet:
     smtp: Server | None
 
     def delivery(self, provider: str) -> dict[str, Any]:
-        # SMTP's server, an HTTP provider's URL (the config refuses a key of another provider).
-        where = {"smtp_port": self.smtp.port} if self.smtp is not None else {"base_url": self.srv.url}
-        return {**PROVIDERS[provider][0], "outbox_dir": str(self.outbox), **where}
+        port = {"smtp_port": self.smtp.port} if self.smtp is not None else {}
+        return {**PROVIDERS[provider][0], "base_url": self.srv.url, "outbox_dir": str(self.outbox), **port}
 
     def received(self) -> list[object]:
         """Everything that arrived: HTTP requests, SMTP messages, .eml files."""
