@@ -119,6 +119,12 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
     return config.from_dict(raw, file="test.yaml", path=str(tmp_path / "config.yaml"))
 
 
+def past_validation(settings: config.Settings, **newsletter: str) -> config.Settings:
+    """``settings`` with newsletter fields (``from_``, ``reply_to``) set as the config would
+    refuse them at load: for tests of what a send still does with such a value."""
+    return settings.model_copy(update={"newsletter": settings.newsletter.model_copy(update=newsletter)})
+
+
 def reactivate(store: Store, email: str, now: datetime) -> None:
     """Take a reader back after a bounce, as an operator does (`digest subscribers reactivate`):
     the address off the suppression list and the subscriber active again."""

@@ -341,7 +341,8 @@ delivery: {{provider: outbox, outbox_dir: out}}
 def test_resolving_every_draft_passes_over_one_being_sent(tmp_path: Path) -> None:
     """`--resolve-uncertain` without `--draft`: a draft another process is sending right now
     and that has nothing uncertain is no reason to stop; one with uncertain messages is named
-    and the rest go on."""
+    with how many were left, the rest go on, and the command exits 75 (run it again later; it
+    exited 0 and said there were no uncertain messages to resolve)."""
     from datetime import UTC, datetime, timedelta
 
     from digest.store import open_store
@@ -357,8 +358,12 @@ def test_resolving_every_draft_passes_over_one_being_sent(tmp_path: Path) -> Non
         assert code == 0 and "no uncertain messages to resolve" in out
         ((ledger_id, _email, _status),) = store.ledger_rows(1)
         store.mark_uncertain([ledger_id], "read timeout", now)
-        code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "mark-sent")
-        assert code == 0 and "draft 1 is being sent by another process" in out
+        for how in ("mark-sent", "resend"):
+            code, out = invoke("--config", cfg, "send", "--resolve-uncertain", how)
+            assert code == 75
+            assert out.startswith("1 uncertain messages in draft 1 not resolved: another process is sending it; "
+                                  "run again once it has finished\n")
+            assert "no uncertain messages" not in out
         assert store.ledger_counts(1) == {"uncertain": 1}
     finally:
         store.release_lease("send:1", "elsewhere:1:abc")
@@ -404,3 +409,204 @@ def test_a_send_paused_for_the_operator_through_the_cli(tmp_path: Path) -> None:
         assert sorted(m["To"] for m in srv.messages) == sorted(f"R{i} <r{i}@example.com>" for i in range(20))
         status = cli_run(cfg, "status")
         assert "waits for you" not in status and "sent 20, failed 0" in status
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_database_from_a_newer_digest_says_to_upgrade_digest(tmp_path: Path) -> None:
+    """`digest db upgrade` cannot take a database back to an older schema: every command,
+    `db upgrade` too, says so on one line (it said to run `digest db upgrade`, which then
+    failed with Alembic's traceback)."""
+    import sqlite3
+
+    from digest.store import db
+
+    cfg = str(config_file(tmp_path))
+    assert invoke("--config", cfg, "db", "upgrade")[0] == 0
+    newer = f"{int(db.HEAD) + 1:04d}"
+    with sqlite3.connect(tmp_path / "d.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (newer,))
+    for args in (("status",), ("db", "upgrade"), ("send",)):
+        code, out = invoke("--config", cfg, *args)
+        assert code == 1
+        assert out == (f"error: the database was written by a newer digest (schema {newer}; this digest knows "
+                       f"up to {db.HEAD}): upgrade digest\n")
+
+
+def _unreachable_databases(tmp_path: Path) -> list[tuple[str, str, str]]:
+    """(database.url, what the line starts with, the hint) for databases that cannot be opened."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.db").mkdir()
+    port = _free_port()  # nothing listens there
+    return [
+        (f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{port}/x",
+         f'error: database postgresql+psycopg://postgres:***@127.0.0.1:{port}/x: connection failed: ',
+         "(check database.url, and that the server is running)"),
+        (f"sqlite:///{tmp_path / 'a-folder.db'}", f"error: database sqlite:///{tmp_path / 'a-folder.db'}: "
+         "unable to open database file", "(check database.url, and that its folder is writable)"),
+        (f"sqlite:///{tmp_path / 'a-file' / 'd.db'}", f"error: database.url: cannot create the folder "
+         f"{tmp_path / 'a-file'}: File exists", "(check database.url, and that the folder can be made)"),
+    ]
+
+
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("status",)])
+def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """PostgreSQL down, a SQLite file that cannot be opened or whose folder cannot be made: one
+    line with what the driver said first and what to check (psycopg's advice and SQLAlchemy's
+    link made it three; `db upgrade` showed a traceback), the password masked."""
+    for url, start, hint in _unreachable_databases(tmp_path):
+        cfg = config_file(tmp_path)
+        cfg.write_text(cfg.read_text().replace(f"sqlite:///{tmp_path / 'd.db'}", url))
+        result = CliRunner().invoke(cli, ["--config", str(cfg), *command])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert result.exit_code == 1
+        assert result.output.startswith(start) and result.output.endswith(f" {hint}\n"), result.output
+        assert result.output.count("\n") == 1 and "s3cret" not in result.output
+
+
+def test_init_into_a_folder_it_cannot_write_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    for target, reason in ((tmp_path / "missing" / "config.yaml", "No such file or directory"),
+                           (tmp_path / "a-file" / "config.yaml", "Not a directory")):
+        code, out = invoke("init", str(target))
+        assert code == 1 and out == f"error: {target}: cannot write: {reason}\n"
+
+
+@pytest.mark.parametrize("port", ["80000", "-1"])
+def test_serve_refuses_a_port_out_of_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, port: str) -> None:
+    """--port 80000 served on 14464 (80000 mod 65536); -1 failed with a traceback."""
+    from digest import scheduler
+
+    served: list[object] = []
+    monkeypatch.setattr(scheduler, "serve", lambda *args, **kwargs: served.append(kwargs))
+    code, out = invoke("--config", str(config_file(tmp_path)), "serve", "--web-only", "--port", port)
+    assert code == 2 and f"Invalid value for '--port': {port} is not in the range 0<=x<=65535" in out
+    assert served == []
+
+
+@pytest.mark.parametrize(("listen", "args", "message"), [
+    ("127.0.0.1:8097", ("--host", "256.1.1.1"), "error: --host: cannot listen on 256.1.1.1: not an IP address or a "
+     "host name that resolves (use an address of this machine, e.g. 127.0.0.1)\n"),
+    ("nosuch.invalid:8097", (), "error: web.listen: cannot listen on nosuch.invalid: not an IP address or a host "
+     "name that resolves (use an address of this machine, e.g. 127.0.0.1)\n"),
+])
+def test_serve_on_a_host_that_is_no_address_is_one_line(tmp_path: Path, listen: str, args: tuple[str, ...],
+                                                        message: str) -> None:
+    cfg = str(config_file(tmp_path, f'web: {{listen: "{listen}"}}'))
+    code, out = invoke("--config", cfg, "serve", "--web-only", *args)
+    assert code == 1 and out == message
+
+
+def test_retrying_every_draft_passes_over_one_being_sent(tmp_path: Path) -> None:
+    """`--retry-failed` without `--draft`, while another process sends the draft: says how many
+    failed messages were left and exits 75 (it said there were none to retry, and exited 0)."""
+    import sqlite3
+    from datetime import UTC, datetime, timedelta
+
+    from digest.store import open_store
+
+    cfg = str(config_file(tmp_path))
+    for step in (["subscribers", "add", "ann@example.com"], ["collect"], ["draft"], ["approve", "1"], ["send"]):
+        assert invoke("--config", cfg, *step)[0] == 0
+    with sqlite3.connect(tmp_path / "d.db") as conn:
+        conn.execute("UPDATE send_ledger SET status = 'failed', error = 'HTTP 400'")
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    now = datetime.now(UTC)
+    assert store.acquire_lease("send:1", "elsewhere:1:abc", now, now + timedelta(minutes=5))
+    try:
+        code, out = invoke("--config", cfg, "send", "--retry-failed")
+        assert code == 75
+        assert out.startswith("1 failed messages in draft 1 not retried: another process is sending it; "
+                              "run again once it has finished\n")
+        assert "no failed messages" not in out
+        assert store.ledger_counts(1) == {"failed": 1}
+    finally:
+        store.release_lease("send:1", "elsewhere:1:abc")
+        store.close()
+    code, out = invoke("--config", cfg, "send", "--retry-failed")
+    assert code == 0 and "draft 1: 1 failed messages back in the queue" in out
+
+
+@pytest.mark.parametrize(("newsletter", "key", "message"), [
+    ('from: "Field Notes digest at example.org"', "newsletter.from",
+     "'Field Notes digest at example.org' is not an address a send can use (not a single email address: 'Field'): "
+     "write one such as \"Field Notes <digest@example.org>\""),
+    ('from: "Field Notes <digest@>"', "newsletter.from",
+     "'Field Notes <digest@>' is not an address a send can use (not an email address: 'Field Notes <digest@>'): "
+     "write one such as \"Field Notes <digest@example.org>\""),
+    ('from: "a@example.org, b@example.org"', "newsletter.from",
+     "'a@example.org, b@example.org' is more than one address (write one)"),
+    ('reply_to: "replies@"', "newsletter.reply_to",
+     "'replies@' is not an address a send can use (not an email address: 'replies@'): "
+     "write one such as \"Field Notes <digest@example.org>\""),
+])
+def test_check_refuses_a_from_address_every_send_would_refuse(tmp_path: Path, newsletter: str, key: str,
+                                                              message: str) -> None:
+    """`digest check` said ok (exit 0) to a From every send refuses; the first send stopped."""
+    cfg = config_file(tmp_path)
+    cfg.write_text(cfg.read_text().replace("newsletter: {public_url: https://news.example.org}",
+                                           f"newsletter: {{public_url: https://news.example.org, {newsletter}}}"))
+    code, out = invoke("--config", str(cfg), "check")
+    assert code == 1 and out == f"error: {cfg}: {key}: {message}\n"
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ((), "error: draft 1 is pending review: approve it first (`digest approve 1`)\n"),
+    (("reject", "1"), "error: draft 1 was rejected: it is not sent (`digest draft` makes the next one)\n"),
+])
+def test_sending_a_draft_that_cannot_be_sent_says_its_state_and_fails(tmp_path: Path, step: tuple[str, ...],
+                                                                      message: str) -> None:
+    """It said "nothing to send: draft 1 is not an approved, due draft or a send to resume" and
+    exited 0: cron took the send for done."""
+    cfg = str(config_file(tmp_path))
+    for args in (("subscribers", "add", "ann@example.com"), ("collect",), ("draft",), step):
+        if args:
+            assert invoke("--config", cfg, *args)[0] == 0
+    for dry_run in ((), ("--dry-run",)):
+        code, out = invoke("--config", cfg, "send", "--draft", "1", *dry_run)
+        assert code == 1 and out == message
+
+
+@pytest.mark.parametrize(("approve", "message"), [
+    (("approve", "1", "--at", "2030-01-07T07:00"), "nothing to send yet: draft 1 is approved for 2030-01-07 07:00 "
+     "UTC; the first `digest send` from then sends it\n"),
+    (("approve", "1"), "nothing to send: draft 1 is sent\n"),
+])
+def test_sending_a_draft_approved_for_later_or_sent_says_so(tmp_path: Path, approve: tuple[str, ...],
+                                                             message: str) -> None:
+    cfg = str(config_file(tmp_path))
+    for args in (("subscribers", "add", "ann@example.com"), ("collect",), ("draft",), approve, ("send",)):
+        assert invoke("--config", cfg, *args)[0] == 0
+    code, out = invoke("--config", cfg, "send", "--draft", "1")
+    assert code == 0 and out == message
+
+
+def test_a_dry_run_of_resending_uncertain_messages_of_a_sent_draft_says_they_would_go(tmp_path: Path) -> None:
+    """The real command puts them back and sends them; its dry run said "nothing to send"."""
+    from datetime import UTC, datetime
+
+    from digest.store import open_store
+
+    cfg = str(config_file(tmp_path))
+    emails = [f"r{i}@example.com" for i in range(20)]
+    for args in (*(("subscribers", "add", e) for e in emails), ("collect",), ("draft",), ("approve", "1"),
+                 ("send",)):
+        assert invoke("--config", cfg, *args)[0] == 0
+    store = open_store(f"sqlite:///{tmp_path / 'd.db'}")
+    try:
+        store.mark_uncertain([row[0] for row in store.ledger_rows(1)], "read timeout", datetime.now(UTC))
+    finally:
+        store.close()
+    code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "resend", "--dry-run", "--draft", "1")
+    assert code == 0 and "nothing to send" not in out
+    assert "draft 1: 20 uncertain messages → resend (dry run: left as they are)\n" in out
+    assert ("draft 1: the send would send the 20 uncertain messages again (not built in a dry run: they stay "
+            "uncertain until the real one)\n") in out
+    code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "resend", "--draft", "1")
+    assert code == 0 and "draft 1: sent 20 in 1 batch," in out

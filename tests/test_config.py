@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,9 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
          "config.yaml: sources[1].name: duplicate source name 'a'"),
         ("digest:\n  approval:\n    deadline: soon\n", "config.yaml: digest.approval.deadline: bad duration 'soon'"),
         ("web:\n  listen: localhost\n", "config.yaml: web.listen: must be host:port"),
+        ("web:\n  listen: '127.0.0.1:80000'\n", "config.yaml: web.listen: must be host:port"),
+        ("web:\n  listen: '256.1.1.1:8080'\n", "config.yaml: web.listen: '256.1.1.1' is not an IP address"),
+        ("web:\n  listen: '[::g]:8080'\n", "config.yaml: web.listen: '[::g]' is not an IP address"),
         ("- just\n- a list\n", "the top level must be a mapping"),
         ("newsletter: [unclosed\n", "is not valid YAML"),
     ],
@@ -168,3 +172,126 @@ def test_concurrency_defaults_by_how_the_provider_is_sent_to(delivery: dict[str,
     settings = config.from_dict({"delivery": delivery, "newsletter": {"public_url": "https://news.example.org"}},
                                 file="test.yaml")
     assert settings.delivery.concurrency == concurrency
+
+
+@pytest.mark.parametrize(("text", "line", "key"), [
+    # A second block threw the first away: here the provider, and the outbox "sent" to everyone.
+    ("delivery:\n  provider: postmark\n  api_key: k\nnewsletter: {name: x}\ndelivery:\n  batch_size: 10\n",
+     5, "delivery"),
+    ("delivery:\n  provider: outbox\n  outbox_dir: a\n  outbox_dir: b\n", 4, "outbox_dir"),
+    ("sources:\n  - {name: a, type: folder, path: x, path: y}\n", 2, "path"),
+])
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str, line: int, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: line {line}: key {key!r} given twice"
+
+
+def test_merge_keys_may_override_what_they_bring_in(tmp_path: Path) -> None:
+    path = write(tmp_path, "sources:\n  - &a {name: a, type: folder, path: x}\n  - <<: *a\n    name: b\n")
+    assert [s["name"] for s in config.load(path).sources] == ["a", "b"]
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes("newsletter:\n  name: Caf\u00e9 Notes\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: byte 24 (line 2) is not UTF-8 (save the file as UTF-8)"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:",
+                                 "sqlite:///file::memory:?cache=shared&uri=true",
+                                 "sqlite:///file:d.db?mode=memory&uri=true"])
+def test_an_in_memory_database_is_refused(tmp_path: Path, url: str) -> None:
+    """Each command is its own process: an in-memory database loses the subscribers, the drafts
+    and the ledger of what was sent when it ends."""
+    path = write(tmp_path, f'database: {{url: "{url}"}}\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == (f"{path}: database.url: an in-memory SQLite database keeps nothing once the "
+                               "command ends: name a file (e.g. sqlite:///digest.db)")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///digest.db", "sqlite:////var/lib/digest/digest.db",
+                                 "sqlite:///memory.db"])
+def test_a_sqlite_file_is_accepted(tmp_path: Path, url: str) -> None:
+    assert config.load(write(tmp_path, f'database: {{url: "{url}"}}\n')).database.url.endswith(".db")
+
+
+@pytest.mark.parametrize(("base_url", "message"), [
+    ("not a url", "delivery.base_url: must be http(s)://host[:port][/path], got 'not a url'"),
+    ("https://api.example.org/v3?x=1", "delivery.base_url: must be http(s)://host[:port][/path]"),
+    ("https://api.example.org:99999", "delivery.base_url: must be http(s)://host[:port][/path]"),
+    ("https://u:hunter2@api.example.org:x", "got 'https://u:***@api.example.org:x'"),
+    ("http://api.example.org", "delivery.base_url: must be https:// (the API key would travel in clear; plain "
+                               "http only to localhost, 127.0.0.1 or ::1)"),
+])
+def test_base_url_is_checked_at_load(tmp_path: Path, base_url: str, message: str) -> None:
+    path = write(tmp_path, f"delivery: {{provider: postmark, api_key: k, base_url: '{base_url}'}}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert message in str(info.value) and "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("base_url", ["https://api.eu.sendgrid.com", "https://api.example.org/v3/",
+                                      "http://127.0.0.1:8025", "http://localhost:9000", "http://[::1]:80"])
+def test_a_base_url_over_https_or_to_this_machine_is_accepted(tmp_path: Path, base_url: str) -> None:
+    path = write(tmp_path, f"delivery: {{provider: sendgrid, api_key: k, base_url: '{base_url}'}}\n")
+    assert config.load(path).delivery.base_url == base_url
+
+
+def test_keys_of_another_provider_are_refused(tmp_path: Path) -> None:
+    """They were accepted and did nothing (SendGrid reads no region, no SMTP login)."""
+    path = write(tmp_path, "delivery:\n  provider: sendgrid\n  api_key: k\n  smtp_host: smtp.example.org\n"
+                           "  username: u\n  password: p\n  region: eu\n  aws_access_key_id: AKIA\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == (f"{path}: delivery: region (for mailgun or ses), aws_access_key_id (for ses), "
+                               "smtp_host (for smtp), username (for smtp), password (for smtp) are not read by "
+                               "provider sendgrid: remove them, or set delivery.provider")
+    path = write(tmp_path, "delivery: {provider: smtp, smtp_host: smtp.example.org, message_stream: outbound}\n")
+    with pytest.raises(ConfigError, match=r"delivery: message_stream \(for postmark\) is not read by provider "
+                                          r"smtp: remove it, or set delivery.provider$"):
+        config.load(path)
+    # The outbox stands in for the real provider while trying digest out, its keys left in place.
+    assert config.load(write(tmp_path, "delivery: {provider: outbox, api_key: k, region: eu}\n")).delivery.api_key
+
+
+@pytest.mark.parametrize(("provider", "keys"), [
+    ("outbox", {}),
+    ("postmark", {"api_key": "k"}),
+    ("sendgrid", {"api_key": "k"}),
+    ("mailgun", {"api_key": "k", "domain": "mg.example.org"}),
+    ("resend", {"api_key": "k"}),
+    ("ses", {"region": "eu-west-1", "aws_access_key_id": "a", "aws_secret_access_key": "b"}),
+    ("smtp", {"smtp_host": "smtp.example.org"}),
+])
+def test_the_example_config_loads_with_each_provider(tmp_path: Path, provider: str, keys: dict[str, str]) -> None:
+    """Every key is in the example at its default: changing the provider (and giving what it
+    needs) must not trip over the other providers' keys."""
+    text = (ROOT / "config.example.yaml").read_text().replace("provider: outbox ", f"provider: {provider} ")
+    for key, value in keys.items():
+        text, n = re.subn(rf"^  {key}: null ", f"  {key}: {value} ", text, flags=re.MULTILINE)
+        assert n == 1, key
+    text = text.replace("public_url: http://127.0.0.1:8080", "public_url: https://news.example.org")
+    assert config.load(write(tmp_path, text)).delivery.provider == provider
+
+
+@pytest.mark.parametrize(("value", "state"), [("", "empty"), ("  \n", "only whitespace")])
+def test_an_empty_env_secret_is_named_as_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str,
+                                               state: str) -> None:
+    """It was "not set" (it is set, to nothing); one of spaces reached the provider."""
+    path = write(tmp_path, "delivery:\n  provider: postmark\n  api_key: ${PM_TOKEN}\n")
+    monkeypatch.setenv("PM_TOKEN", value)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: delivery.api_key: environment variable PM_TOKEN is {state}"
+
+
+def test_spaces_around_an_env_secret_are_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token pasted with a newline reached requests as it was, and failed as an InvalidHeader."""
+    path = write(tmp_path, "delivery:\n  provider: postmark\n  api_key: ${PM_TOKEN}\n")
+    monkeypatch.setenv("PM_TOKEN", " secret-token\n")
+    assert config.load(path).delivery.api_key == "secret-token"

@@ -10,6 +10,12 @@ from digest.cli import SendProgress
 from digest.delivery.sender import SendSummary
 
 
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A terminal wide enough for the whole bar, unless a test says otherwise."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 class Timer:
     def __init__(self) -> None:
         self.now = 100.0
@@ -87,3 +93,41 @@ def test_a_second_draft_starts_a_new_bar_on_a_new_line(capsys: pytest.CaptureFix
     first, second = err.split("\n")
     assert "draft 1 " in first and "100%" in first
     assert "draft 2 " in second and "25% 5/20" in second
+
+
+@pytest.mark.parametrize("columns", [80, 60, 40, 12])
+def test_the_bar_fits_one_row_of_the_terminal(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                              columns: int) -> None:
+    """A line longer than the terminal wraps, and the next redraw clears only its last row: on
+    an 80-column terminal every redraw left a row behind. The least useful parts go first."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    timer = Timer()
+    progress = SendProgress(interactive=True, timer=timer)
+    timer.now += 11
+    summary = SendSummary(12, total=1_000_000, sent=498_000, batches=500, uncertain=1_000,
+                          failed=Counter({"rejected": 2_000}))
+    progress(summary, 1000)
+    line = capsys.readouterr().err.split("\r")[-1].removeprefix("\x1b[2K")  # (click drops it off a terminal)
+    assert len(line) <= columns - 1
+    assert line == "50%" if columns == 12 else line.startswith("draft 12 ")
+    if columns >= 60:
+        assert " 50%" in line and "2,000 failed, 1,000 uncertain" in line
+    if columns == 80:
+        assert line == "draft 12  50% at 45,545/s, 11s left — 2,000 failed, 1,000 uncertain"
+
+
+def test_slow_rates_keep_a_decimal(capsys: pytest.CaptureFixture[str]) -> None:
+    """Resend's default of 2 calls a second read as "2/s", and anything under half a message
+    a second as "0/s"."""
+    timer = Timer()
+    progress = SendProgress(interactive=False, timer=timer)
+    timer.now += 4
+    progress(_summary(10, 100, 1), 10)
+    timer.now += 36
+    progress(_summary(12, 100, 2), 2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(", 2.5/s") and lines[1].endswith(", 0.3/s")
+    progress = SendProgress(interactive=True, timer=timer)
+    timer.now += 4
+    progress(_summary(10, 100, 1), 10)
+    assert " at 2.5/s, 36s left — " in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import click
 from digest import __version__, clock, pipeline, resources
 from digest.config import Settings, load
 from digest.delivery.sender import MAY_ARRIVE_TWICE, NEXT_SEND, SendSummary, held_message
-from digest.errors import DigestError, DraftError
+from digest.errors import DigestError, DraftBusyError, DraftError
 from digest.store import db
 from digest.store.store import ReasonCount, UncertainMessage
 
@@ -121,7 +122,10 @@ def init(path: str, force: bool) -> None:
     target = Path(path)
     if target.exists() and not force:
         raise DigestError(f"{target} already exists", hint="use --force to overwrite it")
-    target.write_text(resources.read_text("config.example.yaml"), encoding="utf-8")
+    try:
+        target.write_text(resources.read_text("config.example.yaml"), encoding="utf-8")
+    except OSError as exc:  # no such folder, a read-only one, a full disk
+        raise DigestError(f"{target}: cannot write: {exc.strerror or exc}") from exc
     click.echo(f"Wrote {target}. Edit it, then run `digest check`.")
 
 
@@ -153,8 +157,10 @@ def db_group() -> None:
 def db_upgrade(obj: _Context) -> None:
     """Create or migrate the database to this version's schema."""
     engine = db.make_engine(obj.settings.database.url)
-    before, after = db.upgrade(engine)
-    engine.dispose()
+    try:
+        before, after = db.upgrade(engine)
+    finally:
+        engine.dispose()
     click.echo(f"database at {after}" + (f" (was {before})" if before != after else " (already current)"))
 
 
@@ -289,26 +295,54 @@ class SendProgress:
         done, total = summary.done, summary.total
         elapsed = now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
-        counts = (f"{summary.sent:,} sent, {sum(summary.failed.values()):,} failed, "
-                  f"{summary.uncertain:,} uncertain")
+        failed = sum(summary.failed.values())
+        counts = f"{summary.sent:,} sent, {failed:,} failed, {summary.uncertain:,} uncertain"
         if not self.interactive:
             of = f"/{total:,}" if total else ""
             click.echo(f"draft {summary.draft_id}: batch {summary.batches} ({size}): {done:,}{of} done — "
-                       f"{counts}, {rate:,.0f}/s", err=True)
+                       f"{counts}, {_rate(rate)}/s", err=True)
             return
         if now - self.drawn < 0.1 and done < total:
             return
         self.drawn = now
-        if total:
-            share = min(1.0, done / total)
-            filled = round(share * self.WIDTH)
-            left = f", {(total - done) / rate:,.0f}s left" if rate and done < total else ""
-            bar = (f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {share:4.0%} {done:,}/{total:,}"
-                   f" at {rate:,.0f}/s{left}")
-        else:
-            bar = f"{done:,} at {rate:,.0f}/s"
-        click.echo(f"\r\x1b[2Kdraft {summary.draft_id} {bar} — {counts}", err=True, nl=False)
+        click.echo(f"\r\x1b[2K{self._fit(summary, rate)}", err=True, nl=False)
         self.pending_newline = True
+
+    def _fit(self, summary: SendSummary, rate: float) -> str:
+        """The bar's line, shortened to fit one row of the terminal: a line that wraps is not
+        redrawn in place (``\\x1b[2K`` clears the last row only), and every redraw left a
+        row behind. The least useful parts go first: the bar's width, the bar, the count
+        sent, the count done, the rate, the time left; what failed and the share done stay."""
+        width = max(8, shutil.get_terminal_size().columns - 1)
+        done, total = summary.done, summary.total
+        draft = f"draft {summary.draft_id}"
+        trouble = f"{sum(summary.failed.values()):,} failed, {summary.uncertain:,} uncertain"
+        counts = f"{summary.sent:,} sent, {trouble}"
+        at = f"at {_rate(rate)}/s"
+        if not total:
+            candidates = [f"{draft} {done:,} {at} — {counts}", f"{draft} {done:,} {at} — {trouble}",
+                          f"{draft} {done:,} — {trouble}", f"{draft} {done:,}", f"{done:,}"]
+        else:
+            share = min(1.0, done / total)
+            pct = f"{share:4.0%}"
+            left = f", {(total - done) / rate:,.0f}s left" if rate and done < total else ""
+
+            def bar(cells: int) -> str:
+                filled = round(share * cells)
+                return f"[{'#' * filled}{'-' * (cells - filled)}] "
+
+            candidates = [
+                f"{draft} {bar(self.WIDTH)}{pct} {done:,}/{total:,} {at}{left} — {counts}",
+                f"{draft} {bar(10)}{pct} {done:,}/{total:,} {at}{left} — {counts}",
+                f"{draft} {pct} {done:,}/{total:,} {at}{left} — {counts}",
+                f"{draft} {pct} {done:,}/{total:,} {at}{left} — {trouble}",
+                f"{draft} {pct} {at}{left} — {trouble}",
+                f"{draft} {pct}{left} — {trouble}",
+                f"{draft} {pct} — {trouble}",
+                f"{draft} {share:.0%}",
+                f"{share:.0%}",
+            ]
+        return next((line for line in candidates if len(line) <= width), candidates[-1][:width])
 
     def close(self) -> None:
         """End the bar's line (before other output, or the next draft's bar)."""
@@ -352,15 +386,28 @@ _T = TypeVar("_T")
 
 def _each_draft(named: int | None, call: Callable[[], _T]) -> _T | None:
     """``call()`` for one draft of an operator's command. With no draft named, the command goes
-    over every draft: one another process is sending now is said (None), and the rest go on;
-    a draft named by the operator fails the command instead."""
+    over every draft: one another process is sending now is passed over (None: the caller says
+    what is left undone in it, see :func:`_echo_passed_over`), and the rest go on. A draft
+    named by the operator fails the command instead."""
     if named is not None:
         return call()
     try:
         return call()
-    except DraftError as exc:
-        click.echo(f"{exc}", err=True)
+    except DraftBusyError:
         return None
+
+
+def _echo_passed_over(undone: str) -> None:
+    """What a draft passed over by :func:`_each_draft` still has (the command then exits
+    EXIT_PAUSED: its work is not done, and a later run does it)."""
+    click.echo(f"{undone}: another process is sending it; run again once it has finished")
+
+
+def _failed_count(app: pipeline.App, draft_id: int, matching: str | None) -> int:
+    """How many of a draft's messages ``--retry-failed`` (``--reason matching``) puts back."""
+    if matching is None:
+        return app.store.ledger_counts(draft_id).get("failed", 0)
+    return sum(r.count for r in app.store.reasons(draft_id, ("failed",)) if matching.lower() in r.error.lower())
 
 
 @cli.command()
@@ -387,35 +434,40 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
     a second one quits at once (the next `digest send` marks what was in flight uncertain).
     Exit codes: 0 done, 1 stopped by a refusal to fix (credentials, account, From, or a send
     paused for the operator), 3 uncertain messages wait for --resolve-uncertain, 75 paused or
-    interrupted (the next `digest send` resumes).
+    interrupted (the next `digest send` resumes), or a draft passed over by --resolve-uncertain
+    or --retry-failed because another process sends it (run again once it has finished).
     """
     app = obj.app
     if matching is not None and not retry_failed:
         raise click.UsageError("--reason goes with --retry-failed")
     if retry_failed and resolve_uncertain:
         raise click.UsageError("use --retry-failed and --resolve-uncertain one at a time")
+    passed_over = False  # a draft left as it was: another process is sending it
     if retry_failed:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
         retried = 0
         for target in targets:
             if dry_run:  # what it would put back; nothing is written
                 app.store.get_draft(target)
-                n = app.store.ledger_counts(target).get("failed", 0) if matching is None else sum(
-                    r.count for r in app.store.reasons(target, ("failed",)) if matching.lower() in r.error.lower())
+                n = _failed_count(app, target, matching)
             else:
                 retried_here = _each_draft(draft_id, partial(pipeline.retry_failed, app, target, matching))
                 if retried_here is None:
+                    _echo_passed_over(f"{_failed_count(app, target, matching)} failed messages in draft {target} "
+                                      "not retried")
+                    passed_over = True
                     continue
                 n = retried_here
             retried += n
             if n:
                 click.echo(f"draft {target}: {n} failed messages back in the queue"
                            + (" (dry run: left as they are)" if dry_run else ""))
-        if not retried:
+        if not retried and not passed_over:
             click.echo("no failed messages to retry" + (f" in draft {draft_id}" if draft_id is not None else "")
                        + (f" whose error contains {matching!r}" if matching is not None else ""))
             if draft_id is not None and not dry_run:
                 return  # (a draft named for nothing: not resumed either; `digest send --draft N` does that)
+    resent: dict[int, int] = {}  # a dry run's: the uncertain messages the send would put back and send
     if resolve_uncertain:
         targets = [draft_id] if draft_id is not None else app.store.drafts_with_ledger()
         resolved = 0
@@ -428,10 +480,15 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
             else:
                 resolution = _each_draft(draft_id, partial(pipeline.resolve_uncertain, app, target, resolve_uncertain))
                 if resolution is None:
+                    _echo_passed_over(f"{app.store.ledger_counts(target).get('uncertain', 0)} uncertain messages in "
+                                      f"draft {target} not resolved")
+                    passed_over = True
                     continue
                 done = resolution
             n = done.total
             resolved += n
+            if n and dry_run and resolve_uncertain == "resend":
+                resent[target] = n
             if n:
                 click.echo(f"draft {target}: {n} uncertain messages → {resolve_uncertain}"
                            + (" (dry run: left as they are)" if dry_run else ""))
@@ -448,19 +505,21 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                     else:
                         click.echo(f"note: {app.provider.name} has no idempotency key: those of them that did "
                                    "arrive arrive again (its activity log tells which did)", err=True)
-        if not resolved:
+        if not resolved and not passed_over:
             click.echo("no uncertain messages to resolve" + (f" in draft {draft_id}" if draft_id is not None else ""))
         if resolve_uncertain == "mark-sent":
-            return
+            sys.exit(EXIT_PAUSED if passed_over else 0)
     def deadline_applied(deadlined: int, what: str) -> None:
         click.echo(f"draft {deadlined} was not reviewed before its approval deadline: {what} "
                    "(digest.approval.on_deadline)")
 
+    past_due: list[int] = []  # drafts past their approval deadline, which this dry run leaves as they are
     if dry_run:  # a dry run changes nothing: it says what the send would do first
         from digest.approval import past_deadline
 
         what = {"approve": "approves and sends", "skip": "skips"}[app.settings.digest.approval.on_deadline]
-        for deadlined in past_deadline(app.store, app.settings, app.now()):
+        past_due = past_deadline(app.store, app.settings, app.now())
+        for deadlined in past_due:
             click.echo(f"draft {deadlined} was not reviewed before its approval deadline: the send {what} it "
                        "(digest.approval.on_deadline; this dry run leaves it as it is)")
     if draft_id is not None:
@@ -473,10 +532,21 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
                                   on_deadline=deadline_applied, draft_id=draft_id,
                                   resume=False if resolve_uncertain else None)
     progress.close()
-    if not summaries:
-        click.echo("nothing to send: no approved draft is due" if draft_id is None else
-                   f"nothing to send: draft {draft_id} is not an approved, due draft or a send to resume")
-        return
+    # A dry run does not put uncertain messages back in the queue, so its send does not see
+    # them, nor a finished draft they belong to, which the real one sends again: said here.
+    def echo_resent(target: int, also: str = "") -> None:
+        if target in resent:
+            click.echo(f"draft {target}: the send would{also} send the {resent[target]} uncertain messages again "
+                       "(not built in a dry run: they stay uncertain until the real one)")
+
+    for target in sorted(set(resent) - {s.draft_id for s in summaries}):
+        echo_resent(target)
+    if not summaries and not resent:
+        if draft_id is not None and draft_id not in past_due:  # (what the send does to that one is said)
+            _nothing_to_send(app, draft_id)
+        elif draft_id is None:
+            click.echo("nothing to send: no approved draft is due")
+        sys.exit(EXIT_PAUSED if passed_over else 0)
     for s in summaries:
         if s.stale:
             click.echo(f"draft {s.draft_id}: {s.stale} messages were in flight when a sender stopped; "
@@ -490,8 +560,9 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
         click.echo(f"draft {s.draft_id}: {verb} {s.sent} in {batches}, failed {failed}, "
                    f"uncertain {s.uncertain}" + (f", skipped {s.skipped}" if s.skipped else "")
                    + (f", {s.retries} {'retry' if s.retries == 1 else 'retries'}" if s.retries else "")
-                   + (f", built in {s.seconds:.2f}s" if s.dry_run else f", {s.seconds:.2f}s ({s.rate:.0f}/s)")
+                   + (f", built in {s.seconds:.2f}s" if s.dry_run else f", {s.seconds:.2f}s ({_rate(s.rate)}/s)")
                    + (" — finished" if s.finished else ""))
+        echo_resent(s.draft_id, " also")
         if s.dry_run and s.calls:
             rate = obj.settings.delivery.rate_per_second
             click.echo(f"draft {s.draft_id}: {s.calls} provider calls at most {rate:g} a second "
@@ -500,14 +571,38 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
             _echo_stopped(s)
         if s.for_operator:
             click.echo(f"draft {s.draft_id}: {s.uncertain_hint()}")
-    sys.exit(_send_exit_code(summaries))
+    code = _send_exit_code(summaries)
+    sys.exit(EXIT_PAUSED if passed_over and not code else code)
+
+
+def _nothing_to_send(app: pipeline.App, draft_id: int) -> None:
+    """Why `digest send --draft N` sent nothing, by the draft's state: a draft that waits for
+    review, or was rejected or skipped, is a mistake to fix (exit 1); one approved for later,
+    or already sent, is not."""
+    draft = app.store.get_draft(draft_id)
+    if draft.status == "pending_review":
+        raise DraftError(f"draft {draft_id} is pending review: approve it first (`digest approve {draft_id}`)")
+    if draft.status == "rejected":
+        raise DraftError(f"draft {draft_id} was rejected: it is not sent (`digest draft` makes the next one)")
+    if draft.status == "skipped":
+        raise DraftError(f"draft {draft_id} was skipped: nobody approved it before its approval deadline "
+                         "(digest.approval.deadline); `digest draft` makes the next one")
+    if draft.status == "approved" and draft.send_at is not None:
+        click.echo(f"nothing to send yet: draft {draft_id} is approved for "
+                   f"{_when(draft.send_at, app.settings.newsletter.tz)}; the first `digest send` from then sends it")
+    elif draft.status == "sent":
+        click.echo(f"nothing to send: draft {draft_id} is sent")
+    else:
+        click.echo(f"nothing to send: draft {draft_id} is not an approved, due draft or a send to resume")
 
 
 # Exit codes of the commands that send (README "Exit codes"): 0 all done (or nothing due);
 # 1 a send was stopped by a refusal only the operator can fix (or paused after batches the
 # provider refused, until the operator acts); 3 messages whose fate is
 # unknown wait for the operator (`digest send --resolve-uncertain`); 75 (EX_TEMPFAIL) a send
-# paused or was interrupted and the next `digest send` resumes it. Click uses 2 for usage errors.
+# paused or was interrupted and the next `digest send` resumes it, or --resolve-uncertain or
+# --retry-failed passed over a draft another process is sending (run it again once that send
+# has finished). Click uses 2 for usage errors.
 EXIT_BLOCKED = 1
 EXIT_UNCERTAIN = 3
 EXIT_PAUSED = 75
@@ -521,6 +616,12 @@ def _echo_stopped(s: SendSummary) -> None:
     if s.in_flight and not s.dry_run:
         click.echo(f"draft {s.draft_id}: {s.in_flight} messages were in flight in a process that stopped: "
                    f"{NEXT_SEND} marks uncertain those that may have gone out, and sends the others")
+
+
+def _rate(per_second: float) -> str:
+    """A rate for people: one decimal below 10 a second (a slow provider's 2.4/s read as 2,
+    and anything under 0.5 as 0), none above."""
+    return f"{per_second:,.1f}" if 0 < per_second < 10 else f"{per_second:,.0f}"
 
 
 def _duration(seconds: float) -> str:
@@ -561,7 +662,8 @@ def run(obj: _Context) -> None:
 
 @cli.command()
 @click.option("--host", default=None, help="Override web.listen's host.")
-@click.option("--port", type=int, default=None, help="Override web.listen's port.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Override web.listen's port (0: any free port).")
 @click.option("--web-only", is_flag=True,
               help="The web app alone (links, review, webhooks), no jobs: for jobs run from cron.")
 @pass_ctx

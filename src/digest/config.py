@@ -7,6 +7,7 @@ is validated here because every provider shares its shape.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -46,6 +47,26 @@ class Newsletter(_Strict):
             raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Paris)") from None
         return value
 
+    @field_validator("from_", "reply_to")
+    @classmethod
+    def _mailbox(cls, value: str | None) -> str | None:
+        """One address, as every send parses it (``parse_mailbox``, then ``format_address``):
+        a From every send refuses passed `digest check` and stopped the first send instead."""
+        if not value:
+            return value
+        import email.utils
+
+        from digest.delivery.mime import format_address, parse_mailbox
+
+        try:
+            format_address(*parse_mailbox(value))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an address a send can use ({exc}): write one such as "
+                             "\"Field Notes <digest@example.org>\"") from None
+        if len(email.utils.getaddresses([value])) > 1:  # a send would take the first and drop the rest
+            raise ValueError(f"{value!r} is more than one address (write one)")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _url(cls, value: str) -> str:
@@ -66,7 +87,20 @@ class Database(_Strict):
     def _url(cls, value: str) -> str:
         if not (value.startswith("sqlite") or value.startswith("postgresql")):
             raise ValueError("must start with sqlite:/// or postgresql+psycopg://")
+        if value.startswith("sqlite") and _in_memory(value):
+            # Every command is its own process: subscribers, drafts and the ledger (what was
+            # sent to whom) would be gone when it ends, and the next send would start over.
+            raise ValueError("an in-memory SQLite database keeps nothing once the command ends: "
+                             "name a file (e.g. sqlite:///digest.db)")
         return value
+
+
+def _in_memory(url: str) -> bool:
+    """Whether a SQLite URL names no file: ``sqlite://``, ``sqlite:///``, ``:memory:``, or a
+    URI filename in memory (``file::memory:``, ``mode=memory``)."""
+    rest = url.partition("://")[2]
+    path = rest.removeprefix("/").partition("?")[0]
+    return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in rest
 
 
 class Ranking(_Strict):
@@ -119,6 +153,34 @@ DEFAULT_RATE = 50.0
 SERVER_SIDE = ("sendgrid", "mailgun")
 DEFAULT_CONCURRENCY = 4
 SERVER_SIDE_CONCURRENCY = 2
+
+
+# delivery keys that only some providers read. Set for another provider they would do nothing,
+# and their owner believe them in effect. Not here: the keys every provider reads, api_key and
+# base_url (a provider that reads neither, SES or SMTP, needs credentials and a server of its
+# own, checked below, so one left over cannot stand in for them), and the outbox, both ways: it
+# stands in for the real provider while trying digest out, with that provider's keys left in
+# place, and its outbox_dir does nothing once a real one is set.
+PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
+    "message_stream": ("postmark",),
+    "domain": ("mailgun",),
+    "region": ("mailgun", "ses"),
+    **dict.fromkeys(("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "configuration_set"),
+                    ("ses",)),
+    **dict.fromkeys(("smtp_host", "smtp_port", "smtp_security", "smtp_verify", "smtp_ca_file", "username",
+                     "password"), ("smtp",)),
+}
+
+
+def is_local(host: str) -> bool:
+    """Whether ``host`` is this machine: localhost (and ``*.localhost``), 127.0.0.0/8, ::1."""
+    host = host.lower().strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _truthy(raw: Any) -> bool:
@@ -237,6 +299,12 @@ class Web(_Strict):
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"must be host:port, got {value!r}")
+        address = host.removeprefix("[").removesuffix("]")
+        if ":" in address or re.fullmatch(r"[\d.]+", address):  # meant as an IP address: is it one?
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address (use e.g. 127.0.0.1:8080)") from None
         return value
 
 
@@ -353,11 +421,16 @@ def _substitute(node: Any, where: str, file: str) -> Any:
 
         def repl(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            value = os.environ.get(name)
-            if value is None or value == "":
+            raw = os.environ.get(name)
+            # Stripped: a secret copied with a space or a newline around it reached the provider
+            # as it was (an HTTP header refuses a trailing newline, and a key with a space is
+            # another key). No setting means anything by spaces around it.
+            value = raw.strip() if raw is not None else None
+            if not value:
                 if default is not None:
                     return default
-                raise ConfigError(f"{file}: {where}: environment variable {name} is not set")
+                state = "not set" if raw is None else "empty" if raw == "" else "only whitespace"
+                raise ConfigError(f"{file}: {where}: environment variable {name} is {state}")
             return value
 
         return _ENV_RE.sub(repl, node)
@@ -396,6 +469,8 @@ def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str
         raise ConfigError(_validation_message(exc, file)) from exc
     settings = settings.model_copy(update={"path": path})
     _check_public_url(settings, file)
+    _check_base_url(settings, file)
+    _check_provider_keys(settings, file)
     url = settings.database.url
     if url.startswith("sqlite:///") and path is not None:
         # Like every path in the config, a relative SQLite file is relative to the config file.
@@ -412,11 +487,54 @@ def _check_public_url(settings: Settings, file: str) -> None:
     # RFC 8058: mailbox providers offer one-click unsubscribe only for an https URL. Plain
     # http is allowed for a local address (trying digest out) and for the outbox provider.
     public = settings.newsletter.public_url
-    host = (urlsplit(public).hostname or "").lower()
-    local = host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost")
+    local = is_local(urlsplit(public).hostname or "")
     if public.startswith("http://") and not local and settings.delivery.provider != "outbox":
         raise ConfigError(f"{file}: newsletter.public_url: must be https:// (one-click unsubscribe "
                           "links must be https, RFC 8058)")
+
+
+def _check_base_url(settings: Settings, file: str) -> None:
+    """delivery.base_url is http(s)://host[:port][/path]: the provider's calls are made by
+    appending to it, and carry the API key, so plain http only to this machine (a local test
+    server). Checked here, for a config, and not in :class:`Delivery`: tests build one with a
+    URL no config would pass, to see what the provider does with it."""
+    value = settings.delivery.base_url
+    if not value:
+        return
+    parts = urlsplit(value)
+    try:
+        valid = parts.port != 0
+    except ValueError:  # a port out of range, or not a number
+        valid = False
+    if (not valid or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or any(c.isspace() for c in value)):
+        shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)  # a password in it stays hidden
+        raise ConfigError(f"{file}: delivery.base_url: must be http(s)://host[:port][/path], got {shown!r}")
+    if parts.scheme == "http" and not is_local(parts.hostname):
+        raise ConfigError(f"{file}: delivery.base_url: must be https:// (the API key would travel in clear; plain "
+                          "http only to localhost, 127.0.0.1 or ::1)")
+
+
+def _check_provider_keys(settings: Settings, file: str) -> None:
+    """Refuse delivery keys of another provider (PROVIDER_KEYS): ``region: eu`` under SendGrid,
+    SMTP credentials under Postmark were accepted and did nothing. A key at its default (or
+    null, or empty) is not counted: config.example.yaml lists every key at its default, and
+    changing the provider must not make it fail. Checked here, for a config, and not in
+    :class:`Delivery`, which tests build with one provider's keys to drive another's code."""
+    delivery = settings.delivery
+    provider = delivery.provider
+    if provider == "outbox":
+        return
+    foreign = {}
+    for key, users in PROVIDER_KEYS.items():
+        value = getattr(delivery, key)
+        if provider not in users and value not in (None, "") and value != Delivery.model_fields[key].default:
+            foreign[key] = users
+    if foreign:
+        listed = ", ".join(f"{key} (for {' or '.join(users)})" for key, users in foreign.items())
+        what = "is" if len(foreign) == 1 else "are"
+        raise ConfigError(f"{file}: delivery: {listed} {what} not read by provider {provider}: remove "
+                          f"{'it' if len(foreign) == 1 else 'them'}, or set delivery.provider")
 
 
 def _check_schedules(settings: Settings, file: str) -> None:
@@ -450,6 +568,46 @@ def _check_sources(settings: Settings, file: str) -> None:
         names.add(name)
 
 
+def _parse_yaml(text: str, file: str) -> Any:
+    """``yaml.safe_load``, refusing a mapping key given twice at any depth: PyYAML keeps the
+    last one silently, so a second ``delivery:`` block threw the first away (and with it the
+    provider: the outbox "sent" to every reader)."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, file)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: Any, file: str) -> None:
+    """Every mapping under ``root`` (a composed YAML node) has each plain key once. Merge keys
+    (``<<: *defaults``) are not counted: overriding what they bring in is what they are for."""
+    import yaml
+
+    todo, visited = [root], set()
+    while todo:
+        node = todo.pop()
+        if id(node) in visited:  # an alias: the same node again
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key, _value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in seen:
+                        raise ConfigError(f"{file}: line {key.start_mark.line + 1}: key {key.value!r} given twice")
+                    seen.add((key.tag, key.value))
+            todo += [part for pair in reversed(node.value) for part in reversed(pair)]  # in file order
+        elif isinstance(node, yaml.SequenceNode):
+            todo += reversed(node.value)
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """Load ``path``, else ``$DIGEST_CONFIG``, else ``./config.yaml``, else the embedded defaults."""
     # Imported here: only reading a config file needs PyYAML, not a process handed its settings.
@@ -463,13 +621,20 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         return defaults()
     file = str(chosen)
     try:
-        raw = yaml.safe_load(chosen.read_text(encoding="utf-8"))
+        data = chosen.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{file}: byte {exc.start + 1} (line {line}) is not UTF-8 (save the file as UTF-8)") from None
+    try:
+        raw = _parse_yaml(text, file)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{file}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

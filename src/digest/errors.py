@@ -6,6 +6,7 @@
     ├── SourceError                 a source could not be fetched or parsed
     ├── RenderError                 a template or the MJML compile failed
     ├── DraftError                  a draft is missing or in the wrong state for the action
+    │   └── DraftBusyError          another process is sending the draft: try again once it has finished
     ├── SubscriberError             a subscriber address or import row is invalid
     ├── TokenError                  a signed link is invalid, expired or used
     ├── DeliveryError               a provider call failed; ``retryable`` says whether to try again
@@ -56,6 +57,11 @@ class RenderError(DigestError):
 
 class DraftError(DigestError):
     """A draft is missing or not in a state that allows the action."""
+
+
+class DraftBusyError(DraftError):
+    """Another process is sending the draft, and holds its send lease: the change to its ledger
+    waits until that send has finished or stopped."""
 
 
 class SubscriberError(DigestError):

@@ -26,7 +26,7 @@ from digest.config import Delivery, Settings
 from digest.delivery.providers.base import Provider, check_with_retries
 from digest.delivery.providers.registry import build_provider
 from digest.delivery.sender import Sender, SendSummary, share_of
-from digest.errors import DeliveryError, DigestError, DraftError, StoreError, TokenError
+from digest.errors import DeliveryError, DigestError, DraftBusyError, DraftError, StoreError, TokenError
 from digest.http import build_session
 from digest.render.cache import render_key
 from digest.render.fill import CompiledEmail, personalize
@@ -515,7 +515,7 @@ def _send_lease(app: App, draft_id: int, what: str) -> Iterator[datetime]:
 
     lease, holder, now = f"send:{draft_id}", lease_holder(), app.now()
     if not app.store.acquire_lease(lease, holder, now, now + timedelta(seconds=LEASE_SECONDS), holder_is_dead):
-        raise DraftError(f"draft {draft_id} is being sent by another process; {what} once that send has "
+        raise DraftBusyError(f"draft {draft_id} is being sent by another process; {what} once that send has "
                          "finished or stopped")
     try:
         yield now

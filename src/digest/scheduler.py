@@ -184,6 +184,10 @@ def serve(app: App, *, host: str | None = None, port: int | None = None,
         raise ConfigError(f"web.listen: cannot listen on {host or listen_host}:"
                           f"{port if port is not None else listen_port}: {exc.strerror or exc}",
                           hint="stop what uses the port, or set web.listen (or --port)") from exc
+    except ValueError as exc:  # waitress: the host is no address, and no name that resolves
+        setting = "--host" if host else "web.listen"
+        raise ConfigError(f"{setting}: cannot listen on {host or listen_host}: not an IP address or a host "
+                          "name that resolves", hint="use an address of this machine, e.g. 127.0.0.1") from exc
     bound_port = int(server.effective_port)
     web_stop = threading.Event()
 

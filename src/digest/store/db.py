@@ -7,6 +7,7 @@ one is left alone until the operator runs ``digest db upgrade``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +33,43 @@ def make_engine(url: str) -> Engine:
         if url.startswith("sqlite"):
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
-                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                folder = Path(path).expanduser().parent
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"database.url: cannot create the folder {folder}: {exc.strerror or exc}",
+                                     hint="check database.url, and that the folder can be made") from exc
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         return create_engine(url, pool_pre_ping=True)
     except (SQLAlchemyError, ImportError) as exc:
-        raise StoreError(f"database.url: cannot open {url!r}: {exc}") from exc
+        raise StoreError(f"database.url: cannot open {_masked(url)!r}: {_first_line(exc)}") from exc
+
+
+def _masked(url: str) -> str:
+    """``url`` with its password as ``***``, as SQLAlchemy shows one."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    """What the driver said, on one line: its first. psycopg adds lines of advice ("Is the
+    server running on that host ...?") and SQLAlchemy a link to its documentation; an error
+    of digest's is one line (the hint says what to check)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0].strip() if lines else type(cause).__name__
+
+
+def open_error(engine: Engine, exc: SQLAlchemyError) -> StoreError:
+    """The database cannot be reached (or read): one line naming it (password masked), what
+    the driver said, and what to check."""
+    message = _first_line(exc)
+    if engine.url.password:
+        message = message.replace(str(engine.url.password), "***")
+    hint = ("check database.url, and that its folder is writable" if engine.dialect.name == "sqlite"
+            else "check database.url, and that the server is running")
+    return StoreError(f"database {engine.url.render_as_string()}: {message}", hint=hint)
 
 
 def _wal(cursor: Any) -> None:
@@ -113,8 +144,13 @@ def upgrade(engine: Engine, revision: str = "head", *, new: bool = False) -> tup
     version, and wants the schema created; checked again under the lock (another process may
     have created it meanwhile, which is fine; tables without a version are not)."""
     from alembic import command
+    from alembic.util import CommandError
 
-    before = current_revision(engine)
+    try:
+        before = current_revision(engine)
+    except SQLAlchemyError as exc:
+        raise open_error(engine, exc) from exc
+    _refuse_newer(before)
     cfg = _alembic_config(engine)
     try:
         with engine.begin() as conn:
@@ -124,9 +160,18 @@ def upgrade(engine: Engine, revision: str = "head", *, new: bool = False) -> tup
                                  hint="point database.url at a digest database")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)  # reads the revision again, under the lock
-    except SQLAlchemyError as exc:
-        raise StoreError(f"migration failed: {str(exc).splitlines()[0]}") from exc
-    return before, current_revision(engine) or ""
+        after = current_revision(engine) or ""
+    except (SQLAlchemyError, CommandError) as exc:  # CommandError: a revision no script names
+        raise StoreError(f"migration failed: {_first_line(exc)}") from exc
+    return before, after
+
+
+def _refuse_newer(current: str | None) -> None:
+    """A database a newer digest migrated: this one cannot use it, and no migration of its
+    own goes back (revisions are numbered in order, so a higher one is newer)."""
+    if current is not None and current.isdigit() and int(current) > int(HEAD):
+        raise StoreError(f"the database was written by a newer digest (schema {current}; this digest "
+                         f"knows up to {HEAD}): upgrade digest")
 
 
 def _migration_lock(conn: Connection) -> None:
@@ -149,11 +194,12 @@ def ensure_schema(engine: Engine) -> None:
     """Create a fresh database; refuse to run on an outdated one."""
     try:
         current = current_revision(engine)
-        if current is None:
-            upgrade(engine, new=True)
-            return
     except SQLAlchemyError as exc:
-        raise StoreError(f"database {engine.url.render_as_string()}: {exc.__class__.__name__}: {exc}") from exc
+        raise open_error(engine, exc) from exc
+    if current is None:
+        upgrade(engine, new=True)
+        return
+    _refuse_newer(current)
     head = HEAD
     if current != head:
         raise StoreError(f"the database schema is at {current}, this digest needs {head}",
