@@ -1196,8 +1196,7 @@ class Sender:
                 if attempt > 1 and not self.bucket.acquire(self._stopping):
                     # Stopped while waiting for the rate limit's turn: as for a stop during
                     # the retry's wait (see _pause).
-                    if self._stop is None and self.should_stop():
-                        self._halt(f"stopped on request while waiting to retry a batch; {NEXT_SEND} resumes it")
+                    self._waited_until_asked()
                     reason = self._stop or "stopped with the send's other processes"
                     self._give_up(ids, DeliveryError(reason), batch, summary, maybe_sent, journal, claimed)
                     return "stop"
@@ -1326,11 +1325,15 @@ class Sender:
         else:
             self.sleep(seconds)
             self._renew(self._lease)
-        # Asked here: the reason is ours to give. Stopped by another process of the send (a
-        # helper's refused credentials, say): that process gives the reason, not this one.
+        self._waited_until_asked()
+        return self._stop is None and not asked()
+
+    def _waited_until_asked(self) -> None:
+        """After a wait to retry a batch: asked here to stop, the reason is this process's to
+        give. Stopped by another process of the send (a helper's refused credentials, say), that
+        process gives it, not this one."""
         if self._stop is None and self.should_stop():
             self._halt(f"stopped on request while waiting to retry a batch; {NEXT_SEND} resumes it")
-        return self._stop is None and not asked()
 
     def _stopping(self) -> bool:
         """Whether the send is stopping: a wait for the rate limit's turn ends at once (at a
