@@ -224,15 +224,21 @@ delivery: {{provider: postmark, api_key: "{TOKEN}", base_url: "{srv.url}"}}
         "address: 'Field Notes <digest@>'): write one such as \"Field Notes <digest@example.org>\""]
 
 
+def _outbox_app(tmp_path: Path, clock: FrozenClock) -> pipeline.App:
+    """The embedded defaults (the outbox) in batches of 2, with ACTIVE and an approved draft."""
+    settings = make_settings(tmp_path, delivery={"batch_size": 2}, digest={"approval": {"required": False}})
+    app = pipeline.App.open(settings, clock)
+    app.store.upsert_subscribers([(e, "") for e in ACTIVE], "cli", clock())
+    pipeline.collect(app)
+    pipeline.make_draft(app)
+    return app
+
+
 def test_a_dry_run_reads_the_audience_as_it_goes(tmp_path: Path, clock: FrozenClock,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """One batch in memory at a time: the next readers are read only once a batch is built."""
-    settings = make_settings(tmp_path, delivery={"batch_size": 2}, digest={"approval": {"required": False}})
-    app = pipeline.App.open(settings, clock)
+    app = _outbox_app(tmp_path, clock)
     try:
-        app.store.upsert_subscribers([(e, "") for e in ACTIVE], "cli", clock())
-        pipeline.collect(app)
-        pipeline.make_draft(app)
         read: list[str] = []
         audience = app.store.audience
 
@@ -260,12 +266,8 @@ def test_a_dry_run_reads_the_audience_as_it_goes(tmp_path: Path, clock: FrozenCl
 def test_a_dry_run_asked_to_stop_ends_after_the_batch_it_builds(tmp_path: Path, clock: FrozenClock) -> None:
     """Ctrl-C during a long dry run ends it after the batch being built, with the counts so
     far said to be partial (it went on to the end, saying it would stop)."""
-    settings = make_settings(tmp_path, delivery={"batch_size": 2}, digest={"approval": {"required": False}})
-    app = pipeline.App.open(settings, clock)
+    app = _outbox_app(tmp_path, clock)
     try:
-        app.store.upsert_subscribers([(e, "") for e in ACTIVE], "cli", clock())
-        pipeline.collect(app)
-        pipeline.make_draft(app)
         built: list[int] = []
         (summary,) = pipeline.send(app, dry_run=True, should_stop=lambda: bool(built),
                                    on_batch=lambda s, size: built.append(size))

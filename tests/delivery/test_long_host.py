@@ -11,9 +11,10 @@ import pytest
 
 from digest import pipeline
 from digest.delivery import sender as sender_module
-from digest.delivery.sender import Sender, holder_is_dead, lease_holder
+from digest.delivery.sender import holder_is_dead, lease_holder
 from digest.types import SendResult
 from tests.conftest import FrozenClock, make_settings
+from tests.delivery.test_takeover import _sender
 from tests.fakes.scripted_provider import ScriptedProvider
 
 LONG_HOST = "ip-172-31-122-133.ap-southeast-2.compute.internal"
@@ -33,11 +34,6 @@ def app(tmp_path: Path, db_url: str, clock: FrozenClock, monkeypatch: pytest.Mon
     a.close()
 
 
-def _sender(app: pipeline.App, provider: ScriptedProvider) -> Sender:
-    (draft_id,) = app.store.due_drafts(app.now())
-    draft = app.store.get_draft(draft_id)
-    return Sender(app.store, provider, app.settings, draft, pipeline.compile_for(app, draft), app.link_pair,
-                  now=app.now, sleep=lambda s: None)
 
 
 class _LosesFirstAnswers(ScriptedProvider):
