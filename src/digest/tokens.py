@@ -67,30 +67,14 @@ class LinkSigner:
         if purpose not in LINK_PURPOSES:
             raise ValueError(f"unknown link purpose {purpose!r}")
         self._half = LINK_PURPOSES.index(purpose)
-        key = hmac.new(secret.encode(), b"digest-links", hashlib.sha256).digest()
-        self._base = _keyed_sha256(key)
+        self._key = hmac.new(secret.encode(), b"digest-links", hashlib.sha256).digest()
+        self._base = _keyed_sha256(self._key)
         self._tokens: Callable[[int, str], tuple[str, str]] | None = None
 
-    def url_maker(self, unsubscribe_prefix: str, preferences_prefix: str) -> Callable[[int, str], tuple[str, str]]:
+    def url_maker(self, unsubscribe_prefix: str, preferences_prefix: str) -> LinkUrls:
         """A function giving a subscriber's two links, each prefix followed by its token
-        (:meth:`sign_pair`'s tokens, from one HMAC).
-
-        For the send path, where it runs once per recipient: everything it needs is bound
-        once, and each URL is one string, not a token joined to its prefix afterwards.
-        """
-        base = self._base
-        b2a, urlsafe = binascii.b2a_base64, _URLSAFE
-
-        def urls(subscriber_id: int, email: str) -> tuple[str, str]:
-            h = base.copy()
-            h.update(f"{subscriber_id}:{email.lower()}".encode())
-            digest = h.digest()
-            return (f"{unsubscribe_prefix}{subscriber_id:x}."
-                    f"{b2a(digest[:16], newline=False).translate(urlsafe).rstrip(b'=').decode()}",
-                    f"{preferences_prefix}{subscriber_id:x}."
-                    f"{b2a(digest[16:], newline=False).translate(urlsafe).rstrip(b'=').decode()}")
-
-        return urls
+        (:meth:`sign_pair`'s tokens, from one HMAC)."""
+        return LinkUrls(self._key, self._base, unsubscribe_prefix, preferences_prefix)
 
     def sign_pair(self, subscriber_id: int, email: str) -> tuple[str, str]:
         """(unsubscribe token, preferences token) for one subscriber, from one HMAC."""
@@ -114,3 +98,36 @@ class LinkSigner:
 
     def check(self, token: str, subscriber_id: int, email: str) -> bool:
         return hmac.compare_digest(token.encode(), self.sign(subscriber_id, email).encode())
+
+
+class LinkUrls:
+    """A subscriber's two links, ``(unsubscribe URL, preferences URL)``, when called with the
+    subscriber's id and address: each prefix followed by its token (see :class:`LinkSigner`).
+
+    It also holds what the C path (:mod:`digest.delivery.readers`) needs to sign the same
+    links itself: the key and the two prefixes. In Python, everything the call needs is bound
+    once, and each URL is one string, not a token joined to its prefix afterwards: this runs
+    once per recipient.
+    """
+
+    __slots__ = ("key", "preferences_prefix", "unsubscribe_prefix", "urls")
+
+    def __init__(self, key: bytes, base: Any, unsubscribe_prefix: str, preferences_prefix: str) -> None:
+        self.key = key
+        self.unsubscribe_prefix = unsubscribe_prefix
+        self.preferences_prefix = preferences_prefix
+        b2a, urlsafe = binascii.b2a_base64, _URLSAFE
+
+        def urls(subscriber_id: int, email: str) -> tuple[str, str]:
+            h = base.copy()
+            h.update(f"{subscriber_id}:{email.lower()}".encode())
+            digest = h.digest()
+            return (f"{unsubscribe_prefix}{subscriber_id:x}."
+                    f"{b2a(digest[:16], newline=False).translate(urlsafe).rstrip(b'=').decode()}",
+                    f"{preferences_prefix}{subscriber_id:x}."
+                    f"{b2a(digest[16:], newline=False).translate(urlsafe).rstrip(b'=').decode()}")
+
+        self.urls = urls
+
+    def __call__(self, subscriber_id: int, email: str) -> tuple[str, str]:
+        return self.urls(subscriber_id, email)

@@ -37,7 +37,7 @@ import pytest
 from digest.config import Delivery
 from digest.delivery.providers.base import Provider
 from digest.delivery.providers.registry import PROVIDERS, build_provider, provider_class
-from digest.delivery.sender import list_headers, template_recipients
+from digest.delivery.readers import list_headers, template_recipients
 from digest.store.store import Claimed
 from digest.types import OutgoingMessage, SendResult, TemplateRecipient
 from tests.delivery import test_smtp

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from digest.config import Settings
 from digest.delivery.providers.base import (
@@ -54,6 +54,7 @@ from digest.delivery.providers.base import (
     UncertainDeliveryError,
     call_journal,
 )
+from digest.delivery.readers import LinkMaker, Readers, list_headers
 from digest.errors import AuthError, BlockedError, DeliveryError, TakenOverError
 from digest.http import backoff_delay
 from digest.render import CompiledEmail, personalize, slot_values
@@ -140,12 +141,6 @@ def holder_is_dead(holder: str) -> bool:
     except PermissionError:
         return False
     return False
-
-
-class LinkMaker(Protocol):
-    """Builds a subscriber's signed links: ``(unsubscribe URL, preferences URL)``."""
-
-    def __call__(self, subscriber_id: int, email: str, /) -> tuple[str, str]: ...
 
 
 @dataclass
@@ -405,14 +400,6 @@ def message_id(draft_id: int, ledger_id: int, email: str, domain: str) -> str:
     return f"<digest.{draft_id}.{ledger_id}.{tag}@{domain}>"
 
 
-_ONE_CLICK = ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
-
-
-def list_headers(ledger_id: int, unsubscribe_url: str) -> tuple[tuple[str, str], ...]:
-    """RFC 8058 one-click unsubscribe, and the ledger id for tracing a message back."""
-    return (("List-Unsubscribe", f"<{unsubscribe_url}>"), _ONE_CLICK, ("X-Digest-Ledger-Id", str(ledger_id)))
-
-
 def build_message(draft: Draft, compiled: CompiledEmail, settings: Settings, ledger_id: int,
                   recipient: Recipient, links: tuple[str, str]) -> OutgoingMessage:
     """One recipient's message: personalized body, one-click unsubscribe headers (RFC 8058)."""
@@ -458,23 +445,6 @@ def plain_link_slots(public_url: str) -> frozenset[str]:
     html, text = slot_values(name="", unsubscribe_url=unsubscribe, preferences_url=preferences)
     return frozenset(slot for slot, h, t in zip(SLOT_NAMES, html, text, strict=True)
                      if slot != "name" and h == t)
-
-
-def template_recipients(claimed: Sequence[Claimed], links: LinkMaker) -> list[TemplateRecipient]:
-    """Each recipient's slot values (escaped exactly as :func:`personalize` would) and headers
-    (as :func:`list_headers`). No Message-ID: providers that take templates assign their own.
-
-    One loop with the row unpacked, not a call per recipient: this runs for every message.
-    """
-    out: list[TemplateRecipient] = []
-    append = out.append
-    for ledger_id, subscriber_id, email, name in claimed:
-        unsubscribe_url, preferences_url = links(subscriber_id, email)
-        html_values, text_values = slot_values(name=name, unsubscribe_url=unsubscribe_url,
-                                               preferences_url=preferences_url)
-        headers = (("List-Unsubscribe", f"<{unsubscribe_url}>"), _ONE_CLICK, ("X-Digest-Ledger-Id", str(ledger_id)))
-        append(TemplateRecipient(ledger_id, email, name, html_values, text_values, headers))
-    return out
 
 
 _ARENAS_SHARED = False
@@ -699,7 +669,7 @@ class Sender:
         if self.on_batch:  # progress, as for a send: a dry run of a large list takes a while
             self.on_batch(summary, len(batch))
 
-    def _build_only(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> list[SendResult]:
+    def _build_only(self, prepared: list[OutgoingMessage] | Sequence[TemplateRecipient]) -> list[SendResult]:
         """Build the provider's request(s) for a prepared batch, as :meth:`_ready` and the
         provider's send would, without any I/O; returns the results of the messages left out
         of them (``PreparedCall.refused``).
@@ -1147,17 +1117,17 @@ class Sender:
             raise TakenOverError(f"the lease on draft {self.draft.id} was taken over by another sender; "
                                  "this one stops")
 
-    def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | list[TemplateRecipient]:
+    def _prepare(self, claimed: Sequence[Claimed]) -> list[OutgoingMessage] | Sequence[TemplateRecipient]:
         links = self.links
         if self.template is not None:
-            return template_recipients(claimed, links)
+            return Readers(claimed, links)
         return [build_message(self.draft, self.compiled, self.settings, c.ledger_id, c.recipient,
                               links(c.subscriber_id, c.email)) for c in claimed]
 
-    def _call(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> list[SendResult]:
+    def _call(self, prepared: list[OutgoingMessage] | Sequence[TemplateRecipient]) -> list[SendResult]:
         return self._ready(prepared)()
 
-    def _ready(self, prepared: list[OutgoingMessage] | list[TemplateRecipient]) -> Callable[[], list[SendResult]]:
+    def _ready(self, prepared: list[OutgoingMessage] | Sequence[TemplateRecipient]) -> Callable[[], list[SendResult]]:
         """The batch as the provider sends it: a function that sends it, and sends the same
         batch again when called again. A template batch is built now (see
         :meth:`Provider.template_sender`)."""
@@ -1187,7 +1157,7 @@ class Sender:
         building.acquire()
         held = True
         try:
-            prepared: list[OutgoingMessage] | list[TemplateRecipient] | None = self._prepare(claimed)
+            prepared: list[OutgoingMessage] | Sequence[TemplateRecipient] | None = self._prepare(claimed)
             send: Callable[[], list[SendResult]] | None = None
             journal: BatchJournal | None = None
             attempt = 0

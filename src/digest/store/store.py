@@ -249,6 +249,11 @@ class Claimed(NamedTuple):
     name: str
 
     @property
+    def to_email(self) -> str:
+        """The address, by the name a provider reading its answer asks for."""
+        return self.email
+
+    @property
     def recipient(self) -> Recipient:
         return Recipient(self.subscriber_id, self.email, self.name)
 

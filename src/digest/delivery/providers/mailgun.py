@@ -68,6 +68,7 @@ from digest.delivery.providers.base import (
     response_text,
     slot_map,
 )
+from digest.delivery.readers import ledger_ids
 from digest.errors import BlockedError, ConfigError, DeliveryError
 from digest.http import build_session
 from digest.types import (
@@ -518,7 +519,7 @@ class MailgunProvider(HttpProvider):
             return list
         self._check_batch(recipients)
         call, ids = self.build_template_request(template, recipients)
-        order = tuple(r.ledger_id for r in recipients)
+        order = ledger_ids(recipients)
         return partial(self.send_built_template, call, ids, order, self._answer)
 
     def _answer(self, status: int, headers: Mapping[str, str], body: bytes, ids: Sequence[int]) -> list[SendResult]:

@@ -88,7 +88,14 @@ from digest.delivery.providers.base import (
     json_string,
     response_text,
 )
-from digest.delivery.providers.postmark import HeaderPrefixes, PostmarkProvider, header_values, reader_to
+from digest.delivery.providers.postmark import (
+    HeaderPrefixes,
+    PostmarkProvider,
+    _Addressed,
+    header_values,
+    reader_to,
+)
+from digest.delivery.readers import HEADER_STEPS, LEDGER, SLOT_FIELDS, TO, Readers, Step, ledger_ids
 from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import SLOT_NAMES, SendResult, TemplateMessage, TemplateRecipient
 
@@ -315,55 +322,83 @@ class PostmarkTemplateProvider(PostmarkProvider):
     # -- the batch ------------------------------------------------------------------------------
 
     def _messages(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
-                  ) -> tuple[list[bytes], list[TemplateRecipient], list[SendResult]]:
-        """The ``/email/batchWithTemplates`` body for ``recipients`` as one piece per message,
-        the recipients it carries and the results of those refused (an address no header can
-        carry). Written as bytes with each value escaped once, not through ``json.dumps``:
-        this runs for every reader."""
+                  ) -> tuple[list[bytes], list[_Addressed], list[SendResult]]:
+        """The ``/email/batchWithTemplates`` body for ``recipients`` as pieces, the recipients
+        it carries and the results of those refused (an address no header can carry).
+
+        Plain readers of a :class:`~digest.delivery.readers.Readers` batch are written by the
+        C module from :meth:`_program`; the others (every reader, without the module) by
+        :meth:`_message`. Both write the same bytes."""
         made, skeleton = self._prepared(template)
-        lead, model, keys, meta = skeleton.lead, skeleton.model, skeleton.keys, skeleton.meta
-        plain = made.plain
-        next_lead = b"," + lead
-        width = len(SLOT_NAMES)
-        join = b"".join
-        # Per batch, the JSON before each header value (see header_values).
         header_prefix: HeaderPrefixes = ({}, {})
-        parts: list[bytes] = [b'{"Messages":[']
-        included: list[TemplateRecipient] = []
+        messages: list[bytes] = []
+        included: list[_Addressed] = []
         refused: list[SendResult] = []
-        for r in recipients:
-            html_values, text_values = r.html_values, r.text_values
-            try:
-                to = reader_to(r, width)
-            except ValueError as exc:
-                refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
-                continue
-            html = [json_escape(v) for v in html_values]
-            # The text values are usually the HTML ones (signed links, plain names).
-            if text_values == html_values:
-                text = html
-            elif any(text_values[i] != html_values[i] for i in plain):
-                # The template gives these slots' text their HTML value (see plain_slots):
-                # a reader for whom they differ cannot be sent this template as it is.
-                refused.append(SendResult(ledger_id=r.ledger_id, status="invalid",
-                                          error="a link differs escaped for HTML and for text"))
-                continue
-            else:
-                text = [json_escape(v) for v in text_values]
-            run = [next_lead if included else lead, to, model]
-            included.append(r)
-            for key, is_html, index in keys:
-                run += (key, html[index] if is_html else text[index])
-            run += (meta, b"%d" % r.ledger_id)
-            if not r.headers:
-                run.append(skeleton.draft_tail)
-            else:
-                run.append(skeleton.headers_open)
-                header_values(run, r.headers, header_prefix)
-                run.append(skeleton.headers_tail)
-            parts.append(join(run))
-        parts.append(b"]}")
-        return parts, included, refused
+        if isinstance(recipients, Readers) and (filled := recipients.fill(self._program(template))) is not None:
+            for index, (row, piece) in enumerate(zip(recipients.rows, filled[0])):
+                if piece is not None:
+                    messages.append(piece)
+                    included.append(row)
+                    continue
+                self._add(recipients.recipient(index), made, skeleton, header_prefix, messages, included, refused)
+        else:
+            for r in recipients:
+                self._add(r, made, skeleton, header_prefix, messages, included, refused)
+        if not messages:
+            return [b'{"Messages":[]}'], included, refused
+        # One copy of the whole: the opening and the closing joined to the end messages.
+        messages[0] = b'{"Messages":[' + messages[0]
+        messages[-1] += b"]}"
+        return [b",".join(messages)], included, refused
+
+    def _add(self, r: TemplateRecipient, made: ServerTemplate, skeleton: _Skeleton, header_prefix: HeaderPrefixes,
+             messages: list[bytes], included: list[_Addressed], refused: list[SendResult]) -> None:
+        """One reader's message, written in Python (see :meth:`_messages`), or its refusal.
+        Written as bytes with each value escaped once, not through ``json.dumps``: this runs
+        for every reader without the C module."""
+        html_values, text_values = r.html_values, r.text_values
+        try:
+            to = reader_to(r, len(SLOT_NAMES))
+        except ValueError as exc:
+            refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
+            return
+        html = [json_escape(v) for v in html_values]
+        # The text values are usually the HTML ones (signed links, plain names).
+        if text_values == html_values:
+            text = html
+        elif any(text_values[i] != html_values[i] for i in made.plain):
+            # The template gives these slots' text their HTML value (see plain_slots):
+            # a reader for whom they differ cannot be sent this template as it is.
+            refused.append(SendResult(ledger_id=r.ledger_id, status="invalid",
+                                      error="a link differs escaped for HTML and for text"))
+            return
+        else:
+            text = [json_escape(v) for v in text_values]
+        run = [skeleton.lead, to, skeleton.model]
+        for key, is_html, index in skeleton.keys:
+            run += (key, html[index] if is_html else text[index])
+        run += (skeleton.meta, b"%d" % r.ledger_id)
+        if not r.headers:
+            run.append(skeleton.draft_tail)
+        else:
+            run.append(skeleton.headers_open)
+            header_values(run, r.headers, header_prefix)
+            run.append(skeleton.headers_tail)
+        messages.append(b"".join(run))
+        included.append(r)
+
+    def _program(self, template: TemplateMessage) -> tuple[Step, ...]:
+        """A plain reader's message as a program for the C module: :meth:`_add`'s bytes, with
+        the reader's values as fields (see :mod:`digest.delivery.readers`)."""
+        _made, skeleton = self._prepared(template)
+        steps: list[Step] = [skeleton.lead, TO, skeleton.model]
+        for key, _is_html, index in skeleton.keys:
+            steps += (key, SLOT_FIELDS[index])
+        steps += (skeleton.meta, LEDGER, skeleton.headers_open)
+        for number, (name, value) in enumerate(HEADER_STEPS):
+            steps += ((b'{"Name":' if number == 0 else b'"},{"Name":') + json_string(name) + b',"Value":"', *value)
+        steps.append(skeleton.headers_tail)
+        return tuple(steps)
 
     def build_template_request(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
                                ) -> PreparedCall:
@@ -374,7 +409,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
         return self._call(template, recipients)[0]
 
     def _call(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
-              ) -> tuple[PreparedCall, list[TemplateRecipient]]:
+              ) -> tuple[PreparedCall, list[_Addressed]]:
         parts, included, refused = self._messages(template, recipients)
         call = PreparedCall("POST", self.batch_templates_url, self._post_headers, b"".join(parts), (),
                             tuple(refused))
@@ -395,7 +430,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
         call, carried = self._call(template, recipients)
         self.check_size(call)
         ids = [r.ledger_id for r in carried]
-        order = tuple(r.ledger_id for r in recipients)
+        order = ledger_ids(recipients)
 
         def answer(status: int, headers: Mapping[str, str], reply: bytes, _ids: Sequence[int]) -> list[SendResult]:
             self.raise_for_common_status(status, headers, reply)

@@ -48,6 +48,7 @@ from digest.delivery.providers.base import (
     checked_headers,
     response_text,
 )
+from digest.delivery.readers import ledger_ids
 from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.http import build_session, reset_at_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
@@ -390,7 +391,7 @@ class SendGridProvider(HttpProvider):
             return list
         self._check_batch(recipients)
         call, ids = self.build_template_request(template, recipients)
-        order = tuple(r.ledger_id for r in recipients)
+        order = ledger_ids(recipients)
         return partial(self.send_built_template, call, ids, order, self._answer)
 
     def _answer(self, status: int, headers: Mapping[str, str], body: bytes, ids: Sequence[int]) -> list[SendResult]:

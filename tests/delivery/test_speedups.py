@@ -1,0 +1,241 @@
+"""The C module ``digest._speedups`` writes what the Python builders write, byte for byte.
+
+Each provider that personalizes server-side builds a batch two ways: from
+:class:`~digest.delivery.readers.Readers` (plain readers through the C module, the others
+through Python) and from a list of :class:`TemplateRecipient` (all through Python). The two
+requests must be equal, over plain readers and every kind of reader the C code must leave alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import random
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from digest.config import Delivery
+from digest.delivery import readers
+from digest.delivery.providers.base import PreparedCall
+from digest.delivery.providers.registry import build_provider
+from digest.delivery.readers import Readers, speedups_built, template_recipients
+from digest.delivery.sender import plain_link_slots
+from digest.render.fill import NAME_MAX
+from digest.store.store import Claimed
+from digest.tokens import LinkSigner
+from digest.types import TemplateMessage
+
+needs_speedups = pytest.mark.skipif(
+    not speedups_built(), reason="digest._speedups is not built: `pip install -e .` with a C compiler builds it")
+
+PUBLIC = "https://news.example.org"
+LINKS = LinkSigner("a secret for the links").url_maker(f"{PUBLIC}/u/", f"{PUBLIC}/preferences/")
+
+
+def test_ci_builds_the_speedups() -> None:
+    """CI sets DIGEST_REQUIRE_SPEEDUPS: there the C path must be tested, never skipped."""
+    if os.environ.get("DIGEST_REQUIRE_SPEEDUPS"):
+        assert speedups_built()
+    else:
+        assert speedups_built() in (True, False)
+
+
+@needs_speedups
+@pytest.mark.parametrize("key_size", [0, 1, 32, 63, 64])
+def test_hmac_is_hmac_sha256(key_size: int) -> None:
+    from digest import _speedups  # type: ignore[attr-defined]
+
+    rng = random.Random(key_size)
+    key = rng.randbytes(key_size)
+    for size in [*range(0, 140), 191, 192, 1000, 4096]:
+        message = rng.randbytes(size)
+        assert _speedups.hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).digest(), size
+
+
+@needs_speedups
+def test_a_key_over_64_bytes_is_refused() -> None:
+    from digest import _speedups  # type: ignore[attr-defined]
+
+    with pytest.raises(ValueError, match="longer than 64"):
+        _speedups.hmac_sha256(b"k" * 65, b"x")
+
+
+# Readers the C code writes itself, and readers it must leave to Python (with why).
+PLAIN = [
+    (1, 1, "reader@example.org", "Ada Lovelace"),
+    (2, 255, "A.B+tag-x_y@Sub.Example.ORG", "Jo_Ann-Smith 3"),
+    (3, 2**40, "x@y.z", ""),  # no name: the greeting's fallback, the bare address as To
+    (4, 0, "reader4@example.org", "A" * NAME_MAX),
+    (2**62, 7, "reader5@example.org", "Two  spaces"),
+]
+LEFT_TO_PYTHON = [
+    (10, 10, "josé@example.org", "José"),  # not ASCII
+    (11, 11, "r11@example.org", "José"),
+    (12, 12, "r12@example.org", "O'Brien"),  # escaped in HTML
+    (13, 13, "r13@example.org", "Smith, Jo"),  # quoted in To
+    (14, 14, "r14@example.org", "Dr. Who"),  # "." is an RFC 5322 special
+    (15, 15, "r15@example.org", " Leading"),
+    (16, 16, "r16@example.org", "Trailing "),
+    (17, 17, "r17@example.org", "A" * (NAME_MAX + 1)),  # cut for the greeting
+    (18, 18, "r18@example.org", "%recipient.x%"),  # Mailgun's syntax
+    (19, 19, "r19@example.org", "{{x}}"),  # Mustachio's
+    (20, 20, "r20@example.org", "<b>bold</b>"),
+    (21, 21, "r21@example.org", 'Say "hi"'),
+    (22, 22, "r22@example.org", "Tab\tName"),
+    (23, 23, "r23@example.org", "Line\nBreak"),
+    (24, 24, "r24@example.org", "back\\slash"),
+    (25, 25, "two@@example.org", "Two Ats"),
+    (26, 26, "no-at.example.org", "No At"),
+    (27, 27, "@example.org", "Empty Local"),
+    (28, 28, "local@", "Empty Domain"),
+    (29, 29, "r29@example.org\r\nBcc: x@evil.example", "Injected"),
+    (30, 30, "r30 @example.org", "Space In Address"),
+    (31, 31, "\"q\"@example.org", "Quoted Local"),
+    (32, 32, "r32@exämple.org", "IDN Domain"),
+    (2**63, 33, "r33@example.org", "Huge Ledger Id"),
+    (34, 2**64, "r34@example.org", "Huge Subscriber Id"),
+    (35, 35, "r35@example.org", "\u2028Separator"),
+    (36, 36, "r36@example.org", "Zero\u200bWidth"),
+    (37, 37, "r37@example.org", "ａｂ"),
+]
+
+
+def _claimed(rows: Sequence[tuple[int, int, str, str]]) -> list[Claimed]:
+    return [Claimed(*row) for row in rows]
+
+
+@needs_speedups
+def test_fill_writes_plain_readers_and_leaves_the_others() -> None:
+    rows = _claimed(PLAIN + LEFT_TO_PYTHON)
+    program = (readers.LEDGER, b"|", readers.EMAIL, b"|", readers.NAME, b"|", readers.RAW_NAME, b"|",
+               readers.TO, b"|", readers.UNSUBSCRIBE, b"|", readers.PREFERENCES,
+               (b"[", readers.RAW_NAME, b"]"))
+    filled = Readers(rows, LINKS).fill(program)
+    assert filled is not None
+    (pieces,) = filled
+    for row, piece in zip(rows, pieces):
+        if row in _claimed(LEFT_TO_PYTHON):
+            assert piece is None, row
+            continue
+        ledger_id, subscriber_id, email, name = row
+        unsubscribe, preferences = LINKS(subscriber_id, email)
+        to = f"{name} <{email}>" if name else email
+        expected = (f"{ledger_id}|{email}|{name or 'reader'}|{name}|{to}|{unsubscribe}|{preferences}"
+                    + (f"[{name}]" if name else ""))
+        assert piece == expected.encode(), row
+
+
+@needs_speedups
+def test_fill_checks_its_program() -> None:
+    rows = _claimed(PLAIN)
+    for bad in [("text",), (99,), (-1,), ((b"x", 99, b"y"),), ((b"x", readers.NAME),), (2**70,)]:
+        with pytest.raises((ValueError, OverflowError)):
+            Readers(rows, LINKS).fill(bad)  # type: ignore[arg-type]
+
+
+@needs_speedups
+def test_links_signed_in_c_verify_in_python() -> None:
+    signer = LinkSigner("a secret for the links")
+    rows = _claimed(PLAIN)
+    filled = Readers(rows, LINKS).fill((readers.UNSUBSCRIBE,))
+    assert filled is not None
+    for row, url in zip(rows, filled[0]):
+        assert url is not None
+        token = url.decode().rsplit("/", 1)[1]
+        assert signer.check(token, row.subscriber_id, row.email)
+
+
+def test_without_the_module_fill_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "_speedups", None)
+    assert Readers(_claimed(PLAIN), LINKS).fill((readers.LEDGER,)) is None
+
+
+def test_links_of_another_kind_take_the_python_path() -> None:
+    def links(subscriber_id: int, email: str) -> tuple[str, str]:
+        return f"{PUBLIC}/u/{subscriber_id}", f"{PUBLIC}/preferences/{subscriber_id}"
+
+    assert Readers(_claimed(PLAIN), links).fill((readers.LEDGER,)) is None
+
+
+# -- every server-side provider: the same request both ways ---------------------------------
+
+
+# The providers that personalize server-side, each building its requests both ways.
+PROVIDERS = ["postmark-templates"]
+
+
+def _template(comment: str = "A {{fine}} essay at 100%recipient.x% -d1234-name-") -> TemplateMessage:
+    from html import escape
+
+    return TemplateMessage(
+        draft_id=7, from_addr="Field Notes <digest@news.example.org>", subject="Field Notes: {{a}} 50%",
+        html_parts=("<p>Hello ", f",</p><p>{escape(comment)}</p><a href=\"", '">Unsubscribe</a> <a href="',
+                    '">Preferences</a>'),
+        html_slots=("name", "unsubscribe_url", "preferences_url"),
+        text_parts=("Hello ", f",\n\n{comment}\n\nUnsubscribe: ", "\nPreferences: ", "\n"),
+        text_slots=("name", "unsubscribe_url", "preferences_url"),
+        reply_to="Editor <editor@news.example.org>", tag="digest-7",
+        plain_slots=plain_link_slots(PUBLIC),
+    )
+
+
+def _settings(provider: str) -> Delivery:
+    extra: dict[str, object] = {"domain": "mg.example.org"} if provider == "mailgun" else {}
+    if provider == "postmark-templates":
+        provider, extra = "postmark", {"postmark_templates": True}
+    return Delivery(provider=provider, api_key="key", base_url="http://127.0.0.1:9", **extra)  # type: ignore[arg-type]
+
+
+def _build(provider_name: str) -> Callable[[TemplateMessage, Sequence[object]], tuple[PreparedCall, tuple[int, ...]]]:
+    provider = build_provider(_settings(provider_name))
+    if provider_name == "postmark-templates":
+        def postmark(template: TemplateMessage, recipients: Sequence[object]) -> tuple[PreparedCall, tuple[int, ...]]:
+            call, carried = provider._call(template, recipients)  # type: ignore[attr-defined]
+            return call, tuple(r.ledger_id for r in carried)
+        return postmark
+    if provider_name == "sendgrid":
+        def sendgrid(template: TemplateMessage, recipients: Sequence[object]) -> tuple[PreparedCall, tuple[int, ...]]:
+            return provider.build_template_request(template, recipients, nonce="0123456789abcdef")  # type: ignore[attr-defined,no-any-return]
+        return sendgrid
+    return provider.build_template_request  # type: ignore[attr-defined,no-any-return]
+
+
+def _body(call: PreparedCall) -> bytes:
+    body = call.body if isinstance(call.body, bytes) else b"".join(call.body)  # type: ignore[arg-type]
+    if b"--digest-" in body[:20]:  # a multipart body: its boundary is random
+        boundary = body[2:body.index(b"\r\n")]
+        body = body.replace(boundary, b"BOUNDARY")
+    return body
+
+
+@needs_speedups
+@pytest.mark.parametrize("provider_name", PROVIDERS)
+@pytest.mark.parametrize("mix", ["plain", "left to python", "mixed"])
+def test_the_request_is_the_same_both_ways(provider_name: str, mix: str) -> None:
+    rng = random.Random(mix)
+    rows = {"plain": PLAIN * 3, "left to python": LEFT_TO_PYTHON, "mixed": PLAIN + LEFT_TO_PYTHON + PLAIN}[mix]
+    # Every ledger id and address once, in a shuffled order.
+    rows = [(index + 1, subscriber, email if index < len(PLAIN) or "@" not in email else f"{index}.{email}", name)
+            for index, (_ledger, subscriber, email, name) in enumerate(rng.sample(rows, len(rows)))]
+    claimed = _claimed(rows)
+    build = _build(provider_name)
+    template = _template()
+    fast_call, fast_ids = build(template, Readers(claimed, LINKS))
+    slow_call, slow_ids = build(template, template_recipients(claimed, LINKS))
+    assert _body(fast_call) == _body(slow_call)
+    assert fast_ids == slow_ids
+    assert fast_call.refused == slow_call.refused
+    assert fast_call.headers == slow_call.headers or provider_name == "mailgun"
+
+
+@pytest.mark.parametrize("provider_name", PROVIDERS)
+def test_without_the_module_readers_take_the_python_path(provider_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    claimed = _claimed(PLAIN + LEFT_TO_PYTHON)
+    build = _build(provider_name)
+    template = _template()
+    slow_call, slow_ids = build(template, template_recipients(claimed, LINKS))
+    monkeypatch.setattr(readers, "_speedups", None)
+    call, ids = build(template, Readers(claimed, LINKS))
+    assert _body(call) == _body(slow_call) and ids == slow_ids
