@@ -26,7 +26,7 @@ def compile_speedups(root: Path, out_dir: Path) -> Path:
     from setuptools import Distribution, Extension
     from setuptools.command.build_ext import build_ext
 
-    ext = Extension("digest._speedups", [str(root / SOURCE)], extra_compile_args=["-O2"])
+    ext = Extension("digest._speedups", [str(root / SOURCE)], extra_compile_args=["-O3"])
     dist = Distribution({"name": "digest", "ext_modules": [ext]})
     cmd = build_ext(dist)
     cmd.build_lib = str(out_dir)

@@ -137,36 +137,6 @@ static void hmac_sha256(const hmac_key *k, const unsigned char *msg, size_t len,
     sha256_after_block(k->outer, inner, 32, out);
 }
 
-/* -- output buffer --------------------------------------------------------------------- */
-
-typedef struct {
-    char *data;
-    size_t len, cap;
-} buffer;
-
-static int buf_reserve(buffer *b, size_t more)
-{
-    if (b->len + more <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 1024;
-    while (cap < b->len + more) cap *= 2;
-    char *grown = PyMem_Realloc(b->data, cap);
-    if (grown == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    b->data = grown;
-    b->cap = cap;
-    return 0;
-}
-
-static int buf_put(buffer *b, const char *s, size_t n)
-{
-    if (buf_reserve(b, n) < 0) return -1;
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-    return 0;
-}
-
 /* -- the rows -------------------------------------------------------------------------- */
 
 enum { F_LEDGER, F_EMAIL, F_NAME, F_RAW_NAME, F_TO, F_UNSUBSCRIBE, F_PREFERENCES, F_COUNT };
@@ -249,17 +219,42 @@ static void b64url16(const unsigned char *in, char *out)
     out[o++] = B64URL[(v >> 12) & 63];
 }
 
-/* One program step, checked: bytes, a field code, or (prefix, code, suffix). */
-static int check_step(PyObject *step)
+/* A program step, decoded once per call: a literal (code -1), or a field, written only when
+ * not empty if `cond` (then between `before` and `after`). */
+typedef struct {
+    int code, cond;
+    const char *lit, *before, *after;
+    size_t lit_n, before_n, after_n;
+} step;
+
+static int field_code(PyObject *o, int *code)
 {
-    if (PyBytes_Check(step)) return 0;
-    if (PyLong_Check(step)) {
-        long code = PyLong_AsLong(step);
-        if (code >= 0 && code < F_COUNT) return 0;
-    } else if (PyTuple_Check(step) && PyTuple_GET_SIZE(step) == 3 && PyBytes_Check(PyTuple_GET_ITEM(step, 0))
-               && PyLong_Check(PyTuple_GET_ITEM(step, 1)) && PyBytes_Check(PyTuple_GET_ITEM(step, 2))) {
-        long code = PyLong_AsLong(PyTuple_GET_ITEM(step, 1));
-        if (code >= 0 && code < F_COUNT) return 0;
+    if (!PyLong_Check(o)) return -1;
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0 || v >= F_COUNT) return -1;
+    *code = (int)v;
+    return 0;
+}
+
+static int decode_step(PyObject *o, step *st)
+{
+    memset(st, 0, sizeof *st);
+    st->code = -1;
+    if (PyBytes_Check(o)) {
+        st->lit = PyBytes_AS_STRING(o);
+        st->lit_n = (size_t)PyBytes_GET_SIZE(o);
+        return 0;
+    }
+    if (PyLong_Check(o) && field_code(o, &st->code) == 0) return 0;
+    if (PyTuple_Check(o) && PyTuple_GET_SIZE(o) == 3 && PyBytes_Check(PyTuple_GET_ITEM(o, 0))
+        && PyBytes_Check(PyTuple_GET_ITEM(o, 2)) && field_code(PyTuple_GET_ITEM(o, 1), &st->code) == 0) {
+        st->cond = 1;
+        st->before = PyBytes_AS_STRING(PyTuple_GET_ITEM(o, 0));
+        st->before_n = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(o, 0));
+        st->after = PyBytes_AS_STRING(PyTuple_GET_ITEM(o, 2));
+        st->after_n = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(o, 2));
+        return 0;
     }
     if (!PyErr_Occurred()) {
         PyErr_SetString(PyExc_ValueError, "a program step is bytes, a field code or (bytes, code, bytes)");
@@ -267,9 +262,29 @@ static int check_step(PyObject *step)
     return -1;
 }
 
-static int put_field(buffer *b, const span *fields, long code)
+/* `v` in decimal (base 10) or lower-case hex (base 16) at `out`; the number of characters. */
+static size_t put_number(unsigned long long v, unsigned base, char *out)
 {
-    return buf_put(b, fields[code].p, fields[code].n);
+    char digits[24];
+    size_t n = 0;
+    do {
+        digits[n++] = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v);
+    for (size_t i = 0; i < n; i++) out[i] = digits[n - 1 - i];
+    return n;
+}
+
+/* A link: prefix, the subscriber id in hex, ".", 16 bytes of the MAC in base64url. */
+static size_t put_link(char *out, const Py_buffer *prefix, const char *hex, size_t hex_n, const unsigned char *mac)
+{
+    memcpy(out, prefix->buf, (size_t)prefix->len);
+    size_t n = (size_t)prefix->len;
+    memcpy(out + n, hex, hex_n);
+    n += hex_n;
+    out[n++] = '.';
+    b64url16(mac, out + n);
+    return n + 22;
 }
 
 static PyObject *fill(PyObject *self, PyObject *args)
@@ -282,10 +297,15 @@ static PyObject *fill(PyObject *self, PyObject *args)
         return NULL;
     }
     PyObject *result = NULL, *seq = NULL;
-    char *message = NULL;
-    buffer out = {NULL, 0, 0};
+    char *scratch = NULL;
+    step *steps = NULL;
+    Py_ssize_t *starts = NULL;
     hmac_key k;
-    Py_ssize_t nprog = PyTuple_GET_SIZE(programs);
+    Py_ssize_t nprog = PyTuple_GET_SIZE(programs), total = 0;
+    if (name_max < 0 || name_max > 10000) {
+        PyErr_SetString(PyExc_ValueError, "name_max is out of range");
+        goto done;
+    }
     if (hmac_init(&k, key.buf, key.len) < 0) {
         PyErr_SetString(PyExc_ValueError, "the key is longer than 64 bytes");
         goto done;
@@ -296,9 +316,21 @@ static PyObject *fill(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_TypeError, "each program is a tuple of steps");
             goto done;
         }
-        for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(program); s++) {
-            if (check_step(PyTuple_GET_ITEM(program, s)) < 0) goto done;
+        total += PyTuple_GET_SIZE(program);
+    }
+    steps = PyMem_Calloc((size_t)total + 1, sizeof *steps);
+    starts = PyMem_Calloc((size_t)nprog + 1, sizeof *starts);
+    if (steps == NULL || starts == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t p = 0, i = 0; p < nprog; p++) {
+        PyObject *program = PyTuple_GET_ITEM(programs, p);
+        starts[p] = i;
+        for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(program); s++, i++) {
+            if (decode_step(PyTuple_GET_ITEM(program, s), &steps[i]) < 0) goto done;
         }
+        starts[p + 1] = i;
     }
     seq = PySequence_Fast(rows, "rows must be a sequence");
     if (seq == NULL) goto done;
@@ -310,12 +342,15 @@ static PyObject *fill(PyObject *self, PyObject *args)
         if (list == NULL) goto fail;
         PyTuple_SET_ITEM(result, p, list);
     }
-    size_t message_cap = (size_t)unsub.len + (size_t)prefs.len + 600;
-    message = PyMem_Malloc(message_cap);  /* "id:address", then the two URLs */
-    if (message == NULL) {
+    /* One scratch area for a row's values: "id:address" to sign, the two links, the To. */
+    size_t signed_cap = 24 + 256, links_cap = (size_t)unsub.len + (size_t)prefs.len + 2 * 48;
+    size_t to_cap = (size_t)name_max + 256 + 3;
+    scratch = PyMem_Malloc(signed_cap + links_cap + to_cap);
+    if (scratch == NULL) {
         PyErr_NoMemory();
         goto fail;
     }
+    char *signed_text = scratch, *links = scratch + signed_cap, *to = links + links_cap;
     for (Py_ssize_t r = 0; r < nrows; r++) {
         PyObject *row = PySequence_Fast_GET_ITEM(seq, r);
         size_t email_n = 0, name_n = 0;
@@ -336,85 +371,73 @@ static PyObject *fill(PyObject *self, PyObject *args)
             }
             continue;
         }
-        /* The signed message: "<subscriber id>:<address in lower case>". */
-        char ids[48], ledger_text[24], hex[20];
-        int sid_n = snprintf(ids, sizeof ids, "%lld:", subscriber);
-        memcpy(message, ids, (size_t)sid_n);
+        /* What is signed: "<subscriber id>:<address in lower case>". */
+        size_t signed_n = put_number((unsigned long long)subscriber, 10, signed_text);
+        signed_text[signed_n++] = ':';
         for (size_t i = 0; i < email_n; i++) {
             unsigned char c = (unsigned char)email[i];
-            message[sid_n + i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+            signed_text[signed_n++] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
         }
         unsigned char mac[32];
-        hmac_sha256(&k, (const unsigned char *)message, (size_t)sid_n + email_n, mac);
-        int hex_n = snprintf(hex, sizeof hex, "%llx", subscriber);
-        int ledger_n = snprintf(ledger_text, sizeof ledger_text, "%lld", ledger);
-        /* The two URLs, one after the other in `message`: prefix, hex id, ".", token. */
-        char *u = message, *pr;
-        size_t u_n = 0, p_n = 0;
-        memcpy(u, unsub.buf, (size_t)unsub.len);
-        u_n = (size_t)unsub.len;
-        memcpy(u + u_n, hex, (size_t)hex_n);
-        u_n += (size_t)hex_n;
-        u[u_n++] = '.';
-        b64url16(mac, u + u_n);
-        u_n += 22;
-        pr = u + u_n;
-        memcpy(pr, prefs.buf, (size_t)prefs.len);
-        p_n = (size_t)prefs.len;
-        memcpy(pr + p_n, hex, (size_t)hex_n);
-        p_n += (size_t)hex_n;
-        pr[p_n++] = '.';
-        b64url16(mac + 16, pr + p_n);
-        p_n += 22;
+        hmac_sha256(&k, (const unsigned char *)signed_text, signed_n, mac);
+        char hex[24], ledger_text[24];
+        size_t hex_n = put_number((unsigned long long)subscriber, 16, hex);
+        size_t ledger_n = put_number((unsigned long long)ledger, 10, ledger_text);
+        size_t unsub_n = put_link(links, &unsub, hex, hex_n, mac);
+        size_t prefs_n = put_link(links + unsub_n, &prefs, hex, hex_n, mac + 16);
+        size_t to_n = email_n;
+        if (name_n) {  /* "Name <local@domain>" */
+            memcpy(to, name, name_n);
+            memcpy(to + name_n, " <", 2);
+            memcpy(to + name_n + 2, email, email_n);
+            to[name_n + 2 + email_n] = '>';
+            to_n = name_n + email_n + 3;
+        } else {
+            memcpy(to, email, email_n);
+        }
         span fields[F_COUNT];
-        fields[F_LEDGER] = (span){ledger_text, (size_t)ledger_n};
+        fields[F_LEDGER] = (span){ledger_text, ledger_n};
         fields[F_EMAIL] = (span){email, email_n};
         fields[F_NAME] = name_n ? (span){name, name_n} : (span){fallback.buf, (size_t)fallback.len};
         fields[F_RAW_NAME] = (span){name, name_n};
-        fields[F_TO] = (span){NULL, 0};  /* written by hand below */
-        fields[F_UNSUBSCRIBE] = (span){u, u_n};
-        fields[F_PREFERENCES] = (span){pr, p_n};
+        fields[F_TO] = (span){to, to_n};
+        fields[F_UNSUBSCRIBE] = (span){links, unsub_n};
+        fields[F_PREFERENCES] = (span){links + unsub_n, prefs_n};
         for (Py_ssize_t p = 0; p < nprog; p++) {
-            PyObject *program = PyTuple_GET_ITEM(programs, p);
-            out.len = 0;
-            for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(program); s++) {
-                PyObject *step = PyTuple_GET_ITEM(program, s);
-                int failed = 0;
-                if (PyBytes_Check(step)) {
-                    failed = buf_put(&out, PyBytes_AS_STRING(step), (size_t)PyBytes_GET_SIZE(step));
-                } else {
-                    long code;
-                    PyObject *before = NULL, *after = NULL;
-                    if (PyTuple_Check(step)) {
-                        before = PyTuple_GET_ITEM(step, 0);
-                        code = PyLong_AsLong(PyTuple_GET_ITEM(step, 1));
-                        after = PyTuple_GET_ITEM(step, 2);
-                    } else {
-                        code = PyLong_AsLong(step);
-                    }
-                    size_t size = code == F_TO ? (name_n ? name_n + email_n + 3 : email_n) : fields[code].n;
-                    if (before != NULL && size == 0) continue;
-                    if (before != NULL) {
-                        failed = buf_put(&out, PyBytes_AS_STRING(before), (size_t)PyBytes_GET_SIZE(before));
-                    }
-                    if (!failed && code == F_TO) {
-                        if (name_n) {  /* "Name <local@domain>" */
-                            failed = buf_put(&out, name, name_n) || buf_put(&out, " <", 2)
-                                     || buf_put(&out, email, email_n) || buf_put(&out, ">", 1);
-                        } else {
-                            failed = buf_put(&out, email, email_n);
-                        }
-                    } else if (!failed) {
-                        failed = put_field(&out, fields, code);
-                    }
-                    if (!failed && after != NULL) {
-                        failed = buf_put(&out, PyBytes_AS_STRING(after), (size_t)PyBytes_GET_SIZE(after));
-                    }
+            size_t size = 0;
+            for (Py_ssize_t i = starts[p]; i < starts[p + 1]; i++) {
+                const step *st = &steps[i];
+                if (st->code < 0) {
+                    size += st->lit_n;
+                } else if (!st->cond) {
+                    size += fields[st->code].n;
+                } else if (fields[st->code].n) {
+                    size += st->before_n + fields[st->code].n + st->after_n;
                 }
-                if (failed) goto fail;
             }
-            PyObject *piece = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.len);
+            PyObject *piece = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
             if (piece == NULL) goto fail;
+            char *w = PyBytes_AS_STRING(piece);
+            for (Py_ssize_t i = starts[p]; i < starts[p + 1]; i++) {
+                const step *st = &steps[i];
+                if (st->code < 0) {
+                    memcpy(w, st->lit, st->lit_n);
+                    w += st->lit_n;
+                    continue;
+                }
+                const span *f = &fields[st->code];
+                if (st->cond) {
+                    if (!f->n) continue;
+                    memcpy(w, st->before, st->before_n);
+                    w += st->before_n;
+                }
+                memcpy(w, f->p, f->n);
+                w += f->n;
+                if (st->cond) {
+                    memcpy(w, st->after, st->after_n);
+                    w += st->after_n;
+                }
+            }
             PyList_SET_ITEM(PyTuple_GET_ITEM(result, p), r, piece);
         }
     }
@@ -423,8 +446,9 @@ fail:
     Py_CLEAR(result);
 done:
     Py_XDECREF(seq);
-    PyMem_Free(message);
-    PyMem_Free(out.data);
+    PyMem_Free(scratch);
+    PyMem_Free(steps);
+    PyMem_Free(starts);
     PyBuffer_Release(&key);
     PyBuffer_Release(&unsub);
     PyBuffer_Release(&prefs);

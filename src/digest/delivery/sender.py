@@ -1345,17 +1345,23 @@ class Sender:
                 "(`digest status` lists them)")
 
     def _settle(self, results: Sequence[SendResult], claimed: Sequence[Claimed], summary: SendSummary) -> int:
-        by_id = {r.ledger_id: r for r in results}
-        complete = [by_id.get(c.ledger_id) or SendResult(c.ledger_id, "failed", None,
-                                                         "the provider returned no result for it")
-                    for c in claimed]
+        if len(results) == len(claimed) and [r.ledger_id for r in results] == [c[0] for c in claimed]:
+            complete = results  # one per message, in order: the usual answer
+        else:
+            by_id = {r.ledger_id: r for r in results}
+            complete = [by_id.get(c.ledger_id) or SendResult(c.ledger_id, "failed", None,
+                                                             "the provider returned no result for it")
+                        for c in claimed]
         return self._settle_known(complete, claimed, summary)
 
     def _settle_known(self, complete: Sequence[SendResult], claimed: Sequence[Claimed],
                       summary: SendSummary) -> int:
         """Record results; a ``deferred`` one was not sent this time, so it goes back to the
-        queue. Returns how many went back."""
-        retry = [r for r in complete if r.status == "deferred"]
+        queue. Returns how many went back. (Each pass over the results is one comprehension
+        where it can be: this runs for every message.)"""
+        statuses = [r.status for r in complete]
+        sent = statuses.count("sent")
+        retry = [r for r in complete if r.status == "deferred"] if sent != len(statuses) else []
         if retry:
             back = {r.ledger_id for r in retry}
             complete = [r for r in complete if r.ledger_id not in back]
@@ -1364,18 +1370,18 @@ class Sender:
             self.store.release(list(back), retry[0].error or "not sent: the provider will take it later",
                                self.now(), batch)
         self.store.settle(complete, self.provider.name, self.now(), batch)
-        emails = {c.ledger_id: c.email for c in claimed}
+        others = [r for r in complete if r.status != "sent"] if sent != len(statuses) else []
         with self._lock:
-            for r in complete:
-                if r.status == "sent":
-                    summary.sent += 1
-                else:
-                    summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1
-        for r in complete:
-            if r.status == "suppressed":
+            summary.sent += sent
+            for r in others:
+                summary.failed[r.status if r.status != "failed" else _reason(r.error or "failed")] += 1
+        suppressed = [r.ledger_id for r in others if r.status == "suppressed"]
+        if suppressed:
+            emails = {c.ledger_id: c.email for c in claimed}
+            for ledger_id in suppressed:
                 # The provider will not deliver to this address (earlier bounce or complaint):
                 # stop trying here too, for every future digest.
-                self.store.suppress(emails[r.ledger_id], "provider_suppressed", self.provider.name, self.now())
+                self.store.suppress(emails[ledger_id], "provider_suppressed", self.provider.name, self.now())
         return len(retry)
 
 
