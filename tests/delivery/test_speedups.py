@@ -163,7 +163,7 @@ def test_links_of_another_kind_take_the_python_path() -> None:
 
 
 # The providers that personalize server-side, each building its requests both ways.
-PROVIDERS = ["postmark-templates"]
+PROVIDERS = ["postmark-templates", "mailgun"]
 
 
 def _template(comment: str = "A {{fine}} essay at 100%recipient.x% -d1234-name-") -> TemplateMessage:
@@ -239,3 +239,137 @@ def test_without_the_module_readers_take_the_python_path(provider_name: str, mon
     monkeypatch.setattr(readers, "_speedups", None)
     call, ids = build(template, Readers(claimed, LINKS))
     assert _body(call) == _body(slow_call) and ids == slow_ids
+
+
+# -- Mailgun: what a batch decides, from the readers left to Python alone -------------------
+
+
+def _mailgun_both_ways(rows: Sequence[tuple[int, int, str, str]], links: readers.LinkMaker = LINKS
+                       ) -> tuple[PreparedCall, tuple[int, ...], dict[str, object]]:
+    """The Mailgun request for ``rows`` built both ways (asserted equal), and the fast one's
+    recipient-variables."""
+    import json
+
+    build = _build("mailgun")
+    claimed = _claimed(rows)
+    fast_call, fast_ids = build(_template(), Readers(claimed, links))
+    slow_call, slow_ids = build(_template(), template_recipients(claimed, links))
+    assert _body(fast_call) == _body(slow_call)
+    assert (fast_ids, fast_call.refused) == (slow_ids, slow_call.refused)
+    body = _body(fast_call)
+    marker = b'name="recipient-variables"\r\n\r\n'
+    start = body.index(marker) + len(marker)
+    variables = json.loads(body[start:body.index(b"\r\n--BOUNDARY", start)])
+    return fast_call, fast_ids, variables
+
+
+@pytest.fixture
+def only_some_in_python(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The indexes of the readers made in Python; a whole Readers made in Python fails."""
+    made: list[int] = []
+    recipient = Readers.recipient
+
+    def one(self: Readers, index: int) -> object:
+        made.append(index)
+        return recipient(self, index)
+
+    def every(self: Readers) -> object:
+        raise AssertionError("the whole batch was made in Python")
+
+    monkeypatch.setattr(Readers, "recipient", one)
+    monkeypatch.setattr(Readers, "recipients", every)
+    return made
+
+
+@needs_speedups
+def test_mailgun_refuses_an_address_twice_across_both_ways(only_some_in_python: list[int]) -> None:
+    rows = [
+        (1, 1, "reader@example.org", "Ada"),
+        (2, 2, " Reader@Example.ORG", "Ada"),  # the same address once cleaned: not plain
+        (3, 3, "second@example.org", "O'Brien"),
+        (4, 4, "SECOND@example.org", "Bo"),  # plain, after a reader in Python
+        (5, 5, "x@@example.org", "Bad"),  # invalid: refused, and its address is not taken
+        (6, 6, "third@example.org", "Cy"),
+        (7, 7, "third@example.org", "Cy"),  # plain twice
+    ]
+    call, ids, variables = _mailgun_both_ways(rows)
+    assert ids == (1, 3, 6)
+    assert [(r.ledger_id, r.status) for r in call.refused] == [(2, "failed"), (4, "failed"), (5, "invalid"),
+                                                              (7, "failed")]
+    assert list(variables) == ["reader@example.org", "second@example.org", "third@example.org"]
+    assert sorted(only_some_in_python) == [1, 2, 4]  # the readers the C code left alone, once each
+
+
+@needs_speedups
+@pytest.mark.parametrize("odd", [
+    (9, 9, "obrien@example.org", "O'Brien"),  # escaped in HTML only
+    (9, 9, "pct@example.org", "%recipient.x%"),  # neutralized each its own way
+    (9, 9, "bad@@example.org", "O'Brien"),  # refused, yet it counts, as in the Python path
+])
+def test_mailgun_one_reader_in_python_splits_the_name(odd: tuple[int, int, str, str],
+                                                      only_some_in_python: list[int]) -> None:
+    rows = [*PLAIN[:2], odd, *PLAIN[2:]]
+    call, _ids, variables = _mailgun_both_ways(rows)
+    assert only_some_in_python == [2]
+    entry = variables[PLAIN[0][2]]
+    assert isinstance(entry, dict)
+    assert entry["digest_html_name"] == entry["digest_text_name"] == PLAIN[0][3]
+    assert "digest_name" not in entry and entry["digest_unsubscribe_url"]
+    body = _body(call)
+    assert b"%recipient.digest_html_name%" in body and b"%recipient.digest_text_name%" in body
+    if odd[3].startswith("%"):
+        pct = variables[odd[2]]
+        assert isinstance(pct, dict)
+        assert pct["digest_html_name"] == "&#37;recipient.x%" and pct["digest_text_name"] == "%\u200brecipient.x%"
+
+
+@needs_speedups
+def test_mailgun_plain_readers_share_the_name(only_some_in_python: list[int]) -> None:
+    rows = [*PLAIN, (9, 9, "r9 @example.org", "Plain Name"), (10, 10, "r10@example.org", " Space")]
+    call, ids, variables = _mailgun_both_ways(rows)
+    assert sorted(only_some_in_python) == [5, 6]
+    assert call.refused[0].ledger_id == 9 and 10 in ids
+    entry = variables[PLAIN[0][2]]
+    assert isinstance(entry, dict) and entry["digest_name"] == PLAIN[0][3]
+    assert set(entry) == {"ledger_id", "h:List-Unsubscribe", "h:List-Unsubscribe-Post", "h:X-Digest-Ledger-Id",
+                          "digest_name", "digest_unsubscribe_url", "digest_preferences_url"}
+
+
+@needs_speedups
+def test_mailgun_without_anyone_to_send_to() -> None:
+    call, ids, variables = _mailgun_both_ways([(1, 1, "x@@example.org", "Ada"), (2, 2, "no-at.example.org", "Bo")])
+    assert ids == () and variables == {} and len(call.refused) == 2
+    assert b'name="h:List-Unsubscribe' not in _body(call)
+
+
+@needs_speedups
+@pytest.mark.parametrize("prefix", [f"{PUBLIC}/u?a=1&b=", f"{PUBLIC}/%7Eme/u/", f"{PUBLIC}/caf\u00e9/u/"])
+@pytest.mark.parametrize("rows", [PLAIN, PLAIN + LEFT_TO_PYTHON[:3]])
+def test_mailgun_links_an_escaping_changes_take_the_python_path(prefix: str, rows: list[tuple[int, int, str, str]]
+                                                                ) -> None:
+    links = LinkSigner("a secret for the links").url_maker(prefix, f"{PUBLIC}/preferences/")
+    _mailgun_both_ways(rows, links)
+
+
+@needs_speedups
+def test_mailgun_template_sender_builds_without_making_every_reader(only_some_in_python: list[int]) -> None:
+    provider = build_provider(_settings("mailgun"))
+    rows = _claimed([*PLAIN, LEFT_TO_PYTHON[2]])
+    send = provider.template_sender(_template(), Readers(rows, LINKS))
+    assert callable(send) and only_some_in_python == [len(PLAIN)]
+
+
+@needs_speedups
+@pytest.mark.parametrize("seed", range(20))
+def test_mailgun_random_batches_are_the_same_both_ways(seed: int) -> None:
+    """Random mixes of plain readers and the others, addresses repeated as they are, in
+    another case or padded (then cleaned to the same address), in any order."""
+    rng = random.Random(seed)
+    rows = []
+    for ledger_id in range(1, rng.randint(1, 60)):
+        _ledger, subscriber, email, name = rng.choice(PLAIN + LEFT_TO_PYTHON)
+        if rng.random() < 0.6:
+            email = f"{rng.randint(0, 20)}.{email}"
+        email = rng.choice([email, email, email.upper(), f" {email}"])
+        rows.append((ledger_id, subscriber, email, name))
+    _mailgun_both_ways(rows)

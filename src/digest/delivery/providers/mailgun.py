@@ -40,12 +40,13 @@ import base64
 import json
 import re
 import secrets
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from itertools import chain, groupby, repeat
+from itertools import accumulate, chain, groupby, repeat
 from json.encoder import encode_basestring
-from operator import attrgetter, contains, itemgetter
-from typing import Any, ClassVar, Protocol
+from operator import attrgetter, itemgetter
+from typing import Any, ClassVar, Protocol, cast
 from urllib.parse import quote
 
 import requests
@@ -68,9 +69,22 @@ from digest.delivery.providers.base import (
     response_text,
     slot_map,
 )
-from digest.delivery.readers import ledger_ids
-from digest.errors import BlockedError, ConfigError, DeliveryError
+from digest.delivery.readers import (
+    EMAIL,
+    HEADER_STEPS,
+    LEDGER,
+    SLOT_FIELDS,
+    TO,
+    LinkMaker,
+    Readers,
+    Step,
+    ledger_ids,
+    list_headers,
+    speedups_built,
+)
+from digest.errors import BlockedError, ConfigError, DeliveryError, RenderError
 from digest.http import build_session
+from digest.render import slot_values
 from digest.types import (
     SLOT_NAMES,
     OutgoingMessage,
@@ -92,6 +106,7 @@ _MAILGUN_VARIABLE_RE = re.compile(
 )
 _ZWSP = "\u200b"
 _MAGNIFICENT = b"Mailgun Magnificent API"
+_TWICE = "the same address twice in one batch"
 _DOMAIN_HINT = "check delivery.domain, and delivery.region (an EU domain needs region: eu) or delivery.base_url"
 
 
@@ -121,10 +136,19 @@ def multipart_form(fields: Sequence[tuple[str, str]]) -> tuple[bytes, str]:
     )
 
 
-def _multipart(runs: Sequence[tuple[str, Sequence[str] | bytes]]) -> tuple[bytes, str]:
+_Run = Sequence[str] | Sequence[bytes] | bytes  # a run's values, or its one value encoded
+
+
+def _encoded(run: _Run) -> bool:
+    """Whether ``run`` holds values already encoded as UTF-8 (an empty run holds none)."""
+    return isinstance(run, bytes) or (bool(run) and isinstance(run[0], bytes))
+
+
+def _multipart(runs: Sequence[tuple[str, _Run]]) -> tuple[bytes, str]:
     """:func:`multipart_form` for runs of fields that share a name: ``(name, values)``, or
     ``(name, value)`` for one value already encoded as UTF-8 (recipient-variables: half a
-    megabyte that need not wait as text for the body to be joined).
+    megabyte that need not wait as text for the body to be joined). The values of a run are
+    all text or all UTF-8 bytes (the ``to`` of a batch the C module wrote).
 
     A run (a template call's thousand ``to``) is joined and encoded at once, each run on its
     own, so that one non-ASCII character in the html does not widen the whole body.
@@ -132,17 +156,27 @@ def _multipart(runs: Sequence[tuple[str, Sequence[str] | bytes]]) -> tuple[bytes
     while True:
         boundary = f"digest-{secrets.token_hex(16)}"
         marker = boundary.encode("ascii")
-        if not any(marker in values if isinstance(values, bytes) else any(map(contains, values, repeat(boundary)))
-                   for _, values in runs):  # in no value
+        # In no value: each run is searched joined, one search instead of a thousand for the
+        # ``to`` (a match across two values only costs another draw).
+        if not any(marker in values if isinstance(values, bytes)
+                   else marker in b"".join(values) if _encoded(values)  # type: ignore[arg-type]
+                   else boundary in "".join(values)  # type: ignore[arg-type]
+                   for _, values in runs):
             break
     parts: list[bytes] = []
     for name, run in runs:
         if not run:
             continue
         head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+        if isinstance(run, bytes):
+            joined = run
+        elif _encoded(run):
+            joined = f"\r\n{head}".encode("ascii").join(run)  # type: ignore[arg-type]
+        else:
+            joined = f"\r\n{head}".join(run).encode("utf-8")  # type: ignore[arg-type]
         parts += (
             head.encode("ascii"),  # our own field names; anything else is a bug
-            run if isinstance(run, bytes) else f"\r\n{head}".join(run).encode("utf-8"),
+            joined,
             b"\r\n",
         )
     parts.append(f"--{boundary}--\r\n".encode("ascii"))
@@ -255,6 +289,96 @@ def _join(parts: Sequence[str], slots: Sequence[str], key: Callable[[str], str])
 _HTML_VALUES = attrgetter("html_values")
 _TEXT_VALUES = attrgetter("text_values")
 
+_Slot = tuple[str, str]  # a part ("html" or "text") and a slot's name
+# What a template batch's readers make of the request: the slots with one variable for both
+# parts, the runs of fields for _multipart, the ledger ids carried and the refused results.
+_Built = tuple[frozenset[str], list[tuple[str, _Run]], list[int], list[SendResult]]
+
+
+def _slot_columns(template: TemplateMessage, envelopes: Sequence[TemplateRecipient]) -> dict[_Slot, Sequence[str]]:
+    """Each distinct slot of each part once: a column of every reader's values, neutralized."""
+    columns: dict[_Slot, Sequence[str]] = {}
+    for kind, slots, values, neutralize in (
+        ("html", template.html_slots, _HTML_VALUES, neutralize_html),
+        ("text", template.text_slots, _TEXT_VALUES, neutralize_text),
+    ):
+        by_index = list(zip(*map(values, envelopes))) or [()] * len(SLOT_NAMES)
+        for slot in dict.fromkeys(slots):
+            columns[kind, slot] = _neutralized(by_index[SLOT_NAMES.index(slot)], neutralize)
+    return columns
+
+
+def _shared_slots(columns: Mapping[_Slot, Sequence[str]]) -> frozenset[str]:
+    """The slots whose HTML and text values agree for every reader (signed links, names with
+    nothing to escape): one variable for both parts, a third less of recipient-variables, the
+    largest part of the request."""
+    return frozenset(slot for (kind, slot), column in columns.items()
+                     if kind == "html" and ("text", slot) in columns and tuple(columns["text", slot]) == tuple(column))
+
+
+def _slot_key(shared: frozenset[str], kind: str, slot: str) -> str:
+    """A slot's key in recipient-variables: ``digest_<slot>`` for a slot in ``shared``."""
+    return f"digest_{slot}" if slot in shared else f"digest_{kind}_{slot}"
+
+
+def _slot_variables(columns: Mapping[_Slot, Sequence[str]], shared: frozenset[str]) -> dict[str, Sequence[str]]:
+    """The slots' keys in recipient-variables, in order, each with its column of values."""
+    return {_slot_key(shared, kind, slot): column for (kind, slot), column in columns.items()}
+
+
+def _streams(opening: Iterable[str], addresses: Sequence[str], ids: Sequence[int], keys: Sequence[str],
+             columns: Sequence[Sequence[str]]) -> list[Iterable[str]]:
+    """Readers' entries in recipient-variables, ``"a@x.org":{"ledger_id":"1","h:X":"..."}``, as
+    streams of pieces: zipped, one piece of each per reader. ``opening`` comes before each
+    reader's address (its quote, and what opens the object or follows the reader before)."""
+    streams: list[Iterable[str]] = [
+        opening,
+        _escaped(addresses),
+        repeat('":{"ledger_id":"'),
+        _escaped([str(ledger_id) for ledger_id in ids]),
+    ]
+    for key, column in zip(keys, columns):
+        streams += (repeat(f'",{_json(key)}:"'), column)
+    streams.append(repeat('"}'))
+    return streams
+
+
+_HEADER_NAMES = tuple(name for name, _steps in HEADER_STEPS)
+# Characters a reader's name may hold without any escaping changing it (see _odd_names).
+_ODD_NAME = re.compile(r"[^A-Za-z0-9 _-]")
+
+
+def _odd_names(names: Sequence[str]) -> list[int]:
+    """The indexes of the ``names`` holding anything but ASCII letters, digits, spaces, ``_``
+    and ``-``: the readers whose values an escaping may change (see
+    :meth:`MailgunProvider._from_readers`). One scan of the names joined, not one per name."""
+    joined = "".join(names)
+    found = _ODD_NAME.search(joined)
+    if found is None:
+        return []
+    ends = list(accumulate(map(len, names)))
+    odd: list[int] = []
+    while found is not None:
+        index = bisect_right(ends, found.start())
+        odd.append(index)
+        found = _ODD_NAME.search(joined, ends[index])
+    return odd
+
+
+def _inert_links(links: LinkMaker) -> bool:
+    """Whether every reader's links go into the request as they are: no escaping (HTML, JSON,
+    header cleaning) changes them and they hold no ``%`` for Mailgun to read. Checked on one
+    reader's links: a link is the same prefix followed by a token of letters, digits, ``-``,
+    ``_`` and ``.``, which nothing escapes."""
+    try:
+        unsubscribe, preferences = links(1, "reader@example.org")
+        html, text = slot_values(name="reader", unsubscribe_url=unsubscribe, preferences_url=preferences)
+    except RenderError:  # not http(s): the Python path says so
+        return False
+    values = (unsubscribe, preferences, *(value for _name, value in list_headers(1, unsubscribe)))
+    return html == text and "%" not in "".join(values) and all(
+        _json(value)[1:-1] == value and clean_header_value(value) == value for value in values)
+
 
 class MailgunProvider(HttpProvider):
     """Sends through Mailgun's messages endpoint; see the module docstring."""
@@ -309,7 +433,7 @@ class MailgunProvider(HttpProvider):
         self,
         envelopes: Sequence[_Envelope],
         more: Sequence[tuple[str, Sequence[str]]] = (),
-    ) -> tuple[list[tuple[str, Sequence[str] | bytes]], list[int], list[SendResult]]:
+    ) -> tuple[list[tuple[str, _Run]], list[int], list[SendResult]]:
         """The ``to`` fields, the per-header ``h:`` fields and ``recipient-variables``.
 
         ``more`` holds further variables: ``(key, values)``, one value per envelope, already
@@ -343,9 +467,7 @@ class MailgunProvider(HttpProvider):
             if lowered in seen:
                 # Why: recipient-variables are keyed by address; two rows for one address
                 # would share one set of values (and one unsubscribe link).
-                refused.append(
-                    SendResult(e.ledger_id, "failed", None, "the same address twice in one batch")
-                )
+                refused.append(SendResult(e.ledger_id, "failed", None, _TWICE))
                 continue
             seen.add(lowered)
             kept.append(index)
@@ -371,22 +493,14 @@ class MailgunProvider(HttpProvider):
         # The object as one join of pieces, reader by reader, each column a stream:
         # {"a@x.org":{"ledger_id":"1","h:X":"...","digest_name":"..."},"b@y.org":{...}}
         # The first reader opens the object, each next one follows a comma.
-        streams: list[Iterable[str]] = [
-            chain(['{"'], repeat(',"')),
-            _escaped(addresses),
-            repeat('":{"ledger_id":"'),
-            _escaped([str(ledger_id) for ledger_id in ids]),
-        ]
-        for key, column in zip(keys, columns):
-            streams += (repeat(f'",{_json(key)}:"'), column)
-        streams.append(repeat('"}'))
+        streams = _streams(chain(['{"'], repeat(',"')), addresses, ids, keys, columns)
         variables = "".join(chain(chain.from_iterable(zip(*streams)), ["}"])) if ids else "{}"
         # Encoded at once, each copy let go as soon as the next exists: the columns, the text
         # and its bytes are each about half a megabyte for a thousand readers.
         del streams, columns
         encoded = variables.encode("utf-8")
         del variables
-        runs: list[tuple[str, Sequence[str] | bytes]] = [("to", tos)]
+        runs: list[tuple[str, _Run]] = [("to", tos)]
         runs += [(key, [_var(key)]) for key in keys[: len(header_names)]]
         runs.append(("recipient-variables", encoded))
         return runs, ids, refused
@@ -445,10 +559,33 @@ class MailgunProvider(HttpProvider):
         Static parts are neutralized, then joined with ``%recipient.digest_<slot>%`` variables
         whose values, neutralized too, sit in recipient-variables: one per slot whose HTML and
         text values agree for every reader, else ``digest_html_<slot>`` and ``digest_text_<slot>``.
+        A :class:`~digest.delivery.readers.Readers` batch has its plain readers written by the
+        C module (:meth:`_from_readers`): the same bytes.
         """
         fields = self._common_fields(
             template.from_addr, template.subject, template.reply_to, template.tag, template.draft_id
         )
+        built = self._from_readers(template, recipients) if isinstance(recipients, Readers) else None
+        shared, runs, ids, refused = built or self._from_recipients(template, recipients)
+        if template.text_slots or any(template.text_parts):
+            text_parts = [neutralize_text(p) for p in template.text_parts]
+            fields.append(("text", _join(text_parts, template.text_slots, partial(_slot_key, shared, "text"))))
+        if template.html_slots or any(template.html_parts):
+            html_parts = [neutralize_html(p) for p in template.html_parts]
+            fields.append(("html", _join(html_parts, template.html_slots, partial(_slot_key, shared, "html"))))
+        body, content_type = _multipart([(name, [value]) for name, value in fields] + runs)
+        call = PreparedCall(
+            "POST",
+            self.messages_url,
+            {**self._auth, "Content-Type": content_type},
+            body,
+            (),
+            tuple(refused),
+        )
+        return call, tuple(ids)
+
+    def _from_recipients(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]) -> _Built:
+        """What :meth:`build_template_request` sends for ``recipients``, each written in Python."""
         width = len(SLOT_NAMES)
         envelopes: Sequence[TemplateRecipient] = recipients
         refused_early: list[SendResult] = []
@@ -465,44 +602,109 @@ class MailgunProvider(HttpProvider):
                     continue
                 fitting.append(r)
             envelopes = fitting
-        # Each distinct slot once: a column of every reader's values, neutralized.
-        columns: dict[tuple[str, str], Sequence[str]] = {}
-        for kind, slots, values, neutralize in (
-            ("html", template.html_slots, _HTML_VALUES, neutralize_html),
-            ("text", template.text_slots, _TEXT_VALUES, neutralize_text),
-        ):
-            by_index = list(zip(*map(values, envelopes))) or [()] * width
-            for slot in dict.fromkeys(slots):
-                columns[kind, slot] = _neutralized(by_index[SLOT_NAMES.index(slot)], neutralize)
-        # A slot whose HTML and text values agree for every reader of the batch (signed links,
-        # names with nothing to escape) is one variable for both parts: a third less of
-        # recipient-variables, the largest part of the request.
-        shared = {slot for (kind, slot), column in columns.items()
-                  if kind == "html" and ("text", slot) in columns and tuple(columns["text", slot]) == tuple(column)}
-
-        def key(kind: str, slot: str) -> str:
-            return f"digest_{slot}" if slot in shared else f"digest_{kind}_{slot}"
-
-        more = {key(kind, slot): column for (kind, slot), column in columns.items()}
+        columns = _slot_columns(template, envelopes)
+        shared = _shared_slots(columns)
+        more = _slot_variables(columns, shared)
         del columns
-        if template.text_slots or any(template.text_parts):
-            text_parts = [neutralize_text(p) for p in template.text_parts]
-            fields.append(("text", _join(text_parts, template.text_slots, partial(key, "text"))))
-        if template.html_slots or any(template.html_parts):
-            html_parts = [neutralize_html(p) for p in template.html_parts]
-            fields.append(("html", _join(html_parts, template.html_slots, partial(key, "html"))))
         runs, ids, refused = self._recipients(envelopes, list(more.items()))
-        del more
-        body, content_type = _multipart([(name, [value]) for name, value in fields] + runs)
-        call = PreparedCall(
-            "POST",
-            self.messages_url,
-            {**self._auth, "Content-Type": content_type},
-            body,
-            (),
-            tuple(refused_early + refused),
-        )
-        return call, tuple(ids)
+        return shared, runs, ids, refused_early + refused
+
+    def _from_readers(self, template: TemplateMessage, readers: Readers) -> _Built | None:
+        """:meth:`_from_recipients` for a :class:`~digest.delivery.readers.Readers` batch: the
+        plain readers' ``to`` and recipient-variables entry written by the C module, from one
+        program each built here; the other readers by the same Python code as there, in batch
+        order (duplicate addresses are refused across both, the later one). ``None`` when the
+        C module cannot write them (not built, links of another kind or that an escaping
+        changes): then every reader takes the Python path.
+
+        What the batch decides (which slots get one variable for both parts) depends only on
+        the readers whose values an escaping changes: plain readers' values are the same for
+        both parts and hold no ``%``, and every reader has the same headers. So it is decided
+        before the C module runs, from the readers whose names hold anything but ASCII letters,
+        digits, spaces, ``_`` and ``-`` (:func:`_odd_names`), made in Python; the links are
+        checked once (:func:`_inert_links`). Any other reader the C module leaves to Python is
+        checked to change nothing either (else the batch takes the Python path).
+        """
+        rows, links = readers.rows, readers.links
+        if not rows or not speedups_built() or not _inert_links(links):
+            return None
+        width = len(SLOT_NAMES)
+        odd = {index: readers.recipient(index) for index in _odd_names([row[3] for row in rows])}
+        if any(len(r.html_values) != width or len(r.text_values) != width
+               or tuple(map(itemgetter(0), r.headers)) != _HEADER_NAMES for r in odd.values()):
+            return None  # not as template_recipients makes them: the Python path sorts them out
+        shared = _shared_slots(_slot_columns(template, list(odd.values())))
+        # A plain reader's entry as _recipients writes it: their values need no escaping.
+        entry: list[Step] = [b'"', EMAIL, b'":{"ledger_id":"', LEDGER]
+        for name, steps in HEADER_STEPS:
+            entry += (f'",{_json("h:" + name)}:"'.encode(), *steps)
+        slot_fields = {_slot_key(shared, kind, slot): SLOT_FIELDS[SLOT_NAMES.index(slot)]
+                       for kind, slots in (("html", template.html_slots), ("text", template.text_slots))
+                       for slot in slots}
+        for key, field in slot_fields.items():
+            entry += (f'",{_json(key)}:"'.encode(), field)
+        entry.append(b'"}')
+        filled = readers.fill((TO,), tuple(entry))
+        if filled is None:
+            return None
+        tos, entries = filled  # for each reader; None for one left to Python
+        # Each reader's key for "the same address twice" (a plain address is its own normalized
+        # form); a refused reader's is its index, which no address equals.
+        keys: list[object] = list(map(str.lower, map(itemgetter(2), rows)))
+        refusals: dict[int, SendResult] = {}
+        python: dict[int, tuple[TemplateRecipient, str]] = {}  # by index: the reader, its address
+        for index in [index for index, entry in enumerate(entries) if entry is None]:
+            r = odd.get(index)
+            if r is None:
+                r = readers.recipient(index)
+                if (r.html_values != r.text_values or len(r.text_values) != width or "%" in "".join(r.text_values)
+                        or tuple(map(itemgetter(0), r.headers)) != _HEADER_NAMES):
+                    return None  # it would change what the batch decided
+            try:
+                address = normalize_address(r.to_email)
+                # The display names too: Mailgun may substitute in the To header as well.
+                to = _to_field(neutralize_text(r.to_name), address)
+            except ValueError as exc:
+                refusals[index] = SendResult(r.ledger_id, "invalid", None, str(exc))
+                keys[index] = index
+                continue
+            keys[index] = address.lower()
+            tos[index] = to.encode("utf-8")
+            python[index] = (r, address)
+        if len(set(keys)) < len(keys):  # an address twice: the later readers are refused
+            seen: set[object] = set()
+            for index, address_key in enumerate(keys):
+                if address_key in seen:
+                    refusals[index] = SendResult(rows[index][0], "failed", None, _TWICE)
+                seen.add(address_key)
+        if kept := [index for index in python if index not in refusals]:  # in batch order
+            recipients = [python[index][0] for index in kept]
+            header = _shared_headers([r.headers for r in recipients])
+            if header is None:
+                return None  # never: their header names were checked above
+            more = _slot_variables(_slot_columns(template, recipients), shared)
+            columns = [_escaped(_cleaned(column)) for column in header[1]]
+            columns += [_escaped(column) for column in more.values()]
+            streams = _streams(repeat('"'), [python[index][1] for index in kept], [r.ledger_id for r in recipients],
+                               [*(f"h:{name}" for name in header[0]), *more], columns)
+            for index, text in zip(kept, map("".join, zip(*streams))):
+                entries[index] = text.encode("utf-8")
+            del streams, columns, more
+        if refusals:
+            carried = [index for index in range(len(rows)) if index not in refusals]
+            tos, entries = [tos[index] for index in carried], [entries[index] for index in carried]
+            ids = [rows[index][0] for index in carried]
+        else:
+            ids = list(map(itemgetter(0), rows))
+        pieces = cast(list[bytes], entries)  # every reader carried has one now
+        if pieces:  # the object's braces joined to its first and last entries
+            pieces[0] = b"{" + pieces[0]
+            pieces[-1] += b"}"
+        runs: list[tuple[str, _Run]] = [("to", cast(list[bytes], tos))]
+        if ids:
+            runs += [(f"h:{name}", [_var(f"h:{name}")]) for name in _HEADER_NAMES]
+        runs.append(("recipient-variables", b",".join(pieces) if pieces else b"{}"))
+        return shared, runs, ids, [refusals[index] for index in sorted(refusals)]
 
     def send_template_batch(
         self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
