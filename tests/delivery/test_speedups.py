@@ -152,6 +152,16 @@ def test_without_the_module_fill_says_so(monkeypatch: pytest.MonkeyPatch) -> Non
     assert Readers(_claimed(PLAIN), LINKS).fill((readers.LEDGER,)) is None
 
 
+@needs_speedups
+@pytest.mark.parametrize("public", ["https://news.example.org/a&b", 'https://news.example.org/"q"',
+                                    "https://news.example.org/%recipient.x%", "https://news.example.org/caf\u00e9",
+                                    "https://news.example.org/{{x}}", "https://news.example.org/a b"])
+def test_a_public_url_that_escaping_changes_takes_the_python_path(public: str) -> None:
+    links = LinkSigner("a secret for the links").url_maker(f"{public}/u/", f"{public}/preferences/")
+    assert Readers(_claimed(PLAIN), links).fill((readers.LEDGER,)) is None
+    assert Readers(_claimed(PLAIN), LINKS).fill((readers.LEDGER,)) is not None
+
+
 def test_links_of_another_kind_take_the_python_path() -> None:
     def links(subscriber_id: int, email: str) -> tuple[str, str]:
         return f"{PUBLIC}/u/{subscriber_id}", f"{PUBLIC}/preferences/{subscriber_id}"

@@ -21,6 +21,7 @@ request both ways, over plain readers and hostile ones, and compares them.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
@@ -46,6 +47,10 @@ if _speedups is not None and (_speedups.LEDGER, _speedups.EMAIL, _speedups.NAME,
 #: The field that holds each slot's value, in ``SLOT_NAMES`` order.
 SLOT_FIELDS: tuple[int, ...] = tuple({"name": NAME, "unsubscribe_url": UNSUBSCRIBE,
                                       "preferences_url": PREFERENCES}[slot] for slot in SLOT_NAMES)
+
+# A link prefix the C code may copy as it is: nothing in it that HTML, JSON, a header or a
+# provider's variable syntax would change.
+_PLAIN_PREFIX = re.compile(r"[A-Za-z0-9:/._~-]+")
 
 Step = bytes | int | tuple[bytes, int, bytes]
 
@@ -114,13 +119,17 @@ class Readers(Sequence[TemplateRecipient]):
 
     def fill(self, *programs: tuple[Step, ...]) -> tuple[list[bytes | None], ...] | None:
         """One list per program, with each reader's bytes, or ``None`` for a reader left to
-        Python; ``None`` when the C module is not there, or the links are not signed by a
-        :class:`~digest.tokens.LinkUrls` (whose key the C code needs)."""
+        Python; ``None`` when the C module is not there, the links are not signed by a
+        :class:`~digest.tokens.LinkUrls` (whose key the C code needs), or their prefix (the
+        public URL) holds a character some escaping would change."""
         from digest.tokens import LinkUrls
 
         links = self.links
         if _speedups is None or not isinstance(links, LinkUrls):
             return None
+        plain = _PLAIN_PREFIX.fullmatch
+        if not (plain(links.unsubscribe_prefix) and plain(links.preferences_prefix)):
+            return None  # a public URL that some escaping would change: every reader through Python
         filled: tuple[list[bytes | None], ...] = _speedups.fill(
             self.rows, programs, links.key, links.unsubscribe_prefix.encode(),
             links.preferences_prefix.encode(), NAME_FALLBACK.encode(), NAME_MAX)
