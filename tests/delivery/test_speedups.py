@@ -13,6 +13,8 @@ import hmac
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
 
 import pytest
 
@@ -20,11 +22,12 @@ from digest.config import Delivery
 from digest.delivery import readers
 from digest.delivery.providers.base import PreparedCall
 from digest.delivery.providers.registry import build_provider
+from digest.delivery.providers.sendgrid import SendGridProvider
 from digest.delivery.readers import Readers, speedups_built, template_recipients
 from digest.delivery.sender import plain_link_slots
 from digest.render.fill import NAME_MAX
 from digest.store.store import Claimed
-from digest.tokens import LinkSigner
+from digest.tokens import LinkSigner, LinkUrls
 from digest.types import TemplateMessage
 
 needs_speedups = pytest.mark.skipif(
@@ -173,7 +176,7 @@ def test_links_of_another_kind_take_the_python_path() -> None:
 
 
 # The providers that personalize server-side, each building its requests both ways.
-PROVIDERS = ["postmark-templates", "mailgun"]
+PROVIDERS = ["postmark-templates", "sendgrid", "mailgun"]
 
 
 def _template(comment: str = "A {{fine}} essay at 100%recipient.x% -d1234-name-") -> TemplateMessage:
@@ -383,3 +386,134 @@ def test_mailgun_random_batches_are_the_same_both_ways(seed: int) -> None:
         email = rng.choice([email, email, email.upper(), f" {email}"])
         rows.append((ledger_id, subscriber, email, name))
     _mailgun_both_ways(rows)
+
+
+# -- SendGrid: what its batch decides across the readers of both paths ------------------------
+
+
+def _sendgrid_both_ways(rows: Sequence[tuple[int, int, str, str]], template: TemplateMessage | None = None,
+                        links: LinkUrls = LINKS) -> tuple[PreparedCall, tuple[int, ...]]:
+    """SendGrid's request for ``rows`` from a Readers batch, checked equal to the one from a
+    list of recipients (body, carried ids and refusals)."""
+    build = _build("sendgrid")
+    template = template or _template()
+    claimed = _claimed(rows)
+    fast_call, fast_ids = build(template, Readers(claimed, links))
+    slow_call, slow_ids = build(template, template_recipients(claimed, links))
+    assert _body(fast_call) == _body(slow_call)
+    assert (fast_ids, fast_call.refused) == (slow_ids, slow_call.refused)
+    return fast_call, fast_ids
+
+
+def _fills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The readers each :meth:`Readers.fill` call wrote in C, call by call."""
+    calls: list[int] = []
+    fill = Readers.fill
+
+    def counted(self: Readers, *programs: tuple[readers.Step, ...]) -> tuple[list[bytes | None], ...] | None:
+        filled: tuple[list[bytes | None], ...] | None = fill(self, *programs)
+        if filled is not None:
+            calls.append(sum(piece is not None for piece in filled[0]))
+        return filled
+
+    monkeypatch.setattr(Readers, "fill", counted)
+    return calls
+
+
+@needs_speedups
+def test_sendgrid_refuses_the_same_address_twice_across_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    fills = _fills(monkeypatch)
+    rows = [
+        (1, 1, "dup@example.org", "Plain First"),  # plain: carried
+        (2, 2, "DUP@example.org", "José"),  # left to Python: the same address
+        (3, 3, " Dup@Example.org", "Leading Space"),  # left to Python (the space): the same once cleaned
+        (4, 4, "other@example.org", "Zoë"),  # left to Python: carried
+        (5, 5, "Other@Example.ORG", "Plain Second"),  # plain: the same as the one before
+        (6, 6, "third@example.org", "Plain Third"),
+        (7, 7, "third@example.org", "Plain Third"),  # plain twice
+        (8, 8, "no-at.example.org", "Plain Invalid"),  # left to Python: invalid
+    ]
+    call, ids = _sendgrid_both_ways(rows)
+    assert fills == [4]
+    assert ids == (1, 4, 6)
+    assert [(r.ledger_id, r.status) for r in call.refused] == [
+        (2, "failed"), (3, "failed"), (5, "failed"), (7, "failed"), (8, "invalid")]
+
+
+@needs_speedups
+def test_sendgrid_splits_a_key_when_a_reader_left_to_python_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    fills = _fills(monkeypatch)
+    # O'Brien's name is escaped for HTML: the name gets an HTML key and a text key, for everyone.
+    call, ids = _sendgrid_both_ways([*PLAIN, (12, 12, "r12@example.org", "O'Brien"), (50, 50, "x@example.org", "Ed")])
+    assert b"-d0123456789abcdef-h-name-" in _body(call) and b"-d0123456789abcdef-name-" not in _body(call)
+    assert b"-d0123456789abcdef-unsubscribe_url-" in _body(call)  # the links stay shared
+    assert fills == [6, 6]  # written as if shared, then again with the split keys
+    assert ids == (1, 2, 3, 4, 2**62, 12, 50)
+
+
+@needs_speedups
+def test_sendgrid_writes_with_the_keys_of_the_batch_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    fills = _fills(monkeypatch)
+    provider = SendGridProvider(_settings("sendgrid"))
+    template = _template()
+    split = [*PLAIN, (12, 12, "r12@example.org", "O'Brien")]
+    alike = [*PLAIN, (11, 11, "r11@example.org", "José")]
+    # (the batch, how many times the C module writes its plain readers)
+    for rows, expected in [(split, 2), (split, 1), (split, 1), (alike, 2), (alike, 1), (split, 2)]:
+        fills.clear()
+        claimed = _claimed(rows)
+        build = partial(provider.build_template_request, template, nonce="0123456789abcdef")
+        fast_call, fast_ids = build(Readers(claimed, LINKS))
+        slow_call, slow_ids = build(template_recipients(claimed, LINKS))
+        assert (_body(fast_call), fast_ids) == (_body(slow_call), slow_ids)
+        assert fills == [len(PLAIN)] * expected
+
+
+@needs_speedups
+def test_sendgrid_shares_the_keys_when_no_reader_needs_them_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    fills = _fills(monkeypatch)
+    # José is left to Python, but nothing escapes his name: one key for both parts.
+    call, _ids = _sendgrid_both_ways([*PLAIN, (11, 11, "r11@example.org", "José")])
+    assert b"-d0123456789abcdef-name-" in _body(call) and b"-h-name-" not in _body(call)
+    assert fills == [5]
+
+
+@needs_speedups
+@pytest.mark.parametrize("slots", ["none", "html only", "text name only"])
+def test_sendgrid_templates_with_fewer_slots(slots: str) -> None:
+    base = _template()
+    template = {
+        "none": replace(base, html_parts=("<p>Hi</p>",), html_slots=(), text_parts=("Hi",), text_slots=()),
+        "html only": replace(base, text_parts=("Hi",), text_slots=()),
+        "text name only": replace(base, html_parts=("<p>Hi</p>",), html_slots=(), text_parts=("Hi ", "!"),
+                                  text_slots=("name",)),
+    }[slots]
+    call, _ids = _sendgrid_both_ways(PLAIN + LEFT_TO_PYTHON, template)
+    assert (b'"substitutions"' in _body(call)) == (slots != "none")
+
+
+@needs_speedups
+@pytest.mark.parametrize("public", ["https://news.example.org/a&b", 'https://news.example.org/"x"',
+                                    "https://news.example.org/<x>", "https://news.example.org/a\\b",
+                                    "https://例え.jp", "https://news.example.org/%20x"])
+def test_sendgrid_links_the_c_module_cannot_write_as_they_are(public: str) -> None:
+    """The C module writes the link prefixes as they are: a public URL that some escaping
+    changes takes the Python path, and one that none does gives the same bytes either way."""
+    links = LinkSigner("a secret for the links").url_maker(f"{public}/u/", f"{public}/preferences/")
+    _sendgrid_both_ways(PLAIN + LEFT_TO_PYTHON[:5], links=links)
+
+
+@needs_speedups
+def test_sendgrid_never_makes_every_reader_in_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    def all_of_them(self: Readers) -> list[object]:
+        raise AssertionError("every reader made in Python")
+
+    template = _template()
+    claimed = _claimed(PLAIN + LEFT_TO_PYTHON)
+    expected = _build("sendgrid")(template, template_recipients(claimed, LINKS))
+    monkeypatch.setattr(Readers, "recipients", all_of_them)
+    provider = SendGridProvider(_settings("sendgrid"))
+    batch = Readers(claimed, LINKS)
+    assert provider.template_sender(template, batch) is not None  # builds the request
+    call, ids = provider.build_template_request(template, batch, nonce="0123456789abcdef")
+    assert (_body(call), ids) == (_body(expected[0]), expected[1])

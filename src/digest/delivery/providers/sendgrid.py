@@ -30,7 +30,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from email.utils import quote as rfc822_quote
-from functools import partial
+from functools import lru_cache, partial
 from json.encoder import encode_basestring
 from typing import Any, ClassVar
 
@@ -48,9 +48,11 @@ from digest.delivery.providers.base import (
     checked_headers,
     response_text,
 )
-from digest.delivery.readers import ledger_ids
-from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
+from digest.delivery.readers import EMAIL, HEADER_STEPS, LEDGER, RAW_NAME, SLOT_FIELDS, Readers, Step, ledger_ids
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError, RenderError
 from digest.http import build_session, reset_at_seconds
+from digest.render import slot_values
+from digest.tokens import LinkUrls
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 API_URL = "https://api.sendgrid.com"
@@ -118,6 +120,12 @@ class _Body:
         self._out.write(_utf8(personalization))
         self._sep = b","
 
+    def add_bytes(self, personalization: bytes) -> None:
+        """A personalization written already (by the C module)."""
+        self._out.write(self._sep)
+        self._out.write(personalization)
+        self._sep = b","
+
     def done(self) -> bytes:
         self._out.write(b"]}")
         return self._out.getvalue()
@@ -128,17 +136,24 @@ class _Body:
 _HEADER_KEYS: dict[str, str] = {}
 
 
+def _header_key(name: str) -> str:
+    """A header's name as the JSON text ``"name":``, checked the first time it comes (see
+    :func:`checked_headers`): ValueError for a bad or reserved name."""
+    key = _HEADER_KEYS.get(name)
+    if key is None:
+        checked_headers([(name, "")])
+        key = _HEADER_KEYS[name] = f"{_json(name)}:"
+    return key
+
+
 def _headers_json(headers: Sequence[tuple[str, str]]) -> str:
     """``"headers":{...},`` for a personalization ('' for none). Names are checked once per
-    distinct name (see :func:`checked_headers`), values cleaned every time."""
+    distinct name (:func:`_header_key`), values cleaned every time."""
     if not headers:
         return ""
     out = []
     for name, value in headers:
-        key = _HEADER_KEYS.get(name)
-        if key is None:
-            checked_headers([(name, value)])  # raises ValueError for a bad or reserved name
-            key = _HEADER_KEYS[name] = f"{_json(name)}:"
+        key = _HEADER_KEYS.get(name) or _header_key(name)
         out.append(key + _json(clean_header_value(value)))
     return f'"headers":{{{",".join(out)}}},'
 
@@ -154,6 +169,57 @@ def _join(parts: Sequence[str], slots: Sequence[str], key: Callable[[str, str], 
     for slot, part in zip(slots, parts[1:]):
         out += (key(kind, slot), part)
     return "".join(out)
+
+
+def _substitutions(template: TemplateMessage, nonce: str, shared: frozenset[str]
+                   ) -> tuple[Callable[[str, str], str], tuple[tuple[str, bool, int], ...]]:
+    """The batch's substitution keys: the function naming a slot's key in one part (one key for
+    both parts for a slot in ``shared``), and each key once, as the JSON text ``"key":`` with
+    where its value is: (from the HTML values?, the slot's index)."""
+
+    def key(kind: str, slot: str) -> str:
+        return _key(nonce, "" if slot in shared else kind, slot)
+
+    pairs: dict[str, tuple[str, bool, int]] = {}
+    for kind, slots in (("h", template.html_slots), ("t", template.text_slots)):
+        for slot in slots:
+            pairs.setdefault(key(kind, slot), (f"{_json(key(kind, slot))}:", kind == "h", SLOT_NAMES.index(slot)))
+    return key, tuple(pairs.values())
+
+
+def _program(draft_id: int, substitutions: Sequence[tuple[str, bool, int]]) -> tuple[Step, ...]:
+    """A plain reader's personalization as a program for the C module: what
+    :meth:`SendGridProvider._personalization` writes with these substitutions, the reader's
+    values as fields (see :mod:`digest.delivery.readers`). A plain reader's values are what
+    every escaping here leaves as they are, and the same for HTML and text."""
+    steps: list[Step] = [b'{"to":[{"email":"', EMAIL, b'"', (b',"name":"', RAW_NAME, b'"'), b'}],"headers":{']
+    for number, (name, value) in enumerate(HEADER_STEPS):
+        steps += (_utf8(("," if number else "") + _header_key(name) + '"'), *value, b'"')
+    steps += (b'},"custom_args":{"ledger_id":"', LEDGER, b'","draft_id":"%d"}' % draft_id)
+    if substitutions:
+        for number, (key, _is_html, index) in enumerate(substitutions):
+            steps += (_utf8(("," if number else ',"substitutions":{') + key + '"'), SLOT_FIELDS[index], b'"')
+        steps.append(b"}")
+    steps.append(b"}")
+    return tuple(steps)
+
+
+@lru_cache(maxsize=16)
+def _plain_prefixes(unsubscribe_prefix: str, preferences_prefix: str) -> bool:
+    """Whether links with these prefixes come through every escaping of a personalization
+    unchanged (HTML, JSON, header cleaning), as the C module writes them: it writes the
+    prefixes as they are, and ``newsletter.public_url`` may hold an ``&`` or a ``"``. A link
+    is its prefix and a token of letters, digits, ``-``, ``_`` and ``.``, which nothing
+    escapes, so a probe token stands for every reader's."""
+    urls = (f"{unsubscribe_prefix}0.aZ-_9", f"{preferences_prefix}0.aZ-_9")
+    try:
+        html, text = slot_values(name="", unsubscribe_url=urls[0], preferences_url=urls[1])
+    except RenderError:  # not http(s): the Python path refuses it
+        return False
+    links = (SLOT_NAMES.index("unsubscribe_url"), SLOT_NAMES.index("preferences_url"))
+    return html == text and tuple(html[i] for i in links) == urls and all(
+        url.isascii() and _json(url) == f'"{url}"' and clean_header_value(f"<{url}>") == f"<{url}>"
+        for url in urls)
 
 
 class SendGridProvider(HttpProvider):
@@ -180,6 +246,8 @@ class SendGridProvider(HttpProvider):
         }
         self._post_headers = {**self._read_headers, "Content-Type": "application/json"}
         self._pacer = CallPacer(settings.rate_per_second)
+        # The slots whose keys the last template batch split in two (see build_template_request).
+        self._split: frozenset[str] = frozenset()
 
     # -- shared pieces ------------------------------------------------------------------------
 
@@ -313,6 +381,12 @@ class SendGridProvider(HttpProvider):
 
         Pure but for the random ``nonce`` (pass one to make it deterministic). Refused
         recipients (an unusable address) are in ``PreparedCall.refused``.
+
+        Plain readers of a :class:`~digest.delivery.readers.Readers` batch are written by the
+        C module (:func:`_program`); the others (every reader, without the module) in Python.
+        Both write the same bytes, in batch order. The keys depend on the readers left to
+        Python, known only once the C module has written the others: it writes them with the
+        keys of the batch before (whose readers are usually alike), and again if they differ.
         """
         statics = (*template.html_parts, *template.text_parts, template.subject)
         chosen = nonce or secrets.token_hex(8)
@@ -321,35 +395,47 @@ class SendGridProvider(HttpProvider):
                 raise ValueError("sendgrid: the given nonce occurs in the content")
             chosen = secrets.token_hex(8)  # astronomically unlikely: the content holds it
         width = len(SLOT_NAMES)
+        draft_id = template.draft_id
+        every_slot = frozenset((*template.html_slots, *template.text_slots))
+        # The C path: plain readers' personalizations, and the readers it leaves to Python,
+        # made one by one (iterating the Readers would make them all).
+        batch = recipients if isinstance(recipients, Readers) and self._c_path(recipients) else None
+        pieces: list[bytes | None] | None = None
+        others: dict[int, TemplateRecipient] = {}
+        written = every_slot - self._split  # the shared slots the pieces are written for
+        if batch is not None:
+            filled = batch.fill(_program(draft_id, _substitutions(template, chosen, written)[1]))
+            if filled is not None:
+                pieces = filled[0]
+                others = {i: batch.recipient(i) for i, piece in enumerate(pieces) if piece is None}
         # A slot whose HTML and text values agree for every reader of the batch (URLs, and
-        # names with nothing to escape) gets one key for both parts: a third less JSON.
-        differ = [r for r in recipients if r.html_values != r.text_values and len(r.html_values) == width
+        # names with nothing to escape) gets one key for both parts: a third less JSON. A plain
+        # reader's always agree: only those left to Python can split a key.
+        differ = [r for r in (recipients if pieces is None else others.values())
+                  if r.html_values != r.text_values and len(r.html_values) == width
                   and len(r.text_values) == width]
-        shared = {slot for slot in (*template.html_slots, *template.text_slots)
-                  if all(r.html_values[SLOT_NAMES.index(slot)] == r.text_values[SLOT_NAMES.index(slot)]
-                         for r in differ)}
-
-        def key(kind: str, slot: str) -> str:
-            return _key(chosen, "" if slot in shared else kind, slot)
+        shared = frozenset(slot for slot in every_slot
+                           if all(r.html_values[SLOT_NAMES.index(slot)] == r.text_values[SLOT_NAMES.index(slot)]
+                                  for r in differ))
+        key, substitutions = _substitutions(template, chosen, shared)
+        if batch is not None and pieces is not None:
+            self._split = every_slot - shared
+            if shared != written:  # written with other keys: again, with these (the same readers are plain)
+                filled = batch.fill(_program(draft_id, substitutions))
+                assert filled is not None
+                pieces = filled[0]
 
         data = self._envelope(template.from_addr, template.subject, template.reply_to, template.tag)
         data["content"] = self._content(
             _join(template.text_parts, template.text_slots, key, "t"),
             _join(template.html_parts, template.html_slots, key, "h"),
         )
-        # Each key once, as the JSON text '"key":' and where its value is: (html?, index).
-        pairs: dict[str, tuple[str, bool, int]] = {}
-        for kind, slots in (("h", template.html_slots), ("t", template.text_slots)):
-            for slot in slots:
-                pairs.setdefault(key(kind, slot), (f"{_json(key(kind, slot))}:", kind == "h",
-                                                   SLOT_NAMES.index(slot)))
-        substitutions = list(pairs.values())
         body = self._post(data)
         ids: list[int] = []
         refused: list[SendResult] = []
         seen: set[str] = set()
-        draft_id = template.draft_id
-        for r in recipients:
+
+        def add(r: TemplateRecipient) -> None:
             html, text = r.html_values, r.text_values
             try:
                 if len(html) != width or len(text) != width:
@@ -362,19 +448,42 @@ class SendGridProvider(HttpProvider):
                 )
             except ValueError as exc:
                 refused.append(SendResult(r.ledger_id, "invalid", None, str(exc)))
-                continue
+                return
             if self._duplicate(address, seen):
                 refused.append(
                     SendResult(r.ledger_id, "failed", None, "the same address twice in one batch")
                 )
-                continue
+                return
             body.add(item)
             ids.append(r.ledger_id)
+
+        if batch is None or pieces is None:
+            for r in recipients:
+                add(r)
+        else:
+            for index, (row, piece) in enumerate(zip(batch.rows, pieces, strict=True)):
+                if piece is None:
+                    add(others[index])
+                elif self._duplicate(row.email, seen):  # a plain address is its own normal form
+                    refused.append(
+                        SendResult(row.ledger_id, "failed", None, "the same address twice in one batch")
+                    )
+                else:
+                    body.add_bytes(piece)
+                    ids.append(row.ledger_id)
         call = PreparedCall(
             "POST", self.send_url, self._post_headers, body.done(), (),
             tuple(refused)
         )
         return call, tuple(ids)
+
+    @staticmethod
+    def _c_path(recipients: Readers) -> bool:
+        """Whether the C module may write this batch's plain readers: links signed by a
+        :class:`~digest.tokens.LinkUrls` whose prefixes nothing here escapes
+        (:func:`_plain_prefixes`). Without the module, :meth:`Readers.fill` says so itself."""
+        links = recipients.links
+        return isinstance(links, LinkUrls) and _plain_prefixes(links.unsubscribe_prefix, links.preferences_prefix)
 
     def send_template_batch(
         self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
