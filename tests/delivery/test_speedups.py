@@ -158,7 +158,8 @@ def test_without_the_module_fill_says_so(monkeypatch: pytest.MonkeyPatch) -> Non
 @needs_speedups
 @pytest.mark.parametrize("public", ["https://news.example.org/a&b", 'https://news.example.org/"q"',
                                     "https://news.example.org/%recipient.x%", "https://news.example.org/caf\u00e9",
-                                    "https://news.example.org/{{x}}", "https://news.example.org/a b"])
+                                    "https://news.example.org/{{x}}", "https://news.example.org/a b",
+                                    "ftp://news.example.org"])
 def test_a_public_url_that_escaping_changes_takes_the_python_path(public: str) -> None:
     links = LinkSigner("a secret for the links").url_maker(f"{public}/u/", f"{public}/preferences/")
     assert Readers(_claimed(PLAIN), links).fill((readers.LEDGER,)) is None

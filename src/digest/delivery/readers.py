@@ -50,7 +50,8 @@ SLOT_FIELDS: tuple[int, ...] = tuple({"name": NAME, "unsubscribe_url": UNSUBSCRI
 
 # A link prefix the C code may copy as it is: nothing in it that HTML, JSON, a header or a
 # provider's variable syntax would change.
-_PLAIN_PREFIX = re.compile(r"[A-Za-z0-9:/._~-]+")
+# The links must be http(s), which the Python path checks (RenderError) and configuration too.
+_PLAIN_PREFIX = re.compile(r"https?://[A-Za-z0-9:/._~-]+")
 
 Step = bytes | int | tuple[bytes, int, bytes]
 
@@ -117,19 +118,24 @@ class Readers(Sequence[TemplateRecipient]):
             return self._all[index]
         return template_recipients(self.rows[index:index + 1], self.links)[0]
 
-    def fill(self, *programs: tuple[Step, ...]) -> tuple[list[bytes | None], ...] | None:
-        """One list per program, with each reader's bytes, or ``None`` for a reader left to
-        Python; ``None`` when the C module is not there, the links are not signed by a
-        :class:`~digest.tokens.LinkUrls` (whose key the C code needs), or their prefix (the
-        public URL) holds a character some escaping would change."""
+    def in_c(self) -> bool:
+        """Whether :meth:`fill` writes this batch's plain readers: the C module is there, the
+        links are signed by a :class:`~digest.tokens.LinkUrls` (whose key the C code needs),
+        and their prefixes (the public URL) hold nothing that some escaping would change."""
         from digest.tokens import LinkUrls
 
         links = self.links
         if _speedups is None or not isinstance(links, LinkUrls):
-            return None
+            return False
         plain = _PLAIN_PREFIX.fullmatch
-        if not (plain(links.unsubscribe_prefix) and plain(links.preferences_prefix)):
-            return None  # a public URL that some escaping would change: every reader through Python
+        return bool(plain(links.unsubscribe_prefix) and plain(links.preferences_prefix))
+
+    def fill(self, *programs: tuple[Step, ...]) -> tuple[list[bytes | None], ...] | None:
+        """One list per program, with each reader's bytes, or ``None`` for a reader left to
+        Python; ``None`` when the batch cannot be written in C at all (see :meth:`in_c`)."""
+        if not self.in_c():
+            return None
+        links: Any = self.links
         filled: tuple[list[bytes | None], ...] = _speedups.fill(
             self.rows, programs, links.key, links.unsubscribe_prefix.encode(),
             links.preferences_prefix.encode(), NAME_FALLBACK.encode(), NAME_MAX)

@@ -75,16 +75,12 @@ from digest.delivery.readers import (
     LEDGER,
     SLOT_FIELDS,
     TO,
-    LinkMaker,
     Readers,
     Step,
     ledger_ids,
-    list_headers,
-    speedups_built,
 )
-from digest.errors import BlockedError, ConfigError, DeliveryError, RenderError
+from digest.errors import BlockedError, ConfigError, DeliveryError
 from digest.http import build_session
-from digest.render import slot_values
 from digest.types import (
     SLOT_NAMES,
     OutgoingMessage,
@@ -365,21 +361,6 @@ def _odd_names(names: Sequence[str]) -> list[int]:
     return odd
 
 
-def _inert_links(links: LinkMaker) -> bool:
-    """Whether every reader's links go into the request as they are: no escaping (HTML, JSON,
-    header cleaning) changes them and they hold no ``%`` for Mailgun to read. Checked on one
-    reader's links: a link is the same prefix followed by a token of letters, digits, ``-``,
-    ``_`` and ``.``, which nothing escapes."""
-    try:
-        unsubscribe, preferences = links(1, "reader@example.org")
-        html, text = slot_values(name="reader", unsubscribe_url=unsubscribe, preferences_url=preferences)
-    except RenderError:  # not http(s): the Python path says so
-        return False
-    values = (unsubscribe, preferences, *(value for _name, value in list_headers(1, unsubscribe)))
-    return html == text and "%" not in "".join(values) and all(
-        _json(value)[1:-1] == value and clean_header_value(value) == value for value in values)
-
-
 class MailgunProvider(HttpProvider):
     """Sends through Mailgun's messages endpoint; see the module docstring."""
 
@@ -622,11 +603,11 @@ class MailgunProvider(HttpProvider):
         both parts and hold no ``%``, and every reader has the same headers. So it is decided
         before the C module runs, from the readers whose names hold anything but ASCII letters,
         digits, spaces, ``_`` and ``-`` (:func:`_odd_names`), made in Python; the links are
-        checked once (:func:`_inert_links`). Any other reader the C module leaves to Python is
+        checked once (:meth:`~digest.delivery.readers.Readers.in_c`). Any other reader the C module leaves to Python is
         checked to change nothing either (else the batch takes the Python path).
         """
-        rows, links = readers.rows, readers.links
-        if not rows or not speedups_built() or not _inert_links(links):
+        rows = readers.rows
+        if not rows or not readers.in_c():
             return None
         width = len(SLOT_NAMES)
         odd = {index: readers.recipient(index) for index in _odd_names([row[3] for row in rows])}

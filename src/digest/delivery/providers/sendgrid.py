@@ -30,7 +30,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from email.utils import quote as rfc822_quote
-from functools import lru_cache, partial
+from functools import partial
 from json.encoder import encode_basestring
 from typing import Any, ClassVar
 
@@ -49,10 +49,8 @@ from digest.delivery.providers.base import (
     response_text,
 )
 from digest.delivery.readers import EMAIL, HEADER_STEPS, LEDGER, RAW_NAME, SLOT_FIELDS, Readers, Step, ledger_ids
-from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError, RenderError
+from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.http import build_session, reset_at_seconds
-from digest.render import slot_values
-from digest.tokens import LinkUrls
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 API_URL = "https://api.sendgrid.com"
@@ -203,23 +201,6 @@ def _program(draft_id: int, substitutions: Sequence[tuple[str, bool, int]]) -> t
     steps.append(b"}")
     return tuple(steps)
 
-
-@lru_cache(maxsize=16)
-def _plain_prefixes(unsubscribe_prefix: str, preferences_prefix: str) -> bool:
-    """Whether links with these prefixes come through every escaping of a personalization
-    unchanged (HTML, JSON, header cleaning), as the C module writes them: it writes the
-    prefixes as they are, and ``newsletter.public_url`` may hold an ``&`` or a ``"``. A link
-    is its prefix and a token of letters, digits, ``-``, ``_`` and ``.``, which nothing
-    escapes, so a probe token stands for every reader's."""
-    urls = (f"{unsubscribe_prefix}0.aZ-_9", f"{preferences_prefix}0.aZ-_9")
-    try:
-        html, text = slot_values(name="", unsubscribe_url=urls[0], preferences_url=urls[1])
-    except RenderError:  # not http(s): the Python path refuses it
-        return False
-    links = (SLOT_NAMES.index("unsubscribe_url"), SLOT_NAMES.index("preferences_url"))
-    return html == text and tuple(html[i] for i in links) == urls and all(
-        url.isascii() and _json(url) == f'"{url}"' and clean_header_value(f"<{url}>") == f"<{url}>"
-        for url in urls)
 
 
 class SendGridProvider(HttpProvider):
@@ -399,7 +380,7 @@ class SendGridProvider(HttpProvider):
         every_slot = frozenset((*template.html_slots, *template.text_slots))
         # The C path: plain readers' personalizations, and the readers it leaves to Python,
         # made one by one (iterating the Readers would make them all).
-        batch = recipients if isinstance(recipients, Readers) and self._c_path(recipients) else None
+        batch = recipients if isinstance(recipients, Readers) and recipients.in_c() else None
         pieces: list[bytes | None] | None = None
         others: dict[int, TemplateRecipient] = {}
         written = every_slot - self._split  # the shared slots the pieces are written for
@@ -476,14 +457,6 @@ class SendGridProvider(HttpProvider):
             tuple(refused)
         )
         return call, tuple(ids)
-
-    @staticmethod
-    def _c_path(recipients: Readers) -> bool:
-        """Whether the C module may write this batch's plain readers: links signed by a
-        :class:`~digest.tokens.LinkUrls` whose prefixes nothing here escapes
-        (:func:`_plain_prefixes`). Without the module, :meth:`Readers.fill` says so itself."""
-        links = recipients.links
-        return isinstance(links, LinkUrls) and _plain_prefixes(links.unsubscribe_prefix, links.preferences_prefix)
 
     def send_template_batch(
         self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
