@@ -48,9 +48,8 @@ if _speedups is not None and (_speedups.LEDGER, _speedups.EMAIL, _speedups.NAME,
 SLOT_FIELDS: tuple[int, ...] = tuple({"name": NAME, "unsubscribe_url": UNSUBSCRIBE,
                                       "preferences_url": PREFERENCES}[slot] for slot in SLOT_NAMES)
 
-# A link prefix the C code may copy as it is: nothing in it that HTML, JSON, a header or a
-# provider's variable syntax would change.
-# The links must be http(s), which the Python path checks (RenderError) and configuration too.
+# A link prefix the C code may copy as it is: http(s), as the Python path requires, and
+# nothing in it that HTML, JSON, a header or a provider's variable syntax would change.
 _PLAIN_PREFIX = re.compile(r"https?://[A-Za-z0-9:/._~-]+")
 
 Step = bytes | int | tuple[bytes, int, bytes]
