@@ -603,8 +603,9 @@ class MailgunProvider(HttpProvider):
         both parts and hold no ``%``, and every reader has the same headers. So it is decided
         before the C module runs, from the readers whose names hold anything but ASCII letters,
         digits, spaces, ``_`` and ``-`` (:func:`_odd_names`), made in Python; the links are
-        checked once (:meth:`~digest.delivery.readers.Readers.in_c`). Any other reader the C module leaves to Python is
-        checked to change nothing either (else the batch takes the Python path).
+        checked once (:meth:`~digest.delivery.readers.Readers.in_c`). Any other reader the C
+        module leaves to Python is checked to change nothing either (else the batch takes the
+        Python path).
         """
         rows = readers.rows
         if not rows or not readers.in_c():

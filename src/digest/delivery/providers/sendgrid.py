@@ -202,7 +202,6 @@ def _program(draft_id: int, substitutions: Sequence[tuple[str, bool, int]]) -> t
     return tuple(steps)
 
 
-
 class SendGridProvider(HttpProvider):
     """Sends through SendGrid's Mail Send endpoint; see the module docstring."""
 
