@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import secrets
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -460,11 +459,10 @@ class Store:
         self.dialect = engine.dialect.name
         self._bind_time: Callable[[Any], Any] | None = None
         self._parse_time: Callable[[Any], Any] | None = None
-        # SQLite has one writer at a time, and a connection that finds the database locked
-        # sleeps in steps of milliseconds before trying again. The sender's threads would
-        # keep waking each other that way; taking turns in-process costs nothing instead.
-        self._turn: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext())
+        # SQLite's writers take turns (threads and sender processes alike), instead of
+        # sleeping in steps of milliseconds whenever they meet (db.WriterTurn).
+        self._turn: db.WriterTurn | contextlib.nullcontext[None] = (
+            db.writer_turn(engine) or contextlib.nullcontext())
         # The driver's own errors: the send path's raw statements (Store._raw) meet them
         # without SQLAlchemy's wrapping ("database is locked", a full disk, a lost server).
         dbapi = getattr(engine.dialect, "loaded_dbapi", None) or engine.dialect.dbapi
