@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import importlib
 import re
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from digest.render import slot_values
@@ -51,6 +53,10 @@ SLOT_FIELDS: tuple[int, ...] = tuple({"name": NAME, "unsubscribe_url": UNSUBSCRI
 # A link prefix the C code may copy as it is: http(s), as the Python path requires, and
 # nothing in it that HTML, JSON, a header or a provider's variable syntax would change.
 _PLAIN_PREFIX = re.compile(r"https?://[A-Za-z0-9:/._~-]+")
+
+# Characters a reader's name may hold without any escaping changing it (see odd_names): the
+# C code's rule for a plain name.
+_ODD_NAME = re.compile(r"[^A-Za-z0-9 _-]")
 
 Step = bytes | int | tuple[bytes, int, bytes]
 
@@ -94,6 +100,23 @@ def template_recipients(claimed: Sequence[Claimed], links: LinkMaker) -> list[Te
     return out
 
 
+def odd_names(names: Sequence[str]) -> list[int]:
+    """The indexes of the ``names`` holding anything but ASCII letters, digits, spaces, ``_``
+    and ``-``: the readers whose values an escaping may change (see :meth:`Readers.odd`). One
+    scan of the names joined, not one per name."""
+    joined = "".join(names)
+    found = _ODD_NAME.search(joined)
+    if found is None:
+        return []
+    ends = list(accumulate(map(len, names)))
+    odd: list[int] = []
+    while found is not None:
+        index = bisect_right(ends, found.start())
+        odd.append(index)
+        found = _ODD_NAME.search(joined, ends[index])
+    return odd
+
+
 class Readers(Sequence[TemplateRecipient]):
     """A claimed batch's readers for a provider that personalizes server-side.
 
@@ -128,6 +151,20 @@ class Readers(Sequence[TemplateRecipient]):
             return False
         plain = _PLAIN_PREFIX.fullmatch
         return bool(plain(links.unsubscribe_prefix) and plain(links.preferences_prefix))
+
+    def odd(self) -> dict[int, TemplateRecipient]:
+        """The readers whose name holds anything but ASCII letters, digits, spaces, ``_`` and
+        ``-`` (:func:`odd_names`), made in Python, by index.
+
+        For a batch :meth:`in_c`, these are the only readers whose values an escaping may
+        change: every other reader's slot values are the same for HTML and text and hold
+        nothing JSON, a header or a provider's variable syntax would change (their name is cut
+        and trimmed, never escaped; their links are a plain prefix and a token of letters,
+        digits, ``.``, ``_`` and ``-``). So what a provider decides from the escaped values
+        (which slots one key serves for both parts) can be decided from these alone, before
+        :meth:`fill` writes the others. Every such name is one the C code leaves to Python too.
+        """
+        return {index: self.recipient(index) for index in odd_names([row[3] for row in self.rows])}
 
     def fill(self, *programs: tuple[Step, ...]) -> tuple[list[bytes | None], ...] | None:
         """One list per program, with each reader's bytes, or ``None`` for a reader left to
@@ -169,4 +206,5 @@ def speedups_built() -> bool:
 
 
 __all__ = ["EMAIL", "HEADER_STEPS", "LEDGER", "NAME", "PREFERENCES", "RAW_NAME", "SLOT_FIELDS", "TO", "UNSUBSCRIBE",
-           "LinkMaker", "Readers", "Step", "ledger_ids", "list_headers", "speedups_built", "template_recipients"]
+           "LinkMaker", "Readers", "Step", "ledger_ids", "list_headers", "odd_names", "speedups_built",
+           "template_recipients"]

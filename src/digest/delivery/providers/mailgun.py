@@ -40,10 +40,9 @@ import base64
 import json
 import re
 import secrets
-from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from itertools import accumulate, chain, groupby, repeat
+from itertools import chain, groupby, repeat
 from json.encoder import encode_basestring
 from operator import attrgetter, itemgetter
 from typing import Any, ClassVar, Protocol, cast
@@ -340,27 +339,6 @@ def _streams(opening: Iterable[str], addresses: Sequence[str], ids: Sequence[int
 
 
 _HEADER_NAMES = tuple(name for name, _steps in HEADER_STEPS)
-# Characters a reader's name may hold without any escaping changing it (see _odd_names).
-_ODD_NAME = re.compile(r"[^A-Za-z0-9 _-]")
-
-
-def _odd_names(names: Sequence[str]) -> list[int]:
-    """The indexes of the ``names`` holding anything but ASCII letters, digits, spaces, ``_``
-    and ``-``: the readers whose values an escaping may change (see
-    :meth:`MailgunProvider._from_readers`). One scan of the names joined, not one per name."""
-    joined = "".join(names)
-    found = _ODD_NAME.search(joined)
-    if found is None:
-        return []
-    ends = list(accumulate(map(len, names)))
-    odd: list[int] = []
-    while found is not None:
-        index = bisect_right(ends, found.start())
-        odd.append(index)
-        found = _ODD_NAME.search(joined, ends[index])
-    return odd
-
-
 class MailgunProvider(HttpProvider):
     """Sends through Mailgun's messages endpoint; see the module docstring."""
 
@@ -602,7 +580,7 @@ class MailgunProvider(HttpProvider):
         the readers whose values an escaping changes: plain readers' values are the same for
         both parts and hold no ``%``, and every reader has the same headers. So it is decided
         before the C module runs, from the readers whose names hold anything but ASCII letters,
-        digits, spaces, ``_`` and ``-`` (:func:`_odd_names`), made in Python; the links are
+        digits, spaces, ``_`` and ``-`` (:meth:`~digest.delivery.readers.Readers.odd`), made in Python; the links are
         checked once (:meth:`~digest.delivery.readers.Readers.in_c`). Any other reader the C
         module leaves to Python is checked to change nothing either (else the batch takes the
         Python path).
@@ -611,7 +589,7 @@ class MailgunProvider(HttpProvider):
         if not rows or not readers.in_c():
             return None
         width = len(SLOT_NAMES)
-        odd = {index: readers.recipient(index) for index in _odd_names([row[3] for row in rows])}
+        odd = readers.odd()
         if any(len(r.html_values) != width or len(r.text_values) != width
                or tuple(map(itemgetter(0), r.headers)) != _HEADER_NAMES for r in odd.values()):
             return None  # not as template_recipients makes them: the Python path sorts them out

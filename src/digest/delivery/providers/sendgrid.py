@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from email.utils import quote as rfc822_quote
 from functools import partial
 from json.encoder import encode_basestring
@@ -185,6 +185,18 @@ def _substitutions(template: TemplateMessage, nonce: str, shared: frozenset[str]
     return key, tuple(pairs.values())
 
 
+def _shared_slots(slots: frozenset[str], recipients: Iterable[TemplateRecipient]) -> frozenset[str]:
+    """The ``slots`` whose HTML and text values agree for every one of ``recipients`` (URLs,
+    and names with nothing to escape): one key for both parts, a third less JSON. A reader
+    with the wrong number of values (refused later) decides nothing."""
+    width = len(SLOT_NAMES)
+    differ = [r for r in recipients if r.html_values != r.text_values and len(r.html_values) == width
+              and len(r.text_values) == width]
+    return frozenset(slot for slot in slots
+                     if all(r.html_values[SLOT_NAMES.index(slot)] == r.text_values[SLOT_NAMES.index(slot)]
+                            for r in differ))
+
+
 def _program(draft_id: int, substitutions: Sequence[tuple[str, bool, int]]) -> tuple[Step, ...]:
     """A plain reader's personalization as a program for the C module: what
     :meth:`SendGridProvider._personalization` writes with these substitutions, the reader's
@@ -226,8 +238,6 @@ class SendGridProvider(HttpProvider):
         }
         self._post_headers = {**self._read_headers, "Content-Type": "application/json"}
         self._pacer = CallPacer(settings.rate_per_second)
-        # The slots whose keys the last template batch split in two (see build_template_request).
-        self._split: frozenset[str] = frozenset()
 
     # -- shared pieces ------------------------------------------------------------------------
 
@@ -364,9 +374,10 @@ class SendGridProvider(HttpProvider):
 
         Plain readers of a :class:`~digest.delivery.readers.Readers` batch are written by the
         C module (:func:`_program`); the others (every reader, without the module) in Python.
-        Both write the same bytes, in batch order. The keys depend on the readers left to
-        Python, known only once the C module has written the others: it writes them with the
-        keys of the batch before (whose readers are usually alike), and again if they differ.
+        Both write the same bytes, in batch order. The keys (:func:`_shared_slots`) depend only
+        on the readers whose values an escaping may change, found by one scan of the names
+        (:meth:`~digest.delivery.readers.Readers.odd`) and made in Python first: the C module
+        then writes the plain readers once, with the batch's own keys.
         """
         statics = (*template.html_parts, *template.text_parts, template.subject)
         chosen = nonce or secrets.token_hex(8)
@@ -382,28 +393,20 @@ class SendGridProvider(HttpProvider):
         batch = recipients if isinstance(recipients, Readers) and recipients.in_c() else None
         pieces: list[bytes | None] | None = None
         others: dict[int, TemplateRecipient] = {}
-        written = every_slot - self._split  # the shared slots the pieces are written for
         if batch is not None:
-            filled = batch.fill(_program(draft_id, _substitutions(template, chosen, written)[1]))
+            odd = batch.odd()  # the only readers whose values can split a key
+            shared = _shared_slots(every_slot, odd.values())
+            key, substitutions = _substitutions(template, chosen, shared)
+            filled = batch.fill(_program(draft_id, substitutions))
             if filled is not None:
                 pieces = filled[0]
-                others = {i: batch.recipient(i) for i, piece in enumerate(pieces) if piece is None}
-        # A slot whose HTML and text values agree for every reader of the batch (URLs, and
-        # names with nothing to escape) gets one key for both parts: a third less JSON. A plain
-        # reader's always agree: only those left to Python can split a key.
-        differ = [r for r in (recipients if pieces is None else others.values())
-                  if r.html_values != r.text_values and len(r.html_values) == width
-                  and len(r.text_values) == width]
-        shared = frozenset(slot for slot in every_slot
-                           if all(r.html_values[SLOT_NAMES.index(slot)] == r.text_values[SLOT_NAMES.index(slot)]
-                                  for r in differ))
-        key, substitutions = _substitutions(template, chosen, shared)
-        if batch is not None and pieces is not None:
-            self._split = every_slot - shared
-            if shared != written:  # written with other keys: again, with these (the same readers are plain)
-                filled = batch.fill(_program(draft_id, substitutions))
-                assert filled is not None
-                pieces = filled[0]
+                others = {i: odd[i] if i in odd else batch.recipient(i)
+                          for i, piece in enumerate(pieces) if piece is None}
+                if any(r.html_values != r.text_values for i, r in others.items() if i not in odd):
+                    pieces = None  # never (see Readers.odd): the whole batch in Python, its keys decided again
+        if pieces is None:
+            shared = _shared_slots(every_slot, recipients)
+            key, substitutions = _substitutions(template, chosen, shared)
 
         data = self._envelope(template.from_addr, template.subject, template.reply_to, template.tag)
         data["content"] = self._content(
