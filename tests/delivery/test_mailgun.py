@@ -21,6 +21,7 @@ from digest.delivery.providers.mailgun import (
     neutralize_html,
     neutralize_text,
 )
+from digest.delivery.readers import BATCH_HEADERS
 from digest.errors import AuthError, ConfigError, DeliveryError
 from digest.types import SLOT_NAMES, TemplateMessage, TemplateRecipient
 from tests.delivery.conftest import MessageFactory
@@ -166,12 +167,12 @@ def test_full_body_form(provider: MailgunProvider, make_message: MessageFactory)
     assert single["v:draft_id"] == "7"
     assert single["v:ledger_id"] == "%recipient.ledger_id%"
     assert single["h:List-Unsubscribe"] == "%recipient.h:List-Unsubscribe%"
-    assert single["h:List-Unsubscribe-Post"] == "%recipient.h:List-Unsubscribe-Post%"
+    # The same for every reader: a plain field, in every copy, not one value per reader.
+    assert single["h:List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert json.loads(single["recipient-variables"]) == {
         "reader5@example.com": {
             "ledger_id": "5",
             "h:List-Unsubscribe": "<https://news.example.org/u/tok0005>",
-            "h:List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
         }
     }
 
@@ -243,9 +244,12 @@ def expected_variables(
 ) -> dict[str, dict[str, str]]:
     """recipient-variables as Mailgun must read them: per reader, the ledger id, every header
     any reader has ("" where this one has none; the last value of a repeated one), cleaned,
-    and the template's slot values, neutralized: one ``digest_<slot>`` where the HTML and
-    text values agree for every reader, else ``digest_html_<slot>`` and ``digest_text_<slot>``."""
+    but for one of BATCH_HEADERS that every reader has with its one value (a plain field), and
+    the template's slot values, neutralized: one ``digest_<slot>`` where the HTML and text
+    values agree for every reader, else ``digest_html_<slot>`` and ``digest_text_<slot>``."""
     names = list(dict.fromkeys(name for r in recipients for name, _ in r.headers))
+    names = [n for n in names if not (n in BATCH_HEADERS and all(dict(r.headers).get(n) == BATCH_HEADERS[n]
+                                                                  for r in recipients))]
 
     def slots(r: TemplateRecipient) -> tuple[dict[str, str], dict[str, str]]:
         html = {s: neutralize_html(v) for s, v in zip(SLOT_NAMES, r.html_values)}
@@ -311,6 +315,40 @@ def test_every_reader_gets_every_header_key(provider: MailgunProvider) -> None:
     assert [(v["h:X-A"], v["h:X-B"]) for v in variables.values()] == [
         ("a1", ""), ("a2", "b2"), ("", ""), ("last", ""),
     ]
+
+
+@pytest.mark.parametrize("build", ["full bodies", "template"])
+def test_one_click_is_one_field_for_the_call(provider: MailgunProvider, make_message: MessageFactory,
+                                             build: str) -> None:
+    """List-Unsubscribe-Post is the same for every reader: one plain h: field, which Mailgun puts
+    in every copy (APIS.md A.3); List-Unsubscribe stays each reader's own."""
+    if build == "full bodies":
+        call = provider.build_request([make_message(1, html="<p>x</p>", text="x"),
+                                       make_message(2, html="<p>x</p>", text="x")])
+    else:
+        call, _ids = provider.build_template_request(make_template(), [make_recipient(1), make_recipient(2)])
+    fields = form(call)
+    header_fields = [(k, v) for k, v in fields if k.startswith("h:")]
+    assert ("h:List-Unsubscribe-Post", "List-Unsubscribe=One-Click") in header_fields
+    assert ("h:List-Unsubscribe", "%recipient.h:List-Unsubscribe%") in header_fields
+    for values in json.loads(dict(fields)["recipient-variables"]).values():
+        assert "h:List-Unsubscribe-Post" not in values and values["h:List-Unsubscribe"].startswith("<https://")
+
+
+@pytest.mark.parametrize("other", [None, "List-Unsubscribe=Something-Else"])
+def test_one_click_goes_per_reader_when_a_reader_differs(provider: MailgunProvider, other: str | None) -> None:
+    """A reader without the header, or with another value: each reader's own value again (a
+    plain field would give the odd one the others' value)."""
+    odd = make_recipient(2)
+    headers = tuple((n, v) if n != "List-Unsubscribe-Post" else (n, other or "") for n, v in odd.headers
+                    if other is not None or n != "List-Unsubscribe-Post")
+    recipients = [make_recipient(1), odd._replace(headers=headers)]
+    call, _ids = provider.build_template_request(make_template(), recipients)
+    fields = form(call)
+    assert ("h:List-Unsubscribe-Post", "%recipient.h:List-Unsubscribe-Post%") in fields
+    variables = json.loads(dict(fields)["recipient-variables"])
+    assert [v["h:List-Unsubscribe-Post"] for v in variables.values()] == ["List-Unsubscribe=One-Click", other or ""]
+    assert variables == expected_variables(make_template(), recipients)
 
 
 def test_refusals_keep_their_order_and_reasons(provider: MailgunProvider) -> None:

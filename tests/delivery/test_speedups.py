@@ -371,8 +371,33 @@ def test_mailgun_plain_readers_share_the_name(only_some_in_python: list[int]) ->
     assert call.refused[0].ledger_id == 9 and 10 in ids
     entry = variables[PLAIN[0][2]]
     assert isinstance(entry, dict) and entry["digest_name"] == PLAIN[0][3]
-    assert set(entry) == {"ledger_id", "h:List-Unsubscribe", "h:List-Unsubscribe-Post", "h:X-Digest-Ledger-Id",
+    assert set(entry) == {"ledger_id", "h:List-Unsubscribe", "h:X-Digest-Ledger-Id",
                           "digest_name", "digest_unsubscribe_url", "digest_preferences_url"}
+    # The same for every reader: one plain field for the call, not in each reader's entry.
+    assert b'name="h:List-Unsubscribe-Post"\r\n\r\nList-Unsubscribe=One-Click\r\n' in _body(call)
+
+
+@needs_speedups
+def test_mailgun_a_reader_in_python_with_another_one_click_takes_the_python_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C code writes List-Unsubscribe-Post once for the call, as every reader has it: a
+    reader made in Python with another value (template_recipients never makes one) sends the
+    batch down the Python path rather than giving it the others' value."""
+    recipient = Readers.recipient
+
+    def other_one_click(self: Readers, index: int) -> object:
+        r = recipient(self, index)
+        return r._replace(headers=tuple((n, "other" if n == "List-Unsubscribe-Post" else v) for n, v in r.headers))
+
+    def whole_batch(self: Readers) -> object:
+        made.append(len(self.rows))
+        return template_recipients(self.rows, self.links)
+
+    made: list[int] = []
+    monkeypatch.setattr(Readers, "recipient", other_one_click)
+    monkeypatch.setattr(Readers, "recipients", whole_batch)
+    _mailgun_both_ways([*PLAIN, LEFT_TO_PYTHON[2]])  # Readers.recipients: every value as it should be
+    assert made  # the whole batch was made in Python
 
 
 @needs_speedups

@@ -68,6 +68,10 @@ def list_headers(ledger_id: int, unsubscribe_url: str) -> tuple[tuple[str, str],
     return (("List-Unsubscribe", f"<{unsubscribe_url}>"), _ONE_CLICK, ("X-Digest-Ledger-Id", str(ledger_id)))
 
 
+#: The headers :func:`list_headers` gives every reader, with the one value they all get: a
+#: provider whose request holds headers for the whole batch can write these once.
+BATCH_HEADERS: dict[str, str] = dict([_ONE_CLICK])
+
 #: :func:`list_headers` as program steps: each header's name and the steps of its value.
 HEADER_STEPS: tuple[tuple[str, tuple[Step, ...]], ...] = (
     ("List-Unsubscribe", (b"<", UNSUBSCRIBE, b">")),
@@ -205,6 +209,6 @@ def speedups_built() -> bool:
     return _speedups is not None
 
 
-__all__ = ["EMAIL", "HEADER_STEPS", "LEDGER", "NAME", "PREFERENCES", "RAW_NAME", "SLOT_FIELDS", "TO", "UNSUBSCRIBE",
-           "LinkMaker", "Readers", "Step", "ledger_ids", "list_headers", "odd_names", "speedups_built",
+__all__ = ["BATCH_HEADERS", "EMAIL", "HEADER_STEPS", "LEDGER", "NAME", "PREFERENCES", "RAW_NAME", "SLOT_FIELDS", "TO",
+           "UNSUBSCRIBE", "LinkMaker", "Readers", "Step", "ledger_ids", "list_headers", "odd_names", "speedups_built",
            "template_recipients"]

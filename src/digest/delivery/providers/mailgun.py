@@ -15,7 +15,9 @@ its own copy, and ``%recipient.<key>%`` anywhere in the message (body, subject, 
 ``v:`` values) becomes that reader's value. That is how each reader gets their own
 List-Unsubscribe header (``h:List-Unsubscribe = %recipient.h:List-Unsubscribe%``), ledger id
 (``v:ledger_id = %recipient.ledger_id%``) and, for :meth:`MailgunProvider.send_template_batch`,
-their name and links in the bodies.
+their name and links in the bodies. A header with the same value for every reader of the call
+(``List-Unsubscribe-Post: List-Unsubscribe=One-Click``, see :func:`_batch_wide`) is a plain
+``h:`` field instead, which every copy carries: once per call, not once per reader.
 
 **Injection.** Mailgun substitutes ``%recipient.<key>%`` anywhere, its unsubscribe
 variables (``%unsubscribe_url%``, ``%tag_unsubscribe_url%``, ``%mailing_list_unsubscribe_url%``,
@@ -69,6 +71,7 @@ from digest.delivery.providers.base import (
     slot_map,
 )
 from digest.delivery.readers import (
+    BATCH_HEADERS,
     EMAIL,
     HEADER_STEPS,
     LEDGER,
@@ -200,7 +203,7 @@ def _escaped(values: Sequence[str]) -> Sequence[str]:
 
 def _cleaned(values: Sequence[str]) -> Sequence[str]:
     """:func:`clean_header_value` of each of ``values``; once for a column of one value
-    repeated (List-Unsubscribe-Post, the same for every reader)."""
+    repeated."""
     if values and values.count(values[0]) == len(values):
         return [clean_header_value(values[0])] * len(values)
     return list(map(clean_header_value, values))
@@ -339,6 +342,31 @@ def _streams(opening: Iterable[str], addresses: Sequence[str], ids: Sequence[int
 
 
 _HEADER_NAMES = tuple(name for name, _steps in HEADER_STEPS)
+
+
+def _batch_wide(name: str, column: Sequence[str]) -> bool:
+    """Whether header ``name``, with these values (one per reader of the call), is written once
+    as a plain ``h:`` field: a header of :data:`~digest.delivery.readers.BATCH_HEADERS` that
+    every reader has with its one value. Anything else is substituted per reader (a literal
+    ``h:`` field is the same in every copy); a value with a ``%`` never goes as a literal field,
+    where Mailgun would substitute in it."""
+    value = BATCH_HEADERS.get(name)
+    return value is not None and "%" not in value and column.count(value) == len(column)
+
+
+def _header_runs(names: Sequence[str], batch_wide: Sequence[str]) -> list[tuple[str, _Run]]:
+    """The ``h:`` fields: a header in ``batch_wide`` with its value, the others each naming the
+    reader's own value in recipient-variables."""
+    return [(f"h:{name}", [clean_header_value(BATCH_HEADERS[name]) if name in batch_wide else _var(f"h:{name}")])
+            for name in names]
+
+
+# The headers of HEADER_STEPS a call of plain readers has once (see _batch_wide): their steps
+# write the one value every reader gets.
+_ONCE = tuple(name for name, steps in HEADER_STEPS
+              if steps == (BATCH_HEADERS.get(name, "").encode(),) and _batch_wide(name, [BATCH_HEADERS.get(name, "")]))
+
+
 class MailgunProvider(HttpProvider):
     """Sends through Mailgun's messages endpoint; see the module docstring."""
 
@@ -444,8 +472,9 @@ class MailgunProvider(HttpProvider):
             header_names, values = shared
             if not everyone:
                 values = [tuple(column[i] for i in kept) for column in values]
-        keys = [f"h:{name}" for name in header_names]
-        columns = [_escaped(_cleaned(column)) for column in values]
+        batch_wide = [name for name, column in zip(header_names, values) if _batch_wide(name, column)]
+        keys = [f"h:{name}" for name in header_names if name not in batch_wide]
+        columns = [_escaped(_cleaned(column)) for name, column in zip(header_names, values) if name not in batch_wide]
         for key, column in more:
             keys.append(key)
             columns.append(_escaped(column if everyone else [column[i] for i in kept]))
@@ -459,8 +488,7 @@ class MailgunProvider(HttpProvider):
         del streams, columns
         encoded = variables.encode("utf-8")
         del variables
-        runs: list[tuple[str, _Run]] = [("to", tos)]
-        runs += [(key, [_var(key)]) for key in keys[: len(header_names)]]
+        runs: list[tuple[str, _Run]] = [("to", tos), *_header_runs(header_names, batch_wide)]
         runs.append(("recipient-variables", encoded))
         return runs, ids, refused
 
@@ -597,7 +625,8 @@ class MailgunProvider(HttpProvider):
         # A plain reader's entry as _recipients writes it: their values need no escaping.
         entry: list[Step] = [b'"', EMAIL, b'":{"ledger_id":"', LEDGER]
         for name, steps in HEADER_STEPS:
-            entry += (f'",{_json("h:" + name)}:"'.encode(), *steps)
+            if name not in _ONCE:  # written once for the call
+                entry += (f'",{_json("h:" + name)}:"'.encode(), *steps)
         slot_fields = {_slot_key(shared, kind, slot): SLOT_FIELDS[SLOT_NAMES.index(slot)]
                        for kind, slots in (("html", template.html_slots), ("text", template.text_slots))
                        for slot in slots}
@@ -642,11 +671,13 @@ class MailgunProvider(HttpProvider):
             header = _shared_headers([r.headers for r in recipients])
             if header is None:
                 return None  # never: their header names were checked above
+            if any(name in _ONCE and not _batch_wide(name, column) for name, column in zip(*header)):
+                return None  # never: template_recipients gives every reader the same one
             more = _slot_variables(_slot_columns(template, recipients), shared)
-            columns = [_escaped(_cleaned(column)) for column in header[1]]
+            columns = [_escaped(_cleaned(column)) for name, column in zip(*header) if name not in _ONCE]
             columns += [_escaped(column) for column in more.values()]
             streams = _streams(repeat('"'), [python[index][1] for index in kept], [r.ledger_id for r in recipients],
-                               [*(f"h:{name}" for name in header[0]), *more], columns)
+                               [*(f"h:{name}" for name in header[0] if name not in _ONCE), *more], columns)
             for index, text in zip(kept, map("".join, zip(*streams))):
                 entries[index] = text.encode("utf-8")
             del streams, columns, more
@@ -662,7 +693,7 @@ class MailgunProvider(HttpProvider):
             pieces[-1] += b"}"
         runs: list[tuple[str, _Run]] = [("to", cast(list[bytes], tos))]
         if ids:
-            runs += [(f"h:{name}", [_var(f"h:{name}")]) for name in _HEADER_NAMES]
+            runs += _header_runs(_HEADER_NAMES, _ONCE)
         runs.append(("recipient-variables", b",".join(pieces) if pieces else b"{}"))
         return shared, runs, ids, [refusals[index] for index in sorted(refusals)]
 
