@@ -6,6 +6,7 @@ SES, Mailgun), one space apart. A name of 60 Cyrillic or CJK characters went out
 encoded-word of 168 or 252 characters, or (build_mime) as words of 76.
 
 SendGrid takes the name in a JSON field of its own ({"email", "name"}) and encodes it itself.
+build_mime's Subject, encoded the same way, is held to the same limits at the end.
 
 How they read back: the email package's RFC 2047 decoder (email.header.decode_header, which
 drops the white space between adjacent encoded-words, section 6.2) gives the exact name, and
@@ -253,3 +254,21 @@ def test_postmark_server_templates_get_short_encoded_words(long_name_server: Fak
         (result,) = provider.send_template_batch(template, [_recipient(name)])
     assert result.status == "sent", result
     _assert_fields(FIELDS["postmark"](long_name_server), name)
+
+
+# -- the Subject, which build_mime encodes the same way ----------------------------------------
+
+
+@pytest.mark.parametrize("subject", [CYRILLIC, CJK, MIXED.strip(), EMOJI, "Wöchentliche Notizen — «café» 日本 " * 3],
+                         ids=["cyrillic", "cjk", "mixed", "emoji", "german"])
+def test_a_long_non_ascii_subject_is_short_encoded_words(make_message: MessageFactory, subject: str) -> None:
+    """email.header.Header wrote it as words of up to 76 characters, on lines of 77."""
+    data = as_bytes(build_mime(make_message(subject=subject), now=NOW))
+    head = data.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    (value,) = re.findall(r"^Subject: (.*?)(?=\r\n\S)", head, re.S | re.M)
+    lines = f"Subject: {value}".split("\r\n")
+    assert len(lines) >= 2 and all(len(line) <= 76 for line in lines), [len(line) for line in lines]
+    words = [m.group(0) for m in EW_RE.finditer(value)]
+    assert all(len(w) <= 75 for w in words) and "".join(word_texts(value)) == subject.strip()
+    assert set(SEPARATED_RE.findall(value)) == {"\r\n "}
+    assert email.message_from_bytes(data, policy=email.policy.default)["Subject"] == subject.strip()

@@ -17,7 +17,6 @@ import email.utils
 import re
 from datetime import UTC, datetime
 from email import base64mime, quoprimime
-from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import EmailPolicy
@@ -71,14 +70,6 @@ def clean_header_value(value: str) -> str:
     return _CONTROL_RUN_RE.sub(" ", value).strip()
 
 
-def _encoded_words(name: str, value: str) -> str:
-    """Non-ASCII header text as folded RFC 2047 encoded words, every character (spaces too)
-    inside a word. Why not the email package's own folding: it can break a line at a space
-    between two encoded words, and readers drop whitespace between encoded words (RFC 2047),
-    so "¡ Hola" could arrive as "¡Hola"."""
-    return str(Header(value, "utf-8", header_name=name).encode(linesep="\n"))
-
-
 # RFC 2047 section 2: an encoded-word is at most 75 characters long, and a header line that
 # holds one at most 76.
 _WORD_MAX = 75
@@ -123,6 +114,16 @@ def encoded_words(text: str, first: int = _WORD_MAX) -> list[str]:
         words.append(encode(text[start:end].encode("utf-8"), "utf-8"))
         start, room = end, _WORD_MAX - _WORD_CHROME
     return words
+
+
+def _encoded_words(name: str, value: str) -> str:
+    """Non-ASCII header text as folded RFC 2047 encoded words, every character (spaces too)
+    inside a word (:func:`encoded_words`), one word to a line, no line over 76 characters.
+    Why not the email package's own folding: it can break a line at a space between two
+    encoded words, and readers drop whitespace between encoded words (RFC 2047), so "¡ Hola"
+    could arrive as "¡Hola". Nor ``email.header.Header``'s: its words reach 76 characters, one
+    more than RFC 2047 allows."""
+    return "\n ".join(encoded_words(value, first=min(_WORD_MAX, _WORD_LINE - len(name) - 2)))
 
 
 def _folded_name(header: str, name: str, address: str) -> _Verbatim:
