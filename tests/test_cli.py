@@ -610,3 +610,72 @@ def test_a_dry_run_of_resending_uncertain_messages_of_a_sent_draft_says_they_wou
             "uncertain until the real one)\n") in out
     code, out = invoke("--config", cfg, "send", "--resolve-uncertain", "resend", "--draft", "1")
     assert code == 0 and "draft 1: sent 20 in 1 batch," in out
+
+
+def _interrupted_at(monkeypatch: pytest.MonkeyPatch, owner: type, method: str, call: int = 1) -> None:
+    """A real SIGINT to this process (as Ctrl-C on the terminal sends) right after the ``call``-th
+    call of ``owner.method``: the command's own handler (digest.cli._stop_on_signals) takes it."""
+    import signal
+
+    original = getattr(owner, method)
+    calls = [0]
+
+    def interrupting(self: object, *args: object, **kwargs: object) -> object:
+        out = original(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(owner, method, interrupting)
+
+
+def _approved(tmp_path: Path, readers: int) -> str:
+    cfg = config_file(tmp_path)
+    cfg.write_text(cfg.read_text().replace("outbox_dir: out}", "outbox_dir: out, batch_size: 2}"))
+    (tmp_path / "subs.csv").write_text("email,name\n" + "".join(f"r{i}@example.com,R{i}\n" for i in range(readers)))
+    for args in (("subscribers", "import", str(tmp_path / "subs.csv")), ("collect",), ("draft",), ("approve", "1")):
+        assert invoke("--config", str(cfg), *args)[0] == 0
+    return str(cfg)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_dry_run_stopped_by_ctrl_c_exits_as_an_interrupted_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  batch: int) -> None:
+    """Ctrl-C during `digest send --dry-run` (in its first batch of three, or in its last): it
+    says it was interrupted, with the counts so far, and exits 75 as an interrupted send does
+    (it exited 0, as if the counts were whole)."""
+    from digest.delivery.sender import Sender
+
+    cfg = _approved(tmp_path, 5)
+    _interrupted_at(monkeypatch, Sender, "_dry_batch", batch)
+    code, out = invoke("--config", cfg, "send", "--dry-run")
+    assert code == 75, out
+    assert "stopping after the batches in flight" in out  # the handler's word, on stderr
+    built = {1: "would send 2 in 1 batch,", 3: "would send 5 in 3 batches,"}[batch]
+    assert f"draft 1: {built}" in out, out
+    assert "draft 1: dry run interrupted (stopped on request): the counts cover the batches built so far\n" in out
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("**/*.eml"))
+    monkeypatch.undo()
+    code, out = invoke("--config", cfg, "send", "--dry-run")  # not interrupted: whole, and 0
+    assert code == 0 and "draft 1: would send 5 in 3 batches," in out and "interrupted" not in out
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_send_stopped_before_its_draft_started_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         dry_run: bool) -> None:
+    """Ctrl-C before the first draft was started: it said "nothing to send: no approved draft is
+    due" and exited 0."""
+    from digest.store.store import Store
+
+    cfg = _approved(tmp_path, 3)
+    _interrupted_at(monkeypatch, Store, "due_drafts")
+    code, out = invoke("--config", cfg, "send", *(["--dry-run"] if dry_run else []))
+    assert code == 75, out
+    assert "nothing to send" not in out
+    assert ("dry run interrupted (stopped on request) before any draft was built\n" if dry_run else
+            "interrupted (stopped on request) before any draft was started: the next `digest send` (or the "
+            "service's next send) sends what is due\n") in out
+    monkeypatch.undo()
+    code, out = invoke("--config", cfg, "send")
+    assert code == 0 and "draft 1: sent 3 in 2 batches," in out

@@ -295,3 +295,56 @@ def test_spaces_around_an_env_secret_are_dropped(tmp_path: Path, monkeypatch: py
     path = write(tmp_path, "delivery:\n  provider: postmark\n  api_key: ${PM_TOKEN}\n")
     monkeypatch.setenv("PM_TOKEN", " secret-token\n")
     assert config.load(path).delivery.api_key == "secret-token"
+
+
+@pytest.mark.parametrize(("where", "text"), [
+    ("delivery.api_key", 'delivery:\n  provider: postmark\n  api_key: " secret-token\\n"\n'),
+    ("delivery.password",
+     'delivery:\n  provider: smtp\n  smtp_host: mail.example.org\n  username: " me "\n'
+     '  password: "\\tsecret-token "\n'),
+    ("web.secret_key", 'web:\n  secret_key: "  secret-token  "\n'),
+    ("webhooks.mailgun_signing_key", 'webhooks:\n  mailgun_signing_key: "secret-token\\r\\n"\n'),
+    ("sources[0].comments.api_key",
+     "sources:\n  - {name: blog, type: feed, url: https://blog.example.org/feed,\n"
+     '     comments: {type: discourse, base_url: https://forum.example.org, api_key: " secret-token ",\n'
+     '                api_username: " system "}}\n'),
+], ids=["api_key", "smtp_login", "secret_key", "mailgun_signing_key", "discourse_api_key"])
+def test_spaces_around_a_secret_in_the_file_are_dropped(tmp_path: Path, where: str, text: str) -> None:
+    """As for a secret from the environment: a quoted token with a space or a newline around
+    it reached the provider (or signed links) as it was."""
+    settings = config.load(write(tmp_path, text))
+    value: object = settings.model_dump(by_alias=False)
+    for part in where.replace("[0]", ".0").split("."):
+        value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]  # type: ignore[index]
+    assert value == "secret-token"
+    if where == "delivery.password":
+        assert settings.delivery.username == "me"
+    if where.startswith("sources"):
+        assert settings.sources[0]["comments"]["api_username"] == "system"
+
+
+@pytest.mark.parametrize(("value", "state"), [('""', "empty"), ('"  \\n"', "only whitespace"),
+                                              ("' '", "only whitespace")], ids=["empty", "spaces_newline", "space"])
+@pytest.mark.parametrize(("block", "where"), [
+    ("delivery:\n  provider: postmark\n  api_key: {}\n", "delivery.api_key"),
+    ("web:\n  secret_key: {}\n", "web.secret_key"),
+    ("webhooks:\n  postmark_username: me\n  postmark_password: {}\n", "webhooks.postmark_password"),
+], ids=["api_key", "secret_key", "postmark_password"])
+def test_an_empty_secret_in_the_file_is_named_as_empty(tmp_path: Path, value: str, state: str, block: str,
+                                                       where: str) -> None:
+    """As for one from the environment: an empty api_key was "provider postmark needs
+    delivery.api_key", and a secret_key of spaces signed every link with spaces."""
+    path = write(tmp_path, block.format(value))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value).startswith(f"{path}: {where}: is {state} (")
+    assert "\n" not in str(info.value)
+
+
+def test_a_secret_left_unset_in_the_file_stays_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """null, no key, or an ${ENV} placeholder with an empty default: unset, as before."""
+    monkeypatch.delenv("DIGEST_TEST_UNSET", raising=False)
+    settings = config.load(write(tmp_path, "web:\n  secret_key: null\n"
+                                           "webhooks:\n  resend_secret: ${DIGEST_TEST_UNSET:-}\n"))
+    assert settings.web.secret_key is None and settings.webhooks.resend_secret is None
+    assert settings.webhooks.mailgun_signing_key is None

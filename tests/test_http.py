@@ -364,3 +364,93 @@ def test_a_base_url_that_cannot_be_parsed_is_one_clear_error(monkeypatch: pytest
     with pytest.raises(BlockedError) as caught:
         provider.check()  # type: ignore[attr-defined]
     assert "delivery.base_url" in (caught.value.hint or "") and recorder.sent == []
+
+
+# --- a proxy that cannot be reached -------------------------------------------------------------
+
+
+def _refused_port() -> int:
+    """A local port nothing listens on: a connection to it is refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def refusing_proxy(monkeypatch: pytest.MonkeyPatch) -> str:
+    """``HTTPS_PROXY`` and ``HTTP_PROXY``: a proxy on a local port that refuses connections, with
+    credentials; returns its ``host:port``."""
+    for name in ("ALL_PROXY", "NO_PROXY", "all_proxy", "no_proxy", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    where = f"127.0.0.1:{_refused_port()}"
+    monkeypatch.setenv("HTTPS_PROXY", f"http://someone:s3cret@{where}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://someone:s3cret@{where}")
+    return where
+
+
+@pytest.mark.parametrize("url", ["https://blog.example.org/feed", "http://blog.example.org/feed"])
+def test_a_proxy_that_refuses_the_connection_is_named_not_the_host(refusing_proxy: str, url: str) -> None:
+    """It said "connection refused by blog.example.org": the operator looked at the source (or
+    at the provider) while it was the proxy."""
+    with pytest.raises(SourceError) as caught:
+        fetch(build_session(), url, retries=0)
+    assert str(caught.value) == f"{url}: the proxy {refusing_proxy} refused the connection"
+    assert "s3cret" not in str(caught.value) and "someone" not in str(caught.value)
+
+
+def test_a_proxy_that_cannot_be_resolved_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from digest.http import describe
+
+    session = build_session()
+    session.trust_env = False
+    session.proxies = {"https": "http://someone:s3cret@proxy.invalid:3128"}
+    with pytest.raises(requests.exceptions.ProxyError) as caught:
+        session.get("https://blog.example.org/feed", timeout=5)
+    assert describe(caught.value) == "cannot resolve the host name of the proxy proxy.invalid:3128"
+
+
+def test_a_provider_behind_a_refusing_proxy_names_the_proxy(refusing_proxy: str) -> None:
+    from digest.config import Delivery
+    from digest.delivery.providers.postmark import PostmarkProvider
+    from digest.errors import DeliveryError
+
+    provider = PostmarkProvider(Delivery(provider="postmark", api_key="k", base_url="https://api.postmarkapp.example"))
+    with pytest.raises(DeliveryError) as caught:
+        provider.check()  # type: ignore[attr-defined]
+    error = caught.value
+    assert str(error).startswith(f"postmark: calling https://api.postmarkapp.example/server: the proxy "
+                                 f"{refusing_proxy} refused the connection")
+    assert error.hint == "if it persists, check the proxy (HTTPS_PROXY)"
+    assert "s3cret" not in str(error) and "refused by api.postmarkapp.example" not in str(error)
+
+
+def test_a_proxy_that_refuses_the_tunnel_is_named() -> None:
+    """A proxy that answers the CONNECT with 407: named, with its status line."""
+    import socket
+    import threading
+
+    from digest.http import describe
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        session = build_session()
+        session.trust_env = False
+        session.proxies = {"https": f"http://127.0.0.1:{port}"}
+        with pytest.raises(requests.exceptions.ProxyError) as caught:
+            session.get("https://blog.example.org/feed", timeout=5)
+        thread.join(5)
+    assert describe(caught.value) == (f"the proxy 127.0.0.1:{port} refused to open a tunnel to blog.example.org "
+                                      "(407 Proxy Authentication Required)")

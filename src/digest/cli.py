@@ -434,8 +434,9 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
     a second one quits at once (the next `digest send` marks what was in flight uncertain).
     Exit codes: 0 done, 1 stopped by a refusal to fix (credentials, account, From, or a send
     paused for the operator), 3 uncertain messages wait for --resolve-uncertain, 75 paused or
-    interrupted (the next `digest send` resumes), or a draft passed over by --resolve-uncertain
-    or --retry-failed because another process sends it (run again once it has finished).
+    interrupted (the next `digest send` resumes; a dry run interrupted too), or a draft passed
+    over by --resolve-uncertain or --retry-failed because another process sends it (run again
+    once it has finished).
     """
     app = obj.app
     if matching is not None and not retry_failed:
@@ -531,6 +532,9 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
         summaries = pipeline.send(app, dry_run=dry_run, on_batch=progress, should_stop=should_stop,
                                   on_deadline=deadline_applied, draft_id=draft_id,
                                   resume=False if resolve_uncertain else None)
+        # Stopped before any draft was started: it was not that nothing was due.
+        unstarted = not summaries and should_stop() and any(
+            draft_id in (None, due) for due in app.store.due_drafts(app.now()))
     progress.close()
     # A dry run does not put uncertain messages back in the queue, so its send does not see
     # them, nor a finished draft they belong to, which the real one sends again: said here.
@@ -541,6 +545,13 @@ def send(obj: _Context, dry_run: bool, resolve_uncertain: str | None, retry_fail
 
     for target in sorted(set(resent) - {s.draft_id for s in summaries}):
         echo_resent(target)
+    if unstarted:  # exits as a send interrupted does
+        if dry_run:
+            click.echo("dry run interrupted (stopped on request) before any draft was built")
+        else:
+            click.echo(f"interrupted (stopped on request) before any draft was started: {NEXT_SEND} sends "
+                       "what is due")
+        sys.exit(EXIT_PAUSED)
     if not summaries and not resent:
         if draft_id is not None and draft_id not in past_due:  # (what the send does to that one is said)
             _nothing_to_send(app, draft_id)
@@ -600,7 +611,8 @@ def _nothing_to_send(app: pipeline.App, draft_id: int) -> None:
 # 1 a send was stopped by a refusal only the operator can fix (or paused after batches the
 # provider refused, until the operator acts); 3 messages whose fate is
 # unknown wait for the operator (`digest send --resolve-uncertain`); 75 (EX_TEMPFAIL) a send
-# paused or was interrupted and the next `digest send` resumes it, or --resolve-uncertain or
+# paused or was interrupted and the next `digest send` resumes it (or a dry run was
+# interrupted: its counts are partial), or --resolve-uncertain or
 # --retry-failed passed over a draft another process is sending (run it again once that send
 # has finished). Click uses 2 for usage errors.
 EXIT_BLOCKED = 1
@@ -639,7 +651,7 @@ def _send_exit_code(summaries: Sequence[SendSummary]) -> int:
         return EXIT_BLOCKED
     if any(s.for_operator for s in summaries):
         return EXIT_UNCERTAIN
-    if any(s.stopped and not s.dry_run and not s.idle for s in summaries):
+    if any((s.stopped and not s.dry_run and not s.idle) or s.interrupted for s in summaries):
         return EXIT_PAUSED
     return 0
 

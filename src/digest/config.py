@@ -412,6 +412,43 @@ def parse_duration(value: str) -> float:
     return float(match.group(1)) * unit
 
 
+# Keys that hold a secret or a credential, wherever they are (delivery, web, webhooks, a source's
+# block). Given in config.yaml itself (not through ${ENV}), such a value is taken as an ${ENV}
+# one is: stripped of the spaces and newlines around it, and refused when nothing is left.
+SECRET_KEYS = frozenset({
+    "api_key", "api_username", "username", "password", "secret_key",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "postmark_username", "postmark_password", "sendgrid_public_key", "mailgun_signing_key", "resend_secret",
+})
+
+
+def _strip_secrets(node: Any, where: str, file: str) -> Any:
+    """``node`` with every secret written in the file (see :data:`SECRET_KEYS`) stripped, as one
+    from the environment is (:func:`_substitute`): a quoted token with a space or a newline
+    around it reached the provider as it was (an HTTP header refuses a trailing newline, and a
+    key with a space is another key), and one of spaces signed links with a space. An empty
+    one is said to be empty; null (or no key) leaves a secret unset. Before ``${ENV}``
+    placeholders are replaced: their values are the environment's, stripped there (and a
+    default written empty, ``${NAME:-}``, stays an explicit "unset")."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else str(key)
+            if key in SECRET_KEYS and isinstance(value, str):
+                stripped = value.strip()
+                if not stripped:
+                    state = "empty" if value == "" else "only whitespace"
+                    raise ConfigError(f"{file}: {here}: is {state}",
+                                      hint="write the secret, or null (or leave the key out) to leave it unset")
+                out[key] = stripped
+            else:
+                out[key] = _strip_secrets(value, here, file)
+        return out
+    if isinstance(node, list):
+        return [_strip_secrets(v, f"{where}[{i}]", file) for i, v in enumerate(node)]
+    return node
+
+
 def _substitute(node: Any, where: str, file: str) -> Any:
     if isinstance(node, dict):
         return {k: _substitute(v, f"{where}.{k}" if where else str(k), file) for k, v in node.items()}
@@ -462,7 +499,7 @@ def _validation_message(exc: ValidationError, file: str) -> str:
 def from_dict(raw: dict[str, Any] | None, *, file: str = "<defaults>", path: str | None = None) -> Settings:
     """Validate a raw mapping (already parsed YAML) into :class:`Settings`."""
     raw = dict(raw or {})
-    raw = _substitute(raw, "", file)
+    raw = _substitute(_strip_secrets(raw, "", file), "", file)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

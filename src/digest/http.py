@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from digest import __version__
 from digest.errors import SourceError
@@ -254,8 +256,15 @@ _PORTABLE_HEADERS = frozenset({"accept", "accept-encoding", "accept-language", "
 
 
 def describe(exc: BaseException) -> str:
-    """One short phrase for a network failure, instead of urllib3's nested reprs."""
+    """One short phrase for a network failure, instead of urllib3's nested reprs.
+
+    A failure to go through the configured proxy (``requests.exceptions.ProxyError``) names
+    the proxy, not the host the request was for: "connection refused by api.postmarkapp.com"
+    sent the operator to the provider (or delivery.base_url) when the proxy had refused.
+    """
     text = repr(exc)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return _describe_proxy(exc, text)
     host = ""
     request = getattr(exc, "request", None)
     if request is not None and getattr(request, "url", None):
@@ -273,6 +282,63 @@ def describe(exc: BaseException) -> str:
     if "Connection reset" in text or "RemoteDisconnected" in text or "ConnectionResetError" in text:
         return "the connection was closed before an answer"
     return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+_TUNNEL_REFUSED_RE = re.compile(r"Tunnel connection failed: (\d{3}\b[^'\"\\)]*)")
+
+
+def _describe_proxy(exc: requests.exceptions.ProxyError, text: str) -> str:
+    """:func:`describe` for a failure at the proxy: the proxy named by its host (and port),
+    never its credentials."""
+    proxy = proxy_host(exc)
+    name = f"the proxy {proxy}" if proxy else "the proxy"
+    if "NameResolutionError" in text or "Name or service not known" in text or "nodename nor servname" in text:
+        return f"cannot resolve the host name of {name}"
+    if "ConnectionRefusedError" in text or "Connection refused" in text:
+        return f"{name} refused the connection"
+    if "ConnectTimeoutError" in text or "timed out" in text:
+        return f"timed out connecting to {name}"
+    refused = _TUNNEL_REFUSED_RE.search(text)
+    if refused:
+        return f"{name} refused to open a tunnel to {_request_host(exc) or 'the host'} ({refused.group(1).strip()})"
+    return f"cannot reach {name}"
+
+
+def _request_host(exc: BaseException) -> str:
+    request = getattr(exc, "request", None)
+    url = getattr(request, "url", None)
+    return (urlsplit(url).hostname or "") if isinstance(url, str) else ""
+
+
+def proxy_host(exc: BaseException) -> str:
+    """``host`` or ``host:port`` of the proxy a failed request went through, read from the
+    exception urllib3 raised (its connection pool's proxy, or the connection that failed);
+    ``""`` when it does not say. Never the proxy's credentials."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    conn_host = ""
+    while todo and len(seen) < 20:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, MaxRetryError):
+            proxy = getattr(current.pool, "proxy", None)
+            if proxy is not None and proxy.host:
+                return _host_port(proxy.host, proxy.port)
+        if isinstance(current, NewConnectionError) and not conn_host:
+            # Through a proxy, the connection urllib3 could not make was the one to the proxy.
+            conn = current.conn
+            conn_host = _host_port(str(conn.host), conn.port) if conn is not None and conn.host else ""
+        todo += [getattr(current, "reason", None), getattr(current, "original_error", None),
+                 current.__cause__, current.__context__, *current.args]
+    return conn_host
+
+
+def _host_port(host: str, port: int | None) -> str:
+    if ":" in host and not host.startswith("["):  # an IPv6 address
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
 
 
 def _origin(url: str) -> tuple[str, str]:

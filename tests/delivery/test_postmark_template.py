@@ -6,6 +6,7 @@ the same results. These tests pin both, and the shortcuts the splicing takes for
 
 from __future__ import annotations
 
+import email.header
 import email.utils
 import json
 
@@ -76,7 +77,17 @@ def test_format_address_equals_the_email_package(name: str, address: str) -> Non
 
 @given(st.text(max_size=40))
 def test_format_address_equals_the_email_package_for_any_name(name: str) -> None:
-    assert format_address(name, "reader@example.com") == _reference_address(name, "reader@example.com")
+    expected = _reference_address(name, "reader@example.com")
+    got = format_address(name, "reader@example.com")
+    if clean_header_value(name).isascii() or len(expected.rpartition(" <")[0]) <= 75:
+        assert got == expected
+    else:  # the package's one encoded-word is longer than RFC 2047 allows: several (test_long_names.py)
+        assert all(len(word) <= 75 for word in got.rpartition(" <")[0].split(" "))
+        assert _decoded(got) == _decoded(expected)
+
+
+def _decoded(value: str) -> str:
+    return str(email.header.make_header(email.header.decode_header(value)))
 
 
 def _recipient(i: int, name: str) -> TemplateRecipient:

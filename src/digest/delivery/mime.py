@@ -16,7 +16,7 @@ from __future__ import annotations
 import email.utils
 import re
 from datetime import UTC, datetime
-from email.header import Header
+from email import base64mime, quoprimime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import EmailPolicy
@@ -70,12 +70,70 @@ def clean_header_value(value: str) -> str:
     return _CONTROL_RUN_RE.sub(" ", value).strip()
 
 
+# RFC 2047 section 2: an encoded-word is at most 75 characters long, and a header line that
+# holds one at most 76.
+_WORD_MAX = 75
+_WORD_LINE = 76
+_WORD_CHROME = len("=?utf-8?q??=")
+
+
+def encoded_words(text: str, first: int = _WORD_MAX) -> list[str]:
+    """``text`` (not ASCII) as RFC 2047 encoded-words in UTF-8, each at most 75 characters (the
+    first at most ``first``), every character (spaces too) inside a word, none split between
+    two: read in a row, whatever white space separates them, they give ``text`` back (RFC 2047
+    section 6.2).
+
+    One word when it fits: exactly what ``email.utils.formataddr`` writes for a display name
+    (``Charset("utf-8").header_encode``, "Q" or base64, whichever is shorter). A longer text
+    takes that same encoding for every word, and is cut after a space where one fits, so that
+    a reader which (against section 6.2) shows the white space between words shows it
+    between the name's own words.
+    """
+    data = text.encode("utf-8")
+    q_length, b_length = quoprimime.header_length(data), base64mime.header_length(data)
+    q = q_length <= b_length  # as Charset's SHORTEST chooses
+    encode = quoprimime.header_encode if q else base64mime.header_encode
+    if _WORD_CHROME + min(q_length, b_length) <= first:
+        return [encode(data, "utf-8")]
+    words: list[str] = []
+    room = first - _WORD_CHROME
+    start, n = 0, len(text)
+    while start < n:
+        end, size, q_size, after_space = start, 0, 0, 0
+        while end < n:
+            octets = text[end].encode("utf-8")
+            # "Q": each octet's own length, added up; base64: 4 characters per 3 octets begun.
+            grown = q_size + quoprimime.header_length(octets) if q else 4 * -(-(size + len(octets)) // 3)
+            if grown > room and end > start:
+                break
+            size, q_size, end = size + len(octets), grown, end + 1
+            if text[end - 1] == " ":
+                after_space = end
+        if end < n and after_space > start:
+            end = after_space  # the word ends with the name's own space
+        words.append(encode(text[start:end].encode("utf-8"), "utf-8"))
+        start, room = end, _WORD_MAX - _WORD_CHROME
+    return words
+
+
 def _encoded_words(name: str, value: str) -> str:
     """Non-ASCII header text as folded RFC 2047 encoded words, every character (spaces too)
-    inside a word. Why not the email package's own folding: it can break a line at a space
-    between two encoded words, and readers drop whitespace between encoded words (RFC 2047),
-    so "¡ Hola" could arrive as "¡Hola"."""
-    return str(Header(value, "utf-8", header_name=name).encode(linesep="\n"))
+    inside a word (:func:`encoded_words`), one word to a line, no line over 76 characters.
+    Why not the email package's own folding: it can break a line at a space between two
+    encoded words, and readers drop whitespace between encoded words (RFC 2047), so "¡ Hola"
+    could arrive as "¡Hola". Nor ``email.header.Header``'s: its words reach 76 characters, one
+    more than RFC 2047 allows."""
+    return "\n ".join(encoded_words(value, first=min(_WORD_MAX, _WORD_LINE - len(name) - 2)))
+
+
+def _folded_name(header: str, name: str, address: str) -> _Verbatim:
+    """A non-ASCII display name and its address as a header value, folded by us: encoded-words
+    (:func:`encoded_words`) one to a line, each line holding one at most 76 characters (the
+    first with the header's name), and ``<address>`` on the last line where it fits."""
+    words = encoded_words(name, first=min(_WORD_MAX, _WORD_LINE - len(header) - 2))
+    last = len(words[-1]) + (len(header) + 2 if len(words) == 1 else 1)
+    sep = " " if last + 2 + len(address) + 1 <= _WORD_LINE else "\n "
+    return _Verbatim("\n ".join(words) + f"{sep}<{address}>")
 
 
 def normalize_address(address: str) -> str:
@@ -138,12 +196,18 @@ def format_mailbox(clean_name: str, address: str) -> str:
 
     Most readers' names are plain ASCII words, written as they are: that case skips the
     ``email`` package's formatter, which costs three times as much and runs once per reader.
+    A name that is not ASCII is RFC 2047 encoded-words (:func:`encoded_words`), separated by a
+    single space: one, as ``formataddr`` writes it, unless that would be longer than the 75
+    characters an encoded-word may have (a long Cyrillic or CJK name), where ``formataddr``
+    wrote one word all the same. (A value for a provider's JSON field: the provider folds it.)
     """
     if not clean_name:
         return address
-    if clean_name.isascii() and _NAME_SPECIALS.isdisjoint(clean_name):
-        return f"{clean_name} <{address}>"
-    return email.utils.formataddr((clean_name, address))
+    if clean_name.isascii():
+        if _NAME_SPECIALS.isdisjoint(clean_name):
+            return f"{clean_name} <{address}>"
+        return email.utils.formataddr((clean_name, address))
+    return " ".join(encoded_words(clean_name)) + f" <{address}>"
 
 
 def custom_headers(msg: OutgoingMessage) -> list[tuple[str, str]]:
@@ -223,6 +287,16 @@ def _message_id(msg: OutgoingMessage, from_addr: str) -> str:
     return email.utils.make_msgid(domain=from_addr.rpartition("@")[2])
 
 
+def _mailbox_header(header: str, name: str, address: str) -> Address | _Verbatim:
+    """A From, To or Reply-To value. An ASCII name goes to the email package, as it always did
+    (a display name is a phrase: its white space may be refolded, RFC 5322, which is fine). A
+    name that is not ASCII is written by us (:func:`_folded_name`): the package wrote a long
+    one as encoded-words of 76 characters, one more than RFC 2047 allows."""
+    if name.isascii():
+        return Address(display_name=name, addr_spec=address)
+    return _folded_name(header, name, address)
+
+
 def build_mime(msg: OutgoingMessage, *, now: datetime | None = None) -> EmailMessage:
     """The message as a ``multipart/alternative`` :class:`EmailMessage` (text part first).
 
@@ -235,16 +309,15 @@ def build_mime(msg: OutgoingMessage, *, now: datetime | None = None) -> EmailMes
     when = (now or clock.now()).astimezone(UTC)
 
     out = EmailMessage(policy=POLICY)
-    out["From"] = Address(display_name=from_name, addr_spec=from_addr)
-    # A display name is a phrase: its white space may be refolded (RFC 5322), which is fine.
-    out["To"] = Address(display_name=clean_header_value(msg.to_name), addr_spec=to_addr)
+    out["From"] = _mailbox_header("From", from_name, from_addr)
+    out["To"] = _mailbox_header("To", clean_header_value(msg.to_name), to_addr)
     subject = clean_header_value(msg.subject)
     out["Subject"] = subject if subject.isascii() else _Verbatim(_encoded_words("Subject", subject))
     out["Date"] = email.utils.format_datetime(when)
     out["Message-ID"] = _Verbatim(_message_id(msg, from_addr))
     if msg.reply_to:
         reply_name, reply_addr = parse_mailbox(msg.reply_to)
-        out["Reply-To"] = Address(display_name=reply_name, addr_spec=reply_addr)
+        out["Reply-To"] = _mailbox_header("Reply-To", reply_name, reply_addr)
     for name, value in custom_headers(msg):
         out[name] = _verbatim(name, value)
     out["MIME-Version"] = "1.0"

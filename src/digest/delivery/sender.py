@@ -187,6 +187,9 @@ class SendSummary:
     idle: bool = False
     finished: bool = False
     dry_run: bool = False
+    # A dry run that a stop request (Ctrl-C, SIGTERM) ended: its counts cover only the batches
+    # built so far, and `digest send --dry-run` exits as a send interrupted does.
+    interrupted: bool = False
 
     @property
     def rate(self) -> float:
@@ -646,12 +649,14 @@ class Sender:
             if len(batch) >= self.batch_size:
                 self._dry_batch(summary, batch)
                 batch = []
-                if self.should_stop():  # Ctrl-C: the counts so far, said to be partial
-                    summary.stopped = "stopped on request: the counts cover the batches built so far"
+                if self.should_stop():
                     break
         else:
             if batch:
                 self._dry_batch(summary, batch)
+        if self.should_stop():  # Ctrl-C (or SIGTERM) while it ran: the counts so far, said to be partial
+            summary.stopped = "dry run interrupted (stopped on request): the counts cover the batches built so far"
+            summary.interrupted = True
         summary.seconds = time.perf_counter() - started
         return summary
 

@@ -730,8 +730,12 @@ class HttpProvider(Provider):
         ):
             # requests raises these before writing anything: connection refused, DNS failure,
             # connect timeout (urllib3's NewConnectionError, wrapped in MaxRetryError). Retried
-            # (a provider's outage passes), but named: most often it is a wrong base_url.
-            return DeliveryError(what, retryable=True, hint="if it persists, check delivery.base_url")
+            # (a provider's outage passes), but named: most often it is a wrong base_url, or,
+            # when it was the proxy that could not be reached, the proxy.
+            through_proxy = isinstance(exc, requests.exceptions.ProxyError) or any(
+                isinstance(c, ProxyError) for c in causes)
+            return DeliveryError(what, retryable=True, hint="if it persists, check the proxy (HTTPS_PROXY)"
+                                 if through_proxy else "if it persists, check delivery.base_url")
         if _raised_while_connecting([exc, *causes]):
             return self._connect_error(exc, causes, url)
         if not sends_mail:
