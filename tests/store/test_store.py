@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -758,6 +759,76 @@ def test_a_claim_reads_at_most_its_size_in_ids_past_the_cursor(store: Store) -> 
     assert store.ledger_counts(draft_id) == {"skipped": 2, "claimed": 2, "pending": 3}
 
 
+def test_a_claim_reads_its_rows_outside_the_write_lock(store: Store) -> None:
+    """The claim's write (cursor and batch record) commits first; its rows and their
+    eligibility are read after, while another writer may write: here a verdict of another
+    batch commits while the claim is reading, which would wait for the claim if the read held
+    the writers' turn (or, on SQLite, the database's one write lock)."""
+    draft_id = _sending(store, [f"r{i}@x.org" for i in range(4)])
+    store.start_send(draft_id, NOW)
+    first = store.claim_batch(draft_id, 2, "me", NOW)
+    raw = store._raw
+    written: list[bool] = []
+
+    def spy(conn: Any, sql: str, params: Any = (), many: bool = False) -> Any:
+        if sql.startswith("SELECT l.id") and not written:
+            done = threading.Event()
+
+            def verdict() -> None:
+                store.settle([SendResult(c.ledger_id, "sent", "m") for c in first], "sendgrid", NOW, first)
+                done.set()
+
+            other = threading.Thread(target=verdict)
+            other.start()
+            written.append(done.wait(10))
+            other.join(10)
+        return raw(conn, sql, params, many)
+
+    store._raw = spy  # type: ignore[method-assign]
+    second = store.claim_batch(draft_id, 2, "me", NOW)
+    store._raw = raw  # type: ignore[method-assign]
+    assert written == [True]
+    assert [c.email for c in second] == ["r2@x.org", "r3@x.org"]
+    assert store.ledger_counts(draft_id) == {"sent": 2, "claimed": 2}
+
+
+def test_a_sender_killed_between_the_claim_and_its_read_leaves_the_range_uncertain(store: Store) -> None:
+    """Killed after the claim's write and before its rows were read (nothing sent): the range
+    is claimed, so the next start makes all of it uncertain, a reader who unsubscribed since
+    the start too; the operator resolves it like any batch in flight, and the resend's claim
+    skips that reader (rule 2)."""
+    draft_id = _sending(store, [f"r{i}@x.org" for i in range(5)])
+    store.start_send(draft_id, NOW)
+    gone = store.subscriber_by_email("r1@x.org")
+    assert gone is not None
+    store.set_subscriber_status(gone.id, "unsubscribed", NOW)
+    claimed = store._claim_range(draft_id, 3, "dead", store._when(NOW), "sendgrid")
+    assert claimed is not None  # (here the process dies)
+    assert store.mark_stale_claims_uncertain(draft_id, NOW) == 3
+    assert store.ledger_counts(draft_id) == {"uncertain": 3, "pending": 2}
+    assert store.resolve_uncertain(draft_id, "resend", NOW) == 3
+    again = store.claim_batch(draft_id, 10, "me", NOW)
+    assert [c.email for c in again] == ["r3@x.org", "r4@x.org"]  # the range after, first
+    rest = store.claim_batch(draft_id, 10, "me", NOW)
+    assert [c.email for c in rest] == ["r0@x.org", "r2@x.org"] and rest.skipped == 1
+
+
+def test_a_range_whose_readers_all_left_is_no_batch(store: Store) -> None:
+    """Every reader of a claimed range unsubscribed since the start: they are skipped, the
+    batch record goes, and the claim goes on to the next range."""
+    draft_id = _sending(store, [f"r{i}@x.org" for i in range(4)])
+    store.start_send(draft_id, NOW)
+    for email in ("r0@x.org", "r1@x.org"):
+        store.suppress(email, "complaint", "sendgrid", NOW)
+    batch = store.claim_batch(draft_id, 2, "me", NOW)
+    assert [c.email for c in batch] == ["r2@x.org", "r3@x.org"] and batch.skipped == 2
+    with store.engine.connect() as conn:
+        batches = conn.exec_driver_sql(
+            f"SELECT first_id, last_id, status FROM send_batches WHERE draft_id = {draft_id}").fetchall()
+    assert [tuple(b)[2] for b in batches] == ["claimed"]
+    assert store.ledger_counts(draft_id) == {"skipped": 2, "claimed": 2}
+
+
 def test_remaining_is_what_a_claim_would_find_without_claiming_it(store: Store) -> None:
     draft_id = _sending(store, [f"{c}@x.org" for c in "abcde"])
     assert store.remaining(draft_id) is None  # not frozen yet: the audience is the answer
@@ -1168,7 +1239,8 @@ def test_a_driver_error_on_the_send_path_is_a_store_error(store: Store) -> None:
     with pytest.raises(StoreError, match="^database error: OperationalError: database is locked$"):
         store.claim_batch(draft_id, 1, "me", NOW)
     store._raw = raw  # type: ignore[method-assign]
-    # Nothing was claimed: the transaction rolled back.
+    # Nothing was sent, and the range went back to the queue: the next claim takes it.
+    assert store.ledger_counts(draft_id) == {"pending": 1}
     assert [c.email for c in store.claim_batch(draft_id, 1, "me", NOW)] == ["a@x.org"]
 
 

@@ -530,7 +530,7 @@ class Store:
         batch pays one disk flush instead of two, and a flush is time the database's lock is
         held while every other sender waits.
         """
-        try:
+        with self._translated():
             if wait_for_disk:
                 with self._turn, self.engine.begin() as conn:
                     yield conn
@@ -555,6 +555,19 @@ class Store:
                     if self.dialect == "postgresql":
                         conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                     yield conn
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A read, without taking a writer's turn: on SQLite (WAL) it waits for no writer and
+        sees what was committed when it began; on PostgreSQL it is a transaction rolled back."""
+        with self._translated(), self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """The database's errors, each as one line: a :class:`StoreError`."""
+        try:
+            yield
         except (IntegrityError, DraftError):
             raise
         except SQLAlchemyError as exc:
@@ -1629,51 +1642,109 @@ class Store:
         batch when none is left. ``via``: what the batch goes out through (``sent_via``);
         ``token``: the claiming sender's lease holder (the batch records :func:`claim_token` of it).
 
-        The next rows above the draft's cursor come first, as a range: one ``send_batches``
-        row and the cursor move, whatever the batch's size. Rows put back in the queue
-        (deferred by the provider, released by a stopped send, resent by the operator) come
-        once the range is done, one by one: a message the provider defers again and again
-        then holds up nobody else. Eligibility is read for the claimed rows only, in the
-        transaction that claims them, so each claim costs the same with a thousand rows left
-        or a million.
+        The next ``size`` ids above the draft's cursor come first, as a range, in two steps.
+        The claim itself is a short write (the cursor moves past the range, and one
+        ``send_batches`` row records it, whatever the batch's size), committed to disk. Then
+        the range's rows and whether each may still be sent to are read, outside the
+        database's write lock: on SQLite a reader waits for no writer, so the other senders
+        write while this one reads its rows. A row no longer eligible is then recorded as
+        skipped before anything is sent. (A sender killed between the two steps leaves the
+        range claimed, so uncertain at the next start, its ineligible readers too: nothing of
+        it was sent, and the operator resolves it like any batch in flight. A claim that fails
+        between them puts the range back in the queue.)
+
+        Rows put back in the queue (deferred by the provider, released by a stopped send,
+        resent by the operator) come once the range is done, one by one: a message the
+        provider defers again and again then holds up nobody else. Eligibility is read for
+        the claimed rows only, so each claim costs the same with a thousand rows left or a
+        million.
         """
         when, token = self._when(now), claim_token(token)
+        skipped = 0
+        select_sql = self._sql(self._CLAIM_SQL)
+        while True:  # until this claim holds a row, or no row is left
+            claimed_range = self._claim_range(draft_id, size, token, when, via)
+            if claimed_range is None:
+                return self._claim_queued(draft_id, size, token, when, via, skipped)
+            batch_id, through, window = claimed_range
+            batch = ClaimedBatch((), batch_id, ranged=True, token=token)
+            try:
+                # The range's ids: a window that bounds the read whatever plan the database
+                # picks. It holds fewer rows where some have a status of their own already
+                # (or, on PostgreSQL, another draft froze its audience at the same moment and
+                # took some of the ids).
+                with self._reading() as conn:
+                    rows = self._raw(conn, select_sql, (through, window, draft_id, size)).fetchall()
+                passed = [r[0] for r in rows if not r[4]]
+                claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
+                if passed or not claimed:
+                    with self._tx() as conn:
+                        self._hold(conn, batch)
+                        self._skip(conn, passed, when)
+                        if not claimed:  # the batch holds nobody: no record of it
+                            self._raw(conn, self._sql("DELETE FROM send_batches WHERE id = {p}"), (batch_id,))
+            except TakenOverError:
+                raise
+            except BaseException:
+                self._give_back(draft_id, batch, through, window, when)
+                raise
+            skipped += len(passed)
+            if claimed:
+                batch.extend(claimed)
+                batch.skipped = skipped
+                return batch
+
+    def _claim_range(self, draft_id: int, size: int, token: str, when: Any,
+                     via: str | None) -> tuple[int, int, int] | None:
+        """The claim's write: the next ``size`` ids above the draft's cursor, recorded as a
+        batch; (batch id, the cursor before, the range's last id), or ``None`` once the
+        cursor has passed the audience."""
         with self._tx() as conn:
             through, last = self._lock_cursor(conn, draft_id)
-            start = through
-            skipped = 0
-            queued_sql, select_sql = self._sql(self._QUEUED_SQL), self._sql(self._CLAIM_SQL)
-            while True:  # until this claim holds a row, or no row is left
-                queued = through >= last
-                if queued:
-                    rows = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
-                    if not rows:
-                        break
-                else:
-                    # The next ``size`` ids: a window that bounds the read whatever plan the
-                    # database picks. It holds fewer rows where some have a status of their
-                    # own already (or, on PostgreSQL, another draft froze its audience at
-                    # the same moment and took some of the ids).
-                    window = min(last, through + size)
-                    rows = self._raw(conn, select_sql, (through, window, draft_id, size)).fetchall()
-                    through = window
+            if through >= last:
+                return None
+            window = min(last, through + size)
+            self._raw(conn, self._sql("UPDATE send_cursors SET claimed_through = {p} WHERE draft_id = {p}"),
+                      (window, draft_id))
+            batch_id = self._new_batch(conn, draft_id, token, when, through + 1, window, via)
+        return batch_id, through, window
+
+    def _claim_queued(self, draft_id: int, size: int, token: str, when: Any, via: str | None,
+                      skipped: int) -> ClaimedBatch:
+        """Rows put back in the queue, claimed one by one (each says it is claimed, and by
+        which batch), in one transaction that also reads their eligibility: few, and rarely
+        any. ``skipped``: how many the claim skipped in ranges before."""
+        queued_sql = self._sql(self._QUEUED_SQL)
+        with self._tx() as conn:
+            self._lock_cursor(conn, draft_id)  # claims take turns here
+            while True:
+                rows = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
+                if not rows:
+                    return ClaimedBatch((), 0, ranged=True, skipped=skipped)
                 passed = [r[0] for r in rows if not r[4]]
                 self._skip(conn, passed, when)
                 skipped += len(passed)
                 claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
                 if claimed:
-                    break
-            if through != start:  # past rows skipped, or claimed as a range
-                self._raw(conn, self._sql("UPDATE send_cursors SET claimed_through = {p} WHERE draft_id = {p}"),
-                          (through, draft_id))
-            if not rows:
-                return ClaimedBatch((), 0, ranged=True, skipped=skipped)
-            if queued:
-                batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when, via)
-                return ClaimedBatch(claimed, batch_id, ranged=False, token=token, skipped=skipped)
-            batch_id = self._new_batch(conn, draft_id, token, when, claimed[0].ledger_id, claimed[-1].ledger_id,
-                                       via)
-        return ClaimedBatch(claimed, batch_id, ranged=True, token=token, skipped=skipped)
+                    batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when, via)
+                    return ClaimedBatch(claimed, batch_id, ranged=False, token=token, skipped=skipped)
+
+    def _give_back(self, draft_id: int, batch: ClaimedBatch, through: int, window: int, when: Any) -> None:
+        """A claimed range the claim could not finish (the read failed, a stop came): back in
+        the queue, nothing of it sent, while the batch is still this sender's. If even that
+        fails, the range stays claimed and comes back uncertain: never sent twice."""
+        error = "not sent: the claim did not finish"
+        try:
+            with self._tx(wait_for_disk=False) as conn:
+                self._hold(conn, batch)
+                self._raw(conn, self._sql(
+                    "UPDATE send_ledger SET status = 'queued', error = {p}, batch_id = {p} WHERE id > {p} "
+                    "AND id <= {p} AND +draft_id = {p} AND status = 'pending'"),
+                    (error, batch.batch_id, through, window, draft_id))
+                self._raw(conn, self._sql("UPDATE send_batches SET status = 'released', error = {p}, "
+                                          "settled_at = {p} WHERE id = {p}"), (error, when, batch.batch_id))
+        except Exception:  # noqa: BLE001 - the claim's own error is the one to report
+            pass
 
     def uncertain_batches(self, draft_id: int, token: str, now: datetime,
                           since: datetime | None = None, *, via: str, peek: bool = False,
