@@ -759,6 +759,35 @@ def test_a_claim_reads_at_most_its_size_in_ids_past_the_cursor(store: Store) -> 
     assert store.ledger_counts(draft_id) == {"skipped": 2, "claimed": 2, "pending": 3}
 
 
+def test_a_second_drafts_freeze_gives_its_cursor_exactly_its_rows(store: Store) -> None:
+    """The freeze sets the draft's cursor from the rows it wrote (on SQLite without counting
+    them again): a second draft's range starts after the first draft's rows, and its claims
+    and counts see its own audience only."""
+    first = _sending(store, ["a@x.org", "b@x.org"])
+    assert store.start_send(first, NOW) == 2
+    store.upsert_subscribers([("c@x.org", "c")], "cli", NOW)
+    gone = store.subscriber_by_email("a@x.org")
+    assert gone is not None
+    store.set_subscriber_status(gone.id, "unsubscribed", NOW)  # not in the second audience
+    store.record_collect(CollectResult("s", essays=(essay("e2", "Two"),), comments=()), NOW)
+    (eid, e), = [(i, x) for i, x in store.candidate_essays(None, 10) if x.key == "e2"]
+    d, _new = store.create_draft(Draft("P2", "Subject", "", (DraftItem(e, ()),)), [(eid, None)], NOW)
+    assert d.id is not None
+    store.transition(d.id, ("pending_review",), "approved", NOW)
+    assert store.start_send(d.id, NOW) == 2
+    with store.engine.connect() as conn:
+        cursor = tuple(conn.exec_driver_sql(
+            f"SELECT claimed_through, first_id, last_id, total FROM send_cursors WHERE draft_id = {d.id}").one())
+        ids = [r[0] for r in conn.exec_driver_sql(
+            f"SELECT id FROM send_ledger WHERE draft_id = {d.id} ORDER BY id").fetchall()]
+    assert cursor == (ids[0] - 1, ids[0], ids[-1], 2)
+    assert store.ledger_counts(d.id) == {"pending": 2}
+    batch = store.claim_batch(d.id, 10, "me", NOW)
+    assert [c.email for c in batch] == ["b@x.org", "c@x.org"]
+    assert store.ledger_counts(first) == {"pending": 2}
+    assert store.start_send(d.id, NOW) == 2  # started already: left alone
+
+
 def test_a_claim_reads_its_rows_outside_the_write_lock(store: Store) -> None:
     """The claim's write (cursor and batch record) commits first; its rows and their
     eligibility are read after, while another writer may write: here a verdict of another
