@@ -14,7 +14,9 @@ from digest import clock
 from digest.config import Delivery
 from digest.delivery.providers.base import PartialBatchError, expand_template
 from digest.delivery.providers.sendgrid import SendGridProvider
+from digest.delivery.readers import BATCH_HEADERS, list_headers
 from digest.errors import AuthError, ConfigError, DeliveryError
+from digest.types import OutgoingMessage, TemplateRecipient
 from tests.delivery.conftest import MessageFactory
 from tests.delivery.test_provider_contract import make_recipient, make_template
 from tests.fakes.provider_server import FakeProviderServer, install_sendgrid
@@ -68,12 +70,11 @@ def test_full_body_request_shape(provider: SendGridProvider, make_message: Messa
     ]
     assert data["categories"] == ["digest-7"]
     assert data["tracking_settings"] == {"subscription_tracking": {"enable": False}}
+    # The same for every reader: once for the call, in the message-level headers.
+    assert data["headers"] == {"List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
     (p,) = data["personalizations"]
     assert p["to"] == [{"email": "reader5@example.com", "name": "Reader 5"}]
-    assert p["headers"] == {
-        "List-Unsubscribe": "<https://news.example.org/u/tok0005>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-    }
+    assert p["headers"] == {"List-Unsubscribe": "<https://news.example.org/u/tok0005>"}
     assert p["custom_args"] == {"ledger_id": "5", "draft_id": "7"}  # strings, as SendGrid wants
 
 
@@ -92,6 +93,86 @@ def test_header_injection_is_cleaned(
     data = json.loads(provider.build_request([msg]).body)
     assert data["subject"] == "Hi Bcc: victim@example.com"
     assert data["personalizations"][0]["headers"] == {"X-Note": "a b"}
+    assert "headers" not in data  # no List-Unsubscribe-Post here: nothing for the whole call
+
+
+def _list_headers(ledger_id: int, one_click: str | None = "List-Unsubscribe=One-Click"
+                  ) -> tuple[tuple[str, str], ...]:
+    """Reader ``ledger_id``'s headers as the sender gives them (readers.list_headers), with
+    List-Unsubscribe-Post's value ``one_click`` (None: without it)."""
+    headers = list_headers(ledger_id, f"https://news.example.org/u/tok{ledger_id:04d}")
+    return tuple((n, one_click if n == "List-Unsubscribe-Post" else v) for n, v in headers
+                 if one_click is not None or n != "List-Unsubscribe-Post")
+
+
+def _message(make_message: MessageFactory, ledger_id: int, one_click: str | None = "List-Unsubscribe=One-Click"
+             ) -> OutgoingMessage:
+    return make_message(ledger_id, html="<p>same</p>", text="same", headers=_list_headers(ledger_id, one_click))
+
+
+def _recipient(ledger_id: int, one_click: str | None = "List-Unsubscribe=One-Click") -> TemplateRecipient:
+    return make_recipient(ledger_id)._replace(headers=_list_headers(ledger_id, one_click))
+
+
+@pytest.mark.parametrize("build", ["full bodies", "template"])
+def test_one_click_is_once_for_the_call(provider: SendGridProvider, make_message: MessageFactory,
+                                        srv: FakeProviderServer, build: str) -> None:
+    """List-Unsubscribe-Post is the same for every reader: once, in the message-level headers,
+    which apply to every personalization; each reader keeps their own List-Unsubscribe and
+    X-Digest-Ledger-Id in their personalization."""
+    assert BATCH_HEADERS == {"List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    if build == "full bodies":
+        messages = [_message(make_message, i) for i in (1, 2, 3)]
+        body = provider.build_request(messages).body
+        live(srv).send_batch(messages)
+    else:
+        recipients = [_recipient(i) for i in (1, 2, 3)]
+        body = provider.build_template_request(make_template(), recipients)[0].body
+        live(srv).send_template_batch(make_template(), recipients)
+    assert isinstance(body, bytes) and body.count(b'"List-Unsubscribe-Post"') == 1
+    data = json.loads(body)
+    assert data["headers"] == {"List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    assert [p["headers"] for p in data["personalizations"]] == [
+        {"List-Unsubscribe": f"<https://news.example.org/u/tok{i:04d}>", "X-Digest-Ledger-Id": str(i)}
+        for i in (1, 2, 3)]
+    # Each copy carries all three (the fake merges them as SendGrid does).
+    assert [m["headers"] for m in srv.messages] == [dict(_list_headers(i)) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("build", ["full bodies", "template"])
+@pytest.mark.parametrize("other", [None, "List-Unsubscribe=Something-Else"])
+def test_one_click_stays_per_personalization_when_a_reader_differs(
+        provider: SendGridProvider, make_message: MessageFactory, srv: FakeProviderServer, build: str,
+        other: str | None) -> None:
+    """A reader without the header, or with another value: no message-level header (it would
+    give that reader the others' value), each reader's own in their personalization, as before."""
+    values = ["List-Unsubscribe=One-Click", other, "List-Unsubscribe=One-Click"]
+    if build == "full bodies":
+        messages = [_message(make_message, i, value) for i, value in zip((1, 2, 3), values)]
+        body = provider.build_request(messages).body
+        live(srv).send_batch(messages)
+    else:
+        recipients = [_recipient(i, value) for i, value in zip((1, 2, 3), values)]
+        body = provider.build_template_request(make_template(), recipients)[0].body
+        live(srv).send_template_batch(make_template(), recipients)
+    assert isinstance(body, bytes)
+    data = json.loads(body)
+    assert "headers" not in data
+    assert [p["headers"] for p in data["personalizations"]] == [dict(_list_headers(i, value))
+                                                                for i, value in zip((1, 2, 3), values)]
+    assert [m["headers"] for m in srv.messages] == [dict(_list_headers(i, value))
+                                                    for i, value in zip((1, 2, 3), values)]
+
+
+def test_a_refused_reader_without_the_header_keeps_it_per_personalization(provider: SendGridProvider) -> None:
+    """The message-level headers are decided from every reader given, those refused too: at
+    worst the header goes per personalization."""
+    refused = _recipient(2, None)._replace(to_email="no-at.example.org")
+    call, ids = provider.build_template_request(make_template(), [_recipient(1), refused])
+    assert ids == (1,) and [r.ledger_id for r in call.refused] == [2]
+    data = json.loads(call.body)
+    assert "headers" not in data
+    assert data["personalizations"][0]["headers"] == dict(_list_headers(1))
 
 
 def test_one_request_per_distinct_body(

@@ -28,7 +28,7 @@ from digest.delivery.sender import plain_link_slots
 from digest.render.fill import NAME_MAX
 from digest.store.store import Claimed
 from digest.tokens import LinkSigner, LinkUrls
-from digest.types import TemplateMessage
+from digest.types import TemplateMessage, TemplateRecipient
 
 needs_speedups = pytest.mark.skipif(
     not speedups_built(), reason="digest._speedups is not built: `pip install -e .` with a C compiler builds it")
@@ -591,3 +591,79 @@ def test_sendgrid_never_makes_every_reader_in_python(monkeypatch: pytest.MonkeyP
     assert provider.template_sender(template, batch) is not None  # builds the request
     call, ids = provider.build_template_request(template, batch, nonce="0123456789abcdef")
     assert (_body(call), ids) == (_body(expected[0]), expected[1])
+
+
+# -- SendGrid: List-Unsubscribe-Post once for the call ----------------------------------------
+
+_ONE_CLICK = ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+
+
+@pytest.mark.parametrize("c_module", [pytest.param(True, marks=needs_speedups), False])
+def test_sendgrid_one_click_is_once_for_the_call(c_module: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reader has List-Unsubscribe-Post with its one value: both ways, it is written once,
+    in the message-level headers, and in no personalization; each keeps their own
+    List-Unsubscribe and X-Digest-Ledger-Id. The C module writes the plain readers' bytes."""
+    import json
+
+    fills = _fills(monkeypatch)
+    if not c_module:
+        monkeypatch.setattr(readers, "_speedups", None)
+    call, ids = _sendgrid_both_ways(PLAIN + LEFT_TO_PYTHON)
+    assert fills == ([len(PLAIN)] if c_module else [])
+    body = _body(call)
+    assert body.count(b'"List-Unsubscribe-Post"') == 1
+    data = json.loads(body)
+    assert data["headers"] == dict([_ONE_CLICK])
+    assert len(data["personalizations"]) == len(ids) > len(PLAIN)
+    for p in data["personalizations"]:
+        ledger_id = p["custom_args"]["ledger_id"]
+        assert list(p["headers"]) == ["List-Unsubscribe", "X-Digest-Ledger-Id"]
+        assert p["headers"]["X-Digest-Ledger-Id"] == ledger_id
+        assert p["headers"]["List-Unsubscribe"].startswith(f"<{PUBLIC}/u/")
+
+
+@pytest.mark.parametrize("c_module", [pytest.param(True, marks=needs_speedups), False])
+@pytest.mark.parametrize("other", [None, "List-Unsubscribe=Something-Else"])
+def test_sendgrid_a_reader_with_another_one_click_keeps_it_per_personalization(
+        c_module: bool, other: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One reader (made in Python: template_recipients never makes one) without the header, or
+    with another value: no message-level header, every reader's own value in their
+    personalization, the same bytes both ways. The C module wrote the plain readers without
+    it, so the batch is written in Python."""
+    import json
+
+    odd_id = LEFT_TO_PYTHON[2][0]  # O'Brien, whom the C code leaves to Python
+
+    def changed(r: TemplateRecipient) -> TemplateRecipient:
+        if r.ledger_id != odd_id:
+            return r
+        return r._replace(headers=tuple((n, other if n == _ONE_CLICK[0] else v) for n, v in r.headers
+                                        if other is not None or n != _ONE_CLICK[0]))
+
+    made: list[int] = []
+    recipient, recipients = Readers.recipient, Readers.recipients
+
+    def one(self: Readers, index: int) -> TemplateRecipient:
+        return changed(recipient(self, index))
+
+    def every(self: Readers) -> list[TemplateRecipient]:
+        made.append(len(self.rows))
+        return [changed(r) for r in recipients(self)]
+
+    if not c_module:
+        monkeypatch.setattr(readers, "_speedups", None)
+    claimed = _claimed([*PLAIN, LEFT_TO_PYTHON[2]])
+    slow_call, slow_ids = _build("sendgrid")(_template(), [changed(r) for r in template_recipients(claimed, LINKS)])
+    monkeypatch.setattr(Readers, "recipient", one)
+    monkeypatch.setattr(Readers, "recipients", every)
+    fast_call, fast_ids = _build("sendgrid")(_template(), Readers(claimed, LINKS))
+    assert (_body(fast_call), fast_ids, fast_call.refused) == (_body(slow_call), slow_ids, slow_call.refused)
+    assert made  # the whole batch made in Python
+    data = json.loads(_body(fast_call))
+    assert "headers" not in data
+    for p in data["personalizations"]:
+        ledger_id = int(p["custom_args"]["ledger_id"])
+        expected = other if ledger_id == odd_id else _ONE_CLICK[1]
+        assert p["headers"].get(_ONE_CLICK[0]) == expected
+        assert p["headers"]["X-Digest-Ledger-Id"] == str(ledger_id)
+        assert p["headers"]["List-Unsubscribe"].startswith(f"<{PUBLIC}/u/")

@@ -1,8 +1,8 @@
 """SendGrid v3 Mail Send: ``POST /v3/mail/send``, up to 1000 personalizations per request.
 
-Request: JSON ``{from, reply_to, subject, content[text/plain, text/html], personalizations[
-{to, headers, custom_args, substitutions}], categories, tracking_settings}`` with
-``Authorization: Bearer <key>``. Answer: **202** with an empty body and an ``X-Message-Id``
+Request: JSON ``{from, reply_to, subject, content[text/plain, text/html], headers,
+personalizations[{to, headers, custom_args, substitutions}], categories, tracking_settings}``
+with ``Authorization: Bearer <key>``. Answer: **202** with an empty body and an ``X-Message-Id``
 header shared by the whole request; errors are ``{"errors": [{"message", "field"}]}`` with
 HTTP 400 (validation, all or nothing), 401/403, 413, 429 or 5xx. There are no per-recipient
 results and no idempotency key. A 429 says when to call again in ``Retry-After`` or, failing
@@ -21,6 +21,14 @@ Two ways to send, because a request has **one** body for all its personalization
   ``delivery.concurrency`` at a time with the partial-batch rules of
   :func:`~digest.delivery.providers.base.send_in_calls`. It works, but slowly; the sender
   prefers the template path.
+
+**Headers.** Each reader's own headers (List-Unsubscribe, X-Digest-Ledger-Id) go in their
+personalization's ``headers``. A header with the same value for every reader of the call
+(``List-Unsubscribe-Post: List-Unsubscribe=One-Click``, see :func:`_batch_wide`) goes once, in
+the message-level ``headers``, which apply to every personalization (APIS.md A.2): once per
+call, not once per reader. When some reader lacks it or has another value, it stays in each
+personalization instead, so nothing here depends on how SendGrid resolves a name given at both
+levels.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from email.utils import quote as rfc822_quote
 from functools import partial
 from json.encoder import encode_basestring
@@ -48,7 +56,17 @@ from digest.delivery.providers.base import (
     checked_headers,
     response_text,
 )
-from digest.delivery.readers import EMAIL, HEADER_STEPS, LEDGER, RAW_NAME, SLOT_FIELDS, Readers, Step, ledger_ids
+from digest.delivery.readers import (
+    BATCH_HEADERS,
+    EMAIL,
+    HEADER_STEPS,
+    LEDGER,
+    RAW_NAME,
+    SLOT_FIELDS,
+    Readers,
+    Step,
+    ledger_ids,
+)
 from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.http import build_session, reset_at_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
@@ -144,16 +162,48 @@ def _header_key(name: str) -> str:
     return key
 
 
-def _headers_json(headers: Sequence[tuple[str, str]]) -> str:
-    """``"headers":{...},`` for a personalization ('' for none). Names are checked once per
+def _headers_json(headers: Sequence[tuple[str, str]], once: Collection[str] = ()) -> str:
+    """``"headers":{...},`` for a personalization ('' for none), but for the headers in ``once``
+    (the call's message-level headers, see :func:`_batch_wide`). Names are checked once per
     distinct name (:func:`_header_key`), values cleaned every time."""
     if not headers:
         return ""
     out = []
     for name, value in headers:
+        if name in once:
+            continue
         key = _HEADER_KEYS.get(name) or _header_key(name)
         out.append(key + _json(clean_header_value(value)))
-    return f'"headers":{{{",".join(out)}}},'
+    return f'"headers":{{{",".join(out)}}},' if out else ""
+
+
+_BATCH_NAMES = tuple(BATCH_HEADERS)
+
+
+def _batch_wide(batch: Sequence[Sequence[tuple[str, str]]], names: Sequence[str] = _BATCH_NAMES
+                ) -> tuple[str, ...]:
+    """The headers of ``names`` (of :data:`~digest.delivery.readers.BATCH_HEADERS`, in its
+    order) that every reader of ``batch`` (each one's headers) has, and with BATCH_HEADERS' value
+    only: written once, in the message-level ``headers`` (:func:`_message_headers`), and left out
+    of every personalization. A header some reader lacks, or has with another value, stays in
+    each personalization, each reader's own. Every reader given counts, those refused later too
+    (the message-level headers are written before the personalizations): at worst a header
+    goes per personalization, never to a reader who should not have it."""
+    wide = []
+    for name in names:
+        one = BATCH_HEADERS[name]
+        pair = (name, one)
+        if all(pair in headers and all(value == one for other, value in headers if other == name)
+               for headers in batch):
+            wide.append(name)
+    return tuple(wide)
+
+
+def _message_headers(data: dict[str, Any], wide: Sequence[str]) -> None:
+    """The message-level ``headers`` of ``data``: the headers of ``wide`` (see
+    :func:`_batch_wide`) with their one value, names checked as a personalization's are."""
+    if wide:
+        data["headers"] = dict(checked_headers([(name, BATCH_HEADERS[name]) for name in wide]))
 
 
 def _key(nonce: str, kind: str, slot: str) -> str:
@@ -197,15 +247,24 @@ def _shared_slots(slots: frozenset[str], recipients: Iterable[TemplateRecipient]
                             for r in differ))
 
 
+# The headers of HEADER_STEPS a call of plain readers has once (see _batch_wide): their steps
+# write the one value BATCH_HEADERS gives. In BATCH_HEADERS' order, as _batch_wide gives them.
+_ONCE = tuple(name for name in _BATCH_NAMES
+              if dict(HEADER_STEPS).get(name) == (BATCH_HEADERS[name].encode(),))
+
+
 def _program(draft_id: int, substitutions: Sequence[tuple[str, bool, int]]) -> tuple[Step, ...]:
     """A plain reader's personalization as a program for the C module: what
     :meth:`SendGridProvider._personalization` writes with these substitutions, the reader's
-    values as fields (see :mod:`digest.delivery.readers`). A plain reader's values are what
-    every escaping here leaves as they are, and the same for HTML and text."""
-    steps: list[Step] = [b'{"to":[{"email":"', EMAIL, b'"', (b',"name":"', RAW_NAME, b'"'), b'}],"headers":{']
-    for number, (name, value) in enumerate(HEADER_STEPS):
-        steps += (_utf8(("," if number else "") + _header_key(name) + '"'), *value, b'"')
-    steps += (b'},"custom_args":{"ledger_id":"', LEDGER, b'","draft_id":"%d"}' % draft_id)
+    values as fields (see :mod:`digest.delivery.readers`), and the headers of :data:`_ONCE`
+    left to the message-level ``headers``. A plain reader's values are what every escaping here
+    leaves as they are, and the same for HTML and text."""
+    steps: list[Step] = [b'{"to":[{"email":"', EMAIL, b'"', (b',"name":"', RAW_NAME, b'"'), b'}]']
+    own = [(name, value) for name, value in HEADER_STEPS if name not in _ONCE]
+    for number, (name, value) in enumerate(own):
+        steps += (_utf8(("," if number else ',"headers":{') + _header_key(name) + '"'), *value, b'"')
+    steps += (b'},"custom_args":{"ledger_id":"' if own else b',"custom_args":{"ledger_id":"', LEDGER,
+              b'","draft_id":"%d"}' % draft_id)
     if substitutions:
         for number, (key, _is_html, index) in enumerate(substitutions):
             steps += (_utf8(("," if number else ',"substitutions":{') + key + '"'), SLOT_FIELDS[index], b'"')
@@ -273,8 +332,10 @@ class SendGridProvider(HttpProvider):
         to_name: str,
         headers: Sequence[tuple[str, str]],
         substitutions: str = "",
+        once: Collection[str] = (),
     ) -> tuple[str, str]:
-        """One reader's personalization as JSON text, and the address it goes to.
+        """One reader's personalization as JSON text, and the address it goes to; its headers
+        but for those in ``once``, the call's message-level ones.
 
         Written as text, not a dict for ``json.dumps``: this runs for every reader, and the
         generic encoder costs several times more. ValueError when the address cannot be used.
@@ -283,7 +344,7 @@ class SendGridProvider(HttpProvider):
         # custom_args come back on every event webhook: how a bounce finds its ledger row.
         # SendGrid wants strings here (a number gives a bare "Bad Request").
         subs = f',"substitutions":{{{substitutions}}}' if substitutions else ""
-        return (f'{{"to":[{to}],{_headers_json(headers)}"custom_args":{{"ledger_id":"{ledger_id}",'
+        return (f'{{"to":[{to}],{_headers_json(headers, once)}"custom_args":{{"ledger_id":"{ledger_id}",'
                 f'"draft_id":"{draft_id}"}}{subs}}}', address)
 
     @staticmethod
@@ -316,6 +377,8 @@ class SendGridProvider(HttpProvider):
             raise ValueError("sendgrid: one request carries one body; group messages first")
         data = self._envelope(first.from_addr, first.subject, first.reply_to, first.tag)
         data["content"] = self._content(first.text, first.html)
+        once = _batch_wide([m.headers for m in messages])
+        _message_headers(data, once)
         body = self._post(data)
         included: list[OutgoingMessage] = []
         refused: list[SendResult] = []
@@ -323,7 +386,7 @@ class SendGridProvider(HttpProvider):
         for m in messages:
             try:
                 item, address = self._personalization(
-                    m.ledger_id, m.draft_id, m.to_email, m.to_name, m.headers
+                    m.ledger_id, m.draft_id, m.to_email, m.to_name, m.headers, once=once
                 )
             except ValueError as exc:
                 refused.append(SendResult(m.ledger_id, "invalid", None, str(exc)))
@@ -404,15 +467,22 @@ class SendGridProvider(HttpProvider):
                           for i, piece in enumerate(pieces) if piece is None}
                 if any(r.html_values != r.text_values for i, r in others.items() if i not in odd):
                     pieces = None  # never (see Readers.odd): the whole batch in Python, its keys decided again
+                elif _batch_wide([r.headers for r in others.values()], _ONCE) != _ONCE:
+                    pieces = None  # never (template_recipients gives every reader the one value): the
+                    # plain readers were written without it, so the whole batch in Python
         if pieces is None:
             shared = _shared_slots(every_slot, recipients)
             key, substitutions = _substitutions(template, chosen, shared)
+            once = _batch_wide([r.headers for r in recipients])
+        else:
+            once = _ONCE  # every plain reader has them, and (checked above) every other one
 
         data = self._envelope(template.from_addr, template.subject, template.reply_to, template.tag)
         data["content"] = self._content(
             _join(template.text_parts, template.text_slots, key, "t"),
             _join(template.html_parts, template.html_slots, key, "h"),
         )
+        _message_headers(data, once)
         body = self._post(data)
         ids: list[int] = []
         refused: list[SendResult] = []
@@ -427,7 +497,7 @@ class SendGridProvider(HttpProvider):
                 subs = ",".join([name + _json(html[i] if is_html else text[i])
                                  for name, is_html, i in substitutions])
                 item, address = self._personalization(
-                    r.ledger_id, draft_id, r.to_email, r.to_name, r.headers, subs
+                    r.ledger_id, draft_id, r.to_email, r.to_name, r.headers, subs, once
                 )
             except ValueError as exc:
                 refused.append(SendResult(r.ledger_id, "invalid", None, str(exc)))
