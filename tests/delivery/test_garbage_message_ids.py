@@ -17,7 +17,8 @@ from digest import pipeline
 from digest.store import Store
 from digest.store.store import storable_message_id
 from digest.types import SendResult
-from tests.conftest import NOW, FrozenClock, make_settings
+from tests.conftest import NOW, FrozenClock
+from tests.delivery.test_nul_refusal import postmark_app
 from tests.fakes.provider_server import FakeProviderServer, Reply, Request, postmark_batch
 
 TOKEN = "garbage-id-token"
@@ -124,23 +125,13 @@ def test_a_send_whose_provider_answers_garbage_message_ids_goes_on(tmp_path: Pat
             item["MessageID"] = next(garbage, item["MessageID"])
         return Reply.of_json(reply.status, results)
 
-    with FakeProviderServer(token=TOKEN) as srv:
+    with FakeProviderServer(token=TOKEN) as srv, postmark_app(tmp_path, db_url, clock, srv, emails) as app:
         srv.route("POST", "/email/batch", answer)
-        settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}}, delivery={
-            "provider": "postmark", "api_key": TOKEN, "base_url": srv.url, "batch_size": 2, "concurrency": 1,
-            "max_retries": 0, "rate_per_second": 1000})
-        app = pipeline.App.open(settings, clock)
-        try:
-            app.store.upsert_subscribers([(e, "") for e in emails], "cli", clock())
-            pipeline.collect(app)
-            assert pipeline.make_draft(app).draft is not None
-            (summary,) = pipeline.send(app)
-            assert summary.finished and summary.sent == 4 and summary.uncertain == 0, summary
-            assert app.store.ledger_counts(summary.draft_id) == {"sent": 4}
-            assert sorted(m["To"] for m in srv.messages) == emails
-            _rows, batches = _ids(app.store)
-            kept = [i for _one, ids in batches for i in json.loads(ids or "{}").values()]
-            assert "pm--1" in kept and "pm--2" in kept and LONG_ID[:1000] in kept
-            assert not any("\x00" in i or len(i) > 1000 for i in kept)
-        finally:
-            app.close()
+        (summary,) = pipeline.send(app)
+        assert summary.finished and summary.sent == 4 and summary.uncertain == 0, summary
+        assert app.store.ledger_counts(summary.draft_id) == {"sent": 4}
+        assert sorted(m["To"] for m in srv.messages) == emails
+        _rows, batches = _ids(app.store)
+        kept = [i for _one, ids in batches for i in json.loads(ids or "{}").values()]
+        assert "pm--1" in kept and "pm--2" in kept and LONG_ID[:1000] in kept
+        assert not any("\x00" in i or len(i) > 1000 for i in kept)

@@ -5,6 +5,7 @@ DIGEST_TEST_POSTGRES_URL, on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,27 +21,35 @@ EMAILS = [f"n{i}@example.com" for i in range(4)]
 REFUSAL = "Invalid\x00 x"
 
 
+@contextmanager
+def postmark_app(tmp_path: Path, db_url: str, clock: FrozenClock, srv: FakeProviderServer,
+                 emails: list[str]) -> Iterator[pipeline.App]:
+    """An app sending through ``srv``'s Postmark in batches of 2, without retries, with
+    ``emails`` subscribed and a draft approved, ready to send."""
+    settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}}, delivery={
+        "provider": "postmark", "api_key": srv.token, "base_url": srv.url, "batch_size": 2, "concurrency": 1,
+        "max_retries": 0, "rate_per_second": 1000})
+    app = pipeline.App.open(settings, clock)
+    try:
+        app.store.upsert_subscribers([(e, "") for e in emails], "cli", clock())
+        pipeline.collect(app)
+        assert pipeline.make_draft(app).draft is not None
+        yield app
+    finally:
+        app.close()
+
+
 def test_a_refusal_with_a_nul_fails_its_batch_and_the_send_goes_on(tmp_path: Path, db_url: str,
                                                                     clock: FrozenClock) -> None:
-    with FakeProviderServer(token=TOKEN) as srv:
-        settings = make_settings(tmp_path, db_url, digest={"approval": {"required": False}}, delivery={
-            "provider": "postmark", "api_key": TOKEN, "base_url": srv.url, "batch_size": 2, "concurrency": 1,
-            "max_retries": 0, "rate_per_second": 1000})
-        app = pipeline.App.open(settings, clock)
-        try:
-            app.store.upsert_subscribers([(e, "") for e in EMAILS], "cli", clock())
-            pipeline.collect(app)
-            assert pipeline.make_draft(app).draft is not None
-            srv.faults.append(("status", 422, {}, {"ErrorCode": 300, "Message": REFUSAL}))
-            (summary,) = pipeline.send(app)
-            assert summary.finished and summary.sent == 2 and summary.uncertain == 0
-            assert app.store.ledger_counts(summary.draft_id) == {"failed": 2, "sent": 2}
-            failed = app.store.messages_in(summary.draft_id, ("failed",))
-            assert [m.email for m in failed] == EMAILS[:2]
-            assert all("Invalid\ufffd x" in m.error for m in failed), failed
-            assert app.store.uncertain_messages(summary.draft_id) == []
-        finally:
-            app.close()
+    with FakeProviderServer(token=TOKEN) as srv, postmark_app(tmp_path, db_url, clock, srv, EMAILS) as app:
+        srv.faults.append(("status", 422, {}, {"ErrorCode": 300, "Message": REFUSAL}))
+        (summary,) = pipeline.send(app)
+        assert summary.finished and summary.sent == 2 and summary.uncertain == 0
+        assert app.store.ledger_counts(summary.draft_id) == {"failed": 2, "sent": 2}
+        failed = app.store.messages_in(summary.draft_id, ("failed",))
+        assert [m.email for m in failed] == EMAILS[:2]
+        assert all("Invalid\ufffd x" in m.error for m in failed), failed
+        assert app.store.uncertain_messages(summary.draft_id) == []
 
 
 @pytest.fixture
