@@ -831,7 +831,8 @@ def test_a_sender_killed_between_the_claim_and_its_read_leaves_the_range_uncerta
     gone = store.subscriber_by_email("r1@x.org")
     assert gone is not None
     store.set_subscriber_status(gone.id, "unsubscribed", NOW)
-    claimed = store._claim_range(draft_id, 3, "dead", store._when(NOW), "sendgrid")
+    with store.engine.connect() as conn:
+        claimed = store._claim_range(conn, draft_id, 3, "dead", store._when(NOW), "sendgrid")
     assert claimed is not None  # (here the process dies)
     assert store.mark_stale_claims_uncertain(draft_id, NOW) == 3
     assert store.ledger_counts(draft_id) == {"uncertain": 3, "pending": 2}
