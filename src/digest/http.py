@@ -265,10 +265,7 @@ def describe(exc: BaseException) -> str:
     text = repr(exc)
     if isinstance(exc, requests.exceptions.ProxyError):
         return _describe_proxy(exc, text)
-    host = ""
-    request = getattr(exc, "request", None)
-    if request is not None and getattr(request, "url", None):
-        host = urlsplit(request.url).hostname or ""
+    host = _request_host(exc)
     if "NameResolutionError" in text or "Name or service not known" in text or "nodename nor servname" in text:
         return f"cannot resolve the host name {host}".rstrip()
     if "ConnectionRefusedError" in text or "Connection refused" in text:

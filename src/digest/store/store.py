@@ -557,9 +557,10 @@ class Store:
                     yield conn
 
     @contextmanager
-    def _reading(self) -> Iterator[Connection]:
-        """A read, without taking a writer's turn: on SQLite (WAL) it waits for no writer and
-        sees what was committed when it began; on PostgreSQL it is a transaction rolled back."""
+    def _connection(self) -> Iterator[Connection]:
+        """A connection, outside any transaction and without the writers' turn: a read on it
+        waits for no writer (SQLite's WAL; on PostgreSQL it is rolled back at the end), and a
+        write takes the turn itself (:meth:`_claim_range`)."""
         with self._translated(), self.engine.connect() as conn:
             yield conn
 
@@ -1464,28 +1465,29 @@ class Store:
                 audience = select(
                     literal(draft_id, Integer), subscribers.c.id, subscribers.c.email, literal("pending", String),
                 ).where(_sendable())
-                before = self._raw(conn, "SELECT COALESCE(MAX(id), 0) FROM send_ledger").fetchone()[0]
+                highest = "SELECT COALESCE(MAX(id), 0) FROM send_ledger"
+                before = self._raw(conn, highest).fetchone()[0] if self.dialect == "sqlite" else None
                 frozen = conn.execute(insert(send_ledger).from_select(
                     ["draft_id", "subscriber_id", "email", "status"], audience)).rowcount
-                if self.dialect == "sqlite" and frozen >= 0:
-                    # SQLite's one writer numbered the rows on from the highest id: the cursor
-                    # follows without counting them again (a fifth of a million rows' freeze).
-                    last = self._raw(conn, "SELECT COALESCE(MAX(id), 0) FROM send_ledger").fetchone()[0]
-                    self._raw(conn, self._sql(
-                        "INSERT INTO send_cursors (draft_id, claimed_through, first_id, last_id, total) "
-                        "VALUES ({p}, {p}, {p}, {p}, {p})"), (draft_id, before, before + 1, last, frozen))
-                    return int(frozen)
+                if before is not None and frozen >= 0:
+                    # SQLite's one writer numbered the rows on from the highest id: the cursor's
+                    # bounds without counting the rows again (a fifth of the freeze's time).
+                    bounds = (before + 1, self._raw(conn, highest).fetchone()[0], frozen)
+                    return self._ensure_cursor(conn, draft_id, bounds)
             total = self._ensure_cursor(conn, draft_id)
         return total
 
-    def _ensure_cursor(self, conn: Connection, draft_id: int) -> int:
+    def _ensure_cursor(self, conn: Connection, draft_id: int,
+                       bounds: tuple[int, int, int] | None = None) -> int:
         """Give the draft its claim cursor (before its first row) unless it has one; returns
-        how many ledger rows the draft has (a resumed send reads it from the cursor)."""
+        how many ledger rows the draft has (a resumed send reads it from the cursor).
+        ``bounds``: (first id, last id, count) of its rows when the caller knows them, else
+        they are read."""
         known = self._raw(conn, self._sql("SELECT total FROM send_cursors WHERE draft_id = {p}"),
                           (draft_id,)).fetchone()
         if known is not None:
             return int(known[0])
-        first, last, total = self._raw(conn, self._sql(
+        first, last, total = bounds or self._raw(conn, self._sql(
             "SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0), COUNT(*) FROM send_ledger "
             "WHERE draft_id = {p}"), (draft_id,)).fetchone()
         self._raw(conn, self._sql(
@@ -1673,7 +1675,7 @@ class Store:
         select_sql = self._sql(self._CLAIM_SQL)
         # One connection for the claim's write and its read: a claim costs no more checkouts
         # and round trips to the database than when it was one transaction.
-        with self._reading() as conn:
+        with self._connection() as conn:
             while True:  # until this claim holds a row, or no row is left
                 claimed_range = self._claim_range(conn, draft_id, size, token, when, via)
                 if claimed_range is None:
