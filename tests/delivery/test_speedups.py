@@ -1,6 +1,6 @@
 """The C module ``digest._speedups`` writes what the Python builders write, byte for byte.
 
-Each provider that personalizes server-side builds a batch two ways: from
+Each provider that personalizes server-side, and Postmark with full bodies, builds a batch two ways: from
 :class:`~digest.delivery.readers.Readers` (plain readers through the C module, the others
 through Python) and from a list of :class:`TemplateRecipient` (all through Python). The two
 requests must be equal, over plain readers and every kind of reader the C code must leave alone.
@@ -176,8 +176,9 @@ def test_links_of_another_kind_take_the_python_path() -> None:
 # -- every server-side provider: the same request both ways ---------------------------------
 
 
-# The providers that personalize server-side, each building its requests both ways.
-PROVIDERS = ["postmark-templates", "sendgrid", "mailgun"]
+# The providers that build their requests both ways: those that personalize server-side, and
+# Postmark with full bodies (its ``/email/batch`` with each message's bodies spliced).
+PROVIDERS = ["postmark-templates", "sendgrid", "mailgun", "postmark"]
 
 
 @pytest.mark.parametrize(("names", "expected"), [
@@ -235,6 +236,11 @@ def _build(provider_name: str) -> Callable[[TemplateMessage, Sequence[object]], 
             call, carried = provider._call(template, recipients)  # type: ignore[attr-defined]
             return call, tuple(r.ledger_id for r in carried)
         return postmark
+    if provider_name == "postmark":
+        def full_bodies(template: TemplateMessage, recipients: Sequence[object]) -> tuple[PreparedCall, tuple[int, ...]]:
+            call = provider.build_template_request(template, recipients)  # type: ignore[attr-defined]
+            return call, tuple((m.ledger_id, m.to_email, m.to_name) for m in call.messages)
+        return full_bodies
     if provider_name == "sendgrid":
         def sendgrid(template: TemplateMessage, recipients: Sequence[object]) -> tuple[PreparedCall, tuple[int, ...]]:
             return provider.build_template_request(template, recipients, nonce="0123456789abcdef")  # type: ignore[attr-defined,no-any-return]
@@ -279,6 +285,31 @@ def test_without_the_module_readers_take_the_python_path(provider_name: str, mon
     monkeypatch.setattr(readers, "_speedups", None)
     call, ids = build(template, Readers(claimed, LINKS))
     assert _body(call) == _body(slow_call) and ids == slow_ids
+
+
+@needs_speedups
+@pytest.mark.parametrize("order", ["plain first", "python first"])
+def test_postmark_full_bodies_with_large_shared_parts_are_the_same_both_ways(order: str) -> None:
+    """Full bodies share parts long enough to be sent by reference: each plain reader is then
+    several runs written in C, with those parts between them. The body is the full-body
+    batch of each reader's own message, byte for byte, whichever path writes the first."""
+    from digest.delivery.providers.base import expand_template
+
+    long = "An essay paragraph with {{braces}}, 100% & <tags>. " * 80  # ~4 KB once escaped
+    base = _template(long)
+    template = replace(base, html_parts=(base.html_parts[0] + long, *base.html_parts[1:3], base.html_parts[3] + long),
+                       text_parts=(long + base.text_parts[0], *base.text_parts[1:]))
+    rows = PLAIN + LEFT_TO_PYTHON[:6] + PLAIN if order == "plain first" else LEFT_TO_PYTHON[:6] + PLAIN
+    claimed = _claimed([(index + 1, subscriber, f"{index}.{email}", name)
+                        for index, (_ledger, subscriber, email, name) in enumerate(rows)])
+    provider = build_provider(_settings("postmark"))
+    fast = provider.build_template_request(template, Readers(claimed, LINKS))  # type: ignore[attr-defined]
+    recipients = template_recipients(claimed, LINKS)
+    slow = provider.build_template_request(template, recipients)  # type: ignore[attr-defined]
+    full = provider.build_request([expand_template(template, r) for r in recipients])  # type: ignore[attr-defined]
+    assert fast.body == slow.body == full.body
+    assert fast.messages == slow.messages
+    assert len(provider._skeleton(template).larges) >= 3  # several runs a reader  # type: ignore[attr-defined]
 
 
 # -- Mailgun: what a batch decides, from the readers left to Python alone -------------------

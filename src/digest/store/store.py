@@ -253,6 +253,10 @@ class Claimed(NamedTuple):
         return self.email
 
     @property
+    def to_name(self) -> str:
+        return self.name
+
+    @property
     def recipient(self) -> Recipient:
         return Recipient(self.subscriber_id, self.email, self.name)
 

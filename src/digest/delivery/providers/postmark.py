@@ -45,6 +45,7 @@ from digest.delivery.providers.base import (
     json_string,
     response_text,
 )
+from digest.delivery.readers import HEADER_STEPS, LEDGER, SLOT_FIELDS, TO, Readers, Step
 from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
 from digest.types import (
     SLOT_NAMES,
@@ -129,13 +130,17 @@ _INVALID_SENDER_RE = re.compile(r"^\s*(Invalid|Error\s+parsing)\s+'(From|ReplyTo
 
 
 class _Addressed(Protocol):
-    """What reading an answer needs of a message (an OutgoingMessage or a TemplateRecipient)."""
+    """What reading an answer needs of a message (an OutgoingMessage, a TemplateRecipient or
+    a claimed row)."""
 
     @property
     def ledger_id(self) -> int: ...
 
     @property
     def to_email(self) -> str: ...
+
+    @property
+    def to_name(self) -> str: ...
 
 
 # A shared part at least this long is sent by reference; shorter ones are copied into the
@@ -147,11 +152,17 @@ class _Skeleton(NamedTuple):
     """A template's shared JSON, encoded once per draft (see ``_skeleton``)."""
 
     lead: bytes  # '{"From":..., "To":"', before the recipient's address
+    next_lead: bytes  # the same after another message: with the comma between them
     first: bytes  # from the end of To to the first recipient value
     gaps: tuple[tuple[int, bytes, bool], ...]  # (value position, the constant bytes after it, large?)
     draft_tail: bytes  # after the ledger id, for a message without headers
     headers_open: bytes  # after the ledger id, up to the headers array
     headers_tail: bytes  # after the last header value
+    # A plain reader's message for the C module (see readers.Readers.fill): one program per
+    # run of small pieces, and the large parts that come between the runs. The first program
+    # opens with the comma between messages.
+    programs: tuple[tuple[Step, ...], ...]
+    larges: tuple[bytes, ...]
 
 
 #: The JSON before a header's value, by the header's name: for the first header of a message
@@ -336,81 +347,128 @@ class PostmarkProvider(HttpProvider):
         draft = b'","draft_id":"%d"}' % template.draft_id
         tail = (b',"ReplyTo":' + json_string(self._header_text("reply_to", template.reply_to))
                 if template.reply_to else b"") + b"}"
+        lead = b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":"'
+        headers_open, headers_tail = draft + b',"Headers":[', b'"}]' + tail
+        # The same message as programs: the runs between the large parts, a value as its field
+        # (a plain reader's HTML and text values are the same, with nothing to escape).
+        programs: list[tuple[Step, ...]] = []
+        larges: list[bytes] = []
+        run: list[Step] = [b"," + lead, TO]
+        for field, constant in ((None, first), *((SLOT_FIELDS[index % width], constant) for index, constant in gaps)):
+            if field is not None:
+                run.append(field)
+            if len(constant) >= _LARGE:
+                programs.append(tuple(run))
+                larges.append(constant)
+                run = []
+            elif constant:
+                run.append(constant)
+        run += (LEDGER, headers_open)
+        for number, (name, value) in enumerate(HEADER_STEPS):
+            run += ((b'{"Name":' if number == 0 else b'"},{"Name":') + json_string(name) + b',"Value":"', *value)
+        run.append(headers_tail)
+        programs.append(tuple(run))
         skeleton = _Skeleton(
-            lead=b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":"',
+            lead=lead,
+            next_lead=b"," + lead,
             first=first,
             gaps=tuple((index, constant, len(constant) >= _LARGE) for index, constant in gaps),
             draft_tail=draft + tail,
-            headers_open=draft + b',"Headers":[',
-            headers_tail=b'"}]' + tail,
+            headers_open=headers_open,
+            headers_tail=headers_tail,
+            programs=tuple(programs),
+            larges=tuple(larges),
         )
         self._template_cache = (template, skeleton)
         return skeleton
 
     def _template_parts(
         self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
-    ) -> tuple[list[bytes], list[TemplateRecipient], list[SendResult]]:
+    ) -> tuple[list[bytes], list[_Addressed], list[SendResult]]:
         """The pieces of the ``/email/batch`` body for ``recipients``, the recipients it
-        carries and the results of those refused (see :meth:`build_template_request`)."""
+        carries and the results of those refused (see :meth:`build_template_request`).
+
+        Plain readers of a :class:`~digest.delivery.readers.Readers` batch are written by the
+        C module, from one program per run of small pieces between the draft's large shared
+        parts (:attr:`_Skeleton.programs`); the others (every reader, without the module) by
+        :meth:`_reader_parts`. Both write the same bytes."""
         skeleton = self._skeleton(template)
-        lead, first, gaps = skeleton.lead, skeleton.first, skeleton.gaps
-        first_large = len(first) >= _LARGE
-        next_lead = b"," + lead
-        join = b"".join
-        join_text = "".join
-        width = len(SLOT_NAMES)
-        # Per batch, the JSON before each header value (see header_values).
         header_prefix: HeaderPrefixes = ({}, {})
         parts: list[bytes] = [b"["]
-        included: list[TemplateRecipient] = []
+        included: list[_Addressed] = []
         refused: list[SendResult] = []
-        for r in recipients:
-            html_values, text_values = r.html_values, r.text_values
-            try:
-                to = reader_to(r, width)
-            except ValueError as exc:
-                refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
-                continue
-            # The message as a few pieces: the draft's large shared parts by reference, and
-            # each run of small pieces between them joined into one (the body is sliced and
-            # sent piece by piece, and a piece costs about as much to handle as its copy).
-            run = [next_lead if included else lead, to]
-            included.append(r)
-            if first_large:
-                parts += (join(run), first)
-                run = []
-            else:
-                run.append(first)
-            # Each value escaped once, however many gaps it fills; the text values are usually
-            # the HTML ones (signed links and plain names need no HTML escaping). A name with
-            # braces is made literal for Postmark (a value precedes every other piece).
-            # (One join and a search: a tenth of the cost of a test per value.)
-            if "{" in join_text(html_values) or (text_values is not html_values and "{" in join_text(text_values)):
-                values = [json_escape(literal_braces(v, html=True, before_slot=True)) for v in html_values]
-                values += [json_escape(literal_braces(v, html=False, before_slot=True)) for v in text_values]
-            else:
-                values = [json_escape(v) for v in html_values]
-                if text_values == html_values:
-                    values *= 2
-                else:
-                    values += [json_escape(v) for v in text_values]
-            for index, constant, large in gaps:
-                if large:
-                    run.append(values[index])
-                    parts += (join(run), constant)
-                    run = []
-                else:
-                    run += (values[index], constant)
-            run.append(b"%d" % r.ledger_id)
-            if not r.headers:
-                run.append(skeleton.draft_tail)
-            else:
-                run.append(skeleton.headers_open)
-                header_values(run, r.headers, header_prefix)
-                run.append(skeleton.headers_tail)
-            parts.append(join(run))
+        if isinstance(recipients, Readers) and (filled := recipients.fill(*skeleton.programs)) is not None:
+            rows, larges = recipients.rows, skeleton.larges
+            # A message's pieces: its runs (written in C) with the large parts between them.
+            message: list[bytes] = [b""] * (2 * len(larges) + 1)
+            message[1::2] = larges
+            for index, runs in enumerate(zip(*filled)):
+                if runs[0] is None:  # left to Python (see Readers.fill)
+                    self._reader_parts(recipients.recipient(index), skeleton, header_prefix, parts, included,
+                                       refused)
+                    continue
+                message[::2] = runs
+                if not included:  # the programs open with the comma between messages
+                    message[0] = message[0][1:]
+                parts += message
+                included.append(rows[index])
+        else:
+            for r in recipients:
+                self._reader_parts(r, skeleton, header_prefix, parts, included, refused)
         parts.append(b"]")
         return parts, included, refused
+
+    def _reader_parts(self, r: TemplateRecipient, skeleton: _Skeleton, header_prefix: HeaderPrefixes,
+                      parts: list[bytes], included: list[_Addressed], refused: list[SendResult]) -> None:
+        """One reader's message appended to ``parts`` in Python (see :meth:`_template_parts`),
+        or its refusal to ``refused``."""
+        join = b"".join
+        width = len(SLOT_NAMES)
+        html_values, text_values = r.html_values, r.text_values
+        try:
+            to = reader_to(r, width)
+        except ValueError as exc:
+            refused.append(SendResult(ledger_id=r.ledger_id, status="invalid", error=str(exc)))
+            return
+        # The message as a few pieces: the draft's large shared parts by reference, and
+        # each run of small pieces between them joined into one (the body is sliced and
+        # sent piece by piece, and a piece costs about as much to handle as its copy).
+        run = [skeleton.next_lead if included else skeleton.lead, to]
+        included.append(r)
+        first = skeleton.first
+        if len(first) >= _LARGE:
+            parts += (join(run), first)
+            run = []
+        else:
+            run.append(first)
+        # Each value escaped once, however many gaps it fills; the text values are usually
+        # the HTML ones (signed links and plain names need no HTML escaping). A name with
+        # braces is made literal for Postmark (a value precedes every other piece).
+        # (One join and a search: a tenth of the cost of a test per value.)
+        if "{" in "".join(html_values) or (text_values is not html_values and "{" in "".join(text_values)):
+            values = [json_escape(literal_braces(v, html=True, before_slot=True)) for v in html_values]
+            values += [json_escape(literal_braces(v, html=False, before_slot=True)) for v in text_values]
+        else:
+            values = [json_escape(v) for v in html_values]
+            if text_values == html_values:
+                values *= 2
+            else:
+                values += [json_escape(v) for v in text_values]
+        for index, constant, large in skeleton.gaps:
+            if large:
+                run.append(values[index])
+                parts += (join(run), constant)
+                run = []
+            else:
+                run += (values[index], constant)
+        run.append(b"%d" % r.ledger_id)
+        if not r.headers:
+            run.append(skeleton.draft_tail)
+        else:
+            run.append(skeleton.headers_open)
+            header_values(run, r.headers, header_prefix)
+            run.append(skeleton.headers_tail)
+        parts.append(join(run))
 
     def build_template_request(self, template: TemplateMessage,
                                recipients: Sequence[TemplateRecipient]) -> PreparedCall:
