@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from digest.config import Delivery
-from digest.delivery.providers.base import BodyParts, json_escape, json_string
+from digest.delivery.providers.base import json_escape, json_string
 from digest.delivery.providers.postmark import PostmarkProvider
 from digest.errors import ConfigError, DeliveryError
+from digest.http import BodyParts
 from tests.delivery.conftest import TOKEN, MessageFactory
 
 

@@ -197,7 +197,7 @@ def test_send_template_batch_sends_nothing_it_need_not(fake_provider: FakeProvid
 def test_body_parts_send_the_joined_bytes_in_slices_and_again() -> None:
     """A body kept as pieces: its length, its bytes, slices of about SLICE bytes, and a second
     iteration (a retried call) giving the very same bytes."""
-    from digest.delivery.providers.base import BodyParts
+    from digest.http import BodyParts
 
     pieces = [bytes([65 + i % 26]) * (1000 + 7919 * i % 90_000) for i in range(200)]
     body = BodyParts(pieces)

@@ -229,7 +229,10 @@ def _settings(provider: str) -> Delivery:
     return Delivery(provider=provider, api_key="key", base_url="http://127.0.0.1:9", **extra)  # type: ignore[arg-type]
 
 
-def _build(provider_name: str) -> Callable[[TemplateMessage, Sequence[object]], tuple[PreparedCall, tuple[int, ...]]]:
+Built = tuple[PreparedCall, tuple[object, ...]]
+
+
+def _build(provider_name: str) -> Callable[[TemplateMessage, Sequence[object]], Built]:
     provider = build_provider(_settings(provider_name))
     if provider_name == "postmark-templates":
         def postmark(template: TemplateMessage, recipients: Sequence[object]) -> tuple[PreparedCall, tuple[int, ...]]:
@@ -237,7 +240,7 @@ def _build(provider_name: str) -> Callable[[TemplateMessage, Sequence[object]], 
             return call, tuple(r.ledger_id for r in carried)
         return postmark
     if provider_name == "postmark":
-        def full_bodies(template: TemplateMessage, recipients: Sequence[object]) -> tuple[PreparedCall, tuple[int, ...]]:
+        def full_bodies(template: TemplateMessage, recipients: Sequence[object]) -> Built:
             call = provider.build_template_request(template, recipients)  # type: ignore[attr-defined]
             return call, tuple((m.ledger_id, m.to_email, m.to_name) for m in call.messages)
         return full_bodies

@@ -71,7 +71,7 @@ import ssl
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -95,7 +95,7 @@ from digest.delivery.mime import (
     parse_mailbox,
 )
 from digest.errors import AuthError, BlockedError, DeliveryError
-from digest.http import ApiCalls, build_session, describe, read_environment_once, retry_after_seconds
+from digest.http import ApiCalls, BodyParts, build_session, describe, read_environment_once, retry_after_seconds
 from digest.types import SLOT_NAMES, OutgoingMessage, SendResult, TemplateMessage, TemplateRecipient
 
 RESPONSE_TEXT_LIMIT = 500  # characters of a provider's response kept on an error
@@ -480,44 +480,6 @@ class Provider(ABC):
             raise ValueError(
                 f"{self.name}: {len(messages)} messages in one call; the limit is {self.max_batch}"
             )
-
-
-class BodyParts:
-    """A request body kept as the pieces it was built from, sent in slices of about 1 MiB.
-
-    Why: a batch of full bodies (Postmark's 500 messages of ~50 KB) is ~25 MB once joined, and
-    joining it for every batch in flight made the sender's memory grow with its concurrency
-    (and the allocator kept much of it). As pieces, a batch holds mostly references to the
-    draft's shared parts, and one slice at a time is copied out. Why 1 MiB: Postmark batches
-    went out 5-12% faster than in slices of 256 KiB, and slower again in slices of 4 MiB, or
-    with the large shared parts written without a copy, one write each (benchmarks/RESULTS.md).
-    ``len()`` is the byte length (it becomes Content-Length); iterating again sends the same
-    bytes again; ``bytes()`` joins it.
-    """
-
-    SLICE = 1024 * 1024
-
-    def __init__(self, parts: Sequence[bytes]) -> None:
-        self._parts = parts
-        self._length = sum(map(len, parts))
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __bytes__(self) -> bytes:
-        return b"".join(self._parts)
-
-    def __iter__(self) -> Iterator[bytes]:
-        chunk: list[bytes] = []
-        size = 0
-        for part in self._parts:
-            chunk.append(part)
-            size += len(part)
-            if size >= self.SLICE:
-                yield b"".join(chunk)
-                chunk, size = [], 0
-        if chunk:
-            yield b"".join(chunk)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from digest.delivery.mime import (
     parse_mailbox,
 )
 from digest.delivery.providers.base import (
-    BodyParts,
     HttpProvider,
     PreparedCall,
     Provider,
@@ -45,8 +44,9 @@ from digest.delivery.providers.base import (
     json_string,
     response_text,
 )
-from digest.delivery.readers import HEADER_STEPS, LEDGER, SLOT_FIELDS, TO, Readers, Step
+from digest.delivery.readers import HEADER_STEPS, LEDGER, SLOT_FIELDS, TO, Readers, Step, ledger_ids
 from digest.errors import AuthError, BlockedError, ConfigError, DeliveryError
+from digest.http import BodyParts
 from digest.types import (
     SLOT_NAMES,
     OutgoingMessage,
@@ -155,9 +155,7 @@ class _Skeleton(NamedTuple):
     next_lead: bytes  # the same after another message: with the comma between them
     first: bytes  # from the end of To to the first recipient value
     gaps: tuple[tuple[int, bytes, bool], ...]  # (value position, the constant bytes after it, large?)
-    draft_tail: bytes  # after the ledger id, for a message without headers
-    headers_open: bytes  # after the ledger id, up to the headers array
-    headers_tail: bytes  # after the last header value
+    end: MessageEnd  # after the ledger id
     # A plain reader's message for the C module (see readers.Readers.fill): one program per
     # run of small pieces, and the large parts that come between the runs. The first program
     # opens with the comma between messages.
@@ -168,6 +166,33 @@ class _Skeleton(NamedTuple):
 #: The JSON before a header's value, by the header's name: for the first header of a message
 #: (which opens the array), and for the others (which follow one).
 HeaderPrefixes = tuple[dict[str, bytes], dict[str, bytes]]
+
+
+class MessageEnd(NamedTuple):
+    """A message's JSON after its ledger id, the same for all of a draft's messages but for
+    the reader's headers: the draft id, the headers, the Reply-To (see ``_message_end``)."""
+
+    bare: bytes  # for a message without headers
+    headers_open: bytes  # up to the headers array
+    headers_tail: bytes  # after the last header value
+
+    def write(self, run: list[bytes], headers: Sequence[tuple[str, str]], prefixes: HeaderPrefixes) -> None:
+        """Append the end of a message with ``headers`` to ``run`` (see :func:`header_values`)."""
+        if not headers:
+            run.append(self.bare)
+        else:
+            run.append(self.headers_open)
+            header_values(run, headers, prefixes)
+            run.append(self.headers_tail)
+
+    def program(self) -> tuple[Step, ...]:
+        """The same as steps of a plain reader's program: its headers are
+        :func:`~digest.delivery.readers.list_headers`' (see ``HEADER_STEPS``)."""
+        steps: list[Step] = [self.headers_open]
+        for number, (name, value) in enumerate(HEADER_STEPS):
+            steps += ((b'{"Name":' if number == 0 else b'"},{"Name":') + json_string(name) + b',"Value":"', *value)
+        steps.append(self.headers_tail)
+        return tuple(steps)
 
 
 def header_values(run: list[bytes], headers: Sequence[tuple[str, str]], prefixes: HeaderPrefixes) -> None:
@@ -344,11 +369,8 @@ class PostmarkProvider(HttpProvider):
                 gaps[-1] = (gaps[-1][0], gaps[-1][1] + piece)
             else:
                 first += piece
-        draft = b'","draft_id":"%d"}' % template.draft_id
-        tail = (b',"ReplyTo":' + json_string(self._header_text("reply_to", template.reply_to))
-                if template.reply_to else b"") + b"}"
+        end = self._message_end(template)
         lead = b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":"'
-        headers_open, headers_tail = draft + b',"Headers":[', b'"}]' + tail
         # The same message as programs: the runs between the large parts, a value as its field
         # (a plain reader's HTML and text values are the same, with nothing to escape).
         programs: list[tuple[Step, ...]] = []
@@ -363,19 +385,13 @@ class PostmarkProvider(HttpProvider):
                 run = []
             elif constant:
                 run.append(constant)
-        run += (LEDGER, headers_open)
-        for number, (name, value) in enumerate(HEADER_STEPS):
-            run += ((b'{"Name":' if number == 0 else b'"},{"Name":') + json_string(name) + b',"Value":"', *value)
-        run.append(headers_tail)
-        programs.append(tuple(run))
+        programs.append((*run, LEDGER, *end.program()))
         skeleton = _Skeleton(
             lead=lead,
             next_lead=b"," + lead,
             first=first,
             gaps=tuple((index, constant, len(constant) >= _LARGE) for index, constant in gaps),
-            draft_tail=draft + tail,
-            headers_open=headers_open,
-            headers_tail=headers_tail,
+            end=end,
             programs=tuple(programs),
             larges=tuple(larges),
         )
@@ -462,12 +478,7 @@ class PostmarkProvider(HttpProvider):
             else:
                 run += (values[index], constant)
         run.append(b"%d" % r.ledger_id)
-        if not r.headers:
-            run.append(skeleton.draft_tail)
-        else:
-            run.append(skeleton.headers_open)
-            header_values(run, r.headers, header_prefix)
-            run.append(skeleton.headers_tail)
+        skeleton.end.write(run, r.headers, header_prefix)
         parts.append(join(run))
 
     def build_template_request(self, template: TemplateMessage,
@@ -507,8 +518,13 @@ class PostmarkProvider(HttpProvider):
             self.raise_for_common_status(status, headers, reply)
             return self._results(status, reply, included)
 
-        return self.send_built_template(call, [r.ledger_id for r in included],
-                                        [r.ledger_id for r in recipients], answer)
+        return self.send_built_template(call, [r.ledger_id for r in included], ledger_ids(recipients), answer)
+
+    def _message_end(self, template: TemplateMessage) -> MessageEnd:
+        draft = b'","draft_id":"%d"}' % template.draft_id
+        tail = (b',"ReplyTo":' + json_string(self._header_text("reply_to", template.reply_to))
+                if template.reply_to else b"") + b"}"
+        return MessageEnd(bare=draft + tail, headers_open=draft + b',"Headers":[', headers_tail=b'"}]' + tail)
 
     def _header_text(self, kind: str, value: str) -> str:
         """A shared value made ready for the JSON: addresses formatted, text cleaned."""

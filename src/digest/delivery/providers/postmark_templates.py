@@ -90,12 +90,12 @@ from digest.delivery.providers.base import (
 )
 from digest.delivery.providers.postmark import (
     HeaderPrefixes,
+    MessageEnd,
     PostmarkProvider,
     _Addressed,
-    header_values,
     reader_to,
 )
-from digest.delivery.readers import HEADER_STEPS, LEDGER, SLOT_FIELDS, TO, Readers, Step, ledger_ids
+from digest.delivery.readers import LEDGER, SLOT_FIELDS, TO, Readers, Step, ledger_ids
 from digest.errors import AuthError, BlockedError, DeliveryError
 from digest.types import SLOT_NAMES, SendResult, TemplateMessage, TemplateRecipient
 
@@ -166,9 +166,7 @@ class _Skeleton(NamedTuple):
     model: bytes  # from the end of To to the model's last shared value ('"o":"{{"')
     keys: tuple[tuple[bytes, bool, int], ...]  # (the JSON before a value, HTML value?, its index)
     meta: bytes  # after the last value, up to the ledger id
-    draft_tail: bytes  # after the ledger id, for a message without headers
-    headers_open: bytes  # after the ledger id, up to the headers array
-    headers_tail: bytes  # after the last header value
+    end: MessageEnd  # after the ledger id
 
 
 class PostmarkTemplateProvider(PostmarkProvider):
@@ -201,18 +199,13 @@ class PostmarkTemplateProvider(PostmarkProvider):
         if template.tag:
             meta += b',"Tag":' + json_string(clean_header_value(template.tag))
         meta += b',"Metadata":{"ledger_id":"'
-        draft = b'","draft_id":"%d"}' % template.draft_id
-        tail = (b',"ReplyTo":' + json_string(self._header_text("reply_to", template.reply_to))
-                if template.reply_to else b"") + b"}"
         skeleton = _Skeleton(
             lead=b'{"From":' + json_string(self._header_text("from", template.from_addr)) + b',"To":"',
             model=(b'","TemplateAlias":' + json_string(made.alias)
                    + b',"InlineCss":false,"TemplateModel":{' + opening),
             keys=keys,
             meta=meta,
-            draft_tail=draft + tail,
-            headers_open=draft + b',"Headers":[',
-            headers_tail=b'"}]' + tail,
+            end=self._message_end(template),
         )
         self._server_cache = (template, made, skeleton)
         return made, skeleton
@@ -378,12 +371,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
         for key, is_html, index in skeleton.keys:
             run += (key, html[index] if is_html else text[index])
         run += (skeleton.meta, b"%d" % r.ledger_id)
-        if not r.headers:
-            run.append(skeleton.draft_tail)
-        else:
-            run.append(skeleton.headers_open)
-            header_values(run, r.headers, header_prefix)
-            run.append(skeleton.headers_tail)
+        skeleton.end.write(run, r.headers, header_prefix)
         messages.append(b"".join(run))
         included.append(r)
 
@@ -394,11 +382,7 @@ class PostmarkTemplateProvider(PostmarkProvider):
         steps: list[Step] = [skeleton.lead, TO, skeleton.model]
         for key, _is_html, index in skeleton.keys:
             steps += (key, SLOT_FIELDS[index])
-        steps += (skeleton.meta, LEDGER, skeleton.headers_open)
-        for number, (name, value) in enumerate(HEADER_STEPS):
-            steps += ((b'{"Name":' if number == 0 else b'"},{"Name":') + json_string(name) + b',"Value":"', *value)
-        steps.append(skeleton.headers_tail)
-        return tuple(steps)
+        return (*steps, skeleton.meta, LEDGER, *skeleton.end.program())
 
     def build_template_request(self, template: TemplateMessage, recipients: Sequence[TemplateRecipient]
                                ) -> PreparedCall:
