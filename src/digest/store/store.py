@@ -254,6 +254,7 @@ class Claimed(NamedTuple):
 
     @property
     def to_name(self) -> str:
+        """The name, by the name a provider listing the messages it built asks for."""
         return self.name
 
     @property
