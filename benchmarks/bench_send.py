@@ -61,7 +61,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +71,50 @@ sys.path.insert(0, str(ROOT))
 TOKEN = "bench-token"
 
 
-def _serve(conn: Any, provider: str) -> None:
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files in ``folder``."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def _serve(conn: Any, provider: str, tls: bool) -> None:
     from tests.fakes import provider_server as fps
 
     srv = fps.FakeProviderServer(token=TOKEN, light=True)
     installer = getattr(fps, f"install_{provider}", None)
     if installer is not None and provider != "postmark":
         installer(srv)
+    url, cert_file = srv.url, None
+    if tls:  # HTTPS, as a provider's API is: the same fake behind TLS
+        import ssl
+
+        cert_file, key_file = _certificate(Path(tempfile.mkdtemp(prefix="digest-bench-tls-")))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        srv._server.socket = context.wrap_socket(srv._server.socket, server_side=True)
+        url = url.replace("http://", "https://")
     srv.start()
-    conn.send(srv.url)
+    conn.send((url, str(cert_file) if cert_file else None))
     accepted = 0
     while conn.recv() == "clear":  # between runs: forget what was sent (Resend's keys too)
         accepted += len(srv.ledger_ids)
@@ -93,12 +128,14 @@ def _serve(conn: Any, provider: str) -> None:
 class FakeProcess:
     """The fake provider in a child process."""
 
-    def __init__(self, provider: str) -> None:
+    def __init__(self, provider: str, tls: bool = False) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, provider), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, provider, tls), daemon=True)
         self.proc.start()
-        self.url: str = self.conn.recv()
+        self.url, cert_file = self.conn.recv()
+        if cert_file:  # trusted by every session of this process and its children (requests reads it)
+            os.environ["REQUESTS_CA_BUNDLE"] = cert_file
 
     def clear(self) -> float:
         """Forget what was sent; the fake's CPU seconds so far."""
@@ -337,7 +374,7 @@ class Fresh:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    fake = FakeProcess(args.provider)
+    fake = FakeProcess(args.provider, args.tls)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     fresh = Fresh(base, args.database)
     try:
@@ -415,7 +452,7 @@ def _memory_child(settings: Any, conn: Any) -> None:
 
 
 def memory(args: argparse.Namespace) -> None:
-    fake = FakeProcess(args.provider)
+    fake = FakeProcess(args.provider, args.tls)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     try:
         settings = make_settings(base, args.provider, fake.url, args.concurrency, args.batch)
@@ -545,7 +582,7 @@ def stages(args: argparse.Namespace) -> None:
                                (ses.SesProvider, "parse_response", "answer"),
                                (Sender, "_settle", "settle"), (Sender, "_worker", "worker, in all")):
         timed(owner, name, stage)
-    fake = FakeProcess(args.provider)
+    fake = FakeProcess(args.provider, args.tls)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     try:
         settings = make_settings(base, args.provider, fake.url, 1, args.batch, 1)
@@ -573,7 +610,7 @@ def http_calls(args: argparse.Namespace) -> None:
 
     from digest.http import ApiCalls, read_environment_once
 
-    fake = FakeProcess(args.provider)
+    fake = FakeProcess(args.provider, args.tls)
     base = Path(tempfile.mkdtemp(prefix="digest-bench-"))
     try:
         settings = make_settings(base, args.provider, fake.url, 1, args.batch)
@@ -629,6 +666,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="delivery.processes for the pipeline (throughput); the other runs use one")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--tls", action="store_true",
+                        help="the fake provider over HTTPS (a self-signed certificate the runs trust)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--database", default=None,
                         help="ledger: an empty database to run on (e.g. postgresql+psycopg://...); "
