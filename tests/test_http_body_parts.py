@@ -168,3 +168,43 @@ def test_https_and_proxied_pools_keep_their_own_connections() -> None:
     assert pools["https"] is urllib3.HTTPSConnectionPool
     assert issubclass(pools["http"].ConnectionCls, urllib3.connection.HTTPConnection)
     assert pools["http"] is not urllib3.HTTPConnectionPool
+
+
+def test_a_connection_cut_while_the_body_goes_out_is_an_uncertain_call() -> None:
+    """The provider reads part of a 25 MB batch and drops the connection (a reset): the send
+    of the pieces fails at once, not after a timeout, and the call is uncertain (some of the
+    body, and so perhaps the request, may have been taken), never a hang or a success."""
+    import socket
+    import struct
+
+    from digest.config import Delivery
+    from digest.delivery.providers.base import PreparedCall, UncertainDeliveryError
+    from digest.delivery.providers.postmark import PostmarkProvider
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    taken: list[int] = []
+
+    def cut() -> None:
+        conn, _ = listener.accept()
+        total = 0
+        while total < 200_000:
+            total += len(conn.recv(65536))
+        taken.append(total)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        conn.close()
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    provider = PostmarkProvider(Delivery(provider="postmark", api_key="t", base_url=url, timeout=10))
+    body = BodyParts([b"[" + b"x" * 50_000] * 500 + [b"]"])
+    call = PreparedCall("POST", f"{url}/email/batch", {"Content-Type": "application/json"}, body, ())
+    try:
+        with pytest.raises(UncertainDeliveryError):
+            provider.perform(call)
+    finally:
+        thread.join(5)
+        listener.close()
+    assert taken and taken[0] < len(body)
