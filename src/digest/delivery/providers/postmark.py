@@ -342,22 +342,22 @@ class PostmarkProvider(HttpProvider):
         # Postmark's placeholder made literal here, once per draft (see literal_braces).
         html = [json_escape(p) for p in _literal_parts(template.html_parts, html=True)]
         text = [json_escape(p) for p in _literal_parts(template.text_parts, html=False)]
-        meta = b'","MessageStream":' + self._stream
+        meta = b',"MessageStream":' + self._stream
         if template.tag:
             meta += b',"Tag":' + json_string(clean_header_value(template.tag))
         meta += b',"Metadata":{"ledger_id":"'
         # A message from Subject to the ledger id, as constant bytes and the positions of the
         # recipient's values (its html values, then its text values, in SLOT_NAMES order).
         width = len(SLOT_NAMES)
-        sequence: list[bytes | int] = [
-            b'","Subject":' + json_string(clean_header_value(template.subject)) + b',"HtmlBody":"',
-            html[0],
-        ]
-        for slot, part in zip(template.html_slots, html[1:]):
-            sequence += (SLOT_NAMES.index(slot), part)
-        sequence += (b'","TextBody":"', text[0])
-        for slot, part in zip(template.text_slots, text[1:]):
-            sequence += (width + SLOT_NAMES.index(slot), part)
+        sequence: list[bytes | int] = [b'","Subject":' + json_string(clean_header_value(template.subject))]
+        for key, parts, slots, offset in ((b"HtmlBody", html, template.html_slots, 0),
+                                          (b"TextBody", text, template.text_slots, width)):
+            if not slots and not parts[0]:
+                continue  # an empty body is left out, as build_request leaves it (slot values never are empty)
+            sequence += (b',"' + key + b'":"', parts[0])
+            for slot, part in zip(slots, parts[1:]):
+                sequence += (offset + SLOT_NAMES.index(slot), part)
+            sequence.append(b'"')
         sequence.append(meta)
         # Adjacent constants merged: fewer, larger pieces to splice per message.
         first = b""
