@@ -37,6 +37,11 @@ class StoreError(DigestError):
     """The database could not be read or written."""
 
 
+class FreezeStopped(DigestError):
+    """A stop came while a send's audience was being frozen: the freeze was cut short and
+    rolled back, so the draft is as it was (approved, no ledger rows)."""
+
+
 class TakenOverError(StoreError):
     """Another sender took over a batch (or the draft's lease) from this one, which it took
     for stopped: this sender stops, and what it would have recorded is left as the other

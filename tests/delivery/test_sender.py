@@ -934,6 +934,33 @@ def test_a_stop_during_the_resends_leaves_the_rest_uncertain_not_claimed(app: pi
     assert sum(map(len, again)) == 5 - calls[0]  # claimed once only: one automatic resend left each
 
 
+def test_a_stop_during_the_freeze_leaves_the_draft_approved(app: pipeline.App,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store cut the freeze short (Store.start_send, tested there): the send says so,
+    sends nothing, lets go of the draft, and the next send starts it whole."""
+    from digest.errors import FreezeStopped
+
+    real = app.store.start_send
+    asked: list[object] = []
+
+    def stopped(draft_id: int, now: object, should_stop: object = None) -> int:
+        asked.append(should_stop)
+        raise FreezeStopped("stopped on request while the audience was being frozen")
+
+    monkeypatch.setattr(app.store, "start_send", stopped)
+    provider = ScriptedProvider()
+    s = sender(app, provider)
+    summary = s.run()
+    assert asked == [s.should_stop]  # the sender's own stop, asked during the freeze
+    assert summary.stopped and "while the audience was being frozen" in summary.stopped
+    assert summary.batches == 0 and not summary.finished and provider.delivered == []
+    assert app.store.get_draft(summary.draft_id).status == "approved"
+    assert app.store.lease(f"send:{summary.draft_id}") is None  # let go
+    monkeypatch.setattr(app.store, "start_send", real)
+    again = sender(app, provider).run()
+    assert again.finished and again.sent == again.total > 0 and len(provider.delivered) == again.sent
+
+
 def test_a_stop_asked_before_a_send_starts_freezes_nothing(app: pipeline.App) -> None:
     s = sender(app, ScriptedProvider())
     s.should_stop = lambda: True

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from digest.errors import DraftError, StoreError, TakenOverError
+from digest.errors import DraftError, FreezeStopped, StoreError, TakenOverError
 from digest.store import Store, db, open_store
 from digest.store.store import SuppressionRules, WebhookApplied
 from digest.types import (
@@ -278,6 +278,42 @@ def test_ledger_freezes_audience_and_claims_once(store: Store) -> None:
     assert len(first) == 2 and len(second) == 1
     assert not {c.ledger_id for c in first} & {c.ledger_id for c in second}
     assert store.claim_batch(draft_id, 2, "t1", NOW) == []
+
+
+def _many_subscribers(store: Store, n: int) -> None:
+    """``n`` active subscribers, written by the database itself (a recursive count)."""
+    from sqlalchemy import Integer, String, cast, insert, literal, select
+
+    from digest.store.schema import subscribers
+
+    count = select(literal(1, Integer).label("i")).cte("count", recursive=True)
+    count = count.union_all(select(count.c.i + 1).where(count.c.i < n))
+    rows = select(literal("reader") + cast(count.c.i, String) + literal("@x.org"), literal("", String),
+                  literal("active", String), literal("cli", String), literal(NOW), literal(NOW))
+    with store.engine.begin() as conn:
+        conn.execute(insert(subscribers).from_select(
+            ["email", "name", "status", "origin", "created_at", "updated_at"], rows))
+
+
+def test_a_stop_during_the_freeze_rolls_it_back(store: Store) -> None:
+    """A stop asked while a long freeze runs cuts the statement short: the draft is still
+    approved, with no ledger row and no cursor, and the next start freezes it whole."""
+    draft_id = _sending(store, [])
+    _many_subscribers(store, 300_000)
+    asked: list[float] = []
+
+    def should_stop() -> bool:
+        asked.append(time.perf_counter())
+        return True
+
+    started = time.perf_counter()
+    with pytest.raises(FreezeStopped, match="while the audience was being frozen"):
+        store.start_send(draft_id, NOW, should_stop)
+    assert asked and asked[0] - started >= 0.04  # asked from 50 ms on, not before the statement
+    assert store.get_draft(draft_id).status == "approved"
+    assert store.ledger_counts(draft_id) == {} and store.pending_count(draft_id) == 0
+    assert store.start_send(draft_id, NOW, lambda: False) == 300_000  # asked, never told to stop
+    assert store.get_draft(draft_id).status == "sending"
 
 
 def test_claim_skips_addresses_that_became_ineligible(store: Store) -> None:

@@ -55,7 +55,7 @@ from digest.delivery.providers.base import (
     call_journal,
 )
 from digest.delivery.readers import LinkMaker, Readers, list_headers
-from digest.errors import AuthError, BlockedError, DeliveryError, TakenOverError
+from digest.errors import AuthError, BlockedError, DeliveryError, FreezeStopped, TakenOverError
 from digest.http import backoff_delay
 from digest.render import CompiledEmail, personalize, slot_values
 from digest.store import Store
@@ -761,7 +761,12 @@ class Sender:
                 summary.idle = True
                 return summary  # (the lease is let go below)
             fresh = current == "approved"
-            frozen = self.store.start_send(draft_id, self.now())
+            try:
+                frozen = self.store.start_send(draft_id, self.now(), self.should_stop)
+            except FreezeStopped:  # rolled back: the draft is as it was, nothing frozen or claimed
+                self._halt(f"stopped on request while the audience was being frozen; {NEXT_SEND} starts it")
+                summary.stopped = self._stop
+                return summary  # (the lease is let go below)
             stale = summary.stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())
             if stale:
                 log.warning("draft %s: %d messages were in flight when a sender stopped; marked uncertain",

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from digest.clock import as_utc
-from digest.errors import DraftError, StoreError, SubscriberError, TakenOverError
+from digest.errors import DraftError, FreezeStopped, StoreError, SubscriberError, TakenOverError
 from digest.store import db
 from digest.store.schema import (
     comments,
@@ -1456,10 +1457,13 @@ class Store:
     # Rows that part from their batch get a status of their own. Readers go through
     # ledger_counts and ledger_rows, which put the two together.
 
-    def start_send(self, draft_id: int, now: datetime) -> int:
+    def start_send(self, draft_id: int, now: datetime, should_stop: Callable[[], bool] | None = None) -> int:
         """approved → sending, freezing the audience as ledger rows, in one transaction.
 
         Returns how many rows the audience has. A draft already ``sending`` is left alone.
+        While the audience is written (about a second for a million), ``should_stop`` is asked
+        every 50 ms; once it says yes, the statement is cut short and the whole transaction
+        rolled back: :class:`FreezeStopped`, the draft still approved, nothing frozen.
         """
         with self._tx() as conn:
             changed = conn.execute(
@@ -1472,8 +1476,9 @@ class Store:
                 ).where(_sendable())
                 highest = "SELECT COALESCE(MAX(id), 0) FROM send_ledger"
                 before = self._raw(conn, highest).fetchone()[0] if self.dialect == "sqlite" else None
-                frozen = conn.execute(insert(send_ledger).from_select(
-                    ["draft_id", "subscriber_id", "email", "status"], audience)).rowcount
+                with self._stoppable(conn, should_stop):
+                    frozen = conn.execute(insert(send_ledger).from_select(
+                        ["draft_id", "subscriber_id", "email", "status"], audience)).rowcount
                 if before is not None and frozen >= 0:
                     # SQLite's one writer numbered the rows on from the highest id: the cursor's
                     # bounds without counting the rows again (a fifth of the freeze's time).
@@ -1481,6 +1486,38 @@ class Store:
                     return self._ensure_cursor(conn, draft_id, bounds)
             total = self._ensure_cursor(conn, draft_id)
         return total
+
+    @contextmanager
+    def _stoppable(self, conn: Connection, should_stop: Callable[[], bool] | None) -> Iterator[None]:
+        """Run the block's statement on ``conn`` so that a yes from ``should_stop`` cuts it
+        short: a watcher asks every 50 ms and, once told to stop, interrupts the statement
+        (SQLite) or cancels it (PostgreSQL) until the block ends, then :class:`FreezeStopped`.
+        The watcher has ended before the block's caller goes on, so nothing after the statement
+        is ever interrupted."""
+        if should_stop is None:
+            yield
+            return
+        raw: Any = conn.connection.driver_connection
+        cut = raw.interrupt if self.dialect == "sqlite" else raw.cancel
+        done, stopped = threading.Event(), threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.05):
+                if stopped.is_set() or should_stop():
+                    stopped.set()
+                    cut()  # again until the statement ends: one sent before it began does nothing
+
+        watcher = threading.Thread(target=watch, name="freeze-stop", daemon=True)
+        watcher.start()
+        try:
+            yield
+        except Exception as exc:
+            if stopped.is_set():
+                raise FreezeStopped("stopped on request while the audience was being frozen") from exc
+            raise
+        finally:
+            done.set()
+            watcher.join()
 
     def _ensure_cursor(self, conn: Connection, draft_id: int,
                        bounds: tuple[int, int, int] | None = None) -> int:
