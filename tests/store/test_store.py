@@ -9,11 +9,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, update
 from sqlalchemy.exc import OperationalError
 
 from digest.errors import DraftError, FreezeStopped, StoreError, TakenOverError
 from digest.store import Store, db, open_store
+from digest.store.schema import drafts
 from digest.store.store import SuppressionRules, WebhookApplied
 from digest.types import (
     CollectResult,
@@ -314,6 +315,17 @@ def test_a_stop_during_the_freeze_rolls_it_back(store: Store) -> None:
     assert store.ledger_counts(draft_id) == {} and store.pending_count(draft_id) == 0
     assert store.start_send(draft_id, NOW, lambda: False) == 300_000  # asked, never told to stop
     assert store.get_draft(draft_id).status == "sending"
+
+
+def test_a_stop_that_comes_as_the_freeze_ends_undoes_it_all_the_same(store: Store) -> None:
+    """Told to stop once the statement had already ended (nothing left to interrupt): the
+    freeze is undone as well, and the database is left usable."""
+    draft_id = _sending(store, ["a@x.org"])
+    with pytest.raises(FreezeStopped), store._tx() as conn, store._stoppable(conn, lambda: True):
+        conn.execute(update(drafts).where(drafts.c.id == draft_id).values(status="sending"))
+        time.sleep(0.15)  # the watcher asks at 50 ms, and its cut finds no statement running
+    assert store.get_draft(draft_id).status == "approved"
+    assert store.start_send(draft_id, NOW, lambda: False) == 1
 
 
 def test_claim_skips_addresses_that_became_ineligible(store: Store) -> None:

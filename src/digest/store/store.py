@@ -1491,9 +1491,9 @@ class Store:
     def _stoppable(self, conn: Connection, should_stop: Callable[[], bool] | None) -> Iterator[None]:
         """Run the block's statement on ``conn`` so that a yes from ``should_stop`` cuts it
         short: a watcher asks every 50 ms and, once told to stop, interrupts the statement
-        (SQLite) or cancels it (PostgreSQL) until the block ends, then :class:`FreezeStopped`.
-        The watcher has ended before the block's caller goes on, so nothing after the statement
-        is ever interrupted."""
+        (SQLite) or cancels it (PostgreSQL) until the block ends, then :class:`FreezeStopped`,
+        whether or not the statement had finished. The watcher has ended before the block's
+        caller goes on."""
         if should_stop is None:
             yield
             return
@@ -1518,6 +1518,9 @@ class Store:
         finally:
             done.set()
             watcher.join()
+        if stopped.is_set():  # told to stop as the statement ended: undone all the same, and no
+            # later statement of the transaction runs where a cancel sent late could reach it
+            raise FreezeStopped("stopped on request while the audience was being frozen")
 
     def _ensure_cursor(self, conn: Connection, draft_id: int,
                        bounds: tuple[int, int, int] | None = None) -> int:
