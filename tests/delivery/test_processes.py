@@ -80,7 +80,7 @@ def test_a_failure_before_the_audience_is_frozen_stops_the_waiting_helpers(
     with FakeProviderServer(token=TOKEN) as srv:
         app = _app(tmp_path, db_url, clock, srv.url, TOKEN)
 
-        def broken(self: Store, draft_id: int, now: object) -> int:
+        def broken(self: Store, draft_id: int, now: object, should_stop: object = None) -> int:
             raise StoreError("database error: the disk is full")
 
         started: list[multiprocessing.process.BaseProcess] = []
