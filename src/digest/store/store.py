@@ -506,6 +506,9 @@ def content_hash(subject: str, intro: str, snapshot: str) -> str:
 class Store:
     """The database behind digest. Build with :func:`open_store`."""
 
+    #: How often (seconds) a freeze asks whether to stop (:meth:`start_send`).
+    STOP_POLL = 0.05
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
@@ -1502,7 +1505,7 @@ class Store:
         done, stopped = threading.Event(), threading.Event()
 
         def watch() -> None:
-            while not done.wait(0.05):
+            while not done.wait(self.STOP_POLL):
                 if stopped.is_set() or should_stop():
                     stopped.set()
                     cut()  # again until the statement ends: one sent before it began does nothing
