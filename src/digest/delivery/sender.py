@@ -763,8 +763,8 @@ class Sender:
             fresh = current == "approved"
             try:
                 frozen = self.store.start_send(draft_id, self.now(), self.should_stop)
-            except FreezeStopped:  # rolled back: the draft is as it was, nothing frozen or claimed
-                self._halt(f"stopped on request while the audience was being frozen; {NEXT_SEND} starts it")
+            except FreezeStopped as exc:  # rolled back: the draft is as it was, nothing frozen or claimed
+                self._halt(f"{exc}; {NEXT_SEND} starts it")
                 summary.stopped = self._stop
                 return summary  # (the lease is let go below)
             stale = summary.stale = self.store.mark_stale_claims_uncertain(draft_id, self.now())

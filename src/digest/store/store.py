@@ -283,6 +283,16 @@ class ClaimedBatch(list[Claimed]):
         self.skipped = skipped
 
 
+_FREEZE_STOPPED = "stopped on request while the audience was being frozen"
+
+
+def _eligible(cursor: Any) -> tuple[list[int], list[Claimed]]:
+    """A claim query's rows (``Store._ELIGIBLE``) split: the ledger ids no longer eligible
+    (rule 2), and the claimed rows of the others, in order."""
+    rows = cursor.fetchall()
+    return [r[0] for r in rows if not r[4]], [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
+
+
 class ResendRule(NamedTuple):
     """Which uncertain batches may go out again under their idempotency keys, exactly as they
     went (:meth:`Store.uncertain_batches`): those claimed through ``via`` (the key space of
@@ -1465,7 +1475,7 @@ class Store:
 
         Returns how many rows the audience has. A draft already ``sending`` is left alone.
         While the audience is written (about a second for a million), ``should_stop`` is asked
-        every 50 ms; once it says yes, the statement is cut short and the whole transaction
+        every :attr:`STOP_POLL` seconds; once it says yes, the statement is cut short and the whole transaction
         rolled back: :class:`FreezeStopped`, the draft still approved, nothing frozen.
         """
         with self._tx() as conn:
@@ -1493,7 +1503,7 @@ class Store:
     @contextmanager
     def _stoppable(self, conn: Connection, should_stop: Callable[[], bool] | None) -> Iterator[None]:
         """Run the block's statement on ``conn`` so that a yes from ``should_stop`` cuts it
-        short: a watcher asks every 50 ms and, once told to stop, interrupts the statement
+        short: a watcher asks every :attr:`STOP_POLL` seconds and, once told to stop, interrupts the statement
         (SQLite) or cancels it (PostgreSQL) until the block ends, then :class:`FreezeStopped`,
         whether or not the statement had finished. The watcher has ended before the block's
         caller goes on."""
@@ -1516,14 +1526,14 @@ class Store:
             yield
         except Exception as exc:
             if stopped.is_set():
-                raise FreezeStopped("stopped on request while the audience was being frozen") from exc
+                raise FreezeStopped(_FREEZE_STOPPED) from exc
             raise
         finally:
             done.set()
             watcher.join()
         if stopped.is_set():  # told to stop as the statement ended: undone all the same, and no
             # later statement of the transaction runs where a cancel sent late could reach it
-            raise FreezeStopped("stopped on request while the audience was being frozen")
+            raise FreezeStopped(_FREEZE_STOPPED)
 
     def _ensure_cursor(self, conn: Connection, draft_id: int,
                        bounds: tuple[int, int, int] | None = None) -> int:
@@ -1735,9 +1745,7 @@ class Store:
                     # picks. It holds fewer rows where some have a status of their own already
                     # (or, on PostgreSQL, another draft froze its audience at the same moment
                     # and took some of the ids).
-                    rows = self._raw(conn, select_sql, (through, window, draft_id, size)).fetchall()
-                    passed = [r[0] for r in rows if not r[4]]
-                    claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
+                    passed, claimed = _eligible(self._raw(conn, select_sql, (through, window, draft_id, size)))
                     if passed or not claimed:
                         with self._tx() as other:
                             self._hold(other, batch)
@@ -1781,13 +1789,11 @@ class Store:
         with self._tx() as conn:
             self._lock_cursor(conn, draft_id)  # claims take turns here
             while True:
-                rows = self._raw(conn, queued_sql, (draft_id, size)).fetchall()
-                if not rows:
+                passed, claimed = _eligible(self._raw(conn, queued_sql, (draft_id, size)))
+                if not passed and not claimed:
                     return ClaimedBatch((), 0, ranged=True, skipped=skipped)
-                passed = [r[0] for r in rows if not r[4]]
                 self._skip(conn, passed, when)
                 skipped += len(passed)
-                claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[4]]
                 if claimed:
                     batch_id = self._claim_rows(conn, draft_id, [c.ledger_id for c in claimed], token, when, via)
                     return ClaimedBatch(claimed, batch_id, ranged=False, token=token, skipped=skipped)
